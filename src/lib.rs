@@ -1,0 +1,13 @@
+//! palisade: an egress-control appliance for a hybrid network.
+//!
+//! One policy, written by security teams in palisade's policy language, is
+//! compiled ([`policy`]) into a packet classifier ([`classify`]) and HTTP
+//! rules, and enforced at two points: an inline filter between the edge and
+//! on-premises ports, and a forced-tunneling HTTP(S) proxy. Both write to one
+//! tamper-evident audit trail.
+//!
+//! The policy compiler and the classifier are sans-IO: pure functions from
+//! text to a compiled value and from a flow key to a verdict.
+
+pub mod classify;
+pub mod policy;
