@@ -1,20 +1,45 @@
 //! Argument parsing and dispatch for the `palisade` binary. Each command
 //! group lives in its own file here; the library does the work.
 
+mod policy;
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "palisade", version, about = "Egress-control appliance: one policy, compiled, enforced at two points, audited")]
+#[command(
+    name = "palisade",
+    version,
+    about = "Egress-control appliance: one policy, compiled, enforced at two points, audited"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Parse, resolve and compile policies, run their expectations, and
+    /// print diagnostics and a summary. Exit 0 clean, 1 warnings with
+    /// --deny-warnings, 2 errors.
+    Check(policy::CheckArgs),
+    /// Run only the expectations; report each failure with the rule that
+    /// actually decided. Exit 0 all passed, 1 some failed, 2 a policy does
+    /// not compile.
+    Test(policy::TestArgs),
+    /// Show the verdict for a flow or request, the rule that decided it, and
+    /// the earlier rules that came close.
+    Explain(policy::ExplainArgs),
+    /// Rewrite policy files in canonical format (--check for CI).
+    Fmt(policy::FmtArgs),
+}
 
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Check(a) => policy::check(a),
+        Command::Test(a) => policy::test(a),
+        Command::Explain(a) => policy::explain(a),
+        Command::Fmt(a) => policy::fmt(a),
+    }
 }

@@ -1,0 +1,306 @@
+//! Expectations: the policy's own tests (`expect allow tcp A:p -> B:q`).
+//!
+//! An expectation names a probe (a packet flow or a proxy request) and the
+//! verdict, and optionally the rule, that must decide it. HTTPS URLs are
+//! probed the way the proxy sees them: as a CONNECT to the host and port.
+
+use super::ast::{self, Action, Probe};
+use super::diag::Diagnostic;
+use super::host::normalize_host;
+use super::source::{SourceMap, Span};
+use super::{HttpHost, HttpRequest, Policy, Verdict};
+use crate::classify::FlowKey;
+use std::net::IpAddr;
+
+/// Source port used when an expectation gives none.
+pub const DEFAULT_SOURCE_PORT: u16 = 49152;
+
+/// A probe resolved into what an enforcement point sees.
+#[derive(Clone, Debug)]
+pub enum Query {
+    Packet(FlowKey),
+    Http(HttpRequest),
+}
+
+#[derive(Clone, Debug)]
+pub struct Expectation {
+    pub verdict: Verdict,
+    pub query: Query,
+    /// The rule that must decide, if given (`default` for the default).
+    pub by: Option<String>,
+    pub span: Span,
+    /// The statement as written, for reports.
+    pub text: String,
+}
+
+/// What the policy actually did with an expectation's probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    /// Deciding rule name, or `default`.
+    pub rule: String,
+    pub passed: bool,
+}
+
+/// Parses a URL's scheme and authority: `(host, port, https)`.
+pub fn parse_url(url: &str) -> Result<(HttpHost, u16, bool), String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| "a URL needs a scheme, as in `https://example.com/`".to_string())?;
+    let https = match scheme.to_ascii_lowercase().as_str() {
+        "http" => false,
+        "https" => true,
+        other => return Err(format!("scheme `{other}` is not http or https")),
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return Err("user information in a URL (`user@host`) is not allowed".into());
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (addr, after) = v6
+            .split_once(']')
+            .ok_or_else(|| "missing `]` after an IPv6 address".to_string())?;
+        let ip: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{addr}` is not an IPv6 address"))?;
+        if !ip.is_ipv6() {
+            return Err(format!("`{addr}` in brackets must be IPv6"));
+        }
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(format!("unexpected `{after}` after `]`")),
+        };
+        (HttpHost::Ip(ip), port)
+    } else {
+        let (h, p) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        };
+        if h.is_empty() {
+            return Err("the URL has no host".into());
+        }
+        let host = match h.parse::<std::net::Ipv4Addr>() {
+            Ok(ip) => HttpHost::Ip(IpAddr::V4(ip)),
+            Err(_) => HttpHost::Name(
+                normalize_host(h).ok_or_else(|| format!("`{h}` is not a valid host name"))?,
+            ),
+        };
+        (host, p)
+    };
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| format!("`{p}` is not a port number (0-65535)"))?,
+        None if https => 443,
+        None => 80,
+    };
+    Ok((host, port, https))
+}
+
+fn port(v: Option<u32>, default: u16, span: Span) -> Result<u16, Diagnostic> {
+    match v {
+        None => Ok(default),
+        Some(p) if p <= 65535 => Ok(p as u16),
+        Some(p) => Err(
+            Diagnostic::error("E0203", format!("port {p} is out of range"))
+                .at(span, "ports run from 0 to 65535"),
+        ),
+    }
+}
+
+/// Turns a parsed probe into a query. `span` is where to point at.
+pub fn query_of(probe: &Probe, span: Span) -> Result<Query, Diagnostic> {
+    match probe {
+        Probe::Packet {
+            proto,
+            proto_span,
+            src,
+            src_port,
+            dst,
+            dst_port,
+            icmp,
+        } => {
+            if src.is_ipv4() != dst.is_ipv4() {
+                return Err(Diagnostic::error(
+                    "E0401",
+                    "source and destination are of different address families",
+                )
+                .at(span, "an IPv4 address cannot talk to an IPv6 address"));
+            }
+            let num = proto.number();
+            if num > 255 {
+                return Err(Diagnostic::error(
+                    "E0207",
+                    format!("protocol number {num} is out of range"),
+                )
+                .at(*proto_span, "protocol numbers run from 0 to 255"));
+            }
+            let (sp, dp) = if proto.is_icmp() {
+                if (*proto == ast::Proto::Icmp) != src.is_ipv4() {
+                    return Err(Diagnostic::error(
+                        "E0401",
+                        "icmp goes with IPv4 addresses and icmpv6 with IPv6 addresses",
+                    )
+                    .at(*proto_span, "wrong ICMP version for these addresses"));
+                }
+                let Some(spec) = icmp else {
+                    return Err(Diagnostic::error("E0401", "an ICMP probe needs a type").at(
+                        *proto_span,
+                        "write e.g. `icmp/echo-request` or `icmpv6/echo-request`",
+                    ));
+                };
+                let v6 = *proto == ast::Proto::Icmpv6;
+                let value = |v: &ast::IcmpValue, code: bool| -> Result<u16, Diagnostic> {
+                    let found = match v {
+                        ast::IcmpValue::Number(n) if *n <= 255 => Some(*n as u8),
+                        ast::IcmpValue::Number(_) => None,
+                        ast::IcmpValue::Name(n) => {
+                            if code {
+                                super::compile_icmp_code(v6, n)
+                            } else {
+                                super::compile_icmp_type(v6, n)
+                            }
+                        }
+                    };
+                    found.map(u16::from).ok_or_else(|| {
+                        Diagnostic::error("E0206", "unknown or out-of-range ICMP type or code").at(
+                            spec.span,
+                            "use a type name such as `echo-request` or a number 0-255",
+                        )
+                    })
+                };
+                let t = value(&spec.ty, false)?;
+                let c = match &spec.code {
+                    Some(c) => value(c, true)?,
+                    None => 0,
+                };
+                (t, c)
+            } else {
+                (
+                    port(*src_port, DEFAULT_SOURCE_PORT, span)?,
+                    port(*dst_port, 0, span)?,
+                )
+            };
+            Ok(Query::Packet(FlowKey {
+                src: *src,
+                dst: *dst,
+                proto: num as u8,
+                src_port: sp,
+                dst_port: dp,
+            }))
+        }
+        Probe::Http {
+            src,
+            url,
+            url_span,
+            method,
+        } => {
+            let (host, port, https) = parse_url(url).map_err(|e| {
+                Diagnostic::error("E0402", format!("invalid URL: {e}")).at(*url_span, "this URL")
+            })?;
+            let method = match (method, https) {
+                (Some(m), true) if !m.text.eq_ignore_ascii_case("CONNECT") => {
+                    return Err(Diagnostic::error(
+                        "E0403",
+                        "the proxy sees an https URL only as a CONNECT tunnel, so its method cannot be tested",
+                    )
+                    .at(m.span, "not visible inside TLS")
+                    .help("drop `method`, or probe an http:// URL to test methods"));
+                }
+                (Some(m), _) => m.text.to_ascii_uppercase(),
+                (None, true) => "CONNECT".to_string(),
+                (None, false) => "GET".to_string(),
+            };
+            Ok(Query::Http(HttpRequest {
+                src: *src,
+                host,
+                port,
+                method,
+            }))
+        }
+    }
+}
+
+/// Resolves an `expect` statement against the compiled policy.
+pub fn resolve(
+    e: &ast::Expect,
+    policy: &Policy,
+    sources: &SourceMap,
+) -> Result<Expectation, Diagnostic> {
+    let query = query_of(&e.probe, e.span)?;
+    if let Some(by) = &e.by {
+        let known = match &query {
+            Query::Packet(_) => policy.rules().iter().any(|r| r.name == by.text),
+            Query::Http(_) => policy.http_rules().iter().any(|r| r.name == by.text),
+        };
+        if !known && by.text != "default" {
+            let names: Vec<&str> = match &query {
+                Query::Packet(_) => policy.rules().iter().map(|r| r.name.as_str()).collect(),
+                Query::Http(_) => policy
+                    .http_rules()
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect(),
+            };
+            let mut d = Diagnostic::error("E0101", format!("unknown rule `{}`", by.text))
+                .at(by.span, "no such rule");
+            if let Some(c) = super::suggest::closest(&by.text, names) {
+                d = d.help(format!("did you mean `{c}`?"));
+            }
+            return Err(d);
+        }
+    }
+    Ok(Expectation {
+        verdict: match e.action {
+            Action::Allow => Verdict::Allow,
+            Action::Deny => Verdict::Deny,
+        },
+        query,
+        by: e.by.as_ref().map(|n| n.text.clone()),
+        span: e.span,
+        text: sources.snippet(e.span).to_string(),
+    })
+}
+
+/// The verdict and deciding rule name for a query.
+pub fn evaluate(policy: &Policy, query: &Query) -> (Verdict, String) {
+    match query {
+        Query::Packet(k) => {
+            let d = policy.decide(k);
+            (d.verdict, policy.rule_name(d.rule).to_string())
+        }
+        Query::Http(r) => {
+            let d = policy.decide_http(r);
+            (d.verdict, policy.http_rule_name(d.rule).to_string())
+        }
+    }
+}
+
+pub fn run(policy: &Policy, e: &Expectation) -> Outcome {
+    let (verdict, rule) = evaluate(policy, &e.query);
+    let passed = verdict == e.verdict && e.by.as_ref().is_none_or(|b| *b == rule);
+    Outcome {
+        verdict,
+        rule,
+        passed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let (h, p, s) = parse_url("https://Packages.Microsoft.com./x").unwrap();
+        assert_eq!(h, HttpHost::Name("packages.microsoft.com".into()));
+        assert_eq!((p, s), (443, true));
+        let (h, p, _) = parse_url("http://[2001:db8::1]:8080/").unwrap();
+        assert_eq!(h, HttpHost::Ip("2001:db8::1".parse().unwrap()));
+        assert_eq!(p, 8080);
+        assert!(parse_url("ftp://x/").is_err());
+        assert!(parse_url("http://a@b/").is_err());
+        assert!(parse_url("http://x:99999/").is_err());
+    }
+}

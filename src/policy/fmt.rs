@@ -1,0 +1,469 @@
+//! Canonical formatting of policy files (`palisade fmt`).
+//!
+//! One statement a line, single spaces, `, ` between items, options in a
+//! fixed order, and names (and verdicts) aligned in columns within a run of
+//! consecutive statements of the same kind. Comments and single blank lines
+//! are kept. Long `net`/`svc`/`zone` lists wrap one item a line. Formatting
+//! is idempotent and never changes what the policy means.
+
+use super::ast::*;
+use super::diag::Diagnostics;
+use super::parse::parse_file;
+use super::source::{FileId, SourceFile};
+use std::fmt::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// Lines longer than this wrap their lists, one item a line.
+const WRAP_WIDTH: usize = 100;
+
+/// Formats one file's text. Fails with the parse diagnostics when the file
+/// does not parse: a broken file is never rewritten.
+pub fn format_text(text: &str) -> Result<String, Diagnostics> {
+    let (file, diags) = parse_file(FileId(0), text);
+    if diags.has_errors() {
+        return Err(diags);
+    }
+    Ok(render(
+        &file,
+        &SourceFile::new(PathBuf::new(), text.to_string()),
+    ))
+}
+
+enum Piece<'a> {
+    Stmt(&'a Stmt, Vec<&'a Comment>),
+    Comment(&'a Comment),
+}
+
+fn kind(s: &Stmt) -> &'static str {
+    match s {
+        Stmt::Include { .. } => "include",
+        Stmt::Net(_) => "net",
+        Stmt::Svc(_) => "svc",
+        Stmt::Zone(_) => "zone",
+        Stmt::Rule(_) => "rule",
+        Stmt::Http(_) => "http",
+        Stmt::Default(_) => "default",
+        Stmt::Expect(_) => "expect",
+    }
+}
+
+fn render(file: &File, src: &SourceFile) -> String {
+    // Interleave statements and comments by position; a comment that sits
+    // on a statement's lines travels with it.
+    let mut pieces: Vec<(usize, usize, Piece)> = Vec::new();
+    let mut comments = file.comments.iter().peekable();
+    for s in &file.stmts {
+        let span = s.span();
+        let first_line = src.line_col(span.start).line;
+        let last_line = src
+            .line_col(span.end.saturating_sub(1).max(span.start))
+            .line;
+        while let Some(c) = comments.peek() {
+            if c.span.start >= span.start {
+                break;
+            }
+            let l = src.line_col(c.span.start).line;
+            pieces.push((l, l, Piece::Comment(c)));
+            comments.next();
+        }
+        let mut attached = Vec::new();
+        while let Some(c) = comments.peek() {
+            let l = src.line_col(c.span.start).line;
+            if l > last_line {
+                break;
+            }
+            attached.push(*c);
+            comments.next();
+        }
+        pieces.push((first_line, last_line, Piece::Stmt(s, attached)));
+    }
+    for c in comments {
+        let l = src.line_col(c.span.start).line;
+        pieces.push((l, l, Piece::Comment(c)));
+    }
+
+    // Groups for alignment: consecutive statements of one kind on
+    // consecutive lines.
+    let mut widths: Vec<(usize, usize)> = vec![(0, 0); pieces.len()];
+    let mut i = 0;
+    while i < pieces.len() {
+        let Piece::Stmt(s, _) = &pieces[i].2 else {
+            i += 1;
+            continue;
+        };
+        let k = kind(s);
+        let mut j = i + 1;
+        while j < pieces.len() {
+            match &pieces[j].2 {
+                Piece::Stmt(t, _) if kind(t) == k && pieces[j].0 == pieces[j - 1].1 + 1 => j += 1,
+                _ => break,
+            }
+        }
+        let name_w = pieces[i..j]
+            .iter()
+            .filter_map(|p| match &p.2 {
+                Piece::Stmt(s, _) => name_of(s).map(|n| n.chars().count()),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let action_w = pieces[i..j]
+            .iter()
+            .filter_map(|p| match &p.2 {
+                Piece::Stmt(s, _) => action_of(s).map(|a| a.as_str().len()),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        for w in &mut widths[i..j] {
+            *w = (name_w, action_w);
+        }
+        i = j;
+    }
+
+    let mut out = String::new();
+    let mut prev_last: Option<usize> = None;
+    for (idx, (first, last, piece)) in pieces.iter().enumerate() {
+        if let Some(p) = prev_last {
+            if *first > p + 1 {
+                out.push('\n');
+            }
+        }
+        match piece {
+            Piece::Comment(c) => {
+                out.push_str(c.text.trim_end());
+                out.push('\n');
+            }
+            Piece::Stmt(s, attached) => {
+                // Comments inside a multi-line statement go above it; one on
+                // its last line stays at the end.
+                let mut trailing = None;
+                for c in attached {
+                    if src.line_col(c.span.start).line == *last && trailing.is_none() {
+                        trailing = Some(c);
+                    } else {
+                        out.push_str(c.text.trim_end());
+                        out.push('\n');
+                    }
+                }
+                let (nw, aw) = widths[idx];
+                out.push_str(&stmt_text(s, nw, aw));
+                if let Some(c) = trailing {
+                    out.push(' ');
+                    out.push_str(c.text.trim_end());
+                }
+                out.push('\n');
+            }
+        }
+        prev_last = Some(*last);
+    }
+    out
+}
+
+fn name_of(s: &Stmt) -> Option<&str> {
+    match s {
+        Stmt::Net(d) | Stmt::Zone(d) => Some(&d.name.text),
+        Stmt::Svc(d) => Some(&d.name.text),
+        Stmt::Rule(r) => Some(&r.name.text),
+        Stmt::Http(r) => Some(&r.name.text),
+        _ => None,
+    }
+}
+
+fn action_of(s: &Stmt) -> Option<Action> {
+    match s {
+        Stmt::Rule(r) => Some(r.action),
+        Stmt::Http(r) => Some(r.action),
+        Stmt::Expect(e) => Some(e.action),
+        _ => None,
+    }
+}
+
+fn pad(s: &str, w: usize) -> String {
+    format!("{s:<w$}")
+}
+
+pub fn net_item_text(n: &NetItem) -> String {
+    match n {
+        NetItem::Prefix { addr, len, .. } => {
+            let full = if addr.is_ipv4() { 32 } else { 128 };
+            if *len == full {
+                addr.to_string()
+            } else {
+                format!("{addr}/{len}")
+            }
+        }
+        NetItem::Range { lo, hi, .. } => format!("{lo}-{hi}"),
+        NetItem::Any { family, .. } => match family {
+            None => "any".into(),
+            Some(Family::V4) => "any4".into(),
+            Some(Family::V6) => "any6".into(),
+        },
+        NetItem::Name(n) => n.text.clone(),
+    }
+}
+
+fn port_text(p: &PortRange) -> String {
+    if p.lo == p.hi {
+        p.lo.to_string()
+    } else {
+        format!("{}-{}", p.lo, p.hi)
+    }
+}
+
+fn icmp_value_text(v: &IcmpValue) -> String {
+    match v {
+        IcmpValue::Number(n) => n.to_string(),
+        IcmpValue::Name(s) => s.clone(),
+    }
+}
+
+fn proto_text(p: Proto) -> String {
+    match p {
+        Proto::Tcp => "tcp".into(),
+        Proto::Udp => "udp".into(),
+        Proto::Sctp => "sctp".into(),
+        Proto::Icmp => "icmp".into(),
+        Proto::Icmpv6 => "icmpv6".into(),
+        Proto::Number(47) => "gre".into(),
+        Proto::Number(50) => "esp".into(),
+        Proto::Number(51) => "ah".into(),
+        Proto::Number(89) => "ospf".into(),
+        Proto::Number(112) => "vrrp".into(),
+        Proto::Number(n) => format!("ip/{n}"),
+    }
+}
+
+fn icmp_spec_text(spec: &IcmpSpec) -> String {
+    let mut s = icmp_value_text(&spec.ty);
+    if let Some(c) = &spec.code {
+        s.push(':');
+        s.push_str(&icmp_value_text(c));
+    }
+    s
+}
+
+pub fn svc_item_text(item: &SvcItem) -> String {
+    match item {
+        SvcItem::Name(n) => n.text.clone(),
+        SvcItem::Proto {
+            proto,
+            dst_ports,
+            src_ports,
+            icmp,
+            ..
+        } => {
+            let mut s = proto_text(*proto);
+            if let Some(p) = dst_ports.first() {
+                s.push('/');
+                s.push_str(&port_text(p));
+            }
+            if let Some(spec) = icmp {
+                s.push('/');
+                s.push_str(&icmp_spec_text(spec));
+            }
+            if let Some(p) = src_ports.first() {
+                s.push_str(" sport ");
+                s.push_str(&port_text(p));
+            }
+            s
+        }
+    }
+}
+
+fn quoted(s: &str) -> String {
+    format!("\"{s}\"")
+}
+
+fn join<T>(items: &[T], f: impl Fn(&T) -> String) -> String {
+    items.iter().map(f).collect::<Vec<_>>().join(", ")
+}
+
+fn endpoint(addr: &IpAddr, port: Option<u32>) -> String {
+    match (addr, port) {
+        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+        (a, Some(p)) => format!("{a}:{p}"),
+        (a, None) => a.to_string(),
+    }
+}
+
+fn options_text(o: &RuleOptions) -> String {
+    let mut s = String::new();
+    if let Some((owner, _)) = &o.owner {
+        let _ = write!(s, " owner {}", quoted(owner));
+    }
+    if let Some(d) = &o.expires {
+        let _ = write!(s, " expires {:04}-{:02}-{:02}", d.year, d.month, d.day);
+    }
+    if let Some((c, _)) = &o.comment {
+        let _ = write!(s, " comment {}", quoted(c));
+    }
+    if o.log {
+        s.push_str(" log");
+    }
+    s
+}
+
+/// A definition, wrapped one item a line when it is long.
+fn def_text(kw: &str, name: &str, nw: usize, items: Vec<String>) -> String {
+    let head = format!("{kw} {} = ", pad(name, nw));
+    let one = format!("{head}{}", items.join(", "));
+    if one.chars().count() <= WRAP_WIDTH || items.len() < 2 {
+        return one;
+    }
+    let indent = " ".repeat(head.chars().count());
+    let mut s = head;
+    for (i, it) in items.iter().enumerate() {
+        if i > 0 {
+            s.push_str(",\n");
+            s.push_str(&indent);
+        }
+        s.push_str(it);
+    }
+    s
+}
+
+fn stmt_text(s: &Stmt, nw: usize, aw: usize) -> String {
+    match s {
+        Stmt::Include { path, .. } => format!("include {}", quoted(path)),
+        Stmt::Net(d) => def_text(
+            "net",
+            &d.name.text,
+            nw,
+            d.items.iter().map(net_item_text).collect(),
+        ),
+        Stmt::Zone(d) => def_text(
+            "zone",
+            &d.name.text,
+            nw,
+            d.items.iter().map(net_item_text).collect(),
+        ),
+        Stmt::Svc(d) => def_text(
+            "svc",
+            &d.name.text,
+            nw,
+            d.items.iter().map(svc_item_text).collect(),
+        ),
+        Stmt::Rule(r) => {
+            let mut s = format!(
+                "rule {} {} {} -> {}",
+                pad(&r.name.text, nw),
+                pad(r.action.as_str(), aw),
+                join(&r.src, net_item_text),
+                join(&r.dst, net_item_text)
+            );
+            if !r.services.is_empty() {
+                let _ = write!(s, " service {}", join(&r.services, svc_item_text));
+            }
+            s.push_str(&options_text(&r.options));
+            s
+        }
+        Stmt::Http(r) => {
+            let dst = join(&r.dst, |d| match d {
+                HttpDest::Host { pattern, .. } => quoted(pattern),
+                HttpDest::Net(n) => net_item_text(n),
+            });
+            let mut s = format!(
+                "http {} {} {} -> {dst}",
+                pad(&r.name.text, nw),
+                pad(r.action.as_str(), aw),
+                join(&r.src, net_item_text)
+            );
+            if !r.ports.is_empty() {
+                let _ = write!(s, " port {}", join(&r.ports, port_text));
+            }
+            if !r.methods.is_empty() {
+                let _ = write!(
+                    s,
+                    " method {}",
+                    join(&r.methods, |m| m.text.to_ascii_uppercase())
+                );
+            }
+            if r.plain_tunnel {
+                s.push_str(" plain-tunnel");
+            }
+            s.push_str(&options_text(&r.options));
+            s
+        }
+        Stmt::Default(d) => {
+            let mut s = format!("default {}", d.action.as_str());
+            if d.log {
+                s.push_str(" log");
+            }
+            s
+        }
+        Stmt::Expect(e) => {
+            let mut s = format!(
+                "expect {} {}",
+                pad(e.action.as_str(), aw),
+                probe_text(&e.probe)
+            );
+            if let Some(by) = &e.by {
+                let _ = write!(s, " by {}", by.text);
+            }
+            s
+        }
+    }
+}
+
+pub fn probe_text(p: &Probe) -> String {
+    match p {
+        Probe::Packet {
+            proto,
+            src,
+            src_port,
+            dst,
+            dst_port,
+            icmp,
+            ..
+        } => {
+            let mut head = proto_text(*proto);
+            if let Some(spec) = icmp {
+                head.push('/');
+                head.push_str(&icmp_spec_text(spec));
+            }
+            format!(
+                "{head} {} -> {}",
+                endpoint(src, *src_port),
+                endpoint(dst, *dst_port)
+            )
+        }
+        Probe::Http {
+            src, url, method, ..
+        } => {
+            let mut s = format!("http {src} -> {url}");
+            if let Some(m) = method {
+                let _ = write!(s, " method {}", m.text.to_ascii_uppercase());
+            }
+            s
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligns_and_is_idempotent() {
+        let text = "# names\nnet a = 192.0.2.0/24,198.51.100.0/24\nnet longer-name =   a # trailing\n\n\n\nrule r1 allow a->longer-name service tcp/443 log owner \"x\"\nrule r2   deny any -> any\ndefault deny log\n";
+        let out = format_text(text).unwrap();
+        assert_eq!(
+            out,
+            "# names\nnet a           = 192.0.2.0/24, 198.51.100.0/24\nnet longer-name = a # trailing\n\nrule r1 allow a -> longer-name service tcp/443 owner \"x\" log\nrule r2 deny  any -> any\ndefault deny log\n"
+        );
+        assert_eq!(format_text(&out).unwrap(), out);
+    }
+
+    #[test]
+    fn the_shipped_example_is_formatted() {
+        let text = include_str!("../../policies/example.policy");
+        assert_eq!(format_text(text).unwrap(), text);
+    }
+
+    #[test]
+    fn refuses_broken_files() {
+        assert!(format_text("net = \n").is_err());
+    }
+}
