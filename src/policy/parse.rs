@@ -246,11 +246,20 @@ impl<'s> Parser<'s> {
         } else if e.at.starts_with('\n') || e.at.starts_with("\r\n") {
             "end of line".to_string()
         } else {
-            let tok: String = e.at[..e.len.min(e.at.len())].chars().take(40).collect();
-            format!("`{}`", tok.escape_debug())
+            let tok: String = e.at[..e.len.min(e.at.len())]
+                .chars()
+                .take(40)
+                .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+                .collect();
+            format!("`{tok}`")
         };
-        let mut d = Diagnostic::error("E0001", format!("expected {}, found {found}", e.expected))
-            .at(Span::new(self.file, start, start + e.len), "");
+        let message = if e.expected.starts_with("a closing `\"`") {
+            "unterminated string: no closing `\"` on this line".to_string()
+        } else {
+            format!("expected {}, found {found}", e.expected)
+        };
+        let mut d =
+            Diagnostic::error("E0001", message).at(Span::new(self.file, start, start + e.len), "");
         if let Ok((_, w)) = word(e.at) {
             if e.expected.starts_with("a statement") {
                 if let Some(k) = super::suggest::closest(w, STATEMENT_KEYWORDS.iter().copied()) {
@@ -459,8 +468,10 @@ impl<'s> Parser<'s> {
     }
 
     fn net_item<'a>(&self, i: &'a str) -> Res<'a, NetItem> {
-        if let Ok((r, item)) = self.address_item(i) {
-            return Ok((r, item));
+        match self.address_item(i) {
+            Ok(x) => return Ok(x),
+            Err(nom::Err::Failure(e)) => return Err(nom::Err::Failure(e)),
+            Err(_) => {}
         }
         match word(i) {
             Ok((r, w)) => {
@@ -508,15 +519,7 @@ impl<'s> Parser<'s> {
                 .any(|c| c == ':');
         let (r, addr) = match self.address(i) {
             Ok(x) => x,
-            Err(e) if looks_numeric => {
-                return fail(
-                    i,
-                    match e {
-                        nom::Err::Error(_) => "a valid IPv4 or IPv6 address",
-                        _ => "an address",
-                    },
-                )
-            }
+            Err(_) if looks_numeric => return fail(i, "a valid IPv4 or IPv6 address"),
             Err(e) => return Err(e),
         };
         if let Some(after) = r.strip_prefix('/') {
