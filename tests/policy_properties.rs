@@ -244,22 +244,19 @@ fn key_of(spec: &Spec, p: &Probe) -> FlowKey {
     let proto = protos[p.proto.index(protos.len())];
     let (src, dst) = if p.v6 {
         (
-            IpAddr::V6(v6(pick16(p.src.clone(), &lows))),
-            IpAddr::V6(v6(pick16(p.dst.clone(), &lows))),
+            IpAddr::V6(v6(pick16(p.src, &lows))),
+            IpAddr::V6(v6(pick16(p.dst, &lows))),
         )
     } else {
         (
-            IpAddr::V4(v4(pick16(p.src.clone(), &lows))),
-            IpAddr::V4(v4(pick16(p.dst.clone(), &lows))),
+            IpAddr::V4(v4(pick16(p.src, &lows))),
+            IpAddr::V4(v4(pick16(p.dst, &lows))),
         )
     };
     let (sport, dport) = if proto == 1 || proto == 58 {
         (if p.sport.1 == 0 { 8 } else { 128 }, 0)
     } else {
-        (
-            pick16(p.sport.clone(), &ports),
-            pick16(p.dport.clone(), &ports),
-        )
+        (pick16(p.sport, &ports), pick16(p.dport, &ports))
     };
     FlowKey {
         src,

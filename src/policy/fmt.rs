@@ -463,6 +463,18 @@ mod tests {
     }
 
     #[test]
+    fn a_hash_in_a_url_starts_a_comment() {
+        // Found by fuzzing: the URL token and the comment both took `#...`.
+        let text = "expect deny http 10.0.1.7 -> https://a.example/#frag by paste\n";
+        let out = format_text(text).unwrap();
+        assert_eq!(
+            out,
+            "expect deny http 10.0.1.7 -> https://a.example/ #frag by paste\n"
+        );
+        assert_eq!(format_text(&out).unwrap(), out);
+    }
+
+    #[test]
     fn refuses_broken_files() {
         assert!(format_text("net = \n").is_err());
     }

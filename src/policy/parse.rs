@@ -979,7 +979,10 @@ impl<'s> Parser<'s> {
             let (r, ()) = sp(r)?;
             let (r, (src, _)) = self.endpoint(r)?;
             let (url_at, ()) = self.arrow(r)?;
-            let (r, url) = match take_while1::<_, _, PErr>(|c: char| !c.is_whitespace())(url_at) {
+            let (r, url) = match take_while1::<_, _, PErr>(|c: char| {
+                !c.is_whitespace() && c != '#' && c != '"'
+            })(url_at)
+            {
                 Ok(x) => x,
                 Err(_) => return fail(url_at, "a URL such as `https://example.com/`"),
             };
