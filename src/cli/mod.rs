@@ -1,6 +1,7 @@
 //! Argument parsing and dispatch for the `palisade` binary. Each command
 //! group lives in its own file here; the library does the work.
 
+mod analysis;
 mod policy;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,16 @@ enum Command {
     Explain(policy::ExplainArgs),
     /// Rewrite policy files in canonical format (--check for CI).
     Fmt(policy::FmtArgs),
+    /// Find shadowed, redundant, never-matching and overly broad rules,
+    /// unused names, and rules that expire soon. Exit 1 on findings.
+    Lint(analysis::LintArgs),
+    /// What a change does to allowed traffic: the flows and requests newly
+    /// allowed and newly denied, with the rules responsible. Exit 1 when the
+    /// policies differ.
+    Diff(analysis::DiffArgs),
+    /// Translate the compiled policy into another enforcement language.
+    #[command(subcommand)]
+    Export(analysis::ExportCommand),
 }
 
 pub fn run() -> ExitCode {
@@ -41,5 +52,8 @@ pub fn run() -> ExitCode {
         Command::Test(a) => policy::test(a),
         Command::Explain(a) => policy::explain(a),
         Command::Fmt(a) => policy::fmt(a),
+        Command::Lint(a) => analysis::lint(a),
+        Command::Diff(a) => analysis::diff(a),
+        Command::Export(c) => analysis::export(c),
     }
 }

@@ -68,7 +68,7 @@ pub struct FmtArgs {
     pub stdout: bool,
 }
 
-fn parse_date(s: &str) -> Result<Date, String> {
+pub fn parse_date(s: &str) -> Result<Date, String> {
     let parts: Vec<&str> = s.split('-').collect();
     let bad = || format!("`{s}` is not a date as YYYY-MM-DD");
     if parts.len() != 3 {
@@ -91,7 +91,7 @@ pub fn today() -> Date {
 
 /// Expands directories into the policy files directly inside them, sorted.
 /// Fragments meant only for `include` belong in subdirectories.
-fn roots(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+pub fn roots(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -149,7 +149,22 @@ fn load(path: &Path, today: Option<Date>) -> Result<Compiled, Failed> {
     )
 }
 
-fn plural(n: usize, one: &str, many: &str) -> String {
+/// Loads one policy, printing its diagnostics; `None` when it does not
+/// compile.
+pub fn load_one(path: &Path, today: Option<Date>) -> Option<Compiled> {
+    match load(path, today) {
+        Ok(c) => {
+            eprint!("{}", c.diagnostics.render(&c.sources));
+            Some(c)
+        }
+        Err(f) => {
+            eprint!("{}", render_failed(&f));
+            None
+        }
+    }
+}
+
+pub fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 

@@ -87,6 +87,7 @@ pub fn compile(
             expectations,
             diagnostics: diags,
             stats,
+            syntax: files,
         }),
         _ => Err((sources, diags)),
     }

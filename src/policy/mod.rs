@@ -15,14 +15,17 @@
 //! - [`expect`], [`explain`] and [`fmt`] for the policy writer's commands.
 
 pub mod addrset;
+pub mod analysis;
 pub mod ast;
 mod compile;
 pub mod date;
 pub mod diag;
 pub mod expect;
 pub mod explain;
+pub mod export;
 pub mod fmt;
 pub mod host;
+pub mod lint;
 pub mod load;
 pub mod parse;
 pub mod source;
@@ -427,6 +430,8 @@ pub struct Compiled {
     pub expectations: Vec<expect::Expectation>,
     pub diagnostics: Diagnostics,
     pub stats: Stats,
+    /// The syntax trees, one per file in load order (for lint and fmt).
+    pub syntax: Vec<ast::File>,
 }
 
 /// Counts for the one-line summary of `palisade check`.

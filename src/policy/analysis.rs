@@ -1,0 +1,632 @@
+//! Policy analysis: what rules really do, as regions of the 5-tuple space.
+//!
+//! A region is a set of disjoint boxes (one interval per field). Walking
+//! the rules in order and subtracting each rule's boxes from what is still
+//! unclaimed gives every rule its *effective* region: the flows it decides.
+//! `lint` uses this to find rules that never decide anything (shadowed or
+//! redundant) and `diff` to compare what two policies allow.
+//!
+//! Box subtraction can fragment; every analysis runs under a piece budget
+//! and says so when it gives up instead of running unbounded.
+
+use super::{AddrSet, HttpHost, HttpRequest, PacketRule, Policy, Verdict};
+use crate::classify::{Address, Entry, Fields, Interval, RuleId};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Most boxes an analysis keeps at once.
+pub const PIECE_BUDGET: usize = 200_000;
+
+/// The analysis gave up: the policy fragments into too many boxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the policy is too fragmented to analyse within {PIECE_BUDGET} regions")]
+pub struct TooComplex;
+
+pub trait Scalar: Copy + Ord {
+    fn pred(self) -> Self;
+    fn succ(self) -> Self;
+}
+
+macro_rules! scalar {
+    ($($t:ty),*) => {$(
+        impl Scalar for $t {
+            fn pred(self) -> Self { self - 1 }
+            fn succ(self) -> Self { self + 1 }
+        }
+    )*};
+}
+scalar!(u8, u16, u32, u128);
+
+/// Splits `a` by `b` in one field: the part below `b`, the part above, and
+/// the overlap (which must exist).
+fn split<T: Scalar>(
+    a: Interval<T>,
+    b: Interval<T>,
+) -> (Option<Interval<T>>, Option<Interval<T>>, Interval<T>) {
+    let below = (a.lo < b.lo).then(|| Interval {
+        lo: a.lo,
+        hi: b.lo.pred(),
+    });
+    let above = (a.hi > b.hi).then(|| Interval {
+        lo: b.hi.succ(),
+        hi: a.hi,
+    });
+    let mid = Interval {
+        lo: a.lo.max(b.lo),
+        hi: a.hi.min(b.hi),
+    };
+    (below, above, mid)
+}
+
+pub fn overlaps<A: Address>(a: &Fields<A>, b: &Fields<A>) -> bool {
+    a.src.overlaps(&b.src)
+        && a.dst.overlaps(&b.dst)
+        && a.src_port.overlaps(&b.src_port)
+        && a.dst_port.overlaps(&b.dst_port)
+        && a.proto.overlaps(&b.proto)
+}
+
+pub fn intersect<A: Address + Scalar>(a: &Fields<A>, b: &Fields<A>) -> Option<Fields<A>> {
+    overlaps(a, b).then(|| Fields {
+        src: split(a.src, b.src).2,
+        dst: split(a.dst, b.dst).2,
+        src_port: split(a.src_port, b.src_port).2,
+        dst_port: split(a.dst_port, b.dst_port).2,
+        proto: split(a.proto, b.proto).2,
+    })
+}
+
+/// `a − b` as disjoint boxes, appended to `out`.
+pub fn subtract<A: Address + Scalar>(a: &Fields<A>, b: &Fields<A>, out: &mut Vec<Fields<A>>) {
+    if !overlaps(a, b) {
+        out.push(*a);
+        return;
+    }
+    let mut cur = *a;
+    macro_rules! cut {
+        ($f:ident) => {{
+            let (lo, hi, mid) = split(cur.$f, b.$f);
+            for part in [lo, hi].into_iter().flatten() {
+                let mut p = cur;
+                p.$f = part;
+                out.push(p);
+            }
+            cur.$f = mid;
+        }};
+    }
+    cut!(proto);
+    cut!(dst_port);
+    cut!(src_port);
+    cut!(dst);
+    let (lo, hi, _) = split(cur.src, b.src);
+    for part in [lo, hi].into_iter().flatten() {
+        let mut p = cur;
+        p.src = part;
+        out.push(p);
+    }
+}
+
+/// A box and the rule that decides it (`None`: the default).
+pub type Claim<A> = (Fields<A>, Option<RuleId>);
+
+/// Each rule's effective region in one family: boxes claimed by the rule
+/// (`Some(id)`) or left to the default (`None`).
+pub fn effective<A: Address + Scalar>(
+    entries: &[Entry<A>],
+) -> Result<Vec<Claim<A>>, TooComplex> {
+    let mut remaining = vec![Fields::<A>::any()];
+    let mut claimed = Vec::new();
+    for e in entries {
+        let mut next = Vec::with_capacity(remaining.len());
+        for p in &remaining {
+            if let Some(x) = intersect(p, &e.fields) {
+                claimed.push((x, Some(e.rule)));
+                subtract(p, &e.fields, &mut next);
+            } else {
+                next.push(*p);
+            }
+        }
+        remaining = next;
+        if remaining.len() + claimed.len() > PIECE_BUDGET {
+            return Err(TooComplex);
+        }
+    }
+    claimed.extend(remaining.into_iter().map(|p| (p, None)));
+    Ok(claimed)
+}
+
+/// How much of a rule earlier rules cover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Coverage {
+    /// Some flows are decided by this rule.
+    Effective,
+    /// Earlier rules decide every flow of this rule; these are the rules
+    /// that took a part of it.
+    Covered(Vec<RuleId>),
+}
+
+fn coverage_family<A: Address + Scalar>(
+    entries: &[Entry<A>],
+    rule: RuleId,
+    budget: &mut usize,
+    contributors: &mut Vec<RuleId>,
+) -> Result<bool, TooComplex> {
+    let mut pieces: Vec<Fields<A>> = entries
+        .iter()
+        .filter(|e| e.rule == rule)
+        .map(|e| e.fields)
+        .collect();
+    for e in entries.iter().filter(|e| e.rule < rule) {
+        if pieces.is_empty() {
+            break;
+        }
+        if !pieces.iter().any(|p| overlaps(p, &e.fields)) {
+            continue;
+        }
+        let mut next = Vec::with_capacity(pieces.len());
+        for p in &pieces {
+            subtract(p, &e.fields, &mut next);
+        }
+        if !contributors.contains(&e.rule) {
+            contributors.push(e.rule);
+        }
+        *budget = budget.saturating_sub(next.len() + 1);
+        if *budget == 0 || next.len() > PIECE_BUDGET {
+            return Err(TooComplex);
+        }
+        pieces = next;
+    }
+    Ok(pieces.is_empty())
+}
+
+/// Whether earlier rules cover `rule` completely, in both families.
+pub fn coverage(
+    v4: &[Entry<u32>],
+    v6: &[Entry<u128>],
+    rule: RuleId,
+    budget: &mut usize,
+) -> Result<Coverage, TooComplex> {
+    let mut contributors = Vec::new();
+    let c4 = coverage_family(v4, rule, budget, &mut contributors)?;
+    let c6 = coverage_family(v6, rule, budget, &mut contributors)?;
+    if c4 && c6 {
+        contributors.sort_unstable();
+        Ok(Coverage::Covered(contributors))
+    } else {
+        Ok(Coverage::Effective)
+    }
+}
+
+/// A region of flows, in words: `tcp 10.0.0.0/8 -> 192.0.2.1 dport 443`.
+pub fn describe_box<A: Address + Scalar + Into<u128>>(f: &Fields<A>, v6: bool) -> String {
+    let addr = |iv: Interval<A>| -> String {
+        let mut s = AddrSet::default();
+        if v6 {
+            s.add_v6(iv.lo.into(), iv.hi.into());
+            if iv.lo.into() == 0 && iv.hi.into() == u128::MAX {
+                return "any6".into();
+            }
+        } else {
+            s.add_v4(iv.lo.into() as u32, iv.hi.into() as u32);
+            if iv.lo.into() == 0 && iv.hi.into() == u32::MAX as u128 {
+                return "any4".into();
+            }
+        }
+        s.describe()
+    };
+    let ports = |iv: Interval<u16>| -> Option<String> {
+        match (iv.lo, iv.hi) {
+            (0, 65535) => None,
+            (a, b) if a == b => Some(a.to_string()),
+            (a, b) => Some(format!("{a}-{b}")),
+        }
+    };
+    let proto = match (f.proto.lo, f.proto.hi) {
+        (0, 255) => "ip".to_string(),
+        (6, 6) => "tcp".into(),
+        (17, 17) => "udp".into(),
+        (132, 132) => "sctp".into(),
+        (1, 1) if !v6 => "icmp".into(),
+        (58, 58) if v6 => "icmpv6".into(),
+        (a, b) if a == b => format!("ip/{a}"),
+        (a, b) => format!("ip/{a}-{b}"),
+    };
+    let mut s = format!("{proto} {} -> {}", addr(f.src), addr(f.dst));
+    let icmp = (f.proto.lo == 1 && f.proto.hi == 1) || (f.proto.lo == 58 && f.proto.hi == 58);
+    if let Some(p) = ports(f.src_port) {
+        s.push_str(if icmp { " type " } else { " sport " });
+        s.push_str(&p);
+    }
+    if let Some(p) = ports(f.dst_port) {
+        s.push_str(if icmp { " code " } else { " dport " });
+        s.push_str(&p);
+    }
+    s
+}
+
+/// One region whose verdict differs between two policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub region: String,
+    pub old_verdict: Verdict,
+    pub old_rule: String,
+    pub new_verdict: Verdict,
+    pub new_rule: String,
+}
+
+fn diff_family<A: Address + Scalar + Into<u128>>(
+    old: &Policy,
+    old_eff: &[Claim<A>],
+    new: &Policy,
+    new_eff: &[Claim<A>],
+    v6: bool,
+    out: &mut Vec<Change>,
+) -> Result<(), TooComplex> {
+    let verdict = |p: &Policy, r: Option<RuleId>| {
+        r.and_then(|id| p.rule(id))
+            .map(|r| r.verdict)
+            .unwrap_or(p.default_verdict())
+    };
+    let mut raw: Vec<Piece<A>> = Vec::new();
+    for (fo, ro) in old_eff {
+        let vo = verdict(old, *ro);
+        for (fnew, rn) in new_eff {
+            let vn = verdict(new, *rn);
+            if vo == vn {
+                continue;
+            }
+            if let Some(x) = intersect(fo, fnew) {
+                raw.push((x, *ro, *rn, vo, vn));
+                if raw.len() > PIECE_BUDGET {
+                    return Err(TooComplex);
+                }
+            }
+        }
+    }
+    merge_adjacent(&mut raw);
+    for (x, ro, rn, vo, vn) in raw {
+        out.push(Change {
+            region: describe_box(&x, v6),
+            old_verdict: vo,
+            old_rule: old.rule_name(ro).to_string(),
+            new_verdict: vn,
+            new_rule: new.rule_name(rn).to_string(),
+        });
+    }
+    Ok(())
+}
+
+type Piece<A> = (Fields<A>, Option<RuleId>, Option<RuleId>, Verdict, Verdict);
+
+/// Joins boxes with the same rules that differ in one field only and touch
+/// there, until nothing more joins: fewer, larger regions to read.
+fn merge_adjacent<A: Address + Scalar>(v: &mut Vec<Piece<A>>) {
+    fn join<T: Scalar>(a: Interval<T>, b: Interval<T>) -> Option<Interval<T>> {
+        if a.hi < b.lo && a.hi.succ() == b.lo {
+            Some(Interval { lo: a.lo, hi: b.hi })
+        } else if b.hi < a.lo && b.hi.succ() == a.lo {
+            Some(Interval { lo: b.lo, hi: a.hi })
+        } else {
+            None
+        }
+    }
+    fn try_join<A: Address + Scalar>(a: &Fields<A>, b: &Fields<A>) -> Option<Fields<A>> {
+        let same = [
+            a.src == b.src,
+            a.dst == b.dst,
+            a.src_port == b.src_port,
+            a.dst_port == b.dst_port,
+            a.proto == b.proto,
+        ];
+        if same.iter().filter(|x| !**x).count() != 1 {
+            return None;
+        }
+        let mut r = *a;
+        if !same[0] {
+            r.src = join(a.src, b.src)?;
+        } else if !same[1] {
+            r.dst = join(a.dst, b.dst)?;
+        } else if !same[2] {
+            r.src_port = join(a.src_port, b.src_port)?;
+        } else if !same[3] {
+            r.dst_port = join(a.dst_port, b.dst_port)?;
+        } else {
+            r.proto = join(a.proto, b.proto)?;
+        }
+        Some(r)
+    }
+    if v.len() > 2_000 {
+        return;
+    }
+    let mut changed = true;
+    while changed {
+        changed = false;
+        'outer: for i in 0..v.len() {
+            for j in i + 1..v.len() {
+                let (a, b) = (&v[i], &v[j]);
+                if a.1 != b.1 || a.2 != b.2 {
+                    continue;
+                }
+                if let Some(m) = try_join(&a.0, &b.0) {
+                    v[i].0 = m;
+                    v.swap_remove(j);
+                    changed = true;
+                    break 'outer;
+                }
+            }
+        }
+    }
+}
+
+/// Flows whose verdict differs between two policies, as regions.
+pub fn diff_packets(old: &Policy, new: &Policy) -> Result<Vec<Change>, TooComplex> {
+    let (o4, o6) = super::entries(old);
+    let (n4, n6) = super::entries(new);
+    let mut out = Vec::new();
+    diff_family(
+        old,
+        &effective(&o4)?,
+        new,
+        &effective(&n4)?,
+        false,
+        &mut out,
+    )?;
+    diff_family(old, &effective(&o6)?, new, &effective(&n6)?, true, &mut out)?;
+    Ok(out)
+}
+
+/// Elementary intervals of a family: every boundary of every set splits
+/// the address line.
+fn elementary<T: Copy + Ord + Scalar>(sets: &[&[Interval<T>]], min: T, max: T) -> Vec<Interval<T>> {
+    let mut cuts: Vec<T> = vec![min];
+    for s in sets {
+        for iv in *s {
+            cuts.push(iv.lo);
+            if iv.hi < max {
+                cuts.push(iv.hi.succ());
+            }
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts.iter()
+        .enumerate()
+        .map(|(i, &lo)| Interval {
+            lo,
+            hi: cuts.get(i + 1).map(|n| n.pred()).unwrap_or(max),
+        })
+        .collect()
+}
+
+/// One class of proxy requests whose verdict differs between two policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpChange {
+    pub sources: String,
+    pub host: String,
+    pub ports: String,
+    pub method: String,
+    pub old_verdict: Verdict,
+    pub old_rule: String,
+    pub new_verdict: Verdict,
+    pub new_rule: String,
+}
+
+/// Proxy requests whose verdict differs. The request space is cut into
+/// classes by every source set, host pattern, port set and method named in
+/// either policy; one representative of each class is decided by both.
+pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooComplex> {
+    let rules: Vec<&super::HttpRule> = old.http_rules().iter().chain(new.http_rules()).collect();
+    let v4sets: Vec<&[Interval<u32>]> = rules.iter().map(|r| r.src.v4.as_slice()).collect();
+    let v6sets: Vec<&[Interval<u128>]> = rules.iter().map(|r| r.src.v6.as_slice()).collect();
+    let mut sources: Vec<(IpAddr, String)> = Vec::new();
+    for iv in elementary(&v4sets, 0u32, u32::MAX) {
+        let mut s = AddrSet::default();
+        s.add_v4(iv.lo, iv.hi);
+        sources.push((IpAddr::V4(Ipv4Addr::from(iv.lo)), s.describe()));
+    }
+    for iv in elementary(&v6sets, 0u128, u128::MAX) {
+        let mut s = AddrSet::default();
+        s.add_v6(iv.lo, iv.hi);
+        sources.push((IpAddr::V6(Ipv6Addr::from(iv.lo)), s.describe()));
+    }
+    let mut hosts: Vec<(HttpHost, String)> = Vec::new();
+    for r in &rules {
+        for h in &r.hosts {
+            let (rep, label) = match h {
+                super::HostPattern::Any => continue,
+                super::HostPattern::Exact(n) => (n.clone(), n.clone()),
+                super::HostPattern::Subdomains(s) => (format!("any-name.{s}"), format!("*.{s}")),
+            };
+            if !hosts.iter().any(|(_, l)| *l == label) {
+                hosts.push((HttpHost::Name(rep), label));
+            }
+        }
+        for iv in &r.addrs.v4 {
+            hosts.push((
+                HttpHost::Ip(IpAddr::V4(Ipv4Addr::from(iv.lo))),
+                Ipv4Addr::from(iv.lo).to_string(),
+            ));
+        }
+    }
+    hosts.push((
+        HttpHost::Name("other-host.invalid".into()),
+        "any other host".into(),
+    ));
+    let port_sets: Vec<&[Interval<u16>]> = rules.iter().map(|r| r.ports.as_slice()).collect();
+    let ports = elementary(&port_sets, 0u16, u16::MAX);
+    let mut methods: Vec<String> = vec!["CONNECT".into(), "GET".into()];
+    for r in &rules {
+        for m in &r.methods {
+            if !methods.contains(m) {
+                methods.push(m.clone());
+            }
+        }
+    }
+    methods.push("OTHER".into());
+    let mut changes: Vec<HttpChange> = Vec::new();
+    if sources.len() * hosts.len() * ports.len() * methods.len() > PIECE_BUDGET * 10 {
+        return Err(TooComplex);
+    }
+    let mut out: Vec<HttpChange> = Vec::new();
+    for (src, src_label) in &sources {
+        for (host, host_label) in &hosts {
+            for p in &ports {
+                for m in &methods {
+                    let req = HttpRequest {
+                        src: *src,
+                        host: host.clone(),
+                        port: p.lo,
+                        method: m.clone(),
+                    };
+                    let a = old.decide_http(&req);
+                    let b = new.decide_http(&req);
+                    if a.verdict != b.verdict {
+                        changes.push(HttpChange {
+                            sources: src_label.clone(),
+                            host: host_label.clone(),
+                            ports: if p.lo == 0 && p.hi == 65535 {
+                                "any".into()
+                            } else if p.lo == p.hi {
+                                p.lo.to_string()
+                            } else {
+                                format!("{}-{}", p.lo, p.hi)
+                            },
+                            method: if m == "OTHER" {
+                                "other methods".into()
+                            } else {
+                                m.clone()
+                            },
+                            old_verdict: a.verdict,
+                            old_rule: old.http_rule_name(a.rule).to_string(),
+                            new_verdict: b.verdict,
+                            new_rule: new.http_rule_name(b.rule).to_string(),
+                        });
+                    }
+                }
+            }
+            // One line when every method changed the same way.
+            let same_rules = |c: &HttpChange, d: &HttpChange| {
+                c.old_rule == d.old_rule && c.new_rule == d.new_rule && c.ports == d.ports
+            };
+            while let Some(first) = changes.first().cloned() {
+                let group: Vec<HttpChange> = changes
+                    .iter()
+                    .filter(|c| same_rules(c, &first))
+                    .cloned()
+                    .collect();
+                changes.retain(|c| !same_rules(c, &first));
+                if group.len() == methods.len() {
+                    out.push(HttpChange {
+                        method: "any method".into(),
+                        ..first
+                    });
+                } else {
+                    out.extend(group);
+                }
+            }
+        }
+    }
+    // Sources that changed the same way are listed together.
+    let mut merged: Vec<HttpChange> = Vec::new();
+    for c in out {
+        match merged.iter_mut().find(|m| {
+            m.host == c.host
+                && m.ports == c.ports
+                && m.method == c.method
+                && m.old_rule == c.old_rule
+                && m.new_rule == c.new_rule
+        }) {
+            Some(m) => {
+                m.sources.push_str(", ");
+                m.sources.push_str(&c.sources);
+            }
+            None => merged.push(c),
+        }
+    }
+    Ok(merged)
+}
+
+/// Whether an HTTP rule is wholly covered by a single earlier rule.
+pub fn http_covered_by(rule: &super::HttpRule, earlier: &super::HttpRule) -> bool {
+    let ports_covered = earlier.ports.is_empty()
+        || (!rule.ports.is_empty()
+            && rule
+                .ports
+                .iter()
+                .all(|p| earlier.ports.iter().any(|e| e.covers(p))));
+    let methods_covered = earlier.methods.is_empty()
+        || (!rule.methods.is_empty() && rule.methods.iter().all(|m| earlier.methods.contains(m)));
+    let hosts_covered = rule
+        .hosts
+        .iter()
+        .all(|h| earlier.hosts.iter().any(|e| h.is_covered_by(e)));
+    earlier.active
+        && earlier.src.covers(&rule.src)
+        && earlier.addrs.covers(&rule.addrs)
+        && hosts_covered
+        && ports_covered
+        && methods_covered
+}
+
+/// True when a packet rule allows everything between any and any.
+pub fn is_any_to_any(r: &PacketRule) -> bool {
+    r.src.is_any() && r.dst.is_any()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(src: (u32, u32), dport: (u16, u16)) -> Fields<u32> {
+        let mut x = Fields::<u32>::any();
+        x.src = Interval {
+            lo: src.0,
+            hi: src.1,
+        };
+        x.dst_port = Interval {
+            lo: dport.0,
+            hi: dport.1,
+        };
+        x
+    }
+
+    #[test]
+    fn subtraction_is_exact() {
+        let a = f((0, 100), (0, 1000));
+        let b = f((50, 60), (80, 80));
+        let mut out = Vec::new();
+        subtract(&a, &b, &mut out);
+        // Every point of a is in exactly one of (out, b∩a).
+        for s in (0..=100).step_by(5) {
+            for p in [0u16, 79, 80, 81, 1000] {
+                let k = crate::classify::Key {
+                    src: s,
+                    dst: 7,
+                    src_port: 1,
+                    dst_port: p,
+                    proto: 6,
+                };
+                let in_out = out.iter().filter(|x| x.matches(&k)).count();
+                let in_b = usize::from(b.matches(&k));
+                assert_eq!(in_out + in_b, 1, "src {s} port {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn elementary_intervals_cover_the_line() {
+        let sets: Vec<&[Interval<u16>]> = vec![
+            &[Interval { lo: 10, hi: 20 }],
+            &[Interval { lo: 15, hi: 65535 }],
+        ];
+        let e = elementary(&sets, 0, u16::MAX);
+        assert_eq!(
+            e,
+            vec![
+                Interval { lo: 0, hi: 9 },
+                Interval { lo: 10, hi: 14 },
+                Interval { lo: 15, hi: 20 },
+                Interval { lo: 21, hi: 65535 }
+            ]
+        );
+    }
+}
