@@ -25,6 +25,7 @@ pub mod explain;
 pub mod export;
 pub mod fmt;
 pub mod host;
+pub mod import;
 pub mod lint;
 pub mod load;
 pub mod parse;
