@@ -19,10 +19,11 @@
 //! ICMP and ICMPv6 carry no ports: their type travels in the source-port
 //! field and their code in the destination-port field of the key.
 
+pub mod classbench;
 mod compiled;
 mod reference;
 
-pub use compiled::{BuildError, Classifier};
+pub use compiled::{BuildError, BuildLimits, Classifier, ClassifierStats, MAX_ENTRIES};
 pub use reference::LinearMatcher;
 
 use std::fmt;
@@ -34,8 +35,22 @@ pub type RuleId = u32;
 
 /// An address of one family as an unsigned integer: `u32` for IPv4, `u128`
 /// for IPv6.
+///
+/// The arithmetic and the widening from `u16` let the compiled classifier
+/// treat ports and protocol as coordinates of the same type as addresses.
 pub trait Address:
-    Copy + Ord + Eq + std::hash::Hash + fmt::Debug + Send + Sync + 'static
+    Copy
+    + Ord
+    + Eq
+    + std::hash::Hash
+    + fmt::Debug
+    + Send
+    + Sync
+    + 'static
+    + From<u16>
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Shr<u32, Output = Self>
 {
     /// The largest address of the family.
     const MAX: Self;
@@ -111,8 +126,14 @@ impl<A: Address> Fields<A> {
                 lo: A::MIN,
                 hi: A::MAX,
             },
-            src_port: Interval { lo: 0, hi: u16::MAX },
-            dst_port: Interval { lo: 0, hi: u16::MAX },
+            src_port: Interval {
+                lo: 0,
+                hi: u16::MAX,
+            },
+            dst_port: Interval {
+                lo: 0,
+                hi: u16::MAX,
+            },
             proto: Interval { lo: 0, hi: u8::MAX },
         }
     }
