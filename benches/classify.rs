@@ -105,14 +105,28 @@ fn rate(keys: &[Key<u32>], min: Duration, mut f: impl FnMut(&Key<u32>) -> Option
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Lookups per second of `lookup_batch` over `keys`.
+fn batch_rate(keys: &[Key<u32>], min: Duration, c: &Classifier<u32>) -> f64 {
+    let mut out = vec![None; keys.len()];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < min {
+        c.lookup_batch(black_box(keys), &mut out);
+        black_box(&out);
+        n += keys.len() as u64;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 fn summary(sets: &[Set]) {
     println!(
-        "{:<9} {:>6} {:>7} {:>9} {:>13} {:>11} {:>8} {:>9} {:>9} {:>5} {:>6} {:>6}",
+        "{:<9} {:>6} {:>7} {:>9} {:>13} {:>13} {:>11} {:>8} {:>9} {:>9} {:>5} {:>6} {:>6}",
         "set",
         "rules",
         "keys",
         "from",
         "compiled/s",
+        "batch/s",
         "linear/s",
         "ratio",
         "build ms",
@@ -140,18 +154,20 @@ fn summary(sets: &[Set]) {
         };
         let linear = LinearMatcher::new(set.entries.clone());
         let fast = rate(&set.keys, Duration::from_secs(1), |k| classifier.lookup(k));
+        let batch = batch_rate(&set.keys, Duration::from_secs(1), &classifier);
         let lin_keys = &set.keys[..set.keys.len().min(LINEAR_KEYS)];
         let slow = rate(lin_keys, Duration::from_millis(500), |k| linear.lookup(k));
         let st = classifier.stats();
         println!(
-            "{:<9} {:>6} {:>7} {:>9} {:>13.0} {:>11.0} {:>7.1}x {:>9.1} {:>8.2}M {:>5} {:>6} {:>6}",
+            "{:<9} {:>6} {:>7} {:>9} {:>13.0} {:>13.0} {:>11.0} {:>7.1}x {:>9.1} {:>8.2}M {:>5} {:>6} {:>6}",
             set.name,
             set.entries.len(),
             set.keys.len(),
             set.keys_from,
             fast,
+            batch,
             slow,
-            fast / slow,
+            batch.max(fast) / slow,
             build.as_secs_f64() * 1e3,
             classifier.memory_bytes() as f64 / (1 << 20) as f64,
             st.trees,
@@ -177,6 +193,13 @@ fn criterion_groups(c: &mut Criterion, sets: &[Set]) {
                 for k in &set.keys {
                     black_box(classifier.lookup(black_box(k)));
                 }
+            })
+        });
+        let mut out = vec![None; set.keys.len()];
+        g.bench_function("compiled_batch", |b| {
+            b.iter(|| {
+                classifier.lookup_batch(black_box(&set.keys), &mut out);
+                black_box(&out);
             })
         });
         let lin_keys = &set.keys[..set.keys.len().min(LINEAR_KEYS)];

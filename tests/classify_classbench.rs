@@ -55,6 +55,8 @@ fn check_set(name: &str) {
     assert!(!keys.is_empty(), "{name}: no keys");
     // Traces repeat headers; the reference is slow in debug builds, so each
     // distinct header is checked once.
+    let mut batch = vec![None; keys.len()];
+    compiled.lookup_batch(&keys, &mut batch);
     let mut seen = HashSet::new();
     let mut matched = 0;
     for (line, key) in keys.iter().enumerate() {
@@ -67,6 +69,12 @@ fn check_set(name: &str) {
             compiled.lookup(key),
             want,
             "{name}: trace line {} key {key:?}",
+            line + 1
+        );
+        assert_eq!(
+            batch[line],
+            want,
+            "{name}: batched, trace line {}",
             line + 1
         );
     }

@@ -212,9 +212,13 @@ fn agree<A: Family>(
     };
     prop_assert!(compiled.memory_bytes() <= limits.max_memory_bytes);
     let reference = LinearMatcher::new(entries.clone());
-    for k in keys {
-        let k = key(&entries, *k);
-        prop_assert_eq!(compiled.lookup(&k), reference.lookup(&k), "key {:?}", k);
+    let keys: Vec<Key<A>> = keys.iter().map(|k| key(&entries, *k)).collect();
+    let mut batch = vec![None; keys.len()];
+    compiled.lookup_batch(&keys, &mut batch);
+    for (k, b) in keys.iter().zip(batch) {
+        let want = reference.lookup(k);
+        prop_assert_eq!(compiled.lookup(k), want, "key {:?}", k);
+        prop_assert_eq!(b, want, "batched key {:?}", k);
     }
     Ok(())
 }

@@ -116,7 +116,8 @@ pub struct ClassifierStats {
 const DIMS: usize = 5;
 /// Most children of an internal node.
 const FANOUT: usize = 8;
-const LEAF: u8 = u8::MAX;
+/// Keys a batched lookup walks in lockstep.
+const BATCH: usize = 8;
 
 /// A box or a region: inclusive bounds per dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,65 +184,95 @@ impl<A: Address> Rect<A> {
     }
 }
 
-/// One node of a tree. Internal: `dim` is the dimension, `len` the number of
-/// thresholds at `thresholds[start..start + len]`, children are the `len + 1`
-/// nodes from `child`. Leaf (`dim == LEAF`): `len` entries at
-/// `leaves[start..start + len]`.
+/// One node of a tree. Internal: `dim` is the dimension, the first `len`
+/// thresholds are in use (the rest hold `A::MAX`), and the children are the
+/// `len + 1` nodes from `child`. Thresholds are inline and fixed in number so
+/// that a step is one cache-line load and a branch-free count.
+///
+/// A leaf holds `leaf_len` entries at `leaves[leaf_start..]` and steps to
+/// itself (`len == 0`, `child` = its own index), so batched lookups can walk
+/// every key the same number of steps without branching.
 #[derive(Debug, Clone, Copy)]
-struct Node {
+struct Node<A> {
+    thresholds: [A; FANOUT - 1],
+    child: u32,
+    leaf_start: u32,
     dim: u8,
     len: u8,
-    start: u32,
-    child: u32,
+    leaf_len: u8,
+    is_leaf: bool,
 }
 
-/// An entry copy in a leaf: its box, its position in priority order and its
-/// rule.
-#[derive(Debug, Clone, Copy)]
-struct LeafEntry<A> {
-    rect: Rect<A>,
-    priority: u32,
-    rule: RuleId,
+impl<A: Address> Node<A> {
+    fn leaf(index: usize, start: usize, len: usize) -> Self {
+        Node {
+            thresholds: [A::MAX; FANOUT - 1],
+            child: index as u32,
+            leaf_start: start as u32,
+            dim: 0,
+            len: 0,
+            leaf_len: len as u8,
+            is_leaf: true,
+        }
+    }
+
+    /// The index of the child holding `p` (of itself for a leaf).
+    #[inline(always)]
+    fn step(&self, p: &[A; DIMS]) -> u32 {
+        let v = p[usize::from(self.dim)];
+        let mut idx = 0u32;
+        for &t in &self.thresholds {
+            idx += u32::from(v >= t);
+        }
+        // Unused thresholds are A::MAX, which a key at A::MAX reaches.
+        self.child + idx.min(u32::from(self.len))
+    }
 }
 
 #[derive(Debug, Clone)]
 struct Tree<A> {
-    nodes: Vec<Node>,
-    thresholds: Vec<A>,
-    leaves: Vec<LeafEntry<A>>,
+    nodes: Vec<Node<A>>,
+    /// Leaf contents: entry indices (= priorities), ascending within a leaf.
+    /// Indices rather than copies keep replication cheap: 4 bytes a copy.
+    leaves: Vec<u32>,
     /// The smallest priority of any entry in the tree.
     best_priority: u32,
+    /// The most internal nodes on any root-to-leaf path.
+    depth: usize,
 }
 
 impl<A: Address> Tree<A> {
     /// The first entry in the tree containing `p` whose priority is below
     /// `bound`, as (priority, rule).
     #[inline(always)]
-    fn lookup(&self, p: &[A; DIMS], bound: u32) -> Option<(u32, RuleId)> {
-        let mut node = self.nodes[0];
-        while node.dim != LEAF {
-            let v = p[node.dim as usize];
-            let start = node.start as usize;
-            let ts = &self.thresholds[start..start + node.len as usize];
-            let mut idx = 0u32;
-            for &t in ts {
-                idx += u32::from(v >= t);
-            }
-            node = self.nodes[(node.child + idx) as usize];
+    fn lookup(&self, rects: &[Rect<A>], p: &[A; DIMS], bound: u32) -> Option<u32> {
+        let mut node = &self.nodes[0];
+        while !node.is_leaf {
+            node = &self.nodes[node.step(p) as usize];
         }
-        let start = node.start as usize;
-        self.leaves[start..start + node.len as usize]
+        self.leaf_match(rects, node, p, bound)
+    }
+
+    #[inline(always)]
+    fn leaf_match(
+        &self,
+        rects: &[Rect<A>],
+        node: &Node<A>,
+        p: &[A; DIMS],
+        bound: u32,
+    ) -> Option<u32> {
+        let start = node.leaf_start as usize;
+        self.leaves[start..start + usize::from(node.leaf_len)]
             .iter()
-            .take_while(|e| e.priority < bound)
-            .find(|e| e.rect.contains(p))
-            .map(|e| (e.priority, e.rule))
+            .copied()
+            .take_while(|&i| i < bound)
+            .find(|&i| rects[i as usize].contains(p))
     }
 
     fn memory_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
-            + self.nodes.len() * std::mem::size_of::<Node>()
-            + self.thresholds.len() * std::mem::size_of::<A>()
-            + self.leaves.len() * std::mem::size_of::<LeafEntry<A>>()
+            + self.nodes.len() * std::mem::size_of::<Node<A>>()
+            + self.leaves.len() * std::mem::size_of::<u32>()
     }
 }
 
@@ -250,6 +281,9 @@ impl<A: Address> Tree<A> {
 pub struct Classifier<A> {
     /// Trees in ascending order of their best priority.
     trees: Vec<Tree<A>>,
+    /// Entry boxes and rules, indexed by priority.
+    rects: Vec<Rect<A>>,
+    rules: Vec<RuleId>,
     len: usize,
     stats: ClassifierStats,
 }
@@ -276,12 +310,13 @@ impl<A: Address> Classifier<A> {
                 continue;
             }
             let groups = partition(&rects, strategy.partition);
+            let shared = rects.len() * std::mem::size_of::<Rect<A>>()
+                + rules.len() * std::mem::size_of::<RuleId>();
             let mut builder = Builder {
                 rects: &rects,
-                rules: &rules,
                 limits,
                 leaf_target: strategy.leaf,
-                memory_left: limits.max_memory_bytes,
+                memory_left: limits.max_memory_bytes.saturating_sub(shared),
                 work_left,
                 stats: ClassifierStats {
                     leaf_target: strategy.leaf,
@@ -295,9 +330,13 @@ impl<A: Address> Classifier<A> {
                 let mut stats = builder.stats;
                 stats.trees = trees.len();
                 stats.memory_bytes = std::mem::size_of::<Self>()
+                    + rects.len() * std::mem::size_of::<Rect<A>>()
+                    + rules.len() * std::mem::size_of::<RuleId>()
                     + trees.iter().map(Tree::memory_bytes).sum::<usize>();
                 return Ok(Classifier {
                     trees,
+                    rects,
+                    rules,
                     len: entries.len(),
                     stats,
                 });
@@ -333,27 +372,73 @@ impl<A: Address> Classifier<A> {
     /// The rule of the first entry, in priority order, that contains `key`.
     #[inline]
     pub fn lookup(&self, key: &Key<A>) -> Option<RuleId> {
-        let p = [
-            key.src,
-            key.dst,
-            A::from(key.src_port),
-            A::from(key.dst_port),
-            A::from(u16::from(key.proto)),
-        ];
+        let p = point(key);
         let mut best = u32::MAX;
-        let mut rule = None;
         for tree in &self.trees {
             if tree.best_priority >= best {
                 // Trees are sorted by best priority: none further can win.
                 break;
             }
-            if let Some((priority, r)) = tree.lookup(&p, best) {
+            if let Some(priority) = tree.lookup(&self.rects, &p, best) {
                 best = priority;
-                rule = Some(r);
             }
         }
-        rule
+        self.rules.get(best as usize).copied()
     }
+
+    /// Classifies many keys at once: `out[i]` gets the rule of `keys[i]`, the
+    /// same answer [`lookup`](Self::lookup) gives. Keys are walked in groups
+    /// that step through a tree in lockstep, so the memory accesses of
+    /// different keys overlap instead of waiting on one another (as DPDK's
+    /// ACL classifies a burst). Only `min(keys.len(), out.len())` keys are
+    /// classified.
+    pub fn lookup_batch(&self, keys: &[Key<A>], out: &mut [Option<RuleId>]) {
+        for (keys, out) in keys.chunks(BATCH).zip(out.chunks_mut(BATCH)) {
+            self.lookup_group(keys, out);
+        }
+    }
+
+    #[inline(always)]
+    fn lookup_group(&self, keys: &[Key<A>], out: &mut [Option<RuleId>]) {
+        let n = keys.len().min(out.len()).min(BATCH);
+        let mut points = [[A::MIN; DIMS]; BATCH];
+        for (p, k) in points.iter_mut().zip(&keys[..n]) {
+            *p = point(k);
+        }
+        let mut best = [u32::MAX; BATCH];
+        for tree in &self.trees {
+            if best[..n].iter().all(|&b| tree.best_priority >= b) {
+                continue;
+            }
+            let mut at = [0u32; BATCH];
+            for _ in 0..tree.depth {
+                for (a, p) in at[..n].iter_mut().zip(&points) {
+                    *a = tree.nodes[*a as usize].step(p);
+                }
+            }
+            for j in 0..n {
+                let node = &tree.nodes[at[j] as usize];
+                if let Some(priority) = tree.leaf_match(&self.rects, node, &points[j], best[j]) {
+                    best[j] = priority;
+                }
+            }
+        }
+        for (o, b) in out[..n].iter_mut().zip(best) {
+            *o = self.rules.get(b as usize).copied();
+        }
+    }
+}
+
+/// A key as a point of the five-dimensional space.
+#[inline(always)]
+fn point<A: Address>(key: &Key<A>) -> [A; DIMS] {
+    [
+        key.src,
+        key.dst,
+        A::from(key.src_port),
+        A::from(key.dst_port),
+        A::from(u16::from(key.proto)),
+    ]
 }
 
 /// How entries are grouped into trees.
@@ -447,7 +532,6 @@ struct Pending<A> {
 
 struct Builder<'a, A> {
     rects: &'a [Rect<A>],
-    rules: &'a [RuleId],
     limits: &'a BuildLimits,
     leaf_target: usize,
     memory_left: usize,
@@ -487,17 +571,12 @@ impl<A: Address> Builder<'_, A> {
     /// hit.
     fn tree(&mut self, ids: Vec<u32>) -> Option<Tree<A>> {
         let mut tree = Tree {
-            nodes: vec![Node {
-                dim: LEAF,
-                len: 0,
-                start: 0,
-                child: 0,
-            }],
-            thresholds: Vec::new(),
+            nodes: vec![Node::leaf(0, 0, 0)],
             leaves: Vec::new(),
             best_priority: ids.first().copied().unwrap_or(u32::MAX),
+            depth: 0,
         };
-        if !self.charge_memory(std::mem::size_of::<Tree<A>>() + std::mem::size_of::<Node>()) {
+        if !self.charge_memory(std::mem::size_of::<Tree<A>>() + std::mem::size_of::<Node<A>>()) {
             return None;
         }
         let mut worst_steps = 0;
@@ -527,47 +606,38 @@ impl<A: Address> Builder<'_, A> {
                 if ids.len() > self.limits.max_leaf.clamp(1, usize::from(u8::MAX)) {
                     return None;
                 }
-                let bytes = ids.len() * std::mem::size_of::<LeafEntry<A>>();
+                let bytes = ids.len() * std::mem::size_of::<u32>();
                 if !self.charge_memory(bytes) {
                     return None;
                 }
-                tree.nodes[node] = Node {
-                    dim: LEAF,
-                    len: ids.len() as u8,
-                    start: tree.leaves.len() as u32,
-                    child: 0,
-                };
-                tree.leaves.extend(ids.iter().map(|&i| LeafEntry {
-                    rect: self.rects[i as usize],
-                    priority: i,
-                    rule: self.rules[i as usize],
-                }));
+                tree.nodes[node] = Node::leaf(node, tree.leaves.len(), ids.len());
+                tree.leaves.extend_from_slice(&ids);
                 worst_steps = worst_steps.max(depth + ids.len());
+                tree.depth = tree.depth.max(depth);
                 self.stats.max_depth = self.stats.max_depth.max(depth);
                 self.stats.max_leaf = self.stats.max_leaf.max(ids.len());
                 self.stats.leaf_entries += ids.len();
                 continue;
             };
             let children = cut.thresholds.len() + 1;
-            let bytes = children * std::mem::size_of::<Node>()
-                + cut.thresholds.len() * std::mem::size_of::<A>();
+            let bytes = children * std::mem::size_of::<Node<A>>();
             if !self.charge_memory(bytes) {
                 return None;
             }
             let first_child = tree.nodes.len();
+            let mut thresholds = [A::MAX; FANOUT - 1];
+            thresholds[..cut.thresholds.len()].copy_from_slice(&cut.thresholds);
             tree.nodes[node] = Node {
+                thresholds,
+                child: first_child as u32,
+                leaf_start: 0,
                 dim: cut.dim as u8,
                 len: cut.thresholds.len() as u8,
-                start: tree.thresholds.len() as u32,
-                child: first_child as u32,
+                leaf_len: 0,
+                is_leaf: false,
             };
-            tree.thresholds.extend_from_slice(&cut.thresholds);
-            tree.nodes.extend((0..children).map(|_| Node {
-                dim: LEAF,
-                len: 0,
-                start: 0,
-                child: 0,
-            }));
+            tree.nodes
+                .extend((0..children).map(|c| Node::leaf(first_child + c, 0, 0)));
             let d = cut.dim;
             for c in (0..children).rev() {
                 let mut sub = region;
