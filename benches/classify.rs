@@ -63,7 +63,15 @@ fn keys_from_rules(entries: &[Entry<u32>], n: usize) -> Vec<Key<u32>> {
 fn load_sets() -> Vec<Set> {
     let dir = data_dir();
     let mut sets = Vec::new();
+    // CLASSIFY_SETS=acl1_10k,fw1_10k narrows the run (handy under perf).
+    let only = std::env::var("CLASSIFY_SETS").ok();
     for name in SETS {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|s| s == name))
+        {
+            continue;
+        }
         let Ok(text) = std::fs::read_to_string(dir.join(name)) else {
             eprintln!("skipping {name}: not found in {}", dir.display());
             continue;
@@ -156,7 +164,11 @@ fn summary(sets: &[Set]) {
         let fast = rate(&set.keys, Duration::from_secs(1), |k| classifier.lookup(k));
         let batch = batch_rate(&set.keys, Duration::from_secs(1), &classifier);
         let lin_keys = &set.keys[..set.keys.len().min(LINEAR_KEYS)];
-        let slow = rate(lin_keys, Duration::from_millis(500), |k| linear.lookup(k));
+        let slow = if std::env::var_os("CLASSIFY_NO_LINEAR").is_some() {
+            f64::NAN
+        } else {
+            rate(lin_keys, Duration::from_millis(500), |k| linear.lookup(k))
+        };
         let st = classifier.stats();
         println!(
             "{:<9} {:>6} {:>7} {:>9} {:>13.0} {:>13.0} {:>11.0} {:>7.1}x {:>9.1} {:>8.2}M {:>5} {:>6} {:>6}",

@@ -411,9 +411,17 @@ impl<A: Address> Classifier<A> {
                 continue;
             }
             let mut at = [0u32; BATCH];
+            // Leaves step to themselves, so lanes that arrived early wait
+            // without branching; stop once every lane is at a leaf.
             for _ in 0..tree.depth {
+                let mut moving = false;
                 for (a, p) in at[..n].iter_mut().zip(&points) {
-                    *a = tree.nodes[*a as usize].step(p);
+                    let node = &tree.nodes[*a as usize];
+                    moving |= !node.is_leaf;
+                    *a = node.step(p);
+                }
+                if !moving {
+                    break;
                 }
             }
             for j in 0..n {
@@ -499,9 +507,17 @@ fn partition<A: Address>(rects: &[Rect<A>], how: Partition) -> Vec<Vec<u32>> {
     let class = |r: &Rect<A>| -> usize {
         match how {
             Partition::Single => 0,
+            // Entries small in both addresses join the small-source tree
+            // (CutSplit): three trees, each cut first on a field in which
+            // its entries barely overlap.
             Partition::Addresses => {
-                usize::from(addr_small(r.lo[0], r.hi[0]))
-                    | usize::from(addr_small(r.lo[1], r.hi[1])) << 1
+                if addr_small(r.lo[0], r.hi[0]) {
+                    1
+                } else if addr_small(r.lo[1], r.hi[1]) {
+                    2
+                } else {
+                    0
+                }
             }
             Partition::AddressesAndPorts => {
                 usize::from(addr_small(r.lo[0], r.hi[0]))
