@@ -237,16 +237,48 @@ struct Tree<A> {
     leaves: Vec<u32>,
     /// The smallest priority of any entry in the tree.
     best_priority: u32,
-    /// The most internal nodes on any root-to-leaf path.
+    /// The most internal nodes on any path below the root table.
     depth: usize,
+    /// A direct-indexed first level, when the entries spread well on a few
+    /// top bits of one field.
+    root: Option<RootTable>,
+}
+
+/// The first level of a tree: the node to start from, indexed by the top
+/// bits of one field (`slots[value >> shift]`). It replaces several levels
+/// of thresholds with one load; adjacent slots with the same entries share a
+/// subtree.
+#[derive(Debug, Clone)]
+struct RootTable {
+    dim: usize,
+    shift: u32,
+    slots: Vec<u32>,
+}
+
+/// Width in bits of each dimension.
+fn dim_bits<A: Address>(d: usize) -> u32 {
+    match d {
+        0 | 1 => A::BITS,
+        2 | 3 => 16,
+        _ => 8,
+    }
 }
 
 impl<A: Address> Tree<A> {
+    /// The node a lookup of `p` starts from.
+    #[inline(always)]
+    fn start(&self, p: &[A; DIMS]) -> u32 {
+        match &self.root {
+            Some(r) => r.slots[(p[r.dim] >> r.shift).low_u32() as usize],
+            None => 0,
+        }
+    }
+
     /// The first entry in the tree containing `p` whose priority is below
     /// `bound`, as (priority, rule).
     #[inline(always)]
     fn lookup(&self, rects: &[Rect<A>], p: &[A; DIMS], bound: u32) -> Option<u32> {
-        let mut node = &self.nodes[0];
+        let mut node = &self.nodes[self.start(p) as usize];
         while !node.is_leaf {
             node = &self.nodes[node.step(p) as usize];
         }
@@ -273,6 +305,10 @@ impl<A: Address> Tree<A> {
         std::mem::size_of::<Self>()
             + self.nodes.len() * std::mem::size_of::<Node<A>>()
             + self.leaves.len() * std::mem::size_of::<u32>()
+            + self
+                .root
+                .as_ref()
+                .map_or(0, |r| r.slots.len() * std::mem::size_of::<u32>())
     }
 }
 
@@ -411,6 +447,9 @@ impl<A: Address> Classifier<A> {
                 continue;
             }
             let mut at = [0u32; BATCH];
+            for (a, p) in at[..n].iter_mut().zip(&points) {
+                *a = tree.start(p);
+            }
             // Leaves step to themselves, so lanes that arrived early wait
             // without branching; stop once every lane is at a leaf.
             for _ in 0..tree.depth {
@@ -591,17 +630,73 @@ impl<A: Address> Builder<'_, A> {
             leaves: Vec::new(),
             best_priority: ids.first().copied().unwrap_or(u32::MAX),
             depth: 0,
+            root: None,
         };
         if !self.charge_memory(std::mem::size_of::<Tree<A>>() + std::mem::size_of::<Node<A>>()) {
             return None;
         }
         let mut worst_steps = 0;
-        let mut stack = vec![Pending {
-            node: 0,
-            region: Rect::universe(),
-            ids,
-            depth: 0,
-        }];
+        let universe = Rect::universe();
+        let ids = self.prune(&universe, ids);
+        let mut stack = Vec::new();
+        match self.choose_root(&ids) {
+            None => stack.push(Pending {
+                node: 0,
+                region: universe,
+                ids,
+                depth: 0,
+            }),
+            Some((dim, bits)) => {
+                let shift = dim_bits::<A>(dim) - bits;
+                let slots = 1usize << bits;
+                if !self.charge_memory(slots * std::mem::size_of::<u32>()) {
+                    return None;
+                }
+                let mut lists: Vec<Vec<u32>> = vec![Vec::new(); slots];
+                for &i in &ids {
+                    let r = &self.rects[i as usize];
+                    let lo = (r.lo[dim] >> shift).low_u32() as usize;
+                    let hi = (r.hi[dim] >> shift).low_u32() as usize;
+                    for list in &mut lists[lo..=hi] {
+                        list.push(i);
+                    }
+                }
+                let mut table = vec![0u32; slots];
+                let mut b = 0;
+                while b < slots {
+                    let mut e = b;
+                    while e + 1 < slots && lists[e + 1] == lists[b] {
+                        e += 1;
+                    }
+                    if !self.charge_memory(std::mem::size_of::<Node<A>>()) {
+                        return None;
+                    }
+                    let node = tree.nodes.len();
+                    tree.nodes.push(Node::leaf(node, 0, 0));
+                    let mut region = universe;
+                    // Slot numbers are below 2^12, so they fit a u16.
+                    region.lo[dim] = A::from(b as u16) << shift;
+                    if e + 1 < slots {
+                        region.hi[dim] = (A::from((e + 1) as u16) << shift) - A::from(1);
+                    }
+                    table[b..=e].fill(node as u32);
+                    stack.push(Pending {
+                        node,
+                        region,
+                        ids: std::mem::take(&mut lists[b]),
+                        depth: 0,
+                    });
+                    b = e + 1;
+                }
+                tree.root = Some(RootTable {
+                    dim,
+                    shift,
+                    slots: table,
+                });
+                worst_steps = 1;
+            }
+        }
+        let table_step = worst_steps;
         while let Some(Pending {
             node,
             region,
@@ -628,7 +723,7 @@ impl<A: Address> Builder<'_, A> {
                 }
                 tree.nodes[node] = Node::leaf(node, tree.leaves.len(), ids.len());
                 tree.leaves.extend_from_slice(&ids);
-                worst_steps = worst_steps.max(depth + ids.len());
+                worst_steps = worst_steps.max(table_step + depth + ids.len());
                 tree.depth = tree.depth.max(depth);
                 self.stats.max_depth = self.stats.max_depth.max(depth);
                 self.stats.max_leaf = self.stats.max_leaf.max(ids.len());
@@ -682,6 +777,53 @@ impl<A: Address> Builder<'_, A> {
         self.stats.nodes += tree.nodes.len();
         self.stats.worst_case_steps += worst_steps;
         Some(tree)
+    }
+
+    /// The field and number of top bits for a root table, when one spreads
+    /// the entries well: at most twice as many entry copies as entries, and
+    /// the fullest slot clearly below all of them.
+    fn choose_root(&mut self, ids: &[u32]) -> Option<(usize, u32)> {
+        let n = ids.len();
+        if n <= 4 * self.leaf_target {
+            return None;
+        }
+        let mut best: Option<((usize, u32), usize, u32)> = None;
+        for d in 0..DIMS {
+            for bits in [4u32, 6, 8, 10, 12] {
+                if bits > dim_bits::<A>(d) {
+                    continue;
+                }
+                if !self.charge_work(n) {
+                    return None;
+                }
+                let shift = dim_bits::<A>(d) - bits;
+                let mut diff = vec![0i64; (1 << bits) + 1];
+                let mut copies = 0usize;
+                for &i in ids {
+                    let r = &self.rects[i as usize];
+                    let lo = (r.lo[d] >> shift).low_u32() as usize;
+                    let hi = (r.hi[d] >> shift).low_u32() as usize;
+                    diff[lo] += 1;
+                    diff[hi + 1] -= 1;
+                    copies += hi - lo + 1;
+                }
+                if copies > 2 * n {
+                    continue;
+                }
+                let mut run = 0i64;
+                let mut fullest = 0i64;
+                for v in &diff {
+                    run += v;
+                    fullest = fullest.max(run);
+                }
+                let score = (fullest as usize, bits);
+                if best.map_or(true, |(s, _, _)| score < s) {
+                    best = Some((score, d, bits));
+                }
+            }
+        }
+        let ((fullest, _), d, bits) = best?;
+        (fullest * 4 < n * 3).then_some((d, bits))
     }
 
     /// Drops the entries that cannot be the first match anywhere in `region`:

@@ -51,6 +51,7 @@ pub trait Address:
     + std::ops::Add<Output = Self>
     + std::ops::Sub<Output = Self>
     + std::ops::Shr<u32, Output = Self>
+    + std::ops::Shl<u32, Output = Self>
 {
     /// The largest address of the family.
     const MAX: Self;
@@ -58,18 +59,29 @@ pub trait Address:
     const MIN: Self;
     /// Width of the address in bits.
     const BITS: u32;
+
+    /// The low 32 bits (used to index tables by a few bits of a field).
+    fn low_u32(self) -> u32;
 }
 
 impl Address for u32 {
     const MAX: Self = u32::MAX;
     const MIN: Self = 0;
     const BITS: u32 = 32;
+
+    fn low_u32(self) -> u32 {
+        self
+    }
 }
 
 impl Address for u128 {
     const MAX: Self = u128::MAX;
     const MIN: Self = 0;
     const BITS: u32 = 128;
+
+    fn low_u32(self) -> u32 {
+        self as u32
+    }
 }
 
 /// An inclusive interval `lo..=hi` of one field. Always `lo <= hi`.
