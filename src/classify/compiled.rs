@@ -197,6 +197,9 @@ struct Node<A> {
     thresholds: [A; FANOUT - 1],
     child: u32,
     leaf_start: u32,
+    /// The smallest entry index (best priority) anywhere below this node: a
+    /// lookup that already holds a better match stops here.
+    min_priority: u32,
     dim: u8,
     len: u8,
     leaf_len: u8,
@@ -209,6 +212,7 @@ impl<A: Address> Node<A> {
             thresholds: [A::MAX; FANOUT - 1],
             child: index as u32,
             leaf_start: start as u32,
+            min_priority: u32::MAX,
             dim: 0,
             len: 0,
             leaf_len: len as u8,
@@ -280,6 +284,9 @@ impl<A: Address> Tree<A> {
     fn lookup(&self, rects: &[Rect<A>], p: &[A; DIMS], bound: u32) -> Option<u32> {
         let mut node = &self.nodes[self.start(p) as usize];
         while !node.is_leaf {
+            if node.min_priority >= bound {
+                return None;
+            }
             node = &self.nodes[node.step(p) as usize];
         }
         self.leaf_match(rects, node, p, bound)
@@ -547,13 +554,17 @@ fn partition<A: Address>(rects: &[Rect<A>], how: Partition) -> Vec<Vec<u32>> {
         match how {
             Partition::Single => 0,
             // Entries small in both addresses join the small-source tree
-            // (CutSplit): three trees, each cut first on a field in which
-            // its entries barely overlap.
+            // (CutSplit); entries wide in both addresses are split again
+            // by their ports, where their overlap would otherwise explode.
             Partition::Addresses => {
                 if addr_small(r.lo[0], r.hi[0]) {
                     1
                 } else if addr_small(r.lo[1], r.hi[1]) {
                     2
+                } else if port_small(r.lo[3], r.hi[3]) {
+                    3
+                } else if port_small(r.lo[2], r.hi[2]) {
+                    4
                 } else {
                     0
                 }
@@ -674,7 +685,7 @@ impl<A: Address> Builder<'_, A> {
                     let node = tree.nodes.len();
                     tree.nodes.push(Node::leaf(node, 0, 0));
                     let mut region = universe;
-                    // Slot numbers are below 2^12, so they fit a u16.
+                    // Slot numbers are below 2^16, so they fit a u16.
                     region.lo[dim] = A::from(b as u16) << shift;
                     if e + 1 < slots {
                         region.hi[dim] = (A::from((e + 1) as u16) << shift) - A::from(1);
@@ -742,6 +753,7 @@ impl<A: Address> Builder<'_, A> {
                 thresholds,
                 child: first_child as u32,
                 leaf_start: 0,
+                min_priority: u32::MAX,
                 dim: cut.dim as u8,
                 len: cut.thresholds.len() as u8,
                 leaf_len: 0,
@@ -774,6 +786,26 @@ impl<A: Address> Builder<'_, A> {
                 });
             }
         }
+        // Children come after their parent, so one backward pass sees every
+        // child before its parent.
+        for i in (0..tree.nodes.len()).rev() {
+            let n = tree.nodes[i];
+            let min = if n.is_leaf {
+                tree.leaves
+                    .get(n.leaf_start as usize)
+                    .copied()
+                    .filter(|_| n.leaf_len > 0)
+                    .unwrap_or(u32::MAX)
+            } else {
+                let first = n.child as usize;
+                tree.nodes[first..=first + usize::from(n.len)]
+                    .iter()
+                    .map(|c| c.min_priority)
+                    .min()
+                    .unwrap_or(u32::MAX)
+            };
+            tree.nodes[i].min_priority = min;
+        }
         self.stats.nodes += tree.nodes.len();
         self.stats.worst_case_steps += worst_steps;
         Some(tree)
@@ -789,7 +821,7 @@ impl<A: Address> Builder<'_, A> {
         }
         let mut best: Option<((usize, u32), usize, u32)> = None;
         for d in 0..DIMS {
-            for bits in [4u32, 6, 8, 10, 12] {
+            for bits in [4u32, 6, 8, 10, 12, 14, 16] {
                 if bits > dim_bits::<A>(d) {
                     continue;
                 }
@@ -807,7 +839,7 @@ impl<A: Address> Builder<'_, A> {
                     diff[hi + 1] -= 1;
                     copies += hi - lo + 1;
                 }
-                if copies > 2 * n {
+                if copies > 3 * n {
                     continue;
                 }
                 let mut run = 0i64;
