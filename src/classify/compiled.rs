@@ -359,7 +359,13 @@ impl<A: Address> Classifier<A> {
                 rects: &rects,
                 limits,
                 leaf_target: strategy.leaf,
-                memory_left: limits.max_memory_bytes.saturating_sub(shared),
+                // One tree either fits in a fraction of the budget or explodes;
+                // giving up early keeps the fallbacks' build time low.
+                memory_left: match strategy.partition {
+                    Partition::Single => limits.max_memory_bytes / 4,
+                    _ => limits.max_memory_bytes,
+                }
+                .saturating_sub(shared),
                 work_left,
                 stats: ClassifierStats {
                     leaf_target: strategy.leaf,
