@@ -4,21 +4,36 @@
 //!
 //! Each entry is a box in a five-dimensional space (source, destination,
 //! source port, destination port, protocol). The structure is a small set of
-//! decision trees. Every internal node cuts its region along one dimension at
-//! up to seven thresholds taken from rule endpoints and chosen to balance the
-//! rules among the children (HyperSplit's endpoint-based, rule-balanced splits,
-//! Qi et al., INFOCOM 2009, made multiway to halve the depth as HyperCuts
-//! does). A leaf holds at most a few entries in priority order, scanned
-//! linearly. While building, a node drops every entry that follows one covering
-//! the node's whole region, and every entry covered by an earlier one within
-//! the region: those can never be the first match there.
+//! decision trees:
 //!
-//! When one tree would replicate too many entries (the classic failure of
-//! decision trees on rule sets that mix wildcards in different fields), the
-//! entries are partitioned by which fields are "small" (CutSplit, Li et al.,
-//! INFOCOM 2018) and one tree is built per group; a lookup walks the trees in
-//! order of their best priority and stops as soon as no remaining tree can
-//! hold an earlier match.
+//! - **Root table.** When a few top bits (4 to 16) of one field spread a
+//!   tree's entries well (at most 3× copies, fullest slot clearly below the
+//!   whole), the first level is a table indexed by those bits, as HiCuts'
+//!   equal-size cuts: one load instead of several levels. Adjacent slots with
+//!   the same entries share a subtree.
+//! - **Internal nodes** cut their region along one dimension at up to seven
+//!   thresholds taken from entry endpoints and chosen to balance entries among
+//!   the children (HyperSplit's endpoint-based, rule-balanced splits, Qi et
+//!   al., INFOCOM 2009, made multiway to cut the depth as HyperCuts does). The
+//!   thresholds sit inside the node, so a step is one cache-line load and a
+//!   branch-free count. Each node also records the best priority below it.
+//! - **Leaves** hold at most a few entry indices in priority order, scanned
+//!   linearly. While building, a node drops every entry after one that covers
+//!   the node's whole region and (for short lists) every entry covered within
+//!   the region by an earlier one: those can never be the first match there.
+//!
+//! One tree over everything is tried first. When it would replicate too much
+//! (the classic failure of decision trees on rule sets that mix wildcards in
+//! different fields), entries are partitioned by which fields are "small"
+//! (CutSplit, Li et al., INFOCOM 2018): small source; else small
+//! destination; else, for entries wide in both addresses, small destination
+//! port; small source port; the rest. One tree per group; a lookup walks them
+//! in order of their best priority and skips a tree, or stops inside it, as
+//! soon as it cannot hold an earlier match than the one already found.
+//!
+//! [`Classifier::lookup_batch`] walks a group of keys through each tree in
+//! lockstep so that their memory accesses overlap, as DPDK's ACL classifies
+//! bursts.
 //!
 //! # Why this and not the others
 //!
@@ -26,24 +41,31 @@
 //!   Open vSwitch classifier) have a lookup cost proportional to the number of
 //!   tuples or partitions, which the rule set (or, with a megaflow cache, the
 //!   traffic) controls: that is CVE-2019-25076. Here the lookup cost is fixed
-//!   by the built structure: at most `trees × (depth + leaf size)` steps, and
-//!   every bound is enforced while building and reported by
-//!   [`Classifier::stats`]. No key can take a longer path than the longest one
-//!   that exists, and nothing changes at lookup time.
+//!   by the built structure: at most, summed over the trees (at most five in
+//!   the default strategies, sixteen in the last fallbacks), one table load
+//!   plus `depth` node steps plus one leaf scan, with depth and leaf size
+//!   capped while building ([`BuildLimits`]) and the actual bound reported by
+//!   [`Classifier::stats`] (`worst_case_steps`). No key can take a longer path
+//!   than the longest one that exists, and nothing changes at lookup time:
+//!   there is no cache for traffic to pollute.
 //! - RFC and the cross-producting schemes have a fixed small number of memory
 //!   accesses but a table size that explodes on ClassBench firewall sets.
 //! - Bit-vector schemes have bounded lookups but cost `N/64` words per field
 //!   and `N²` bits of memory; too slow and too large at 10k rules.
 //! - DPDK's ACL multibit trie is excellent but its byte-wise range expansion
-//!   and trie merging are a large amount of subtle code; the split tree gets
-//!   within the targets with a fraction of it.
+//!   and trie merging are a large amount of subtle code; the split trees get
+//!   close to it with a fraction of that.
 //!
 //! # Bounded building
 //!
 //! Replication, depth, leaf size, memory and build work all have caps
-//! ([`BuildLimits`]). A build first tries one tree (fastest lookups), then
-//! partitions more finely, then allows larger leaves; if no strategy fits the
-//! caps it returns [`BuildError::TooComplex`] instead of growing without bound.
+//! ([`BuildLimits`]). A build first tries one tree (fastest lookups, and
+//! given only a quarter of the memory budget since it either fits easily or
+//! explodes), then the CutSplit groups, then a finer partition that also
+//! separates by ports, then larger leaves; if no strategy fits the caps it
+//! returns [`BuildError::TooComplex`] instead of growing without bound. The
+//! work cap bounds build time even on sets designed to defeat every
+//! strategy.
 
 use super::{Address, Entry, Key, RuleId};
 
