@@ -5,6 +5,10 @@
 //! of both matchers, their ratio, build time and memory. Keys come from the
 //! set's trace when there is one, else from points drawn inside the rules.
 //!
+//! Summary rates are per second of on-CPU time of the measuring thread
+//! (from `/proc/thread-self/schedstat`), so that a machine shared with other
+//! work skews them less; criterion's figures that follow are wall time.
+//!
 //! `cargo bench --bench classify` runs everything;
 //! `cargo bench --bench classify -- --summary` prints the summary only.
 
@@ -100,30 +104,53 @@ fn load_sets() -> Vec<Set> {
     sets
 }
 
-/// Lookups per second over `keys`, repeated until at least `min` elapsed.
-fn rate(keys: &[Key<u32>], min: Duration, mut f: impl FnMut(&Key<u32>) -> Option<u32>) -> f64 {
+/// Nanoseconds this thread has spent on a CPU (Linux schedstat), so that
+/// time lost to other processes on a shared machine does not count.
+fn cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Runs `body` (which returns how many lookups it did) until at least `min`
+/// elapsed; lookups per second of on-CPU time (wall time where schedstat is
+/// unavailable).
+fn measure(min: Duration, mut body: impl FnMut() -> u64) -> f64 {
+    let cpu0 = cpu_ns();
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < min {
+        n += body();
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let secs = match (cpu0, cpu_ns()) {
+        (Some(a), Some(b)) if b > a => (b - a) as f64 / 1e9,
+        _ => wall,
+    };
+    n as f64 / secs
+}
+
+/// Lookups per second over `keys`.
+fn rate(keys: &[Key<u32>], min: Duration, mut f: impl FnMut(&Key<u32>) -> Option<u32>) -> f64 {
+    measure(min, || {
         for k in keys {
             black_box(f(black_box(k)));
         }
-        n += keys.len() as u64;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
+        keys.len() as u64
+    })
 }
 
 /// Lookups per second of `lookup_batch` over `keys`.
 fn batch_rate(keys: &[Key<u32>], min: Duration, c: &Classifier<u32>) -> f64 {
     let mut out = vec![None; keys.len()];
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < min {
+    measure(min, || {
         c.lookup_batch(black_box(keys), &mut out);
         black_box(&out);
-        n += keys.len() as u64;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
+        keys.len() as u64
+    })
 }
 
 fn summary(sets: &[Set]) {

@@ -265,6 +265,8 @@ struct Tree<A> {
     best_priority: u32,
     /// The most internal nodes on any path below the root table.
     depth: usize,
+    /// An empty leaf where batched lanes that cannot improve wait.
+    dead: u32,
     /// A direct-indexed first level, when the entries spread well on a few
     /// top bits of one field.
     root: Option<RootTable>,
@@ -486,13 +488,16 @@ impl<A: Address> Classifier<A> {
                 *a = tree.start(p);
             }
             // Leaves step to themselves, so lanes that arrived early wait
-            // without branching; stop once every lane is at a leaf.
+            // without branching; stop once every lane is at a leaf. A lane
+            // whose subtree cannot beat its match moves to the empty leaf.
+            let dead = tree.dead;
             for _ in 0..tree.depth {
                 let mut moving = false;
-                for (a, p) in at[..n].iter_mut().zip(&points) {
+                for ((a, p), &b) in at[..n].iter_mut().zip(&points).zip(&best) {
                     let node = &tree.nodes[*a as usize];
                     moving |= !node.is_leaf;
-                    *a = node.step(p);
+                    let next = node.step(p);
+                    *a = if node.min_priority >= b { dead } else { next };
                 }
                 if !moving {
                     break;
@@ -669,6 +674,7 @@ impl<A: Address> Builder<'_, A> {
             leaves: Vec::new(),
             best_priority: ids.first().copied().unwrap_or(u32::MAX),
             depth: 0,
+            dead: 0,
             root: None,
         };
         if !self.charge_memory(std::mem::size_of::<Tree<A>>() + std::mem::size_of::<Node<A>>()) {
@@ -814,6 +820,11 @@ impl<A: Address> Builder<'_, A> {
                 });
             }
         }
+        if !self.charge_memory(std::mem::size_of::<Node<A>>()) {
+            return None;
+        }
+        tree.dead = tree.nodes.len() as u32;
+        tree.nodes.push(Node::leaf(tree.nodes.len(), 0, 0));
         // Children come after their parent, so one backward pass sees every
         // child before its parent.
         for i in (0..tree.nodes.len()).rev() {
