@@ -19,10 +19,11 @@
 //! ICMP and ICMPv6 carry no ports: their type travels in the source-port
 //! field and their code in the destination-port field of the key.
 
+pub mod classbench;
 mod compiled;
 mod reference;
 
-pub use compiled::{BuildError, Classifier};
+pub use compiled::{BuildError, BuildLimits, Classifier, ClassifierStats, MAX_ENTRIES};
 pub use reference::LinearMatcher;
 
 use std::fmt;
@@ -34,25 +35,53 @@ pub type RuleId = u32;
 
 /// An address of one family as an unsigned integer: `u32` for IPv4, `u128`
 /// for IPv6.
-pub trait Address: Copy + Ord + Eq + std::hash::Hash + fmt::Debug + Send + Sync + 'static {
+///
+/// The arithmetic and the widening from `u16` let the compiled classifier
+/// treat ports and protocol as coordinates of the same type as addresses.
+pub trait Address:
+    Copy
+    + Ord
+    + Eq
+    + std::hash::Hash
+    + fmt::Debug
+    + Send
+    + Sync
+    + 'static
+    + From<u16>
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Shr<u32, Output = Self>
+    + std::ops::Shl<u32, Output = Self>
+{
     /// The largest address of the family.
     const MAX: Self;
     /// The smallest address of the family.
     const MIN: Self;
     /// Width of the address in bits.
     const BITS: u32;
+
+    /// The low 32 bits (used to index tables by a few bits of a field).
+    fn low_u32(self) -> u32;
 }
 
 impl Address for u32 {
     const MAX: Self = u32::MAX;
     const MIN: Self = 0;
     const BITS: u32 = 32;
+
+    fn low_u32(self) -> u32 {
+        self
+    }
 }
 
 impl Address for u128 {
     const MAX: Self = u128::MAX;
     const MIN: Self = 0;
     const BITS: u32 = 128;
+
+    fn low_u32(self) -> u32 {
+        self as u32
+    }
 }
 
 /// An inclusive interval `lo..=hi` of one field. Always `lo <= hi`.

@@ -110,9 +110,7 @@ pub type Claim<A> = (Fields<A>, Option<RuleId>);
 
 /// Each rule's effective region in one family: boxes claimed by the rule
 /// (`Some(id)`) or left to the default (`None`).
-pub fn effective<A: Address + Scalar>(
-    entries: &[Entry<A>],
-) -> Result<Vec<Claim<A>>, TooComplex> {
+pub fn effective<A: Address + Scalar>(entries: &[Entry<A>]) -> Result<Vec<Claim<A>>, TooComplex> {
     let mut remaining = vec![Fields::<A>::any()];
     let mut claimed = Vec::new();
     for e in entries {

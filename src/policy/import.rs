@@ -44,7 +44,11 @@ fn collect_rules<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
         }
         Value::Array(items) => {
             // `az network nsg rule list` prints the rules themselves.
-            if items.iter().all(|i| i.get("priority").is_some() || i.pointer("/properties/priority").is_some()) && !items.is_empty() {
+            if items
+                .iter()
+                .all(|i| i.get("priority").is_some() || i.pointer("/properties/priority").is_some())
+                && !items.is_empty()
+            {
                 out.extend(items.iter());
             } else {
                 for i in items {
@@ -79,7 +83,12 @@ impl Ctx<'_> {
 
     /// Single and plural forms of a field (`sourceAddressPrefix` and
     /// `sourceAddressPrefixes`), as strings.
-    fn strings(&self, rule: &Value, single: &str, plural: &str) -> Result<Vec<String>, ImportError> {
+    fn strings(
+        &self,
+        rule: &Value,
+        single: &str,
+        plural: &str,
+    ) -> Result<Vec<String>, ImportError> {
         let mut out = Vec::new();
         if let Some(v) = field(rule, single) {
             match v.as_str() {
@@ -89,9 +98,15 @@ impl Ctx<'_> {
             }
         }
         if let Some(v) = field(rule, plural) {
-            let arr = v.as_array().ok_or_else(|| self.err(plural, "expected an array of strings"))?;
+            let arr = v
+                .as_array()
+                .ok_or_else(|| self.err(plural, "expected an array of strings"))?;
             for s in arr {
-                out.push(s.as_str().ok_or_else(|| self.err(plural, "expected an array of strings"))?.to_string());
+                out.push(
+                    s.as_str()
+                        .ok_or_else(|| self.err(plural, "expected an array of strings"))?
+                        .to_string(),
+                );
             }
         }
         Ok(out)
@@ -101,7 +116,9 @@ impl Ctx<'_> {
         let single = format!("{side}AddressPrefix");
         let plural = format!("{side}AddressPrefixes");
         let items = self.strings(rule, &single, &plural)?;
-        if field(rule, &format!("{side}ApplicationSecurityGroups")).is_some_and(|v| v.as_array().is_some_and(|a| !a.is_empty())) {
+        if field(rule, &format!("{side}ApplicationSecurityGroups"))
+            .is_some_and(|v| v.as_array().is_some_and(|a| !a.is_empty()))
+        {
             return Err(self.err(
                 &format!("{side}ApplicationSecurityGroups"),
                 "application security groups cannot be translated; list their addresses instead",
@@ -114,7 +131,9 @@ impl Ctx<'_> {
         for item in items {
             if item == "*" || item.eq_ignore_ascii_case("any") {
                 out.push("any".to_string());
-            } else if item.parse::<ipnet::IpNet>().is_ok() || item.parse::<std::net::IpAddr>().is_ok() {
+            } else if item.parse::<ipnet::IpNet>().is_ok()
+                || item.parse::<std::net::IpAddr>().is_ok()
+            {
                 out.push(item);
             } else if let Some(mapped) = self.tags.get(&item) {
                 out.extend(mapped.iter().cloned());
@@ -145,7 +164,10 @@ impl Ctx<'_> {
                 Some((a, b)) => (a.trim(), b.trim()),
                 None => (item.trim(), item.trim()),
             };
-            let parse = |s: &str| s.parse::<u16>().map_err(|_| self.err(&single, format!("`{item}` is not a port or port range")));
+            let parse = |s: &str| {
+                s.parse::<u16>()
+                    .map_err(|_| self.err(&single, format!("`{item}` is not a port or port range")))
+            };
             let (lo, hi) = (parse(lo)?, parse(hi)?);
             if lo > hi {
                 return Err(self.err(&single, format!("`{item}` is a reversed range")));
@@ -159,7 +181,13 @@ impl Ctx<'_> {
 fn sanitize(name: &str, taken: &mut HashSet<String>) -> String {
     let mut s: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     if !s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
         s.insert_str(0, "nsg-");
@@ -177,17 +205,23 @@ fn sanitize(name: &str, taken: &mut HashSet<String>) -> String {
 /// prefixes, e.g. `{"VirtualNetwork": ["10.0.0.0/16"]}`.
 pub fn parse_tag_mapping(text: &str) -> Result<BTreeMap<String, Vec<String>>, ImportError> {
     let v: Value = serde_json::from_str(text).map_err(|e| ImportError::Mapping(e.to_string()))?;
-    let obj = v.as_object().ok_or_else(|| ImportError::Mapping("expected a JSON object of tag -> [prefixes]".into()))?;
+    let obj = v.as_object().ok_or_else(|| {
+        ImportError::Mapping("expected a JSON object of tag -> [prefixes]".into())
+    })?;
     let mut out = BTreeMap::new();
     for (tag, prefixes) in obj {
-        let arr = prefixes
-            .as_array()
-            .ok_or_else(|| ImportError::Mapping(format!("`{tag}`: expected an array of prefixes")))?;
+        let arr = prefixes.as_array().ok_or_else(|| {
+            ImportError::Mapping(format!("`{tag}`: expected an array of prefixes"))
+        })?;
         let mut list = Vec::new();
         for p in arr {
-            let s = p.as_str().ok_or_else(|| ImportError::Mapping(format!("`{tag}`: expected strings")))?;
+            let s = p
+                .as_str()
+                .ok_or_else(|| ImportError::Mapping(format!("`{tag}`: expected strings")))?;
             if s.parse::<ipnet::IpNet>().is_err() && s.parse::<std::net::IpAddr>().is_err() {
-                return Err(ImportError::Mapping(format!("`{tag}`: `{s}` is not an address or prefix")));
+                return Err(ImportError::Mapping(format!(
+                    "`{tag}`: `{s}` is not an address or prefix"
+                )));
             }
             list.push(s.to_string());
         }
@@ -215,7 +249,10 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
     let mut outs = Vec::new();
     let mut taken = HashSet::new();
     for (i, rule) in rules.iter().enumerate() {
-        let raw_name = field(rule, "name").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let raw_name = field(rule, "name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
         let ctx = Ctx {
             rule: if raw_name.is_empty() {
                 format!("securityRules[{i}]")
@@ -233,15 +270,24 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
         let direction = match direction.to_ascii_lowercase().as_str() {
             "inbound" => "Inbound",
             "outbound" => "Outbound",
-            _ => return Err(ctx.err("direction", format!("`{direction}` is not Inbound or Outbound"))),
+            _ => {
+                return Err(ctx.err(
+                    "direction",
+                    format!("`{direction}` is not Inbound or Outbound"),
+                ))
+            }
         };
-        let access = field(rule, "access").and_then(|v| v.as_str()).ok_or_else(|| ctx.err("access", "missing"))?;
+        let access = field(rule, "access")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| ctx.err("access", "missing"))?;
         let action = match access.to_ascii_lowercase().as_str() {
             "allow" => "allow",
             "deny" => "deny",
             _ => return Err(ctx.err("access", format!("`{access}` is not Allow or Deny"))),
         };
-        let protocol = field(rule, "protocol").and_then(|v| v.as_str()).unwrap_or("*");
+        let protocol = field(rule, "protocol")
+            .and_then(|v| v.as_str())
+            .unwrap_or("*");
         let protos: Vec<&str> = match protocol.to_ascii_lowercase().as_str() {
             "tcp" => vec!["tcp"],
             "udp" => vec!["udp"],
@@ -249,7 +295,12 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
             "esp" => vec!["esp"],
             "ah" => vec!["ah"],
             "*" | "any" => vec!["*"],
-            _ => return Err(ctx.err("protocol", format!("`{protocol}` is not Tcp, Udp, Icmp, Esp, Ah or *"))),
+            _ => {
+                return Err(ctx.err(
+                    "protocol",
+                    format!("`{protocol}` is not Tcp, Udp, Icmp, Esp, Ah or *"),
+                ))
+            }
         };
         let src = ctx.addresses(rule, "source")?;
         let dst = ctx.addresses(rule, "destination")?;
@@ -264,10 +315,18 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
                         for s in &sports {
                             let mut item = p.to_string();
                             if let Some((lo, hi)) = d {
-                                item += &if lo == hi { format!("/{lo}") } else { format!("/{lo}-{hi}") };
+                                item += &if lo == hi {
+                                    format!("/{lo}")
+                                } else {
+                                    format!("/{lo}-{hi}")
+                                };
                             }
                             if let Some((lo, hi)) = s {
-                                item += &if lo == hi { format!(" sport {lo}") } else { format!(" sport {lo}-{hi}") };
+                                item += &if lo == hi {
+                                    format!(" sport {lo}")
+                                } else {
+                                    format!(" sport {lo}-{hi}")
+                                };
                             }
                             services.push(item);
                         }
@@ -280,10 +339,18 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
                             for s in &sports {
                                 let mut item = proto.to_string();
                                 if let Some((lo, hi)) = d {
-                                    item += &if lo == hi { format!("/{lo}") } else { format!("/{lo}-{hi}") };
+                                    item += &if lo == hi {
+                                        format!("/{lo}")
+                                    } else {
+                                        format!("/{lo}-{hi}")
+                                    };
                                 }
                                 if let Some((lo, hi)) = s {
-                                    item += &if lo == hi { format!(" sport {lo}") } else { format!(" sport {lo}-{hi}") };
+                                    item += &if lo == hi {
+                                        format!(" sport {lo}")
+                                    } else {
+                                        format!(" sport {lo}-{hi}")
+                                    };
                                 }
                                 services.push(item);
                             }
@@ -293,24 +360,43 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
                 "*" => {}
                 other => {
                     if !any_ports {
-                        return Err(ctx.err("destinationPortRange", format!("{other} has no ports; use `*`")));
+                        return Err(ctx.err(
+                            "destinationPortRange",
+                            format!("{other} has no ports; use `*`"),
+                        ));
                     }
                     services.push(other.to_string());
                 }
             }
         }
-        let name = sanitize(if raw_name.is_empty() { "nsg-rule" } else { &raw_name }, &mut taken);
-        let mut text = format!("rule {name} {action} {} -> {}", src.join(", "), dst.join(", "));
+        let name = sanitize(
+            if raw_name.is_empty() {
+                "nsg-rule"
+            } else {
+                &raw_name
+            },
+            &mut taken,
+        );
+        let mut text = format!(
+            "rule {name} {action} {} -> {}",
+            src.join(", "),
+            dst.join(", ")
+        );
         if !services.is_empty() {
             let _ = write!(text, " service {}", services.join(", "));
         }
-        let desc = field(rule, "description").and_then(|v| v.as_str()).unwrap_or("");
+        let desc = field(rule, "description")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
         let mut comment = format!("{direction} priority {priority}");
         if !desc.is_empty() {
             comment.push_str(": ");
             comment.push_str(desc);
         }
-        let comment: String = comment.chars().filter(|c| *c != '"' && !c.is_control()).collect();
+        let comment: String = comment
+            .chars()
+            .filter(|c| *c != '"' && !c.is_control())
+            .collect();
         let _ = write!(text, " comment \"{comment}\"");
         outs.push(Out {
             direction: direction.to_string(),
@@ -319,7 +405,12 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
             text,
         });
     }
-    outs.sort_by(|a, b| a.direction.cmp(&b.direction).then(a.priority.cmp(&b.priority)).then(a.name.cmp(&b.name)));
+    outs.sort_by(|a, b| {
+        a.direction
+            .cmp(&b.direction)
+            .then(a.priority.cmp(&b.priority))
+            .then(a.name.cmp(&b.name))
+    });
     let mut policy = String::from(
         "# Imported from Azure NSG security rules by `palisade import nsg`.\n\
          # NSG rules apply per direction; palisade rules apply to any packet\n\
@@ -357,11 +448,16 @@ mod tests {
         let rules: Vec<&str> = out.lines().filter(|l| l.starts_with("rule ")).collect();
         assert_eq!(rules[0], "rule deny-ssh deny 192.0.2.0/24, 198.51.100.7 -> any service tcp/22, udp/22 comment \"Inbound priority 100\"");
         assert_eq!(rules[1], "rule allow-web allow any -> 10.0.1.0/24 service tcp/80, tcp/443 comment \"Inbound priority 200\"");
-        let tagged = json.replace("\"*\", \"sourcePortRange\"", "\"Internet\", \"sourcePortRange\"");
+        let tagged = json.replace(
+            "\"*\", \"sourcePortRange\"",
+            "\"Internet\", \"sourcePortRange\"",
+        );
         let err = nsg(&tagged, &BTreeMap::new()).unwrap_err();
         assert!(err.to_string().contains("rule `allow-web` (securityRules[0]): field `sourceAddressPrefix`: `Internet` is a service tag"), "{err}");
         let mut tags = BTreeMap::new();
         tags.insert("Internet".to_string(), vec!["0.0.0.0/0".to_string()]);
-        assert!(nsg(&tagged, &tags).unwrap().contains("rule allow-web allow 0.0.0.0/0 -> 10.0.1.0/24"));
+        assert!(nsg(&tagged, &tags)
+            .unwrap()
+            .contains("rule allow-web allow 0.0.0.0/0 -> 10.0.1.0/24"));
     }
 }
