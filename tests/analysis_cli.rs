@@ -309,3 +309,126 @@ fn export_nft_decides_like_palisade_in_the_kernel() {
         );
     }
 }
+
+#[test]
+fn import_nsg_translates_rules_in_priority_order() {
+    let out = palisade(&[
+        "import",
+        "nsg",
+        "tests/analysis/nsg.json",
+        "--service-tags",
+        "tests/analysis/service-tags.json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let policy = text(&out.stdout);
+    let rules: Vec<&str> = policy.lines().filter(|l| l.starts_with("rule ")).collect();
+    assert_eq!(
+        rules,
+        vec![
+            "rule denytelnet deny any -> any service tcp/23, udp/23 comment \"Inbound priority 100: no telnet, ever\"",
+            "rule allowhttpsfromonprem allow 192.0.2.0/24 -> 10.0.0.0/16, fd00:10::/48 service tcp/443 comment \"Inbound priority 200\"",
+            "rule allowping allow 192.0.2.0/24 -> 10.0.0.0/16, fd00:10::/48 service icmp, icmpv6 comment \"Inbound priority 300\"",
+            "rule allowdnsout allow 10.0.0.0/16, fd00:10::/48 -> 198.51.100.53, 198.51.100.54 service udp/53 comment \"Outbound priority 100\"",
+        ]
+    );
+    // What it prints is a policy that compiles.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("nsg.policy");
+    std::fs::write(&p, &policy).unwrap();
+    let check = palisade(&["check", p.to_str().unwrap()]);
+    assert!(
+        check.status.success(),
+        "{}{}",
+        text(&check.stdout),
+        text(&check.stderr)
+    );
+
+    // Without the mapping, the service tag is an error naming rule and field.
+    let out = palisade(&["import", "nsg", "tests/analysis/nsg.json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("rule `AllowHttpsFromOnprem` (securityRules[0]): field `destinationAddressPrefix`: `VirtualNetwork` is a service tag"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+fn classbench_dir() -> Option<std::path::PathBuf> {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/classbench");
+    if d.join("fw1_1k").exists() {
+        Some(d)
+    } else {
+        eprintln!("SKIP: this test needs the ClassBench sets in ../shared/data/classbench");
+        None
+    }
+}
+
+#[test]
+fn import_classbench_is_equivalent_and_classify_agrees() {
+    let Some(dir) = classbench_dir() else { return };
+    for set in ["acl1_1k", "fw1_1k", "ipc1_1k", "fw1_10k"] {
+        let rules = dir.join(set);
+        let out = palisade(&["import", "classbench", rules.to_str().unwrap()]);
+        assert!(out.status.success(), "{set}: {}", text(&out.stderr));
+        let tmp = tempfile::tempdir().unwrap();
+        let policy_path = tmp.path().join(format!("{set}.policy"));
+        std::fs::write(&policy_path, &out.stdout).unwrap();
+        // The compiled policy's entries are exactly the ClassBench rules.
+        let compiled = load_policy(
+            &policy_path,
+            &FsLoader,
+            Options {
+                today: Date::new(2026, 11, 25).unwrap(),
+            },
+        )
+        .unwrap();
+        let (v4, v6) = palisade::policy::entries(&compiled.policy);
+        let original =
+            palisade::classify::classbench::parse_rules(&std::fs::read_to_string(&rules).unwrap())
+                .unwrap();
+        assert!(v6.is_empty());
+        assert_eq!(
+            v4, original,
+            "{set}: the imported policy differs from the rule file"
+        );
+
+        // classify through the policy and through the rule file agree.
+        let trace = dir.join(format!("{set}_trace"));
+        if !trace.exists() {
+            continue;
+        }
+        let a = palisade(&[
+            "classify",
+            "--policy",
+            policy_path.to_str().unwrap(),
+            "--trace",
+            trace.to_str().unwrap(),
+        ]);
+        let b = palisade(&[
+            "classify",
+            "--classbench",
+            rules.to_str().unwrap(),
+            "--trace",
+            trace.to_str().unwrap(),
+        ]);
+        assert!(a.status.success() && b.status.success());
+        assert_eq!(a.stdout, b.stdout, "{set}");
+        let lines = text(&a.stdout);
+        let n = std::fs::read_to_string(&trace)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count();
+        assert_eq!(lines.lines().count(), n);
+        assert!(lines.lines().all(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.len() == 3 && f[0].parse::<usize>().is_ok() && (f[1] == "allow" || f[1] == "deny")
+        }));
+        let summary = text(&a.stderr);
+        assert!(
+            summary.starts_with(&format!("{n} lookups in "))
+                && summary.trim_end().ends_with(" Mlookups/s)"),
+            "{summary}"
+        );
+    }
+}

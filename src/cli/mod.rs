@@ -43,6 +43,13 @@ enum Command {
     /// Translate the compiled policy into another enforcement language.
     #[command(subcommand)]
     Export(analysis::ExportCommand),
+    /// Translate another rule format into the policy language (printed).
+    #[command(subcommand)]
+    Import(analysis::ImportCommand),
+    /// Classify ClassBench trace lines against a policy or a ClassBench rule
+    /// set; prints `<index> <allow|deny> <rule>` per packet and the lookup
+    /// rate on stderr.
+    Classify(analysis::ClassifyArgs),
 }
 
 pub fn run() -> ExitCode {
@@ -55,5 +62,7 @@ pub fn run() -> ExitCode {
         Command::Lint(a) => analysis::lint(a),
         Command::Diff(a) => analysis::diff(a),
         Command::Export(c) => analysis::export(c),
+        Command::Import(c) => analysis::import(c),
+        Command::Classify(a) => analysis::classify(a),
     }
 }

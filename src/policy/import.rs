@@ -430,6 +430,90 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
     Ok(policy)
 }
 
+/// A ClassBench rule set as a policy: one `allow` rule per line, in order
+/// (ClassBench rules carry no action; the classification is the rule), and
+/// `default deny`. Rule `cbN` is line N+1 (ClassBench's 0-based rule id N).
+pub fn classbench(text: &str) -> Result<String, ImportError> {
+    use crate::classify::classbench::parse_rules;
+    let entries = parse_rules(text).map_err(|e| ImportError::Field {
+        rule: format!("line {}", e.line),
+        field: e.field.to_string(),
+        problem: format!("column {}: {}", e.column, e.reason),
+    })?;
+    let addr = |iv: crate::classify::Interval<u32>| -> String {
+        if iv.lo == 0 && iv.hi == u32::MAX {
+            return "any4".into();
+        }
+        let mut s = super::AddrSet::default();
+        s.add_v4(iv.lo, iv.hi);
+        s.describe()
+    };
+    let ports = |iv: crate::classify::Interval<u16>| -> Option<String> {
+        match (iv.lo, iv.hi) {
+            (0, 65535) => None,
+            (a, b) if a == b => Some(a.to_string()),
+            (a, b) => Some(format!("{a}-{b}")),
+        }
+    };
+    let mut out =
+        String::from("# Imported from a ClassBench rule set by `palisade import classbench`.\n");
+    for e in &entries {
+        let f = &e.fields;
+        let (sp, dp) = (ports(f.src_port), ports(f.dst_port));
+        let service = match (f.proto.lo, f.proto.hi) {
+            (0, 255) if sp.is_none() && dp.is_none() => None,
+            (p, q) if p == q => {
+                let name = match p {
+                    6 => "tcp".to_string(),
+                    17 => "udp".to_string(),
+                    132 => "sctp".to_string(),
+                    1 => "icmp".to_string(),
+                    47 => "gre".to_string(),
+                    50 => "esp".to_string(),
+                    51 => "ah".to_string(),
+                    n => format!("ip/{n}"),
+                };
+                let has_ports = matches!(p, 6 | 17 | 132);
+                if !has_ports && (sp.is_some() || dp.is_some()) {
+                    return Err(ImportError::Field {
+                        rule: format!("line {}", e.rule + 1),
+                        field: "protocol".into(),
+                        problem: format!("protocol {p} has no ports, but the rule restricts them"),
+                    });
+                }
+                let mut item = name;
+                if let Some(d) = dp {
+                    item += &format!("/{d}");
+                }
+                if let Some(s) = sp {
+                    item += &format!(" sport {s}");
+                }
+                Some(item)
+            }
+            _ => {
+                return Err(ImportError::Field {
+                    rule: format!("line {}", e.rule + 1),
+                    field: "protocol".into(),
+                    problem: "any protocol with port restrictions cannot be expressed".into(),
+                })
+            }
+        };
+        let _ = write!(
+            out,
+            "rule cb{} allow {} -> {}",
+            e.rule,
+            addr(f.src),
+            addr(f.dst)
+        );
+        if let Some(s) = service {
+            let _ = write!(out, " service {s}");
+        }
+        out.push('\n');
+    }
+    out.push_str("default deny\n");
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
