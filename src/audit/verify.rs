@@ -8,7 +8,7 @@
 
 use super::keys::CheckpointVerifier;
 use super::record::{checkpoint_message, Action, AuditRecord, RecordKind};
-use super::trail::{file_name, line_hash, list_files, split_lines, GENESIS_HASH};
+use super::trail::{file_name, line_hash, list_files, parse_file_name, split_lines, GENESIS_HASH};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
@@ -129,6 +129,7 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
 
     // Files: numbered from 1 without holes (the writer never deletes).
     let mut gap_before: HashSet<usize> = HashSet::new();
+    let mut missing_ranges: Vec<std::ops::Range<u64>> = Vec::new();
     let mut expected = 1u64;
     for (pos, (index, _)) in files.iter().enumerate() {
         if *index > expected {
@@ -143,11 +144,12 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
                 None,
                 None,
                 format!(
-                    "missing: the trail's files are numbered from 1 without gaps, and {} follows",
+                    "absent before {}: the writer numbers files from 1 and never deletes one",
                     names[pos]
                 ),
             ));
             gap_before.insert(pos);
+            missing_ranges.push(expected..*index);
         }
         expected = index + 1;
     }
@@ -175,11 +177,10 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
         }
     }
     report.records = entries.len();
-    let by_hash: HashMap<&str, usize> = entries
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.hash.as_str(), i))
-        .collect();
+    let mut by_hash: HashMap<&str, usize> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        by_hash.entry(e.hash.as_str()).or_insert(i);
+    }
     let at = |i: usize| -> (&str, Option<usize>, Option<u64>) {
         let e = &entries[i];
         (names[e.file].as_str(), Some(e.line), e.seq())
@@ -239,6 +240,18 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
             }
         };
         boots.insert(rec.boot_id.clone());
+        if let Some(&k) = by_hash.get(e.hash.as_str()).filter(|&&k| k != i) {
+            findings.push(find(
+                FindingKind::Inserted,
+                file,
+                line,
+                seq,
+                format!("this record is a copy of {}", line_ref(k)),
+            ));
+            explained.insert(i);
+            explained.insert(i + 1);
+            continue;
+        }
         if rec.event.event.action == Action::Checkpoint {
             if let Some(cp) = rec
                 .event
@@ -442,14 +455,16 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
             .and_then(|f| f.next.clone());
         if let Some(next) = rotation_next {
             let present = names.get(pos + 1) == Some(&next);
-            if !present && !names.contains(&next) {
+            let already = parse_file_name(&next)
+                .is_some_and(|n| missing_ranges.iter().any(|r| r.contains(&n)));
+            if !present && !names.contains(&next) && !already {
                 findings.push(find(
                     FindingKind::MissingFile,
                     &next,
                     None,
                     None,
                     format!(
-                        "missing: the rotation checkpoint at {} names it as the next file",
+                        "absent, though the rotation checkpoint at {} names it as the next file",
                         line_ref(last)
                     ),
                 ));

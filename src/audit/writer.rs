@@ -867,40 +867,62 @@ impl Writer {
             self.reject(batch, "the audit log is failing");
             return;
         }
-        if self.rotation_due() {
-            if let Err(e) = self.rotate() {
-                let msg = e.to_string();
-                self.fail(e);
-                self.reject(batch, &msg);
-                return;
+        let mut seqs = Vec::with_capacity(batch.len());
+        // How many records of the batch are durable so far.
+        let mut durable = 0usize;
+        let mut result = if self.rotation_due() {
+            self.rotate()
+        } else {
+            Ok(())
+        };
+        if result.is_ok() {
+            for (i, p) in batch.iter().enumerate() {
+                // A large batch may fill a file: commit what fits, rotate,
+                // and go on in the next file.
+                if i > durable && self.durable_len + self.buf.len() as u64 >= self.cfg.rotate_size {
+                    if let Err(e) = self.commit() {
+                        result = Err(e);
+                        break;
+                    }
+                    durable = i;
+                    if let Err(e) = self.rotate() {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                seqs.push(self.staged_seq);
+                let ts = self.timestamp();
+                self.stage_body(ts, &p.body);
             }
         }
-        let first_seq = self.staged_seq;
-        for p in batch.iter() {
-            let ts = self.timestamp();
-            self.stage_body(ts, &p.body);
-        }
-        let checkpoint = self.last_checkpoint.elapsed() >= self.cfg.checkpoint_interval;
-        if checkpoint {
-            self.stage_checkpoint("interval", None);
-        }
-        match self.commit() {
-            Ok(()) => {
+        if result.is_ok() {
+            let checkpoint = self.last_checkpoint.elapsed() >= self.cfg.checkpoint_interval;
+            if checkpoint {
+                self.stage_checkpoint("interval", None);
+            }
+            result = self.commit();
+            if result.is_ok() {
+                durable = batch.len();
                 if checkpoint {
                     self.checkpoint_done();
                 }
-                for (i, p) in batch.drain(..).enumerate() {
-                    let _ = p.reply.send(Ok(Receipt {
-                        seq: first_seq + i as u64,
-                    }));
-                }
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                self.fail(e);
-                self.reject(batch, &msg);
             }
         }
+        let why = match result {
+            Ok(()) => String::new(),
+            Err(e) => {
+                let why = e.to_string();
+                // Producers learn of the failure only after admission is
+                // already being refused.
+                self.fail(e);
+                why
+            }
+        };
+        let mut rest: Vec<Pending> = batch.drain(durable..).collect();
+        for (p, seq) in batch.drain(..).zip(seqs) {
+            let _ = p.reply.send(Ok(Receipt { seq }));
+        }
+        self.reject(&mut rest, &why);
     }
 
     fn reject(&mut self, batch: &mut Vec<Pending>, why: &str) {
