@@ -38,7 +38,18 @@ pub fn list_files(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 
 /// Lowercase hex SHA-256 of a line's bytes (without its newline).
 pub fn line_hash(line: &[u8]) -> String {
-    hex::encode(Sha256::digest(line))
+    let mut out = String::with_capacity(64);
+    line_hash_into(line, &mut out);
+    out
+}
+
+/// As [`line_hash`], reusing `out`'s allocation (the writer's hot path).
+pub fn line_hash_into(line: &[u8], out: &mut String) {
+    let mut hex_digits = [0u8; 64];
+    // Cannot fail: 32 bytes always fit 64 hex digits.
+    let _ = hex::encode_to_slice(Sha256::digest(line), &mut hex_digits);
+    out.clear();
+    out.push_str(std::str::from_utf8(&hex_digits).unwrap_or_default());
 }
 
 /// One complete line of a file.

@@ -10,7 +10,9 @@ use super::record::{
     PreviousBoot, TornTail,
 };
 use super::time::Timestamp;
-use super::trail::{file_name, line_hash, list_files, split_lines, sync_dir, GENESIS_HASH};
+use super::trail::{
+    file_name, line_hash, line_hash_into, list_files, split_lines, sync_dir, GENESIS_HASH,
+};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::Write as _;
@@ -467,6 +469,8 @@ struct Writer {
     sealed: bool,
     /// (lost, refused) counted in a staged gap record.
     gap_staged: (u64, u64),
+    /// The last timestamp formatted, reused by the records of one batch.
+    ts_text: (Timestamp, String),
 }
 
 impl Writer {
@@ -510,6 +514,7 @@ impl Writer {
             failure: None,
             sealed: false,
             gap_staged: (0, 0),
+            ts_text: (Timestamp(0), String::new()),
         };
         let mut start = AuditEvent::lifecycle(Action::Start);
         start.palisade = Some(PalisadeFields {
@@ -542,11 +547,16 @@ impl Writer {
 
     fn stage_body(&mut self, timestamp: Timestamp, body: &[u8]) {
         let start = self.buf.len();
-        let _ = write!(
-            self.buf,
-            "{{\"@timestamp\":\"{timestamp}\",\"seq\":{},\"boot_id\":\"{}\",\"prev_hash\":\"{}\"",
-            self.staged_seq, self.boot_id, self.staged_head
-        );
+        if self.ts_text.0 != timestamp || self.ts_text.1.is_empty() {
+            self.ts_text = (timestamp, timestamp.to_string());
+        }
+        self.buf.extend_from_slice(b"{\"@timestamp\":\"");
+        self.buf.extend_from_slice(self.ts_text.1.as_bytes());
+        let _ = write!(self.buf, "\",\"seq\":{},\"boot_id\":\"", self.staged_seq);
+        self.buf.extend_from_slice(self.boot_id.as_bytes());
+        self.buf.extend_from_slice(b"\",\"prev_hash\":\"");
+        self.buf.extend_from_slice(self.staged_head.as_bytes());
+        self.buf.push(b'"');
         match body.get(1..) {
             Some(rest) if rest.len() > 1 => {
                 self.buf.push(b',');
@@ -554,7 +564,7 @@ impl Writer {
             }
             _ => self.buf.push(b'}'),
         }
-        self.staged_head = line_hash(&self.buf[start..]);
+        line_hash_into(&self.buf[start..], &mut self.staged_head);
         self.buf.push(b'\n');
         self.staged_seq += 1;
         self.staged_records += 1;
@@ -875,6 +885,7 @@ impl Writer {
         } else {
             Ok(())
         };
+        let mut batch_time = self.timestamp();
         if result.is_ok() {
             for (i, p) in batch.iter().enumerate() {
                 // A large batch may fill a file: commit what fits, rotate,
@@ -889,10 +900,12 @@ impl Writer {
                         result = Err(e);
                         break;
                     }
+                    batch_time = self.timestamp();
                 }
                 seqs.push(self.staged_seq);
-                let ts = self.timestamp();
-                self.stage_body(ts, &p.body);
+                // One commit, one time: the records of a batch become
+                // durable together.
+                self.stage_body(batch_time, &p.body);
             }
         }
         if result.is_ok() {
