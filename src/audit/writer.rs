@@ -331,8 +331,28 @@ impl AuditLog {
         self.shared.counters.snapshot()
     }
 
+    /// As [`AuditLog::close`], from async code.
+    pub async fn close_async(self) -> Result<(), AuditError> {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Msg::Close(done)).await.is_err() {
+            return Err(AuditError::WriterGone);
+        }
+        let answered = rx.await.is_ok();
+        // The writer has answered; joining only reaps the finished thread.
+        let handle = self.shared.thread.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+        if answered {
+            Ok(())
+        } else {
+            Err(AuditError::WriterGone)
+        }
+    }
+
     /// Writes the `stop` record and its signed checkpoint, and waits for the
     /// writer thread to finish. Other handles get `Closed` from then on.
+    /// Blocks: inside async code use [`AuditLog::close_async`].
     pub fn close(self) -> Result<(), AuditError> {
         let (done, rx) = oneshot::channel();
         if self.tx.blocking_send(Msg::Close(done)).is_err() {
