@@ -116,3 +116,57 @@ fn kill_9_under_load_loses_no_durable_record() {
     assert_eq!(prev["boot_id"], boot.as_str());
     assert_eq!(prev["clean"], false);
 }
+
+#[test]
+fn torn_last_line_is_recorded_by_the_next_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    make_trail(&dir, &keys, 5);
+    // A write cut short: part of a record, no newline.
+    let last = file(&dir, 1);
+    let before = std::fs::metadata(&last).unwrap().len();
+    let partial = br#"{"@timestamp":"2026-11-25T11:00:00.000000Z","seq":9,"boot_id":"dead"#;
+    let mut content = std::fs::read(&last).unwrap();
+    content.extend_from_slice(partial);
+    std::fs::write(&last, content).unwrap();
+
+    let (code, report) = verify(&dir, &keys);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.contains("audit-00000001.jsonl") && report.contains("truncated"),
+        "{report}"
+    );
+
+    make_trail(&dir, &keys, 5);
+    let (code, report) = verify(&dir, &keys);
+    assert_eq!(code, 0, "the torn line is accounted for: {report}");
+    assert_eq!(
+        std::fs::metadata(&last).unwrap().len(),
+        before + partial.len() as u64,
+        "nothing deleted"
+    );
+    let o = run(&["audit", "query", dir.to_str().unwrap(), "--action", "start"]);
+    let second: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().nth(1).unwrap()).unwrap();
+    let torn = &second["palisade"]["previous_boot"]["torn_tail"];
+    assert_eq!(torn["file"], "audit-00000001.jsonl");
+    assert_eq!(torn["offset"], before);
+    assert_eq!(torn["length"], partial.len() as u64);
+    assert_eq!(
+        second["palisade"]["previous_boot"]["clean"], true,
+        "the boot itself had closed cleanly"
+    );
+
+    // Changing the torn bytes afterwards is caught.
+    let mut content = std::fs::read(&last).unwrap();
+    let n = content.len();
+    content[n - 3] = b'X';
+    std::fs::write(&last, content).unwrap();
+    let (code, report) = verify(&dir, &keys);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.contains("audit-00000001.jsonl") && report.contains("truncated"),
+        "{report}"
+    );
+}
