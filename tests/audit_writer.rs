@@ -120,6 +120,26 @@ fn async_and_thread_producers_share_one_chain() {
 }
 
 #[test]
+fn one_writer_per_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    let first = AuditLog::open(&config(&dir, &keys)).unwrap();
+    let second = AuditLog::open(&config(&dir, &keys));
+    assert!(
+        matches!(second, Err(palisade::audit::AuditError::Locked { .. })),
+        "a second writer must be refused"
+    );
+    first.close().unwrap();
+    AuditLog::open(&config(&dir, &keys))
+        .unwrap()
+        .close()
+        .unwrap();
+    let (code, report) = verify(&dir, &keys);
+    assert_eq!(code, 0, "{report}");
+}
+
+#[test]
 fn checkpoints_and_rotation_by_age_and_restart_continue_the_chain() {
     let tmp = tempfile::tempdir().unwrap();
     let keys = keygen(tmp.path());

@@ -44,6 +44,10 @@ pub enum AuditError {
     Thread(std::io::Error),
     #[error("the audit writer stopped unexpectedly")]
     WriterGone,
+    #[error("the audit log was closed but its stop record could not be written (see the operational log); the trail stays open until the next start")]
+    StopNotWritten,
+    #[error("another palisade process is writing the audit trail in {dir}")]
+    Locked { dir: PathBuf },
 }
 
 /// Why a record was not accepted. [`SubmitError::refuses_flow`] tells the
@@ -151,7 +155,8 @@ struct Shared {
 
 enum Msg {
     Record(Pending),
-    Close(oneshot::Sender<()>),
+    /// Answered with whether the stop record and checkpoint are durable.
+    Close(oneshot::Sender<bool>),
 }
 
 struct Pending {
@@ -218,9 +223,19 @@ impl AuditLog {
     /// May a new flow start? `Err` (counted) only under fail-closed while
     /// the log cannot be written, or after close.
     pub fn admit(&self) -> Result<(), SubmitError> {
-        match self.gate() {
-            Err(e) if e.refuses_flow() => Err(e),
-            _ => Ok(()),
+        match self.shared.state.load(Ordering::Acquire) {
+            HEALTHY => Ok(()),
+            FAILING if self.shared.mode == OnLogFailure::FailOpen => Ok(()),
+            FAILING => {
+                let c = &self.shared.counters;
+                c.refused_admissions.fetch_add(1, Ordering::Relaxed);
+                c.gap_refused.fetch_add(1, Ordering::Relaxed);
+                Err(SubmitError::LogFailing {
+                    mode: self.mode_str(),
+                })
+            }
+            _ if self.shared.mode == OnLogFailure::FailOpen => Ok(()),
+            _ => Err(self.closed()),
         }
     }
 
@@ -234,16 +249,10 @@ impl AuditLog {
         match self.shared.state.load(Ordering::Acquire) {
             HEALTHY => Ok(()),
             FAILING => {
-                match self.shared.mode {
-                    OnLogFailure::FailClosed => {
-                        c.refused_admissions.fetch_add(1, Ordering::Relaxed);
-                        c.gap_refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                    OnLogFailure::FailOpen => {
-                        c.lost_records.fetch_add(1, Ordering::Relaxed);
-                        c.gap_lost.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                // The record is not written in either mode; whether its
+                // flow passes is the enforcement point's call (refuses_flow).
+                c.lost_records.fetch_add(1, Ordering::Relaxed);
+                c.gap_lost.fetch_add(1, Ordering::Relaxed);
                 Err(SubmitError::LogFailing {
                     mode: self.mode_str(),
                 })
@@ -313,11 +322,11 @@ impl AuditLog {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 let c = &self.shared.counters;
                 c.queue_full_rejections.fetch_add(1, Ordering::Relaxed);
-                if self.shared.mode == OnLogFailure::FailOpen {
-                    c.lost_records.fetch_add(1, Ordering::Relaxed);
-                    c.gap_lost.fetch_add(1, Ordering::Relaxed);
-                } else {
+                c.lost_records.fetch_add(1, Ordering::Relaxed);
+                c.gap_lost.fetch_add(1, Ordering::Relaxed);
+                if self.shared.mode == OnLogFailure::FailClosed {
                     c.refused_admissions.fetch_add(1, Ordering::Relaxed);
+                    c.gap_refused.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(SubmitError::QueueFull {
                     mode: self.mode_str(),
@@ -337,16 +346,16 @@ impl AuditLog {
         if self.tx.send(Msg::Close(done)).await.is_err() {
             return Err(AuditError::WriterGone);
         }
-        let answered = rx.await.is_ok();
+        let answered = rx.await;
         // The writer has answered; joining only reaps the finished thread.
         let handle = self.shared.thread.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = handle {
             let _ = h.join();
         }
-        if answered {
-            Ok(())
-        } else {
-            Err(AuditError::WriterGone)
+        match answered {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AuditError::StopNotWritten),
+            Err(_) => Err(AuditError::WriterGone),
         }
     }
 
@@ -358,15 +367,15 @@ impl AuditLog {
         if self.tx.blocking_send(Msg::Close(done)).is_err() {
             return Err(AuditError::WriterGone);
         }
-        let answered = rx.blocking_recv().is_ok();
+        let answered = rx.blocking_recv();
         let handle = self.shared.thread.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = handle {
             let _ = h.join();
         }
-        if answered {
-            Ok(())
-        } else {
-            Err(AuditError::WriterGone)
+        match answered {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AuditError::StopNotWritten),
+            Err(_) => Err(AuditError::WriterGone),
         }
     }
 }
@@ -462,6 +471,9 @@ struct Failure {
 }
 
 struct Writer {
+    /// Held for the writer's life: two writers on one directory would fork
+    /// the chain.
+    _lock: File,
     cfg: AuditConfig,
     signer: CheckpointSigner,
     shared: Arc<Shared>,
@@ -505,6 +517,7 @@ impl Writer {
             dir: dir.clone(),
             source,
         })?;
+        let lock = lock_dir(&dir)?;
         let rec = recover(&dir)?;
         let index = rec.last_index + 1;
         let path = dir.join(file_name(index));
@@ -513,6 +526,7 @@ impl Writer {
             source,
         })?;
         let mut w = Writer {
+            _lock: lock,
             cfg,
             signer,
             shared,
@@ -698,6 +712,27 @@ impl Writer {
     }
 }
 
+fn lock_dir(dir: &Path) -> Result<File, AuditError> {
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|source| AuditError::Dir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+    // The kernel drops the lock when the process dies, so a crash never
+    // leaves the directory locked.
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |_| AuditError::Locked {
+            dir: dir.to_path_buf(),
+        },
+    )?;
+    Ok(file)
+}
+
 fn create_file(dir: &Path, path: &Path) -> std::io::Result<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -753,7 +788,7 @@ impl Writer {
                     continue;
                 }
                 Next::Disconnected => {
-                    self.stop();
+                    let _ = self.stop();
                     return;
                 }
                 Next::Msg(Msg::Close(done)) => close = Some(done),
@@ -797,8 +832,8 @@ impl Writer {
                 if !batch.is_empty() {
                     self.write_batch(&mut batch);
                 }
-                self.stop();
-                let _ = done.send(());
+                let stopped = self.stop();
+                let _ = done.send(stopped);
                 return;
             }
         }
@@ -1031,13 +1066,13 @@ impl Writer {
         }
     }
 
-    fn stop(&mut self) {
+    fn stop(&mut self) -> bool {
         self.shared.state.store(CLOSED, Ordering::Release);
         if self.failure.is_some() && !self.try_recover() {
-            return;
+            return false;
         }
         self.stage_event(&AuditEvent::lifecycle(Action::Stop));
         self.stage_checkpoint("stop", None);
-        let _ = self.commit();
+        self.commit().is_ok()
     }
 }
