@@ -178,3 +178,52 @@ fn checkpoints_and_rotation_by_age_and_restart_continue_the_chain() {
     assert_eq!(q("policy-loaded"), 2);
     assert_eq!(q("reload-failed"), 2);
 }
+
+#[test]
+fn a_full_queue_is_counted_and_written_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    let mut cfg = config(&dir, &keys);
+    cfg.queue_capacity = 1;
+    cfg.on_log_failure = palisade::audit::OnLogFailure::FailOpen;
+    let log = AuditLog::open(&cfg).unwrap();
+    let mut tickets = Vec::new();
+    let mut rejected = 0u64;
+    for i in 0..200_000u32 {
+        let ev = AuditEvent::lifecycle(Action::PolicyLoaded).with_reason(&i.to_string());
+        match log.try_submit(&ev) {
+            Ok(t) => tickets.push(t),
+            Err(e) => {
+                assert!(!e.refuses_flow(), "fail-open never refuses");
+                rejected += 1;
+                if rejected >= 10 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(rejected >= 10, "a one-slot queue never filled");
+    for t in tickets {
+        t.wait().unwrap();
+    }
+    let stats = log.stats();
+    assert_eq!(stats.queue_full_rejections, rejected);
+    assert_eq!(stats.lost_records, rejected);
+    log.close().unwrap();
+    let (code, report) = verify(&dir, &keys);
+    assert_eq!(code, 0, "{report}");
+    let o = run(&["audit", "query", dir.to_str().unwrap(), "--action", "gap"]);
+    let lost: u64 = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["palisade"]["gap"]["lost_records"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        lost, rejected,
+        "every rejected record is accounted for in a gap record"
+    );
+}

@@ -494,6 +494,7 @@ struct Writer {
     staged_records: u64,
     last_timestamp: Timestamp,
     last_checkpoint: Instant,
+    last_checkpoint_at: Timestamp,
     records_since_checkpoint: u64,
     failure: Option<Failure>,
     /// The current file ends with its rotation checkpoint; the next one is
@@ -544,6 +545,7 @@ impl Writer {
             staged_records: 0,
             last_timestamp: Timestamp(i64::MIN),
             last_checkpoint: Instant::now(),
+            last_checkpoint_at: Timestamp::now(),
             records_since_checkpoint: 0,
             failure: None,
             sealed: false,
@@ -642,7 +644,12 @@ impl Writer {
             return;
         }
         let now = Timestamp::now();
-        let since = self.failure.as_ref().map_or(now, |f| f.since);
+        // Outside a failure (a full queue under try_submit), the losses
+        // happened since the last checkpoint, which reported none.
+        let since = self
+            .failure
+            .as_ref()
+            .map_or(self.last_checkpoint_at, |f| f.since);
         let mut ev = AuditEvent::lifecycle(Action::Gap);
         ev.event.reason = Some(format!(
             "{lost} records not written and {refused} flows refused while the audit log could not be written"
@@ -883,6 +890,7 @@ impl Writer {
 
     fn checkpoint_done(&mut self) {
         self.last_checkpoint = Instant::now();
+        self.last_checkpoint_at = self.last_timestamp;
         self.records_since_checkpoint = 0;
     }
 
