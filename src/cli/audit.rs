@@ -32,14 +32,21 @@ pub enum AuditCommand {
         name: String,
     },
     /// Check the whole trail: chain links, signatures, sequence, rotation.
+    #[command(
+        after_help = "Exit status: 0 whole and sealed by a stop checkpoint; 1 not whole (each problem \
+is listed with file:line); 2 could not verify (bad key, unreadable or empty directory); 3 intact but \
+open: no stop checkpoint at the end (writer running or crashed, or records cut off the end)."
+    )]
     Verify {
         /// The verifying key (NAME.pub from keygen).
         #[arg(long)]
         key: PathBuf,
+        /// The trail's directory (audit.dir).
         dir: PathBuf,
     },
     /// Print the records that match every filter given.
     Query {
+        /// The trail's directory (audit.dir).
         dir: PathBuf,
         #[command(flatten)]
         window: Window,
@@ -60,6 +67,7 @@ pub enum AuditCommand {
     },
     /// Top denied destinations, top clients, rule hits, bytes by destination.
     Summary {
+        /// The trail's directory (audit.dir).
         dir: PathBuf,
         #[command(flatten)]
         window: Window,
@@ -71,6 +79,7 @@ pub enum AuditCommand {
     Export {
         #[arg(long, value_enum)]
         format: ExportFormat,
+        /// The trail's directory (audit.dir).
         dir: PathBuf,
         #[command(flatten)]
         window: Window,
