@@ -170,3 +170,36 @@ fn torn_last_line_is_recorded_by_the_next_start() {
         "{report}"
     );
 }
+
+#[test]
+fn crash_during_rotation_leaves_a_trail_that_recovers_whole() {
+    // The writer creates the next file before sealing the current one; a
+    // crash while writing the seal leaves a torn line in the old file and
+    // an empty new file. The next start must account for both.
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    make_trail(&dir, &keys, 5);
+    let old = file(&dir, 1);
+    let offset = std::fs::metadata(&old).unwrap().len();
+    let mut content = std::fs::read(&old).unwrap();
+    content.extend_from_slice(br#"{"@timestamp":"2026-11-25T11:00:00.000000Z","seq":12,"#);
+    std::fs::write(&old, content).unwrap();
+    std::fs::write(file(&dir, 2), b"").unwrap();
+
+    make_trail(&dir, &keys, 5);
+    let (code, report) = verify(&dir, &keys);
+    assert_eq!(code, 0, "{report}");
+    assert!(file(&dir, 3).exists(), "the new boot starts its own file");
+    let o = run(&["audit", "query", dir.to_str().unwrap(), "--action", "start"]);
+    let second: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().nth(1).unwrap()).unwrap();
+    assert_eq!(
+        second["palisade"]["previous_boot"]["torn_tail"]["file"],
+        "audit-00000001.jsonl"
+    );
+    assert_eq!(
+        second["palisade"]["previous_boot"]["torn_tail"]["offset"],
+        offset
+    );
+}

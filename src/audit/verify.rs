@@ -7,7 +7,8 @@
 //! record, a truncated tail, a missing file) with its file, line and seq.
 
 use super::keys::CheckpointVerifier;
-use super::record::{checkpoint_message, Action, AuditRecord, RecordKind};
+use super::record::{checkpoint_message, Action, PalisadeFields, RecordKind};
+use super::time::Timestamp;
 use super::trail::{file_name, line_hash, list_files, parse_file_name, split_lines, GENESIS_HASH};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -91,11 +92,31 @@ impl VerifyReport {
     }
 }
 
+/// The fields verify needs from a record; the rest of the line counts only
+/// through its hash, which keeps memory per record small on long trails.
+#[derive(serde::Deserialize)]
+struct ChainView {
+    #[serde(rename = "@timestamp")]
+    timestamp: Timestamp,
+    seq: u64,
+    boot_id: String,
+    prev_hash: String,
+    event: EventView,
+    #[serde(default)]
+    palisade: Option<PalisadeFields>,
+}
+
+#[derive(serde::Deserialize)]
+struct EventView {
+    code: RecordKind,
+    action: Action,
+}
+
 struct Entry {
     file: usize,
     line: usize,
     hash: String,
-    rec: Result<AuditRecord, String>,
+    rec: Result<ChainView, String>,
 }
 
 impl Entry {
@@ -172,7 +193,7 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
                 file: pos,
                 line: l.number,
                 hash: line_hash(l.bytes),
-                rec: serde_json::from_slice::<AuditRecord>(l.bytes).map_err(|e| e.to_string()),
+                rec: serde_json::from_slice::<ChainView>(l.bytes).map_err(|e| e.to_string()),
             });
         }
     }
@@ -252,13 +273,8 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
             explained.insert(i + 1);
             continue;
         }
-        if rec.event.event.action == Action::Checkpoint {
-            if let Some(cp) = rec
-                .event
-                .palisade
-                .as_ref()
-                .and_then(|p| p.checkpoint.as_ref())
-            {
+        if rec.event.action == Action::Checkpoint {
+            if let Some(cp) = rec.palisade.as_ref().and_then(|p| p.checkpoint.as_ref()) {
                 let message =
                     checkpoint_message(&rec.boot_id, rec.seq, &rec.prev_hash, rec.timestamp);
                 if cp.key_id != key.key_id() {
@@ -379,8 +395,7 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
         let deleted = if prev.boot_id == rec.boot_id && rec.seq > prev.seq + 1 {
             Some(rec.seq - prev.seq - 1)
         } else {
-            rec.event
-                .palisade
+            rec.palisade
                 .as_ref()
                 .and_then(|p| p.previous_boot.as_ref())
                 .filter(|pb| pb.boot_id == prev.boot_id && pb.last_seq > prev.seq)
@@ -413,11 +428,12 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
     // File boundaries: torn tails and rotation hand-overs.
     for pos in 0..files.len() {
         let last = entries.iter().rposition(|e| e.file == pos);
-        let next_first = first_entry_of_file.get(&(pos + 1)).copied();
+        // The next file with records (a rotation may leave an empty file).
+        let next_first = (pos + 1..files.len()).find_map(|p| first_entry_of_file.get(&p).copied());
         if let Some((offset, length, sha)) = torn.get(&pos) {
             let declared = next_first
                 .and_then(|i| entries[i].rec.as_ref().ok())
-                .and_then(|r| r.event.palisade.as_ref())
+                .and_then(|r| r.palisade.as_ref())
                 .and_then(|p| p.previous_boot.as_ref())
                 .and_then(|pb| pb.torn_tail.as_ref())
                 .is_some_and(|t| {
@@ -447,10 +463,9 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
             continue;
         };
         let rotation_next = rec
-            .event
             .palisade
             .as_ref()
-            .filter(|_| rec.event.event.action == Action::Checkpoint)
+            .filter(|_| rec.event.action == Action::Checkpoint)
             .and_then(|p| p.file.as_ref())
             .and_then(|f| f.next.clone());
         if let Some(next) = rotation_next {
@@ -464,22 +479,21 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
                     None,
                     None,
                     format!(
-                        "absent, though the rotation checkpoint at {} names it as the next file",
+                        "absent, though the rotation checkpoint at {} names it as the next file (removed, or never created)",
                         line_ref(last)
                     ),
                 ));
             }
         }
-        if let Some(first) = next_first {
+        if let Some(&first) = first_entry_of_file.get(&(pos + 1)) {
             if let Ok(n) = &entries[first].rec {
                 let claims_previous = n
-                    .event
                     .palisade
                     .as_ref()
                     .and_then(|p| p.file.as_ref())
                     .and_then(|f| f.previous.clone());
-                let is_boundary = n.event.event.code == RecordKind::Lifecycle
-                    && matches!(n.event.event.action, Action::Rotation | Action::Start);
+                let is_boundary = n.event.code == RecordKind::Lifecycle
+                    && matches!(n.event.action, Action::Rotation | Action::Start);
                 if (!is_boundary || claims_previous.as_deref() != Some(names[pos].as_str()))
                     && !gap_before.contains(&(pos + 1))
                 {
@@ -502,8 +516,7 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
     if let Some(last) = entries.last() {
         report.sealed = last_good_checkpoint == Some(entries.len() - 1)
             && last.rec.as_ref().is_ok_and(|r| {
-                r.event
-                    .palisade
+                r.palisade
                     .as_ref()
                     .and_then(|p| p.checkpoint.as_ref())
                     .is_some_and(|c| c.reason == "stop")
@@ -544,8 +557,7 @@ fn check_sequence(
         seq: Some(cur.seq),
         message,
     };
-    let is_start =
-        cur.event.event.action == Action::Start && cur.event.event.code == RecordKind::Lifecycle;
+    let is_start = cur.event.action == Action::Start && cur.event.code == RecordKind::Lifecycle;
     if i == 0 {
         if !(is_start && cur.seq == 0) {
             findings.push(here(
@@ -569,11 +581,7 @@ fn check_sequence(
         }
         return;
     }
-    let hand_over = cur
-        .event
-        .palisade
-        .as_ref()
-        .and_then(|p| p.previous_boot.as_ref());
+    let hand_over = cur.palisade.as_ref().and_then(|p| p.previous_boot.as_ref());
     let ok = is_start
         && cur.seq == 0
         && hand_over.is_some_and(|pb| pb.boot_id == prev.boot_id && pb.last_seq == prev.seq);

@@ -410,12 +410,13 @@ fn recover(dir: &Path) -> Result<Recovered, AuditError> {
     let files = list_files(dir).map_err(derr)?;
     let last_index = files.last().map_or(0, |(i, _)| *i);
     let mut torn_tail = None;
-    // Walk back to the last complete line; only the newest file can hold a
-    // torn write (every earlier one was closed by this writer).
-    for (pos, (_, path)) in files.iter().enumerate().rev() {
+    // Walk back to the last complete line. A torn write can only be in the
+    // file holding that line (files after it are empty: created by a
+    // rotation that never wrote to them).
+    for (_, path) in files.iter().rev() {
         let content = std::fs::read(path).map_err(derr)?;
         let (lines, torn) = split_lines(&content);
-        if pos + 1 == files.len() {
+        if torn_tail.is_none() {
             if let Some((offset, bytes)) = torn {
                 torn_tail = Some(TornTail {
                     file: path
@@ -497,9 +498,10 @@ struct Writer {
     last_checkpoint_at: Timestamp,
     records_since_checkpoint: u64,
     failure: Option<Failure>,
-    /// The current file ends with its rotation checkpoint; the next one is
-    /// yet to be created.
-    sealed: bool,
+    /// The current file was rotated to and still lacks its first record
+    /// (`rotation`, naming this previous file).
+    rotation_record_pending: Option<String>,
+    rotation_record_staged: Option<String>,
     /// (lost, refused) counted in a staged gap record.
     gap_staged: (u64, u64),
     /// The last timestamp formatted, reused by the records of one batch.
@@ -548,7 +550,8 @@ impl Writer {
             last_checkpoint_at: Timestamp::now(),
             records_since_checkpoint: 0,
             failure: None,
-            sealed: false,
+            rotation_record_pending: None,
+            rotation_record_staged: None,
             gap_staged: (0, 0),
             ts_text: (Timestamp(0), String::new()),
         };
@@ -693,6 +696,7 @@ impl Writer {
                     .fetch_add(self.staged_records, Ordering::Relaxed);
                 c.commits.fetch_add(1, Ordering::Relaxed);
                 self.staged_records = 0;
+                self.rotation_record_staged = None;
                 let (lost, refused) = std::mem::take(&mut self.gap_staged);
                 c.gap_lost.fetch_sub(lost, Ordering::Relaxed);
                 c.gap_refused.fetch_sub(refused, Ordering::Relaxed);
@@ -716,6 +720,9 @@ impl Writer {
         self.staged_head.clone_from(&self.head);
         self.staged_records = 0;
         self.gap_staged = (0, 0);
+        if let Some(previous) = self.rotation_record_staged.take() {
+            self.rotation_record_pending = Some(previous);
+        }
     }
 }
 
@@ -904,35 +911,43 @@ impl Writer {
                     .is_some_and(|age| self.file_opened.elapsed() >= age))
     }
 
-    /// Seals the current file with a signed checkpoint naming the next one,
-    /// then opens the next with a `rotation` record. Resumable: a failure
-    /// after sealing retries only the second half.
+    /// Creates the next file, seals the current one with a signed
+    /// checkpoint naming it, then begins the next with a `rotation` record.
+    /// The next file exists before any record names it, so a crash at any
+    /// point leaves no checkpoint pointing at a missing file.
     fn rotate(&mut self) -> std::io::Result<()> {
         let previous = file_name(self.file_index);
         let next = file_name(self.file_index + 1);
-        if !self.sealed {
-            self.stage_checkpoint("rotation", Some(next.clone()));
-            self.commit()?;
-            self.checkpoint_done();
-            self.sealed = true;
-        }
-        let path = self.cfg.dir.join(&next);
-        self.file = create_file(&self.cfg.dir, &path)?;
+        let next_file = create_file(&self.cfg.dir, &self.cfg.dir.join(&next))?;
+        self.stage_checkpoint("rotation", Some(next));
+        self.commit()?;
+        self.checkpoint_done();
+        self.file = next_file;
         self.file_index += 1;
         self.durable_len = 0;
         self.records_in_file = 0;
         self.file_opened = Instant::now();
-        self.sealed = false;
-        let mut ev = AuditEvent::lifecycle(Action::Rotation);
-        ev.palisade = Some(PalisadeFields {
-            file: Some(FileLink {
-                previous: Some(previous),
-                next: None,
-            }),
-            ..PalisadeFields::default()
-        });
-        self.stage_event(&ev);
+        self.rotation_record_pending = Some(previous);
+        self.stage_rotation_record();
         self.commit()
+    }
+
+    /// The first record of a rotated file; staged again by recovery if its
+    /// first commit failed.
+    fn stage_rotation_record(&mut self) {
+        if let Some(previous) = self.rotation_record_pending.take() {
+            let mut ev = AuditEvent::lifecycle(Action::Rotation);
+            ev.palisade = Some(PalisadeFields {
+                file: Some(FileLink {
+                    previous: Some(previous.clone()),
+                    next: None,
+                }),
+                ..PalisadeFields::default()
+            });
+            self.stage_event(&ev);
+            // Cleared for good only once durable (see commit).
+            self.rotation_record_staged = Some(previous);
+        }
     }
 
     fn write_batch(&mut self, batch: &mut Vec<Pending>) {
@@ -1028,15 +1043,7 @@ impl Writer {
             return true;
         };
         let (since, error) = (failure.since, failure.error.clone());
-        if self.sealed {
-            if let Err(e) = self.rotate() {
-                let error = format!("{}: {e}", self.path().display());
-                if let Some(f) = self.failure.as_mut() {
-                    f.error = error;
-                }
-                return false;
-            }
-        }
+        self.stage_rotation_record();
         let mode = self.cfg.on_log_failure.as_str().to_string();
         let mut failed = AuditEvent::lifecycle(Action::LogFailed);
         failed.event.start = Some(since);
