@@ -34,7 +34,9 @@ pub type RuleId = u32;
 
 /// An address of one family as an unsigned integer: `u32` for IPv4, `u128`
 /// for IPv6.
-pub trait Address: Copy + Ord + Eq + std::hash::Hash + fmt::Debug + Send + Sync + 'static {
+pub trait Address:
+    Copy + Ord + Eq + std::hash::Hash + fmt::Debug + Send + Sync + 'static
+{
     /// The largest address of the family.
     const MAX: Self;
     /// The smallest address of the family.
@@ -109,14 +111,8 @@ impl<A: Address> Fields<A> {
                 lo: A::MIN,
                 hi: A::MAX,
             },
-            src_port: Interval {
-                lo: 0,
-                hi: u16::MAX,
-            },
-            dst_port: Interval {
-                lo: 0,
-                hi: u16::MAX,
-            },
+            src_port: Interval { lo: 0, hi: u16::MAX },
+            dst_port: Interval { lo: 0, hi: u16::MAX },
             proto: Interval { lo: 0, hi: u8::MAX },
         }
     }
