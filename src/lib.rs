@@ -9,5 +9,6 @@
 //! The policy compiler and the classifier are sans-IO: pure functions from
 //! text to a compiled value and from a flow key to a verdict.
 
+pub mod audit;
 pub mod classify;
 pub mod policy;

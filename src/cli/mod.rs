@@ -2,6 +2,7 @@
 //! group lives in its own file here; the library does the work.
 
 mod analysis;
+mod audit;
 mod policy;
 
 use clap::{Parser, Subcommand};
@@ -50,6 +51,11 @@ enum Command {
     /// set; prints `<index> <allow|deny> <rule>` per packet and the lookup
     /// rate on stderr.
     Classify(analysis::ClassifyArgs),
+    /// The audit trail: keys, verification, queries, reports.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
 }
 
 pub fn run() -> ExitCode {
@@ -64,5 +70,6 @@ pub fn run() -> ExitCode {
         Command::Export(c) => analysis::export(c),
         Command::Import(c) => analysis::import(c),
         Command::Classify(a) => analysis::classify(a),
+        Command::Audit { command } => audit::run(command),
     }
 }

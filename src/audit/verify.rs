@@ -1,0 +1,594 @@
+//! `palisade audit verify`: proves a trail whole or says where it is not.
+//! Checks every chain link (each record's `prev_hash` against the SHA-256
+//! of the line before it, across files), every checkpoint signature, `seq`
+//! continuity within each boot and the hand-over between boots, and file
+//! continuity across rotations. Each break is explained as the smallest
+//! change that produces it (an edited, inserted, deleted or reordered
+//! record, a truncated tail, a missing file) with its file, line and seq.
+
+use super::keys::CheckpointVerifier;
+use super::record::{checkpoint_message, Action, PalisadeFields, RecordKind};
+use super::time::Timestamp;
+use super::trail::{file_name, line_hash, list_files, parse_file_name, split_lines, GENESIS_HASH};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FindingKind {
+    Edited,
+    Inserted,
+    Deleted,
+    Reordered,
+    Truncated,
+    MissingFile,
+    BadSignature,
+    WrongKey,
+    Sequence,
+    Malformed,
+    Rotation,
+}
+
+impl FindingKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            FindingKind::Edited => "edited",
+            FindingKind::Inserted => "inserted",
+            FindingKind::Deleted => "deleted",
+            FindingKind::Reordered => "reordered",
+            FindingKind::Truncated => "truncated",
+            FindingKind::MissingFile => "missing file",
+            FindingKind::BadSignature => "bad signature",
+            FindingKind::WrongKey => "wrong key",
+            FindingKind::Sequence => "sequence",
+            FindingKind::Malformed => "malformed",
+            FindingKind::Rotation => "rotation",
+        }
+    }
+}
+
+/// One place where the trail is not whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: FindingKind,
+    pub file: String,
+    /// 1-based line in `file`; `None` for a whole-file finding.
+    pub line: Option<usize>,
+    pub seq: Option<u64>,
+    pub message: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        if let Some(s) = self.seq {
+            write!(f, " (seq {s})")?;
+        }
+        write!(f, ": {}: {}", self.kind.as_str(), self.message)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    pub files: usize,
+    pub records: usize,
+    pub boots: usize,
+    pub checkpoints_verified: usize,
+    pub findings: Vec<Finding>,
+    /// The trail ends with a valid `stop` checkpoint.
+    pub sealed: bool,
+    /// Records after the last valid checkpoint (covered only by the chain).
+    pub unsigned_tail: usize,
+    pub first_timestamp: Option<String>,
+    pub last_timestamp: Option<String>,
+}
+
+impl VerifyReport {
+    pub fn is_whole(&self) -> bool {
+        self.findings.is_empty()
+    }
+}
+
+/// The fields verify needs from a record; the rest of the line counts only
+/// through its hash, which keeps memory per record small on long trails.
+#[derive(serde::Deserialize)]
+struct ChainView {
+    #[serde(rename = "@timestamp")]
+    timestamp: Timestamp,
+    seq: u64,
+    boot_id: String,
+    prev_hash: String,
+    event: EventView,
+    #[serde(default)]
+    palisade: Option<PalisadeFields>,
+}
+
+#[derive(serde::Deserialize)]
+struct EventView {
+    code: RecordKind,
+    action: Action,
+}
+
+struct Entry {
+    file: usize,
+    line: usize,
+    hash: String,
+    rec: Result<ChainView, String>,
+}
+
+impl Entry {
+    fn seq(&self) -> Option<u64> {
+        self.rec.as_ref().ok().map(|r| r.seq)
+    }
+}
+
+#[derive(PartialEq)]
+enum Link {
+    Ok,
+    Broken,
+}
+
+/// Reads and checks the whole trail in `dir`.
+pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<VerifyReport> {
+    let files = list_files(dir)?;
+    let mut report = VerifyReport {
+        files: files.len(),
+        ..VerifyReport::default()
+    };
+    let names: Vec<String> = files.iter().map(|(i, _)| file_name(*i)).collect();
+    let find = |kind, file: &str, line, seq, message: String| Finding {
+        kind,
+        file: file.to_string(),
+        line,
+        seq,
+        message,
+    };
+    let mut findings = Vec::new();
+
+    // Files: numbered from 1 without holes (the writer never deletes).
+    let mut gap_before: HashSet<usize> = HashSet::new();
+    let mut missing_ranges: Vec<std::ops::Range<u64>> = Vec::new();
+    let mut expected = 1u64;
+    for (pos, (index, _)) in files.iter().enumerate() {
+        if *index > expected {
+            let missing = if *index == expected + 1 {
+                file_name(expected)
+            } else {
+                format!("{} .. {}", file_name(expected), file_name(index - 1))
+            };
+            findings.push(find(
+                FindingKind::MissingFile,
+                &missing,
+                None,
+                None,
+                format!(
+                    "absent before {}: the writer numbers files from 1 and never deletes one",
+                    names[pos]
+                ),
+            ));
+            gap_before.insert(pos);
+            missing_ranges.push(expected..*index);
+        }
+        expected = index + 1;
+    }
+
+    // Lines.
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut torn: HashMap<usize, (u64, u64, String)> = HashMap::new();
+    let mut first_entry_of_file: HashMap<usize, usize> = HashMap::new();
+    for (pos, (_, path)) in files.iter().enumerate() {
+        let content = std::fs::read(path)?;
+        let (lines, tail) = split_lines(&content);
+        if let Some((offset, bytes)) = tail {
+            torn.insert(pos, (offset, bytes.len() as u64, line_hash(bytes)));
+        }
+        if !lines.is_empty() {
+            first_entry_of_file.insert(pos, entries.len());
+        }
+        for l in lines {
+            entries.push(Entry {
+                file: pos,
+                line: l.number,
+                hash: line_hash(l.bytes),
+                rec: serde_json::from_slice::<ChainView>(l.bytes).map_err(|e| e.to_string()),
+            });
+        }
+    }
+    report.records = entries.len();
+    let mut by_hash: HashMap<&str, usize> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        by_hash.entry(e.hash.as_str()).or_insert(i);
+    }
+    let at = |i: usize| -> (&str, Option<usize>, Option<u64>) {
+        let e = &entries[i];
+        (names[e.file].as_str(), Some(e.line), e.seq())
+    };
+    let line_ref = |i: usize| -> String {
+        let e = &entries[i];
+        match e.seq() {
+            Some(s) => format!("{}:{} (seq {s})", names[e.file], e.line),
+            None => format!("{}:{}", names[e.file], e.line),
+        }
+    };
+
+    // Chain links. links[i] is the link into entry i.
+    let prev_hash_of = |i: usize| entries[i].rec.as_ref().ok().map(|r| r.prev_hash.as_str());
+    let links: Vec<Link> = (0..entries.len())
+        .map(|i| {
+            let expected = if i == 0 {
+                GENESIS_HASH
+            } else {
+                entries[i - 1].hash.as_str()
+            };
+            match prev_hash_of(i) {
+                Some(p) if p == expected => Link::Ok,
+                _ => Link::Broken,
+            }
+        })
+        .collect();
+    let unknown_contiguous = |i: usize| -> bool {
+        // Link i broken, its prev_hash names no line here, seq contiguous.
+        if i == 0 || i >= entries.len() || links[i] == Link::Ok {
+            return false;
+        }
+        let (Ok(a), Ok(b)) = (&entries[i - 1].rec, &entries[i].rec) else {
+            return false;
+        };
+        !by_hash.contains_key(b.prev_hash.as_str()) && a.boot_id == b.boot_id && b.seq == a.seq + 1
+    };
+    let mut explained: HashSet<usize> = HashSet::new();
+    let mut boots = HashSet::new();
+    let mut last_good_checkpoint: Option<usize> = None;
+    for i in 0..entries.len() {
+        let e = &entries[i];
+        let (file, line, seq) = at(i);
+        let rec = match &e.rec {
+            Ok(r) => r,
+            Err(why) => {
+                findings.push(find(
+                    FindingKind::Malformed,
+                    file,
+                    line,
+                    None,
+                    format!("not a valid audit record (edited or corrupted): {why}"),
+                ));
+                explained.insert(i);
+                explained.insert(i + 1);
+                continue;
+            }
+        };
+        boots.insert(rec.boot_id.clone());
+        if let Some(&k) = by_hash.get(e.hash.as_str()).filter(|&&k| k != i) {
+            findings.push(find(
+                FindingKind::Inserted,
+                file,
+                line,
+                seq,
+                format!("this record is a copy of {}", line_ref(k)),
+            ));
+            explained.insert(i);
+            explained.insert(i + 1);
+            continue;
+        }
+        if rec.event.action == Action::Checkpoint {
+            if let Some(cp) = rec.palisade.as_ref().and_then(|p| p.checkpoint.as_ref()) {
+                let message =
+                    checkpoint_message(&rec.boot_id, rec.seq, &rec.prev_hash, rec.timestamp);
+                if cp.key_id != key.key_id() {
+                    findings.push(find(
+                        FindingKind::WrongKey,
+                        file,
+                        line,
+                        seq,
+                        format!(
+                            "checkpoint signed by key {} but the verifying key given is {}",
+                            cp.key_id,
+                            key.key_id()
+                        ),
+                    ));
+                } else if key.verify(&message, &cp.signature) {
+                    report.checkpoints_verified += 1;
+                    if links[i] == Link::Ok {
+                        last_good_checkpoint = Some(i);
+                    }
+                } else {
+                    findings.push(find(
+                        FindingKind::BadSignature,
+                        file,
+                        line,
+                        seq,
+                        "checkpoint signature does not match the chain it follows (records before it were changed, or it was forged)".into(),
+                    ));
+                }
+            }
+        }
+        if links[i] == Link::Ok {
+            check_sequence(i, &entries, &mut findings, &line_ref, &names);
+            continue;
+        }
+        if explained.contains(&i) {
+            continue;
+        }
+        if first_entry_of_file.get(&e.file) == Some(&i) && gap_before.contains(&e.file) {
+            continue; // explained by the missing file
+        }
+        if i == 0 {
+            findings.push(find(
+                FindingKind::Deleted,
+                file,
+                line,
+                seq,
+                "the first record does not begin the trail: the records it follows are missing"
+                    .into(),
+            ));
+            continue;
+        }
+        if let Some(&j) = by_hash.get(rec.prev_hash.as_str()) {
+            if j > i {
+                let swapped =
+                    j == i + 1 && prev_hash_of(i + 1) == Some(entries[i - 1].hash.as_str());
+                let message = if swapped {
+                    format!("this record and the next ({}) are swapped", line_ref(i + 1))
+                } else {
+                    format!(
+                        "out of order: it follows {}, which comes later in the trail",
+                        line_ref(j)
+                    )
+                };
+                findings.push(find(FindingKind::Reordered, file, line, seq, message));
+                explained.insert(i + 1);
+                explained.insert(j + 1);
+            } else {
+                let (from, to) = (j + 1, i - 1);
+                let (ffile, fline, fseq) = at(from);
+                let what = if from == to {
+                    "this record is not part of the chain".to_string()
+                } else {
+                    format!(
+                        "this record and the {} after it, up to {}, are not part of the chain",
+                        to - from,
+                        line_ref(to)
+                    )
+                };
+                findings.push(find(
+                    FindingKind::Inserted,
+                    ffile,
+                    fline,
+                    fseq,
+                    format!("{what}: {} continues from {}", line_ref(i), line_ref(j)),
+                ));
+            }
+            continue;
+        }
+        let prev = match &entries[i - 1].rec {
+            Ok(p) => p,
+            Err(_) => continue,
+        };
+        if unknown_contiguous(i) {
+            if unknown_contiguous(i + 1) {
+                findings.push(find(
+                    FindingKind::Edited,
+                    file,
+                    line,
+                    seq,
+                    "this record was changed: it no longer links to the record before it, nor the next one to it".into(),
+                ));
+                explained.insert(i + 1);
+            } else {
+                let (pfile, pline, pseq) = at(i - 1);
+                findings.push(find(
+                    FindingKind::Edited,
+                    pfile,
+                    pline,
+                    pseq,
+                    format!(
+                        "this record was changed: its hash no longer matches prev_hash in {}",
+                        line_ref(i)
+                    ),
+                ));
+            }
+            continue;
+        }
+        let deleted = if prev.boot_id == rec.boot_id && rec.seq > prev.seq + 1 {
+            Some(rec.seq - prev.seq - 1)
+        } else {
+            rec.palisade
+                .as_ref()
+                .and_then(|p| p.previous_boot.as_ref())
+                .filter(|pb| pb.boot_id == prev.boot_id && pb.last_seq > prev.seq)
+                .map(|pb| pb.last_seq - prev.seq)
+        };
+        match deleted {
+            Some(n) => findings.push(find(
+                FindingKind::Deleted,
+                file,
+                line,
+                seq,
+                format!(
+                    "{n} record(s) missing between {} and this record",
+                    line_ref(i - 1)
+                ),
+            )),
+            None => findings.push(find(
+                FindingKind::Edited,
+                file,
+                line,
+                seq,
+                format!(
+                    "the chain is broken: this record does not follow {}",
+                    line_ref(i - 1)
+                ),
+            )),
+        }
+    }
+
+    // File boundaries: torn tails and rotation hand-overs.
+    for pos in 0..files.len() {
+        let last = entries.iter().rposition(|e| e.file == pos);
+        // The next file with records (a rotation may leave an empty file).
+        let next_first = (pos + 1..files.len()).find_map(|p| first_entry_of_file.get(&p).copied());
+        if let Some((offset, length, sha)) = torn.get(&pos) {
+            let declared = next_first
+                .and_then(|i| entries[i].rec.as_ref().ok())
+                .and_then(|r| r.palisade.as_ref())
+                .and_then(|p| p.previous_boot.as_ref())
+                .and_then(|pb| pb.torn_tail.as_ref())
+                .is_some_and(|t| {
+                    t.file == names[pos]
+                        && t.offset == *offset
+                        && t.length == *length
+                        && &t.sha256 == sha
+                });
+            if !declared {
+                let line = last.map_or(1, |l| entries[l].line + 1);
+                let why = if pos + 1 == files.len() {
+                    "the trail ends in an incomplete record: the file was truncated, or its writer crashed mid-write and has not restarted"
+                } else {
+                    "the file ends in an incomplete record that the next boot's start record does not account for: truncated or damaged"
+                };
+                findings.push(find(
+                    FindingKind::Truncated,
+                    &names[pos],
+                    Some(line),
+                    None,
+                    format!("{why} ({length} bytes at byte offset {offset})"),
+                ));
+            }
+        }
+        let Some(last) = last else { continue };
+        let Ok(rec) = &entries[last].rec else {
+            continue;
+        };
+        let rotation_next = rec
+            .palisade
+            .as_ref()
+            .filter(|_| rec.event.action == Action::Checkpoint)
+            .and_then(|p| p.file.as_ref())
+            .and_then(|f| f.next.clone());
+        if let Some(next) = rotation_next {
+            let present = names.get(pos + 1) == Some(&next);
+            let already = parse_file_name(&next)
+                .is_some_and(|n| missing_ranges.iter().any(|r| r.contains(&n)));
+            if !present && !names.contains(&next) && !already {
+                findings.push(find(
+                    FindingKind::MissingFile,
+                    &next,
+                    None,
+                    None,
+                    format!(
+                        "absent, though the rotation checkpoint at {} names it as the next file (removed, or never created)",
+                        line_ref(last)
+                    ),
+                ));
+            }
+        }
+        if let Some(&first) = first_entry_of_file.get(&(pos + 1)) {
+            if let Ok(n) = &entries[first].rec {
+                let claims_previous = n
+                    .palisade
+                    .as_ref()
+                    .and_then(|p| p.file.as_ref())
+                    .and_then(|f| f.previous.clone());
+                let is_boundary = n.event.code == RecordKind::Lifecycle
+                    && matches!(n.event.action, Action::Rotation | Action::Start);
+                if (!is_boundary || claims_previous.as_deref() != Some(names[pos].as_str()))
+                    && !gap_before.contains(&(pos + 1))
+                {
+                    findings.push(find(
+                        FindingKind::Rotation,
+                        &names[pos + 1],
+                        Some(entries[first].line),
+                        Some(n.seq),
+                        format!(
+                            "the file does not begin with a rotation or start record naming {} as the previous file",
+                            names[pos]
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    report.boots = boots.len();
+    if let Some(last) = entries.last() {
+        report.sealed = last_good_checkpoint == Some(entries.len() - 1)
+            && last.rec.as_ref().is_ok_and(|r| {
+                r.palisade
+                    .as_ref()
+                    .and_then(|p| p.checkpoint.as_ref())
+                    .is_some_and(|c| c.reason == "stop")
+            });
+        report.unsigned_tail = match last_good_checkpoint {
+            Some(c) => entries.len() - 1 - c,
+            None => entries.len(),
+        };
+        report.first_timestamp = entries
+            .iter()
+            .find_map(|e| e.rec.as_ref().ok())
+            .map(|r| r.timestamp.to_string());
+        report.last_timestamp = entries
+            .iter()
+            .rev()
+            .find_map(|e| e.rec.as_ref().ok())
+            .map(|r| r.timestamp.to_string());
+    }
+    findings.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+    report.findings = findings;
+    Ok(report)
+}
+
+// On an intact link, seq must count up by one within a boot, and a new
+// boot must start at 0 naming the boot it follows.
+fn check_sequence(
+    i: usize,
+    entries: &[Entry],
+    findings: &mut Vec<Finding>,
+    line_ref: &dyn Fn(usize) -> String,
+    names: &[String],
+) {
+    let Ok(cur) = &entries[i].rec else { return };
+    let here = |message: String| Finding {
+        kind: FindingKind::Sequence,
+        file: names[entries[i].file].clone(),
+        line: Some(entries[i].line),
+        seq: Some(cur.seq),
+        message,
+    };
+    let is_start = cur.event.action == Action::Start && cur.event.code == RecordKind::Lifecycle;
+    if i == 0 {
+        if !(is_start && cur.seq == 0) {
+            findings.push(here(
+                "the trail does not begin with a start record at seq 0".into(),
+            ));
+        }
+        return;
+    }
+    let Ok(prev) = &entries[i - 1].rec else {
+        return;
+    };
+    if prev.boot_id == cur.boot_id {
+        if cur.seq != prev.seq + 1 {
+            findings.push(here(format!(
+                "seq goes from {} to {} within boot {} although the chain links: records were removed or added and the chain rewritten after {}",
+                prev.seq,
+                cur.seq,
+                cur.boot_id,
+                line_ref(i - 1)
+            )));
+        }
+        return;
+    }
+    let hand_over = cur.palisade.as_ref().and_then(|p| p.previous_boot.as_ref());
+    let ok = is_start
+        && cur.seq == 0
+        && hand_over.is_some_and(|pb| pb.boot_id == prev.boot_id && pb.last_seq == prev.seq);
+    if !ok {
+        findings.push(here(format!(
+            "a new boot ({}) begins without a start record at seq 0 that names the previous boot {} ending at seq {}",
+            cur.boot_id, prev.boot_id, prev.seq
+        )));
+    }
+}

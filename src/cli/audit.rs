@@ -1,0 +1,411 @@
+//! `palisade audit ...`: key generation and the auditor's commands over a
+//! trail directory. Exit codes: 0 success (for `verify`: the trail is whole
+//! and sealed); 1 `verify` found damage; 2 the command could not do its job
+//! (bad arguments, unreadable directory or key); 3 `verify`: every link and
+//! signature holds but the trail does not end with a `stop` checkpoint (a
+//! running or crashed writer, or records cut off the end).
+
+use clap::{Args, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use palisade::audit::keys::{CheckpointVerifier, KeyError};
+use palisade::audit::query::{
+    for_each_record, squid_line, table_row, DomainPattern, Filter, Summary, TABLE_HEADER,
+};
+use palisade::audit::verify::verify_trail;
+use palisade::audit::{
+    generate_key_pair, Action, AuditConfig, AuditError, AuditEvent, AuditLog, Ticket, Timestamp,
+};
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Write a new checkpoint signing key and its verifying key.
+    Keygen {
+        /// Directory for the two files.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// File name stem: writes NAME.key (secret, mode 0600) and NAME.pub.
+        #[arg(long, default_value = "audit")]
+        name: String,
+    },
+    /// Check the whole trail: chain links, signatures, sequence, rotation.
+    #[command(
+        after_help = "Exit status: 0 whole and sealed by a stop checkpoint; 1 not whole (each problem \
+is listed with file:line); 2 could not verify (bad key, unreadable or empty directory); 3 intact but \
+open: no stop checkpoint at the end (writer running or crashed, or records cut off the end)."
+    )]
+    Verify {
+        /// The verifying key (NAME.pub from keygen).
+        #[arg(long)]
+        key: PathBuf,
+        /// The trail's directory (audit.dir).
+        dir: PathBuf,
+    },
+    /// Print the records that match every filter given.
+    Query {
+        /// The trail's directory (audit.dir).
+        dir: PathBuf,
+        #[command(flatten)]
+        window: Window,
+        /// allowed, denied, or a lifecycle action (start, gap, ...).
+        #[arg(long)]
+        action: Option<String>,
+        /// Client address range, e.g. 10.0.1.0/24.
+        #[arg(long)]
+        source: Option<String>,
+        /// Destination host: example.com or *.example.com.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Name of the deciding rule.
+        #[arg(long)]
+        rule: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+    },
+    /// Top denied destinations, top clients, rule hits, bytes by destination.
+    Summary {
+        /// The trail's directory (audit.dir).
+        dir: PathBuf,
+        #[command(flatten)]
+        window: Window,
+        /// How many entries each top list shows.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// Write proxy records in another tool's log format.
+    Export {
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// The trail's directory (audit.dir).
+        dir: PathBuf,
+        #[command(flatten)]
+        window: Window,
+    },
+    /// Load generator for crash tests: writes records and prints
+    /// `durable SEQ MARKER` once each is on disk.
+    #[command(hide = true)]
+    Stress {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
+        #[arg(long, default_value_t = 4)]
+        producers: u64,
+        #[arg(long, default_value = "1MiB")]
+        rotate_size: String,
+    },
+}
+
+#[derive(Args)]
+pub struct Window {
+    /// Only records at or after this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only records before this time.
+    #[arg(long)]
+    until: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Json,
+    Table,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ExportFormat {
+    Squid,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error("cannot read the trail in {dir}: {source}")]
+    Trail {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Argument(String),
+    #[error("{dir} holds no audit files (audit-NNNNNNNN.jsonl); is this the audit directory?")]
+    Empty { dir: PathBuf },
+}
+
+pub fn run(cmd: AuditCommand) -> ExitCode {
+    match dispatch(cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn dispatch(cmd: AuditCommand) -> Result<ExitCode, CliError> {
+    match cmd {
+        AuditCommand::Keygen { out, name } => {
+            let (s, v) = (
+                out.join(format!("{name}.key")),
+                out.join(format!("{name}.pub")),
+            );
+            let id = generate_key_pair(&s, &v)?;
+            println!(
+                "signing key:   {} (keep on the appliance; set audit.signing_key to it)",
+                s.display()
+            );
+            println!(
+                "verifying key: {} (give to auditors; keep it off the appliance)",
+                v.display()
+            );
+            println!("key id:        {id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify { key, dir } => verify(&key, &dir),
+        AuditCommand::Query {
+            dir,
+            window,
+            action,
+            source,
+            domain,
+            rule,
+            format,
+        } => {
+            let mut filter = window.filter()?;
+            filter.action = action
+                .map(|a| {
+                    Action::parse(&a).ok_or_else(|| {
+                        CliError::Argument(format!(
+                            "--action {a:?}: use allowed, denied, start, stop, policy-loaded, reload-failed, rotation, gap, checkpoint, log-failed or log-recovered"
+                        ))
+                    })
+                })
+                .transpose()?;
+            filter.source = source
+                .map(|s| {
+                    parse_net(&s).ok_or_else(|| {
+                        CliError::Argument(format!(
+                            "--source {s:?}: not an address or CIDR range (e.g. 10.0.1.0/24)"
+                        ))
+                    })
+                })
+                .transpose()?;
+            filter.domain = domain
+                .map(|d| {
+                    DomainPattern::parse(&d)
+                        .map_err(|e| CliError::Argument(format!("--domain: {e}")))
+                })
+                .transpose()?;
+            filter.rule = rule;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            if matches!(format, Format::Table) {
+                let _ = writeln!(out, "{TABLE_HEADER}");
+            }
+            let bad = read(&dir, |line, r| {
+                if filter.matches(r) {
+                    let _ = match format {
+                        Format::Json => out.write_all(line).and_then(|()| out.write_all(b"\n")),
+                        Format::Table => writeln!(out, "{}", table_row(r)),
+                    };
+                }
+            })?;
+            let _ = out.flush();
+            Ok(warn_unreadable(&bad))
+        }
+        AuditCommand::Summary { dir, window, top } => {
+            let filter = window.filter()?;
+            let mut summary = Summary::default();
+            let bad = read(&dir, |_, r| {
+                if filter.in_window(r) {
+                    summary.add(r);
+                }
+            })?;
+            print!("{}", summary.render(top));
+            Ok(warn_unreadable(&bad))
+        }
+        AuditCommand::Export {
+            format: ExportFormat::Squid,
+            dir,
+            window,
+        } => {
+            let filter = window.filter()?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let bad = read(&dir, |_, r| {
+                if filter.in_window(r) {
+                    if let Some(l) = squid_line(r) {
+                        let _ = writeln!(out, "{l}");
+                    }
+                }
+            })?;
+            let _ = out.flush();
+            Ok(warn_unreadable(&bad))
+        }
+        AuditCommand::Stress {
+            dir,
+            key,
+            records,
+            producers,
+            rotate_size,
+        } => stress(dir, key, records, producers, &rotate_size),
+    }
+}
+
+impl Window {
+    fn filter(&self) -> Result<Filter, CliError> {
+        let parse = |flag: &str, v: &Option<String>| {
+            v.as_ref()
+                .map(|s| {
+                    Timestamp::parse(s).ok_or_else(|| {
+                        CliError::Argument(format!("--{flag} {s:?}: write a time as 2026-11-25T11:00:00Z or a date as 2026-11-25"))
+                    })
+                })
+                .transpose()
+        };
+        Ok(Filter {
+            since: parse("since", &self.since)?,
+            until: parse("until", &self.until)?,
+            ..Filter::default()
+        })
+    }
+}
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+fn read(
+    dir: &Path,
+    each: impl FnMut(&[u8], &palisade::audit::AuditRecord),
+) -> Result<Vec<palisade::audit::query::Unreadable>, CliError> {
+    let trail_err = |source| CliError::Trail {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    if palisade::audit::trail::list_files(dir)
+        .map_err(trail_err)?
+        .is_empty()
+    {
+        return Err(CliError::Empty {
+            dir: dir.to_path_buf(),
+        });
+    }
+    for_each_record(dir, each).map_err(trail_err)
+}
+
+fn warn_unreadable(bad: &[palisade::audit::query::Unreadable]) -> ExitCode {
+    for b in bad {
+        eprintln!(
+            "warning: {}:{}: skipped, not a record ({}); run `palisade audit verify`",
+            b.file, b.line, b.why
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn verify(key: &Path, dir: &Path) -> Result<ExitCode, CliError> {
+    let verifier = CheckpointVerifier::load(key)?;
+    let report = verify_trail(dir, &verifier).map_err(|source| CliError::Trail {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    if report.files == 0 {
+        return Err(CliError::Empty {
+            dir: dir.to_path_buf(),
+        });
+    }
+    for f in &report.findings {
+        println!("{f}");
+    }
+    let span = match (&report.first_timestamp, &report.last_timestamp) {
+        (Some(a), Some(b)) => format!(", {a} .. {b}"),
+        _ => String::new(),
+    };
+    let scope = format!(
+        "{} files, {} records, {} boots, {} checkpoints verified with key {}{span}",
+        report.files,
+        report.records,
+        report.boots,
+        report.checkpoints_verified,
+        verifier.key_id()
+    );
+    if !report.is_whole() {
+        println!(
+            "NOT WHOLE: {} problem(s) found in {scope}",
+            report.findings.len()
+        );
+        return Ok(ExitCode::from(1));
+    }
+    if !report.sealed {
+        println!(
+            "INTACT BUT OPEN: {scope}; the last {} record(s) follow the last signed checkpoint and the trail has no stop record \
+             (the writer is running or crashed, or records were cut off the end)",
+            report.unsigned_tail
+        );
+        return Ok(ExitCode::from(3));
+    }
+    println!("WHOLE: {scope}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stress(
+    dir: PathBuf,
+    key: PathBuf,
+    records: u64,
+    producers: u64,
+    rotate_size: &str,
+) -> Result<ExitCode, CliError> {
+    let config = AuditConfig {
+        dir,
+        signing_key: Some(key),
+        rotate_size: palisade::audit::config::parse_size(rotate_size)
+            .map_err(CliError::Argument)?,
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open(&config)?;
+    println!("boot {}", log.boot_id());
+    let producers = producers.max(1);
+    let threads: Vec<_> = (0..producers)
+        .map(|p| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let client = std::net::SocketAddr::from(([192, 0, 2, (p % 250) as u8 + 1], 40000));
+                let mut in_flight: VecDeque<(String, Ticket)> = VecDeque::new();
+                let done = |marker: String, t: Ticket| match t.wait() {
+                    Ok(r) => println!("durable {} {marker}", r.seq),
+                    Err(e) => eprintln!("not durable {marker}: {e}"),
+                };
+                for i in (p..records).step_by(producers as usize) {
+                    let marker = format!("stress://p{p}/{i}");
+                    let ev = AuditEvent::proxy_request(Action::Allowed, client, "GET", &marker)
+                        .with_status(200);
+                    match log.submit(&ev) {
+                        Ok(t) => in_flight.push_back((marker, t)),
+                        Err(e) => eprintln!("refused {marker}: {e}"),
+                    }
+                    if in_flight.len() >= 256 {
+                        if let Some((m, t)) = in_flight.pop_front() {
+                            done(m, t);
+                        }
+                    }
+                }
+                for (m, t) in in_flight {
+                    done(m, t);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    log.close()?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,251 @@
+//! An auditor runs `palisade audit verify` on a trail someone has altered:
+//! each kind of tampering is caught and located (file, line), and only an
+//! untouched trail exits 0.
+
+mod audit_common;
+use audit_common::*;
+
+struct Trail {
+    _tmp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    keys: Keys,
+}
+
+fn trail() -> Trail {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    make_trail(&dir, &keys, 200);
+    assert!(
+        file(&dir, 4).exists(),
+        "the trail should span several files"
+    );
+    Trail {
+        _tmp: tmp,
+        dir,
+        keys,
+    }
+}
+
+#[test]
+fn untouched_trail_is_whole() {
+    let t = trail();
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("WHOLE"), "{out}");
+}
+
+#[test]
+fn edited_byte_is_located() {
+    let t = trail();
+    let path = file(&t.dir, 2);
+    let mut lines = read_lines(&path);
+    // Change one character of a URL: still valid JSON, different bytes.
+    lines[4] = lines[4].replacen("stress://p", "stress://q", 1);
+    write_lines(&path, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("audit-00000002.jsonl:5 (seq") && out.contains("edited"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().filter(|l| l.contains(": edited:")).count(),
+        1,
+        "{out}"
+    );
+}
+
+#[test]
+fn edit_that_breaks_json_is_located() {
+    let t = trail();
+    let path = file(&t.dir, 3);
+    let mut lines = read_lines(&path);
+    lines[2].insert(10, '"');
+    write_lines(&path, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("audit-00000003.jsonl:3: malformed"), "{out}");
+}
+
+#[test]
+fn deleted_line_is_located() {
+    let t = trail();
+    let path = file(&t.dir, 2);
+    let mut lines = read_lines(&path);
+    lines.remove(4);
+    write_lines(&path, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("audit-00000002.jsonl:5")
+            && out.contains("deleted: 1 record(s) missing between audit-00000002.jsonl:4"),
+        "{out}"
+    );
+}
+
+#[test]
+fn swapped_lines_are_located() {
+    let t = trail();
+    let path = file(&t.dir, 2);
+    let mut lines = read_lines(&path);
+    lines.swap(4, 5);
+    write_lines(&path, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("audit-00000002.jsonl:5") && out.contains("swapped"),
+        "{out}"
+    );
+    assert!(
+        out.contains("audit-00000002.jsonl:6"),
+        "names the other line too: {out}"
+    );
+}
+
+#[test]
+fn inserted_line_is_located() {
+    let t = trail();
+    let path = file(&t.dir, 2);
+    let mut lines = read_lines(&path);
+    let copy = lines[2].clone();
+    lines.insert(6, copy);
+    write_lines(&path, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("audit-00000002.jsonl:7") && out.contains("inserted"),
+        "{out}"
+    );
+}
+
+#[test]
+fn truncated_tail_is_located() {
+    let t = trail();
+    let last = (1..)
+        .map(|i| file(&t.dir, i))
+        .take_while(|p| p.exists())
+        .last()
+        .unwrap();
+    let len = std::fs::metadata(&last).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
+    f.set_len(len - 20).unwrap();
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    let name = last.file_name().unwrap().to_str().unwrap().to_string();
+    assert!(out.contains(&name) && out.contains("truncated"), "{out}");
+}
+
+#[test]
+fn whole_lines_cut_off_the_end_leave_the_trail_open() {
+    let t = trail();
+    let last = (1..)
+        .map(|i| file(&t.dir, i))
+        .take_while(|p| p.exists())
+        .last()
+        .unwrap();
+    let mut lines = read_lines(&last);
+    lines.truncate(lines.len() - 2); // the stop record and its checkpoint
+    write_lines(&last, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("INTACT BUT OPEN") && out.contains("no stop record"),
+        "{out}"
+    );
+}
+
+#[test]
+fn removed_rotated_file_is_named() {
+    let t = trail();
+    std::fs::remove_file(file(&t.dir, 3)).unwrap();
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("audit-00000003.jsonl: missing file"), "{out}");
+}
+
+#[test]
+fn removed_last_file_is_named() {
+    let t = trail();
+    let n = (1..).take_while(|i| file(&t.dir, *i).exists()).count() as u64;
+    std::fs::remove_file(file(&t.dir, n)).unwrap();
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("audit-{n:08}.jsonl: missing file")),
+        "{out}"
+    );
+}
+
+#[test]
+fn removed_first_file_is_named() {
+    let t = trail();
+    std::fs::remove_file(file(&t.dir, 1)).unwrap();
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("audit-00000001.jsonl: missing file"), "{out}");
+}
+
+#[test]
+fn wrong_key_is_reported() {
+    let t = trail();
+    let other = tempfile::tempdir().unwrap();
+    let wrong = keygen(other.path());
+    let keys = Keys {
+        signing: wrong.signing,
+        verifying: wrong.verifying,
+    };
+    let (code, out) = verify(&t.dir, &keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("wrong key"), "{out}");
+}
+
+#[test]
+fn rewritten_chain_is_caught_by_signatures() {
+    // A forger who recomputes every prev_hash after an edit still cannot
+    // sign the checkpoints that follow.
+    let t = trail();
+    let path = file(&t.dir, 2);
+    let mut lines = read_lines(&path);
+    lines[4] = lines[4].replacen("stress://p", "stress://q", 1);
+    let mut prev = None::<String>;
+    for l in lines.iter_mut() {
+        if let Some(h) = &prev {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let old = v["prev_hash"].as_str().unwrap().to_string();
+            *l = l.replacen(&old, h, 1);
+            v["prev_hash"] = serde_json::Value::String(h.clone());
+        }
+        use sha2::Digest;
+        prev = Some(hex::encode(sha2::Sha256::digest(l.as_bytes())));
+    }
+    write_lines(&path, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("bad signature"), "{out}");
+}
+
+#[test]
+fn bad_arguments_say_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let (code, out) = verify(tmp.path(), &keys);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("holds no audit files"), "{out}");
+    let o = run(&[
+        "audit",
+        "verify",
+        "--key",
+        "/nonexistent.pub",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).contains("cannot read key file /nonexistent.pub"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&["audit", "keygen", "--out", tmp.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("already exists"), "{}", text(&o));
+}

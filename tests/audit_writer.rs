@@ -1,0 +1,229 @@
+//! The writer as the proxy and the filter use it: async and blocking
+//! producers on one log, periodic checkpoints and rotation by age, and a
+//! restart that continues the same chain.
+
+mod audit_common;
+use audit_common::*;
+use palisade::audit::{Action, AuditConfig, AuditEvent, AuditLog, FlowTuple, Traffic};
+use std::time::Duration;
+
+fn config(dir: &std::path::Path, keys: &Keys) -> AuditConfig {
+    AuditConfig {
+        dir: dir.to_path_buf(),
+        signing_key: Some(keys.signing.clone()),
+        ..AuditConfig::default()
+    }
+}
+
+#[test]
+fn async_and_thread_producers_share_one_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    let log = AuditLog::open(&config(&dir, &keys)).unwrap();
+
+    // The filter: a plain thread that blocks on its ticket.
+    let filter_log = log.clone();
+    let filter = std::thread::spawn(move || {
+        let flow = FlowTuple {
+            proto: 6,
+            src_ip: "198.51.100.7".parse().unwrap(),
+            src_port: 50000,
+            dst_ip: "203.0.113.9".parse().unwrap(),
+            dst_port: 443,
+        };
+        filter_log.admit().unwrap();
+        let start = AuditEvent::flow_start(Action::Allowed, &flow).with_rule("vnet-https", "ab");
+        filter_log.submit(&start).unwrap().wait().unwrap();
+        let sent = Traffic {
+            packets: 10,
+            bytes: 1200,
+        };
+        let received = Traffic {
+            packets: 12,
+            bytes: 9000,
+        };
+        let end = AuditEvent::flow_end(&flow, sent, received, Duration::from_millis(1500));
+        filter_log.submit(&end).unwrap().wait().unwrap().seq
+    });
+
+    // The proxy: tokio tasks awaiting durability.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let seqs = rt.block_on(async {
+        let mut seqs = Vec::new();
+        for i in 0..20u16 {
+            let ev = AuditEvent::connect_tunnel(
+                Action::Denied,
+                "192.0.2.10:40000".parse().unwrap(),
+                "blocked.example.com",
+                443,
+            )
+            .with_rule("deny-default", "ab")
+            .with_reason(&format!("no rule allows blocked.example.com ({i})"));
+            let ticket = log.submit_async(&ev).await.unwrap();
+            seqs.push(ticket.durable().await.unwrap().seq);
+        }
+        seqs
+    });
+    filter.join().unwrap();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let stats = log.stats();
+    assert_eq!(stats.lost_records, 0);
+    rt.block_on(log.clone().close_async()).unwrap();
+    assert!(
+        log.submit(&AuditEvent::lifecycle(Action::Stop)).is_err(),
+        "closed for every handle"
+    );
+
+    let (code, report) = verify(&dir, &keys);
+    assert_eq!(code, 0, "{report}");
+    let o = run(&[
+        "audit",
+        "query",
+        dir.to_str().unwrap(),
+        "--action",
+        "denied",
+        "--domain",
+        "*.example.com",
+        "--format",
+        "table",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().count(),
+        21,
+        "{}",
+        text(&o)
+    );
+    let o = run(&["audit", "summary", dir.to_str().unwrap()]);
+    let summary = text(&o);
+    assert!(summary.contains("20  blocked.example.com"), "{summary}");
+    assert!(summary.contains("deny-default"), "{summary}");
+    assert!(summary.contains("10200  203.0.113.9"), "{summary}");
+    let o = run(&[
+        "audit",
+        "export",
+        "--format",
+        "squid",
+        dir.to_str().unwrap(),
+    ]);
+    let squid = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(squid.lines().count(), 20);
+    assert!(
+        squid
+            .lines()
+            .all(|l| l.contains(" TCP_DENIED/403 0 CONNECT blocked.example.com:443 ")),
+        "{squid}"
+    );
+}
+
+#[test]
+fn one_writer_per_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    let first = AuditLog::open(&config(&dir, &keys)).unwrap();
+    let second = AuditLog::open(&config(&dir, &keys));
+    assert!(
+        matches!(second, Err(palisade::audit::AuditError::Locked { .. })),
+        "a second writer must be refused"
+    );
+    first.close().unwrap();
+    AuditLog::open(&config(&dir, &keys))
+        .unwrap()
+        .close()
+        .unwrap();
+    let (code, report) = verify(&dir, &keys);
+    assert_eq!(code, 0, "{report}");
+}
+
+#[test]
+fn checkpoints_and_rotation_by_age_and_restart_continue_the_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    let mut cfg = config(&dir, &keys);
+    cfg.checkpoint_interval = Duration::from_secs(1);
+    cfg.rotate_age = Some(Duration::from_secs(1));
+    for boot in 0..2 {
+        let log = AuditLog::open(&cfg).unwrap();
+        log.submit(&AuditEvent::policy_loaded("ab", "/etc/palisade/policy"))
+            .unwrap()
+            .wait()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1300));
+        log.submit(&AuditEvent::reload_failed(
+            "policy.policy:3:7: unknown zone",
+            Some("ab"),
+        ))
+        .unwrap()
+        .wait()
+        .unwrap();
+        log.close().unwrap();
+        let (code, report) = verify(&dir, &keys);
+        assert_eq!(code, 0, "boot {boot}: {report}");
+    }
+    let q = |action: &str| {
+        let o = run(&["audit", "query", dir.to_str().unwrap(), "--action", action]);
+        String::from_utf8_lossy(&o.stdout).lines().count()
+    };
+    assert!(
+        q("checkpoint") >= 4,
+        "interval, rotation and stop checkpoints"
+    );
+    assert!(q("rotation") >= 2, "rotated by age in each boot");
+    assert_eq!(q("start"), 2);
+    assert_eq!(q("policy-loaded"), 2);
+    assert_eq!(q("reload-failed"), 2);
+}
+
+#[test]
+fn a_full_queue_is_counted_and_written_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    let mut cfg = config(&dir, &keys);
+    cfg.queue_capacity = 1;
+    cfg.on_log_failure = palisade::audit::OnLogFailure::FailOpen;
+    let log = AuditLog::open(&cfg).unwrap();
+    let mut tickets = Vec::new();
+    let mut rejected = 0u64;
+    for i in 0..200_000u32 {
+        let ev = AuditEvent::lifecycle(Action::PolicyLoaded).with_reason(&i.to_string());
+        match log.try_submit(&ev) {
+            Ok(t) => tickets.push(t),
+            Err(e) => {
+                assert!(!e.refuses_flow(), "fail-open never refuses");
+                rejected += 1;
+                if rejected >= 10 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(rejected >= 10, "a one-slot queue never filled");
+    for t in tickets {
+        t.wait().unwrap();
+    }
+    let stats = log.stats();
+    assert_eq!(stats.queue_full_rejections, rejected);
+    assert_eq!(stats.lost_records, rejected);
+    log.close().unwrap();
+    let (code, report) = verify(&dir, &keys);
+    assert_eq!(code, 0, "{report}");
+    let o = run(&["audit", "query", dir.to_str().unwrap(), "--action", "gap"]);
+    let lost: u64 = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["palisade"]["gap"]["lost_records"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        lost, rejected,
+        "every rejected record is accounted for in a gap record"
+    );
+}
