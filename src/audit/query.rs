@@ -50,8 +50,7 @@ pub struct Filter {
 
 impl Filter {
     pub fn in_window(&self, r: &AuditRecord) -> bool {
-        self.since.is_none_or(|s| r.timestamp >= s)
-            && self.until.is_none_or(|u| r.timestamp < u)
+        self.since.is_none_or(|s| r.timestamp >= s) && self.until.is_none_or(|u| r.timestamp < u)
     }
 
     pub fn matches(&self, r: &AuditRecord) -> bool {
