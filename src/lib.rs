@@ -11,4 +11,6 @@
 
 pub mod audit;
 pub mod classify;
+pub mod config;
 pub mod policy;
+pub mod proxy;

@@ -176,6 +176,10 @@ pub struct HttpFields {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct HttpRequest {
     pub method: String,
+    /// The proxy's id for the request, also shown to the client in a
+    /// refusal (ECS `http.request.id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -372,6 +376,7 @@ impl AuditEvent {
         e.http = Some(HttpFields {
             request: Some(HttpRequest {
                 method: method.to_string(),
+                id: None,
             }),
             response: None,
         });
@@ -402,6 +407,7 @@ impl AuditEvent {
         e.http = Some(HttpFields {
             request: Some(HttpRequest {
                 method: "CONNECT".into(),
+                id: None,
             }),
             response: None,
         });
@@ -480,6 +486,19 @@ impl AuditEvent {
         let rule = self.rule.get_or_insert_with(RuleFields::default);
         rule.name = Some(name.to_string());
         rule.ruleset = Some(policy_sha256.to_string());
+        self
+    }
+
+    /// The proxy's request id (`http.request.id`).
+    pub fn with_request_id(mut self, id: &str) -> AuditEvent {
+        if let Some(r) = self
+            .http
+            .get_or_insert_with(HttpFields::default)
+            .request
+            .as_mut()
+        {
+            r.id = Some(id.to_string());
+        }
         self
     }
 

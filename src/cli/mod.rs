@@ -4,6 +4,7 @@
 mod analysis;
 mod audit;
 mod policy;
+mod proxy;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -51,6 +52,9 @@ enum Command {
     /// set; prints `<index> <allow|deny> <rule>` per packet and the lookup
     /// rate on stderr.
     Classify(analysis::ClassifyArgs),
+    /// Run the forced-tunneling HTTP(S) proxy (default config:
+    /// config/palisade.toml, listening on 127.0.0.1:3128).
+    Proxy(proxy::ProxyArgs),
     /// The audit trail: keys, verification, queries, reports.
     Audit {
         #[command(subcommand)]
@@ -71,5 +75,6 @@ pub fn run() -> ExitCode {
         Command::Import(c) => analysis::import(c),
         Command::Classify(a) => analysis::classify(a),
         Command::Audit { command } => audit::run(command),
+        Command::Proxy(a) => proxy::run(a),
     }
 }

@@ -1,0 +1,139 @@
+//! `palisade proxy`: the forced-tunneling proxy daemon.
+
+use super::policy::today;
+use clap::Args;
+use palisade::audit::{generate_key_pair, AuditLog};
+use palisade::config::Config;
+use palisade::policy::load::{load_policy, FsLoader};
+use palisade::policy::Options;
+use palisade::proxy::Proxy;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args)]
+pub struct ProxyArgs {
+    /// The daemon configuration (TOML).
+    #[arg(long, default_value = "config/palisade.toml")]
+    pub config: PathBuf,
+    /// Listen on this address instead of the configured one.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Use this policy file instead of the configured one.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Write the audit trail here instead of the configured directory.
+    #[arg(long)]
+    pub audit_dir: Option<PathBuf>,
+}
+
+pub fn run(args: ProxyArgs) -> ExitCode {
+    let mut config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(l) = args.listen {
+        config.proxy.listen = l;
+    }
+    if let Some(p) = args.policy {
+        config.policy = p;
+    }
+    if let Some(d) = args.audit_dir {
+        config.audit.dir = d;
+    }
+    // First start: make the signing key, like an SSH host key. Its public
+    // half belongs with the auditors, off the appliance.
+    if let Some(key) = &config.audit.signing_key {
+        if !key.exists() {
+            let public = key.with_extension("pub");
+            if let Some(dir) = key.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            match generate_key_pair(key, &public) {
+                Ok(id) => eprintln!(
+                    "palisade proxy: created audit signing key {} (key id {id}); give {} to your auditors",
+                    key.display(),
+                    public.display()
+                ),
+                Err(e) => {
+                    eprintln!("error: cannot create the audit signing key: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    }
+    let policy_path = config.policy.clone();
+    let loader = Box::new(move || {
+        load_policy(&policy_path, &FsLoader, Options { today: today() })
+            .map(|c| c.policy)
+            .map_err(|f| f.diagnostics.render(&f.sources))
+    });
+    let audit = match AuditLog::open(&config.audit) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: cannot open the audit trail: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async move {
+        let proxy = match Proxy::bind(config.proxy.clone(), loader, audit.clone()).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                let _ = audit.close_async().await;
+                return ExitCode::from(2);
+            }
+        };
+        match proxy.local_addr() {
+            Ok(a) => eprintln!(
+                "palisade proxy: listening on {a}; policy {}; audit trail in {}",
+                config.policy.display(),
+                config.audit.dir.display()
+            ),
+            Err(e) => eprintln!("palisade proxy: {e}"),
+        }
+        let shutdown = async {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{signal, SignalKind};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        };
+        let log = proxy.run(shutdown).await;
+        eprintln!("palisade proxy: stopping");
+        match log.close_async().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: closing the audit trail: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}

@@ -1,0 +1,239 @@
+//! The daemon's TOML configuration, validated before anything starts.
+//!
+//! Relative paths in the file are relative to the file's own directory, so
+//! the shipped `config/palisade.toml` works from any working directory.
+
+use crate::audit::config::parse_duration;
+use crate::audit::AuditConfig;
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What is wrong with a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {field}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+/// The forced-tunneling proxy's settings. Every limit has the default a
+/// production proxy ships with.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// Largest request head (request line and headers) in bytes.
+    pub max_header_bytes: usize,
+    /// Most header fields in a request.
+    pub max_headers: usize,
+    /// A client must send its whole request head within this time
+    /// (slowloris).
+    #[serde(deserialize_with = "de_duration")]
+    pub header_read_timeout: Duration,
+    /// A kept-alive client connection with no request for this long closes.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// A tunnel with no bytes either way for this long closes.
+    #[serde(deserialize_with = "de_duration")]
+    pub tunnel_idle_timeout: Duration,
+    /// How long to wait for the client's first bytes in a tunnel.
+    #[serde(deserialize_with = "de_duration")]
+    pub tunnel_first_bytes_timeout: Duration,
+    /// Connecting to an origin gives up after this long (504).
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// An origin must answer a forwarded request within this time (504).
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_timeout: Duration,
+    /// Client connections open at once, in total.
+    pub max_connections: usize,
+    /// Client connections open at once from one source address.
+    pub max_connections_per_client: usize,
+    /// Requests and tunnels per second from one source address (429 past it).
+    pub requests_per_second_per_client: u32,
+    /// Requests one source address may send in a burst above the rate.
+    pub request_burst_per_client: u32,
+    /// Fixed name-to-address answers used instead of DNS (a hosts file for
+    /// the proxy: tests, or pinning a name).
+    pub hosts: BTreeMap<String, Vec<IpAddr>>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3128)),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(300),
+            tunnel_first_bytes_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            upstream_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            max_connections_per_client: 256,
+            requests_per_second_per_client: 200,
+            request_burst_per_client: 400,
+            hosts: BTreeMap::new(),
+        }
+    }
+}
+
+/// The whole daemon configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The policy's root file.
+    pub policy: PathBuf,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    pub audit: AuditConfig,
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(path, &text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.policy = resolve(base, &config.policy);
+        config.audit.dir = resolve(base, &config.audit.dir);
+        if let Some(k) = &config.audit.signing_key {
+            config.audit.signing_key = Some(resolve(base, k));
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates configuration text; `path` names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, problem: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            problem: problem.to_string(),
+        };
+        self.audit
+            .validate()
+            .map_err(|e| invalid(&format!("audit.{}", e.field), &e.problem))?;
+        let p = &self.proxy;
+        if p.max_header_bytes < 1024 {
+            return Err(invalid("proxy.max_header_bytes", "must be at least 1024"));
+        }
+        if p.max_headers == 0 {
+            return Err(invalid("proxy.max_headers", "must be at least 1"));
+        }
+        if p.max_connections == 0 || p.max_connections_per_client == 0 {
+            return Err(invalid(
+                "proxy.max_connections",
+                "connection limits must be at least 1",
+            ));
+        }
+        if p.requests_per_second_per_client == 0 {
+            return Err(invalid(
+                "proxy.requests_per_second_per_client",
+                "must be at least 1",
+            ));
+        }
+        for (field, d) in [
+            ("proxy.header_read_timeout", p.header_read_timeout),
+            ("proxy.idle_timeout", p.idle_timeout),
+            ("proxy.tunnel_idle_timeout", p.tunnel_idle_timeout),
+            (
+                "proxy.tunnel_first_bytes_timeout",
+                p.tunnel_first_bytes_timeout,
+            ),
+            ("proxy.connect_timeout", p.connect_timeout),
+            ("proxy.upstream_timeout", p.upstream_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(field, "must be longer than zero"));
+            }
+        }
+        for name in p.hosts.keys() {
+            if crate::policy::normalize_host(name).is_none() {
+                return Err(invalid(
+                    &format!("proxy.hosts.{name}"),
+                    "not a valid host name",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/palisade.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.proxy.listen, "127.0.0.1:3128".parse().unwrap());
+        assert!(c.policy.ends_with("policies/example.policy"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let p = Path::new("x.toml");
+        let e = Config::parse(
+            p,
+            "policy = \"a\"\n[audit]\nsigning_key = \"k\"\n[proxy]\nmax_headers = 0\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "x.toml: proxy.max_headers: must be at least 1"
+        );
+        let e = Config::parse(
+            p,
+            "policy = \"a\"\n[audit]\nsigning_key = \"k\"\n[proxy]\nlisten = \"nowhere\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+        let e = Config::parse(
+            p,
+            "policy = \"a\"\n[audit]\nsigning_key = \"k\"\n[proxy]\nlisen = \"127.0.0.1:1\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field `lisen`"), "{e}");
+    }
+}

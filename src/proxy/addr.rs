@@ -1,0 +1,268 @@
+//! Destination addresses: literal spellings, and the ranges no request may
+//! reach unless the policy names them.
+//!
+//! A host that looks like an IPv4 literal is read the way `inet_aton` reads
+//! it (`2130706433`, `0x7f.1`, `017700000001` and `127.1` are all
+//! 127.0.0.1), so no spelling slips past the checks and reaches the
+//! resolver; IPv6 literals are bracketed, and IPv4-mapped, IPv4-compatible
+//! and NAT64 forms are checked as the IPv4 address they carry.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// How a request names its destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// A normalised host name (lower case, no trailing dot).
+    Name(String),
+    Ip(IpAddr),
+}
+
+fn parse_part(p: &str) -> Option<u64> {
+    if p.is_empty() {
+        return None;
+    }
+    let (digits, radix) = if let Some(h) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X")) {
+        (h, 16)
+    } else if p.len() > 1 && p.starts_with('0') {
+        (&p[1..], 8)
+    } else {
+        (p, 10)
+    };
+    if digits.is_empty() {
+        return if radix == 16 { None } else { Some(0) };
+    }
+    u64::from_str_radix(digits, radix)
+        .ok()
+        .filter(|v| *v <= u32::MAX as u64)
+}
+
+/// Reads an IPv4 literal in any spelling `inet_aton` accepts.
+pub fn parse_ipv4_loose(s: &str) -> Option<Ipv4Addr> {
+    let parts: Vec<&str> = s.split('.').collect();
+    if parts.is_empty() || parts.len() > 4 {
+        return None;
+    }
+    let nums: Vec<u64> = parts.iter().map(|p| parse_part(p)).collect::<Option<_>>()?;
+    let (last, head) = nums.split_last()?;
+    if head.iter().any(|&n| n > 255) {
+        return None;
+    }
+    let rest_bits = 8 * (4 - head.len() as u32);
+    if rest_bits < 32 && *last >= (1u64 << rest_bits) {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for (i, &n) in head.iter().enumerate() {
+        v |= n << (24 - 8 * i as u32);
+    }
+    Some(Ipv4Addr::from((v | last) as u32))
+}
+
+/// Whether `s` is shaped like an IPv4 literal (digits, dots, 0x-hex parts):
+/// such a host is never sent to DNS.
+fn looks_numeric(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|p| {
+            !p.is_empty()
+                && (p.chars().all(|c| c.is_ascii_digit())
+                    || ((p.starts_with("0x") || p.starts_with("0X"))
+                        && p[2..].chars().all(|c| c.is_ascii_hexdigit())))
+        })
+}
+
+/// Why a host cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("`{0}` is neither a host name nor an IP address")]
+    Invalid(String),
+}
+
+/// Reads the host of a request target or CONNECT authority.
+pub fn parse_host(raw: &str) -> Result<Host, HostError> {
+    let bad = || HostError::Invalid(raw.chars().take(100).collect());
+    if let Some(inner) = raw.strip_prefix('[') {
+        let inner = inner.strip_suffix(']').ok_or_else(bad)?;
+        let ip: Ipv6Addr = inner.parse().map_err(|_| bad())?;
+        return Ok(Host::Ip(IpAddr::V6(ip)));
+    }
+    if let Ok(ip) = raw.parse::<Ipv6Addr>() {
+        return Ok(Host::Ip(IpAddr::V6(ip)));
+    }
+    let trimmed = raw.strip_suffix('.').unwrap_or(raw);
+    if looks_numeric(trimmed) {
+        return parse_ipv4_loose(trimmed)
+            .map(|a| Host::Ip(IpAddr::V4(a)))
+            .ok_or_else(bad);
+    }
+    crate::policy::normalize_host(raw)
+        .map(Host::Name)
+        .ok_or_else(bad)
+}
+
+/// The IPv4 address an IPv6 address carries, if it is a mapped,
+/// compatible or NAT64 (64:ff9b::/96) form.
+pub fn embedded_ipv4(a: &Ipv6Addr) -> Option<Ipv4Addr> {
+    if let Some(v4) = a.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let s = a.segments();
+    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    if s[..6] == [0, 0, 0, 0, 0, 0] && u32::from(tail) > 1 {
+        return Some(tail);
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(tail);
+    }
+    None
+}
+
+/// The address to check: IPv4 for the IPv6 forms that carry one.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(a) => embedded_ipv4(&a).map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+fn in_v4(a: Ipv4Addr, net: [u8; 4], len: u32) -> bool {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    u32::from(a) & mask == u32::from(Ipv4Addr::from(net)) & mask
+}
+
+fn in_v6(a: Ipv6Addr, net: u128, len: u32) -> bool {
+    let mask = if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - len)
+    };
+    u128::from(a) & mask == net & mask
+}
+
+/// Why an address is internal, or `None` for a public address. Internal:
+/// this-network, loopback, RFC 1918, CGNAT, link-local (with the cloud
+/// metadata address 169.254.169.254), IETF protocol assignments, benchmarking,
+/// multicast, reserved and broadcast; for IPv6 unspecified, loopback,
+/// link-local, unique-local, multicast and discard-only.
+pub fn internal_range(ip: IpAddr) -> Option<&'static str> {
+    match canonical(ip) {
+        IpAddr::V4(a) => {
+            let table: &[([u8; 4], u32, &str)] = &[
+                ([0, 0, 0, 0], 8, "this-network (0.0.0.0/8)"),
+                ([10, 0, 0, 0], 8, "private (10.0.0.0/8)"),
+                ([100, 64, 0, 0], 10, "carrier-grade NAT (100.64.0.0/10)"),
+                ([127, 0, 0, 0], 8, "loopback (127.0.0.0/8)"),
+                ([169, 254, 169, 254], 32, "cloud metadata (169.254.169.254)"),
+                ([169, 254, 0, 0], 16, "link-local (169.254.0.0/16)"),
+                ([172, 16, 0, 0], 12, "private (172.16.0.0/12)"),
+                (
+                    [192, 0, 0, 0],
+                    24,
+                    "IETF protocol assignments (192.0.0.0/24)",
+                ),
+                ([192, 168, 0, 0], 16, "private (192.168.0.0/16)"),
+                ([198, 18, 0, 0], 15, "benchmarking (198.18.0.0/15)"),
+                ([224, 0, 0, 0], 4, "multicast (224.0.0.0/4)"),
+                ([240, 0, 0, 0], 4, "reserved (240.0.0.0/4)"),
+            ];
+            table
+                .iter()
+                .find(|(n, l, _)| in_v4(a, *n, *l))
+                .map(|(_, _, why)| *why)
+        }
+        IpAddr::V6(a) => {
+            let table: &[(u128, u32, &str)] = &[
+                (0, 128, "unspecified (::)"),
+                (1, 128, "loopback (::1)"),
+                (0xfe80 << 112, 10, "link-local (fe80::/10)"),
+                (0xfc00 << 112, 7, "unique-local (fc00::/7)"),
+                (0xff00 << 112, 8, "multicast (ff00::/8)"),
+                (0x0100 << 112, 64, "discard-only (100::/64)"),
+            ];
+            table
+                .iter()
+                .find(|(n, l, _)| in_v6(a, *n, *l))
+                .map(|(_, _, why)| *why)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Host {
+        parse_host(s).unwrap()
+    }
+
+    #[test]
+    fn every_spelling_of_loopback_is_loopback() {
+        let lo = Host::Ip("127.0.0.1".parse().unwrap());
+        for s in [
+            "127.0.0.1",
+            "2130706433",
+            "0x7f000001",
+            "0x7f.1",
+            "017700000001",
+            "0177.0.0.1",
+            "127.1",
+            "127.0.1",
+            "127.0.0.1.",
+        ] {
+            assert_eq!(ip(s), lo, "{s}");
+        }
+        for s in [
+            "[::ffff:127.0.0.1]",
+            "[::ffff:7f00:1]",
+            "[::127.0.0.1]",
+            "[64:ff9b::7f00:1]",
+        ] {
+            let Host::Ip(a) = ip(s) else { panic!() };
+            assert_eq!(canonical(a), "127.0.0.1".parse::<IpAddr>().unwrap(), "{s}");
+            assert!(internal_range(a).is_some(), "{s}");
+        }
+    }
+
+    #[test]
+    fn names_and_junk() {
+        assert_eq!(ip("Example.COM."), Host::Name("example.com".into()));
+        assert_eq!(ip("deadbeef"), Host::Name("deadbeef".into()));
+        for bad in [
+            "256.0.0.1",
+            "1.2.3.4.5",
+            "0x",
+            "[::1",
+            "a b",
+            "4294967296",
+            "1.16777216",
+        ] {
+            assert!(parse_host(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn internal_ranges() {
+        for s in [
+            "10.1.2.3",
+            "172.31.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "ff02::1",
+        ] {
+            assert!(internal_range(s.parse().unwrap()).is_some(), "{s}");
+        }
+        for s in ["203.0.113.7", "198.51.100.1", "2001:db8::1", "8.8.8.8"] {
+            assert!(internal_range(s.parse().unwrap()).is_none(), "{s}");
+        }
+        assert_eq!(
+            internal_range("169.254.169.254".parse().unwrap()),
+            Some("cloud metadata (169.254.169.254)")
+        );
+    }
+}

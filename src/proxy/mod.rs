@@ -1,0 +1,985 @@
+//! The forced-tunneling HTTP(S) proxy.
+//!
+//! Every Internet-bound request from the VNet arrives here: plain HTTP in
+//! absolute form, HTTPS as a CONNECT tunnel. For each one the proxy
+//! 1. reads the destination (normalising IP literals in any spelling),
+//! 2. decides it with the policy's HTTP rules for the client's address,
+//! 3. resolves the name once and checks every address it got (internal
+//!    ranges are refused unless the deciding rule names the address),
+//! 4. connects to exactly the address it checked,
+//! 5. for tunnels, reads the client's first bytes: a TLS ClientHello whose
+//!    server name must be the CONNECT host (no domain fronting), or plain
+//!    bytes only where the rule says `plain-tunnel`,
+//!
+//! and writes one audit record per request and per tunnel, allowed or not,
+//! with the rule, the reason and a request id the client also sees.
+//! The policy sits behind an atomic swap; SIGHUP compiles the file again and
+//! swaps only a policy that compiled.
+
+mod addr;
+mod body;
+mod sni;
+
+pub use addr::{canonical, internal_range, parse_host, parse_ipv4_loose, Host};
+
+use crate::audit::{Action, AuditEvent, AuditLog};
+use crate::config::ProxyConfig;
+use crate::policy::{HttpHost, HttpRequest, Policy, Verdict};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Loads and compiles the policy file, for start-up and reloads.
+pub type PolicyLoader = Box<dyn Fn() -> Result<Policy, String> + Send + Sync>;
+
+/// Operational counters (not the audit trail).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub connections: AtomicU64,
+    pub refused_connections: AtomicU64,
+    pub requests: AtomicU64,
+    pub denied: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub tunnels: AtomicU64,
+}
+
+struct State {
+    policy: ArcSwap<Policy>,
+    loader: PolicyLoader,
+    audit: AuditLog,
+    config: ProxyConfig,
+    client: Client<HttpConnector, Incoming>,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+    open: AtomicU64,
+    next_id: AtomicU64,
+    id_prefix: String,
+    counters: Counters,
+}
+
+/// A running proxy: the listener and what every connection shares.
+pub struct Proxy {
+    listener: TcpListener,
+    state: Arc<State>,
+}
+
+/// Headers that describe one hop, never forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(*n);
+    }
+}
+
+fn add_via(h: &mut HeaderMap) {
+    h.append(hyper::header::VIA, HeaderValue::from_static("1.1 palisade"));
+}
+
+fn full(body: impl Into<Bytes>) -> ProxyBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// What the proxy decided about a request before any byte went upstream.
+struct Refusal {
+    status: StatusCode,
+    reason: String,
+    rule: Option<String>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            reason: reason.into(),
+            rule: None,
+        }
+    }
+}
+
+impl Proxy {
+    /// Binds the listener; the policy comes from `loader` (called again on
+    /// every reload).
+    pub async fn bind(
+        config: ProxyConfig,
+        loader: PolicyLoader,
+        audit: AuditLog,
+    ) -> std::io::Result<Proxy> {
+        let policy = loader().map_err(std::io::Error::other)?;
+        let listener = TcpListener::bind(config.listen).await?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        let rate =
+            NonZeroU32::new(config.requests_per_second_per_client).unwrap_or(NonZeroU32::MIN);
+        let burst =
+            NonZeroU32::new(config.request_burst_per_client.max(1)).unwrap_or(NonZeroU32::MIN);
+        let limiter = RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst));
+        let id_prefix = audit.boot_id().chars().take(8).collect();
+        let loaded = AuditEvent::policy_loaded(policy.sha256(), "start");
+        let _ = audit.submit_async(&loaded).await;
+        Ok(Proxy {
+            listener,
+            state: Arc::new(State {
+                policy: ArcSwap::from_pointee(policy),
+                loader,
+                audit,
+                config,
+                client,
+                limiter,
+                per_client: Mutex::new(HashMap::new()),
+                open: AtomicU64::new(0),
+                next_id: AtomicU64::new(1),
+                id_prefix,
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Compiles the policy again and swaps it in; a policy that does not
+    /// compile is reported and the one in force stays.
+    pub async fn reload(&self) -> Result<String, String> {
+        reload(&self.state).await
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> AuditLog {
+        tokio::pin!(shutdown);
+        let state = self.state.clone();
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            #[cfg(unix)]
+            let hup_fut = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = hup_fut => {
+                    match reload(&state).await {
+                        Ok(sha) => eprintln!("palisade proxy: reloaded policy (sha256 {sha})"),
+                        Err(e) => eprintln!("palisade proxy: reload failed, the previous policy stays in force:\n{e}"),
+                    }
+                }
+                accepted = self.listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(x) => x,
+                        Err(e) => {
+                            eprintln!("palisade proxy: accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let Some(guard) = ConnectionGuard::admit(&state, peer.ip()) else {
+                        state.counters.refused_connections.fetch_add(1, Ordering::Relaxed);
+                        drop(stream);
+                        continue;
+                    };
+                    state.counters.connections.fetch_add(1, Ordering::Relaxed);
+                    let st = state.clone();
+                    tokio::spawn(async move {
+                        serve_connection(st, stream, peer).await;
+                        drop(guard);
+                    });
+                }
+            }
+        }
+        // The audit handle outlives the proxy: the caller closes it.
+        Arc::try_unwrap(state)
+            .map(|s| s.audit)
+            .unwrap_or_else(|s| s.audit.clone())
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.state.counters
+    }
+}
+
+async fn reload(state: &State) -> Result<String, String> {
+    let in_force = state.policy.load().sha256().to_string();
+    match (state.loader)() {
+        Ok(p) => {
+            let sha = p.sha256().to_string();
+            state.policy.store(Arc::new(p));
+            let _ = state
+                .audit
+                .submit_async(&AuditEvent::policy_loaded(&sha, "reload"))
+                .await;
+            Ok(sha)
+        }
+        Err(e) => {
+            let _ = state
+                .audit
+                .submit_async(&AuditEvent::reload_failed(&e, Some(&in_force)))
+                .await;
+            Err(e)
+        }
+    }
+}
+
+/// Counts a client connection against the total and per-client limits for
+/// as long as it lives.
+struct ConnectionGuard {
+    state: Arc<State>,
+    ip: IpAddr,
+}
+
+impl ConnectionGuard {
+    fn admit(state: &Arc<State>, ip: IpAddr) -> Option<ConnectionGuard> {
+        let mut per = state.per_client.lock().ok()?;
+        if state.open.load(Ordering::Relaxed) as usize >= state.config.max_connections {
+            return None;
+        }
+        let n = per.entry(ip).or_insert(0);
+        if *n >= state.config.max_connections_per_client {
+            return None;
+        }
+        *n += 1;
+        state.open.fetch_add(1, Ordering::Relaxed);
+        Some(ConnectionGuard {
+            state: state.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.state.open.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut per) = self.state.per_client.lock() {
+            if let Some(n) = per.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let st = state.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let st = st.clone();
+        async move { Ok::<_, Infallible>(handle(st, peer, req).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.config.header_read_timeout)
+        .max_buf_size(state.config.max_header_bytes.max(8192))
+        .max_headers(state.config.max_headers)
+        .keep_alive(true);
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let idle = state.config.idle_timeout;
+    let result = match tokio::time::timeout(idle.max(Duration::from_secs(1)) * 60, conn).await {
+        Ok(r) => r,
+        Err(_) => return,
+    };
+    if let Err(e) = result {
+        // Requests hyper refused before they reached the service still get
+        // a record: a head too large, or one that never finished arriving.
+        let reason = if e.is_parse_too_large() {
+            Some("request head too large")
+        } else if e.is_timeout() {
+            Some("request head not received within the header read timeout")
+        } else if e.is_parse() {
+            Some("malformed request")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            state.counters.denied.fetch_add(1, Ordering::Relaxed);
+            let ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-").with_reason(reason);
+            let _ = state.audit.submit_async(&ev).await;
+        }
+    }
+}
+
+impl State {
+    fn request_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.id_prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// The response a refused request gets: the status, and a short body naming
+/// the rule and the request id (which the audit record carries too).
+fn refusal_response(r: &Refusal, id: &str) -> Response<ProxyBody> {
+    let mut body = format!(
+        "palisade: {} ({})\n",
+        r.status.canonical_reason().unwrap_or("refused"),
+        r.reason
+    );
+    if let Some(rule) = &r.rule {
+        body.push_str(&format!("rule: {rule}\n"));
+    }
+    body.push_str(&format!("request id: {id}\n"));
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = r.status;
+    let h = resp.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    if let Ok(v) = HeaderValue::from_str(id) {
+        h.insert("x-palisade-request-id", v);
+    }
+    add_via(h);
+    resp
+}
+
+fn http_host(h: &Host) -> HttpHost {
+    match h {
+        Host::Name(n) => HttpHost::Name(n.clone()),
+        Host::Ip(ip) => HttpHost::Ip(canonical(*ip)),
+    }
+}
+
+fn host_text(h: &Host) -> String {
+    match h {
+        Host::Name(n) => n.clone(),
+        Host::Ip(IpAddr::V6(a)) => format!("[{a}]"),
+        Host::Ip(a) => a.to_string(),
+    }
+}
+
+/// The policy's decision, as a refusal when it denies.
+fn decide(
+    policy: &Policy,
+    client: IpAddr,
+    host: &Host,
+    port: u16,
+    method: &str,
+) -> Result<(String, bool, Option<usize>), Refusal> {
+    let req = HttpRequest {
+        src: canonical(client),
+        host: http_host(host),
+        port,
+        method: method.to_string(),
+    };
+    let d = policy.decide_http(&req);
+    let name = policy.http_rule_name(d.rule).to_string();
+    if d.verdict == Verdict::Deny {
+        let reason = if d.rule.is_some() {
+            format!("rule {name} denies {method} to {}:{port}", host_text(host))
+        } else {
+            format!("no rule allows {method} to {}:{port}", host_text(host))
+        };
+        return Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            reason,
+            rule: Some(name),
+        });
+    }
+    Ok((name, d.plain_tunnel, d.rule))
+}
+
+/// Resolves once and checks every address; returns the one to dial.
+async fn resolve_checked(
+    state: &State,
+    policy: &Policy,
+    rule: Option<usize>,
+    host: &Host,
+    port: u16,
+) -> Result<SocketAddr, Refusal> {
+    let addrs: Vec<IpAddr> = match host {
+        Host::Ip(ip) => vec![*ip],
+        Host::Name(name) => match state.config.hosts.get(name) {
+            Some(fixed) => fixed.clone(),
+            None => match tokio::time::timeout(
+                state.config.connect_timeout,
+                tokio::net::lookup_host((name.as_str(), port)),
+            )
+            .await
+            {
+                Ok(Ok(it)) => it.map(|a| a.ip()).collect(),
+                Ok(Err(e)) => {
+                    return Err(Refusal::new(
+                        StatusCode::BAD_GATEWAY,
+                        format!("cannot resolve {name}: {e}"),
+                    ))
+                }
+                Err(_) => {
+                    return Err(Refusal::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("resolving {name} timed out"),
+                    ))
+                }
+            },
+        },
+    };
+    if addrs.is_empty() {
+        return Err(Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            format!("{} has no addresses", host_text(host)),
+        ));
+    }
+    let named = rule
+        .and_then(|i| policy.http_rules().get(i))
+        .map(|r| &r.addrs);
+    for a in &addrs {
+        let c = canonical(*a);
+        if let Some(why) = internal_range(c) {
+            if !named.is_some_and(|s| s.contains(c)) {
+                return Err(Refusal {
+                    status: StatusCode::FORBIDDEN,
+                    reason: format!(
+                        "{} resolves to {c}, which is {why} and not allowed by the policy",
+                        host_text(host)
+                    ),
+                    rule: rule.map(|i| policy.http_rule_name(Some(i)).to_string()),
+                });
+            }
+        }
+    }
+    Ok(SocketAddr::new(canonical(addrs[0]), port))
+}
+
+async fn handle(
+    state: Arc<State>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    state.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let id = state.request_id();
+    let start = Instant::now();
+    let method = req.method().as_str().to_string();
+    let target = req.uri().to_string();
+    let is_connect = req.method() == Method::CONNECT;
+    let record = |action: Action| {
+        let ev = if is_connect {
+            let (h, p) = split_authority(&target);
+            AuditEvent::connect_tunnel(action, peer, &h, p)
+        } else {
+            AuditEvent::proxy_request(action, peer, &method, &target)
+        };
+        ev.with_request_id(&id)
+    };
+    if state.limiter.check_key(&peer.ip()).is_err() {
+        state.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+        let r = Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "request rate limit for this client exceeded",
+        );
+        let ev = record(Action::Denied)
+            .with_reason(&r.reason)
+            .with_status(429);
+        let _ = state.audit.submit_async(&ev).await;
+        return refusal_response(&r, &id);
+    }
+    let policy = state.policy.load_full();
+    let outcome = if is_connect {
+        connect(&state, &policy, peer, req, &id, start).await
+    } else {
+        forward(&state, &policy, peer, req, &id, start).await
+    };
+    match outcome {
+        Ok(resp) => resp,
+        Err((r, dest)) => {
+            state.counters.denied.fetch_add(1, Ordering::Relaxed);
+            let mut ev = record(Action::Denied)
+                .with_reason(&r.reason)
+                .with_status(r.status.as_u16());
+            if let Some(rule) = &r.rule {
+                ev = ev.with_rule(rule, policy.sha256());
+            }
+            if let Some(d) = dest {
+                ev = ev.with_destination(d);
+            }
+            ev = ev.with_bytes(0, 0, start.elapsed());
+            // A refusal is recorded before the client hears of it.
+            if let Ok(t) = state.audit.submit_async(&ev).await {
+                let _ = t.durable().await;
+            }
+            refusal_response(&r, &id)
+        }
+    }
+}
+
+fn split_authority(a: &str) -> (String, u16) {
+    match a.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !h.ends_with(':') => {
+            (h.to_string(), p.parse().unwrap_or(0))
+        }
+        _ => (a.to_string(), 0),
+    }
+}
+
+type Outcome = Result<Response<ProxyBody>, (Refusal, Option<SocketAddr>)>;
+
+async fn admit(state: &State) -> Result<(), (Refusal, Option<SocketAddr>)> {
+    state.audit.admit().map_err(|e| {
+        (
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the audit trail cannot be written ({e}); new requests are refused"),
+            ),
+            None,
+        )
+    })
+}
+
+async fn forward(
+    state: &Arc<State>,
+    policy: &Arc<Policy>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    id: &str,
+    start: Instant,
+) -> Outcome {
+    let uri = req.uri().clone();
+    let Some(authority) = uri.authority().cloned() else {
+        return Err((
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "a forward proxy needs an absolute URL (http://host/path)",
+            ),
+            None,
+        ));
+    };
+    if uri.scheme_str() != Some("http") {
+        return Err((
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "only http:// URLs are forwarded; HTTPS goes through CONNECT",
+            ),
+            None,
+        ));
+    }
+    if !authority
+        .as_str()
+        .rsplit('@')
+        .nth(1)
+        .unwrap_or("")
+        .is_empty()
+    {
+        return Err((
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "user information in the URL is not allowed",
+            ),
+            None,
+        ));
+    }
+    let host = parse_host(authority.host())
+        .map_err(|e| (Refusal::new(StatusCode::BAD_REQUEST, e.to_string()), None))?;
+    let port = authority.port_u16().unwrap_or(80);
+    if let Some(h) = req.headers().get(HOST) {
+        let (hh, hp) = match h
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<hyper::http::uri::Authority>().ok())
+        {
+            Some(a) => (parse_host(a.host()).ok(), a.port_u16().unwrap_or(80)),
+            None => (None, 0),
+        };
+        if hh.as_ref() != Some(&host) || hp != port {
+            return Err((
+                Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "Host header does not match the request target {}",
+                        host_text(&host)
+                    ),
+                ),
+                None,
+            ));
+        }
+    }
+    let (rule_name, _, rule) =
+        decide(policy, peer.ip(), &host, port, req.method().as_str()).map_err(|r| (r, None))?;
+    admit(state).await?;
+    let dest = resolve_checked(state, policy, rule, &host, port)
+        .await
+        .map_err(|mut r| {
+            r.rule.get_or_insert_with(|| rule_name.clone());
+            (r, None)
+        })?;
+    // Dial exactly the checked address; the Host header keeps the name.
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let upstream_uri: Uri = match format!("http://{dest}{path}").parse() {
+        Ok(u) => u,
+        Err(_) => {
+            return Err((
+                Refusal::new(StatusCode::BAD_REQUEST, "cannot rebuild the request target"),
+                None,
+            ))
+        }
+    };
+    *req.uri_mut() = upstream_uri;
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    if !headers.contains_key(HOST) {
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            headers.insert(HOST, v);
+        }
+    }
+    add_via(headers);
+    let method = req.method().as_str().to_string();
+    let sent = tokio::time::timeout(state.config.upstream_timeout, state.client.request(req)).await;
+    let resp = match sent {
+        Err(_) => {
+            return Err((
+                Refusal {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    reason: format!(
+                        "{dest} did not answer within {:?}",
+                        state.config.upstream_timeout
+                    ),
+                    rule: Some(rule_name),
+                },
+                Some(dest),
+            ))
+        }
+        Ok(Err(e)) => {
+            let status = StatusCode::BAD_GATEWAY;
+            return Err((
+                Refusal {
+                    status,
+                    reason: format!("upstream {dest}: {}", error_chain(&e)),
+                    rule: Some(rule_name),
+                },
+                Some(dest),
+            ));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    add_via(&mut parts.headers);
+    let ev = AuditEvent::proxy_request(Action::Allowed, peer, &method, &uri.to_string())
+        .with_request_id(id)
+        .with_rule(&rule_name, policy.sha256())
+        .with_reason("allowed by rule")
+        .with_destination(dest)
+        .with_domain(&host_text(&host))
+        .with_status(parts.status.as_u16());
+    let body = body::Recorded::new(body, ev, state.audit.clone(), start);
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+async fn connect(
+    state: &Arc<State>,
+    policy: &Arc<Policy>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    id: &str,
+    start: Instant,
+) -> Outcome {
+    let Some(authority) = req.uri().authority().cloned() else {
+        return Err((
+            Refusal::new(StatusCode::BAD_REQUEST, "CONNECT needs host:port"),
+            None,
+        ));
+    };
+    let Some(port) = authority.port_u16() else {
+        return Err((
+            Refusal::new(StatusCode::BAD_REQUEST, "CONNECT needs host:port"),
+            None,
+        ));
+    };
+    let host = parse_host(authority.host())
+        .map_err(|e| (Refusal::new(StatusCode::BAD_REQUEST, e.to_string()), None))?;
+    let (rule_name, plain_tunnel, rule) =
+        decide(policy, peer.ip(), &host, port, "CONNECT").map_err(|r| (r, None))?;
+    admit(state).await?;
+    let dest = resolve_checked(state, policy, rule, &host, port)
+        .await
+        .map_err(|mut r| {
+            r.rule.get_or_insert_with(|| rule_name.clone());
+            (r, None)
+        })?;
+    let upstream =
+        match tokio::time::timeout(state.config.connect_timeout, TcpStream::connect(dest)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err((
+                    Refusal {
+                        status: StatusCode::BAD_GATEWAY,
+                        reason: format!("cannot connect to {dest}: {e}"),
+                        rule: Some(rule_name),
+                    },
+                    Some(dest),
+                ))
+            }
+            Err(_) => {
+                return Err((
+                    Refusal {
+                        status: StatusCode::GATEWAY_TIMEOUT,
+                        reason: format!("connecting to {dest} timed out"),
+                        rule: Some(rule_name),
+                    },
+                    Some(dest),
+                ))
+            }
+        };
+    let _ = upstream.set_nodelay(true);
+    state.counters.tunnels.fetch_add(1, Ordering::Relaxed);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let st = state.clone();
+    let sha = policy.sha256().to_string();
+    let id = id.to_string();
+    let host_t = host_text(&host);
+    tokio::spawn(async move {
+        let ev = AuditEvent::connect_tunnel(Action::Allowed, peer, &host_t, port)
+            .with_request_id(&id)
+            .with_rule(&rule_name, &sha)
+            .with_destination(dest);
+        let ev = match on_upgrade.await {
+            Ok(upgraded) => {
+                tunnel(
+                    &st,
+                    TokioIo::new(upgraded),
+                    upstream,
+                    &host,
+                    plain_tunnel,
+                    ev,
+                    start,
+                )
+                .await
+            }
+            Err(e) => ev
+                .with_reason(&format!("the client left before the tunnel opened: {e}"))
+                .with_bytes(0, 0, start.elapsed()),
+        };
+        let _ = st.audit.submit_async(&ev).await;
+    });
+    let mut resp = Response::new(full(Bytes::new()));
+    add_via(resp.headers_mut());
+    Ok(resp)
+}
+
+/// Checks the tunnel's first bytes, then relays until either side closes or
+/// the tunnel idles out. Returns the finished audit event.
+async fn tunnel(
+    state: &State,
+    mut client: TokioIo<hyper::upgrade::Upgraded>,
+    mut upstream: TcpStream,
+    host: &Host,
+    plain_tunnel: bool,
+    ev: AuditEvent,
+    start: Instant,
+) -> AuditEvent {
+    let mut buf = Vec::with_capacity(2048);
+    let deadline = tokio::time::Instant::now() + state.config.tunnel_first_bytes_timeout;
+    let first = loop {
+        match sni::inspect(&buf) {
+            sni::FirstBytes::Incomplete { need } if need <= sni::MAX_RECORD => {
+                let mut chunk = [0u8; 4096];
+                match tokio::time::timeout_at(deadline, client.read(&mut chunk)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        return ev
+                            .with_reason("the client closed the tunnel before sending anything")
+                            .with_bytes(buf.len() as u64, 0, start.elapsed())
+                    }
+                    Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                    Err(_) => {
+                        let mut ev = ev
+                            .with_reason("no bytes from the client within the first-bytes timeout");
+                        ev.event.action = Action::Denied;
+                        return ev.with_bytes(buf.len() as u64, 0, start.elapsed());
+                    }
+                }
+            }
+            other => break other,
+        }
+    };
+    let deny = |ev: AuditEvent, reason: String| {
+        let mut ev = ev.with_reason(&reason);
+        ev.event.action = Action::Denied;
+        ev
+    };
+    let ev = match (&first, host) {
+        (
+            sni::FirstBytes::ClientHello {
+                server_name: Some(name),
+            },
+            Host::Name(h),
+        ) => {
+            let ev = ev.with_server_name(name);
+            match crate::policy::normalize_host(name) {
+                Some(n) if n == *h => ev.with_reason("allowed by rule; TLS server name matches"),
+                _ => {
+                    let _ = client.shutdown().await;
+                    return deny(ev, format!("TLS server name {name} does not match the CONNECT host {h} (domain fronting)"))
+                        .with_bytes(buf.len() as u64, 0, start.elapsed());
+                }
+            }
+        }
+        (
+            sni::FirstBytes::ClientHello {
+                server_name: Some(name),
+            },
+            Host::Ip(ip),
+        ) => {
+            let ev = ev.with_server_name(name);
+            let _ = client.shutdown().await;
+            return deny(
+                ev,
+                format!("TLS server name {name} was sent to an IP literal CONNECT {ip}"),
+            )
+            .with_bytes(buf.len() as u64, 0, start.elapsed());
+        }
+        (sni::FirstBytes::ClientHello { server_name: None }, Host::Ip(_)) => {
+            ev.with_reason("allowed by rule for this address; no TLS server name")
+        }
+        (sni::FirstBytes::ClientHello { server_name: None }, Host::Name(h)) => {
+            let _ = client.shutdown().await;
+            return deny(
+                ev,
+                format!("TLS ClientHello without a server name for CONNECT {h}"),
+            )
+            .with_bytes(buf.len() as u64, 0, start.elapsed());
+        }
+        (_, _) if plain_tunnel => ev.with_reason("allowed by rule; plain tunnel"),
+        (_, _) => {
+            let _ = client.shutdown().await;
+            return deny(ev, "the tunnel does not start with a TLS ClientHello and the rule does not allow plain tunnels".to_string())
+                .with_bytes(buf.len() as u64, 0, start.elapsed());
+        }
+    };
+    if upstream.write_all(&buf).await.is_err() {
+        return ev.with_bytes(buf.len() as u64, 0, start.elapsed());
+    }
+    let (up, down) = relay(&mut client, &mut upstream, state.config.tunnel_idle_timeout).await;
+    ev.with_bytes(buf.len() as u64 + up, down, start.elapsed())
+}
+
+/// Copies both ways until both sides are done or nothing moves for `idle`.
+/// Returns (bytes client→server, bytes server→client).
+async fn relay(
+    client: &mut TokioIo<hyper::upgrade::Upgraded>,
+    upstream: &mut TcpStream,
+    idle: Duration,
+) -> (u64, u64) {
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = upstream.split();
+    let last = AtomicU64::new(0);
+    let (sent_up, sent_down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let epoch = Instant::now();
+    let touch = || last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let up = async {
+        let mut b = vec![0u8; 64 * 1024];
+        loop {
+            match cr.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => {
+                    touch();
+                    if uw.write_all(&b[..k]).await.is_err() {
+                        break;
+                    }
+                    sent_up.fetch_add(k as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        let _ = uw.shutdown().await;
+    };
+    let down = async {
+        let mut b = vec![0u8; 64 * 1024];
+        loop {
+            match ur.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => {
+                    touch();
+                    if cw.write_all(&b[..k]).await.is_err() {
+                        break;
+                    }
+                    sent_down.fetch_add(k as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        let _ = cw.shutdown().await;
+    };
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(idle / 4 + Duration::from_millis(10)).await;
+            let quiet =
+                (epoch.elapsed().as_millis() as u64).saturating_sub(last.load(Ordering::Relaxed));
+            if quiet >= idle.as_millis() as u64 {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = async { tokio::join!(up, down) } => {}
+        _ = watchdog => {}
+    }
+    (
+        sent_up.load(Ordering::Relaxed),
+        sent_down.load(Ordering::Relaxed),
+    )
+}
