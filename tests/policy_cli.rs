@@ -136,7 +136,7 @@ fn explain_names_the_rule_and_the_near_misses() {
         "{s}"
     );
     assert!(
-        s.contains("decided by: rule `biz-sql` (allow) at policies/example.policy:22:1"),
+        s.contains("decided by: rule `biz-sql` (allow) at policies/example.policy:23:1"),
         "{s}"
     );
 
