@@ -1,0 +1,712 @@
+//! The forced-tunneling proxy as a user runs it: the real `palisade proxy`
+//! binary on loopback, real origins (HTTP, and HTTPS with a test CA), real
+//! clients (curl, and raw Rust clients where curl cannot misbehave on
+//! purpose). Every test also reads the audit trail the proxy wrote.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Origins on loopback, served from a background runtime.
+struct Origins {
+    http: u16,
+    tls: u16,
+    echo: u16,
+    ca_pem: PathBuf,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn origins(dir: &Path) -> Origins {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let http = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let tls = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let echo = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let ports = (
+        http.local_addr().unwrap().port(),
+        tls.local_addr().unwrap().port(),
+        echo.local_addr().unwrap().port(),
+    );
+
+    let service = || {
+        hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let host = req
+                .headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let via = req
+                .headers()
+                .get("via")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let body = format!(
+                "origin saw {} {} host={host} via={via}\n",
+                req.method(),
+                req.uri()
+            );
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+        })
+    };
+    rt.spawn(async move {
+        loop {
+            let Ok((s, _)) = http.accept().await else {
+                return;
+            };
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), service()),
+            );
+        }
+    });
+
+    let ck = rcgen::generate_simple_self_signed(vec!["secure.test".to_string()]).unwrap();
+    let ca_pem = dir.join("ca.pem");
+    std::fs::write(&ca_pem, ck.cert.pem()).unwrap();
+    let cert = rustls::pki_types::CertificateDer::from(ck.cert.der().to_vec());
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    rt.spawn(async move {
+        loop {
+            let Ok((s, _)) = tls.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(t) = acceptor.accept(s).await {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(t), service())
+                        .await;
+                }
+            });
+        }
+    });
+    rt.spawn(async move {
+        loop {
+            let Ok((mut s, _)) = echo.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Origins {
+        http: ports.0,
+        tls: ports.1,
+        echo: ports.2,
+        ca_pem,
+        _rt: rt,
+    }
+}
+
+struct Proxy {
+    child: Option<Child>,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    policy: PathBuf,
+    origins: Origins,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn policy_text(o: &Origins) -> String {
+    format!(
+        "net local = 127.0.0.1, ::1\n\
+         http blocked  deny  local -> \"blocked.test\"\n\
+         http origin   allow local -> \"origin.test\", \"*.origin.test\", 127.0.0.1 port {http}\n\
+         http secure   allow local -> \"secure.test\", 127.0.0.1 port {tls}\n\
+         http echo     allow local -> \"echo.test\", 127.0.0.1 port {echo} plain-tunnel\n\
+         http internal allow local -> \"internal.test\" port {http}\n\
+         default deny log\n",
+        http = o.http,
+        tls = o.tls,
+        echo = o.echo
+    )
+}
+
+fn start_proxy(extra: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let origins = origins(dir.path());
+    let policy = dir.path().join("test.policy");
+    std::fs::write(&policy, policy_text(&origins)).unwrap();
+    let config = dir.path().join("palisade.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "policy = \"test.policy\"\n\
+             [proxy]\n\
+             listen = \"127.0.0.1:0\"\n\
+             header_read_timeout = \"1s\"\n\
+             tunnel_first_bytes_timeout = \"2s\"\n\
+             {extra}\n\
+             [proxy.hosts]\n\
+             \"origin.test\" = [\"127.0.0.1\"]\n\
+             \"www.origin.test\" = [\"127.0.0.1\"]\n\
+             \"secure.test\" = [\"127.0.0.1\"]\n\
+             \"echo.test\" = [\"127.0.0.1\"]\n\
+             \"internal.test\" = [\"127.0.0.1\"]\n\
+             [audit]\n\
+             dir = \"audit\"\n\
+             signing_key = \"keys/audit.key\"\n\
+             group_commit_window = \"1ms\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("proxy did not start");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split(';').next().unwrap().parse().unwrap();
+        }
+    };
+    Proxy {
+        child: Some(child),
+        addr,
+        dir,
+        policy,
+        origins,
+    }
+}
+
+impl Proxy {
+    fn curl(&self, args: &[&str]) -> (u16, String) {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-S",
+                "--max-time",
+                "10",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "-x",
+            ])
+            .arg(format!("http://{}", self.addr))
+            .args(args)
+            .output()
+            .expect("curl (.ci/run installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// Every audit record so far, as JSON.
+    fn records(&self) -> Vec<serde_json::Value> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("audit"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
+
+    /// Waits (bounded) for a record that satisfies `pred`.
+    fn wait_record(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self.records().into_iter().find(|r| pred(r)) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no audit record {what}; records:\n{:#?}",
+                self.records()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the proxy cleanly and checks the trail is whole.
+    fn stop_and_verify(mut self) {
+        let mut child = self.child.take().unwrap();
+        signal(&child, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "proxy did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
+            .args(["audit", "verify", "--key"])
+            .arg(self.dir.path().join("keys/audit.pub"))
+            .arg(self.dir.path().join("audit"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "verify: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn signal(child: &Child, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a live child has a pid");
+    rustix::process::kill_process(pid, sig).expect("signal the proxy");
+}
+
+fn s<'a>(v: &'a serde_json::Value, path: &str) -> &'a str {
+    v.pointer(path).and_then(|x| x.as_str()).unwrap_or("")
+}
+
+fn n(v: &serde_json::Value, path: &str) -> u64 {
+    v.pointer(path).and_then(|x| x.as_u64()).unwrap_or(u64::MAX)
+}
+
+#[test]
+fn plain_http_allowed_and_denied() {
+    let p = start_proxy("");
+    let url = format!("http://origin.test:{}/hello?x=1", p.origins.http);
+    let (code, body) = p.curl(&[&url]);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains(&format!(
+            "origin saw GET /hello?x=1 host=origin.test:{}",
+            p.origins.http
+        )),
+        "{body}"
+    );
+    assert!(body.contains("via=1.1 palisade"), "{body}");
+    let r = p.wait_record("for the allowed request", |r| {
+        s(r, "/url/full") == url && s(r, "/event/action") == "allowed"
+    });
+    assert_eq!(s(&r, "/rule/name"), "origin");
+    assert_eq!(n(&r, "/http/response/status_code"), 200);
+    assert_eq!(s(&r, "/destination/ip"), "127.0.0.1");
+    assert_eq!(n(&r, "/destination/bytes"), body.len() as u64);
+    assert_eq!(s(&r, "/event/code"), "proxy_request");
+
+    // Denied by an explicit rule, then by the default: 403 with the rule and
+    // a request id that the audit record carries too.
+    for (host, rule) in [("blocked.test", "blocked"), ("elsewhere.test", "default")] {
+        let url = format!("http://{host}/");
+        let (code, body) = p.curl(&[&url]);
+        assert_eq!(code, 403, "{body}");
+        assert!(body.contains(&format!("rule: {rule}")), "{body}");
+        let id = body
+            .split("request id: ")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_string();
+        let r = p.wait_record("for the refusal", |r| s(r, "/http/request/id") == id);
+        assert_eq!(s(&r, "/event/action"), "denied");
+        assert_eq!(s(&r, "/rule/name"), rule);
+        assert_eq!(n(&r, "/http/response/status_code"), 403);
+    }
+    p.stop_and_verify();
+}
+
+#[test]
+fn ip_literals_in_any_spelling_are_normalised() {
+    let p = start_proxy("");
+    let port = p.origins.http;
+    // 127.0.0.1 is named by rule `origin`: every spelling reaches the origin.
+    for spelling in [
+        "127.0.0.1",
+        "2130706433",
+        "0x7f000001",
+        "0x7f.1",
+        "0177.0.0.1",
+        "127.1",
+        "[::ffff:127.0.0.1]",
+    ] {
+        let (code, body) = p.curl(&[&format!("http://{spelling}:{port}/")]);
+        assert_eq!(code, 200, "{spelling}: {body}");
+    }
+    // 127.0.0.2 is loopback and named by no rule: every spelling is refused.
+    for spelling in [
+        "127.0.0.2",
+        "2130706434",
+        "0x7f.2",
+        "0177.0.0.2",
+        "[::ffff:127.0.0.2]",
+        "[::ffff:7f00:2]",
+    ] {
+        let (code, body) = p.curl(&[&format!("http://{spelling}:{port}/")]);
+        assert_eq!(code, 403, "{spelling}: {body}");
+    }
+    let denied: Vec<_> = p
+        .records()
+        .into_iter()
+        .filter(|r| s(r, "/event/action") == "denied")
+        .collect();
+    assert!(denied.len() >= 6);
+    p.stop_and_verify();
+}
+
+#[test]
+fn a_name_resolving_to_an_internal_address_is_refused() {
+    let p = start_proxy("");
+    let (code, body) = p.curl(&[&format!("http://internal.test:{}/", p.origins.http)]);
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("resolves to 127.0.0.1, which is loopback"),
+        "{body}"
+    );
+    let r = p.wait_record("for internal.test", |r| {
+        s(r, "/url/full").contains("internal.test")
+    });
+    assert_eq!(s(&r, "/event/action"), "denied");
+    assert!(s(&r, "/event/reason").contains("loopback"), "{r}");
+    p.stop_and_verify();
+}
+
+#[test]
+fn host_header_must_match_the_target() {
+    let p = start_proxy("");
+    let (code, body) = p.curl(&[
+        "-H",
+        "Host: blocked.test",
+        &format!("http://origin.test:{}/", p.origins.http),
+    ]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("Host header does not match"), "{body}");
+    p.wait_record("for the mismatch", |r| {
+        s(r, "/event/reason").contains("Host header does not match")
+    });
+    p.stop_and_verify();
+}
+
+#[test]
+fn https_through_connect_with_sni() {
+    let p = start_proxy("");
+    let url = format!("https://secure.test:{}/tls", p.origins.tls);
+    let (code, body) = p.curl(&["--cacert", p.origins.ca_pem.to_str().unwrap(), &url]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("origin saw GET /tls"), "{body}");
+    let r = p.wait_record("for the tunnel", |r| {
+        s(r, "/event/code") == "connect_tunnel" && s(r, "/event/action") == "allowed"
+    });
+    assert_eq!(s(&r, "/tls/client/server_name"), "secure.test");
+    assert_eq!(s(&r, "/rule/name"), "secure");
+    assert!(
+        n(&r, "/source/bytes") > 100 && n(&r, "/destination/bytes") > 100,
+        "{r}"
+    );
+    assert!(r.pointer("/event/duration").is_some());
+
+    // CONNECT to a port no rule allows.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+            "--max-time",
+            "10",
+            "-x",
+        ])
+        .arg(format!("http://{}", p.addr))
+        .arg("https://secure.test:1/")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
+    p.wait_record("for the refused port", |r| {
+        s(r, "/event/code") == "connect_tunnel" && n(r, "/destination/port") == 1
+    });
+    p.stop_and_verify();
+}
+
+/// Opens a tunnel by hand and returns the stream after the 200.
+fn connect_tunnel(proxy: SocketAddr, target: &str) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "proxy closed during CONNECT");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
+/// A TLS handshake over `stream` naming `server`; Ok when it completed.
+fn tls_handshake(
+    stream: TcpStream,
+    server: rustls::pki_types::ServerName<'static>,
+    ca: &Path,
+) -> Result<(), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read_to_string(ca).unwrap();
+    let der = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<String>();
+    let der = base64_decode(&der);
+    let _ = roots.add(rustls::pki_types::CertificateDer::from(der));
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, stream);
+    tls.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).map_err(|e| e.to_string())?;
+    if out.is_empty() {
+        return Err("no response".into());
+    }
+    Ok(())
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+#[test]
+fn sni_must_match_the_connect_host() {
+    let p = start_proxy("");
+    let target = format!("secure.test:{}", p.origins.tls);
+    // Domain fronting: CONNECT to an allowed name, TLS for another.
+    let t1 = connect_tunnel(p.addr, &target);
+    let r = tls_handshake(t1, "evil.test".try_into().unwrap(), &p.origins.ca_pem);
+    assert!(r.is_err(), "a fronted handshake must not complete");
+    let rec = p.wait_record("for the fronted tunnel", |r| {
+        s_contains(r, "/event/reason", "does not match the CONNECT host")
+    });
+    assert_eq!(s(&rec, "/event/action"), "denied");
+    assert_eq!(s(&rec, "/tls/client/server_name"), "evil.test");
+
+    // No SNI (a client naming the server by IP sends none) to a name:
+    // refused.
+    let s2 = connect_tunnel(p.addr, &target);
+    let r = tls_handshake(
+        s2,
+        rustls::pki_types::ServerName::IpAddress(
+            "127.0.0.1".parse::<std::net::IpAddr>().unwrap().into(),
+        ),
+        &p.origins.ca_pem,
+    );
+    assert!(r.is_err());
+    p.wait_record("for the missing SNI", |r| {
+        s_contains(r, "/event/reason", "without a server name")
+    });
+
+    // No SNI to an IP literal the policy allows: the tunnel opens (the
+    // certificate does not name the IP, so the client's own check may fail
+    // after the proxy let it through; the audit record says allowed).
+    let s3 = connect_tunnel(p.addr, &format!("127.0.0.1:{}", p.origins.tls));
+    let _ = tls_handshake(
+        s3,
+        rustls::pki_types::ServerName::IpAddress(
+            "127.0.0.1".parse::<std::net::IpAddr>().unwrap().into(),
+        ),
+        &p.origins.ca_pem,
+    );
+    p.wait_record("for the IP tunnel", |r| {
+        s(r, "/event/code") == "connect_tunnel"
+            && s(r, "/event/action") == "allowed"
+            && s(r, "/rule/name") == "secure"
+            && s(r, "/tls").is_empty()
+    });
+    p.stop_and_verify();
+}
+
+fn s_contains(v: &serde_json::Value, path: &str, needle: &str) -> bool {
+    s(v, path).contains(needle)
+}
+
+#[test]
+fn plain_bytes_in_a_tunnel_need_plain_tunnel() {
+    let p = start_proxy("");
+    // Not TLS, rule without plain-tunnel: cut.
+    let mut t = connect_tunnel(p.addr, &format!("secure.test:{}", p.origins.tls));
+    t.write_all(b"hello, not tls\n").unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        t.read(&mut buf).unwrap_or(0),
+        0,
+        "the proxy must close a non-TLS tunnel"
+    );
+    p.wait_record("for the non-TLS tunnel", |r| {
+        s_contains(r, "/event/reason", "does not start with a TLS ClientHello")
+    });
+
+    // plain-tunnel: bytes flow both ways.
+    let mut t = connect_tunnel(p.addr, &format!("echo.test:{}", p.origins.echo));
+    t.write_all(b"ping through the tunnel").unwrap();
+    let mut got = [0u8; 23];
+    t.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping through the tunnel");
+    drop(t);
+    let r = p.wait_record("for the plain tunnel", |r| {
+        s(r, "/rule/name") == "echo" && s(r, "/event/action") == "allowed"
+    });
+    assert_eq!(n(&r, "/source/bytes"), 23);
+    assert_eq!(n(&r, "/destination/bytes"), 23);
+    p.stop_and_verify();
+}
+
+#[test]
+fn oversize_headers_and_slowloris_are_cut() {
+    let p = start_proxy("max_header_bytes = 16384");
+    let big = format!("X-Big: {}", "a".repeat(40_000));
+    let (code, _) = p.curl(&[
+        "-H",
+        &big,
+        &format!("http://origin.test:{}/", p.origins.http),
+    ]);
+    assert_eq!(code, 431);
+    p.wait_record("for the oversize head", |r| {
+        s(r, "/event/reason") == "request head too large"
+    });
+
+    // A client that sends half a request head and stalls.
+    let mut slow = TcpStream::connect(p.addr).unwrap();
+    slow.write_all(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the proxy must cut a stalled head"
+    );
+    p.wait_record("for the slowloris client", |r| {
+        s_contains(r, "/event/reason", "header read timeout")
+    });
+    p.stop_and_verify();
+}
+
+#[test]
+fn per_client_rate_limit_answers_429() {
+    let p = start_proxy("requests_per_second_per_client = 2\nrequest_burst_per_client = 3");
+    let url = format!("http://origin.test:{}/", p.origins.http);
+    let codes: Vec<u16> = (0..12).map(|_| p.curl(&[&url]).0).collect();
+    assert!(codes.contains(&200), "{codes:?}");
+    assert!(codes.contains(&429), "{codes:?}");
+    p.wait_record("for the 429", |r| {
+        n(r, "/http/response/status_code") == 429 && s(r, "/event/action") == "denied"
+    });
+    p.stop_and_verify();
+}
+
+#[test]
+fn reload_keeps_serving_through_a_broken_policy() {
+    let p = start_proxy("");
+    let url = format!("http://origin.test:{}/", p.origins.http);
+    assert_eq!(p.curl(&[&url]).0, 200);
+    let child = p.child.as_ref().unwrap();
+    // A broken policy: reported, the old one stays.
+    std::fs::write(
+        &p.policy,
+        "net local = 127.0.0.1\nhttp origin allow lcal -> \"origin.test\"\n",
+    )
+    .unwrap();
+    signal(child, rustix::process::Signal::HUP);
+    let r = p.wait_record("for the failed reload", |r| {
+        s(r, "/event/action") == "reload-failed"
+    });
+    assert!(r.to_string().contains("unknown network"), "{r}");
+    assert_eq!(p.curl(&[&url]).0, 200, "the old policy must stay in force");
+    // A good policy that denies the origin: swapped in.
+    std::fs::write(&p.policy, "default deny log\n").unwrap();
+    signal(child, rustix::process::Signal::HUP);
+    p.wait_record("for the reload", |r| {
+        s(r, "/event/action") == "policy-loaded"
+            && s_contains(r, "/event/reason", "")
+            && r.to_string().contains("reload")
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.curl(&[&url]).0 != 403 {
+        assert!(Instant::now() < deadline, "the new policy was not applied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p.stop_and_verify();
+}
+
+#[test]
+fn rejects_a_config_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "policy = \"x.policy\"\n[proxy]\nmax_headers = 0\n[audit]\nsigning_key = \"k\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["proxy", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.max_headers: must be at least 1"));
+    let _ = TcpListener::bind("127.0.0.1:0");
+}
