@@ -6,10 +6,11 @@
 //! source port, destination port, protocol). The structure is a small set of
 //! decision trees:
 //!
-//! - **Root table.** When a few top bits (4 to 16) of one field spread a
-//!   tree's entries well (at most 3× copies, fullest slot clearly below the
-//!   whole), the first level is a table indexed by those bits, as HiCuts'
-//!   equal-size cuts: one load instead of several levels. Adjacent slots with
+//! - **Root table.** When a few top bits (16 at most in all) of one or two
+//!   fields spread a tree's entries well (at most 3× copies, fullest slot
+//!   clearly below the whole), the first level is a table indexed by those
+//!   bits, as HiCuts/HyperCuts' equal-size cuts: one load instead of several
+//!   levels. Adjacent slots with
 //!   the same entries share a subtree.
 //! - **Internal nodes** cut their region along one dimension at up to seven
 //!   thresholds taken from entry endpoints and chosen to balance entries among
@@ -273,14 +274,61 @@ struct Tree<A> {
 }
 
 /// The first level of a tree: the node to start from, indexed by the top
-/// bits of one field (`slots[value >> shift]`). It replaces several levels
-/// of thresholds with one load; adjacent slots with the same entries share a
-/// subtree.
+/// bits of one or two fields (`slots[(a >> shift_a) << bits_b | b >> shift_b]`).
+/// It replaces several levels of thresholds with one load; adjacent slots
+/// (in one row) with the same entries share a subtree.
 #[derive(Debug, Clone)]
 struct RootTable {
-    dim: usize,
-    shift: u32,
+    shape: RootShape,
     slots: Vec<u32>,
+}
+
+/// Which fields index a root table and by how many top bits each; the
+/// second field may use no bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct RootShape {
+    dims: [usize; 2],
+    bits: [u32; 2],
+}
+
+impl RootShape {
+    /// The slot range `lo..=hi` of values `lo..=hi` in field `f` (0 or 1).
+    #[inline(always)]
+    fn span<A: Address>(&self, f: usize, lo: A, hi: A) -> (usize, usize) {
+        if self.bits[f] == 0 {
+            return (0, 0);
+        }
+        let shift = dim_bits::<A>(self.dims[f]) - self.bits[f];
+        (
+            (lo >> shift).low_u32() as usize,
+            (hi >> shift).low_u32() as usize,
+        )
+    }
+
+    #[inline(always)]
+    fn slot<A: Address>(&self, p: &[A; DIMS]) -> usize {
+        let a = self.span(0, p[self.dims[0]], p[self.dims[0]]).0;
+        let b = self.span(1, p[self.dims[1]], p[self.dims[1]]).0;
+        a << self.bits[1] | b
+    }
+
+    fn total_bits(&self) -> u32 {
+        self.bits[0] + self.bits[1]
+    }
+
+    /// Values of field `f` in slots `first..=last` of that field.
+    fn range<A: Address>(&self, f: usize, first: usize, last: usize, region: &mut Rect<A>) {
+        let d = self.dims[f];
+        if self.bits[f] == 0 {
+            return;
+        }
+        let shift = dim_bits::<A>(d) - self.bits[f];
+        // Slot numbers are below 2^16, so they fit a u16.
+        region.lo[d] = A::from(first as u16) << shift;
+        if last + 1 < 1 << self.bits[f] {
+            region.hi[d] = (A::from((last + 1) as u16) << shift) - A::from(1);
+        }
+    }
 }
 
 /// Width in bits of each dimension.
@@ -297,7 +345,7 @@ impl<A: Address> Tree<A> {
     #[inline(always)]
     fn start(&self, p: &[A; DIMS]) -> u32 {
         match &self.root {
-            Some(r) => r.slots[(p[r.dim] >> r.shift).low_u32() as usize],
+            Some(r) => r.slots[r.shape.slot(p)],
             None => 0,
         }
     }
@@ -691,27 +739,38 @@ impl<A: Address> Builder<'_, A> {
                 ids,
                 depth: 0,
             }),
-            Some((dim, bits)) => {
-                let shift = dim_bits::<A>(dim) - bits;
-                let slots = 1usize << bits;
+            Some(shape) => {
+                let slots = 1usize << shape.total_bits();
                 if !self.charge_memory(slots * std::mem::size_of::<u32>()) {
                     return None;
                 }
                 let mut lists: Vec<Vec<u32>> = vec![Vec::new(); slots];
                 for &i in &ids {
                     let r = &self.rects[i as usize];
-                    let lo = (r.lo[dim] >> shift).low_u32() as usize;
-                    let hi = (r.hi[dim] >> shift).low_u32() as usize;
-                    for list in &mut lists[lo..=hi] {
-                        list.push(i);
+                    let (a0, a1) = shape.span(0, r.lo[shape.dims[0]], r.hi[shape.dims[0]]);
+                    let (b0, b1) = shape.span(1, r.lo[shape.dims[1]], r.hi[shape.dims[1]]);
+                    for a in a0..=a1 {
+                        for list in
+                            &mut lists[(a << shape.bits[1] | b0)..=(a << shape.bits[1] | b1)]
+                        {
+                            list.push(i);
+                        }
                     }
                 }
                 let mut table = vec![0u32; slots];
+                let row = 1usize << shape.bits[1];
                 let mut b = 0;
                 while b < slots {
+                    // A run of equal slots stays within one row, so that its
+                    // region is a box.
                     let mut e = b;
-                    while e + 1 < slots && lists[e + 1] == lists[b] {
+                    while e + 1 < slots && (e + 1) % row != 0 && lists[e + 1] == lists[b] {
                         e += 1;
+                    }
+                    if shape.bits[1] == 0 {
+                        while e + 1 < slots && lists[e + 1] == lists[b] {
+                            e += 1;
+                        }
                     }
                     if !self.charge_memory(std::mem::size_of::<Node<A>>()) {
                         return None;
@@ -719,10 +778,11 @@ impl<A: Address> Builder<'_, A> {
                     let node = tree.nodes.len();
                     tree.nodes.push(Node::leaf(node, 0, 0));
                     let mut region = universe;
-                    // Slot numbers are below 2^16, so they fit a u16.
-                    region.lo[dim] = A::from(b as u16) << shift;
-                    if e + 1 < slots {
-                        region.hi[dim] = (A::from((e + 1) as u16) << shift) - A::from(1);
+                    if shape.bits[1] == 0 {
+                        shape.range(0, b, e, &mut region);
+                    } else {
+                        shape.range(0, b / row, b / row, &mut region);
+                        shape.range(1, b % row, e % row, &mut region);
                     }
                     table[b..=e].fill(node as u32);
                     stack.push(Pending {
@@ -734,8 +794,7 @@ impl<A: Address> Builder<'_, A> {
                     b = e + 1;
                 }
                 tree.root = Some(RootTable {
-                    dim,
-                    shift,
+                    shape,
                     slots: table,
                 });
                 worst_steps = 1;
@@ -850,51 +909,81 @@ impl<A: Address> Builder<'_, A> {
         Some(tree)
     }
 
-    /// The field and number of top bits for a root table, when one spreads
-    /// the entries well: at most twice as many entry copies as entries, and
-    /// the fullest slot clearly below all of them.
-    fn choose_root(&mut self, ids: &[u32]) -> Option<(usize, u32)> {
+    /// The fields and numbers of top bits for a root table, when some spread
+    /// the entries well: at most three times as many entry copies as
+    /// entries, at most 2^16 slots, and the fullest slot clearly below all
+    /// of them.
+    fn choose_root(&mut self, ids: &[u32]) -> Option<RootShape> {
         let n = ids.len();
         if n <= 4 * self.leaf_target {
             return None;
         }
-        let mut best: Option<((usize, u32), usize, u32)> = None;
+        let mut shapes = Vec::new();
         for d in 0..DIMS {
             for bits in [4u32, 6, 8, 10, 12, 14, 16] {
-                if bits > dim_bits::<A>(d) {
-                    continue;
-                }
-                if !self.charge_work(n) {
-                    return None;
-                }
-                let shift = dim_bits::<A>(d) - bits;
-                let mut diff = vec![0i64; (1 << bits) + 1];
-                let mut copies = 0usize;
-                for &i in ids {
-                    let r = &self.rects[i as usize];
-                    let lo = (r.lo[d] >> shift).low_u32() as usize;
-                    let hi = (r.hi[d] >> shift).low_u32() as usize;
-                    diff[lo] += 1;
-                    diff[hi + 1] -= 1;
-                    copies += hi - lo + 1;
-                }
-                if copies > 3 * n {
-                    continue;
-                }
-                let mut run = 0i64;
-                let mut fullest = 0i64;
-                for v in &diff {
-                    run += v;
-                    fullest = fullest.max(run);
-                }
-                let score = (fullest as usize, bits);
-                if best.map_or(true, |(s, _, _)| score < s) {
-                    best = Some((score, d, bits));
+                shapes.push(RootShape {
+                    dims: [d, 0],
+                    bits: [bits, 0],
+                });
+            }
+            for e in d + 1..DIMS {
+                for b0 in [2u32, 4, 6, 8] {
+                    for b1 in [2u32, 4, 6, 8] {
+                        shapes.push(RootShape {
+                            dims: [d, e],
+                            bits: [b0, b1],
+                        });
+                    }
                 }
             }
         }
-        let ((fullest, _), d, bits) = best?;
-        (fullest * 4 < n * 3).then_some((d, bits))
+        let mut best: Option<((usize, u32), RootShape)> = None;
+        for shape in shapes {
+            if shape.bits[0] > dim_bits::<A>(shape.dims[0])
+                || shape.bits[1] > dim_bits::<A>(shape.dims[1])
+                || shape.total_bits() > 16
+            {
+                continue;
+            }
+            let (w0, w1) = (1usize << shape.bits[0], 1usize << shape.bits[1]);
+            if !self.charge_work(n + w0 * w1) {
+                return None;
+            }
+            // Two-dimensional difference array of slot counts.
+            let stride = w1 + 1;
+            let mut diff = vec![0i64; (w0 + 1) * stride];
+            let mut copies = 0usize;
+            for &i in ids {
+                let r = &self.rects[i as usize];
+                let (a0, a1) = shape.span(0, r.lo[shape.dims[0]], r.hi[shape.dims[0]]);
+                let (b0, b1) = shape.span(1, r.lo[shape.dims[1]], r.hi[shape.dims[1]]);
+                diff[a0 * stride + b0] += 1;
+                diff[a0 * stride + b1 + 1] -= 1;
+                diff[(a1 + 1) * stride + b0] -= 1;
+                diff[(a1 + 1) * stride + b1 + 1] += 1;
+                copies += (a1 - a0 + 1) * (b1 - b0 + 1);
+            }
+            if copies > 3 * n {
+                continue;
+            }
+            for a in 0..=w0 {
+                for b in 1..=w1 {
+                    diff[a * stride + b] += diff[a * stride + b - 1];
+                }
+            }
+            for a in 1..=w0 {
+                for b in 0..=w1 {
+                    diff[a * stride + b] += diff[(a - 1) * stride + b];
+                }
+            }
+            let fullest = diff.iter().copied().max().unwrap_or(0).max(0) as usize;
+            let score = (fullest, shape.total_bits());
+            if best.map_or(true, |(s, _)| score < s) {
+                best = Some((score, shape));
+            }
+        }
+        let ((fullest, _), shape) = best?;
+        (fullest * 4 < n * 3).then_some(shape)
     }
 
     /// Drops the entries that cannot be the first match anywhere in `region`:
