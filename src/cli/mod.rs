@@ -5,11 +5,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "palisade",
-    version,
-    about = "Egress-control appliance: one policy, compiled, enforced at two points, audited"
-)]
+#[command(name = "palisade", version, about = "Egress-control appliance: one policy, compiled, enforced at two points, audited")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
