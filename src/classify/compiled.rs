@@ -1015,6 +1015,36 @@ impl<A: Address> Builder<'_, A> {
     fn choose_cut(&self, region: &Rect<A>, ids: &[u32]) -> Option<Cut<A>> {
         let n = ids.len();
         let one = A::from(1);
+        // Cover cut: when the first entry hides at least half of the others
+        // within the region, cut along its edges. The child inside its box
+        // then prunes down to it; balanced cuts would instead keep every
+        // hidden entry until the box is carved out by chance (a staircase of
+        // nested boxes defeats them entirely).
+        if let Some(&first) = ids.first() {
+            let top = self.rects[first as usize].clip(region);
+            let hidden = ids[1..]
+                .iter()
+                .filter(|&&i| top.covers(&self.rects[i as usize].clip(region)))
+                .count();
+            if hidden * 2 >= n {
+                let open =
+                    (0..DIMS).find(|&d| top.lo[d] > region.lo[d] || top.hi[d] < region.hi[d]);
+                if let Some(d) = open {
+                    let mut thresholds = Vec::with_capacity(2);
+                    if top.lo[d] > region.lo[d] {
+                        thresholds.push(top.lo[d]);
+                    }
+                    if top.hi[d] < region.hi[d] {
+                        thresholds.push(top.hi[d] + one);
+                    }
+                    return Some(Cut {
+                        dim: d,
+                        thresholds,
+                        score: (0, 0),
+                    });
+                }
+            }
+        }
         let mut best: Option<Cut<A>> = None;
         let mut los: Vec<A> = Vec::with_capacity(n);
         let mut his: Vec<A> = Vec::with_capacity(n);
@@ -1187,6 +1217,72 @@ mod tests {
                 let r = LinearMatcher::new(entries);
                 for s in (0..7000u32).step_by(7) {
                     let k = key(s, (s / 3) as u16, 17);
+                    assert_eq!(c.lookup(&k), r.lookup(&k), "{k:?}");
+                }
+            }
+            Err(e) => assert!(matches!(e, BuildError::TooComplex { .. })),
+        }
+    }
+
+    /// Entry i covers sources `i..=n+100` and destinations `0..=n-i`.
+    fn staircase(n: u32, reversed: bool) -> Vec<Entry<u32>> {
+        let order: Vec<u32> = if reversed {
+            (0..n).rev().collect()
+        } else {
+            (0..n).collect()
+        };
+        order
+            .into_iter()
+            .enumerate()
+            .map(|(rule, i)| {
+                let mut fields = Fields::any();
+                fields.src = Interval { lo: i, hi: n + 100 };
+                fields.dst = Interval { lo: 0, hi: n - i };
+                Entry {
+                    fields,
+                    rule: rule as RuleId,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn nested_boxes_behind_a_covering_first_entry_collapse() {
+        // Every entry hides behind the first; balanced cuts alone would
+        // carve the staircase step by step and hit the depth cap.
+        let entries = staircase(3000, false);
+        let c = Classifier::build(entries.clone()).unwrap();
+        assert!(c.stats().nodes < 100, "{:?}", c.stats());
+        let r = LinearMatcher::new(entries);
+        for x in (0..3200u32).step_by(7) {
+            let k = Key {
+                src: x,
+                dst: 3100u32.saturating_sub(x),
+                src_port: 0,
+                dst_port: 0,
+                proto: 6,
+            };
+            assert_eq!(c.lookup(&k), r.lookup(&k), "{k:?}");
+        }
+    }
+
+    #[test]
+    fn reversed_staircase_is_refused_or_correct() {
+        // Known hard case: with the narrowest step first, threshold cuts
+        // need a lookahead the builder does not have. It must end in an
+        // error or a correct structure, never unbounded work.
+        let entries = staircase(1000, true);
+        match Classifier::build(entries.clone()) {
+            Ok(c) => {
+                let r = LinearMatcher::new(entries);
+                for x in (0..1200u32).step_by(3) {
+                    let k = Key {
+                        src: x,
+                        dst: 1050 - x.min(1050),
+                        src_port: 0,
+                        dst_port: 0,
+                        proto: 6,
+                    };
                     assert_eq!(c.lookup(&k), r.lookup(&k), "{k:?}");
                 }
             }
