@@ -109,7 +109,7 @@ impl Default for BuildLimits {
             max_memory_bytes: 32 << 20,
             max_leaf: 32,
             max_depth: 24,
-            max_work: 400_000_000,
+            max_work: 1_000_000_000,
         }
     }
 }
@@ -134,6 +134,9 @@ pub struct ClassifierStats {
     pub leaf_target: usize,
     /// Bytes of the compiled structure.
     pub memory_bytes: usize,
+    /// Work units the build used, over every strategy tried (compare
+    /// [`BuildLimits::max_work`]).
+    pub build_work: u64,
 }
 
 const DIMS: usize = 5;
@@ -450,6 +453,7 @@ impl<A: Address> Classifier<A> {
                 trees.sort_by_key(|t| t.best_priority);
                 let mut stats = builder.stats;
                 stats.trees = trees.len();
+                stats.build_work = limits.max_work - work_left;
                 stats.memory_bytes = std::mem::size_of::<Self>()
                     + rects.len() * std::mem::size_of::<Rect<A>>()
                     + rules.len() * std::mem::size_of::<RuleId>()
@@ -808,7 +812,9 @@ impl<A: Address> Builder<'_, A> {
             depth,
         }) = stack.pop()
         {
-            if !self.charge_work(ids.len() * DIMS) {
+            // Pruning and scoring a cut scan the list once per dimension and
+            // child.
+            if !self.charge_work(ids.len() * DIMS * (FANOUT + 1)) {
                 return None;
             }
             let ids = self.prune(&region, ids);
