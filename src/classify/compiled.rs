@@ -910,6 +910,9 @@ impl<A: Address> Builder<'_, A> {
             };
             tree.nodes[i].min_priority = min;
         }
+        // memory_bytes counts lengths; make the allocations match.
+        tree.nodes.shrink_to_fit();
+        tree.leaves.shrink_to_fit();
         self.stats.nodes += tree.nodes.len();
         self.stats.worst_case_steps += worst_steps;
         Some(tree)
