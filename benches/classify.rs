@@ -155,7 +155,7 @@ fn batch_rate(keys: &[Key<u32>], min: Duration, c: &Classifier<u32>) -> f64 {
 
 fn summary(sets: &[Set]) {
     println!(
-        "{:<9} {:>6} {:>7} {:>9} {:>13} {:>13} {:>11} {:>8} {:>9} {:>9} {:>5} {:>6} {:>6}",
+        "{:<9} {:>6} {:>7} {:>9} {:>13} {:>13} {:>11} {:>8} {:>8} {:>9} {:>9} {:>5} {:>6} {:>6}",
         "set",
         "rules",
         "keys",
@@ -163,7 +163,8 @@ fn summary(sets: &[Set]) {
         "compiled/s",
         "batch/s",
         "linear/s",
-        "ratio",
+        "x single",
+        "x batch",
         "build ms",
         "memory",
         "trees",
@@ -198,7 +199,7 @@ fn summary(sets: &[Set]) {
         };
         let st = classifier.stats();
         println!(
-            "{:<9} {:>6} {:>7} {:>9} {:>13.0} {:>13.0} {:>11.0} {:>7.1}x {:>9.1} {:>8.2}M {:>5} {:>6} {:>6}",
+            "{:<9} {:>6} {:>7} {:>9} {:>13.0} {:>13.0} {:>11.0} {:>7.1}x {:>7.1}x {:>9.1} {:>8.2}M {:>5} {:>6} {:>6}",
             set.name,
             set.entries.len(),
             set.keys.len(),
@@ -206,7 +207,8 @@ fn summary(sets: &[Set]) {
             fast,
             batch,
             slow,
-            batch.max(fast) / slow,
+            fast / slow,
+            batch / slow,
             build.as_secs_f64() * 1e3,
             classifier.memory_bytes() as f64 / (1 << 20) as f64,
             st.trees,

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use palisade::classify::classbench::{parse_rules, parse_trace};
-use palisade::classify::{Classifier, Key, LinearMatcher};
+use palisade::classify::{Classifier, Entry, Fields, Interval, Key, LinearMatcher};
 
 fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/classbench")
@@ -117,4 +117,73 @@ fn fw1_10k() {
 #[test]
 fn ipc1_10k() {
     check_set("ipc1_10k");
+}
+
+/// The 1k sets lifted into IPv6 (each IPv4 value `v` becomes the block
+/// `2001:db8:vvvv:vvvv::/64`-like range `base | v << 32 ..= base | v << 32 |
+/// 0xffff_ffff`), so the 128-bit structure must give the IPv4 answers.
+fn check_set_v6(name: &str) {
+    const BASE: u128 = 0x2001_0db8 << 96;
+    let dir = data_dir();
+    let (Ok(rules), Ok(trace)) = (
+        std::fs::read_to_string(dir.join(name)),
+        std::fs::read_to_string(dir.join(format!("{name}_trace"))),
+    ) else {
+        eprintln!(
+            "SKIPPED {name} (IPv6): this test needs {} and its trace",
+            dir.join(name).display()
+        );
+        return;
+    };
+    let v4 = parse_rules(&rules).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let lift = |iv: Interval<u32>| Interval {
+        lo: BASE | u128::from(iv.lo) << 32,
+        hi: BASE | u128::from(iv.hi) << 32 | 0xffff_ffff,
+    };
+    let v6: Vec<Entry<u128>> = v4
+        .iter()
+        .map(|e| Entry {
+            fields: Fields {
+                src: lift(e.fields.src),
+                dst: lift(e.fields.dst),
+                src_port: e.fields.src_port,
+                dst_port: e.fields.dst_port,
+                proto: e.fields.proto,
+            },
+            rule: e.rule,
+        })
+        .collect();
+    let compiled = Classifier::build(v6).unwrap_or_else(|e| panic!("{name} (IPv6): {e}"));
+    let reference = LinearMatcher::new(v4);
+    let keys = parse_trace(&trace).unwrap_or_else(|e| panic!("{name}_trace: {e}"));
+    for (line, k) in keys.iter().enumerate() {
+        let k6 = Key {
+            src: BASE | u128::from(k.src) << 32 | (line as u128 & 0xffff_ffff),
+            dst: BASE | u128::from(k.dst) << 32,
+            src_port: k.src_port,
+            dst_port: k.dst_port,
+            proto: k.proto,
+        };
+        assert_eq!(
+            compiled.lookup(&k6),
+            reference.lookup(k),
+            "{name} (IPv6): trace line {}",
+            line + 1
+        );
+    }
+}
+
+#[test]
+fn acl1_1k_ipv6() {
+    check_set_v6("acl1_1k");
+}
+
+#[test]
+fn fw1_1k_ipv6() {
+    check_set_v6("fw1_1k");
+}
+
+#[test]
+fn ipc1_1k_ipv6() {
+    check_set_v6("ipc1_1k");
 }

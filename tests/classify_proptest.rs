@@ -299,3 +299,40 @@ fn empty_set_matches_nothing_in_both_families() {
         None
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// Malformed ClassBench input is an error value, never a panic: random
+    /// text, and valid lines with one character replaced or cut short.
+    #[test]
+    fn classbench_parsers_never_panic(
+        noise in "\\PC{0,80}",
+        at in any::<prop::sample::Index>(),
+        ch in any::<char>(),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        use palisade::classify::classbench::{parse_rules, parse_trace};
+        let _ = parse_rules(&noise);
+        let _ = parse_trace(&noise);
+        let rule = "@237.73.3.4/32\t67.236.63.0/24\t0 : 65535\t1711 : 1711\t0x06/0xFF\t0x0000/0x0200\t";
+        let trace = "1923697128\t2273746465\t0\t1221\t6\t4294967295\t261";
+        for line in [rule, trace] {
+            let mut chars: Vec<char> = line.chars().collect();
+            let i = at.index(chars.len());
+            chars[i] = ch;
+            let edited: String = chars.iter().collect();
+            let short: String = line.chars().take(cut.index(line.len())).collect();
+            for text in [edited, short] {
+                if let Err(e) = parse_rules(&text) {
+                    // The replacement may be a line break, making two lines.
+                    let line = text.lines().nth(e.line.wrapping_sub(1));
+                    prop_assert!(line.is_some(), "{}", e);
+                    let width = line.map_or(0, |l| l.chars().count());
+                    prop_assert!(e.column >= 1 && e.column <= width + 1, "{}", e);
+                }
+                let _ = parse_trace(&text);
+            }
+        }
+    }
+}

@@ -2,8 +2,9 @@
 //!
 //! Rules (one per line, fields separated by tabs):
 //! `@SRC/LEN  DST/LEN  SPLO : SPHI  DPLO : DPHI  PROTO/PMASK  FLAGS/FMASK`.
-//! The rule id of a line is its 0-based index among the rule lines, which is
-//! its priority (first match wins). A protocol mask of `0xFF` is an exact
+//! The rule id of a rule is the 0-based index of its line in the file (the
+//! convention of the traces' last column); rules keep file order, which is
+//! their priority (first match wins). A protocol mask of `0xFF` is an exact
 //! protocol and `0x00` any protocol; other masks are refused. The flags field
 //! is ignored.
 //!
@@ -12,8 +13,8 @@
 //! decimal integers. The trailing columns are ignored: the rule id there is
 //! a rule the header was generated from, not necessarily its first match.
 //!
-//! Blank lines are skipped in both (a rule's id still counts only rule
-//! lines). Every error names the 1-based line and column and the field; no
+//! Blank lines are skipped in both (they still count for line numbers and
+//! rule ids). Every error names the 1-based line and column and the field; no
 //! input makes the parser panic.
 
 use super::{Entry, Fields, Interval, Key};
@@ -125,12 +126,12 @@ fn lines(input: &str) -> impl Iterator<Item = Line<'_>> {
 }
 
 /// Parses a ClassBench rule file into IPv4 entries, one per rule line, the
-/// rule id being the line's 0-based index among rule lines.
+/// rule id being the line's 0-based index in the file.
 pub fn parse_rules(input: &str) -> Result<Vec<Entry<u32>>, ClassBenchError> {
     let mut entries = Vec::new();
-    for (index, line) in lines(input).enumerate() {
+    for line in lines(input) {
         let fields = parse_rule_line(&line)?;
-        let rule = u32::try_from(index).map_err(|_| {
+        let rule = u32::try_from(line.number - 1).map_err(|_| {
             line.error(
                 0,
                 ClassBenchField::Source,
@@ -358,6 +359,13 @@ mod tests {
             }
         );
         assert_eq!(e[1].fields.proto, Interval { lo: 0, hi: 255 });
+    }
+
+    #[test]
+    fn rule_ids_are_line_indices_even_across_blank_lines() {
+        let text = RULES.replace('\n', "\n\n");
+        let e = parse_rules(&text).unwrap();
+        assert_eq!(e.iter().map(|e| e.rule).collect::<Vec<_>>(), vec![0, 2]);
     }
 
     #[test]

@@ -6,10 +6,11 @@
 //! source port, destination port, protocol). The structure is a small set of
 //! decision trees:
 //!
-//! - **Root table.** When a few top bits (4 to 16) of one field spread a
-//!   tree's entries well (at most 3× copies, fullest slot clearly below the
-//!   whole), the first level is a table indexed by those bits, as HiCuts'
-//!   equal-size cuts: one load instead of several levels. Adjacent slots with
+//! - **Root table.** When a few top bits (16 at most in all) of one or two
+//!   fields spread a tree's entries well (at most 3× copies, fullest slot
+//!   clearly below the whole), the first level is a table indexed by those
+//!   bits, as HiCuts/HyperCuts' equal-size cuts: one load instead of several
+//!   levels. Adjacent slots with
 //!   the same entries share a subtree.
 //! - **Internal nodes** cut their region along one dimension at up to seven
 //!   thresholds taken from entry endpoints and chosen to balance entries among
@@ -108,7 +109,7 @@ impl Default for BuildLimits {
             max_memory_bytes: 32 << 20,
             max_leaf: 32,
             max_depth: 24,
-            max_work: 400_000_000,
+            max_work: 1_000_000_000,
         }
     }
 }
@@ -133,6 +134,9 @@ pub struct ClassifierStats {
     pub leaf_target: usize,
     /// Bytes of the compiled structure.
     pub memory_bytes: usize,
+    /// Work units the build used, over every strategy tried (compare
+    /// [`BuildLimits::max_work`]).
+    pub build_work: u64,
 }
 
 const DIMS: usize = 5;
@@ -273,14 +277,61 @@ struct Tree<A> {
 }
 
 /// The first level of a tree: the node to start from, indexed by the top
-/// bits of one field (`slots[value >> shift]`). It replaces several levels
-/// of thresholds with one load; adjacent slots with the same entries share a
-/// subtree.
+/// bits of one or two fields (`slots[(a >> shift_a) << bits_b | b >> shift_b]`).
+/// It replaces several levels of thresholds with one load; adjacent slots
+/// (in one row) with the same entries share a subtree.
 #[derive(Debug, Clone)]
 struct RootTable {
-    dim: usize,
-    shift: u32,
+    shape: RootShape,
     slots: Vec<u32>,
+}
+
+/// Which fields index a root table and by how many top bits each; the
+/// second field may use no bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct RootShape {
+    dims: [usize; 2],
+    bits: [u32; 2],
+}
+
+impl RootShape {
+    /// The slot range `lo..=hi` of values `lo..=hi` in field `f` (0 or 1).
+    #[inline(always)]
+    fn span<A: Address>(&self, f: usize, lo: A, hi: A) -> (usize, usize) {
+        if self.bits[f] == 0 {
+            return (0, 0);
+        }
+        let shift = dim_bits::<A>(self.dims[f]) - self.bits[f];
+        (
+            (lo >> shift).low_u32() as usize,
+            (hi >> shift).low_u32() as usize,
+        )
+    }
+
+    #[inline(always)]
+    fn slot<A: Address>(&self, p: &[A; DIMS]) -> usize {
+        let a = self.span(0, p[self.dims[0]], p[self.dims[0]]).0;
+        let b = self.span(1, p[self.dims[1]], p[self.dims[1]]).0;
+        a << self.bits[1] | b
+    }
+
+    fn total_bits(&self) -> u32 {
+        self.bits[0] + self.bits[1]
+    }
+
+    /// Values of field `f` in slots `first..=last` of that field.
+    fn range<A: Address>(&self, f: usize, first: usize, last: usize, region: &mut Rect<A>) {
+        let d = self.dims[f];
+        if self.bits[f] == 0 {
+            return;
+        }
+        let shift = dim_bits::<A>(d) - self.bits[f];
+        // Slot numbers are below 2^16, so they fit a u16.
+        region.lo[d] = A::from(first as u16) << shift;
+        if last + 1 < 1 << self.bits[f] {
+            region.hi[d] = (A::from((last + 1) as u16) << shift) - A::from(1);
+        }
+    }
 }
 
 /// Width in bits of each dimension.
@@ -297,7 +348,7 @@ impl<A: Address> Tree<A> {
     #[inline(always)]
     fn start(&self, p: &[A; DIMS]) -> u32 {
         match &self.root {
-            Some(r) => r.slots[(p[r.dim] >> r.shift).low_u32() as usize],
+            Some(r) => r.slots[r.shape.slot(p)],
             None => 0,
         }
     }
@@ -402,6 +453,7 @@ impl<A: Address> Classifier<A> {
                 trees.sort_by_key(|t| t.best_priority);
                 let mut stats = builder.stats;
                 stats.trees = trees.len();
+                stats.build_work = limits.max_work - work_left;
                 stats.memory_bytes = std::mem::size_of::<Self>()
                     + rects.len() * std::mem::size_of::<Rect<A>>()
                     + rules.len() * std::mem::size_of::<RuleId>()
@@ -691,27 +743,38 @@ impl<A: Address> Builder<'_, A> {
                 ids,
                 depth: 0,
             }),
-            Some((dim, bits)) => {
-                let shift = dim_bits::<A>(dim) - bits;
-                let slots = 1usize << bits;
+            Some(shape) => {
+                let slots = 1usize << shape.total_bits();
                 if !self.charge_memory(slots * std::mem::size_of::<u32>()) {
                     return None;
                 }
                 let mut lists: Vec<Vec<u32>> = vec![Vec::new(); slots];
                 for &i in &ids {
                     let r = &self.rects[i as usize];
-                    let lo = (r.lo[dim] >> shift).low_u32() as usize;
-                    let hi = (r.hi[dim] >> shift).low_u32() as usize;
-                    for list in &mut lists[lo..=hi] {
-                        list.push(i);
+                    let (a0, a1) = shape.span(0, r.lo[shape.dims[0]], r.hi[shape.dims[0]]);
+                    let (b0, b1) = shape.span(1, r.lo[shape.dims[1]], r.hi[shape.dims[1]]);
+                    for a in a0..=a1 {
+                        for list in
+                            &mut lists[(a << shape.bits[1] | b0)..=(a << shape.bits[1] | b1)]
+                        {
+                            list.push(i);
+                        }
                     }
                 }
                 let mut table = vec![0u32; slots];
+                let row = 1usize << shape.bits[1];
                 let mut b = 0;
                 while b < slots {
+                    // A run of equal slots stays within one row, so that its
+                    // region is a box.
                     let mut e = b;
-                    while e + 1 < slots && lists[e + 1] == lists[b] {
+                    while e + 1 < slots && (e + 1) % row != 0 && lists[e + 1] == lists[b] {
                         e += 1;
+                    }
+                    if shape.bits[1] == 0 {
+                        while e + 1 < slots && lists[e + 1] == lists[b] {
+                            e += 1;
+                        }
                     }
                     if !self.charge_memory(std::mem::size_of::<Node<A>>()) {
                         return None;
@@ -719,10 +782,11 @@ impl<A: Address> Builder<'_, A> {
                     let node = tree.nodes.len();
                     tree.nodes.push(Node::leaf(node, 0, 0));
                     let mut region = universe;
-                    // Slot numbers are below 2^16, so they fit a u16.
-                    region.lo[dim] = A::from(b as u16) << shift;
-                    if e + 1 < slots {
-                        region.hi[dim] = (A::from((e + 1) as u16) << shift) - A::from(1);
+                    if shape.bits[1] == 0 {
+                        shape.range(0, b, e, &mut region);
+                    } else {
+                        shape.range(0, b / row, b / row, &mut region);
+                        shape.range(1, b % row, e % row, &mut region);
                     }
                     table[b..=e].fill(node as u32);
                     stack.push(Pending {
@@ -734,8 +798,7 @@ impl<A: Address> Builder<'_, A> {
                     b = e + 1;
                 }
                 tree.root = Some(RootTable {
-                    dim,
-                    shift,
+                    shape,
                     slots: table,
                 });
                 worst_steps = 1;
@@ -749,7 +812,9 @@ impl<A: Address> Builder<'_, A> {
             depth,
         }) = stack.pop()
         {
-            if !self.charge_work(ids.len() * DIMS) {
+            // Pruning and scoring a cut scan the list once per dimension and
+            // child.
+            if !self.charge_work(ids.len() * DIMS * (FANOUT + 1)) {
                 return None;
             }
             let ids = self.prune(&region, ids);
@@ -845,56 +910,89 @@ impl<A: Address> Builder<'_, A> {
             };
             tree.nodes[i].min_priority = min;
         }
+        // memory_bytes counts lengths; make the allocations match.
+        tree.nodes.shrink_to_fit();
+        tree.leaves.shrink_to_fit();
         self.stats.nodes += tree.nodes.len();
         self.stats.worst_case_steps += worst_steps;
         Some(tree)
     }
 
-    /// The field and number of top bits for a root table, when one spreads
-    /// the entries well: at most twice as many entry copies as entries, and
-    /// the fullest slot clearly below all of them.
-    fn choose_root(&mut self, ids: &[u32]) -> Option<(usize, u32)> {
+    /// The fields and numbers of top bits for a root table, when some spread
+    /// the entries well: at most three times as many entry copies as
+    /// entries, at most 2^16 slots, and the fullest slot clearly below all
+    /// of them.
+    fn choose_root(&mut self, ids: &[u32]) -> Option<RootShape> {
         let n = ids.len();
         if n <= 4 * self.leaf_target {
             return None;
         }
-        let mut best: Option<((usize, u32), usize, u32)> = None;
+        let mut shapes = Vec::new();
         for d in 0..DIMS {
             for bits in [4u32, 6, 8, 10, 12, 14, 16] {
-                if bits > dim_bits::<A>(d) {
-                    continue;
-                }
-                if !self.charge_work(n) {
-                    return None;
-                }
-                let shift = dim_bits::<A>(d) - bits;
-                let mut diff = vec![0i64; (1 << bits) + 1];
-                let mut copies = 0usize;
-                for &i in ids {
-                    let r = &self.rects[i as usize];
-                    let lo = (r.lo[d] >> shift).low_u32() as usize;
-                    let hi = (r.hi[d] >> shift).low_u32() as usize;
-                    diff[lo] += 1;
-                    diff[hi + 1] -= 1;
-                    copies += hi - lo + 1;
-                }
-                if copies > 3 * n {
-                    continue;
-                }
-                let mut run = 0i64;
-                let mut fullest = 0i64;
-                for v in &diff {
-                    run += v;
-                    fullest = fullest.max(run);
-                }
-                let score = (fullest as usize, bits);
-                if best.is_none_or(|(s, _, _)| score < s) {
-                    best = Some((score, d, bits));
+                shapes.push(RootShape {
+                    dims: [d, 0],
+                    bits: [bits, 0],
+                });
+            }
+            for e in d + 1..DIMS {
+                for b0 in [2u32, 4, 6, 8] {
+                    for b1 in [2u32, 4, 6, 8] {
+                        shapes.push(RootShape {
+                            dims: [d, e],
+                            bits: [b0, b1],
+                        });
+                    }
                 }
             }
         }
-        let ((fullest, _), d, bits) = best?;
-        (fullest * 4 < n * 3).then_some((d, bits))
+        let mut best: Option<((usize, u32), RootShape)> = None;
+        for shape in shapes {
+            if shape.bits[0] > dim_bits::<A>(shape.dims[0])
+                || shape.bits[1] > dim_bits::<A>(shape.dims[1])
+                || shape.total_bits() > 16
+            {
+                continue;
+            }
+            let (w0, w1) = (1usize << shape.bits[0], 1usize << shape.bits[1]);
+            if !self.charge_work(n + w0 * w1) {
+                return None;
+            }
+            // Two-dimensional difference array of slot counts.
+            let stride = w1 + 1;
+            let mut diff = vec![0i64; (w0 + 1) * stride];
+            let mut copies = 0usize;
+            for &i in ids {
+                let r = &self.rects[i as usize];
+                let (a0, a1) = shape.span(0, r.lo[shape.dims[0]], r.hi[shape.dims[0]]);
+                let (b0, b1) = shape.span(1, r.lo[shape.dims[1]], r.hi[shape.dims[1]]);
+                diff[a0 * stride + b0] += 1;
+                diff[a0 * stride + b1 + 1] -= 1;
+                diff[(a1 + 1) * stride + b0] -= 1;
+                diff[(a1 + 1) * stride + b1 + 1] += 1;
+                copies += (a1 - a0 + 1) * (b1 - b0 + 1);
+            }
+            if copies > 3 * n {
+                continue;
+            }
+            for a in 0..=w0 {
+                for b in 1..=w1 {
+                    diff[a * stride + b] += diff[a * stride + b - 1];
+                }
+            }
+            for a in 1..=w0 {
+                for b in 0..=w1 {
+                    diff[a * stride + b] += diff[(a - 1) * stride + b];
+                }
+            }
+            let fullest = diff.iter().copied().max().unwrap_or(0).max(0) as usize;
+            let score = (fullest, shape.total_bits());
+            if best.is_none_or(|(s, _)| score < s) {
+                best = Some((score, shape));
+            }
+        }
+        let ((fullest, _), shape) = best?;
+        (fullest * 4 < n * 3).then_some(shape)
     }
 
     /// Drops the entries that cannot be the first match anywhere in `region`:
@@ -926,6 +1024,36 @@ impl<A: Address> Builder<'_, A> {
     fn choose_cut(&self, region: &Rect<A>, ids: &[u32]) -> Option<Cut<A>> {
         let n = ids.len();
         let one = A::from(1);
+        // Cover cut: when the first entry hides at least half of the others
+        // within the region, cut along its edges. The child inside its box
+        // then prunes down to it; balanced cuts would instead keep every
+        // hidden entry until the box is carved out by chance (a staircase of
+        // nested boxes defeats them entirely).
+        if let Some(&first) = ids.first() {
+            let top = self.rects[first as usize].clip(region);
+            let hidden = ids[1..]
+                .iter()
+                .filter(|&&i| top.covers(&self.rects[i as usize].clip(region)))
+                .count();
+            if hidden * 2 >= n {
+                let open =
+                    (0..DIMS).find(|&d| top.lo[d] > region.lo[d] || top.hi[d] < region.hi[d]);
+                if let Some(d) = open {
+                    let mut thresholds = Vec::with_capacity(2);
+                    if top.lo[d] > region.lo[d] {
+                        thresholds.push(top.lo[d]);
+                    }
+                    if top.hi[d] < region.hi[d] {
+                        thresholds.push(top.hi[d] + one);
+                    }
+                    return Some(Cut {
+                        dim: d,
+                        thresholds,
+                        score: (0, 0),
+                    });
+                }
+            }
+        }
         let mut best: Option<Cut<A>> = None;
         let mut los: Vec<A> = Vec::with_capacity(n);
         let mut his: Vec<A> = Vec::with_capacity(n);
@@ -976,21 +1104,30 @@ impl<A: Address> Builder<'_, A> {
             if thresholds.is_empty() {
                 thresholds.push(cands[cands.len() / 2]);
             }
-            // Entries overlapping child [a, b]: all but those starting after
-            // b and those ending before a.
+            // Entries a child keeps: those overlapping it, up to the first
+            // that covers it whole (the rest would be pruned there). Counting
+            // the pruning sees cuts that pay off only once it applies, like
+            // the second side of a staircase step.
             let mut max_child = 0;
             let mut sum = 0;
             for c in 0..=thresholds.len() {
-                let after_b = match thresholds.get(c) {
-                    Some(&next) => n - los.partition_point(|&x| x < next),
-                    None => 0,
-                };
-                let before_a = if c == 0 {
-                    0
-                } else {
-                    his.partition_point(|&x| x < thresholds[c - 1])
-                };
-                let count = n - after_b - before_a;
+                let mut child = *region;
+                if c > 0 {
+                    child.lo[d] = thresholds[c - 1];
+                }
+                if let Some(&next) = thresholds.get(c) {
+                    child.hi[d] = next - one;
+                }
+                let mut count = 0;
+                for &i in ids {
+                    let r = &self.rects[i as usize];
+                    if r.lo[d] <= child.hi[d] && child.lo[d] <= r.hi[d] {
+                        count += 1;
+                        if r.covers(&child) {
+                            break;
+                        }
+                    }
+                }
                 max_child = max_child.max(count);
                 sum += count;
             }
@@ -1102,6 +1239,70 @@ mod tests {
                 }
             }
             Err(e) => assert!(matches!(e, BuildError::TooComplex { .. })),
+        }
+    }
+
+    /// Entry i covers sources `i..=n+100` and destinations `0..=n-i`.
+    fn staircase(n: u32, reversed: bool) -> Vec<Entry<u32>> {
+        let order: Vec<u32> = if reversed {
+            (0..n).rev().collect()
+        } else {
+            (0..n).collect()
+        };
+        order
+            .into_iter()
+            .enumerate()
+            .map(|(rule, i)| {
+                let mut fields = Fields::any();
+                fields.src = Interval { lo: i, hi: n + 100 };
+                fields.dst = Interval { lo: 0, hi: n - i };
+                Entry {
+                    fields,
+                    rule: rule as RuleId,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn nested_boxes_behind_a_covering_first_entry_collapse() {
+        // Every entry hides behind the first; balanced cuts alone would
+        // carve the staircase step by step and hit the depth cap.
+        let entries = staircase(3000, false);
+        let c = Classifier::build(entries.clone()).unwrap();
+        assert!(c.stats().nodes < 100, "{:?}", c.stats());
+        let r = LinearMatcher::new(entries);
+        for x in (0..3200u32).step_by(7) {
+            let k = Key {
+                src: x,
+                dst: 3100u32.saturating_sub(x),
+                src_port: 0,
+                dst_port: 0,
+                proto: 6,
+            };
+            assert_eq!(c.lookup(&k), r.lookup(&k), "{k:?}");
+        }
+    }
+
+    #[test]
+    fn reversed_staircase_builds_and_agrees() {
+        // With the narrowest step first nothing hides behind the first
+        // entry; only counting what each child would prune away finds the
+        // cuts that pay off (without it this set hit the depth cap).
+        let entries = staircase(1000, true);
+        let c = Classifier::build(entries.clone()).unwrap();
+        let r = LinearMatcher::new(entries);
+        for x in (0..1200u32).step_by(3) {
+            for y in [0, 1, 500, 999, 1000, 1001, 1050 - x.min(1050)] {
+                let k = Key {
+                    src: x,
+                    dst: y,
+                    src_port: 0,
+                    dst_port: 0,
+                    proto: 6,
+                };
+                assert_eq!(c.lookup(&k), r.lookup(&k), "{k:?}");
+            }
         }
     }
 
