@@ -154,7 +154,7 @@ impl Proxy {
         connector.enforce_http(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(config.max_connections)
             .build(connector);
         let rate =
             NonZeroU32::new(config.requests_per_second_per_client).unwrap_or(NonZeroU32::MIN);

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Runs palisade's proxy side by side with Squid and tinyproxy (and a direct
+# baseline) on the same nginx origin with the same wrk load, every access
+# log / audit trail on, using the peer harness in ../shared/peers/proxy, and
+# prints the ratios. Root needed (the harness starts squid as its user).
+#
+#   benches/proxy.sh                       # REPS=1 DURATION=5 by default
+#   REPS=3 DURATION=10 benches/proxy.sh    # the harness's full settings
+#
+# Needs: nginx-light squid tinyproxy wrk curl jq openssl python3 (apt-get).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+HARNESS="${HARNESS:-$ROOT/../shared/peers/proxy}"
+[[ -x "$HARNESS/bench.sh" ]] || { echo "needs the peer harness at $HARNESS" >&2; exit 2; }
+
+cargo build --release --manifest-path "$ROOT/Cargo.toml" >&2
+BIN="$ROOT/target/release/palisade"
+
+# The harness writes next to itself; run a private copy.
+WORK="$(mktemp -d /tmp/palisade-proxy-bench.XXXXXX)"
+chmod 755 "$WORK"   # the origin and the peers run as their own users
+cp -r "$HARNESS/." "$WORK/"
+LOGD="${LOG_DIR:-/dev/shm/palisade-proxy-bench-logs}"
+mkdir -p "$WORK/run" "$LOGD/custom"
+rm -rf "$LOGD/custom/audit"
+
+# Same allowlist as the peers: the origin on loopback, HTTP and HTTPS.
+cat > "$WORK/run/bench.policy" <<'POLICY'
+net local = 127.0.0.1
+http origin allow local -> "localhost", "*.example.internal", 127.0.0.1 port 18080, 18443 plain-tunnel
+default deny log
+POLICY
+cat > "$WORK/run/palisade-bench.toml" <<CONFIG
+policy = "bench.policy"
+[proxy]
+listen = "127.0.0.1:13999"
+max_connections_per_client = 20000
+requests_per_second_per_client = 10000000
+request_burst_per_client = 10000000
+[audit]
+dir = "$LOGD/custom/audit"
+signing_key = "$WORK/run/audit.key"
+rotate_size = "4GiB"
+rotate_age = "off"
+CONFIG
+
+export CUSTOM_NAME=palisade CUSTOM_PORT=13999
+export CUSTOM_CMD="$BIN proxy --config $WORK/run/palisade-bench.toml"
+export CUSTOM_LOG="$LOGD/custom/audit/audit-00000001.jsonl"
+export PEERS="${PEERS:-direct squid tinyproxy custom}"
+export REPS="${REPS:-1}" DURATION="${DURATION:-5}" LOG_DIR="$LOGD"
+(cd "$WORK" && ./bench.sh) || { echo "harness failed; see $WORK" >&2; exit 1; }
+
+SUMMARY="$WORK/results/latest/summary.md"
+cat "$SUMMARY"
+# Ratios palisade / squid from the raw results (medians per test).
+python3 - "$WORK/results/latest/raw.jsonl" <<'PY'
+import json, sys, statistics
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+def med(peer, test, key):
+    v = [r[key] for r in rows if r.get("peer") == peer and r.get("test") == test and isinstance(r.get(key), (int, float))]
+    return statistics.median(v) if v else None
+print("\npalisade vs squid (same run):")
+for test, key, better in [("a50", "rps", "higher"), ("a500", "rps", "higher"), ("close50", "rps", "higher"),
+                          ("a500", "lat_p99_us", "lower"), ("bulkplain", "mb_per_s", "higher"),
+                          ("bulk1", "mb_per_s", "higher"), ("a500", "proxy_peak_rss_kib", "lower")]:
+    p, s, d = med("palisade", test, key), med("squid", test, key), med("direct", test, key)
+    if p is None or s is None:
+        print(f"  {test} {key}: missing"); continue
+    extra = f", direct {d:.1f} (palisade/direct {p/d:.2f})" if d else ""
+    print(f"  {test} {key}: palisade {p:.1f}, squid {s:.1f}: ratio {p/s:.2f} ({better} is better){extra}")
+PY
+echo "raw results: $WORK/results/latest" >&2
