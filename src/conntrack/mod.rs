@@ -1,0 +1,592 @@
+//! The connection table: flows the policy admitted, so their replies pass.
+//!
+//! A flow is stored under the key of its first packet (the *original*
+//! direction); a packet matches it either way round. TCP is tracked through
+//! its handshake and teardown (SYN sent, SYN received, established, closing,
+//! closed) with a timeout per state; UDP and ICMP echo by timeouts (shorter
+//! until a reply was seen). The table is bounded: when it is full, the
+//! oldest embryonic flow (a TCP handshake that never completed, or UDP/ICMP
+//! that never saw a reply) is evicted first, and only if there is none does
+//! a new flow get refused — an established flow is never pushed out by a
+//! flood of new ones.
+//!
+//! Time is passed in (`now`, a monotonic `Duration` since an origin the
+//! caller chooses), so the state machine is tested without clocks.
+
+use crate::classify::{FlowKey, RuleId};
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// Timeouts per state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_syn: Duration,
+    pub tcp_established: Duration,
+    pub tcp_closing: Duration,
+    pub tcp_closed: Duration,
+    pub udp_unreplied: Duration,
+    pub udp_replied: Duration,
+    pub icmp: Duration,
+    pub other: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        // Close to Linux conntrack's defaults.
+        Timeouts {
+            tcp_syn: Duration::from_secs(60),
+            tcp_established: Duration::from_secs(5 * 24 * 3600),
+            tcp_closing: Duration::from_secs(120),
+            tcp_closed: Duration::from_secs(10),
+            udp_unreplied: Duration::from_secs(30),
+            udp_replied: Duration::from_secs(120),
+            icmp: Duration::from_secs(30),
+            other: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TcpState {
+    SynSent,
+    SynReceived,
+    Established,
+    /// One side sent FIN.
+    Closing,
+    /// Both FINs, or a RST.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    Tcp(TcpState),
+    /// UDP, ICMP echo and other protocols: whether a reply was seen.
+    Datagram {
+        replied: bool,
+    },
+}
+
+/// Which way a packet travels relative to the flow's first packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Original,
+    Reply,
+}
+
+/// Packets and bytes one way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// One tracked flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flow {
+    /// The first packet's key.
+    pub key: FlowKey,
+    pub state: State,
+    /// The rule that admitted it.
+    pub rule: Option<RuleId>,
+    /// The policy (sha256) that admitted it, to re-check after a reload.
+    pub policy: std::sync::Arc<str>,
+    pub created: Duration,
+    pub last_seen: Duration,
+    pub original: Counts,
+    pub reply: Counts,
+    fin_original: bool,
+    fin_reply: bool,
+}
+
+impl Flow {
+    fn embryonic(&self) -> bool {
+        matches!(
+            self.state,
+            State::Tcp(TcpState::SynSent | TcpState::SynReceived)
+                | State::Datagram { replied: false }
+        )
+    }
+
+    fn timeout(&self, t: &Timeouts) -> Duration {
+        match self.state {
+            State::Tcp(TcpState::SynSent | TcpState::SynReceived) => t.tcp_syn,
+            State::Tcp(TcpState::Established) => t.tcp_established,
+            State::Tcp(TcpState::Closing) => t.tcp_closing,
+            State::Tcp(TcpState::Closed) => t.tcp_closed,
+            State::Datagram { replied } => {
+                if self.key.proto == 1 || self.key.proto == 58 {
+                    t.icmp
+                } else if self.key.proto == 17 {
+                    if replied {
+                        t.udp_replied
+                    } else {
+                        t.udp_unreplied
+                    }
+                } else {
+                    t.other
+                }
+            }
+        }
+    }
+
+    pub fn expires_at(&self, t: &Timeouts) -> Duration {
+        self.last_seen + self.timeout(t)
+    }
+}
+
+/// The table's lookup key: the flow's identity regardless of direction.
+/// ICMP echo flows are identified by their identifier, not type/code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey {
+    pub a: IpAddr,
+    pub b: IpAddr,
+    pub proto: u8,
+    pub pa: u16,
+    pub pb: u16,
+}
+
+impl ConnKey {
+    /// The key of a packet as seen in its own direction.
+    pub fn of(key: &FlowKey, echo_id: Option<u16>) -> ConnKey {
+        match echo_id {
+            Some(id) => ConnKey {
+                a: key.src,
+                b: key.dst,
+                proto: key.proto,
+                pa: id,
+                pb: 0,
+            },
+            None => ConnKey {
+                a: key.src,
+                b: key.dst,
+                proto: key.proto,
+                pa: key.src_port,
+                pb: key.dst_port,
+            },
+        }
+    }
+
+    pub fn reversed(&self) -> ConnKey {
+        if self.pb == 0 && (self.proto == 1 || self.proto == 58) {
+            // Echo: the identifier is the same both ways.
+            return ConnKey {
+                a: self.b,
+                b: self.a,
+                ..*self
+            };
+        }
+        ConnKey {
+            a: self.b,
+            b: self.a,
+            proto: self.proto,
+            pa: self.pb,
+            pb: self.pa,
+        }
+    }
+}
+
+/// A flow the policy just admitted.
+#[derive(Debug, Clone)]
+pub struct NewFlow {
+    /// The first packet's key.
+    pub key: FlowKey,
+    /// The ICMP echo identifier, for echo flows.
+    pub echo_id: Option<u16>,
+    pub rule: Option<RuleId>,
+    /// The policy (sha256) that admitted it.
+    pub policy: std::sync::Arc<str>,
+    pub tcp_flags: u8,
+    pub bytes: u64,
+}
+
+/// Why a flow could not be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InsertError {
+    #[error("connection table full of established flows")]
+    Full,
+}
+
+/// A flow that left the table, for its `flow_end` record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub flow: Flow,
+    pub why: EndReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    Timeout,
+    Closed,
+    Evicted,
+    /// A reload's policy no longer allows it.
+    Revoked,
+}
+
+/// The bounded connection table.
+#[derive(Debug)]
+pub struct ConnTable {
+    flows: HashMap<ConnKey, Flow>,
+    /// Embryonic flows by creation time, for eviction.
+    embryonic: BTreeSet<(Duration, ConnKey)>,
+    capacity: usize,
+    pub timeouts: Timeouts,
+    pub evicted: u64,
+    pub refused: u64,
+}
+
+impl ConnTable {
+    pub fn new(capacity: usize, timeouts: Timeouts) -> ConnTable {
+        ConnTable {
+            flows: HashMap::with_capacity(capacity.min(1 << 16)),
+            embryonic: BTreeSet::new(),
+            capacity: capacity.max(1),
+            timeouts,
+            evicted: 0,
+            refused: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The flow a packet belongs to, and which way it travels. An expired
+    /// flow is not found (the caller's next `expire` collects it).
+    pub fn find(&self, k: &ConnKey, now: Duration) -> Option<(&Flow, Direction)> {
+        let (f, d) = match self.flows.get(k) {
+            Some(f) => (f, Direction::Original),
+            None => (self.flows.get(&k.reversed())?, Direction::Reply),
+        };
+        (f.expires_at(&self.timeouts) > now).then_some((f, d))
+    }
+
+    /// Adds a flow for a packet the policy allowed; its first packet's TCP
+    /// flags set the initial TCP state. Returns the flow's table key and
+    /// the flow evicted to make room, if any.
+    pub fn insert(
+        &mut self,
+        new: NewFlow,
+        now: Duration,
+    ) -> Result<(ConnKey, Option<Ended>), InsertError> {
+        let NewFlow {
+            key,
+            echo_id,
+            rule,
+            policy,
+            tcp_flags,
+            bytes,
+        } = new;
+        let k = ConnKey::of(&key, echo_id);
+        let mut evicted = None;
+        if self.flows.len() >= self.capacity && !self.flows.contains_key(&k) {
+            match self.embryonic.pop_first() {
+                Some((_, victim)) => {
+                    if let Some(flow) = self.flows.remove(&victim) {
+                        self.evicted += 1;
+                        evicted = Some(Ended {
+                            flow,
+                            why: EndReason::Evicted,
+                        });
+                    }
+                }
+                None => {
+                    self.refused += 1;
+                    return Err(InsertError::Full);
+                }
+            }
+        }
+        let state = if key.proto == 6 {
+            if tcp_flags & crate::packet::tcp_flags::SYN != 0
+                && tcp_flags & crate::packet::tcp_flags::ACK == 0
+            {
+                State::Tcp(TcpState::SynSent)
+            } else {
+                // Picked up mid-stream (e.g. after a restart): treat as
+                // established once the policy allowed it.
+                State::Tcp(TcpState::Established)
+            }
+        } else {
+            State::Datagram { replied: false }
+        };
+        let flow = Flow {
+            key,
+            state,
+            rule,
+            policy,
+            created: now,
+            last_seen: now,
+            original: Counts { packets: 1, bytes },
+            reply: Counts::default(),
+            fin_original: false,
+            fin_reply: false,
+        };
+        if flow.embryonic() {
+            self.embryonic.insert((now, k));
+        }
+        if let Some(old) = self.flows.insert(k, flow) {
+            self.embryonic.remove(&(old.created, k));
+        }
+        Ok((k, evicted))
+    }
+
+    /// Accounts a packet of an existing flow and advances its state.
+    /// Returns the flow's state after the packet.
+    pub fn update(
+        &mut self,
+        k: &ConnKey,
+        dir: Direction,
+        tcp_flags: u8,
+        bytes: u64,
+        now: Duration,
+    ) -> Option<State> {
+        let key = match dir {
+            Direction::Original => *k,
+            Direction::Reply => k.reversed(),
+        };
+        let flow = self.flows.get_mut(&key)?;
+        let was_embryonic = flow.embryonic();
+        flow.last_seen = now;
+        let c = match dir {
+            Direction::Original => &mut flow.original,
+            Direction::Reply => &mut flow.reply,
+        };
+        c.packets += 1;
+        c.bytes += bytes;
+        use crate::packet::tcp_flags::{ACK, FIN, RST, SYN};
+        flow.state = match flow.state {
+            State::Tcp(s) => State::Tcp(if tcp_flags & RST != 0 {
+                TcpState::Closed
+            } else {
+                match (s, dir) {
+                    (TcpState::SynSent, Direction::Reply)
+                        if tcp_flags & SYN != 0 && tcp_flags & ACK != 0 =>
+                    {
+                        TcpState::SynReceived
+                    }
+                    (TcpState::SynReceived, Direction::Original)
+                        if tcp_flags & ACK != 0 && tcp_flags & SYN == 0 =>
+                    {
+                        TcpState::Established
+                    }
+                    (TcpState::Established | TcpState::Closing, _) if tcp_flags & FIN != 0 => {
+                        match dir {
+                            Direction::Original => flow.fin_original = true,
+                            Direction::Reply => flow.fin_reply = true,
+                        }
+                        if flow.fin_original && flow.fin_reply {
+                            TcpState::Closed
+                        } else {
+                            TcpState::Closing
+                        }
+                    }
+                    (s, _) => s,
+                }
+            }),
+            State::Datagram { replied } => State::Datagram {
+                replied: replied || dir == Direction::Reply,
+            },
+        };
+        if was_embryonic && !flow.embryonic() {
+            let created = flow.created;
+            self.embryonic.remove(&(created, key));
+        }
+        Some(flow.state)
+    }
+
+    /// Removes a flow (a reload revoked it, say).
+    pub fn remove(&mut self, k: &ConnKey, why: EndReason) -> Option<Ended> {
+        let key = if self.flows.contains_key(k) {
+            *k
+        } else {
+            k.reversed()
+        };
+        let flow = self.flows.remove(&key)?;
+        self.embryonic.remove(&(flow.created, key));
+        Some(Ended { flow, why })
+    }
+
+    /// Removes every flow whose time is up; returns them for their records.
+    /// Work is bounded by `max` flows per call.
+    pub fn expire(&mut self, now: Duration, max: usize) -> Vec<Ended> {
+        let t = self.timeouts;
+        let dead: Vec<ConnKey> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.expires_at(&t) <= now)
+            .map(|(k, _)| *k)
+            .take(max)
+            .collect();
+        dead.into_iter()
+            .filter_map(|k| {
+                let why = match self.flows.get(&k)?.state {
+                    State::Tcp(TcpState::Closed) => EndReason::Closed,
+                    _ => EndReason::Timeout,
+                };
+                self.remove(&k, why)
+            })
+            .collect()
+    }
+
+    /// Every flow, for a reload to re-check against the new policy.
+    pub fn keys(&self) -> Vec<(ConnKey, FlowKey)> {
+        self.flows.iter().map(|(k, f)| (*k, f.key)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::tcp_flags::{ACK, FIN, RST, SYN};
+
+    fn key(sport: u16, proto: u8) -> FlowKey {
+        FlowKey {
+            src: "192.0.2.10".parse().unwrap(),
+            dst: "198.51.100.20".parse().unwrap(),
+            proto,
+            src_port: sport,
+            dst_port: 443,
+        }
+    }
+
+    fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn nf(key: FlowKey, rule: Option<RuleId>, tcp_flags: u8, bytes: u64) -> NewFlow {
+        let echo_id = (key.proto == 1).then_some(77);
+        NewFlow {
+            key,
+            echo_id,
+            rule,
+            policy: "sha".into(),
+            tcp_flags,
+            bytes,
+        }
+    }
+
+    #[test]
+    fn tcp_handshake_and_teardown() {
+        let mut t = ConnTable::new(10, Timeouts::default());
+        let k = key(40000, 6);
+        let ck = ConnKey::of(&k, None);
+        t.insert(nf(k, Some(0), SYN, 60), s(0)).unwrap();
+        let reply = ck.reversed();
+        let (_, d) = t.find(&reply, s(1)).unwrap();
+        assert_eq!(d, Direction::Reply);
+        assert_eq!(
+            t.update(&reply, d, SYN | ACK, 60, s(1)),
+            Some(State::Tcp(TcpState::SynReceived))
+        );
+        assert_eq!(
+            t.update(&ck, Direction::Original, ACK, 52, s(1)),
+            Some(State::Tcp(TcpState::Established))
+        );
+        // Established flows are long-lived.
+        assert!(t.find(&ck, s(3600)).is_some());
+        assert_eq!(
+            t.update(&ck, Direction::Original, FIN | ACK, 52, s(10)),
+            Some(State::Tcp(TcpState::Closing))
+        );
+        assert_eq!(
+            t.update(&reply, Direction::Reply, FIN | ACK, 52, s(10)),
+            Some(State::Tcp(TcpState::Closed))
+        );
+        let ended = t.expire(s(21), 100);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].why, EndReason::Closed);
+        assert_eq!(ended[0].flow.original.packets, 3);
+        assert_eq!(ended[0].flow.reply.packets, 2);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn rst_closes_and_syn_times_out() {
+        let mut t = ConnTable::new(10, Timeouts::default());
+        let k = key(1, 6);
+        let ck = ConnKey::of(&k, None);
+        t.insert(nf(k, None, SYN, 60), s(0)).unwrap();
+        assert_eq!(
+            t.update(&ck.reversed(), Direction::Reply, RST, 40, s(1)),
+            Some(State::Tcp(TcpState::Closed))
+        );
+        let k2 = key(2, 6);
+        let ck2 = ConnKey::of(&k2, None);
+        t.insert(nf(k2, None, SYN, 60), s(0)).unwrap();
+        assert!(t.find(&ck2, s(59)).is_some());
+        assert!(t.find(&ck2, s(61)).is_none());
+    }
+
+    #[test]
+    fn udp_and_icmp_echo_by_timeout() {
+        let mut t = ConnTable::new(10, Timeouts::default());
+        let k = key(5353, 17);
+        let ck = ConnKey::of(&k, None);
+        t.insert(nf(k, None, 0, 80), s(0)).unwrap();
+        assert!(t.find(&ck, s(29)).is_some());
+        assert!(
+            t.find(&ck, s(31)).is_none(),
+            "unreplied UDP times out after 30 s"
+        );
+        t.update(&ck.reversed(), Direction::Reply, 0, 80, s(10));
+        assert!(t.find(&ck, s(100)).is_some(), "replied UDP lives longer");
+
+        let echo = FlowKey {
+            src_port: 8,
+            dst_port: 0,
+            ..key(0, 1)
+        };
+        t.insert(nf(echo, None, 0, 84), s(0)).unwrap();
+        let reply = FlowKey {
+            src: echo.dst,
+            dst: echo.src,
+            src_port: 0,
+            ..echo
+        };
+        let (_, d) = t.find(&ConnKey::of(&reply, Some(77)), s(1)).unwrap();
+        assert_eq!(d, Direction::Reply);
+        assert!(
+            t.find(&ConnKey::of(&reply, Some(78)), s(1)).is_none(),
+            "another identifier is another flow"
+        );
+    }
+
+    #[test]
+    fn full_table_evicts_embryonic_first_and_never_established() {
+        let mut t = ConnTable::new(3, Timeouts::default());
+        // One established flow.
+        let est = key(1, 6);
+        let ek = ConnKey::of(&est, None);
+        t.insert(nf(est, None, SYN, 60), s(0)).unwrap();
+        t.update(&ek.reversed(), Direction::Reply, SYN | ACK, 60, s(0));
+        t.update(&ek, Direction::Original, ACK, 60, s(0));
+        // A SYN flood.
+        for p in 2..1000u16 {
+            let k = key(p, 6);
+            let r = t.insert(nf(k, None, SYN, 60), s(u64::from(p)));
+            assert!(r.is_ok());
+            assert!(t.len() <= 3);
+        }
+        assert!(
+            t.find(&ek, s(1000)).is_some(),
+            "the established flow survived the flood"
+        );
+        assert!(t.evicted >= 990);
+        // A table of established flows refuses new ones.
+        let mut t = ConnTable::new(1, Timeouts::default());
+        t.insert(nf(est, None, ACK, 60), s(0)).unwrap();
+        let k = key(9, 6);
+        assert_eq!(
+            t.insert(nf(k, None, SYN, 60), s(1)).map(|_| ()),
+            Err(InsertError::Full)
+        );
+    }
+}

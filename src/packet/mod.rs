@@ -1,0 +1,559 @@
+//! Frames read off the wire, parsed into what the inline filter decides on.
+//!
+//! The contract, as in smoltcp's `wire` module: [`parse`] takes any bytes a
+//! port delivered and either returns a [`Frame`] or an error; it never
+//! panics, never reads past the buffer, and does a bounded amount of work
+//! (IPv6 extension headers are followed at most [`MAX_EXT_HEADERS`] deep).
+//! Once `parse` succeeded, nothing on the returned value can panic.
+//!
+//! Layers understood: Ethernet II with one or two 802.1Q/802.1ad tags, ARP,
+//! IPv4 (options, fragments), IPv6 (extension headers, fragments), TCP, UDP,
+//! SCTP, ICMP and ICMPv6 (with the original header carried by an error,
+//! and neighbour discovery recognised). The flow key uses the classifier's
+//! convention: ICMP type and code travel in the port fields.
+
+use crate::classify::FlowKey;
+use pnet_packet::ethernet::{EtherTypes, EthernetPacket};
+use pnet_packet::ipv4::Ipv4Packet;
+use pnet_packet::ipv6::Ipv6Packet;
+use std::net::IpAddr;
+
+/// Deepest chain of IPv6 extension headers followed.
+pub const MAX_EXT_HEADERS: usize = 8;
+
+/// Why a frame could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("frame shorter than an Ethernet header")]
+    ShortEthernet,
+    #[error("truncated 802.1Q tag")]
+    ShortVlan,
+    #[error("malformed IPv4 header")]
+    BadIpv4,
+    #[error("malformed IPv6 header")]
+    BadIpv6,
+    #[error("IPv6 extension headers too deep or truncated")]
+    BadExtension,
+}
+
+/// Where a packet sits in a fragmented datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment: it carries the transport header.
+    First { id: u32 },
+    /// A later fragment: no transport header; it follows the first's verdict.
+    Later { id: u32 },
+}
+
+/// What an ICMP or ICMPv6 message means to the filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IcmpKind {
+    /// Echo request or reply, with its identifier.
+    Echo {
+        id: u16,
+        request: bool,
+    },
+    /// An error about another packet, whose flow key is carried.
+    Error {
+        about: FlowKey,
+    },
+    /// IPv6 neighbour discovery (router/neighbour solicitation and
+    /// advertisement, redirect): passes like ARP.
+    NeighborDiscovery,
+    Other,
+}
+
+/// An IP packet's header facts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpPacket {
+    pub key: FlowKey,
+    /// TCP flags (0 when not TCP or no transport header).
+    pub tcp_flags: u8,
+    pub fragment: Fragment,
+    /// Set for ICMP and ICMPv6 with a readable header.
+    pub icmp: Option<IcmpKind>,
+    /// Bytes from the IP header on.
+    pub ip_len: usize,
+    /// False when the transport header was missing or cut short (ports are
+    /// then 0).
+    pub transport_complete: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    Arp,
+    Ip(IpPacket),
+    /// Any other EtherType.
+    Other,
+}
+
+/// A parsed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    /// 802.1Q VLAN id of the outermost tag, if tagged.
+    pub vlan: Option<u16>,
+    /// The EtherType after any tags.
+    pub ethertype: u16,
+    pub payload: Payload,
+}
+
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// Parses a frame as a port delivered it.
+pub fn parse(bytes: &[u8]) -> Result<Frame, ParseError> {
+    let eth = EthernetPacket::new(bytes).ok_or(ParseError::ShortEthernet)?;
+    let mut ethertype = eth.get_ethertype().0;
+    let mut offset = 14;
+    let mut vlan = None;
+    // 802.1Q (0x8100) and 802.1ad (0x88a8), at most two tags.
+    for _ in 0..2 {
+        if ethertype != 0x8100 && ethertype != 0x88a8 {
+            break;
+        }
+        let tag = bytes.get(offset..offset + 4).ok_or(ParseError::ShortVlan)?;
+        if vlan.is_none() {
+            vlan = Some(u16::from_be_bytes([tag[0], tag[1]]) & 0x0fff);
+        }
+        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+        offset += 4;
+    }
+    let l3 = &bytes[offset.min(bytes.len())..];
+    let payload = match ethertype {
+        t if t == EtherTypes::Arp.0 => Payload::Arp,
+        t if t == EtherTypes::Ipv4.0 => Payload::Ip(parse_ipv4(l3)?),
+        t if t == EtherTypes::Ipv6.0 => Payload::Ip(parse_ipv6(l3)?),
+        _ => Payload::Other,
+    };
+    Ok(Frame {
+        vlan,
+        ethertype,
+        payload,
+    })
+}
+
+/// Transport facts: (src port or ICMP type, dst port or ICMP code, TCP
+/// flags, ICMP meaning, complete?).
+fn transport(
+    proto: u8,
+    l4: &[u8],
+    v6: bool,
+    depth: usize,
+) -> (u16, u16, u8, Option<IcmpKind>, bool) {
+    match proto {
+        6 => match l4.get(..14) {
+            Some(h) => (
+                u16::from_be_bytes([h[0], h[1]]),
+                u16::from_be_bytes([h[2], h[3]]),
+                h[13],
+                None,
+                true,
+            ),
+            None => (0, 0, 0, None, false),
+        },
+        17 | 132 | 136 => match l4.get(..4) {
+            Some(h) => (
+                u16::from_be_bytes([h[0], h[1]]),
+                u16::from_be_bytes([h[2], h[3]]),
+                0,
+                None,
+                true,
+            ),
+            None => (0, 0, 0, None, false),
+        },
+        1 | 58 => match l4.get(..8) {
+            Some(h) => {
+                let (ty, code) = (h[0], h[1]);
+                let id = u16::from_be_bytes([h[4], h[5]]);
+                let kind = if !v6 {
+                    match ty {
+                        8 => IcmpKind::Echo { id, request: true },
+                        0 => IcmpKind::Echo { id, request: false },
+                        3 | 4 | 5 | 11 | 12 => inner_key(&l4[8..], false, depth)
+                            .map(|about| IcmpKind::Error { about })
+                            .unwrap_or(IcmpKind::Other),
+                        _ => IcmpKind::Other,
+                    }
+                } else {
+                    match ty {
+                        128 => IcmpKind::Echo { id, request: true },
+                        129 => IcmpKind::Echo { id, request: false },
+                        1..=4 => inner_key(&l4[8..], true, depth)
+                            .map(|about| IcmpKind::Error { about })
+                            .unwrap_or(IcmpKind::Other),
+                        133..=137 => IcmpKind::NeighborDiscovery,
+                        _ => IcmpKind::Other,
+                    }
+                };
+                (u16::from(ty), u16::from(code), 0, Some(kind), true)
+            }
+            None => (0, 0, 0, None, false),
+        },
+        _ => (0, 0, 0, None, true),
+    }
+}
+
+/// The flow key of the packet an ICMP error quotes (one level only).
+fn inner_key(quoted: &[u8], v6: bool, depth: usize) -> Option<FlowKey> {
+    if depth > 0 {
+        return None;
+    }
+    let p = if v6 {
+        ipv6_inner(quoted, depth + 1)
+    } else {
+        ipv4_inner(quoted, depth + 1)
+    }?;
+    Some(p.key)
+}
+
+fn ipv4_inner(l3: &[u8], depth: usize) -> Option<IpPacket> {
+    parse_ipv4_at(l3, depth, true).ok()
+}
+
+fn ipv6_inner(l3: &[u8], depth: usize) -> Option<IpPacket> {
+    parse_ipv6_at(l3, depth, true).ok()
+}
+
+fn parse_ipv4(l3: &[u8]) -> Result<IpPacket, ParseError> {
+    parse_ipv4_at(l3, 0, false)
+}
+
+fn parse_ipv6(l3: &[u8]) -> Result<IpPacket, ParseError> {
+    parse_ipv6_at(l3, 0, false)
+}
+
+/// `quoted`: the header comes from inside an ICMP error, where the datagram
+/// is cut short and its length field cannot be trusted.
+fn parse_ipv4_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, ParseError> {
+    let ip = Ipv4Packet::new(l3).ok_or(ParseError::BadIpv4)?;
+    let ihl = ip.get_header_length() as usize * 4;
+    if ip.get_version() != 4 || ihl < 20 || ihl > l3.len() {
+        return Err(ParseError::BadIpv4);
+    }
+    let total = ip.get_total_length() as usize;
+    let end = if quoted {
+        l3.len()
+    } else {
+        total.min(l3.len())
+    };
+    if !quoted && total < ihl {
+        return Err(ParseError::BadIpv4);
+    }
+    let proto = ip.get_next_level_protocol().0;
+    let frag_offset = ip.get_fragment_offset();
+    let more = ip.get_flags() & 0b001 != 0;
+    let id = u32::from(ip.get_identification());
+    let fragment = match (frag_offset, more) {
+        (0, false) => Fragment::Whole,
+        (0, true) => Fragment::First { id },
+        _ => Fragment::Later { id },
+    };
+    let l4 = &l3[ihl..end.max(ihl)];
+    let (sp, dp, flags, icmp, complete) = if matches!(fragment, Fragment::Later { .. }) {
+        (0, 0, 0, None, false)
+    } else {
+        transport(proto, l4, false, depth)
+    };
+    Ok(IpPacket {
+        key: FlowKey {
+            src: IpAddr::V4(ip.get_source()),
+            dst: IpAddr::V4(ip.get_destination()),
+            proto,
+            src_port: sp,
+            dst_port: dp,
+        },
+        tcp_flags: flags,
+        fragment,
+        icmp,
+        ip_len: end,
+        transport_complete: complete,
+    })
+}
+
+fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, ParseError> {
+    let ip = Ipv6Packet::new(l3).ok_or(ParseError::BadIpv6)?;
+    if ip.get_version() != 6 {
+        return Err(ParseError::BadIpv6);
+    }
+    let end = if quoted {
+        l3.len()
+    } else {
+        (40 + ip.get_payload_length() as usize).min(l3.len())
+    };
+    let mut next = ip.get_next_header().0;
+    let mut off = 40;
+    let mut fragment = Fragment::Whole;
+    for _ in 0..=MAX_EXT_HEADERS {
+        match next {
+            // Hop-by-hop, routing, destination options.
+            0 | 43 | 60 => {
+                let h = l3.get(off..off + 2).ok_or(ParseError::BadExtension)?;
+                next = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            // Fragment header.
+            44 => {
+                let h = l3.get(off..off + 8).ok_or(ParseError::BadExtension)?;
+                next = h[0];
+                let offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
+                let more = h[3] & 1 != 0;
+                let id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                fragment = match (offset, more) {
+                    (0, false) => Fragment::Whole,
+                    (0, true) => Fragment::First { id },
+                    _ => Fragment::Later { id },
+                };
+                off += 8;
+            }
+            _ => break,
+        }
+        if off > end {
+            return Err(ParseError::BadExtension);
+        }
+    }
+    if matches!(next, 0 | 43 | 60 | 44) {
+        return Err(ParseError::BadExtension);
+    }
+    let l4 = l3.get(off..end).unwrap_or(&[]);
+    let (sp, dp, flags, icmp, complete) = if matches!(fragment, Fragment::Later { .. }) {
+        (0, 0, 0, None, false)
+    } else {
+        transport(next, l4, true, depth)
+    };
+    Ok(IpPacket {
+        key: FlowKey {
+            src: IpAddr::V6(ip.get_source()),
+            dst: IpAddr::V6(ip.get_destination()),
+            proto: next,
+            src_port: sp,
+            dst_port: dp,
+        },
+        tcp_flags: flags,
+        fragment,
+        icmp,
+        ip_len: end,
+        transport_complete: complete,
+    })
+}
+
+/// Builders of test frames (used by this crate's tests and the dataplane's
+/// in-memory port tests).
+pub mod build {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn checksum(data: &[u8]) -> u16 {
+        let mut sum: u32 = 0;
+        for c in data.chunks(2) {
+            let w = if c.len() == 2 {
+                u16::from_be_bytes([c[0], c[1]])
+            } else {
+                u16::from(c[0]) << 8
+            };
+            sum += u32::from(w);
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// An IPv4 packet in an Ethernet frame; `l4` is the transport header and
+    /// payload.
+    pub fn ipv4(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        proto: u8,
+        l4: &[u8],
+        frag: (u16, bool, u16),
+    ) -> Vec<u8> {
+        let total = 20 + l4.len();
+        let (id, more, offset) = frag;
+        let flags_off = (u16::from(more) << 13) | (offset & 0x1fff);
+        let mut h = vec![0x45, 0];
+        h.extend_from_slice(&(total as u16).to_be_bytes());
+        h.extend_from_slice(&id.to_be_bytes());
+        h.extend_from_slice(&flags_off.to_be_bytes());
+        h.extend_from_slice(&[64, proto, 0, 0]);
+        h.extend_from_slice(&src.octets());
+        h.extend_from_slice(&dst.octets());
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h.extend_from_slice(l4);
+        ethernet(0x0800, &h)
+    }
+
+    pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, l4: &[u8]) -> Vec<u8> {
+        let mut h = vec![0x60, 0, 0, 0];
+        h.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        h.extend_from_slice(&[next, 64]);
+        h.extend_from_slice(&src.octets());
+        h.extend_from_slice(&dst.octets());
+        h.extend_from_slice(l4);
+        ethernet(0x86dd, &h)
+    }
+
+    pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut t = Vec::new();
+        t.extend_from_slice(&sport.to_be_bytes());
+        t.extend_from_slice(&dport.to_be_bytes());
+        t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        t
+    }
+
+    pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut u = Vec::new();
+        u.extend_from_slice(&sport.to_be_bytes());
+        u.extend_from_slice(&dport.to_be_bytes());
+        u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        u.extend_from_slice(&[0, 0]);
+        u.extend_from_slice(payload);
+        u
+    }
+
+    pub fn icmp_echo(ty: u8, id: u16) -> Vec<u8> {
+        let mut i = vec![ty, 0, 0, 0];
+        i.extend_from_slice(&id.to_be_bytes());
+        i.extend_from_slice(&[0, 1]);
+        i
+    }
+
+    pub fn arp() -> Vec<u8> {
+        ethernet(0x0806, &[0u8; 28])
+    }
+
+    /// Adds an 802.1Q tag to an Ethernet frame.
+    pub fn tagged(frame: &[u8], vid: u16) -> Vec<u8> {
+        let mut f = frame[..12].to_vec();
+        f.extend_from_slice(&[0x81, 0x00]);
+        f.extend_from_slice(&vid.to_be_bytes());
+        f.extend_from_slice(&frame[12..]);
+        f
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build::*;
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+    const B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+
+    fn ip(f: &[u8]) -> IpPacket {
+        match parse(f).unwrap().payload {
+            Payload::Ip(p) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tcp_udp_icmp_keys() {
+        let p = ip(&ipv4(
+            A,
+            B,
+            6,
+            &tcp(40000, 443, tcp_flags::SYN),
+            (1, false, 0),
+        ));
+        assert_eq!(
+            (p.key.proto, p.key.src_port, p.key.dst_port, p.tcp_flags),
+            (6, 40000, 443, tcp_flags::SYN)
+        );
+        assert_eq!(p.fragment, Fragment::Whole);
+        let p = ip(&ipv4(A, B, 17, &udp(5353, 53, b"q"), (1, false, 0)));
+        assert_eq!((p.key.src_port, p.key.dst_port), (5353, 53));
+        let p = ip(&ipv4(A, B, 1, &icmp_echo(8, 77), (1, false, 0)));
+        assert_eq!((p.key.src_port, p.key.dst_port), (8, 0));
+        assert_eq!(
+            p.icmp,
+            Some(IcmpKind::Echo {
+                id: 77,
+                request: true
+            })
+        );
+    }
+
+    #[test]
+    fn icmp_error_carries_the_original_flow() {
+        let original = ipv4(A, B, 17, &udp(5353, 53, b"query"), (9, false, 0));
+        let mut err = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        err.extend_from_slice(&original[14..14 + 28]);
+        let p = ip(&ipv4(B, A, 1, &err, (2, false, 0)));
+        let Some(IcmpKind::Error { about }) = p.icmp else {
+            panic!("{:?}", p.icmp)
+        };
+        assert_eq!(
+            (about.src, about.dst, about.src_port, about.dst_port),
+            (IpAddr::V4(A), IpAddr::V4(B), 5353, 53)
+        );
+    }
+
+    #[test]
+    fn fragments() {
+        let first = ip(&ipv4(A, B, 17, &udp(1, 2, &[0; 32]), (7, true, 0)));
+        assert_eq!(first.fragment, Fragment::First { id: 7 });
+        assert_eq!(first.key.dst_port, 2);
+        let later = ip(&ipv4(A, B, 17, &[0; 16], (7, false, 5)));
+        assert_eq!(later.fragment, Fragment::Later { id: 7 });
+        assert_eq!((later.key.src_port, later.key.dst_port), (0, 0));
+    }
+
+    #[test]
+    fn ipv6_and_vlan_and_arp() {
+        let a6: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let b6: Ipv6Addr = "2001:db8::2".parse().unwrap();
+        let f = ipv6(a6, b6, 6, &tcp(1000, 22, tcp_flags::SYN));
+        let p = ip(&f);
+        assert_eq!((p.key.dst_port, p.key.proto), (22, 6));
+        let tagged_frame = tagged(&f, 42);
+        let fr = parse(&tagged_frame).unwrap();
+        assert_eq!(fr.vlan, Some(42));
+        assert!(matches!(fr.payload, Payload::Ip(_)));
+        let ns = ipv6(a6, b6, 58, &[135, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(ip(&ns).icmp, Some(IcmpKind::NeighborDiscovery));
+        assert_eq!(parse(&arp()).unwrap().payload, Payload::Arp);
+    }
+
+    #[test]
+    fn never_panics_on_any_prefix_or_corruption() {
+        let frames = [
+            ipv4(A, B, 6, &tcp(1, 2, 2), (1, false, 0)),
+            ipv6(
+                "2001:db8::1".parse().unwrap(),
+                "2001:db8::2".parse().unwrap(),
+                44,
+                &[17, 0, 0, 1, 0, 0, 0, 9, 0, 1, 0, 2, 0, 8, 0, 0],
+            ),
+            tagged(&ipv4(A, B, 1, &icmp_echo(8, 1), (1, false, 0)), 5),
+        ];
+        let mut x: u32 = 1;
+        for f in &frames {
+            for n in 0..=f.len() {
+                let _ = parse(&f[..n]);
+            }
+            for _ in 0..2000 {
+                let mut g = f.clone();
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let i = x as usize % g.len();
+                g[i] = (x >> 8) as u8;
+                let _ = parse(&g);
+            }
+        }
+    }
+}
