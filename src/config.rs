@@ -98,6 +98,46 @@ impl Default for ProxyConfig {
     }
 }
 
+/// The inline filter's settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilterConfig {
+    /// The port toward the provider edge and the VNet.
+    pub edge: String,
+    /// The port toward the on-premises routers.
+    pub onprem: String,
+    /// Most flows tracked at once.
+    pub conntrack_size: usize,
+    /// New flows per second one source address may start.
+    pub new_flows_per_second_per_source: u32,
+    pub new_flow_burst_per_source: u32,
+    /// EtherTypes besides IPv4, IPv6 and ARP that may cross (e.g. 0x88cc
+    /// for LLDP).
+    pub allow_ethertypes: Vec<u16>,
+    /// How long an established TCP flow may idle.
+    #[serde(deserialize_with = "de_duration")]
+    pub tcp_established_timeout: Duration,
+    /// How long a UDP flow that saw a reply may idle.
+    #[serde(deserialize_with = "de_duration")]
+    pub udp_timeout: Duration,
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        let t = crate::conntrack::Timeouts::default();
+        FilterConfig {
+            edge: String::new(),
+            onprem: String::new(),
+            conntrack_size: 262_144,
+            new_flows_per_second_per_source: 1000,
+            new_flow_burst_per_source: 2000,
+            allow_ethertypes: Vec::new(),
+            tcp_established_timeout: t.tcp_established,
+            udp_timeout: t.udp_replied,
+        }
+    }
+}
+
 /// The whole daemon configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +146,8 @@ pub struct Config {
     pub policy: PathBuf,
     #[serde(default)]
     pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub filter: FilterConfig,
     pub audit: AuditConfig,
 }
 
@@ -186,6 +228,22 @@ impl Config {
             if d.is_zero() {
                 return Err(invalid(field, "must be longer than zero"));
             }
+        }
+        let f = &self.filter;
+        if f.conntrack_size == 0 {
+            return Err(invalid("filter.conntrack_size", "must be at least 1"));
+        }
+        if f.new_flows_per_second_per_source == 0 {
+            return Err(invalid(
+                "filter.new_flows_per_second_per_source",
+                "must be at least 1",
+            ));
+        }
+        if !f.edge.is_empty() && f.edge == f.onprem {
+            return Err(invalid(
+                "filter.onprem",
+                "must be another interface than filter.edge",
+            ));
         }
         for name in p.hosts.keys() {
             if crate::policy::normalize_host(name).is_none() {

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod classify;
 pub mod config;
 pub mod conntrack;
+pub mod dataplane;
 pub mod packet;
 pub mod policy;
 pub mod proxy;

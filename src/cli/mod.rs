@@ -3,6 +3,7 @@
 
 mod analysis;
 mod audit;
+mod filter;
 mod policy;
 mod proxy;
 
@@ -55,6 +56,8 @@ enum Command {
     /// Run the forced-tunneling HTTP(S) proxy (default config:
     /// config/palisade.toml, listening on 127.0.0.1:3128).
     Proxy(proxy::ProxyArgs),
+    /// Run the inline filter between two interfaces (edge and onprem).
+    Filter(filter::FilterArgs),
     /// The audit trail: keys, verification, queries, reports.
     Audit {
         #[command(subcommand)]
@@ -75,7 +78,7 @@ fn default_sigpipe() {
 
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Proxy(_)) {
+    if !matches!(cli.command, Command::Proxy(_) | Command::Filter(_)) {
         default_sigpipe();
     }
     match cli.command {
@@ -90,5 +93,6 @@ pub fn run() -> ExitCode {
         Command::Classify(a) => analysis::classify(a),
         Command::Audit { command } => audit::run(command),
         Command::Proxy(a) => proxy::run(a),
+        Command::Filter(a) => filter::run(a),
     }
 }

@@ -44,39 +44,15 @@ pub fn run(args: ProxyArgs) -> ExitCode {
     if let Some(d) = args.audit_dir {
         config.audit.dir = d;
     }
-    // First start: make the signing key, like an SSH host key. Its public
-    // half belongs with the auditors, off the appliance.
-    if let Some(key) = &config.audit.signing_key {
-        if !key.exists() {
-            let public = key.with_extension("pub");
-            if let Some(dir) = key.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            match generate_key_pair(key, &public) {
-                Ok(id) => eprintln!(
-                    "palisade proxy: created audit signing key {} (key id {id}); give {} to your auditors",
-                    key.display(),
-                    public.display()
-                ),
-                Err(e) => {
-                    eprintln!("error: cannot create the audit signing key: {e}");
-                    return ExitCode::from(2);
-                }
-            }
-        }
-    }
     let policy_path = config.policy.clone();
     let loader = Box::new(move || {
         load_policy(&policy_path, &FsLoader, Options { today: today() })
             .map(|c| c.policy)
             .map_err(|f| f.diagnostics.render(&f.sources))
     });
-    let audit = match AuditLog::open(&config.audit) {
+    let audit = match open_audit(&config) {
         Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: cannot open the audit trail: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -135,5 +111,34 @@ pub fn run(args: ProxyArgs) -> ExitCode {
                 ExitCode::from(1)
             }
         }
+    })
+}
+
+/// Opens the audit trail, creating the signing key on first start like an
+/// SSH host key (its public half belongs with the auditors, off the
+/// appliance).
+pub fn open_audit(config: &Config) -> Result<AuditLog, ExitCode> {
+    if let Some(key) = &config.audit.signing_key {
+        if !key.exists() {
+            let public = key.with_extension("pub");
+            if let Some(dir) = key.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            match generate_key_pair(key, &public) {
+                Ok(id) => eprintln!(
+                    "palisade: created audit signing key {} (key id {id}); give {} to your auditors",
+                    key.display(),
+                    public.display()
+                ),
+                Err(e) => {
+                    eprintln!("error: cannot create the audit signing key: {e}");
+                    return Err(ExitCode::from(2));
+                }
+            }
+        }
+    }
+    AuditLog::open(&config.audit).map_err(|e| {
+        eprintln!("error: cannot open the audit trail: {e}");
+        ExitCode::from(2)
     })
 }

@@ -402,6 +402,15 @@ impl ConnTable {
         Some(flow.state)
     }
 
+    /// Marks a flow as admitted by another policy (after a reload that still
+    /// allows it).
+    pub fn readmit(&mut self, k: &ConnKey, policy: std::sync::Arc<str>, rule: Option<RuleId>) {
+        if let Some(f) = self.flows.get_mut(k) {
+            f.policy = policy;
+            f.rule = rule;
+        }
+    }
+
     /// Removes a flow (a reload revoked it, say).
     pub fn remove(&mut self, k: &ConnKey, why: EndReason) -> Option<Ended> {
         let key = if self.flows.contains_key(k) {

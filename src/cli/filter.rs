@@ -1,0 +1,194 @@
+//! `palisade filter`: the inline filter daemon.
+
+use super::policy::today;
+use super::proxy::open_audit;
+use clap::Args;
+use palisade::audit::AuditEvent;
+use palisade::config::Config;
+use palisade::conntrack::Timeouts;
+use palisade::dataplane::{self, port, Engine, EngineConfig};
+use palisade::policy::load::{load_policy, FsLoader};
+use palisade::policy::{Options, Policy};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Args)]
+pub struct FilterArgs {
+    /// The daemon configuration (TOML).
+    #[arg(long, default_value = "config/palisade.toml")]
+    pub config: PathBuf,
+    /// The interface toward the provider edge and the VNet.
+    #[arg(long)]
+    pub edge: Option<String>,
+    /// The interface toward the on-premises routers.
+    #[arg(long)]
+    pub onprem: Option<String>,
+    /// Use this policy file instead of the configured one.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Write the audit trail here instead of the configured directory.
+    #[arg(long)]
+    pub audit_dir: Option<PathBuf>,
+}
+
+fn load(path: &Path) -> Result<Policy, String> {
+    let c = load_policy(path, &FsLoader, Options { today: today() })
+        .map_err(|f| f.diagnostics.render(&f.sources))?;
+    let z = c.policy.zones();
+    if z.edge.is_none() || z.onprem.is_none() {
+        return Err(format!(
+            "{}: the filter needs both `zone edge = ...` and `zone onprem = ...` (the addresses that may appear on each port)",
+            path.display()
+        ));
+    }
+    Ok(c.policy)
+}
+
+pub fn run(args: FilterArgs) -> ExitCode {
+    let mut config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(e) = args.edge {
+        config.filter.edge = e;
+    }
+    if let Some(o) = args.onprem {
+        config.filter.onprem = o;
+    }
+    if let Some(p) = args.policy {
+        config.policy = p;
+    }
+    if let Some(d) = args.audit_dir {
+        config.audit.dir = d;
+    }
+    let f = config.filter.clone();
+    if f.edge.is_empty() || f.onprem.is_empty() || f.edge == f.onprem {
+        eprintln!("error: the filter needs two different ports: --edge IFACE and --onprem IFACE (or filter.edge and filter.onprem)");
+        return ExitCode::from(2);
+    }
+    let policy = match load(&config.policy) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (edge, onprem) = match (port::open_pnet(&f.edge), port::open_pnet(&f.onprem)) {
+        (Ok(e), Ok(o)) => (e, o),
+        (Err(e), _) => {
+            eprintln!("error: port {}: {e}", f.edge);
+            return ExitCode::from(2);
+        }
+        (_, Err(e)) => {
+            eprintln!("error: port {}: {e}", f.onprem);
+            return ExitCode::from(2);
+        }
+    };
+    let audit = match open_audit(&config) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let sha = policy.sha256().to_string();
+    let _ = audit.submit(&AuditEvent::policy_loaded(&sha, "start"));
+    let timeouts = Timeouts {
+        tcp_established: f.tcp_established_timeout,
+        udp_replied: f.udp_timeout,
+        ..Timeouts::default()
+    };
+    let engine = Arc::new(Engine::new(
+        policy,
+        audit.clone(),
+        EngineConfig {
+            conntrack_size: f.conntrack_size,
+            timeouts,
+            new_flows_per_second_per_source: f.new_flows_per_second_per_source,
+            new_flow_burst_per_source: f.new_flow_burst_per_source,
+            allow_ethertypes: f.allow_ethertypes.clone(),
+        },
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Signals: SIGHUP reloads, SIGTERM/SIGINT stop.
+    let (e2, s2, a2, policy_path) = (
+        engine.clone(),
+        stop.clone(),
+        audit.clone(),
+        config.policy.clone(),
+    );
+    let signals = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::hangup()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => {
+                        let in_force = e2.policy().sha256().to_string();
+                        match load(&policy_path) {
+                            Ok(p) => {
+                                let sha = p.sha256().to_string();
+                                e2.set_policy(p);
+                                let _ = a2.submit_async(&AuditEvent::policy_loaded(&sha, "reload")).await;
+                                eprintln!("palisade filter: reloaded policy (sha256 {sha})");
+                            }
+                            Err(e) => {
+                                let _ = a2.submit_async(&AuditEvent::reload_failed(&e, Some(&in_force))).await;
+                                eprintln!("palisade filter: reload failed, the previous policy stays in force:\n{e}");
+                            }
+                        }
+                    }
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                }
+            }
+            s2.store(true, Ordering::Relaxed);
+        });
+    });
+    eprintln!(
+        "palisade filter: forwarding between {} (edge) and {} (onprem); policy {}; audit trail in {}",
+        f.edge,
+        f.onprem,
+        config.policy.display(),
+        config.audit.dir.display()
+    );
+    let result = dataplane::run(
+        engine.clone(),
+        (Box::new(edge.0), Box::new(edge.1)),
+        (Box::new(onprem.0), Box::new(onprem.1)),
+        stop.clone(),
+    );
+    stop.store(true, Ordering::Relaxed);
+    drop(signals);
+    eprintln!(
+        "palisade filter: stopping; forwarded {} frames, {} flows tracked at the end",
+        engine.counters.forwarded.load(Ordering::Relaxed),
+        engine.conntrack_len()
+    );
+    let closed = audit.close();
+    match (result, closed) {
+        (Ok(()), Ok(())) => ExitCode::SUCCESS,
+        (Err(e), _) => {
+            eprintln!("error: forwarding stopped: {e}");
+            ExitCode::from(1)
+        }
+        (_, Err(e)) => {
+            eprintln!("error: closing the audit trail: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! The inline filter: two ports (`edge` toward the provider edge and the
+//! VNet, `onprem` toward the on-premises routers), a forwarding loop per
+//! direction, and the decision every frame gets.
+//!
+//! [`Engine::handle`] decides one frame that arrived on one port:
+//! - ARP and IPv6 neighbour discovery pass; other non-IP EtherTypes pass
+//!   only where configured; malformed frames are dropped;
+//! - a source address outside the zone of its arrival port is dropped
+//!   (anti-spoofing): a frame from the VNet must carry a VNet address;
+//! - a packet of a tracked flow passes (both ways), unless a reload's policy
+//!   no longer allows the flow: then it is cut here and recorded;
+//! - an ICMP error about a tracked flow passes;
+//! - a non-first fragment follows its first fragment's verdict, or drops;
+//! - anything else starts a flow (TCP only with a SYN): the per-source rate
+//!   limit, the policy, the audit trail's admission and the table's room all
+//!   must agree, then the flow is tracked and recorded.
+//!
+//! Drops are counted per reason and summarised per flow key in the audit
+//! trail (one record per key and interval, not one per packet).
+
+pub mod port;
+
+use crate::audit::{Action, AuditEvent, AuditLog, FlowTuple, Timestamp, Traffic};
+use crate::classify::FlowKey;
+use crate::conntrack::{ConnKey, ConnTable, Direction, EndReason, Ended, NewFlow, Timeouts};
+use crate::packet::{self, Fragment, IcmpKind, Payload};
+use crate::policy::{Policy, Verdict, Zone};
+use arc_swap::ArcSwap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use port::{RxPort, TxPort};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why a frame was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    Malformed,
+    NonIp,
+    Spoofed,
+    Denied,
+    NoState,
+    RateLimited,
+    TableFull,
+    Fragment,
+    AuditUnavailable,
+    Revoked,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Malformed,
+        DropReason::NonIp,
+        DropReason::Spoofed,
+        DropReason::Denied,
+        DropReason::NoState,
+        DropReason::RateLimited,
+        DropReason::TableFull,
+        DropReason::Fragment,
+        DropReason::AuditUnavailable,
+        DropReason::Revoked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed frame",
+            DropReason::NonIp => "non-IP frame not allowed",
+            DropReason::Spoofed => "source address not in the arrival port's zone",
+            DropReason::Denied => "denied by the policy",
+            DropReason::NoState => "not part of a tracked flow and not a flow start",
+            DropReason::RateLimited => "new-flow rate limit for this source exceeded",
+            DropReason::TableFull => "connection table full",
+            DropReason::Fragment => "fragment without an admitted first fragment",
+            DropReason::AuditUnavailable => "the audit trail cannot be written",
+            DropReason::Revoked => "the reloaded policy no longer allows this flow",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Forward,
+    Drop(DropReason),
+}
+
+/// The filter's settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub conntrack_size: usize,
+    pub timeouts: Timeouts,
+    pub new_flows_per_second_per_source: u32,
+    pub new_flow_burst_per_source: u32,
+    /// EtherTypes other than IP, ARP and 802.1Q that may pass.
+    pub allow_ethertypes: Vec<u16>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            conntrack_size: 262_144,
+            timeouts: Timeouts::default(),
+            new_flows_per_second_per_source: 1000,
+            new_flow_burst_per_source: 2000,
+            allow_ethertypes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct DropAgg {
+    packets: u64,
+    bytes: u64,
+    first: Option<Timestamp>,
+    last: Option<Timestamp>,
+}
+
+/// Counters an operator reads.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub forwarded: AtomicU64,
+    pub dropped: [AtomicU64; 10],
+    /// Flows admitted per rule id (index) and by the default (last).
+    pub rule_hits: Mutex<Vec<u64>>,
+}
+
+impl Counters {
+    pub fn dropped(&self, r: DropReason) -> u64 {
+        let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        self.dropped[i].load(Ordering::Relaxed)
+    }
+}
+
+/// A datagram's fragments: (src, dst, proto, id). Maps to the first
+/// fragment's verdict and when it expires.
+type FragmentKey = (IpAddr, IpAddr, u8, u32);
+
+/// The decision state the two forwarding threads share.
+pub struct Engine {
+    policy: ArcSwap<Policy>,
+    table: Mutex<ConnTable>,
+    fragments: Mutex<HashMap<FragmentKey, (bool, Duration)>>,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    drops: Mutex<HashMap<FlowKey, DropAgg>>,
+    audit: AuditLog,
+    config: EngineConfig,
+    origin: Instant,
+    pub counters: Counters,
+}
+
+fn tuple(k: &FlowKey) -> FlowTuple {
+    FlowTuple {
+        proto: k.proto,
+        src_ip: k.src,
+        src_port: k.src_port,
+        dst_ip: k.dst,
+        dst_port: k.dst_port,
+    }
+}
+
+const FRAGMENT_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_FRAGMENT_ENTRIES: usize = 65_536;
+const MAX_DROP_KEYS: usize = 65_536;
+
+impl Engine {
+    pub fn new(policy: Policy, audit: AuditLog, config: EngineConfig) -> Engine {
+        let rate =
+            NonZeroU32::new(config.new_flows_per_second_per_source).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(config.new_flow_burst_per_source).unwrap_or(NonZeroU32::MIN);
+        let rules = policy.rules().len();
+        Engine {
+            policy: ArcSwap::from_pointee(policy),
+            table: Mutex::new(ConnTable::new(config.conntrack_size, config.timeouts)),
+            fragments: Mutex::new(HashMap::new()),
+            limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            drops: Mutex::new(HashMap::new()),
+            audit,
+            config,
+            origin: Instant::now(),
+            counters: Counters {
+                rule_hits: Mutex::new(vec![0; rules + 1]),
+                ..Counters::default()
+            },
+        }
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Swaps in a compiled policy. Tracked flows are re-checked at their
+    /// next packet.
+    pub fn set_policy(&self, p: Policy) {
+        if let Ok(mut h) = self.counters.rule_hits.lock() {
+            h.resize(p.rules().len() + 1, 0);
+        }
+        self.policy.store(Arc::new(p));
+    }
+
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    pub fn conntrack_len(&self) -> usize {
+        self.table.lock().map(|t| t.len()).unwrap_or(0)
+    }
+
+    fn drop(&self, r: DropReason, key: Option<&FlowKey>, bytes: usize) -> Disposition {
+        let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        self.counters.dropped[i].fetch_add(1, Ordering::Relaxed);
+        if let (Some(k), Ok(mut drops)) = (key, self.drops.lock()) {
+            if drops.len() < MAX_DROP_KEYS || drops.contains_key(k) {
+                let a = drops.entry(*k).or_default();
+                a.packets += 1;
+                a.bytes += bytes as u64;
+                let now = Timestamp::now();
+                a.first.get_or_insert(now);
+                a.last = Some(now);
+            }
+        }
+        Disposition::Drop(r)
+    }
+
+    /// Decides one frame that arrived on `ingress`.
+    pub fn handle(&self, ingress: Zone, frame: &[u8]) -> Disposition {
+        let parsed = match packet::parse(frame) {
+            Ok(f) => f,
+            Err(_) => return self.drop(DropReason::Malformed, None, frame.len()),
+        };
+        let ip = match parsed.payload {
+            Payload::Arp => return self.forward(),
+            Payload::Other => {
+                return if self.config.allow_ethertypes.contains(&parsed.ethertype) {
+                    self.forward()
+                } else {
+                    self.drop(DropReason::NonIp, None, frame.len())
+                }
+            }
+            Payload::Ip(ip) => ip,
+        };
+        if ip.icmp == Some(IcmpKind::NeighborDiscovery) {
+            return self.forward();
+        }
+        let key = ip.key;
+        let policy = self.policy.load();
+        if policy.zones().zone_of(key.src) != Some(ingress) {
+            return self.drop(DropReason::Spoofed, Some(&key), frame.len());
+        }
+        let now = self.now();
+        let bytes = ip.ip_len as u64;
+
+        // Later fragments follow their first fragment.
+        if let Fragment::Later { id } = ip.fragment {
+            let allowed = self
+                .fragments
+                .lock()
+                .ok()
+                .and_then(|f| f.get(&(key.src, key.dst, key.proto, id)).copied())
+                .is_some_and(|(ok, exp)| ok && exp > now);
+            return if allowed {
+                self.forward()
+            } else {
+                self.drop(DropReason::Fragment, Some(&key), frame.len())
+            };
+        }
+
+        let echo_id = match ip.icmp {
+            Some(IcmpKind::Echo { id, .. }) => Some(id),
+            _ => None,
+        };
+        let ck = ConnKey::of(&key, echo_id);
+        let mut table = match self.table.lock() {
+            Ok(t) => t,
+            Err(_) => return self.drop(DropReason::NoState, Some(&key), frame.len()),
+        };
+        if let Some((flow, dir)) = table.find(&ck, now) {
+            // A flow admitted under another policy is re-checked once.
+            if *flow.policy != *policy.sha256() {
+                let original = flow.key;
+                let d = policy.decide(&original);
+                let original_ck = match dir {
+                    Direction::Original => ck,
+                    Direction::Reply => ck.reversed(),
+                };
+                if d.verdict == Verdict::Deny {
+                    if let Some(ended) = table.remove(&original_ck, EndReason::Revoked) {
+                        drop(table);
+                        self.record_end(&ended, &policy);
+                    }
+                    return self.drop(DropReason::Revoked, Some(&key), frame.len());
+                }
+                table.readmit(&original_ck, policy.sha256().into(), d.rule);
+            }
+            table.update(&ck, dir, ip.tcp_flags, bytes, now);
+            drop(table);
+            self.note_fragment(&ip.fragment, &key, true, now);
+            return self.forward();
+        }
+        // An ICMP error about a tracked flow is related traffic.
+        if let Some(IcmpKind::Error { about }) = ip.icmp {
+            let related = ConnKey::of(&about, None);
+            if table.find(&related, now).is_some() {
+                return self.forward();
+            }
+            return self.drop(DropReason::NoState, Some(&key), frame.len());
+        }
+        // A new flow. TCP flows start with a SYN only.
+        if key.proto == 6
+            && (!ip.transport_complete
+                || ip.tcp_flags & packet::tcp_flags::SYN == 0
+                || ip.tcp_flags & packet::tcp_flags::ACK != 0)
+        {
+            return self.drop(DropReason::NoState, Some(&key), frame.len());
+        }
+        if matches!(ip.icmp, Some(IcmpKind::Echo { request: false, .. })) {
+            return self.drop(DropReason::NoState, Some(&key), frame.len());
+        }
+        if self.limiter.check_key(&key.src).is_err() {
+            return self.drop(DropReason::RateLimited, Some(&key), frame.len());
+        }
+        let d = policy.decide(&key);
+        if d.verdict == Verdict::Deny {
+            drop(table);
+            self.note_fragment(&ip.fragment, &key, false, now);
+            return self.drop(DropReason::Denied, Some(&key), frame.len());
+        }
+        if self.audit.admit().is_err() {
+            return self.drop(DropReason::AuditUnavailable, Some(&key), frame.len());
+        }
+        let inserted = table.insert(
+            NewFlow {
+                key,
+                echo_id,
+                rule: d.rule,
+                policy: policy.sha256().into(),
+                tcp_flags: ip.tcp_flags,
+                bytes,
+            },
+            now,
+        );
+        drop(table);
+        match inserted {
+            Ok((_, evicted)) => {
+                if let Some(e) = evicted {
+                    self.record_end(&e, &policy);
+                }
+            }
+            Err(_) => return self.drop(DropReason::TableFull, Some(&key), frame.len()),
+        }
+        if let Ok(mut hits) = self.counters.rule_hits.lock() {
+            let i = d
+                .rule
+                .map(|r| r as usize)
+                .unwrap_or(hits.len().saturating_sub(1));
+            if let Some(h) = hits.get_mut(i) {
+                *h += 1;
+            }
+        }
+        self.note_fragment(&ip.fragment, &key, true, now);
+        let ev = AuditEvent::flow_start(Action::Allowed, &tuple(&key))
+            .with_rule(policy.rule_name(d.rule), policy.sha256())
+            .with_reason(&format!("arrived on {}", ingress.as_str()));
+        let _ = self.audit.try_submit(&ev);
+        self.forward()
+    }
+
+    fn forward(&self) -> Disposition {
+        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        Disposition::Forward
+    }
+
+    fn note_fragment(&self, f: &Fragment, key: &FlowKey, allowed: bool, now: Duration) {
+        if let Fragment::First { id } = f {
+            if let Ok(mut frags) = self.fragments.lock() {
+                if frags.len() >= MAX_FRAGMENT_ENTRIES {
+                    frags.retain(|_, (_, exp)| *exp > now);
+                }
+                if frags.len() < MAX_FRAGMENT_ENTRIES {
+                    frags.insert(
+                        (key.src, key.dst, key.proto, *id),
+                        (allowed, now + FRAGMENT_TIMEOUT),
+                    );
+                }
+            }
+        }
+    }
+
+    fn record_end(&self, e: &Ended, policy: &Policy) {
+        let f = &e.flow;
+        let mut ev = AuditEvent::flow_end(
+            &tuple(&f.key),
+            Traffic {
+                packets: f.original.packets,
+                bytes: f.original.bytes,
+            },
+            Traffic {
+                packets: f.reply.packets,
+                bytes: f.reply.bytes,
+            },
+            f.last_seen.saturating_sub(f.created),
+        )
+        .with_rule(policy.rule_name(f.rule), &f.policy)
+        .with_reason(match e.why {
+            EndReason::Timeout => "timed out",
+            EndReason::Closed => "closed",
+            EndReason::Evicted => "evicted from a full connection table",
+            EndReason::Revoked => "cut: the reloaded policy no longer allows it",
+        });
+        if e.why == EndReason::Revoked {
+            ev.event.action = Action::Denied;
+        }
+        let _ = self.audit.try_submit(&ev);
+    }
+
+    /// Periodic work: expire flows and fragments, write drop summaries.
+    pub fn housekeeping(&self) {
+        let now = self.now();
+        let ended = self
+            .table
+            .lock()
+            .map(|mut t| t.expire(now, 10_000))
+            .unwrap_or_default();
+        let policy = self.policy.load();
+        for e in &ended {
+            self.record_end(e, &policy);
+        }
+        if let Ok(mut frags) = self.fragments.lock() {
+            frags.retain(|_, (_, exp)| *exp > now);
+        }
+        let drops: HashMap<FlowKey, DropAgg> = self
+            .drops
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default();
+        for (k, a) in drops {
+            let (Some(first), Some(last)) = (a.first, a.last) else {
+                continue;
+            };
+            let d = policy.decide(&k);
+            let ev = AuditEvent::drop_summary(&tuple(&k), a.packets, a.bytes, first, last)
+                .with_rule(policy.rule_name(d.rule), policy.sha256());
+            let _ = self.audit.try_submit(&ev);
+        }
+    }
+
+    /// Ends every tracked flow (at shutdown) with its record.
+    pub fn flush(&self) {
+        let ended = self
+            .table
+            .lock()
+            .map(|mut t| t.expire(Duration::MAX, usize::MAX))
+            .unwrap_or_default();
+        let policy = self.policy.load();
+        for e in &ended {
+            self.record_end(e, &policy);
+        }
+        self.housekeeping();
+    }
+}
+
+/// Moves frames from `rx` (arriving on `ingress`) to `tx` until `stop`.
+pub fn forward_loop(
+    engine: &Engine,
+    ingress: Zone,
+    rx: &mut dyn RxPort,
+    tx: &mut dyn TxPort,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    while !stop.load(Ordering::Relaxed) {
+        let Some(frame) = rx.recv(Duration::from_millis(100))? else {
+            continue;
+        };
+        if engine.handle(ingress, frame) == Disposition::Forward {
+            if let Err(e) = tx.send(frame) {
+                // A frame too large for the other side (e.g. offloads left
+                // on) is lost like on a wire; keep forwarding.
+                if e.raw_os_error() != Some(90) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs both directions and the housekeeping until `stop` is set.
+pub fn run(
+    engine: Arc<Engine>,
+    edge: (Box<dyn TxPort>, Box<dyn RxPort>),
+    onprem: (Box<dyn TxPort>, Box<dyn RxPort>),
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    let (mut edge_tx, mut edge_rx) = edge;
+    let (mut onprem_tx, mut onprem_rx) = onprem;
+    std::thread::scope(|s| {
+        let e1 = engine.clone();
+        let st1 = stop.clone();
+        let a = s.spawn(move || {
+            let r = forward_loop(&e1, Zone::Edge, edge_rx.as_mut(), onprem_tx.as_mut(), &st1);
+            st1.store(true, Ordering::Relaxed);
+            r
+        });
+        let e2 = engine.clone();
+        let st2 = stop.clone();
+        let b = s.spawn(move || {
+            let r = forward_loop(
+                &e2,
+                Zone::Onprem,
+                onprem_rx.as_mut(),
+                edge_tx.as_mut(),
+                &st2,
+            );
+            st2.store(true, Ordering::Relaxed);
+            r
+        });
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            engine.housekeeping();
+        }
+        let ra = a.join().unwrap_or(Ok(()));
+        let rb = b.join().unwrap_or(Ok(()));
+        engine.flush();
+        ra.and(rb)
+    })
+}
