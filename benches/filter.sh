@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Runs palisade's inline filter side by side with the kernel on one
+# namespace topology (vnet host -- appliance -- edge host), in one run:
+#   kernel forward (no filter), nftables interval set, iptables N linear
+#   rules (kernel routes between two subnets), and palisade filter (a
+#   bump in the wire: the two hosts share one link through it) with an
+#   N-rule policy whose matching rule is last.
+# Measures delivered 64-byte UDP packets/s and TCP MB/s with iperf3 and
+# prints palisade's ratios to nftables. Root needed.
+#
+#   benches/filter.sh                 # N = 10, 1000, 10000; T = 8 s per measure
+#   NS="10000" T=5 benches/filter.sh
+set -u
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+NS_LIST="${NS:-10 1000 10000}"; T="${T:-8}"
+cargo build --release --manifest-path "$ROOT/Cargo.toml" >&2 || exit 1
+BIN="$ROOT/target/release/palisade"
+WORK="$(mktemp -d /tmp/palisade-filter-bench.XXXXXX)"
+ns() { ip netns exec "$@"; }
+cleanup() {
+  [[ -n "${FPID:-}" ]] && kill "$FPID" 2>/dev/null && wait "$FPID" 2>/dev/null
+  [[ -f "$WORK/iperf.pid" ]] && kill "$(cat "$WORK/iperf.pid")" 2>/dev/null
+  for n in pbv pbf pbe; do ip netns del $n 2>/dev/null; done
+}
+trap cleanup EXIT
+cleanup
+for n in pbv pbf pbe; do ip netns add $n; ns $n ip link set lo up; done
+ip link add v0 netns pbv type veth peer name f0 netns pbf
+ip link add f1 netns pbf type veth peer name e0 netns pbe
+for x in "pbv v0" "pbf f0" "pbf f1" "pbe e0"; do set -- $x; ns $1 ip link set $2 up; done
+ns pbe iperf3 -s -D -p 5201 --pidfile "$WORK/iperf.pid"; sleep 0.5
+
+measure() {  # prints "udp_pps tcp_mbs"
+  local udp tcp
+  udp=$(ns pbv timeout 40 iperf3 -c 203.0.113.2 -p 5201 -u -l 64 -b 0 -t "$T" -J 2>/dev/null | python3 -c 'import json,sys
+try:
+  d=json.load(sys.stdin)["end"]["sum"]; print(int(d["packets"]-d["lost_packets"])//'"$T"')
+except Exception: print(0)')
+  tcp=$(ns pbv timeout 40 iperf3 -c 203.0.113.2 -p 5201 -t "$T" -J 2>/dev/null | python3 -c 'import json,sys
+try:
+  d=json.load(sys.stdin)["end"]["sum_received"]; print(round(d["bits_per_second"]/8e6))
+except Exception: print(0)')
+  echo "$udp $tcp"
+}
+routed() {
+  ns pbv ip addr flush dev v0; ns pbe ip addr flush dev e0
+  ns pbv ip addr add 198.51.100.2/24 dev v0; ns pbf ip addr add 198.51.100.1/24 dev f0
+  ns pbf ip addr add 203.0.113.1/24 dev f1; ns pbe ip addr add 203.0.113.2/24 dev e0
+  ns pbv ip route add 203.0.113.0/24 via 198.51.100.1; ns pbe ip route add 198.51.100.0/24 via 203.0.113.1
+  ns pbf sysctl -qw net.ipv4.ip_forward=1
+}
+bridged() {
+  ns pbf ip addr flush dev f0; ns pbf ip addr flush dev f1; ns pbf sysctl -qw net.ipv4.ip_forward=0
+  ns pbv ip addr flush dev v0; ns pbe ip addr flush dev e0
+  ns pbv ip addr add 198.51.100.2/24 dev v0; ns pbv ip route add 203.0.113.0/24 dev v0
+  ns pbe ip addr add 203.0.113.2/24 dev e0; ns pbe ip route add 198.51.100.0/24 dev e0
+  for p in f0 f1; do ns pbf ethtool -K $p gro off gso off tso off tx off rx off >/dev/null 2>&1; ns pbf sysctl -qw net.ipv6.conf.$p.disable_ipv6=1; done
+  ns pbv ethtool -K v0 tx off gso off tso off >/dev/null 2>&1; ns pbe ethtool -K e0 tx off gso off tso off >/dev/null 2>&1
+}
+
+printf '| N | config | UDP 64B delivered pkt/s | TCP MB/s |\n|---|---|---|---|\n' | tee "$WORK/table.md"
+routed
+read -r u t < <(measure); echo "| - | kernel forward, no filter | $u | $t |" | tee -a "$WORK/table.md"
+for N in $NS_LIST; do
+  { echo "table inet f { set allow { type ipv4_addr . inet_service; flags interval; elements = {"
+    for i in $(seq 1 $((N-1))); do printf '10.%d.%d.0/24 . %d,\n' $((i/256%256)) $((i%256)) $((1000+i%5000)); done
+    echo "203.0.113.2 . 5201 } }"
+    printf 'chain forward_filter {\n type filter hook forward priority 0; policy drop;\n ct state established,related accept\n ip daddr . th dport @allow accept\n ip saddr 203.0.113.2 accept\n}\n}\n'; } > "$WORK/rules.nft"
+  ns pbf nft -f "$WORK/rules.nft"; read -r nu nt < <(measure); ns pbf nft flush ruleset
+  echo "| $N | nftables interval set | $nu | $nt |" | tee -a "$WORK/table.md"
+  { echo "*filter"; echo ":FORWARD DROP [0:0]"
+    for i in $(seq 1 $((N-1))); do printf -- '-A FORWARD -d 10.%d.%d.0/24 -p udp --dport %d -j ACCEPT\n' $((i/256%256)) $((i%256)) $((1000+i%5000)); done
+    echo "-A FORWARD -d 203.0.113.2 -j ACCEPT"; echo "-A FORWARD -s 203.0.113.2 -j ACCEPT"; echo COMMIT; } > "$WORK/rules.ipt"
+  ns pbf iptables-restore < "$WORK/rules.ipt"; read -r iu it < <(measure); ns pbf iptables -F FORWARD; ns pbf iptables -P FORWARD ACCEPT
+  echo "| $N | iptables linear | $iu | $it |" | tee -a "$WORK/table.md"
+  NSTASH_N=$N
+done
+bridged
+for N in $NS_LIST; do
+  { echo "zone edge   = 198.51.100.0/24"; echo "zone onprem = 203.0.113.0/24"
+    for i in $(seq 1 $((N-1))); do printf 'rule r%d allow 198.51.100.0/24 -> 10.%d.%d.0/24 service udp/%d\n' $i $((i/256%256)) $((i%256)) $((1000+i%5000)); done
+    echo "rule iperf allow 198.51.100.2 -> 203.0.113.2 service tcp/5201, udp/5201"
+    echo "default deny"; } > "$WORK/bench.policy"
+  printf 'policy = "bench.policy"\n[filter]\nedge = "f0"\nonprem = "f1"\n[audit]\ndir = "audit-%s"\nsigning_key = "audit.key"\n' "$N" > "$WORK/palisade.toml"
+  ns pbf "$BIN" filter --config "$WORK/palisade.toml" 2> "$WORK/filter-$N.log" & FPID=$!
+  sleep 2
+  read -r pu pt < <(measure)
+  kill "$FPID"; wait "$FPID" 2>/dev/null; FPID=""
+  echo "| $N | palisade filter | $pu | $pt |" | tee -a "$WORK/table.md"
+done
+python3 - "$WORK/table.md" <<'PY'
+import sys
+rows = [l.strip("|\n").split("|") for l in open(sys.argv[1]) if l.startswith("|") and not l.startswith("|---") and "config" not in l]
+rows = [[c.strip() for c in r] for r in rows]
+print("\npalisade / nftables, same run:")
+for n in sorted({r[0] for r in rows if r[0] != "-"}, key=int):
+    nft = next((r for r in rows if r[0] == n and r[1].startswith("nftables")), None)
+    pal = next((r for r in rows if r[0] == n and r[1].startswith("palisade")), None)
+    if nft and pal and float(nft[2]) and float(nft[3]):
+        print(f"  N={n}: UDP pkt/s {float(pal[2])/float(nft[2]):.2f}x, TCP MB/s {float(pal[3])/float(nft[3]):.2f}x")
+PY
+echo "work dir: $WORK" >&2
