@@ -83,9 +83,10 @@ for N in $NS_LIST; do
     echo "default deny"; } > "$WORK/bench.policy"
   printf 'policy = "bench.policy"\n[filter]\nedge = "f0"\nonprem = "f1"\n[audit]\ndir = "audit-%s"\nsigning_key = "audit.key"\n' "$N" > "$WORK/palisade.toml"
   ns pbf "$BIN" filter --config "$WORK/palisade.toml" 2> "$WORK/filter-$N.log" & FPID=$!
-  sleep 2
+  for _ in $(seq 1 300); do grep -q "forwarding between" "$WORK/filter-$N.log" && break; sleep 0.1; done
+  sleep 0.5
   read -r pu pt < <(measure)
-  kill "$FPID"; wait "$FPID" 2>/dev/null; FPID=""
+  kill "$FPID"; wait "$FPID" 2>/dev/null; FPID=""; tail -n 1 "$WORK/filter-$N.log" >&2
   echo "| $N | palisade filter | $pu | $pt |" | tee -a "$WORK/table.md"
 done
 python3 - "$WORK/table.md" <<'PY'

@@ -174,9 +174,18 @@ pub fn run(args: FilterArgs) -> ExitCode {
     );
     stop.store(true, Ordering::Relaxed);
     drop(signals);
+    let c = &engine.counters;
+    let dropped: Vec<String> = palisade::dataplane::DropReason::ALL
+        .iter()
+        .map(|r| (r, c.dropped(*r)))
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| format!("{n} {}", r.as_str()))
+        .collect();
     eprintln!(
-        "palisade filter: stopping; forwarded {} frames, {} flows tracked at the end",
-        engine.counters.forwarded.load(Ordering::Relaxed),
+        "palisade filter: stopping; forwarded {} frames ({} not taken by the other port), dropped: {}; {} flows tracked at the end",
+        c.forwarded.load(Ordering::Relaxed),
+        c.tx_errors.load(Ordering::Relaxed),
+        if dropped.is_empty() { "none".to_string() } else { dropped.join(", ") },
         engine.conntrack_len()
     );
     let closed = audit.close();

@@ -121,6 +121,9 @@ struct DropAgg {
 #[derive(Debug, Default)]
 pub struct Counters {
     pub forwarded: AtomicU64,
+    /// Frames decided `Forward` that the other port did not take.
+    pub tx_errors: AtomicU64,
+    pub rx_errors: AtomicU64,
     pub dropped: [AtomicU64; 10],
     /// Flows admitted per rule id (index) and by the default (last).
     pub rule_hits: Mutex<Vec<u64>>,
@@ -460,7 +463,13 @@ impl Engine {
     }
 }
 
+/// Consecutive receive errors after which a port counts as gone.
+const MAX_RX_ERRORS: u32 = 100;
+
 /// Moves frames from `rx` (arriving on `ingress`) to `tx` until `stop`.
+/// A frame the other port cannot take (a full queue, a link that is down,
+/// a frame over its MTU) is lost as on a wire and counted; a port that keeps
+/// failing to receive ends the loop with its error.
 pub fn forward_loop(
     engine: &Engine,
     ingress: Zone,
@@ -468,18 +477,26 @@ pub fn forward_loop(
     tx: &mut dyn TxPort,
     stop: &AtomicBool,
 ) -> std::io::Result<()> {
+    let mut rx_errors = 0;
     while !stop.load(Ordering::Relaxed) {
-        let Some(frame) = rx.recv(Duration::from_millis(100))? else {
-            continue;
-        };
-        if engine.handle(ingress, frame) == Disposition::Forward {
-            if let Err(e) = tx.send(frame) {
-                // A frame too large for the other side (e.g. offloads left
-                // on) is lost like on a wire; keep forwarding.
-                if e.raw_os_error() != Some(90) {
+        let frame = match rx.recv(Duration::from_millis(100)) {
+            Ok(Some(f)) => {
+                rx_errors = 0;
+                f
+            }
+            Ok(None) => continue,
+            Err(e) => {
+                engine.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
+                rx_errors += 1;
+                if rx_errors >= MAX_RX_ERRORS {
                     return Err(e);
                 }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
+        };
+        if engine.handle(ingress, frame) == Disposition::Forward && tx.send(frame).is_err() {
+            engine.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())
