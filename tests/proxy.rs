@@ -710,3 +710,34 @@ fn rejects_a_config_with_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.max_headers: must be at least 1"));
     let _ = TcpListener::bind("127.0.0.1:0");
 }
+
+#[test]
+fn idle_keepalive_connections_are_closed() {
+    let p = start_proxy("idle_timeout = \"1s\"");
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let port = p.origins.http;
+    write!(
+        c,
+        "GET http://origin.test:{port}/ HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("origin saw") {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    // The connection stays open for the next request, then idles out.
+    let started = Instant::now();
+    let n = c.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the proxy must close an idle kept-alive connection");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    p.stop_and_verify();
+}

@@ -314,10 +314,26 @@ impl Drop for ConnectionGuard {
 
 async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    // When the last request started or finished, in ms since `epoch`, and
+    // how many are in flight: a kept-alive connection with none for
+    // `idle_timeout` is closed.
+    let epoch = Instant::now();
+    let activity = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     let st = state.clone();
+    let act = activity.clone();
     let service = hyper::service::service_fn(move |req| {
         let st = st.clone();
-        async move { Ok::<_, Infallible>(handle(st, peer, req).await) }
+        let act = act.clone();
+        async move {
+            act.1.fetch_add(1, Ordering::Relaxed);
+            act.0
+                .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            let resp = handle(st, peer, req).await;
+            act.0
+                .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            act.1.fetch_sub(1, Ordering::Relaxed);
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -329,10 +345,26 @@ async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr
     let conn = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
+    tokio::pin!(conn);
     let idle = state.config.idle_timeout;
-    let result = match tokio::time::timeout(idle.max(Duration::from_secs(1)) * 60, conn).await {
-        Ok(r) => r,
-        Err(_) => return,
+    let idle_ms = idle.as_millis() as u64;
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(idle / 4 + Duration::from_millis(10)).await;
+            let quiet = (epoch.elapsed().as_millis() as u64)
+                .saturating_sub(activity.0.load(Ordering::Relaxed));
+            if activity.1.load(Ordering::Relaxed) == 0 && quiet >= idle_ms {
+                break;
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = watchdog => {
+            // Finishes a response in progress, then closes.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
     };
     if let Err(e) = result {
         // Requests hyper refused before they reached the service still get
