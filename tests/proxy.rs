@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 /// Origins on loopback, served from a background runtime.
 struct Origins {
     http: u16,
+    /// A port nothing listens on.
+    closed: u16,
     tls: u16,
     echo: u16,
     ca_pem: PathBuf,
@@ -116,7 +118,13 @@ fn origins(dir: &Path) -> Origins {
             });
         }
     });
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     Origins {
+        closed,
         http: ports.0,
         tls: ports.1,
         echo: ports.2,
@@ -150,10 +158,12 @@ fn policy_text(o: &Origins) -> String {
          http secure   allow local -> \"secure.test\", 127.0.0.1 port {tls}\n\
          http echo     allow local -> \"echo.test\", 127.0.0.1 port {echo} plain-tunnel\n\
          http internal allow local -> \"internal.test\" port {http}\n\
+         http closed   allow local -> \"closed.test\", 127.0.0.1 port {closed}\n\
          default deny log\n",
         http = o.http,
         tls = o.tls,
-        echo = o.echo
+        echo = o.echo,
+        closed = o.closed
     )
 }
 
@@ -178,6 +188,7 @@ fn start_proxy(extra: &str) -> Proxy {
              \"secure.test\" = [\"127.0.0.1\"]\n\
              \"echo.test\" = [\"127.0.0.1\"]\n\
              \"internal.test\" = [\"127.0.0.1\"]\n\
+             \"closed.test\" = [\"127.0.0.1\"]\n\
              [audit]\n\
              dir = \"audit\"\n\
              signing_key = \"keys/audit.key\"\n\
@@ -739,5 +750,38 @@ fn idle_keepalive_connections_are_closed() {
         waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
         "{waited:?}"
     );
+    p.stop_and_verify();
+}
+
+#[test]
+fn upstream_failures_are_502_and_audited() {
+    let p = start_proxy("");
+    let url = format!("http://closed.test:{}/", p.origins.closed);
+    let (code, body) = p.curl(&[&url]);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("rule: closed"), "{body}");
+    let r = p.wait_record("for the 502", |r| s(r, "/url/full") == url);
+    assert_eq!(n(&r, "/http/response/status_code"), 502);
+    assert_eq!(s(&r, "/destination/ip"), "127.0.0.1");
+    // The same through CONNECT.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+            "--max-time",
+            "10",
+            "-x",
+        ])
+        .arg(format!("http://{}", p.addr))
+        .arg(format!("https://closed.test:{}/", p.origins.closed))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "502");
+    p.wait_record("for the tunnel 502", |r| {
+        s(r, "/event/code") == "connect_tunnel" && n(r, "/http/response/status_code") == 502
+    });
     p.stop_and_verify();
 }
