@@ -45,7 +45,7 @@ rotate_age = "off"
 CONFIG
 
 export CUSTOM_NAME=palisade CUSTOM_PORT=13999
-export CUSTOM_CMD="$BIN proxy --config $WORK/run/palisade-bench.toml"
+export CUSTOM_CMD="env ${PALISADE_ENV:-} $BIN proxy --config $WORK/run/palisade-bench.toml"
 export CUSTOM_LOG="$LOGD/custom/audit/audit-00000001.jsonl"
 export PEERS="${PEERS:-direct squid tinyproxy custom}"
 export REPS="${REPS:-1}" DURATION="${DURATION:-5}" LOG_DIR="$LOGD"
