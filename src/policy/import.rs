@@ -307,55 +307,35 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
         let sports = ctx.ports(rule, "source")?;
         let dports = ctx.ports(rule, "destination")?;
         let any_ports = sports.iter().all(|p| p.is_none()) && dports.iter().all(|p| p.is_none());
+        // NSG ports apply to TCP and UDP only; `*` with ports means both.
+        let port_items = |proto: &str, services: &mut Vec<String>| {
+            let range = |(lo, hi): (u16, u16)| {
+                if lo == hi {
+                    lo.to_string()
+                } else {
+                    format!("{lo}-{hi}")
+                }
+            };
+            for d in &dports {
+                for s in &sports {
+                    let mut item = proto.to_string();
+                    if let Some(d) = d {
+                        item += &format!("/{}", range(*d));
+                    }
+                    if let Some(s) = s {
+                        item += &format!(" sport {}", range(*s));
+                    }
+                    services.push(item);
+                }
+            }
+        };
         let mut services = Vec::new();
         for p in &protos {
             match *p {
-                "tcp" | "udp" => {
-                    for d in &dports {
-                        for s in &sports {
-                            let mut item = p.to_string();
-                            if let Some((lo, hi)) = d {
-                                item += &if lo == hi {
-                                    format!("/{lo}")
-                                } else {
-                                    format!("/{lo}-{hi}")
-                                };
-                            }
-                            if let Some((lo, hi)) = s {
-                                item += &if lo == hi {
-                                    format!(" sport {lo}")
-                                } else {
-                                    format!(" sport {lo}-{hi}")
-                                };
-                            }
-                            services.push(item);
-                        }
-                    }
-                }
+                "tcp" | "udp" => port_items(p, &mut services),
                 "*" if !any_ports => {
-                    // NSG ports apply to TCP and UDP only.
-                    for proto in ["tcp", "udp"] {
-                        for d in &dports {
-                            for s in &sports {
-                                let mut item = proto.to_string();
-                                if let Some((lo, hi)) = d {
-                                    item += &if lo == hi {
-                                        format!("/{lo}")
-                                    } else {
-                                        format!("/{lo}-{hi}")
-                                    };
-                                }
-                                if let Some((lo, hi)) = s {
-                                    item += &if lo == hi {
-                                        format!(" sport {lo}")
-                                    } else {
-                                        format!(" sport {lo}-{hi}")
-                                    };
-                                }
-                                services.push(item);
-                            }
-                        }
-                    }
+                    port_items("tcp", &mut services);
+                    port_items("udp", &mut services);
                 }
                 "*" => {}
                 other => {

@@ -964,38 +964,29 @@ async fn relay(
     let (sent_up, sent_down) = (AtomicU64::new(0), AtomicU64::new(0));
     let epoch = Instant::now();
     let touch = || last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-    let up = async {
+    // One direction: copy until EOF or an error, then pass the EOF on.
+    async fn pump<R, W>(mut r: R, mut w: W, sent: &AtomicU64, touch: &(dyn Fn() + Sync))
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
         let mut b = vec![0u8; 64 * 1024];
         loop {
-            match cr.read(&mut b).await {
+            match r.read(&mut b).await {
                 Ok(0) | Err(_) => break,
                 Ok(k) => {
                     touch();
-                    if uw.write_all(&b[..k]).await.is_err() {
+                    if w.write_all(&b[..k]).await.is_err() {
                         break;
                     }
-                    sent_up.fetch_add(k as u64, Ordering::Relaxed);
+                    sent.fetch_add(k as u64, Ordering::Relaxed);
                 }
             }
         }
-        let _ = uw.shutdown().await;
-    };
-    let down = async {
-        let mut b = vec![0u8; 64 * 1024];
-        loop {
-            match ur.read(&mut b).await {
-                Ok(0) | Err(_) => break,
-                Ok(k) => {
-                    touch();
-                    if cw.write_all(&b[..k]).await.is_err() {
-                        break;
-                    }
-                    sent_down.fetch_add(k as u64, Ordering::Relaxed);
-                }
-            }
-        }
-        let _ = cw.shutdown().await;
-    };
+        let _ = w.shutdown().await;
+    }
+    let up = pump(&mut cr, &mut uw, &sent_up, &touch);
+    let down = pump(&mut ur, &mut cw, &sent_down, &touch);
     let watchdog = async {
         loop {
             tokio::time::sleep(idle / 4 + Duration::from_millis(10)).await;
