@@ -738,7 +738,8 @@ impl<'s> Parser<'s> {
         }
     }
 
-    fn packet_rule<'a>(&self, start: &'a str, i: &'a str) -> Res<'a, Stmt> {
+    /// `NAME allow|deny SRC, ... ->`, shared by packet and HTTP rules.
+    fn rule_head<'a>(&self, i: &'a str) -> Res<'a, (Name, Action, Vec<NetItem>)> {
         let (i, ()) = sp(i)?;
         let (i, name) = self.name(i, "a rule name")?;
         let (i, ()) = sp(i)?;
@@ -746,6 +747,11 @@ impl<'s> Parser<'s> {
         let (i, ()) = sp(i)?;
         let (i, src) = self.list(i, |i| self.net_item(i))?;
         let (i, ()) = self.arrow(i)?;
+        Ok((i, (name, action, src)))
+    }
+
+    fn packet_rule<'a>(&self, start: &'a str, i: &'a str) -> Res<'a, Stmt> {
+        let (i, (name, action, src)) = self.rule_head(i)?;
         let (mut i, dst) = self.list(i, |i| self.net_item(i))?;
         let mut services = Vec::new();
         let mut seen_service = false;
@@ -870,13 +876,7 @@ impl<'s> Parser<'s> {
     }
 
     fn http_rule<'a>(&self, start: &'a str, i: &'a str) -> Res<'a, Stmt> {
-        let (i, ()) = sp(i)?;
-        let (i, name) = self.name(i, "a rule name")?;
-        let (i, ()) = sp(i)?;
-        let (i, action) = self.action(i)?;
-        let (i, ()) = sp(i)?;
-        let (i, src) = self.list(i, |i| self.net_item(i))?;
-        let (i, ()) = self.arrow(i)?;
+        let (i, (name, action, src)) = self.rule_head(i)?;
         let (mut i, dst) = self.list(i, |i| self.http_dest(i))?;
         let mut ports = None;
         let mut methods = None;
