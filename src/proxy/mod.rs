@@ -831,11 +831,14 @@ async fn connect(
             .with_request_id(&id)
             .with_rule(&rule_name, &sha)
             .with_destination(dest);
-        let ev = match on_upgrade.await {
-            Ok(upgraded) => {
+        let ev = match on_upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+            Ok(Ok(parts)) => {
+                // The client's socket itself, and what hyper had already read.
+                let client = parts.io.into_inner();
                 tunnel(
                     &st,
-                    TokioIo::new(upgraded),
+                    client,
+                    parts.read_buf,
                     upstream,
                     &host,
                     plain_tunnel,
@@ -844,6 +847,9 @@ async fn connect(
                 )
                 .await
             }
+            Ok(Err(_)) => ev
+                .with_reason("internal error: the upgraded connection is not a TCP socket")
+                .with_bytes(0, 0, start.elapsed()),
             Err(e) => ev
                 .with_reason(&format!("the client left before the tunnel opened: {e}"))
                 .with_bytes(0, 0, start.elapsed()),
@@ -857,9 +863,11 @@ async fn connect(
 
 /// Checks the tunnel's first bytes, then relays until either side closes or
 /// the tunnel idles out. Returns the finished audit event.
+#[allow(clippy::too_many_arguments)]
 async fn tunnel(
     state: &State,
-    mut client: TokioIo<hyper::upgrade::Upgraded>,
+    mut client: TcpStream,
+    pre: Bytes,
     mut upstream: TcpStream,
     host: &Host,
     plain_tunnel: bool,
@@ -867,6 +875,7 @@ async fn tunnel(
     start: Instant,
 ) -> AuditEvent {
     let mut buf = Vec::with_capacity(2048);
+    buf.extend_from_slice(&pre);
     let deadline = tokio::time::Instant::now() + state.config.tunnel_first_bytes_timeout;
     let first = loop {
         match sni::inspect(&buf) {
@@ -951,42 +960,17 @@ async fn tunnel(
     ev.with_bytes(buf.len() as u64 + up, down, start.elapsed())
 }
 
-/// Copies both ways until both sides are done or nothing moves for `idle`.
-/// Returns (bytes client→server, bytes server→client).
-async fn relay(
-    client: &mut TokioIo<hyper::upgrade::Upgraded>,
-    upstream: &mut TcpStream,
-    idle: Duration,
-) -> (u64, u64) {
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut ur, mut uw) = upstream.split();
+/// Relays both ways until both sides are done or nothing moves for `idle`.
+/// Bytes go socket → pipe → socket with `splice(2)`, never through user
+/// space. Returns (bytes client→server, bytes server→client).
+async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, idle: Duration) -> (u64, u64) {
     let last = AtomicU64::new(0);
     let (sent_up, sent_down) = (AtomicU64::new(0), AtomicU64::new(0));
     let epoch = Instant::now();
     let touch = || last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-    // One direction: copy until EOF or an error, then pass the EOF on.
-    async fn pump<R, W>(mut r: R, mut w: W, sent: &AtomicU64, touch: &(dyn Fn() + Sync))
-    where
-        R: tokio::io::AsyncRead + Unpin,
-        W: tokio::io::AsyncWrite + Unpin,
-    {
-        let mut b = vec![0u8; 64 * 1024];
-        loop {
-            match r.read(&mut b).await {
-                Ok(0) | Err(_) => break,
-                Ok(k) => {
-                    touch();
-                    if w.write_all(&b[..k]).await.is_err() {
-                        break;
-                    }
-                    sent.fetch_add(k as u64, Ordering::Relaxed);
-                }
-            }
-        }
-        let _ = w.shutdown().await;
-    }
-    let up = pump(&mut cr, &mut uw, &sent_up, &touch);
-    let down = pump(&mut ur, &mut cw, &sent_down, &touch);
+    let (c, u) = (&*client, &*upstream);
+    let up = splice_pump(c, u, &sent_up, &touch);
+    let down = splice_pump(u, c, &sent_down, &touch);
     let watchdog = async {
         loop {
             tokio::time::sleep(idle / 4 + Duration::from_millis(10)).await;
@@ -1005,4 +989,58 @@ async fn relay(
         sent_up.load(Ordering::Relaxed),
         sent_down.load(Ordering::Relaxed),
     )
+}
+
+/// Largest chunk moved per splice.
+const SPLICE_CHUNK: usize = 1 << 16;
+
+/// One direction of a tunnel: `from` → pipe → `to`, until `from` ends or
+/// either side fails; then the end is passed on (`to` is shut for writing).
+async fn splice_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    sent: &AtomicU64,
+    touch: &(dyn Fn() + Sync),
+) {
+    use rustix::pipe::{pipe, splice, SpliceFlags};
+    use tokio::io::Interest;
+    let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+    let Ok((pipe_r, pipe_w)) = pipe() else {
+        return;
+    };
+    'outer: loop {
+        let n = loop {
+            if from.readable().await.is_err() {
+                break 'outer;
+            }
+            match from.try_io(Interest::READABLE, || {
+                splice(from, None, &pipe_w, None, SPLICE_CHUNK, flags).map_err(std::io::Error::from)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break 'outer,
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        touch();
+        let mut left = n;
+        while left > 0 {
+            if to.writable().await.is_err() {
+                return;
+            }
+            match to.try_io(Interest::WRITABLE, || {
+                splice(&pipe_r, None, to, None, left, flags).map_err(std::io::Error::from)
+            }) {
+                Ok(k) => {
+                    left -= k;
+                    sent.fetch_add(k as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return,
+            }
+        }
+    }
+    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
 }
