@@ -762,6 +762,8 @@ fn upstream_failures_are_502_and_audited() {
     assert!(body.contains("rule: closed"), "{body}");
     let r = p.wait_record("for the 502", |r| s(r, "/url/full") == url);
     assert_eq!(n(&r, "/http/response/status_code"), 502);
+    // The policy allowed it; the origin failed: not a refusal.
+    assert_eq!(s(&r, "/event/action"), "allowed");
     assert_eq!(s(&r, "/destination/ip"), "127.0.0.1");
     // The same through CONNECT.
     let out = Command::new("curl")

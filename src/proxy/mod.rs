@@ -571,8 +571,20 @@ async fn handle(
     match outcome {
         Ok(resp) => resp,
         Err((r, dest)) => {
-            state.counters.denied.fetch_add(1, Ordering::Relaxed);
-            let mut ev = record(Action::Denied)
+            // 502 and 504 come after the policy allowed the request: the
+            // origin failed, palisade did not refuse. Auditors count
+            // `denied` as policy refusals only.
+            let upstream_failure = matches!(
+                r.status,
+                StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+            );
+            let action = if upstream_failure {
+                Action::Allowed
+            } else {
+                state.counters.denied.fetch_add(1, Ordering::Relaxed);
+                Action::Denied
+            };
+            let mut ev = record(action)
                 .with_reason(&r.reason)
                 .with_status(r.status.as_u16());
             if let Some(rule) = &r.rule {
