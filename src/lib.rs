@@ -17,3 +17,4 @@ pub mod dataplane;
 pub mod packet;
 pub mod policy;
 pub mod proxy;
+pub mod sys;

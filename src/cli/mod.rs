@@ -65,21 +65,13 @@ enum Command {
     },
 }
 
-/// One-shot commands die quietly on a closed pipe (`palisade ... | head`),
-/// as command-line tools do; the daemons keep the runtime's default of
-/// ignoring SIGPIPE, so a client that hangs up never kills them.
-fn default_sigpipe() {
-    // SAFETY: called once at start-up, before any thread exists, with a
-    // valid signal number and the SIG_DFL disposition; no handler code runs.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-}
-
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Proxy(_) | Command::Filter(_)) {
-        default_sigpipe();
+        // One-shot commands die quietly on a closed pipe (`palisade ... |
+        // head`), as command-line tools do; the daemons keep ignoring
+        // SIGPIPE so a client that hangs up never kills them.
+        palisade::sys::default_sigpipe();
     }
     match cli.command {
         Command::Check(a) => policy::check(a),

@@ -68,9 +68,12 @@ impl TxPort for MemTx {
     }
 }
 
-/// A real interface through pnet's datalink layer.
+/// A real interface: frames read with their VLAN tags restored (see
+/// [`crate::sys::recv_frame`]); sent through pnet's datalink layer.
 pub struct PnetRx {
-    rx: Box<dyn pnet_datalink::DataLinkReceiver>,
+    sock: socket2::Socket,
+    buf: Vec<u8>,
+    len: usize,
 }
 
 pub struct PnetTx {
@@ -110,6 +113,13 @@ pub fn open_pnet(name: &str) -> io::Result<(PnetTx, PnetRx)> {
     ];
     socket.attach_filter(&program)?;
     socket.set_recv_buffer_size(4 << 20)?;
+    {
+        use std::os::fd::AsFd;
+        crate::sys::enable_auxdata(socket.as_fd())?;
+    }
+    // pnet sends through one handle of the socket; frames are read through
+    // the other, with their ancillary data.
+    let reader = socket.try_clone()?;
     let config = pnet_datalink::Config {
         read_timeout: Some(Duration::from_millis(100)),
         read_buffer_size: 65_536,
@@ -119,18 +129,40 @@ pub fn open_pnet(name: &str) -> io::Result<(PnetTx, PnetRx)> {
         ..Default::default()
     };
     match pnet_datalink::channel(&iface, config)? {
-        pnet_datalink::Channel::Ethernet(tx, rx) => Ok((PnetTx { tx }, PnetRx { rx })),
+        pnet_datalink::Channel::Ethernet(tx, _pnet_rx) => Ok((
+            PnetTx { tx },
+            PnetRx {
+                sock: reader,
+                buf: vec![0; 65_536 + 4],
+                len: 0,
+            },
+        )),
         _ => Err(io::Error::other("pnet returned a non-Ethernet channel")),
     }
 }
 
 impl RxPort for PnetRx {
-    fn recv(&mut self, _timeout: Duration) -> io::Result<Option<&[u8]>> {
-        // The socket's own read timeout (100 ms) bounds the wait.
-        match self.rx.next() {
-            Ok(f) => Ok(Some(f)),
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => Ok(None),
-            Err(e) => Err(e),
+    fn recv(&mut self, timeout: Duration) -> io::Result<Option<&[u8]>> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        use std::os::fd::AsFd;
+        // The socket is non-blocking (pnet sets it so): wait for a frame.
+        let ts = Timespec {
+            tv_sec: timeout.as_secs() as _,
+            tv_nsec: timeout.subsec_nanos() as _,
+        };
+        let mut fds = [PollFd::new(&self.sock, PollFlags::IN)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        match crate::sys::recv_frame(self.sock.as_fd(), &mut self.buf)? {
+            Some(n) => {
+                self.len = n;
+                Ok(Some(&self.buf[..self.len]))
+            }
+            None => Ok(None),
         }
     }
 }

@@ -46,7 +46,7 @@ def serve_udp(port):
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((addr, port))
         while True:
-            d, a = s.recvfrom(4096)
+            d, a = s.recvfrom(65536)
             s.sendto(d, a)
     for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         threading.Thread(target=one, args=(fam, addr), daemon=True).start()
@@ -54,6 +54,9 @@ def serve_udp(port):
     time.sleep(60)
 
 def client(kind, host, port, msg, src=None):
+    if msg.startswith("big:"):
+        # A datagram larger than the MTU: the sender's kernel fragments it.
+        msg = "x" * int(msg[4:])
     s = socket.socket(family(host), socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
     s.settimeout(2)
     if src:
@@ -62,8 +65,9 @@ def client(kind, host, port, msg, src=None):
         if kind == "tcp":
             s.connect((host, port)); s.sendall(msg.encode()); d = s.recv(4096)
         else:
-            s.sendto(msg.encode(), (host, port)); d, _ = s.recvfrom(4096)
-        print(d.decode() if d else "CLOSED")
+            s.sendto(msg.encode(), (host, port)); d, _ = s.recvfrom(65536)
+        text = d.decode() if d else "CLOSED"
+        print(f"{len(text)} bytes" if len(text) > 100 else text)
     except (socket.timeout, TimeoutError, ConnectionRefusedError, OSError):
         print("TIMEOUT")
 
@@ -79,9 +83,65 @@ def hold(host, port):
     except (socket.timeout, TimeoutError, OSError):
         print("CUT", flush=True)
 
+def checksum(b):
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return (~s) & 0xffff
+
+def tagged_udp(vid, src, dst, sport, dport):
+    import ipaddress
+    payload = b"tagged"
+    udp = sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + (8 + len(payload)).to_bytes(2, "big") + b"\0\0" + payload
+    ip = bytearray(b"\x45\0" + (20 + len(udp)).to_bytes(2, "big") + b"\0\1\0\0\x40\x11\0\0"
+                   + ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed)
+    ip[10:12] = checksum(bytes(ip)).to_bytes(2, "big")
+    eth = b"\xff" * 6 + b"\x02\0\0\0\0\x0a" + b"\x81\x00" + vid.to_bytes(2, "big") + b"\x08\x00"
+    return eth + bytes(ip) + udp
+
+def inject(iface, dport):
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((iface, 0))
+    s.send(tagged_udp(10, "192.0.2.10", "192.0.2.200", 40000, dport))
+    print("SENT", flush=True)
+
+def sniff(iface, seconds):
+    """Tagged UDP frames seen, by destination port. The kernel moves a
+    received 802.1Q tag out of the frame into PACKET_AUXDATA (as libpcap
+    knows), so the tag is read from there or from the frame."""
+    import struct
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+    s.bind((iface, 3))
+    s.setsockopt(263, 8, 1)  # SOL_PACKET, PACKET_AUXDATA
+    s.settimeout(0.2)
+    print("READY", flush=True)
+    seen = {}
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            f, anc, _, _ = s.recvmsg(65536, 256)
+        except socket.timeout:
+            continue
+        vid = None
+        for level, kind, data in anc:
+            if level == 263 and kind == 8 and len(data) >= 20:
+                status, _, _, _, _, tci, _ = struct.unpack("IIIHHHH", data[:20])
+                if status & 0x10:
+                    vid = tci & 0xfff
+        if f[12:14] == b"\x81\x00":
+            vid, f = int.from_bytes(f[14:16], "big") & 0xfff, f[:12] + f[16:]
+        if vid == 10 and len(f) >= 38 and f[12:14] == b"\x08\x00" and f[23] == 17:
+            port = int.from_bytes(f[36:38], "big")
+            seen[port] = seen.get(port, 0) + 1
+    print(" ".join(f"{p}:{n}" for p, n in sorted(seen.items())) or "none", flush=True)
+
 if __name__ == "__main__":
     a = sys.argv[1:]
     if a[0] == "serve-tcp": serve_tcp(int(a[1]))
     elif a[0] == "serve-udp": serve_udp(int(a[1]))
     elif a[0] in ("tcp", "udp"): client(a[0], a[1], int(a[2]), a[3], a[4] if len(a) > 4 else None)
     elif a[0] == "hold": hold(a[1], int(a[2]))
+    elif a[0] == "inject": inject(a[1], int(a[2]))
+    elif a[0] == "sniff": sniff(a[1], float(a[2]))
