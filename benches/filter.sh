@@ -82,7 +82,7 @@ for N in $NS_LIST; do
     echo "rule iperf allow 198.51.100.2 -> 203.0.113.2 service tcp/5201, udp/5201"
     echo "default deny"; } > "$WORK/bench.policy"
   printf 'policy = "bench.policy"\n[filter]\nedge = "f0"\nonprem = "f1"\n[audit]\ndir = "audit-%s"\nsigning_key = "audit.key"\n' "$N" > "$WORK/palisade.toml"
-  ns pbf "$BIN" filter --config "$WORK/palisade.toml" 2> "$WORK/filter-$N.log" & FPID=$!
+  ip netns exec pbf "$BIN" filter --config "$WORK/palisade.toml" 2> "$WORK/filter-$N.log" & FPID=$!   # not through ns(): $! must be the filter itself
   for _ in $(seq 1 300); do grep -q "forwarding between" "$WORK/filter-$N.log" && break; sleep 0.1; done
   sleep 0.5
   read -r pu pt < <(measure)
