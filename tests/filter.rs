@@ -409,7 +409,7 @@ fn a_reload_that_removes_a_rule_cuts_the_flow() {
 }
 
 #[test]
-fn vlan_tagged_frames_and_fragments_are_filtered() {
+fn vlan_tags_fragments_and_icmp_errors() {
     if !ready() {
         return;
     }
@@ -439,6 +439,13 @@ fn vlan_tagged_frames_and_fragments_are_filtered() {
         line.trim(),
         "5353:1",
         "the allowed tagged frame passes once, the denied one not at all"
+    );
+
+    // An ICMP error about an allowed flow passes back: UDP to the allowed
+    // port before anything listens there is refused, not left to time out.
+    assert_eq!(
+        net.run(&v, &["udp", "192.0.2.200", "5353", "anyone?"]),
+        "REFUSED"
     );
 
     // Fragments: a 4,000-byte datagram each way, three fragments each; the

@@ -188,6 +188,30 @@ pub fn run(args: FilterArgs) -> ExitCode {
         if dropped.is_empty() { "none".to_string() } else { dropped.join(", ") },
         engine.conntrack_len()
     );
+    let policy = engine.policy();
+    if let Ok(hits) = c.rule_hits.lock() {
+        let per_rule: Vec<String> = hits
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| {
+                let name = if i < policy.rules().len() {
+                    policy.rule_name(Some(i as u32))
+                } else {
+                    "default"
+                };
+                format!("{name} {n}")
+            })
+            .collect();
+        eprintln!(
+            "palisade filter: flows admitted per rule: {}",
+            if per_rule.is_empty() {
+                "none".to_string()
+            } else {
+                per_rule.join(", ")
+            }
+        );
+    }
     let closed = audit.close();
     match (result, closed) {
         (Ok(()), Ok(())) => ExitCode::SUCCESS,

@@ -65,10 +65,13 @@ def client(kind, host, port, msg, src=None):
         if kind == "tcp":
             s.connect((host, port)); s.sendall(msg.encode()); d = s.recv(4096)
         else:
-            s.sendto(msg.encode(), (host, port)); d, _ = s.recvfrom(65536)
+            # Connected, so an ICMP port-unreachable surfaces as REFUSED.
+            s.connect((host, port)); s.send(msg.encode()); d = s.recv(65536)
         text = d.decode() if d else "CLOSED"
         print(f"{len(text)} bytes" if len(text) > 100 else text)
-    except (socket.timeout, TimeoutError, ConnectionRefusedError, OSError):
+    except ConnectionRefusedError:
+        print("REFUSED")
+    except (socket.timeout, TimeoutError, OSError):
         print("TIMEOUT")
 
 def hold(host, port):
