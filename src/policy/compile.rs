@@ -49,12 +49,15 @@ enum Slot<T> {
     Done(Option<T>),
 }
 
+/// Definitions of one namespace with their resolution state.
+type Table<'a, T, R> = HashMap<&'a str, (&'a ast::Def<T>, Slot<R>)>;
+
 struct Resolver<'a> {
     sources: &'a SourceMap,
     diags: Diagnostics,
     names: HashMap<&'a str, (Kind, Span)>,
-    nets: HashMap<&'a str, (&'a ast::Def<NetItem>, Slot<AddrSet>)>,
-    svcs: HashMap<&'a str, (&'a ast::Def<SvcItem>, Slot<Vec<ServiceAtom>>)>,
+    nets: Table<'a, NetItem, AddrSet>,
+    svcs: Table<'a, SvcItem, Vec<ServiceAtom>>,
     /// Names being resolved, for cycle messages.
     stack: Vec<&'a str>,
 }
@@ -309,7 +312,8 @@ impl<'a> Resolver<'a> {
             }
         };
 
-        let classifier = match PacketClassifier::build(entries_v4.clone(), entries_v6.clone()) {
+        let entry_count = entries_v4.len() + entries_v6.len();
+        let classifier = match PacketClassifier::build(entries_v4, entries_v6) {
             Ok(c) => c,
             Err(e) => {
                 self.err(Diagnostic::error(
@@ -324,7 +328,7 @@ impl<'a> Resolver<'a> {
             rules: rules.len(),
             http_rules: http.len(),
             names: self.names.len(),
-            entries: entries_v4.len() + entries_v6.len(),
+            entries: entry_count,
         };
         let policy = Policy {
             classifier,
@@ -419,8 +423,17 @@ impl<'a> Resolver<'a> {
         self.err(d);
     }
 
-    fn resolve_net(&mut self, name: &'a str, at: Option<&ast::Name>) -> Option<AddrSet> {
-        let (def, slot) = self.nets.get(name)?;
+    /// Resolves a defined name once (memoised), reporting cycles and
+    /// chains deeper than [`MAX_NAME_DEPTH`]. `table` picks the namespace's
+    /// definitions and `items` resolves a definition's items.
+    fn resolve_named<T: 'a, R: Clone>(
+        &mut self,
+        name: &'a str,
+        at: Option<&ast::Name>,
+        table: fn(&mut Self) -> &mut Table<'a, T, R>,
+        items: fn(&mut Self, &'a [T]) -> Option<R>,
+    ) -> Option<R> {
+        let (def, slot) = table(self).get(name)?;
         match slot {
             Slot::Done(v) => return v.clone(),
             Slot::InProgress => {
@@ -431,7 +444,7 @@ impl<'a> Resolver<'a> {
             }
             Slot::Pending => {}
         }
-        let def: &'a ast::Def<NetItem> = def;
+        let def: &'a ast::Def<T> = def;
         if self.stack.len() >= MAX_NAME_DEPTH {
             if let Some(n) = at {
                 self.err(
@@ -444,12 +457,16 @@ impl<'a> Resolver<'a> {
             }
             return None;
         }
-        self.nets.get_mut(name)?.1 = Slot::InProgress;
+        table(self).get_mut(name)?.1 = Slot::InProgress;
         self.stack.push(name);
-        let set = self.net_items(&def.items);
+        let value = items(self, &def.items);
         self.stack.pop();
-        self.nets.get_mut(name)?.1 = Slot::Done(set.clone());
-        set
+        table(self).get_mut(name)?.1 = Slot::Done(value.clone());
+        value
+    }
+
+    fn resolve_net(&mut self, name: &'a str, at: Option<&ast::Name>) -> Option<AddrSet> {
+        self.resolve_named(name, at, |r| &mut r.nets, |r, items| r.net_items(items))
     }
 
     /// The set of a list of net items; `None` when an item was broken.
@@ -527,36 +544,7 @@ impl<'a> Resolver<'a> {
     }
 
     fn resolve_svc(&mut self, name: &'a str, at: Option<&ast::Name>) -> Option<Vec<ServiceAtom>> {
-        let (def, slot) = self.svcs.get(name)?;
-        match slot {
-            Slot::Done(v) => return v.clone(),
-            Slot::InProgress => {
-                if let Some(n) = at {
-                    self.cycle(n);
-                }
-                return None;
-            }
-            Slot::Pending => {}
-        }
-        let def: &'a ast::Def<SvcItem> = def;
-        if self.stack.len() >= MAX_NAME_DEPTH {
-            if let Some(n) = at {
-                self.err(
-                    Diagnostic::error(
-                        "E0103",
-                        format!("names nest more than {MAX_NAME_DEPTH} deep"),
-                    )
-                    .at(n.span, "too deep here"),
-                );
-            }
-            return None;
-        }
-        self.svcs.get_mut(name)?.1 = Slot::InProgress;
-        self.stack.push(name);
-        let atoms = self.svc_items(&def.items);
-        self.stack.pop();
-        self.svcs.get_mut(name)?.1 = Slot::Done(atoms.clone());
-        atoms
+        self.resolve_named(name, at, |r| &mut r.svcs, |r, items| r.svc_items(items))
     }
 
     fn port_interval(&mut self, p: &ast::PortRange) -> Option<Interval<u16>> {
