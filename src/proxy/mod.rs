@@ -469,8 +469,24 @@ fn decide(
     Ok((name, d.plain_tunnel, d.rule))
 }
 
-/// Resolves once and checks every address; returns the one to dial.
+/// Resolves once and checks every address; returns the one to dial. A
+/// refusal names the rule that allowed the request (`default` if none).
 async fn resolve_checked(
+    state: &State,
+    policy: &Policy,
+    rule: Option<usize>,
+    host: &Host,
+    port: u16,
+) -> Result<SocketAddr, Refusal> {
+    resolve_addresses(state, policy, rule, host, port)
+        .await
+        .map_err(|r| Refusal {
+            rule: Some(policy.http_rule_name(rule).to_string()),
+            ..r
+        })
+}
+
+async fn resolve_addresses(
     state: &State,
     policy: &Policy,
     rule: Option<usize>,
@@ -522,7 +538,7 @@ async fn resolve_checked(
                         "{} resolves to {c}, which is {why} and not allowed by the policy",
                         host_text(host)
                     ),
-                    rule: rule.map(|i| policy.http_rule_name(Some(i)).to_string()),
+                    rule: None,
                 });
             }
         }
@@ -698,10 +714,7 @@ async fn forward(
     admit(state).await?;
     let dest = resolve_checked(state, policy, rule, &host, port)
         .await
-        .map_err(|mut r| {
-            r.rule.get_or_insert_with(|| rule_name.clone());
-            (r, None)
-        })?;
+        .map_err(|r| (r, None))?;
     // Dial exactly the checked address; the Host header keeps the name.
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let upstream_uri: Uri = match format!("http://{dest}{path}").parse() {
@@ -803,10 +816,7 @@ async fn connect(
     admit(state).await?;
     let dest = resolve_checked(state, policy, rule, &host, port)
         .await
-        .map_err(|mut r| {
-            r.rule.get_or_insert_with(|| rule_name.clone());
-            (r, None)
-        })?;
+        .map_err(|r| (r, None))?;
     let upstream =
         match tokio::time::timeout(state.config.connect_timeout, TcpStream::connect(dest)).await {
             Ok(Ok(s)) => s,
