@@ -10,9 +10,10 @@
 #
 #   benches/filter.sh                 # N = 10, 1000, 10000; T = 8 s per measure
 #   NS="10000" T=5 benches/filter.sh
+#   IO=pnet benches/filter.sh         # pnet ports (offloads turned off)
 set -u
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-NS_LIST="${NS:-10 1000 10000}"; T="${T:-8}"
+NS_LIST="${NS:-10 1000 10000}"; T="${T:-8}"; IO="${IO:-batched}"
 cargo build --release --manifest-path "$ROOT/Cargo.toml" >&2 || exit 1
 BIN="$ROOT/target/release/palisade"
 WORK="$(mktemp -d /tmp/palisade-filter-bench.XXXXXX)"
@@ -54,8 +55,11 @@ bridged() {
   ns pbv ip addr flush dev v0; ns pbe ip addr flush dev e0
   ns pbv ip addr add 198.51.100.2/24 dev v0; ns pbv ip route add 203.0.113.0/24 dev v0
   ns pbe ip addr add 203.0.113.2/24 dev e0; ns pbe ip route add 198.51.100.0/24 dev e0
-  for p in f0 f1; do ns pbf ethtool -K $p gro off gso off tso off tx off rx off >/dev/null 2>&1; ns pbf sysctl -qw net.ipv6.conf.$p.disable_ipv6=1; done
-  ns pbv ethtool -K v0 tx off gso off tso off >/dev/null 2>&1; ns pbe ethtool -K e0 tx off gso off tso off >/dev/null 2>&1
+  for p in f0 f1; do ns pbf sysctl -qw net.ipv6.conf.$p.disable_ipv6=1; done
+  if [[ $IO == pnet ]]; then  # pnet moves whole wire-size frames only
+    for p in f0 f1; do ns pbf ethtool -K $p gro off gso off tso off tx off rx off >/dev/null 2>&1; done
+    ns pbv ethtool -K v0 tx off gso off tso off >/dev/null 2>&1; ns pbe ethtool -K e0 tx off gso off tso off >/dev/null 2>&1
+  fi
 }
 
 printf '| N | config | UDP 64B delivered pkt/s | TCP MB/s |\n|---|---|---|---|\n' | tee "$WORK/table.md"
@@ -81,13 +85,13 @@ for N in $NS_LIST; do
     for i in $(seq 1 $((N-1))); do printf 'rule r%d allow 198.51.100.0/24 -> 10.%d.%d.0/24 service udp/%d\n' $i $((i/256%256)) $((i%256)) $((1000+i%5000)); done
     echo "rule iperf allow 198.51.100.2 -> 203.0.113.2 service tcp/5201, udp/5201"
     echo "default deny"; } > "$WORK/bench.policy"
-  printf 'policy = "bench.policy"\n[filter]\nedge = "f0"\nonprem = "f1"\n[audit]\ndir = "audit-%s"\nsigning_key = "audit.key"\n' "$N" > "$WORK/palisade.toml"
+  printf 'policy = "bench.policy"\n[filter]\nedge = "f0"\nonprem = "f1"\nio = "%s"\n[audit]\ndir = "audit-%s"\nsigning_key = "audit.key"\n' "$IO" "$N" > "$WORK/palisade.toml"
   ip netns exec pbf "$BIN" filter --config "$WORK/palisade.toml" 2> "$WORK/filter-$N.log" & FPID=$!   # not through ns(): $! must be the filter itself
   for _ in $(seq 1 300); do grep -q "forwarding between" "$WORK/filter-$N.log" && break; sleep 0.1; done
   sleep 0.5
   read -r pu pt < <(measure)
   kill "$FPID"; wait "$FPID" 2>/dev/null; FPID=""; tail -n 1 "$WORK/filter-$N.log" >&2
-  echo "| $N | palisade filter | $pu | $pt |" | tee -a "$WORK/table.md"
+  echo "| $N | palisade filter ($IO) | $pu | $pt |" | tee -a "$WORK/table.md"
 done
 python3 - "$WORK/table.md" <<'PY'
 import sys

@@ -120,6 +120,21 @@ pub struct FilterConfig {
     /// How long a UDP flow that saw a reply may idle.
     #[serde(deserialize_with = "de_duration")]
     pub udp_timeout: Duration,
+    /// How frames move through the ports.
+    pub io: PortIo,
+}
+
+/// How the filter reads and writes its ports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortIo {
+    /// Many frames per system call, with offload headers: segment-offload
+    /// super-frames cross whole, so the ports keep their offloads on.
+    #[default]
+    Batched,
+    /// pnet's datalink channel, one frame per call; the ports need their
+    /// segmentation and receive offloads off.
+    Pnet,
 }
 
 impl Default for FilterConfig {
@@ -134,6 +149,7 @@ impl Default for FilterConfig {
             allow_ethertypes: Vec::new(),
             tcp_established_timeout: t.tcp_established,
             udp_timeout: t.udp_replied,
+            io: PortIo::default(),
         }
     }
 }

@@ -60,6 +60,8 @@ struct Net {
     dir: tempfile::TempDir,
     filter: Option<Child>,
     servers: Vec<Child>,
+    /// The filter's port kind: "batched" (offloads on) or "pnet" (off).
+    io: &'static str,
 }
 
 impl Drop for Net {
@@ -79,7 +81,13 @@ fn probe() -> PathBuf {
 }
 
 impl Net {
+    /// The default: batched ports, and every interface keeps its
+    /// offloads (segmentation, checksums) as a real deployment does.
     fn new() -> Net {
+        Net::with("batched")
+    }
+
+    fn with(io: &'static str) -> Net {
         let id = format!(
             "{}x{}",
             std::process::id(),
@@ -92,6 +100,7 @@ impl Net {
             dir: tempfile::tempdir().unwrap(),
             filter: None,
             servers: Vec::new(),
+            io,
         };
         let (v, f, o) = (&net.vnet, &net.fw, &net.onprem);
         for n in [v, f, o] {
@@ -104,20 +113,25 @@ impl Net {
             "ip link add h0 netns {o} type veth peer name o0 netns {f}"
         ));
         // The appliance's ports carry no addresses and the kernel does not
-        // forward; offloads off so frames are whole and checksummed.
+        // forward. pnet ports need offloads off so frames are whole and
+        // checksummed; batched ports carry the offload metadata across.
         for p in ["e0", "o0"] {
             sh(&format!("ip -n {f} link set {p} up"));
             sh(&format!(
                 "ip netns exec {f} sysctl -qw net.ipv6.conf.{p}.disable_ipv6=1"
             ));
-            sh(&format!("ip netns exec {f} ethtool -K {p} gro off gso off tso off tx off rx off >/dev/null 2>&1 || true"));
+            if io == "pnet" {
+                sh(&format!("ip netns exec {f} ethtool -K {p} gro off gso off tso off tx off rx off >/dev/null 2>&1 || true"));
+            }
         }
-        sh(&format!(
-            "ip netns exec {v} ethtool -K v0 tx off gso off tso off >/dev/null 2>&1 || true"
-        ));
-        sh(&format!(
-            "ip netns exec {o} ethtool -K h0 tx off gso off tso off >/dev/null 2>&1 || true"
-        ));
+        if io == "pnet" {
+            sh(&format!(
+                "ip netns exec {v} ethtool -K v0 tx off gso off tso off >/dev/null 2>&1 || true"
+            ));
+            sh(&format!(
+                "ip netns exec {o} ethtool -K h0 tx off gso off tso off >/dev/null 2>&1 || true"
+            ));
+        }
         sh(&format!("ip -n {v} addr add 192.0.2.10/24 dev v0"));
         sh(&format!("ip -n {v} addr add 192.0.2.201/32 dev v0"));
         sh(&format!(
@@ -138,7 +152,7 @@ impl Net {
         std::fs::write(&policy, POLICY).unwrap();
         std::fs::write(
             self.dir.path().join("palisade.toml"),
-            "policy = \"filter.policy\"\n[filter]\nedge = \"e0\"\nonprem = \"o0\"\n[audit]\ndir = \"audit\"\nsigning_key = \"keys/audit.key\"\n",
+            format!("policy = \"filter.policy\"\n[filter]\nedge = \"e0\"\nonprem = \"o0\"\nio = \"{}\"\n[audit]\ndir = \"audit\"\nsigning_key = \"keys/audit.key\"\n", self.io),
         )
         .unwrap();
         let mut child = Command::new("ip")
@@ -270,7 +284,18 @@ fn allowed_flows_pass_both_ways_and_the_rest_is_dropped() {
     if !ready() {
         return;
     }
-    let mut net = Net::new();
+    allowed_and_dropped(Net::new());
+}
+
+#[test]
+fn pnet_ports_with_offloads_off_filter_the_same() {
+    if !ready() {
+        return;
+    }
+    allowed_and_dropped(Net::with("pnet"));
+}
+
+fn allowed_and_dropped(mut net: Net) {
     net.start_filter();
     let (v, o) = (net.vnet.clone(), net.onprem.clone());
     net.serve(&o, &["serve-tcp", "8080"]);
@@ -461,4 +486,43 @@ fn vlan_tags_fragments_and_icmp_errors() {
             && r.pointer("/destination/port").and_then(|p| p.as_u64()) == Some(9999)),
         "the denied tagged frame is recorded"
     );
+}
+
+#[test]
+fn bulk_tcp_crosses_whole_with_offloads_on_and_is_counted_per_packet() {
+    if !ready() {
+        return;
+    }
+    let mut net = Net::new();
+    net.start_filter();
+    let (v, o) = (net.vnet.clone(), net.onprem.clone());
+    net.serve(&o, &["serve-tcp", "8080"]);
+    // 16 MiB each way: the sender's segmentation offload hands the filter
+    // 64 KiB super-frames, which must arrive intact and be counted as the
+    // packets the wire carries.
+    const N: u64 = 16 << 20;
+    assert_eq!(
+        net.run(&v, &["bulk", "192.0.2.200", "8080", &N.to_string()]),
+        format!("OK {N}")
+    );
+    assert_eq!(
+        net.run(&v, &["bulk", "2001:db8:1:0:8000::20", "8080", &N.to_string()]),
+        format!("OK {N}")
+    );
+    let records = net.stop_and_verify();
+    let ends: Vec<_> = records
+        .iter()
+        .filter(|r| s(r, "/event/code") == "flow_end" && s(r, "/rule/name") == "web")
+        .collect();
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    for e in ends {
+        let n = |p: &str| e.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+        // Payload plus at least 40 bytes of headers per packet of at most
+        // 1,500 bytes; no more packets than one per 100 payload bytes.
+        for side in ["source", "destination"] {
+            let (bytes, packets) = (n(&format!("/{side}/bytes")), n(&format!("/{side}/packets")));
+            assert!(bytes >= N && bytes <= N + N / 10, "{side}: {bytes} bytes: {e:#}");
+            assert!(packets >= N / 1500 && packets <= N / 100, "{side}: {packets} packets: {e:#}");
+        }
+    }
 }

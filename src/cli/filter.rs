@@ -4,7 +4,7 @@ use super::policy::today;
 use super::proxy::open_audit;
 use clap::Args;
 use palisade::audit::AuditEvent;
-use palisade::config::Config;
+use palisade::config::{Config, PortIo};
 use palisade::conntrack::Timeouts;
 use palisade::dataplane::{self, port, Engine, EngineConfig};
 use palisade::policy::load::{load_policy, FsLoader};
@@ -78,7 +78,20 @@ pub fn run(args: FilterArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (edge, onprem) = match (port::open_pnet(&f.edge), port::open_pnet(&f.onprem)) {
+    type Port = (Box<dyn port::TxPort>, Box<dyn port::RxPort>);
+    let open = |name: &str| -> std::io::Result<Port> {
+        Ok(match f.io {
+            PortIo::Batched => {
+                let (tx, rx) = port::open_batched(name)?;
+                (Box::new(tx), Box::new(rx))
+            }
+            PortIo::Pnet => {
+                let (tx, rx) = port::open_pnet(name)?;
+                (Box::new(tx), Box::new(rx))
+            }
+        })
+    };
+    let (edge, onprem) = match (open(&f.edge), open(&f.onprem)) {
         (Ok(e), Ok(o)) => (e, o),
         (Err(e), _) => {
             eprintln!("error: port {}: {e}", f.edge);
@@ -160,16 +173,20 @@ pub fn run(args: FilterArgs) -> ExitCode {
         });
     });
     eprintln!(
-        "palisade filter: forwarding between {} (edge) and {} (onprem); policy {}; audit trail in {}",
+        "palisade filter: forwarding between {} (edge) and {} (onprem) ({} ports); policy {}; audit trail in {}",
         f.edge,
         f.onprem,
+        match f.io {
+            PortIo::Batched => "batched",
+            PortIo::Pnet => "pnet",
+        },
         config.policy.display(),
         config.audit.dir.display()
     );
     let result = dataplane::run(
         engine.clone(),
-        (Box::new(edge.0), Box::new(edge.1)),
-        (Box::new(onprem.0), Box::new(onprem.1)),
+        edge,
+        onprem,
         stop.clone(),
     );
     stop.store(true, Ordering::Relaxed);

@@ -197,6 +197,9 @@ pub struct NewFlow {
     /// The policy (sha256) that admitted it.
     pub policy: std::sync::Arc<str>,
     pub tcp_flags: u8,
+    /// Packets the first frame carried (a segment-offload super-frame
+    /// carries several) and their bytes.
+    pub packets: u64,
     pub bytes: u64,
 }
 
@@ -283,6 +286,7 @@ impl ConnTable {
             rule,
             policy,
             tcp_flags,
+            packets,
             bytes,
         } = new;
         let k = ConnKey::of(&key, echo_id);
@@ -324,7 +328,7 @@ impl ConnTable {
             policy,
             created: now,
             last_seen: now,
-            original: Counts { packets: 1, bytes },
+            original: Counts { packets, bytes },
             reply: Counts::default(),
             fin_original: false,
             fin_reply: false,
@@ -345,7 +349,7 @@ impl ConnTable {
         k: &ConnKey,
         dir: Direction,
         tcp_flags: u8,
-        bytes: u64,
+        (packets, bytes): (u64, u64),
         now: Duration,
     ) -> Option<State> {
         let key = match dir {
@@ -359,7 +363,7 @@ impl ConnTable {
             Direction::Original => &mut flow.original,
             Direction::Reply => &mut flow.reply,
         };
-        c.packets += 1;
+        c.packets += packets;
         c.bytes += bytes;
         use crate::packet::tcp_flags::{ACK, FIN, RST, SYN};
         flow.state = match flow.state {
@@ -478,6 +482,7 @@ mod tests {
             rule,
             policy: "sha".into(),
             tcp_flags,
+            packets: 1,
             bytes,
         }
     }
@@ -492,21 +497,21 @@ mod tests {
         let (_, d) = t.find(&reply, s(1)).unwrap();
         assert_eq!(d, Direction::Reply);
         assert_eq!(
-            t.update(&reply, d, SYN | ACK, 60, s(1)),
+            t.update(&reply, d, SYN | ACK, (1, 60), s(1)),
             Some(State::Tcp(TcpState::SynReceived))
         );
         assert_eq!(
-            t.update(&ck, Direction::Original, ACK, 52, s(1)),
+            t.update(&ck, Direction::Original, ACK, (1, 52), s(1)),
             Some(State::Tcp(TcpState::Established))
         );
         // Established flows are long-lived.
         assert!(t.find(&ck, s(3600)).is_some());
         assert_eq!(
-            t.update(&ck, Direction::Original, FIN | ACK, 52, s(10)),
+            t.update(&ck, Direction::Original, FIN | ACK, (1, 52), s(10)),
             Some(State::Tcp(TcpState::Closing))
         );
         assert_eq!(
-            t.update(&reply, Direction::Reply, FIN | ACK, 52, s(10)),
+            t.update(&reply, Direction::Reply, FIN | ACK, (1, 52), s(10)),
             Some(State::Tcp(TcpState::Closed))
         );
         let ended = t.expire(s(21), 100);
@@ -524,7 +529,7 @@ mod tests {
         let ck = ConnKey::of(&k, None);
         t.insert(nf(k, None, SYN, 60), s(0)).unwrap();
         assert_eq!(
-            t.update(&ck.reversed(), Direction::Reply, RST, 40, s(1)),
+            t.update(&ck.reversed(), Direction::Reply, RST, (1, 40), s(1)),
             Some(State::Tcp(TcpState::Closed))
         );
         let k2 = key(2, 6);
@@ -545,7 +550,7 @@ mod tests {
             t.find(&ck, s(31)).is_none(),
             "unreplied UDP times out after 30 s"
         );
-        t.update(&ck.reversed(), Direction::Reply, 0, 80, s(10));
+        t.update(&ck.reversed(), Direction::Reply, 0, (1, 80), s(10));
         assert!(t.find(&ck, s(100)).is_some(), "replied UDP lives longer");
 
         let echo = FlowKey {
@@ -575,8 +580,8 @@ mod tests {
         let est = key(1, 6);
         let ek = ConnKey::of(&est, None);
         t.insert(nf(est, None, SYN, 60), s(0)).unwrap();
-        t.update(&ek.reversed(), Direction::Reply, SYN | ACK, 60, s(0));
-        t.update(&ek, Direction::Original, ACK, 60, s(0));
+        t.update(&ek.reversed(), Direction::Reply, SYN | ACK, (1, 60), s(0));
+        t.update(&ek, Direction::Original, ACK, (1, 60), s(0));
         // A SYN flood.
         for p in 2..1000u16 {
             let k = key(p, 6);

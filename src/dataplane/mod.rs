@@ -48,10 +48,11 @@ pub enum DropReason {
     Fragment,
     AuditUnavailable,
     Revoked,
+    Oversize,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::NonIp,
         DropReason::Spoofed,
@@ -62,6 +63,7 @@ impl DropReason {
         DropReason::Fragment,
         DropReason::AuditUnavailable,
         DropReason::Revoked,
+        DropReason::Oversize,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -76,6 +78,7 @@ impl DropReason {
             DropReason::Fragment => "fragment without an admitted first fragment",
             DropReason::AuditUnavailable => "the audit trail cannot be written",
             DropReason::Revoked => "the reloaded policy no longer allows this flow",
+            DropReason::Oversize => "frame larger than the port's buffers",
         }
     }
 }
@@ -124,7 +127,7 @@ pub struct Counters {
     /// Frames decided `Forward` that the other port did not take.
     pub tx_errors: AtomicU64,
     pub rx_errors: AtomicU64,
-    pub dropped: [AtomicU64; 10],
+    pub dropped: [AtomicU64; 11],
     /// Flows admitted per rule id (index) and by the default (last).
     pub rule_hits: Mutex<Vec<u64>>,
 }
@@ -228,6 +231,14 @@ impl Engine {
 
     /// Decides one frame that arrived on `ingress`.
     pub fn handle(&self, ingress: Zone, frame: &[u8]) -> Disposition {
+        self.handle_frame(ingress, frame, (1, 0))
+    }
+
+    /// Decides one frame that arrived on `ingress` and that carries
+    /// `segments.0` packets, each with `segments.1` bytes of headers from
+    /// the frame's start (a segment-offload super-frame; `(1, 0)` for an
+    /// ordinary frame), so that flows count the packets the wire carries.
+    pub fn handle_frame(&self, ingress: Zone, frame: &[u8], segments: (u64, usize)) -> Disposition {
         let parsed = match packet::parse(frame) {
             Ok(f) => f,
             Err(_) => return self.drop(DropReason::Malformed, None, frame.len()),
@@ -252,7 +263,14 @@ impl Engine {
             return self.drop(DropReason::Spoofed, Some(&key), frame.len());
         }
         let now = self.now();
-        let bytes = ip.ip_len as u64;
+        let (packets, hdrs) = segments;
+        let bytes = if packets > 1 {
+            // Each further segment repeats the IP and transport headers.
+            let link = frame.len().saturating_sub(ip.ip_len);
+            (ip.ip_len + (packets as usize - 1) * hdrs.saturating_sub(link)) as u64
+        } else {
+            ip.ip_len as u64
+        };
 
         // Later fragments follow their first fragment.
         if let Fragment::Later { id } = ip.fragment {
@@ -296,7 +314,7 @@ impl Engine {
                 }
                 table.readmit(&original_ck, policy.sha256().into(), d.rule);
             }
-            table.update(&ck, dir, ip.tcp_flags, bytes, now);
+            table.update(&ck, dir, ip.tcp_flags, (packets, bytes), now);
             drop(table);
             self.note_fragment(&ip.fragment, &key, true, now);
             return self.forward();
@@ -339,6 +357,7 @@ impl Engine {
                 rule: d.rule,
                 policy: policy.sha256().into(),
                 tcp_flags: ip.tcp_flags,
+                packets,
                 bytes,
             },
             now,
@@ -466,7 +485,8 @@ impl Engine {
 /// Consecutive receive errors after which a port counts as gone.
 const MAX_RX_ERRORS: u32 = 100;
 
-/// Moves frames from `rx` (arriving on `ingress`) to `tx` until `stop`.
+/// Moves frames from `rx` (arriving on `ingress`) to `tx` until `stop`,
+/// a batch at a time.
 /// A frame the other port cannot take (a full queue, a link that is down,
 /// a frame over its MTU) is lost as on a wire and counted; a port that keeps
 /// failing to receive ends the loop with its error.
@@ -479,12 +499,11 @@ pub fn forward_loop(
 ) -> std::io::Result<()> {
     let mut rx_errors = 0;
     while !stop.load(Ordering::Relaxed) {
-        let frame = match rx.recv(Duration::from_millis(100)) {
-            Ok(Some(f)) => {
+        let n = match rx.recv(Duration::from_millis(100)) {
+            Ok(n) => {
                 rx_errors = 0;
-                f
+                n
             }
-            Ok(None) => continue,
             Err(e) => {
                 engine.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
                 rx_errors += 1;
@@ -495,8 +514,26 @@ pub fn forward_loop(
                 continue;
             }
         };
-        if engine.handle(ingress, frame) == Disposition::Forward && tx.send(frame).is_err() {
-            engine.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+        // Decide the whole batch, then send what passed in one go.
+        let frames = (0..n).filter_map(|i| match rx.frame(i) {
+            Some(f) => Some(f),
+            None => {
+                engine.drop(DropReason::Oversize, None, 0);
+                None
+            }
+        });
+        let mut out = Vec::with_capacity(n);
+        for f in frames {
+            if engine.handle_frame(ingress, f.data, f.segments()) == Disposition::Forward {
+                out.push(f);
+            }
+        }
+        if !out.is_empty() {
+            let lost = tx.send(&out);
+            engine
+                .counters
+                .tx_errors
+                .fetch_add(lost as u64, Ordering::Relaxed);
         }
     }
     Ok(())

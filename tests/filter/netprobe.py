@@ -5,6 +5,8 @@ serve-tcp PORT          echo server on 0.0.0.0 and ::, one line per connection
 serve-udp PORT          echo server on 0.0.0.0 and ::
 tcp HOST PORT MSG [SRC] connect (from SRC if given), send MSG, print the echo or TIMEOUT
 udp HOST PORT MSG [SRC] the same over UDP
+bulk HOST PORT N        send N bytes to an echo server while reading them
+                        back; print OK N when every byte came back intact
 hold HOST PORT          connect, echo "one", print ONE, wait for a line on stdin,
                         echo "two", print TWO or CUT
 Every wait is bounded (2 s per reply, 60 s for a server's life).
@@ -71,6 +73,30 @@ def client(kind, host, port, msg, src=None):
         print(f"{len(text)} bytes" if len(text) > 100 else text)
     except ConnectionRefusedError:
         print("REFUSED")
+    except (socket.timeout, TimeoutError, OSError):
+        print("TIMEOUT")
+
+def bulk(host, port, n):
+    import hashlib
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.settimeout(5)
+    block = bytes(range(256)) * 256
+    sent = hashlib.sha256()
+    def send():
+        left = n
+        while left > 0:
+            b = block[:min(left, len(block))]
+            s.sendall(b); sent.update(b); left -= len(b)
+    try:
+        s.connect((host, port))
+        t = threading.Thread(target=send, daemon=True); t.start()
+        got, h = 0, hashlib.sha256()
+        while got < n:
+            d = s.recv(1 << 20)
+            if not d: break
+            h.update(d); got += len(d)
+        t.join(30)
+        print(f"OK {got}" if got == n and h.digest() == sent.digest() else f"BAD {got}")
     except (socket.timeout, TimeoutError, OSError):
         print("TIMEOUT")
 
@@ -146,5 +172,6 @@ if __name__ == "__main__":
     elif a[0] == "serve-udp": serve_udp(int(a[1]))
     elif a[0] in ("tcp", "udp"): client(a[0], a[1], int(a[2]), a[3], a[4] if len(a) > 4 else None)
     elif a[0] == "hold": hold(a[1], int(a[2]))
+    elif a[0] == "bulk": bulk(a[1], int(a[2]), int(a[3]))
     elif a[0] == "inject": inject(a[1], int(a[2]))
     elif a[0] == "sniff": sniff(a[1], float(a[2]))
