@@ -62,6 +62,8 @@ struct Net {
     servers: Vec<Child>,
     /// The filter's port kind: "batched" (offloads on) or "pnet" (off).
     io: &'static str,
+    /// The filter's stderr, line by line.
+    lines: Option<std::sync::mpsc::Receiver<String>>,
 }
 
 impl Drop for Net {
@@ -101,6 +103,7 @@ impl Net {
             filter: None,
             servers: Vec::new(),
             io,
+            lines: None,
         };
         let (v, f, o) = (&net.vnet, &net.fw, &net.onprem);
         for n in [v, f, o] {
@@ -181,6 +184,20 @@ impl Net {
             }
         }
         self.filter = Some(child);
+        self.lines = Some(rx);
+    }
+
+    /// The next line of the filter's stderr that contains `text`.
+    fn wait_line(&self, text: &str) -> String {
+        let rx = self.lines.as_ref().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) if l.contains(text) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("the filter printed no line with {text:?}"),
+            }
+        }
     }
 
     fn serve(&mut self, ns: &str, args: &[&str]) {
@@ -340,6 +357,12 @@ fn allowed_and_dropped(mut net: Net) {
         net.run(&v, &["udp", "192.0.2.200", "5353", "spoof", "192.0.2.201"]),
         "TIMEOUT"
     );
+
+    // The counters, live: SIGUSR1 prints them without stopping anything.
+    net.signal(rustix::process::Signal::USR1);
+    let hits = net.wait_line("flows admitted per rule");
+    assert!(hits.contains("web ") && hits.contains("mgmt 1"), "{hits}");
+    assert!(net.ping(&v, "192.0.2.200"), "still forwarding after SIGUSR1");
 
     let records = net.stop_and_verify();
     let starts: Vec<_> = records

@@ -125,7 +125,7 @@ pub fn run(args: FilterArgs) -> ExitCode {
         },
     ));
     let stop = Arc::new(AtomicBool::new(false));
-    // Signals: SIGHUP reloads, SIGTERM/SIGINT stop.
+    // Signals: SIGHUP reloads, SIGUSR1 prints the counters, SIGTERM/SIGINT stop.
     let (e2, s2, a2, policy_path) = (
         engine.clone(),
         stop.clone(),
@@ -141,10 +141,11 @@ pub fn run(args: FilterArgs) -> ExitCode {
         };
         rt.block_on(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+            let (Ok(mut hup), Ok(mut term), Ok(mut int), Ok(mut usr1)) = (
                 signal(SignalKind::hangup()),
                 signal(SignalKind::terminate()),
                 signal(SignalKind::interrupt()),
+                signal(SignalKind::user_defined1()),
             ) else {
                 return;
             };
@@ -165,6 +166,7 @@ pub fn run(args: FilterArgs) -> ExitCode {
                             }
                         }
                     }
+                    _ = usr1.recv() => print_counters(&e2, ""),
                     _ = term.recv() => break,
                     _ = int.recv() => break,
                 }
@@ -191,6 +193,24 @@ pub fn run(args: FilterArgs) -> ExitCode {
     );
     stop.store(true, Ordering::Relaxed);
     drop(signals);
+    print_counters(&engine, "stopping; ");
+    let closed = audit.close();
+    match (result, closed) {
+        (Ok(()), Ok(())) => ExitCode::SUCCESS,
+        (Err(e), _) => {
+            eprintln!("error: forwarding stopped: {e}");
+            ExitCode::from(1)
+        }
+        (_, Err(e)) => {
+            eprintln!("error: closing the audit trail: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Prints the counters: frames forwarded and dropped per reason, flows
+/// tracked, flows admitted per rule. At stop and on SIGUSR1.
+fn print_counters(engine: &Engine, when: &str) {
     let c = &engine.counters;
     let dropped: Vec<String> = palisade::dataplane::DropReason::ALL
         .iter()
@@ -199,7 +219,7 @@ pub fn run(args: FilterArgs) -> ExitCode {
         .map(|(r, n)| format!("{n} {}", r.as_str()))
         .collect();
     eprintln!(
-        "palisade filter: stopping; forwarded {} frames ({} not taken by the other port), dropped: {}; {} flows tracked at the end",
+        "palisade filter: {when}forwarded {} frames ({} not taken by the other port), dropped: {}; {} flows tracked",
         c.forwarded.load(Ordering::Relaxed),
         c.tx_errors.load(Ordering::Relaxed),
         if dropped.is_empty() { "none".to_string() } else { dropped.join(", ") },
@@ -228,17 +248,5 @@ pub fn run(args: FilterArgs) -> ExitCode {
                 per_rule.join(", ")
             }
         );
-    }
-    let closed = audit.close();
-    match (result, closed) {
-        (Ok(()), Ok(())) => ExitCode::SUCCESS,
-        (Err(e), _) => {
-            eprintln!("error: forwarding stopped: {e}");
-            ExitCode::from(1)
-        }
-        (_, Err(e)) => {
-            eprintln!("error: closing the audit trail: {e}");
-            ExitCode::from(1)
-        }
     }
 }
