@@ -8,12 +8,13 @@
 # Measures delivered 64-byte UDP packets/s and TCP MB/s with iperf3 and
 # prints palisade's ratios to nftables. Root needed.
 #
-#   benches/filter.sh                 # N = 10, 1000, 10000; T = 8 s per measure
+#   benches/filter.sh                 # N = 10, 1000, 10000; T = 5 s per measure;
+#                                     # each figure the median of REPS = 3 runs
 #   NS="10000" T=5 benches/filter.sh
 #   IO=pnet benches/filter.sh         # pnet ports (offloads turned off)
 set -u
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-NS_LIST="${NS:-10 1000 10000}"; T="${T:-8}"; IO="${IO:-batched}"
+NS_LIST="${NS:-10 1000 10000}"; T="${T:-5}"; IO="${IO:-batched}"; REPS="${REPS:-3}"
 cargo build --release --manifest-path "$ROOT/Cargo.toml" >&2 || exit 1
 BIN="$ROOT/target/release/palisade"
 WORK="$(mktemp -d /tmp/palisade-filter-bench.XXXXXX)"
@@ -31,7 +32,7 @@ ip link add f1 netns pbf type veth peer name e0 netns pbe
 for x in "pbv v0" "pbf f0" "pbf f1" "pbe e0"; do set -- $x; ns $1 ip link set $2 up; done
 ns pbe iperf3 -s -D -p 5201 --pidfile "$WORK/iperf.pid"; sleep 0.5
 
-measure() {  # prints "udp_pps tcp_mbs"
+measure_once() {  # prints "udp_pps tcp_mbs"
   local udp tcp
   udp=$(ns pbv timeout 40 iperf3 -c 203.0.113.2 -p 5201 -u -l 64 -b 0 -t "$T" -J 2>/dev/null | python3 -c 'import json,sys
 try:
@@ -42,6 +43,13 @@ try:
   d=json.load(sys.stdin)["end"]["sum_received"]; print(round(d["bits_per_second"]/8e6))
 except Exception: print(0)')
   echo "$udp $tcp"
+}
+measure() {  # the median of REPS runs of each figure: "udp_pps tcp_mbs"
+  local runs=()
+  for _ in $(seq 1 "$REPS"); do runs+=("$(measure_once)"); done
+  printf '%s\n' "${runs[@]}" | python3 -c 'import sys, statistics as s
+rows=[l.split() for l in sys.stdin if l.strip()]
+print(int(s.median(int(r[0]) for r in rows)), int(s.median(int(r[1]) for r in rows)))'
 }
 routed() {
   ns pbv ip addr flush dev v0; ns pbe ip addr flush dev e0
