@@ -191,9 +191,7 @@ pub fn recv_frames(
                     && (*c).cmsg_len as usize
                         >= libc::CMSG_LEN(std::mem::size_of::<TpacketAuxdata>() as u32) as usize
                 {
-                    let a = std::ptr::read_unaligned(
-                        libc::CMSG_DATA(c) as *const TpacketAuxdata,
-                    );
+                    let a = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const TpacketAuxdata);
                     vlan = vlan_of(&a);
                 }
                 c = libc::CMSG_NXTHDR(msg, c);

@@ -185,12 +185,7 @@ pub fn run(args: FilterArgs) -> ExitCode {
         config.policy.display(),
         config.audit.dir.display()
     );
-    let result = dataplane::run(
-        engine.clone(),
-        edge,
-        onprem,
-        stop.clone(),
-    );
+    let result = dataplane::run(engine.clone(), edge, onprem, stop.clone());
     stop.store(true, Ordering::Relaxed);
     drop(signals);
     print_counters(&engine, "stopping; ");

@@ -579,3 +579,149 @@ pub fn run(
         ra.and(rb)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::port::{mem_wire, Frame, Offload, RxPort, TxPort};
+    use super::*;
+    use crate::audit::AuditConfig;
+    use crate::packet::build;
+    use crate::packet::tcp_flags::{ACK, SYN};
+    use crate::policy::date::Date;
+    use crate::policy::load::compile_str;
+    use crate::policy::Options;
+    use std::net::Ipv4Addr;
+
+    const POLICY: &str = "\
+zone edge   = 192.0.2.0/25
+zone onprem = 192.0.2.128/25
+rule web allow 192.0.2.0/25 -> 192.0.2.200 service tcp/80
+default deny
+";
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        let c = compile_str(
+            "t.policy",
+            POLICY,
+            Options {
+                today: Date::new(2026, 1, 1).unwrap(),
+            },
+        )
+        .unwrap_or_else(|_| panic!("policy compiles"));
+        let key = dir.join("audit.key");
+        crate::audit::keys::generate_key_pair(&key, &dir.join("audit.pub")).unwrap();
+        let audit = AuditLog::open(&AuditConfig {
+            dir: dir.join("audit"),
+            signing_key: Some(key),
+            ..AuditConfig::default()
+        })
+        .unwrap();
+        Engine::new(c.policy, audit, EngineConfig::default())
+    }
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8, payload: usize) -> Vec<u8> {
+        let mut l4 = build::tcp(sport, dport, flags);
+        l4.resize(l4.len() + payload, 0xab);
+        build::ipv4(v4(src), v4(dst), 6, &l4, (1, false, 0))
+    }
+
+    #[test]
+    fn a_batch_is_decided_frame_by_frame_and_sent_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let (mut in_tx, mut in_rx) = mem_wire();
+        let (mut out_tx, mut out_rx) = mem_wire();
+        let frames = [
+            tcp("192.0.2.10", "192.0.2.200", 40000, 80, SYN, 0), // allowed
+            tcp("192.0.2.10", "192.0.2.200", 40000, 81, SYN, 0), // denied
+            tcp("192.0.2.130", "192.0.2.200", 40001, 80, SYN, 0), // spoofed
+            build::arp(),                                        // passes
+            tcp("192.0.2.10", "192.0.2.200", 40000, 80, ACK, 10), // tracked
+        ];
+        let batch: Vec<Frame> = frames
+            .iter()
+            .map(|f| Frame {
+                data: f,
+                offload: Offload::NONE,
+            })
+            .collect();
+        assert_eq!(in_tx.send(&batch), 0);
+        let stop = AtomicBool::new(false);
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        std::thread::scope(|s| {
+            let looping = s.spawn(|| forward_loop(&e, Zone::Edge, &mut in_rx, &mut out_tx, &stop));
+            // Bounded: 20 waits of 100 ms for the three frames that pass.
+            for _ in 0..20 {
+                let n = out_rx.recv(Duration::from_millis(100)).unwrap();
+                got.extend((0..n).map(|i| out_rx.frame(i).unwrap().data.to_vec()));
+                if got.len() >= 3 {
+                    break;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            looping.join().unwrap().unwrap();
+        });
+        assert_eq!(
+            got,
+            vec![frames[0].clone(), frames[3].clone(), frames[4].clone()]
+        );
+        assert_eq!(e.counters.dropped(DropReason::Denied), 1);
+        assert_eq!(e.counters.dropped(DropReason::Spoofed), 1);
+        assert_eq!(e.counters.forwarded.load(Ordering::Relaxed), 3);
+    }
+
+    /// A super-frame: a SYN-opened flow, then one 64-segment TSO frame.
+    #[test]
+    fn a_super_frame_counts_as_the_packets_the_wire_carries() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let syn = tcp("192.0.2.10", "192.0.2.200", 40000, 80, SYN, 0);
+        assert_eq!(e.handle(Zone::Edge, &syn), Disposition::Forward);
+        let big = tcp("192.0.2.10", "192.0.2.200", 40000, 80, ACK, 64 * 1000);
+        // virtio_net_hdr: NEEDS_CSUM, GSO TCPV4, hdr_len 54, gso_size 1000,
+        // csum_start 34 (Ethernet 14 + IPv4 20), csum_offset 16.
+        let mut o = Offload::NONE;
+        o.0 = [1, 1, 54, 0, 0xe8, 0x03, 34, 0, 16, 0];
+        let f = Frame {
+            data: &big,
+            offload: o,
+        };
+        assert_eq!(f.segments(), (64, 54));
+        assert_eq!(
+            e.handle_frame(Zone::Edge, f.data, f.segments()),
+            Disposition::Forward
+        );
+        let t = e.table.lock().unwrap();
+        let key = packet::parse(&syn).unwrap();
+        let Payload::Ip(ip) = key.payload else {
+            panic!()
+        };
+        let (flow, _) = t.find(&ConnKey::of(&ip.key, None), e.now()).unwrap();
+        assert_eq!(flow.original.packets, 1 + 64);
+        // The SYN's 40 bytes, then 64 segments of 40 header bytes and 1000
+        // payload bytes each.
+        assert_eq!(flow.original.bytes, 40 + 64 * 1040);
+    }
+
+    #[test]
+    fn ordinary_frames_and_incomplete_offload_metadata_count_once() {
+        let o = Offload::NONE;
+        let short = Frame {
+            data: &[0u8; 60],
+            offload: o,
+        };
+        assert_eq!(short.segments(), (1, 0));
+        // Offload metadata without a checksum to finish is no super-frame.
+        let mut not_gso = Offload::NONE;
+        not_gso.0 = [0, 1, 0, 0, 0xe8, 0x03, 0, 0, 0, 0];
+        let f = Frame {
+            data: &[0u8; 60],
+            offload: not_gso,
+        };
+        assert_eq!(f.segments(), (1, 0));
+    }
+}

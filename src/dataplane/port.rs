@@ -242,7 +242,9 @@ pub fn open_batched(name: &str) -> io::Result<(BatchedTx, BatchedRx)> {
         BatchedTx { sock: tx },
         BatchedRx {
             sock: socket,
-            bufs: (0..BATCH).map(|_| vec![0u8; SLOT].into_boxed_slice()).collect(),
+            bufs: (0..BATCH)
+                .map(|_| vec![0u8; SLOT].into_boxed_slice())
+                .collect(),
             got: vec![crate::sys::Received::default(); BATCH],
             frames: vec![None; BATCH],
             n: 0,
@@ -250,7 +252,11 @@ pub fn open_batched(name: &str) -> io::Result<(BatchedTx, BatchedRx)> {
     ))
 }
 
-fn wait(fd: std::os::fd::BorrowedFd<'_>, flags: rustix::event::PollFlags, timeout: Duration) -> io::Result<bool> {
+fn wait(
+    fd: std::os::fd::BorrowedFd<'_>,
+    flags: rustix::event::PollFlags,
+    timeout: Duration,
+) -> io::Result<bool> {
     use rustix::event::{poll, PollFd, Timespec};
     let ts = Timespec {
         tv_sec: timeout.as_secs() as _,
@@ -323,10 +329,7 @@ const SEND_RETRIES: u32 = 3;
 
 impl TxPort for BatchedTx {
     fn send(&mut self, frames: &[Frame<'_>]) -> usize {
-        let parts: Vec<[&[u8]; 2]> = frames
-            .iter()
-            .map(|f| [&f.offload.0[..], f.data])
-            .collect();
+        let parts: Vec<[&[u8]; 2]> = frames.iter().map(|f| [&f.offload.0[..], f.data]).collect();
         let mut lost = 0;
         let mut retries = 0;
         let mut at = 0;
@@ -436,8 +439,7 @@ impl TxPort for PnetTx {
             .iter()
             .filter(|f| {
                 // A frame that needs offload work done cannot go out whole.
-                f.offload.gso_type() != 0
-                    || !matches!(self.tx.send_to(f.data, None), Some(Ok(())))
+                f.offload.gso_type() != 0 || !matches!(self.tx.send_to(f.data, None), Some(Ok(())))
             })
             .count()
     }
