@@ -148,6 +148,7 @@ pub struct Engine {
     policy: ArcSwap<Policy>,
     table: Mutex<ConnTable>,
     fragments: Mutex<HashMap<FragmentKey, (bool, Duration)>>,
+    /// New flows per source (an IPv4 address or an IPv6 /64).
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     drops: Mutex<HashMap<FlowKey, DropAgg>>,
     audit: AuditLog,
@@ -169,6 +170,21 @@ fn tuple(k: &FlowKey) -> FlowTuple {
 const FRAGMENT_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_FRAGMENT_ENTRIES: usize = 65_536;
 const MAX_DROP_KEYS: usize = 65_536;
+/// Most sources the new-flow rate limiter remembers at once.
+const MAX_LIMITER_SOURCES: usize = 262_144;
+
+/// The rate limiter's key for a source: the address for IPv4, the /64 for
+/// IPv6 (one host can use a whole /64, and would otherwise get one budget
+/// per address).
+fn rate_key(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V4(_) => a,
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+    }
+}
 
 impl Engine {
     pub fn new(policy: Policy, audit: AuditLog, config: EngineConfig) -> Engine {
@@ -338,7 +354,11 @@ impl Engine {
         if matches!(ip.icmp, Some(IcmpKind::Echo { request: false, .. })) {
             return self.drop(DropReason::NoState, Some(&key), frame.len());
         }
-        if self.limiter.check_key(&key.src).is_err() {
+        // Past the limiter's bound (a flood from ever new sources), new
+        // flows wait for housekeeping to forget the idle sources.
+        if self.limiter.len() >= MAX_LIMITER_SOURCES
+            || self.limiter.check_key(&rate_key(key.src)).is_err()
+        {
             return self.drop(DropReason::RateLimited, Some(&key), frame.len());
         }
         let d = policy.decide(&key);
@@ -436,9 +456,12 @@ impl Engine {
         let _ = self.audit.try_submit(&ev);
     }
 
-    /// Periodic work: expire flows and fragments, write drop summaries.
+    /// Periodic work: expire flows and fragments, forget sources whose
+    /// rate budget is full again, write drop summaries.
     pub fn housekeeping(&self) {
         let now = self.now();
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
         let ended = self
             .table
             .lock()
@@ -600,6 +623,10 @@ default deny
 ";
 
     fn engine(dir: &std::path::Path) -> Engine {
+        engine_with(dir, EngineConfig::default())
+    }
+
+    fn engine_with(dir: &std::path::Path, config: EngineConfig) -> Engine {
         let c = compile_str(
             "t.policy",
             POLICY,
@@ -616,7 +643,7 @@ default deny
             ..AuditConfig::default()
         })
         .unwrap();
-        Engine::new(c.policy, audit, EngineConfig::default())
+        Engine::new(c.policy, audit, config)
     }
 
     fn v4(s: &str) -> Ipv4Addr {
@@ -705,6 +732,44 @@ default deny
         // The SYN's 40 bytes, then 64 segments of 40 header bytes and 1000
         // payload bytes each.
         assert_eq!(flow.original.bytes, 40 + 64 * 1040);
+    }
+
+    #[test]
+    fn a_syn_flood_is_rate_limited_per_source_with_bounded_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine_with(
+            dir.path(),
+            EngineConfig {
+                new_flows_per_second_per_source: 100,
+                new_flow_burst_per_source: 20,
+                ..EngineConfig::default()
+            },
+        );
+        // One source: its burst passes, the rest of a fast burst waits.
+        let mut limited = 0;
+        for port in 0..200u16 {
+            let syn = tcp("192.0.2.10", "192.0.2.200", 10000 + port, 80, SYN, 0);
+            if e.handle(Zone::Edge, &syn) == Disposition::Drop(DropReason::RateLimited) {
+                limited += 1;
+            }
+        }
+        assert!((100..=180).contains(&limited), "{limited} rate-limited");
+        assert_eq!(e.counters.dropped(DropReason::RateLimited), limited);
+        // Every source of the zone gets its own budget and is remembered
+        // while the budget is spent...
+        for host in 0..128u8 {
+            let syn = tcp(&format!("192.0.2.{host}"), "192.0.2.200", 10000, 80, SYN, 0);
+            e.handle(Zone::Edge, &syn);
+        }
+        assert_eq!(e.limiter.len(), 128);
+        // ...and forgotten once it is full again (20 flows at 100/s: 0.2 s).
+        std::thread::sleep(Duration::from_millis(400));
+        e.housekeeping();
+        assert_eq!(e.limiter.len(), 0, "idle sources are forgotten");
+        // IPv6 sources of one /64 share a budget.
+        let k = |a: &str| rate_key(a.parse().unwrap());
+        assert_eq!(k("2001:db8:1:2::5"), k("2001:db8:1:2:ffff::1"));
+        assert_ne!(k("2001:db8:1:2::5"), k("2001:db8:1:3::5"));
     }
 
     #[test]
