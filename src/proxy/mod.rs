@@ -546,7 +546,19 @@ async fn resolve_addresses(
     Ok(SocketAddr::new(canonical(addrs[0]), port))
 }
 
+/// hyper keeps one allocation the size of the service's future for every
+/// connection, idle or not; the request's own state (several KiB: the
+/// upstream request, the audit record, timers) is boxed per request instead,
+/// so 500 kept-alive clients do not each pin the largest future.
 async fn handle(
+    state: Arc<State>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    Box::pin(handle_request(state, peer, req)).await
+}
+
+async fn handle_request(
     state: Arc<State>,
     peer: SocketAddr,
     req: Request<Incoming>,
