@@ -1025,8 +1025,8 @@ async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, idle: Duration)
     )
 }
 
-/// Largest chunk moved per splice.
-const SPLICE_CHUNK: usize = 1 << 16;
+/// Largest chunk moved per splice, and the pipe size asked for.
+const SPLICE_CHUNK: usize = 1 << 18;
 
 /// One direction of a tunnel: `from` → pipe → `to`, until `from` ends or
 /// either side fails; then the end is passed on (`to` is shut for writing).
@@ -1042,6 +1042,11 @@ async fn splice_pump(
     let Ok((pipe_r, pipe_w)) = pipe() else {
         return;
     };
+    // The default 64 KiB pipe caps each round (wait readable, splice in,
+    // wait writable, splice out) at 64 KiB; a larger one moves what the
+    // socket holds in one round. Pages are only used while bytes sit in the
+    // pipe. Refused (over the per-user pipe limit): the default stays.
+    let _ = rustix::pipe::fcntl_setpipe_size(&pipe_w, SPLICE_CHUNK);
     'outer: loop {
         let n = loop {
             if from.readable().await.is_err() {
