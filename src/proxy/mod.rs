@@ -81,33 +81,36 @@ pub struct Proxy {
     state: Arc<State>,
 }
 
-/// Headers that describe one hop, never forwarded.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that describe one hop, never forwarded. Parsed once: removing
+/// by `&str` parses and hashes the name on every request.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    HeaderName::from_static("connection"),
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("proxy-authenticate"),
+    HeaderName::from_static("proxy-authorization"),
+    HeaderName::from_static("te"),
+    HeaderName::from_static("trailer"),
+    HeaderName::from_static("transfer-encoding"),
+    HeaderName::from_static("upgrade"),
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = h
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    if h.contains_key(hyper::header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
     }
-    for n in HOP_BY_HOP {
-        h.remove(*n);
+    for n in &HOP_BY_HOP {
+        h.remove(n);
     }
 }
 
@@ -566,15 +569,18 @@ async fn handle_request(
     state.counters.requests.fetch_add(1, Ordering::Relaxed);
     let id = state.request_id();
     let start = Instant::now();
-    let method = req.method().as_str().to_string();
-    let target = req.uri().to_string();
+    // Kept for the refusal record; rendered as text only if one is written
+    // (an allowed request's record is built in `forward` / `connect`).
+    let method = req.method().clone();
+    let uri = req.uri().clone();
     let is_connect = req.method() == Method::CONNECT;
     let record = |action: Action| {
+        let target = uri.to_string();
         let ev = if is_connect {
             let (h, p) = split_authority(&target);
             AuditEvent::connect_tunnel(action, peer, &h, p)
         } else {
-            AuditEvent::proxy_request(action, peer, &method, &target)
+            AuditEvent::proxy_request(action, peer, method.as_str(), &target)
         };
         ev.with_request_id(&id)
     };
