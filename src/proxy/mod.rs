@@ -73,6 +73,48 @@ struct State {
     next_id: AtomicU64,
     id_prefix: String,
     counters: Counters,
+    resolved: ResolveCache,
+}
+
+/// Most names whose lookups are kept at once.
+const RESOLVE_CACHE_MAX: usize = 4096;
+
+/// Recent successful lookups, so a busy name does not cost a blocking-pool
+/// `getaddrinfo` per request. Holds only what the resolver answered: the
+/// policy's checks run on these addresses for every request, and the
+/// address dialled is the one checked.
+#[derive(Default)]
+struct ResolveCache {
+    entries: Mutex<HashMap<String, Resolved>>,
+}
+
+/// A lookup's addresses and when it was made.
+type Resolved = (Arc<[IpAddr]>, Instant);
+
+impl ResolveCache {
+    fn get(&self, name: &str, ttl: Duration) -> Option<Arc<[IpAddr]>> {
+        let map = self.entries.lock().ok()?;
+        match map.get(name) {
+            Some((addrs, at)) if at.elapsed() < ttl => Some(addrs.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, name: &str, addrs: Arc<[IpAddr]>, ttl: Duration) {
+        if ttl.is_zero() || addrs.is_empty() {
+            return;
+        }
+        let Ok(mut map) = self.entries.lock() else {
+            return;
+        };
+        if map.len() >= RESOLVE_CACHE_MAX && !map.contains_key(name) {
+            map.retain(|_, (_, at)| at.elapsed() < ttl);
+            if map.len() >= RESOLVE_CACHE_MAX {
+                map.clear();
+            }
+        }
+        map.insert(name.to_string(), (addrs, Instant::now()));
+    }
 }
 
 /// A running proxy: the listener and what every connection shares.
@@ -181,6 +223,7 @@ impl Proxy {
                 next_id: AtomicU64::new(1),
                 id_prefix,
                 counters: Counters::default(),
+                resolved: ResolveCache::default(),
             }),
         })
     }
@@ -496,29 +539,41 @@ async fn resolve_addresses(
     host: &Host,
     port: u16,
 ) -> Result<SocketAddr, Refusal> {
-    let addrs: Vec<IpAddr> = match host {
-        Host::Ip(ip) => vec![*ip],
+    let ttl = state.config.resolve_cache_ttl;
+    let looked_up: Arc<[IpAddr]>;
+    let addrs: &[IpAddr] = match host {
+        Host::Ip(ip) => std::slice::from_ref(ip),
         Host::Name(name) => match state.config.hosts.get(name) {
-            Some(fixed) => fixed.clone(),
-            None => match tokio::time::timeout(
-                state.config.connect_timeout,
-                tokio::net::lookup_host((name.as_str(), port)),
-            )
-            .await
-            {
-                Ok(Ok(it)) => it.map(|a| a.ip()).collect(),
-                Ok(Err(e)) => {
-                    return Err(Refusal::new(
-                        StatusCode::BAD_GATEWAY,
-                        format!("cannot resolve {name}: {e}"),
-                    ))
+            Some(fixed) => fixed,
+            None => match state.resolved.get(name, ttl) {
+                Some(cached) => {
+                    looked_up = cached;
+                    &looked_up
                 }
-                Err(_) => {
-                    return Err(Refusal::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!("resolving {name} timed out"),
-                    ))
-                }
+                None => match tokio::time::timeout(
+                    state.config.connect_timeout,
+                    tokio::net::lookup_host((name.as_str(), port)),
+                )
+                .await
+                {
+                    Ok(Ok(it)) => {
+                        looked_up = it.map(|a| a.ip()).collect();
+                        state.resolved.put(name, looked_up.clone(), ttl);
+                        &looked_up
+                    }
+                    Ok(Err(e)) => {
+                        return Err(Refusal::new(
+                            StatusCode::BAD_GATEWAY,
+                            format!("cannot resolve {name}: {e}"),
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(Refusal::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!("resolving {name} timed out"),
+                        ))
+                    }
+                },
             },
         },
     };
@@ -531,7 +586,7 @@ async fn resolve_addresses(
     let named = rule
         .and_then(|i| policy.http_rules().get(i))
         .map(|r| &r.addrs);
-    for a in &addrs {
+    for a in addrs {
         let c = canonical(*a);
         if let Some(why) = internal_range(c) {
             if !named.is_some_and(|s| s.contains(c)) {
