@@ -44,8 +44,18 @@ rotate_size = "4GiB"
 rotate_age = "off"
 CONFIG
 
+# The harness restarts the proxy for every rep and counts lines of
+# CUSTOM_LOG; palisade never reuses a trail file (each start opens the next
+# one), so each start begins with an empty trail directory: every rep then
+# writes audit-00000001.jsonl and "access-log lines / req" counts them.
+cat > "$WORK/run/start-palisade.sh" <<START
+#!/bin/sh
+rm -rf "$LOGD/custom/audit"
+exec env ${PALISADE_ENV:-} $BIN proxy --config $WORK/run/palisade-bench.toml
+START
+chmod 755 "$WORK/run/start-palisade.sh"
 export CUSTOM_NAME=palisade CUSTOM_PORT=13999
-export CUSTOM_CMD="env ${PALISADE_ENV:-} $BIN proxy --config $WORK/run/palisade-bench.toml"
+export CUSTOM_CMD="$WORK/run/start-palisade.sh"
 export CUSTOM_LOG="$LOGD/custom/audit/audit-00000001.jsonl"
 export PEERS="${PEERS:-direct squid tinyproxy custom}"
 export REPS="${REPS:-1}" DURATION="${DURATION:-5}" LOG_DIR="$LOGD"

@@ -75,6 +75,11 @@ pub struct ProxyConfig {
     /// Fixed name-to-address answers used instead of DNS (a hosts file for
     /// the proxy: tests, or pinning a name).
     pub hosts: BTreeMap<String, Vec<IpAddr>>,
+    /// How long a name's resolved addresses are reused (`"0s"`: resolve for
+    /// every request). Only the lookup is reused: every request checks the
+    /// addresses against its own rule and the internal ranges again.
+    #[serde(deserialize_with = "de_duration")]
+    pub resolve_cache_ttl: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -94,6 +99,7 @@ impl Default for ProxyConfig {
             requests_per_second_per_client: 200,
             request_burst_per_client: 400,
             hosts: BTreeMap::new(),
+            resolve_cache_ttl: Duration::from_secs(5),
         }
     }
 }

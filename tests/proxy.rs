@@ -159,6 +159,7 @@ fn policy_text(o: &Origins) -> String {
          http echo     allow local -> \"echo.test\", 127.0.0.1 port {echo} plain-tunnel\n\
          http internal allow local -> \"internal.test\" port {http}\n\
          http closed   allow local -> \"closed.test\", 127.0.0.1 port {closed}\n\
+         http resolved allow local -> \"localhost\" port {http}\n\
          default deny log\n",
         http = o.http,
         tls = o.tls,
@@ -425,6 +426,31 @@ fn a_name_resolving_to_an_internal_address_is_refused() {
     });
     assert_eq!(s(&r, "/event/action"), "denied");
     assert!(s(&r, "/event/reason").contains("loopback"), "{r}");
+    p.stop_and_verify();
+}
+
+#[test]
+fn a_cached_lookup_is_checked_again_for_every_request() {
+    // `localhost` is not in [proxy.hosts]: it goes through the resolver and
+    // its answer is cached. The cached loopback address must be refused
+    // just like the first lookup's.
+    let p = start_proxy("resolve_cache_ttl = \"60s\"");
+    for _ in 0..2 {
+        let (code, body) = p.curl(&[&format!("http://localhost:{}/", p.origins.http)]);
+        assert_eq!(code, 403, "{body}");
+        assert!(body.contains("which is loopback"), "{body}");
+    }
+    // A refusal is durable before the client hears of it: both are there.
+    let refused: Vec<_> = p
+        .records()
+        .into_iter()
+        .filter(|r| s(r, "/url/full").contains("localhost"))
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    for r in &refused {
+        assert_eq!(s(r, "/event/action"), "denied");
+        assert!(s(r, "/event/reason").contains("loopback"), "{r}");
+    }
     p.stop_and_verify();
 }
 

@@ -73,6 +73,48 @@ struct State {
     next_id: AtomicU64,
     id_prefix: String,
     counters: Counters,
+    resolved: ResolveCache,
+}
+
+/// Most names whose lookups are kept at once.
+const RESOLVE_CACHE_MAX: usize = 4096;
+
+/// Recent successful lookups, so a busy name does not cost a blocking-pool
+/// `getaddrinfo` per request. Holds only what the resolver answered: the
+/// policy's checks run on these addresses for every request, and the
+/// address dialled is the one checked.
+#[derive(Default)]
+struct ResolveCache {
+    entries: Mutex<HashMap<String, Resolved>>,
+}
+
+/// A lookup's addresses and when it was made.
+type Resolved = (Arc<[IpAddr]>, Instant);
+
+impl ResolveCache {
+    fn get(&self, name: &str, ttl: Duration) -> Option<Arc<[IpAddr]>> {
+        let map = self.entries.lock().ok()?;
+        match map.get(name) {
+            Some((addrs, at)) if at.elapsed() < ttl => Some(addrs.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, name: &str, addrs: Arc<[IpAddr]>, ttl: Duration) {
+        if ttl.is_zero() || addrs.is_empty() {
+            return;
+        }
+        let Ok(mut map) = self.entries.lock() else {
+            return;
+        };
+        if map.len() >= RESOLVE_CACHE_MAX && !map.contains_key(name) {
+            map.retain(|_, (_, at)| at.elapsed() < ttl);
+            if map.len() >= RESOLVE_CACHE_MAX {
+                map.clear();
+            }
+        }
+        map.insert(name.to_string(), (addrs, Instant::now()));
+    }
 }
 
 /// A running proxy: the listener and what every connection shares.
@@ -81,33 +123,36 @@ pub struct Proxy {
     state: Arc<State>,
 }
 
-/// Headers that describe one hop, never forwarded.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that describe one hop, never forwarded. Parsed once: removing
+/// by `&str` parses and hashes the name on every request.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    HeaderName::from_static("connection"),
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("proxy-authenticate"),
+    HeaderName::from_static("proxy-authorization"),
+    HeaderName::from_static("te"),
+    HeaderName::from_static("trailer"),
+    HeaderName::from_static("transfer-encoding"),
+    HeaderName::from_static("upgrade"),
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = h
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    if h.contains_key(hyper::header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
     }
-    for n in HOP_BY_HOP {
-        h.remove(*n);
+    for n in &HOP_BY_HOP {
+        h.remove(n);
     }
 }
 
@@ -178,6 +223,7 @@ impl Proxy {
                 next_id: AtomicU64::new(1),
                 id_prefix,
                 counters: Counters::default(),
+                resolved: ResolveCache::default(),
             }),
         })
     }
@@ -493,29 +539,41 @@ async fn resolve_addresses(
     host: &Host,
     port: u16,
 ) -> Result<SocketAddr, Refusal> {
-    let addrs: Vec<IpAddr> = match host {
-        Host::Ip(ip) => vec![*ip],
+    let ttl = state.config.resolve_cache_ttl;
+    let looked_up: Arc<[IpAddr]>;
+    let addrs: &[IpAddr] = match host {
+        Host::Ip(ip) => std::slice::from_ref(ip),
         Host::Name(name) => match state.config.hosts.get(name) {
-            Some(fixed) => fixed.clone(),
-            None => match tokio::time::timeout(
-                state.config.connect_timeout,
-                tokio::net::lookup_host((name.as_str(), port)),
-            )
-            .await
-            {
-                Ok(Ok(it)) => it.map(|a| a.ip()).collect(),
-                Ok(Err(e)) => {
-                    return Err(Refusal::new(
-                        StatusCode::BAD_GATEWAY,
-                        format!("cannot resolve {name}: {e}"),
-                    ))
+            Some(fixed) => fixed,
+            None => match state.resolved.get(name, ttl) {
+                Some(cached) => {
+                    looked_up = cached;
+                    &looked_up
                 }
-                Err(_) => {
-                    return Err(Refusal::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!("resolving {name} timed out"),
-                    ))
-                }
+                None => match tokio::time::timeout(
+                    state.config.connect_timeout,
+                    tokio::net::lookup_host((name.as_str(), port)),
+                )
+                .await
+                {
+                    Ok(Ok(it)) => {
+                        looked_up = it.map(|a| a.ip()).collect();
+                        state.resolved.put(name, looked_up.clone(), ttl);
+                        &looked_up
+                    }
+                    Ok(Err(e)) => {
+                        return Err(Refusal::new(
+                            StatusCode::BAD_GATEWAY,
+                            format!("cannot resolve {name}: {e}"),
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(Refusal::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!("resolving {name} timed out"),
+                        ))
+                    }
+                },
             },
         },
     };
@@ -528,7 +586,7 @@ async fn resolve_addresses(
     let named = rule
         .and_then(|i| policy.http_rules().get(i))
         .map(|r| &r.addrs);
-    for a in &addrs {
+    for a in addrs {
         let c = canonical(*a);
         if let Some(why) = internal_range(c) {
             if !named.is_some_and(|s| s.contains(c)) {
@@ -546,7 +604,19 @@ async fn resolve_addresses(
     Ok(SocketAddr::new(canonical(addrs[0]), port))
 }
 
+/// hyper keeps one allocation the size of the service's future for every
+/// connection, idle or not; the request's own state (several KiB: the
+/// upstream request, the audit record, timers) is boxed per request instead,
+/// so 500 kept-alive clients do not each pin the largest future.
 async fn handle(
+    state: Arc<State>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    Box::pin(handle_request(state, peer, req)).await
+}
+
+async fn handle_request(
     state: Arc<State>,
     peer: SocketAddr,
     req: Request<Incoming>,
@@ -554,15 +624,18 @@ async fn handle(
     state.counters.requests.fetch_add(1, Ordering::Relaxed);
     let id = state.request_id();
     let start = Instant::now();
-    let method = req.method().as_str().to_string();
-    let target = req.uri().to_string();
+    // Kept for the refusal record; rendered as text only if one is written
+    // (an allowed request's record is built in `forward` / `connect`).
+    let method = req.method().clone();
+    let uri = req.uri().clone();
     let is_connect = req.method() == Method::CONNECT;
     let record = |action: Action| {
+        let target = uri.to_string();
         let ev = if is_connect {
             let (h, p) = split_authority(&target);
             AuditEvent::connect_tunnel(action, peer, &h, p)
         } else {
-            AuditEvent::proxy_request(action, peer, &method, &target)
+            AuditEvent::proxy_request(action, peer, method.as_str(), &target)
         };
         ev.with_request_id(&id)
     };
@@ -1013,8 +1086,8 @@ async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, idle: Duration)
     )
 }
 
-/// Largest chunk moved per splice.
-const SPLICE_CHUNK: usize = 1 << 16;
+/// Largest chunk moved per splice, and the pipe size asked for.
+const SPLICE_CHUNK: usize = 1 << 18;
 
 /// One direction of a tunnel: `from` → pipe → `to`, until `from` ends or
 /// either side fails; then the end is passed on (`to` is shut for writing).
@@ -1030,6 +1103,11 @@ async fn splice_pump(
     let Ok((pipe_r, pipe_w)) = pipe() else {
         return;
     };
+    // The default 64 KiB pipe caps each round (wait readable, splice in,
+    // wait writable, splice out) at 64 KiB; a larger one moves what the
+    // socket holds in one round. Pages are only used while bytes sit in the
+    // pipe. Refused (over the per-user pipe limit): the default stays.
+    let _ = rustix::pipe::fcntl_setpipe_size(&pipe_w, SPLICE_CHUNK);
     'outer: loop {
         let n = loop {
             if from.readable().await.is_err() {
