@@ -140,8 +140,9 @@ pub struct ClassifierStats {
 }
 
 const DIMS: usize = 5;
-/// Most children of an internal node.
-const FANOUT: usize = 8;
+/// Most children of an internal node (six thresholds and seven child
+/// references fit one cache line with the node's other fields for IPv4).
+const FANOUT: usize = 7;
 /// Keys a batched lookup walks in lockstep.
 const BATCH: usize = 8;
 
@@ -200,53 +201,64 @@ impl<A: Address> Rect<A> {
     }
 }
 
-/// One node of a tree. Internal: `dim` is the dimension, the first `len`
-/// thresholds are in use (the rest hold `A::MAX`), and the children are the
-/// `len + 1` nodes from `child`. Thresholds are inline and fixed in number so
-/// that a step is one cache-line load and a branch-free count.
-///
-/// A leaf holds `leaf_len` entries at `leaves[leaf_start..]` and steps to
-/// itself (`len == 0`, `child` = its own index), so batched lookups can walk
-/// every key the same number of steps without branching.
+/// A reference to a child: an internal node's index, or (with [`LEAF`]
+/// set) a leaf's entries, `len` of them from `start`, packed as
+/// `LEAF | len << LEAF_LEN_SHIFT | start`. A parent names its leaves
+/// directly, so reaching a leaf costs no load of its own: the walk goes from
+/// the last internal node straight to the entries.
+type Ref = u32;
+/// Marks a [`Ref`] to a leaf.
+const LEAF: Ref = 1 << 31;
+/// Where a leaf reference keeps its length (7 bits).
+const LEAF_LEN_SHIFT: u32 = 24;
+/// Most entries a leaf reference can name.
+const LEAF_LEN_MAX: usize = (1 << (31 - LEAF_LEN_SHIFT)) - 1;
+/// Most leaf entries (of a tree) a leaf reference can start at.
+const LEAF_START_MAX: usize = 1 << LEAF_LEN_SHIFT;
+/// The empty leaf: matches nothing.
+const EMPTY: Ref = LEAF;
+
+fn leaf_ref(start: usize, len: usize) -> Ref {
+    debug_assert!(len <= LEAF_LEN_MAX && start + len <= LEAF_START_MAX);
+    LEAF | (len as u32) << LEAF_LEN_SHIFT | start as u32
+}
+
+/// The entry range `start..end` a leaf reference names.
+#[inline(always)]
+fn leaf_range(r: Ref) -> (usize, usize) {
+    let start = (r & ((1 << LEAF_LEN_SHIFT) - 1)) as usize;
+    let len = ((r & !LEAF) >> LEAF_LEN_SHIFT) as usize;
+    (start, start + len)
+}
+
+/// An internal node of a tree: `dim` is the dimension, the first `len`
+/// thresholds are in use (the rest hold `A::MAX`), and `children[..=len]`
+/// are the references of the `len + 1` parts. Thresholds and children are
+/// inline and fixed in number so that a step is one cache-line load (for
+/// IPv4) and a branch-free count.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 struct Node<A> {
     thresholds: [A; FANOUT - 1],
-    child: u32,
-    leaf_start: u32,
+    children: [Ref; FANOUT],
     /// The smallest entry index (best priority) anywhere below this node: a
     /// lookup that already holds a better match stops here.
     min_priority: u32,
     dim: u8,
     len: u8,
-    leaf_len: u8,
-    is_leaf: bool,
 }
 
 impl<A: Address> Node<A> {
-    fn leaf(index: usize, start: usize, len: usize) -> Self {
-        Node {
-            thresholds: [A::MAX; FANOUT - 1],
-            child: index as u32,
-            leaf_start: start as u32,
-            min_priority: u32::MAX,
-            dim: 0,
-            len: 0,
-            leaf_len: len as u8,
-            is_leaf: true,
-        }
-    }
-
-    /// The index of the child holding `p` (of itself for a leaf).
+    /// The reference of the child holding `p`.
     #[inline(always)]
-    fn step(&self, p: &[A; DIMS]) -> u32 {
+    fn step(&self, p: &[A; DIMS]) -> Ref {
         let v = p[usize::from(self.dim)];
-        let mut idx = 0u32;
+        let mut idx = 0usize;
         for &t in &self.thresholds {
-            idx += u32::from(v >= t);
+            idx += usize::from(v >= t);
         }
         // Unused thresholds are A::MAX, which a key at A::MAX reaches.
-        self.child + idx.min(u32::from(self.len))
+        self.children[idx.min(usize::from(self.len))]
     }
 }
 
@@ -296,6 +308,7 @@ impl<A: Address> LeafEntry<A> {
 
 #[derive(Debug, Clone)]
 struct Tree<A> {
+    /// Internal nodes; a child's index is above its parent's.
     nodes: Vec<Node<A>>,
     /// Leaf contents: entry copies, ascending priority within a leaf.
     leaves: Vec<LeafEntry<A>>,
@@ -303,14 +316,14 @@ struct Tree<A> {
     best_priority: u32,
     /// The most internal nodes on any path below the root table.
     depth: usize,
-    /// An empty leaf where batched lanes that cannot improve wait.
-    dead: u32,
+    /// Where lookups start when there is no root table.
+    top: Ref,
     /// A direct-indexed first level, when the entries spread well on a few
     /// top bits of one field.
     root: Option<RootTable>,
 }
 
-/// The first level of a tree: the node to start from, indexed by the top
+/// The first level of a tree: the reference to start from, indexed by the top
 /// bits of one or two fields (`slots[(a >> shift_a) << bits_b | b >> shift_b]`).
 /// It replaces several levels of thresholds with one load; adjacent slots
 /// (in one row) with the same entries share a subtree.
@@ -378,12 +391,12 @@ fn dim_bits<A: Address>(d: usize) -> u32 {
 }
 
 impl<A: Address> Tree<A> {
-    /// The node a lookup of `p` starts from.
+    /// The reference a lookup of `p` starts from.
     #[inline(always)]
-    fn start(&self, p: &[A; DIMS]) -> u32 {
+    fn start(&self, p: &[A; DIMS]) -> Ref {
         match &self.root {
             Some(r) => r.slots[r.shape.slot(p)],
-            None => 0,
+            None => self.top,
         }
     }
 
@@ -391,24 +404,24 @@ impl<A: Address> Tree<A> {
     /// and `p` as a point) when below `bound`; else `bound`.
     #[inline(always)]
     fn lookup(&self, k: &Key<A>, p: &[A; DIMS], bound: u32) -> u32 {
-        let mut node = &self.nodes[self.start(p) as usize];
-        while !node.is_leaf {
+        let mut at = self.start(p);
+        while at & LEAF == 0 {
+            let node = &self.nodes[at as usize];
             if node.min_priority >= bound {
                 return bound;
             }
-            node = &self.nodes[node.step(p) as usize];
+            at = node.step(p);
         }
-        self.leaf_match(node, k, bound)
+        self.leaf_match(at, k, bound)
     }
 
-    /// The priority of the first entry of the leaf containing `k`, when
-    /// below `bound`; else `bound`. Branch-free: every entry of the leaf is
-    /// tested and the smallest matching priority kept (entries ascend, so
-    /// that is the first match).
+    /// The priority of the first entry of the leaf `leaf` containing `k`,
+    /// when below `bound`; else `bound`. (A branch-free scan of the whole
+    /// leaf measured slower than stopping at the first match.)
     #[inline(always)]
-    fn leaf_match(&self, node: &Node<A>, k: &Key<A>, bound: u32) -> u32 {
-        let start = node.leaf_start as usize;
-        self.leaves[start..start + usize::from(node.leaf_len)]
+    fn leaf_match(&self, leaf: Ref, k: &Key<A>, bound: u32) -> u32 {
+        let (start, end) = leaf_range(leaf);
+        self.leaves[start..end]
             .iter()
             .take_while(|e| e.priority < bound)
             .find(|e| e.contains(k))
@@ -561,29 +574,33 @@ impl<A: Address> Classifier<A> {
             if best[..n].iter().all(|&b| tree.best_priority >= b) {
                 continue;
             }
-            let mut at = [0u32; BATCH];
+            let mut at = [EMPTY; BATCH];
             for (a, p) in at[..n].iter_mut().zip(&points) {
                 *a = tree.start(p);
             }
-            // Leaves step to themselves, so lanes that arrived early wait
-            // without branching; stop once every lane is at a leaf. A lane
-            // whose subtree cannot beat its match moves to the empty leaf.
-            let dead = tree.dead;
+            // Every lane still at an internal node takes one step per round,
+            // so the loads of different lanes overlap; stop once every lane
+            // is at a leaf. A lane whose subtree cannot beat its match moves
+            // to the empty leaf.
             for _ in 0..tree.depth {
                 let mut moving = false;
                 for ((a, p), &b) in at[..n].iter_mut().zip(&points).zip(&best) {
-                    let node = &tree.nodes[*a as usize];
-                    moving |= !node.is_leaf;
-                    let next = node.step(p);
-                    *a = if node.min_priority >= b { dead } else { next };
+                    if *a & LEAF == 0 {
+                        let node = &tree.nodes[*a as usize];
+                        *a = if node.min_priority >= b {
+                            EMPTY
+                        } else {
+                            node.step(p)
+                        };
+                        moving = true;
+                    }
                 }
                 if !moving {
                     break;
                 }
             }
             for j in 0..n {
-                let node = &tree.nodes[at[j] as usize];
-                best[j] = tree.leaf_match(node, &keys[j], best[j]);
+                best[j] = tree.leaf_match(at[j], &keys[j], best[j]);
             }
         }
         for (o, b) in out[..n].iter_mut().zip(best) {
@@ -697,9 +714,20 @@ fn partition<A: Address>(rects: &[Rect<A>], how: Partition) -> Vec<Vec<u32>> {
     groups
 }
 
+/// Where the reference of a finished node or leaf goes.
+#[derive(Debug, Clone, Copy)]
+enum Dest {
+    /// The tree's start, when it has no root table.
+    Top,
+    /// Root-table slots `.0..=.1`.
+    Table(usize, usize),
+    /// Child `.1` of internal node `.0`.
+    Child(usize, usize),
+}
+
 /// A node still to be built.
 struct Pending<A> {
-    node: usize,
+    dest: Dest,
     region: Rect<A>,
     ids: Vec<u32>,
     depth: usize,
@@ -746,30 +774,32 @@ impl<A: Address> Builder<'_, A> {
     /// hit.
     fn tree(&mut self, ids: Vec<u32>) -> Option<Tree<A>> {
         let mut tree = Tree {
-            nodes: vec![Node::leaf(0, 0, 0)],
+            nodes: Vec::new(),
             leaves: Vec::new(),
             best_priority: ids.first().copied().unwrap_or(u32::MAX),
             depth: 0,
-            dead: 0,
+            top: EMPTY,
             root: None,
         };
-        if !self.charge_memory(std::mem::size_of::<Tree<A>>() + std::mem::size_of::<Node<A>>()) {
+        if !self.charge_memory(std::mem::size_of::<Tree<A>>()) {
             return None;
         }
         let mut worst_steps = 0;
         let universe = Rect::universe();
         let ids = self.prune(&universe, ids);
         let mut stack = Vec::new();
-        match self.choose_root(&ids) {
+        let mut table: Vec<Ref> = Vec::new();
+        let shape = self.choose_root(&ids);
+        match shape {
             None => stack.push(Pending {
-                node: 0,
+                dest: Dest::Top,
                 region: universe,
                 ids,
                 depth: 0,
             }),
             Some(shape) => {
                 let slots = 1usize << shape.total_bits();
-                if !self.charge_memory(slots * std::mem::size_of::<u32>()) {
+                if !self.charge_memory(slots * std::mem::size_of::<Ref>()) {
                     return None;
                 }
                 let mut lists: Vec<Vec<u32>> = vec![Vec::new(); slots];
@@ -785,7 +815,7 @@ impl<A: Address> Builder<'_, A> {
                         }
                     }
                 }
-                let mut table = vec![0u32; slots];
+                table = vec![EMPTY; slots];
                 let row = 1usize << shape.bits[1];
                 let mut b = 0;
                 while b < slots {
@@ -800,11 +830,6 @@ impl<A: Address> Builder<'_, A> {
                             e += 1;
                         }
                     }
-                    if !self.charge_memory(std::mem::size_of::<Node<A>>()) {
-                        return None;
-                    }
-                    let node = tree.nodes.len();
-                    tree.nodes.push(Node::leaf(node, 0, 0));
                     let mut region = universe;
                     if shape.bits[1] == 0 {
                         shape.range(0, b, e, &mut region);
@@ -812,25 +837,20 @@ impl<A: Address> Builder<'_, A> {
                         shape.range(0, b / row, b / row, &mut region);
                         shape.range(1, b % row, e % row, &mut region);
                     }
-                    table[b..=e].fill(node as u32);
                     stack.push(Pending {
-                        node,
+                        dest: Dest::Table(b, e),
                         region,
                         ids: std::mem::take(&mut lists[b]),
                         depth: 0,
                     });
                     b = e + 1;
                 }
-                tree.root = Some(RootTable {
-                    shape,
-                    slots: table,
-                });
                 worst_steps = 1;
             }
         }
         let table_step = worst_steps;
         while let Some(Pending {
-            node,
+            dest,
             region,
             ids,
             depth,
@@ -847,100 +867,110 @@ impl<A: Address> Builder<'_, A> {
             } else {
                 self.choose_cut(&region, &ids)
             };
-            let Some(cut) = cut else {
-                if ids.len() > self.limits.max_leaf.clamp(1, usize::from(u8::MAX)) {
-                    return None;
+            let made = match cut {
+                None => {
+                    if ids.len() > self.limits.max_leaf.clamp(1, LEAF_LEN_MAX)
+                        || tree.leaves.len() + ids.len() > LEAF_START_MAX
+                    {
+                        return None;
+                    }
+                    let bytes = ids.len() * std::mem::size_of::<LeafEntry<A>>();
+                    if !self.charge_memory(bytes) {
+                        return None;
+                    }
+                    let leaf = leaf_ref(tree.leaves.len(), ids.len());
+                    tree.leaves.extend(
+                        ids.iter()
+                            .map(|&i| LeafEntry::of(&self.rects[i as usize], i)),
+                    );
+                    worst_steps = worst_steps.max(table_step + depth + ids.len());
+                    tree.depth = tree.depth.max(depth);
+                    self.stats.nodes += 1;
+                    self.stats.max_depth = self.stats.max_depth.max(depth);
+                    self.stats.max_leaf = self.stats.max_leaf.max(ids.len());
+                    self.stats.leaf_entries += ids.len();
+                    leaf
                 }
-                let bytes = ids.len() * std::mem::size_of::<LeafEntry<A>>();
-                if !self.charge_memory(bytes) {
-                    return None;
+                Some(cut) => {
+                    if !self.charge_memory(std::mem::size_of::<Node<A>>())
+                        || tree.nodes.len() >= LEAF as usize
+                    {
+                        return None;
+                    }
+                    let index = tree.nodes.len();
+                    let mut thresholds = [A::MAX; FANOUT - 1];
+                    thresholds[..cut.thresholds.len()].copy_from_slice(&cut.thresholds);
+                    tree.nodes.push(Node {
+                        thresholds,
+                        children: [EMPTY; FANOUT],
+                        min_priority: u32::MAX,
+                        dim: cut.dim as u8,
+                        len: cut.thresholds.len() as u8,
+                    });
+                    self.stats.nodes += 1;
+                    let children = cut.thresholds.len() + 1;
+                    let d = cut.dim;
+                    for c in (0..children).rev() {
+                        let mut sub = region;
+                        if c > 0 {
+                            sub.lo[d] = cut.thresholds[c - 1];
+                        }
+                        if c + 1 < children {
+                            sub.hi[d] = cut.thresholds[c] - A::from(1);
+                        }
+                        let sub_ids: Vec<u32> = ids
+                            .iter()
+                            .copied()
+                            .filter(|&i| {
+                                let r = &self.rects[i as usize];
+                                r.lo[d] <= sub.hi[d] && sub.lo[d] <= r.hi[d]
+                            })
+                            .collect();
+                        stack.push(Pending {
+                            dest: Dest::Child(index, c),
+                            region: sub,
+                            ids: sub_ids,
+                            depth: depth + 1,
+                        });
+                    }
+                    index as Ref
                 }
-                tree.nodes[node] = Node::leaf(node, tree.leaves.len(), ids.len());
-                tree.leaves.extend(
-                    ids.iter()
-                        .map(|&i| LeafEntry::of(&self.rects[i as usize], i)),
-                );
-                worst_steps = worst_steps.max(table_step + depth + ids.len());
-                tree.depth = tree.depth.max(depth);
-                self.stats.max_depth = self.stats.max_depth.max(depth);
-                self.stats.max_leaf = self.stats.max_leaf.max(ids.len());
-                self.stats.leaf_entries += ids.len();
-                continue;
             };
-            let children = cut.thresholds.len() + 1;
-            let bytes = children * std::mem::size_of::<Node<A>>();
-            if !self.charge_memory(bytes) {
-                return None;
-            }
-            let first_child = tree.nodes.len();
-            let mut thresholds = [A::MAX; FANOUT - 1];
-            thresholds[..cut.thresholds.len()].copy_from_slice(&cut.thresholds);
-            tree.nodes[node] = Node {
-                thresholds,
-                child: first_child as u32,
-                leaf_start: 0,
-                min_priority: u32::MAX,
-                dim: cut.dim as u8,
-                len: cut.thresholds.len() as u8,
-                leaf_len: 0,
-                is_leaf: false,
-            };
-            tree.nodes
-                .extend((0..children).map(|c| Node::leaf(first_child + c, 0, 0)));
-            let d = cut.dim;
-            for c in (0..children).rev() {
-                let mut sub = region;
-                if c > 0 {
-                    sub.lo[d] = cut.thresholds[c - 1];
-                }
-                if c + 1 < children {
-                    sub.hi[d] = cut.thresholds[c] - A::from(1);
-                }
-                let sub_ids: Vec<u32> = ids
-                    .iter()
-                    .copied()
-                    .filter(|&i| {
-                        let r = &self.rects[i as usize];
-                        r.lo[d] <= sub.hi[d] && sub.lo[d] <= r.hi[d]
-                    })
-                    .collect();
-                stack.push(Pending {
-                    node: first_child + c,
-                    region: sub,
-                    ids: sub_ids,
-                    depth: depth + 1,
-                });
+            match dest {
+                Dest::Top => tree.top = made,
+                Dest::Table(b, e) => table[b..=e].fill(made),
+                Dest::Child(parent, c) => tree.nodes[parent].children[c] = made,
             }
         }
-        if !self.charge_memory(std::mem::size_of::<Node<A>>()) {
-            return None;
+        if let Some(shape) = shape {
+            tree.root = Some(RootTable {
+                shape,
+                slots: table,
+            });
         }
-        tree.dead = tree.nodes.len() as u32;
-        tree.nodes.push(Node::leaf(tree.nodes.len(), 0, 0));
         // Children come after their parent, so one backward pass sees every
         // child before its parent.
         for i in (0..tree.nodes.len()).rev() {
             let n = tree.nodes[i];
-            let min = if n.is_leaf {
-                tree.leaves
-                    .get(n.leaf_start as usize)
-                    .map(|e| e.priority)
-                    .filter(|_| n.leaf_len > 0)
-                    .unwrap_or(u32::MAX)
-            } else {
-                let first = n.child as usize;
-                tree.nodes[first..=first + usize::from(n.len)]
-                    .iter()
-                    .map(|c| c.min_priority)
-                    .min()
-                    .unwrap_or(u32::MAX)
-            };
+            let min = n.children[..=usize::from(n.len)]
+                .iter()
+                .map(|&r| {
+                    if r & LEAF != 0 {
+                        let (start, end) = leaf_range(r);
+                        tree.leaves[start..end]
+                            .first()
+                            .map_or(u32::MAX, |e| e.priority)
+                    } else {
+                        tree.nodes[r as usize].min_priority
+                    }
+                })
+                .min()
+                .unwrap_or(u32::MAX);
             tree.nodes[i].min_priority = min;
         }
         // memory_bytes counts lengths; make the allocations match.
         tree.nodes.shrink_to_fit();
         tree.leaves.shrink_to_fit();
-        self.stats.nodes += tree.nodes.len();
         self.stats.worst_case_steps += worst_steps;
         Some(tree)
     }
