@@ -215,10 +215,14 @@ fn agree<A: Family>(
     let keys: Vec<Key<A>> = keys.iter().map(|k| key(&entries, *k)).collect();
     let mut batch = vec![None; keys.len()];
     compiled.lookup_batch(&keys, &mut batch);
+    let bound = compiled.stats().worst_case_steps;
     for (k, b) in keys.iter().zip(batch) {
         let want = reference.lookup(k);
         prop_assert_eq!(compiled.lookup(k), want, "key {:?}", k);
         prop_assert_eq!(b, want, "batched key {:?}", k);
+        let (rule, steps) = compiled.lookup_steps(k);
+        prop_assert_eq!(rule, want, "counted key {:?}", k);
+        prop_assert!(steps <= bound, "{} steps > bound {}", steps, bound);
     }
     Ok(())
 }
@@ -335,4 +339,96 @@ proptest! {
             }
         }
     }
+}
+
+/// Entries of three kinds in a random order: exact source (wide elsewhere),
+/// exact destination port (wide addresses), and a destination /24 with a
+/// source-port range. Sources pinned against ports pinned is the cross
+/// product that one tree cannot hold within a small budget, so the build
+/// must partition; keys combine fields of different entries so that they
+/// match entries in several trees, often with the first match in a tree
+/// searched late (pruning by priority must never skip it).
+fn partitioned_set(kinds: &[(u8, u16)]) -> Vec<Entry<u32>> {
+    kinds
+        .iter()
+        .enumerate()
+        .map(|(i, &(kind, v))| {
+            let mut fields = Fields::any();
+            match kind % 3 {
+                0 => fields.src = Interval::single(u32::from(v) * 2),
+                1 => fields.dst_port = Interval::single(v % 2048),
+                _ => {
+                    let lo = u32::from(v % 64) << 8;
+                    fields.dst = Interval { lo, hi: lo | 0xff };
+                    fields.src_port = Interval {
+                        lo: v % 1000,
+                        hi: v % 1000 + 100,
+                    };
+                }
+            }
+            Entry {
+                fields,
+                rule: i as u32,
+            }
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn first_match_in_a_late_partition_is_found(
+        kinds in prop::collection::vec((any::<u8>(), 0u16..4096), 600..1500),
+        picks in prop::collection::vec((any::<usize>(), any::<usize>(), any::<usize>(), any::<u16>()), 300),
+    ) {
+        let entries = partitioned_set(&kinds);
+        let limits = BuildLimits { max_memory_bytes: 4 << 20, ..BuildLimits::default() };
+        let compiled = match Classifier::build_with(entries.clone(), &limits) {
+            Ok(c) => c,
+            Err(BuildError::TooComplex { .. }) => return Ok(()),
+            Err(e) => return Err(TestCaseError::fail(format!("build failed: {e}"))),
+        };
+        let st = compiled.stats();
+        prop_assert!(st.memory_bytes <= limits.max_memory_bytes);
+        let reference = LinearMatcher::new(entries.clone());
+        let n = entries.len();
+        let keys: Vec<Key<u32>> = picks
+            .iter()
+            .map(|&(a, b, c, noise)| {
+                let (fa, fb, fc) = (entries[a % n].fields, entries[b % n].fields, entries[c % n].fields);
+                Key {
+                    src: fa.src.lo.saturating_add(u32::from(noise) % 3).min(fa.src.hi),
+                    dst: fb.dst.lo.saturating_add(u32::from(noise)).min(fb.dst.hi),
+                    src_port: fb.src_port.lo.saturating_add(noise % 150).min(fb.src_port.hi),
+                    dst_port: fc.dst_port.lo,
+                    proto: 6,
+                }
+            })
+            .collect();
+        let mut batch = vec![None; keys.len()];
+        compiled.lookup_batch(&keys, &mut batch);
+        for (k, b) in keys.iter().zip(batch) {
+            let want = reference.lookup(k);
+            prop_assert_eq!(compiled.lookup(k), want, "key {:?} ({} trees)", k, st.trees);
+            prop_assert_eq!(b, want, "batched key {:?}", k);
+            let (rule, steps) = compiled.lookup_steps(k);
+            prop_assert_eq!(rule, want);
+            prop_assert!(steps <= st.worst_case_steps, "{} steps > bound {}", steps, st.worst_case_steps);
+        }
+    }
+}
+
+#[test]
+fn the_partitioned_set_really_partitions() {
+    let kinds: Vec<(u8, u16)> = (0..1200u16)
+        .map(|i| ((i % 3) as u8, i * 7 % 4096))
+        .collect();
+    let entries = partitioned_set(&kinds);
+    let limits = BuildLimits {
+        max_memory_bytes: 4 << 20,
+        ..BuildLimits::default()
+    };
+    let c = Classifier::build_with(entries, &limits).expect("builds partitioned");
+    assert!(c.stats().trees > 1, "{:?}", c.stats());
 }

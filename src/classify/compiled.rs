@@ -12,16 +12,24 @@
 //!   bits, as HiCuts/HyperCuts' equal-size cuts: one load instead of several
 //!   levels. Adjacent slots with
 //!   the same entries share a subtree.
-//! - **Internal nodes** cut their region along one dimension at up to seven
+//! - **Internal nodes** cut their region along one dimension at up to six
 //!   thresholds taken from entry endpoints and chosen to balance entries among
 //!   the children (HyperSplit's endpoint-based, rule-balanced splits, Qi et
 //!   al., INFOCOM 2009, made multiway to cut the depth as HyperCuts does). The
-//!   thresholds sit inside the node, so a step is one cache-line load and a
+//!   thresholds and the seven child references sit inside the node, which is
+//!   one 64-byte line for IPv4, so a step is one cache-line load and a
 //!   branch-free count. Each node also records the best priority below it.
-//! - **Leaves** hold at most a few entry indices in priority order, scanned
-//!   linearly. While building, a node drops every entry after one that covers
-//!   the node's whole region and (for short lists) every entry covered within
-//!   the region by an earlier one: those can never be the first match there.
+//! - **Leaves** hold at most a few entry copies (box and priority, 32 bytes
+//!   for IPv4) in priority order, scanned linearly until the first match.
+//!   A parent's reference to a leaf packs the leaf's start and length, so
+//!   the walk goes from the last internal node straight to the entries: per
+//!   tree the dependent loads are the root slot, the internal nodes on the
+//!   path, and the leaf's consecutive entries (measured: copying entries
+//!   into leaves and dropping leaf nodes each removed a dependent load and
+//!   together raised lookups/s by 10-50% on the ClassBench 10k sets). While
+//!   building, a node drops every entry after one that covers the node's
+//!   whole region and (for short lists) every entry covered within the
+//!   region by an earlier one: those can never be the first match there.
 //!
 //! One tree over everything is tried first. When it would replicate too much
 //! (the classic failure of decision trees on rule sets that mix wildcards in
@@ -45,10 +53,15 @@
 //!   by the built structure: at most, summed over the trees (at most five in
 //!   the default strategies, sixteen in the last fallbacks), one table load
 //!   plus `depth` node steps plus one leaf scan, with depth and leaf size
-//!   capped while building ([`BuildLimits`]) and the actual bound reported by
-//!   [`Classifier::stats`] (`worst_case_steps`). No key can take a longer path
-//!   than the longest one that exists, and nothing changes at lookup time:
-//!   there is no cache for traffic to pollute.
+//!   capped while building ([`BuildLimits`]: depth 24, leaf 32 by default,
+//!   so never more than 16 × (1 + 24 + 32) = 912 steps, each one cache-line
+//!   load and a few compares) and the actual bound of a built structure
+//!   reported by [`Classifier::stats`] (`worst_case_steps`; 13 to 48 on the
+//!   ClassBench 10k sets). [`Classifier::lookup_steps`] counts the steps of
+//!   one lookup and the tests check the bound on every key. No key can take
+//!   a longer path than the longest one that exists, priority pruning only
+//!   shortens paths, and nothing changes at lookup time: there is no cache
+//!   for traffic to pollute.
 //! - RFC and the cross-producting schemes have a fixed small number of memory
 //!   accesses but a table size that explodes on ClassBench firewall sets.
 //! - Bit-vector schemes have bounded lookups but cost `N/64` words per field
@@ -140,8 +153,9 @@ pub struct ClassifierStats {
 }
 
 const DIMS: usize = 5;
-/// Most children of an internal node.
-const FANOUT: usize = 8;
+/// Most children of an internal node (six thresholds and seven child
+/// references fit one cache line with the node's other fields for IPv4).
+const FANOUT: usize = 7;
 /// Keys a batched lookup walks in lockstep.
 const BATCH: usize = 8;
 
@@ -186,16 +200,6 @@ impl<A: Address> Rect<A> {
         }
     }
 
-    #[inline(always)]
-    fn contains(&self, p: &[A; DIMS]) -> bool {
-        // Non-short-circuiting: five compares are cheaper than five branches.
-        let mut ok = true;
-        for ((lo, hi), v) in self.lo.iter().zip(&self.hi).zip(p) {
-            ok &= (lo <= v) & (v <= hi);
-        }
-        ok
-    }
-
     fn covers(&self, other: &Self) -> bool {
         (0..DIMS).all(|d| self.lo[d] <= other.lo[d] && other.hi[d] <= self.hi[d])
     }
@@ -210,73 +214,129 @@ impl<A: Address> Rect<A> {
     }
 }
 
-/// One node of a tree. Internal: `dim` is the dimension, the first `len`
-/// thresholds are in use (the rest hold `A::MAX`), and the children are the
-/// `len + 1` nodes from `child`. Thresholds are inline and fixed in number so
-/// that a step is one cache-line load and a branch-free count.
-///
-/// A leaf holds `leaf_len` entries at `leaves[leaf_start..]` and steps to
-/// itself (`len == 0`, `child` = its own index), so batched lookups can walk
-/// every key the same number of steps without branching.
+/// A reference to a child: an internal node's index, or (with [`LEAF`]
+/// set) a leaf's entries, `len` of them from `start`, packed as
+/// `LEAF | len << LEAF_LEN_SHIFT | start`. A parent names its leaves
+/// directly, so reaching a leaf costs no load of its own: the walk goes from
+/// the last internal node straight to the entries.
+type Ref = u32;
+/// Marks a [`Ref`] to a leaf.
+const LEAF: Ref = 1 << 31;
+/// Where a leaf reference keeps its length (7 bits).
+const LEAF_LEN_SHIFT: u32 = 24;
+/// Most entries a leaf reference can name.
+const LEAF_LEN_MAX: usize = (1 << (31 - LEAF_LEN_SHIFT)) - 1;
+/// Most leaf entries (of a tree) a leaf reference can start at.
+const LEAF_START_MAX: usize = 1 << LEAF_LEN_SHIFT;
+/// The empty leaf: matches nothing.
+const EMPTY: Ref = LEAF;
+
+fn leaf_ref(start: usize, len: usize) -> Ref {
+    debug_assert!(len <= LEAF_LEN_MAX && start + len <= LEAF_START_MAX);
+    LEAF | (len as u32) << LEAF_LEN_SHIFT | start as u32
+}
+
+/// The entry range `start..end` a leaf reference names.
+#[inline(always)]
+fn leaf_range(r: Ref) -> (usize, usize) {
+    let start = (r & ((1 << LEAF_LEN_SHIFT) - 1)) as usize;
+    let len = ((r & !LEAF) >> LEAF_LEN_SHIFT) as usize;
+    (start, start + len)
+}
+
+/// An internal node of a tree: `dim` is the dimension, the first `len`
+/// thresholds are in use (the rest hold `A::MAX`), and `children[..=len]`
+/// are the references of the `len + 1` parts. Thresholds and children are
+/// inline and fixed in number so that a step is one cache-line load (for
+/// IPv4) and a branch-free count.
 #[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
 struct Node<A> {
     thresholds: [A; FANOUT - 1],
-    child: u32,
-    leaf_start: u32,
+    children: [Ref; FANOUT],
     /// The smallest entry index (best priority) anywhere below this node: a
     /// lookup that already holds a better match stops here.
     min_priority: u32,
     dim: u8,
     len: u8,
-    leaf_len: u8,
-    is_leaf: bool,
 }
 
 impl<A: Address> Node<A> {
-    fn leaf(index: usize, start: usize, len: usize) -> Self {
-        Node {
-            thresholds: [A::MAX; FANOUT - 1],
-            child: index as u32,
-            leaf_start: start as u32,
-            min_priority: u32::MAX,
-            dim: 0,
-            len: 0,
-            leaf_len: len as u8,
-            is_leaf: true,
+    /// The reference of the child holding `p`.
+    #[inline(always)]
+    fn step(&self, p: &[A; DIMS]) -> Ref {
+        let v = p[usize::from(self.dim)];
+        let mut idx = 0usize;
+        for &t in &self.thresholds {
+            idx += usize::from(v >= t);
+        }
+        // Unused thresholds are A::MAX, which a key at A::MAX reaches.
+        self.children[idx.min(usize::from(self.len))]
+    }
+}
+
+/// One entry copy in a leaf: the entry's box in the fields' own widths and
+/// its priority. Leaves hold copies rather than indices so that a leaf scan
+/// reads consecutive memory the node already pointed at, instead of one
+/// more dependent load per entry (32 bytes a copy for IPv4).
+#[derive(Debug, Clone, Copy)]
+struct LeafEntry<A> {
+    src: [A; 2],
+    dst: [A; 2],
+    src_port: [u16; 2],
+    dst_port: [u16; 2],
+    priority: u32,
+    proto: [u8; 2],
+}
+
+impl<A: Address> LeafEntry<A> {
+    fn of(r: &Rect<A>, priority: u32) -> Self {
+        // Rect bounds of ports and protocol came from u16 and u8 values.
+        let narrow = |v: A| v.low_u32() as u16;
+        LeafEntry {
+            src: [r.lo[0], r.hi[0]],
+            dst: [r.lo[1], r.hi[1]],
+            src_port: [narrow(r.lo[2]), narrow(r.hi[2])],
+            dst_port: [narrow(r.lo[3]), narrow(r.hi[3])],
+            priority,
+            proto: [narrow(r.lo[4]) as u8, narrow(r.hi[4]) as u8],
         }
     }
 
-    /// The index of the child holding `p` (of itself for a leaf).
     #[inline(always)]
-    fn step(&self, p: &[A; DIMS]) -> u32 {
-        let v = p[usize::from(self.dim)];
-        let mut idx = 0u32;
-        for &t in &self.thresholds {
-            idx += u32::from(v >= t);
-        }
-        // Unused thresholds are A::MAX, which a key at A::MAX reaches.
-        self.child + idx.min(u32::from(self.len))
+    fn contains(&self, k: &Key<A>) -> bool {
+        // Non-short-circuiting: ten compares are cheaper than ten branches.
+        (self.src[0] <= k.src)
+            & (k.src <= self.src[1])
+            & (self.dst[0] <= k.dst)
+            & (k.dst <= self.dst[1])
+            & (self.src_port[0] <= k.src_port)
+            & (k.src_port <= self.src_port[1])
+            & (self.dst_port[0] <= k.dst_port)
+            & (k.dst_port <= self.dst_port[1])
+            & (self.proto[0] <= k.proto)
+            & (k.proto <= self.proto[1])
     }
 }
 
 #[derive(Debug, Clone)]
 struct Tree<A> {
+    /// Internal nodes; a child's index is above its parent's.
     nodes: Vec<Node<A>>,
-    /// Leaf contents: entry indices (= priorities), ascending within a leaf.
-    /// Indices rather than copies keep replication cheap: 4 bytes a copy.
-    leaves: Vec<u32>,
+    /// Leaf contents: entry copies, ascending priority within a leaf.
+    leaves: Vec<LeafEntry<A>>,
     /// The smallest priority of any entry in the tree.
     best_priority: u32,
     /// The most internal nodes on any path below the root table.
     depth: usize,
-    /// An empty leaf where batched lanes that cannot improve wait.
-    dead: u32,
+    /// Where lookups start when there is no root table.
+    top: Ref,
     /// A direct-indexed first level, when the entries spread well on a few
     /// top bits of one field.
     root: Option<RootTable>,
 }
 
-/// The first level of a tree: the node to start from, indexed by the top
+/// The first level of a tree: the reference to start from, indexed by the top
 /// bits of one or two fields (`slots[(a >> shift_a) << bits_b | b >> shift_b]`).
 /// It replaces several levels of thresholds with one load; adjacent slots
 /// (in one row) with the same entries share a subtree.
@@ -344,49 +404,47 @@ fn dim_bits<A: Address>(d: usize) -> u32 {
 }
 
 impl<A: Address> Tree<A> {
-    /// The node a lookup of `p` starts from.
+    /// The reference a lookup of `p` starts from.
     #[inline(always)]
-    fn start(&self, p: &[A; DIMS]) -> u32 {
+    fn start(&self, p: &[A; DIMS]) -> Ref {
         match &self.root {
             Some(r) => r.slots[r.shape.slot(p)],
-            None => 0,
+            None => self.top,
         }
     }
 
-    /// The first entry in the tree containing `p` whose priority is below
-    /// `bound`, as (priority, rule).
+    /// The priority of the first entry in the tree containing the key (`k`,
+    /// and `p` as a point) when below `bound`; else `bound`.
     #[inline(always)]
-    fn lookup(&self, rects: &[Rect<A>], p: &[A; DIMS], bound: u32) -> Option<u32> {
-        let mut node = &self.nodes[self.start(p) as usize];
-        while !node.is_leaf {
+    fn lookup(&self, k: &Key<A>, p: &[A; DIMS], bound: u32) -> u32 {
+        let mut at = self.start(p);
+        while at & LEAF == 0 {
+            let node = &self.nodes[at as usize];
             if node.min_priority >= bound {
-                return None;
+                return bound;
             }
-            node = &self.nodes[node.step(p) as usize];
+            at = node.step(p);
         }
-        self.leaf_match(rects, node, p, bound)
+        self.leaf_match(at, k, bound)
     }
 
+    /// The priority of the first entry of the leaf `leaf` containing `k`,
+    /// when below `bound`; else `bound`. (A branch-free scan of the whole
+    /// leaf measured slower than stopping at the first match.)
     #[inline(always)]
-    fn leaf_match(
-        &self,
-        rects: &[Rect<A>],
-        node: &Node<A>,
-        p: &[A; DIMS],
-        bound: u32,
-    ) -> Option<u32> {
-        let start = node.leaf_start as usize;
-        self.leaves[start..start + usize::from(node.leaf_len)]
+    fn leaf_match(&self, leaf: Ref, k: &Key<A>, bound: u32) -> u32 {
+        let (start, end) = leaf_range(leaf);
+        self.leaves[start..end]
             .iter()
-            .copied()
-            .take_while(|&i| i < bound)
-            .find(|&i| rects[i as usize].contains(p))
+            .take_while(|e| e.priority < bound)
+            .find(|e| e.contains(k))
+            .map_or(bound, |e| e.priority)
     }
 
     fn memory_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
             + self.nodes.len() * std::mem::size_of::<Node<A>>()
-            + self.leaves.len() * std::mem::size_of::<u32>()
+            + self.leaves.len() * std::mem::size_of::<LeafEntry<A>>()
             + self
                 .root
                 .as_ref()
@@ -399,8 +457,7 @@ impl<A: Address> Tree<A> {
 pub struct Classifier<A> {
     /// Trees in ascending order of their best priority.
     trees: Vec<Tree<A>>,
-    /// Entry boxes and rules, indexed by priority.
-    rects: Vec<Rect<A>>,
+    /// Rules, indexed by priority.
     rules: Vec<RuleId>,
     len: usize,
     stats: ClassifierStats,
@@ -428,8 +485,7 @@ impl<A: Address> Classifier<A> {
                 continue;
             }
             let groups = partition(&rects, strategy.partition);
-            let shared = rects.len() * std::mem::size_of::<Rect<A>>()
-                + rules.len() * std::mem::size_of::<RuleId>();
+            let shared = rules.len() * std::mem::size_of::<RuleId>();
             let mut builder = Builder {
                 rects: &rects,
                 limits,
@@ -455,12 +511,10 @@ impl<A: Address> Classifier<A> {
                 stats.trees = trees.len();
                 stats.build_work = limits.max_work - work_left;
                 stats.memory_bytes = std::mem::size_of::<Self>()
-                    + rects.len() * std::mem::size_of::<Rect<A>>()
                     + rules.len() * std::mem::size_of::<RuleId>()
                     + trees.iter().map(Tree::memory_bytes).sum::<usize>();
                 return Ok(Classifier {
                     trees,
-                    rects,
                     rules,
                     len: entries.len(),
                     stats,
@@ -504,11 +558,47 @@ impl<A: Address> Classifier<A> {
                 // Trees are sorted by best priority: none further can win.
                 break;
             }
-            if let Some(priority) = tree.lookup(&self.rects, &p, best) {
-                best = priority;
-            }
+            best = tree.lookup(key, &p, best);
         }
         self.rules.get(best as usize).copied()
+    }
+
+    /// [`lookup`](Self::lookup), also counting its steps the way
+    /// [`ClassifierStats::worst_case_steps`] bounds them: root-table loads,
+    /// internal nodes and leaf entries examined, summed over the trees it
+    /// enters. For tests and analysis (the bound must hold for every key);
+    /// it walks the same path as `lookup`, with the same pruning.
+    pub fn lookup_steps(&self, key: &Key<A>) -> (Option<RuleId>, usize) {
+        let p = point(key);
+        let mut best = u32::MAX;
+        let mut steps = 0;
+        'trees: for tree in &self.trees {
+            if tree.best_priority >= best {
+                break;
+            }
+            steps += usize::from(tree.root.is_some());
+            let mut at = tree.start(&p);
+            while at & LEAF == 0 {
+                let node = &tree.nodes[at as usize];
+                if node.min_priority >= best {
+                    continue 'trees;
+                }
+                steps += 1;
+                at = node.step(&p);
+            }
+            let (start, end) = leaf_range(at);
+            for e in &tree.leaves[start..end] {
+                if e.priority >= best {
+                    break;
+                }
+                steps += 1;
+                if e.contains(key) {
+                    best = e.priority;
+                    break;
+                }
+            }
+        }
+        (self.rules.get(best as usize).copied(), steps)
     }
 
     /// Classifies many keys at once: `out[i]` gets the rule of `keys[i]`, the
@@ -535,31 +625,33 @@ impl<A: Address> Classifier<A> {
             if best[..n].iter().all(|&b| tree.best_priority >= b) {
                 continue;
             }
-            let mut at = [0u32; BATCH];
+            let mut at = [EMPTY; BATCH];
             for (a, p) in at[..n].iter_mut().zip(&points) {
                 *a = tree.start(p);
             }
-            // Leaves step to themselves, so lanes that arrived early wait
-            // without branching; stop once every lane is at a leaf. A lane
-            // whose subtree cannot beat its match moves to the empty leaf.
-            let dead = tree.dead;
+            // Every lane still at an internal node takes one step per round,
+            // so the loads of different lanes overlap; stop once every lane
+            // is at a leaf. A lane whose subtree cannot beat its match moves
+            // to the empty leaf.
             for _ in 0..tree.depth {
                 let mut moving = false;
                 for ((a, p), &b) in at[..n].iter_mut().zip(&points).zip(&best) {
-                    let node = &tree.nodes[*a as usize];
-                    moving |= !node.is_leaf;
-                    let next = node.step(p);
-                    *a = if node.min_priority >= b { dead } else { next };
+                    if *a & LEAF == 0 {
+                        let node = &tree.nodes[*a as usize];
+                        *a = if node.min_priority >= b {
+                            EMPTY
+                        } else {
+                            node.step(p)
+                        };
+                        moving = true;
+                    }
                 }
                 if !moving {
                     break;
                 }
             }
             for j in 0..n {
-                let node = &tree.nodes[at[j] as usize];
-                if let Some(priority) = tree.leaf_match(&self.rects, node, &points[j], best[j]) {
-                    best[j] = priority;
-                }
+                best[j] = tree.leaf_match(at[j], &keys[j], best[j]);
             }
         }
         for (o, b) in out[..n].iter_mut().zip(best) {
@@ -673,9 +765,20 @@ fn partition<A: Address>(rects: &[Rect<A>], how: Partition) -> Vec<Vec<u32>> {
     groups
 }
 
+/// Where the reference of a finished node or leaf goes.
+#[derive(Debug, Clone, Copy)]
+enum Dest {
+    /// The tree's start, when it has no root table.
+    Top,
+    /// Root-table slots `.0..=.1`.
+    Table(usize, usize),
+    /// Child `.1` of internal node `.0`.
+    Child(usize, usize),
+}
+
 /// A node still to be built.
 struct Pending<A> {
-    node: usize,
+    dest: Dest,
     region: Rect<A>,
     ids: Vec<u32>,
     depth: usize,
@@ -722,30 +825,32 @@ impl<A: Address> Builder<'_, A> {
     /// hit.
     fn tree(&mut self, ids: Vec<u32>) -> Option<Tree<A>> {
         let mut tree = Tree {
-            nodes: vec![Node::leaf(0, 0, 0)],
+            nodes: Vec::new(),
             leaves: Vec::new(),
             best_priority: ids.first().copied().unwrap_or(u32::MAX),
             depth: 0,
-            dead: 0,
+            top: EMPTY,
             root: None,
         };
-        if !self.charge_memory(std::mem::size_of::<Tree<A>>() + std::mem::size_of::<Node<A>>()) {
+        if !self.charge_memory(std::mem::size_of::<Tree<A>>()) {
             return None;
         }
         let mut worst_steps = 0;
         let universe = Rect::universe();
         let ids = self.prune(&universe, ids);
         let mut stack = Vec::new();
-        match self.choose_root(&ids) {
+        let mut table: Vec<Ref> = Vec::new();
+        let shape = self.choose_root(&ids);
+        match shape {
             None => stack.push(Pending {
-                node: 0,
+                dest: Dest::Top,
                 region: universe,
                 ids,
                 depth: 0,
             }),
             Some(shape) => {
                 let slots = 1usize << shape.total_bits();
-                if !self.charge_memory(slots * std::mem::size_of::<u32>()) {
+                if !self.charge_memory(slots * std::mem::size_of::<Ref>()) {
                     return None;
                 }
                 let mut lists: Vec<Vec<u32>> = vec![Vec::new(); slots];
@@ -761,7 +866,7 @@ impl<A: Address> Builder<'_, A> {
                         }
                     }
                 }
-                let mut table = vec![0u32; slots];
+                table = vec![EMPTY; slots];
                 let row = 1usize << shape.bits[1];
                 let mut b = 0;
                 while b < slots {
@@ -776,11 +881,6 @@ impl<A: Address> Builder<'_, A> {
                             e += 1;
                         }
                     }
-                    if !self.charge_memory(std::mem::size_of::<Node<A>>()) {
-                        return None;
-                    }
-                    let node = tree.nodes.len();
-                    tree.nodes.push(Node::leaf(node, 0, 0));
                     let mut region = universe;
                     if shape.bits[1] == 0 {
                         shape.range(0, b, e, &mut region);
@@ -788,25 +888,20 @@ impl<A: Address> Builder<'_, A> {
                         shape.range(0, b / row, b / row, &mut region);
                         shape.range(1, b % row, e % row, &mut region);
                     }
-                    table[b..=e].fill(node as u32);
                     stack.push(Pending {
-                        node,
+                        dest: Dest::Table(b, e),
                         region,
                         ids: std::mem::take(&mut lists[b]),
                         depth: 0,
                     });
                     b = e + 1;
                 }
-                tree.root = Some(RootTable {
-                    shape,
-                    slots: table,
-                });
                 worst_steps = 1;
             }
         }
         let table_step = worst_steps;
         while let Some(Pending {
-            node,
+            dest,
             region,
             ids,
             depth,
@@ -823,97 +918,110 @@ impl<A: Address> Builder<'_, A> {
             } else {
                 self.choose_cut(&region, &ids)
             };
-            let Some(cut) = cut else {
-                if ids.len() > self.limits.max_leaf.clamp(1, usize::from(u8::MAX)) {
-                    return None;
+            let made = match cut {
+                None => {
+                    if ids.len() > self.limits.max_leaf.clamp(1, LEAF_LEN_MAX)
+                        || tree.leaves.len() + ids.len() > LEAF_START_MAX
+                    {
+                        return None;
+                    }
+                    let bytes = ids.len() * std::mem::size_of::<LeafEntry<A>>();
+                    if !self.charge_memory(bytes) {
+                        return None;
+                    }
+                    let leaf = leaf_ref(tree.leaves.len(), ids.len());
+                    tree.leaves.extend(
+                        ids.iter()
+                            .map(|&i| LeafEntry::of(&self.rects[i as usize], i)),
+                    );
+                    worst_steps = worst_steps.max(table_step + depth + ids.len());
+                    tree.depth = tree.depth.max(depth);
+                    self.stats.nodes += 1;
+                    self.stats.max_depth = self.stats.max_depth.max(depth);
+                    self.stats.max_leaf = self.stats.max_leaf.max(ids.len());
+                    self.stats.leaf_entries += ids.len();
+                    leaf
                 }
-                let bytes = ids.len() * std::mem::size_of::<u32>();
-                if !self.charge_memory(bytes) {
-                    return None;
+                Some(cut) => {
+                    if !self.charge_memory(std::mem::size_of::<Node<A>>())
+                        || tree.nodes.len() >= LEAF as usize
+                    {
+                        return None;
+                    }
+                    let index = tree.nodes.len();
+                    let mut thresholds = [A::MAX; FANOUT - 1];
+                    thresholds[..cut.thresholds.len()].copy_from_slice(&cut.thresholds);
+                    tree.nodes.push(Node {
+                        thresholds,
+                        children: [EMPTY; FANOUT],
+                        min_priority: u32::MAX,
+                        dim: cut.dim as u8,
+                        len: cut.thresholds.len() as u8,
+                    });
+                    self.stats.nodes += 1;
+                    let children = cut.thresholds.len() + 1;
+                    let d = cut.dim;
+                    for c in (0..children).rev() {
+                        let mut sub = region;
+                        if c > 0 {
+                            sub.lo[d] = cut.thresholds[c - 1];
+                        }
+                        if c + 1 < children {
+                            sub.hi[d] = cut.thresholds[c] - A::from(1);
+                        }
+                        let sub_ids: Vec<u32> = ids
+                            .iter()
+                            .copied()
+                            .filter(|&i| {
+                                let r = &self.rects[i as usize];
+                                r.lo[d] <= sub.hi[d] && sub.lo[d] <= r.hi[d]
+                            })
+                            .collect();
+                        stack.push(Pending {
+                            dest: Dest::Child(index, c),
+                            region: sub,
+                            ids: sub_ids,
+                            depth: depth + 1,
+                        });
+                    }
+                    index as Ref
                 }
-                tree.nodes[node] = Node::leaf(node, tree.leaves.len(), ids.len());
-                tree.leaves.extend_from_slice(&ids);
-                worst_steps = worst_steps.max(table_step + depth + ids.len());
-                tree.depth = tree.depth.max(depth);
-                self.stats.max_depth = self.stats.max_depth.max(depth);
-                self.stats.max_leaf = self.stats.max_leaf.max(ids.len());
-                self.stats.leaf_entries += ids.len();
-                continue;
             };
-            let children = cut.thresholds.len() + 1;
-            let bytes = children * std::mem::size_of::<Node<A>>();
-            if !self.charge_memory(bytes) {
-                return None;
-            }
-            let first_child = tree.nodes.len();
-            let mut thresholds = [A::MAX; FANOUT - 1];
-            thresholds[..cut.thresholds.len()].copy_from_slice(&cut.thresholds);
-            tree.nodes[node] = Node {
-                thresholds,
-                child: first_child as u32,
-                leaf_start: 0,
-                min_priority: u32::MAX,
-                dim: cut.dim as u8,
-                len: cut.thresholds.len() as u8,
-                leaf_len: 0,
-                is_leaf: false,
-            };
-            tree.nodes
-                .extend((0..children).map(|c| Node::leaf(first_child + c, 0, 0)));
-            let d = cut.dim;
-            for c in (0..children).rev() {
-                let mut sub = region;
-                if c > 0 {
-                    sub.lo[d] = cut.thresholds[c - 1];
-                }
-                if c + 1 < children {
-                    sub.hi[d] = cut.thresholds[c] - A::from(1);
-                }
-                let sub_ids: Vec<u32> = ids
-                    .iter()
-                    .copied()
-                    .filter(|&i| {
-                        let r = &self.rects[i as usize];
-                        r.lo[d] <= sub.hi[d] && sub.lo[d] <= r.hi[d]
-                    })
-                    .collect();
-                stack.push(Pending {
-                    node: first_child + c,
-                    region: sub,
-                    ids: sub_ids,
-                    depth: depth + 1,
-                });
+            match dest {
+                Dest::Top => tree.top = made,
+                Dest::Table(b, e) => table[b..=e].fill(made),
+                Dest::Child(parent, c) => tree.nodes[parent].children[c] = made,
             }
         }
-        if !self.charge_memory(std::mem::size_of::<Node<A>>()) {
-            return None;
+        if let Some(shape) = shape {
+            tree.root = Some(RootTable {
+                shape,
+                slots: table,
+            });
         }
-        tree.dead = tree.nodes.len() as u32;
-        tree.nodes.push(Node::leaf(tree.nodes.len(), 0, 0));
         // Children come after their parent, so one backward pass sees every
         // child before its parent.
         for i in (0..tree.nodes.len()).rev() {
             let n = tree.nodes[i];
-            let min = if n.is_leaf {
-                tree.leaves
-                    .get(n.leaf_start as usize)
-                    .copied()
-                    .filter(|_| n.leaf_len > 0)
-                    .unwrap_or(u32::MAX)
-            } else {
-                let first = n.child as usize;
-                tree.nodes[first..=first + usize::from(n.len)]
-                    .iter()
-                    .map(|c| c.min_priority)
-                    .min()
-                    .unwrap_or(u32::MAX)
-            };
+            let min = n.children[..=usize::from(n.len)]
+                .iter()
+                .map(|&r| {
+                    if r & LEAF != 0 {
+                        let (start, end) = leaf_range(r);
+                        tree.leaves[start..end]
+                            .first()
+                            .map_or(u32::MAX, |e| e.priority)
+                    } else {
+                        tree.nodes[r as usize].min_priority
+                    }
+                })
+                .min()
+                .unwrap_or(u32::MAX);
             tree.nodes[i].min_priority = min;
         }
         // memory_bytes counts lengths; make the allocations match.
         tree.nodes.shrink_to_fit();
         tree.leaves.shrink_to_fit();
-        self.stats.nodes += tree.nodes.len();
         self.stats.worst_case_steps += worst_steps;
         Some(tree)
     }
