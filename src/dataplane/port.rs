@@ -204,11 +204,22 @@ fn packet_socket() -> io::Result<socket2::Socket> {
         SockFilter::new(0x06, 0, 0, 0),
     ];
     socket.attach_filter(&program)?;
-    socket.set_recv_buffer_size(4 << 20)?;
-    socket.set_send_buffer_size(4 << 20)?;
+    // Room for a burst of 64 KiB super-frames. The forced variants pass
+    // the net.core.{r,w}mem_max caps (often 208 KiB), which the filter may
+    // do since it holds CAP_NET_ADMIN to open the socket at all.
+    let size = SOCKET_BUFFER;
+    if rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, size).is_err() {
+        socket.set_recv_buffer_size(size)?;
+    }
+    if rustix::net::sockopt::set_socket_send_buffer_size_force(&socket, size).is_err() {
+        socket.set_send_buffer_size(size)?;
+    }
     crate::sys::enable_auxdata(socket.as_fd())?;
     Ok(socket)
 }
+
+/// Each port socket's receive and send buffer.
+const SOCKET_BUFFER: usize = 16 << 20;
 
 /// Frames a batched port reads per call.
 const BATCH: usize = 32;
