@@ -2,15 +2,14 @@
 //! `unsafe` block in palisade lives here, each with its `SAFETY:` reasoning.
 //!
 //! - [`default_sigpipe`]: one-shot commands die quietly on a closed pipe.
-//! - [`recv_frame`]: a frame from an `AF_PACKET` socket with its VLAN tag
-//!   put back. The kernel strips a received 802.1Q tag into the packet's
-//!   metadata (VLAN receive offload) and reports it only as `PACKET_AUXDATA`
-//!   ancillary data, which pnet does not read; a bridge that ignored it
-//!   would forward tagged frames untagged.
 //! - [`recv_frames`] / [`send_frames`]: many frames per system call
-//!   (`recvmmsg`/`sendmmsg`) for the filter's raw ports, with the same
-//!   ancillary data per frame; [`bind_packet`], [`set_promiscuous`] and
-//!   [`set_packet_option`] set such a socket up.
+//!   (`recvmmsg`/`sendmmsg`) for the filter's ports, each received frame
+//!   with its VLAN tag. The kernel strips a received 802.1Q tag into the
+//!   packet's metadata (VLAN receive offload) and reports it only as
+//!   `PACKET_AUXDATA` ancillary data, which pnet does not read; a bridge
+//!   that ignored it would forward tagged frames untagged.
+//!   [`bind_packet`], [`set_promiscuous`] and [`set_packet_option`] set
+//!   such a socket up.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -255,75 +254,4 @@ pub fn send_frames(fd: BorrowedFd<'_>, frames: &[[&[u8]; 2]]) -> io::Result<usiz
     } else {
         Ok(r as usize)
     }
-}
-
-/// Receives one frame into `buf` (leaving room for a tag) and returns its
-/// length with any offloaded VLAN tag re-inserted after the MAC addresses:
-/// a length over `buf.len()` when the frame did not fit and was cut.
-/// `Ok(None)` when no frame was waiting.
-pub fn recv_frame(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    if buf.len() < 64 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "buffer too small",
-        ));
-    }
-    // Keep 4 bytes free for a tag.
-    let room = buf.len() - 4;
-    let mut control = [0u64; 16];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: room,
-    };
-    // SAFETY: an all-zero msghdr is a valid empty message header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control) as _;
-    // SAFETY: `msg` points at `iov` (which covers `room` bytes of `buf`) and
-    // at `control`, all alive and exclusively borrowed for the call; the
-    // kernel writes at most those lengths.
-    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_TRUNC) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => {
-                Ok(None)
-            }
-            _ => Err(e),
-        };
-    }
-    if n as usize > room {
-        return Ok(Some(buf.len() + 1));
-    }
-    let mut len = n as usize;
-    let mut aux = None;
-    // SAFETY: `msg` was filled by a successful recvmsg; CMSG_FIRSTHDR and
-    // CMSG_NXTHDR only return headers inside `msg_control[..msg_controllen]`,
-    // and the auxdata payload is read unaligned by value.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_PACKET
-                && (*c).cmsg_type == PACKET_AUXDATA
-                && (*c).cmsg_len as usize
-                    >= libc::CMSG_LEN(std::mem::size_of::<TpacketAuxdata>() as u32) as usize
-            {
-                aux = Some(std::ptr::read_unaligned(
-                    libc::CMSG_DATA(c) as *const TpacketAuxdata
-                ));
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    if let Some((tpid, tci)) = aux.as_ref().and_then(vlan_of) {
-        if len >= 12 {
-            buf.copy_within(12..len, 16);
-            buf[12..14].copy_from_slice(&tpid.to_be_bytes());
-            buf[14..16].copy_from_slice(&tci.to_be_bytes());
-            len += 4;
-        }
-    }
-    Ok(Some(len))
 }

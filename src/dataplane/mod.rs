@@ -538,17 +538,17 @@ pub fn forward_loop(
             }
         };
         // Decide the whole batch, then send what passed in one go.
-        let frames = (0..n).filter_map(|i| match rx.frame(i) {
-            Some(f) => Some(f),
-            None => {
-                engine.drop(DropReason::Oversize, None, 0);
-                None
-            }
-        });
         let mut out = Vec::with_capacity(n);
-        for f in frames {
-            if engine.handle_frame(ingress, f.data, f.segments()) == Disposition::Forward {
-                out.push(f);
+        for i in 0..n {
+            match rx.frame(i) {
+                None => {
+                    engine.drop(DropReason::Oversize, None, 0);
+                }
+                Some(f) => {
+                    if engine.handle_frame(ingress, f.data, f.segments()) == Disposition::Forward {
+                        out.push(f);
+                    }
+                }
             }
         }
         if !out.is_empty() {

@@ -16,11 +16,12 @@
 //!   gro off gso off tso off`), since a super-frame cannot be sent whole.
 //! - [`mem_wire`]: in memory, for tests.
 //!
-//! Both socket kinds carry a classic BPF filter that refuses frames of type
-//! `PACKET_OUTGOING`, because a packet socket otherwise also reads every
-//! frame the filter itself transmits on that interface, and a bridge that
-//! reads its own output forwards it again, forever. Both restore VLAN tags
-//! the kernel moved into the packet's metadata.
+//! Both socket kinds read frames with [`PacketRx`], which restores VLAN
+//! tags the kernel moved into the packet's metadata, and carry a classic
+//! BPF filter that refuses frames of type `PACKET_OUTGOING`, because a
+//! packet socket otherwise also reads every frame the filter itself
+//! transmits on that interface, and a bridge that reads its own output
+//! forwards it again, forever.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -44,16 +45,28 @@ impl Offload {
         self.0[1]
     }
 
+    fn needs_csum(&self) -> bool {
+        self.0[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0
+    }
+
+    /// The little-endian field at byte `at`: 2 header length, 4 segment
+    /// size, 6 checksum start.
+    fn field(&self, at: usize) -> u16 {
+        u16::from_le_bytes([self.0[at], self.0[at + 1]])
+    }
+
+    fn set_field(&mut self, at: usize, v: u16) {
+        self.0[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    }
+
     /// The same metadata for the frame with a 4-byte tag inserted before
     /// the checksummed part: the checksum starts 4 bytes later.
     fn shifted(mut self, by: u16) -> Offload {
-        if self.0[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-            let start = u16::from_le_bytes([self.0[6], self.0[7]]).saturating_add(by);
-            self.0[6..8].copy_from_slice(&start.to_le_bytes());
+        if self.needs_csum() {
+            self.set_field(6, self.field(6).saturating_add(by));
         }
-        if self.0[1] != 0 {
-            let hdr = u16::from_le_bytes([self.0[2], self.0[3]]).saturating_add(by);
-            self.0[2..4].copy_from_slice(&hdr.to_le_bytes());
+        if self.gso_type() != 0 {
+            self.set_field(2, self.field(2).saturating_add(by));
         }
         self
     }
@@ -72,14 +85,14 @@ impl Frame<'_> {
     /// ordinary frame; for a segment-offload super-frame, its payload
     /// divided into segments of the offload's segment size.
     pub fn segments(&self) -> (u64, usize) {
-        let o = &self.offload.0;
-        let gso_size = usize::from(u16::from_le_bytes([o[4], o[5]]));
-        if o[1] == 0 || gso_size == 0 || o[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 {
+        let o = &self.offload;
+        let gso_size = usize::from(o.field(4));
+        if o.gso_type() == 0 || gso_size == 0 || !o.needs_csum() {
             return (1, 0);
         }
         // The checksum starts at the transport header.
-        let l4 = usize::from(u16::from_le_bytes([o[6], o[7]]));
-        let l4_len = match o[1] & 0x7f {
+        let l4 = usize::from(o.field(6));
+        let l4_len = match o.gso_type() & 0x7f {
             // TCP over IPv4 or IPv6: the data offset.
             1 | 4 => self.data.get(l4 + 12).map(|b| usize::from(b >> 4) * 4),
             // UDP (fragmentation or segmentation offload).
@@ -227,13 +240,32 @@ const BATCH: usize = 32;
 /// plus link headers) and a restored VLAN tag.
 const SLOT: usize = VNET_HDR_LEN + 65_536 + 64 + 4;
 
-/// Receiving half of a batched port.
-pub struct BatchedRx {
+/// Receiving half of either socket port: frames read with `recvmmsg`, up to
+/// its number of buffers per call, each with its VLAN tag restored and,
+/// where the socket reads them, its offload header.
+pub struct PacketRx {
     sock: socket2::Socket,
+    /// Bytes of offload header before each frame (0 or `VNET_HDR_LEN`).
+    hdr: usize,
     bufs: Vec<Box<[u8]>>,
     got: Vec<crate::sys::Received>,
     frames: Vec<Option<(usize, Offload)>>,
     n: usize,
+}
+
+impl PacketRx {
+    fn new(sock: socket2::Socket, hdr: usize, batch: usize) -> PacketRx {
+        PacketRx {
+            sock,
+            hdr,
+            bufs: (0..batch)
+                .map(|_| vec![0u8; SLOT].into_boxed_slice())
+                .collect(),
+            got: vec![crate::sys::Received::default(); batch],
+            frames: vec![None; batch],
+            n: 0,
+        }
+    }
 }
 
 /// Sending half of a batched port.
@@ -242,7 +274,7 @@ pub struct BatchedTx {
 }
 
 /// Opens interface `name` as a batched port with offload headers.
-pub fn open_batched(name: &str) -> io::Result<(BatchedTx, BatchedRx)> {
+pub fn open_batched(name: &str) -> io::Result<(BatchedTx, PacketRx)> {
     let iface = interface(name)?;
     let socket = packet_socket()?;
     crate::sys::set_packet_option(socket.as_fd(), crate::sys::PACKET_VNET_HDR, 1)?;
@@ -251,15 +283,7 @@ pub fn open_batched(name: &str) -> io::Result<(BatchedTx, BatchedRx)> {
     let tx = socket.try_clone()?;
     Ok((
         BatchedTx { sock: tx },
-        BatchedRx {
-            sock: socket,
-            bufs: (0..BATCH)
-                .map(|_| vec![0u8; SLOT].into_boxed_slice())
-                .collect(),
-            got: vec![crate::sys::Received::default(); BATCH],
-            frames: vec![None; BATCH],
-            n: 0,
-        },
+        PacketRx::new(socket, VNET_HDR_LEN, BATCH),
     ))
 }
 
@@ -282,24 +306,25 @@ fn wait(
     }
 }
 
-impl BatchedRx {
+impl PacketRx {
     fn take(&mut self) -> io::Result<usize> {
-        // The last 4 bytes of each slot stay free for a restored tag.
+        let hdr = self.hdr;
         let n = crate::sys::recv_frames(self.sock.as_fd(), &mut self.bufs, &mut self.got)?;
         for i in 0..n {
             let r = self.got[i];
+            // The last 4 bytes of each slot stay free for a restored tag.
             let room = SLOT - 4;
-            self.frames[i] = if r.len > room || r.len < VNET_HDR_LEN {
+            self.frames[i] = if r.len > room || r.len < hdr {
                 None
             } else {
                 let buf = &mut self.bufs[i];
                 let mut offload = Offload::NONE;
-                offload.0.copy_from_slice(&buf[..VNET_HDR_LEN]);
-                let mut len = r.len - VNET_HDR_LEN;
+                offload.0[..hdr].copy_from_slice(&buf[..hdr]);
+                let mut len = r.len - hdr;
                 if let Some((tpid, tci)) = r.vlan {
                     if len >= 12 {
-                        let at = VNET_HDR_LEN + 12;
-                        buf.copy_within(at..VNET_HDR_LEN + len, at + 4);
+                        let at = hdr + 12;
+                        buf.copy_within(at..hdr + len, at + 4);
                         buf[at..at + 2].copy_from_slice(&tpid.to_be_bytes());
                         buf[at + 2..at + 4].copy_from_slice(&tci.to_be_bytes());
                         len += 4;
@@ -313,7 +338,7 @@ impl BatchedRx {
     }
 }
 
-impl RxPort for BatchedRx {
+impl RxPort for PacketRx {
     fn recv(&mut self, timeout: Duration) -> io::Result<usize> {
         self.n = self.take()?;
         if self.n == 0 && wait(self.sock.as_fd(), rustix::event::PollFlags::IN, timeout)? {
@@ -328,7 +353,7 @@ impl RxPort for BatchedRx {
         }
         let (len, offload) = self.frames[i]?;
         Some(Frame {
-            data: &self.bufs[i][VNET_HDR_LEN..VNET_HDR_LEN + len],
+            data: &self.bufs[i][self.hdr..self.hdr + len],
             offload,
         })
     }
@@ -375,21 +400,13 @@ impl TxPort for BatchedTx {
     }
 }
 
-/// A pnet port, receiving side: one frame per call, read with its VLAN
-/// tag restored (see [`crate::sys::recv_frame`]).
-pub struct PnetRx {
-    sock: socket2::Socket,
-    buf: Vec<u8>,
-    len: Option<usize>,
-}
-
 /// A pnet port, sending side: pnet's datalink sender.
 pub struct PnetTx {
     tx: Box<dyn pnet_datalink::DataLinkSender>,
 }
 
 /// Opens interface `name` for raw frames in both directions through pnet.
-pub fn open_pnet(name: &str) -> io::Result<(PnetTx, PnetRx)> {
+pub fn open_pnet(name: &str) -> io::Result<(PnetTx, PacketRx)> {
     use std::os::fd::IntoRawFd;
     let iface = interface(name)?;
     let socket = packet_socket()?;
@@ -406,41 +423,11 @@ pub fn open_pnet(name: &str) -> io::Result<(PnetTx, PnetRx)> {
         ..Default::default()
     };
     match pnet_datalink::channel(&iface, config)? {
-        pnet_datalink::Channel::Ethernet(tx, _pnet_rx) => Ok((
-            PnetTx { tx },
-            PnetRx {
-                sock: reader,
-                buf: vec![0; 65_536 + 4],
-                len: None,
-            },
-        )),
+        // One frame per call, as pnet's own receiver reads them.
+        pnet_datalink::Channel::Ethernet(tx, _pnet_rx) => {
+            Ok((PnetTx { tx }, PacketRx::new(reader, 0, 1)))
+        }
         _ => Err(io::Error::other("pnet returned a non-Ethernet channel")),
-    }
-}
-
-impl RxPort for PnetRx {
-    fn recv(&mut self, timeout: Duration) -> io::Result<usize> {
-        // The socket is non-blocking (pnet sets it so): wait for a frame.
-        if !wait(self.sock.as_fd(), rustix::event::PollFlags::IN, timeout)? {
-            return Ok(0);
-        }
-        match crate::sys::recv_frame(self.sock.as_fd(), &mut self.buf)? {
-            Some(n) => {
-                self.len = Some(n);
-                Ok(1)
-            }
-            None => Ok(0),
-        }
-    }
-
-    fn frame(&self, i: usize) -> Option<Frame<'_>> {
-        match (i, self.len) {
-            (0, Some(n)) if n <= self.buf.len() => Some(Frame {
-                data: &self.buf[..n],
-                offload: Offload::NONE,
-            }),
-            _ => None,
-        }
     }
 }
 
