@@ -2,8 +2,8 @@
 //! is in the trail afterwards, and the next start records the torn tail (if
 //! any) so the trail verifies whole again.
 
-mod audit_common;
-use audit_common::*;
+mod common;
+use common::*;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;

@@ -4,8 +4,8 @@
 //! the trail records the failure, the gap and the recovery, and verifies
 //! whole. Needs root (it mounts a small tmpfs); skipped otherwise.
 
-mod audit_common;
-use audit_common::*;
+mod common;
+use common::*;
 use palisade::audit::{Action, AuditConfig, AuditEvent, AuditLog, OnLogFailure};
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -2,8 +2,8 @@
 //! each kind of tampering is caught and located (file, line), and only an
 //! untouched trail exits 0.
 
-mod audit_common;
-use audit_common::*;
+mod common;
+use common::*;
 
 struct Trail {
     _tmp: tempfile::TempDir,

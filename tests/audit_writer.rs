@@ -2,8 +2,8 @@
 //! producers on one log, periodic checkpoints and rotation by age, and a
 //! restart that continues the same chain.
 
-mod audit_common;
-use audit_common::*;
+mod common;
+use common::*;
 use palisade::audit::{Action, AuditConfig, AuditEvent, AuditLog, FlowTuple, Traffic};
 use std::time::Duration;
 

@@ -4,6 +4,9 @@
 //! (ping, TCP, UDP), documentation addresses only, everything torn down
 //! on drop even when a test fails. Needs root, iproute2, ethtool, python3.
 
+mod common;
+use common::{records, s, signal, stop_and_verify};
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -236,49 +239,19 @@ impl Net {
 
     fn signal(&self, sig: rustix::process::Signal) {
         // `ip netns exec` execs the binary, so the child is the filter.
-        let pid =
-            rustix::process::Pid::from_raw(self.filter.as_ref().unwrap().id() as i32).unwrap();
-        rustix::process::kill_process(pid, sig).unwrap();
+        signal(self.filter.as_ref().unwrap(), sig);
     }
 
     fn records(&self) -> Vec<serde_json::Value> {
-        let dir = self.dir.path().join("audit");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map(|r| r.map(|e| e.unwrap().path()).collect())
-            .unwrap_or_default();
-        files.retain(|p| p.extension().is_some_and(|x| x == "jsonl"));
-        files.sort();
-        files
-            .iter()
-            .flat_map(|f| {
-                std::fs::read_to_string(f)
-                    .unwrap_or_default()
-                    .lines()
-                    .map(String::from)
-                    .collect::<Vec<_>>()
-            })
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect()
+        records(&self.dir.path().join("audit"))
     }
 
     fn stop_and_verify(&mut self) -> Vec<serde_json::Value> {
-        self.signal(rustix::process::Signal::TERM);
-        let mut c = self.filter.take().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while c.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "the filter did not stop");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
-            .args(["audit", "verify", "--key"])
-            .arg(self.dir.path().join("keys/audit.pub"))
-            .arg(self.dir.path().join("audit"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "verify: {}",
-            String::from_utf8_lossy(&out.stdout)
+        stop_and_verify(
+            self.filter.take().unwrap(),
+            "the filter",
+            &self.dir.path().join("audit"),
+            &self.dir.path().join("keys/audit.pub"),
         );
         self.records()
     }
@@ -290,10 +263,6 @@ fn ready() -> bool {
         return false;
     }
     true
-}
-
-fn s<'a>(v: &'a serde_json::Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(|x| x.as_str()).unwrap_or("")
 }
 
 #[test]

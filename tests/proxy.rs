@@ -3,6 +3,9 @@
 //! clients (curl, and raw Rust clients where curl cannot misbehave on
 //! purpose). Every test also reads the audit trail the proxy wrote.
 
+mod common;
+use common::{records, s, signal, stop_and_verify};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -254,23 +257,7 @@ impl Proxy {
 
     /// Every audit record so far, as JSON.
     fn records(&self) -> Vec<serde_json::Value> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("audit"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-            .collect();
-        files.sort();
-        files
-            .iter()
-            .flat_map(|f| {
-                std::fs::read_to_string(f)
-                    .unwrap()
-                    .lines()
-                    .map(String::from)
-                    .collect::<Vec<_>>()
-            })
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect()
+        records(&self.dir.path().join("audit"))
     }
 
     /// Waits (bounded) for a record that satisfies `pred`.
@@ -295,35 +282,14 @@ impl Proxy {
 
     /// Stops the proxy cleanly and checks the trail is whole.
     fn stop_and_verify(mut self) {
-        let mut child = self.child.take().unwrap();
-        signal(&child, rustix::process::Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "proxy did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
-            .args(["audit", "verify", "--key"])
-            .arg(self.dir.path().join("keys/audit.pub"))
-            .arg(self.dir.path().join("audit"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "verify: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let child = self.child.take().unwrap();
+        stop_and_verify(
+            child,
+            "the proxy",
+            &self.dir.path().join("audit"),
+            &self.dir.path().join("keys/audit.pub"),
         );
     }
-}
-
-fn signal(child: &Child, sig: rustix::process::Signal) {
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a live child has a pid");
-    rustix::process::kill_process(pid, sig).expect("signal the proxy");
-}
-
-fn s<'a>(v: &'a serde_json::Value, path: &str) -> &'a str {
-    v.pointer(path).and_then(|x| x.as_str()).unwrap_or("")
 }
 
 fn n(v: &serde_json::Value, path: &str) -> u64 {

@@ -1,0 +1,139 @@
+//! Helpers shared by the integration tests: run the real `palisade`
+//! binary, make a signed trail to work on, read and verify the trail a
+//! daemon wrote, and stop a daemon.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+pub fn palisade() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_palisade"))
+}
+
+pub fn run(args: &[&str]) -> Output {
+    palisade().args(args).output().expect("run palisade")
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub struct Keys {
+    pub signing: PathBuf,
+    pub verifying: PathBuf,
+}
+
+pub fn keygen(dir: &Path) -> Keys {
+    let o = run(&["audit", "keygen", "--out", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "keygen: {}", text(&o));
+    Keys {
+        signing: dir.join("audit.key"),
+        verifying: dir.join("audit.pub"),
+    }
+}
+
+/// Writes `records` records through the real writer (rotating every 4 KiB),
+/// closed cleanly.
+pub fn make_trail(dir: &Path, keys: &Keys, records: u64) {
+    let o = run(&[
+        "audit",
+        "stress",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--key",
+        keys.signing.to_str().unwrap(),
+        "--records",
+        &records.to_string(),
+        "--producers",
+        "2",
+        "--rotate-size",
+        "4096",
+    ]);
+    assert!(o.status.success(), "stress: {}", text(&o));
+}
+
+pub fn verify(dir: &Path, keys: &Keys) -> (i32, String) {
+    verify_with(dir, &keys.verifying)
+}
+
+/// `palisade audit verify` of the trail in `dir` with public key `key`:
+/// its exit code and output.
+pub fn verify_with(dir: &Path, key: &Path) -> (i32, String) {
+    let o = run(&[
+        "audit",
+        "verify",
+        "--key",
+        key.to_str().unwrap(),
+        dir.to_str().unwrap(),
+    ]);
+    (o.status.code().unwrap_or(-1), text(&o))
+}
+
+/// Every record of the trail in `dir`, oldest file first; lines that do
+/// not parse (one being written) are skipped, and a trail not yet created
+/// reads as empty.
+pub fn records(dir: &Path) -> Vec<serde_json::Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|r| r.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|x| x == "jsonl"));
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect()
+}
+
+/// The string at JSON pointer `p` in a record, or "".
+pub fn s<'a>(v: &'a serde_json::Value, p: &str) -> &'a str {
+    v.pointer(p).and_then(|x| x.as_str()).unwrap_or("")
+}
+
+/// Sends `sig` to a child process.
+pub fn signal(child: &Child, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a live child has a pid");
+    rustix::process::kill_process(pid, sig).expect("signal the child");
+}
+
+/// Stops daemon `child` (`what`) with SIGTERM, waiting at most 10 s, and
+/// checks that the trail it wrote in `audit` verifies with key `key`.
+pub fn stop_and_verify(mut child: Child, what: &str, audit: &Path, key: &Path) {
+    signal(&child, rustix::process::Signal::TERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{what} did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, out) = verify_with(audit, key);
+    assert_eq!(code, 0, "verify: {out}");
+}
+
+pub fn file(dir: &Path, index: u64) -> PathBuf {
+    dir.join(format!("audit-{index:08}.jsonl"))
+}
+
+pub fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn write_lines(path: &Path, lines: &[String]) {
+    let mut s = lines.join("\n");
+    s.push('\n');
+    std::fs::write(path, s).unwrap();
+}
