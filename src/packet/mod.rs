@@ -47,6 +47,18 @@ pub enum Fragment {
     Later { id: u32 },
 }
 
+impl Fragment {
+    /// A datagram's place from its header's fragment offset and
+    /// more-fragments flag.
+    fn of(offset: u16, more: bool, id: u32) -> Fragment {
+        match (offset, more) {
+            (0, false) => Fragment::Whole,
+            (0, true) => Fragment::First { id },
+            _ => Fragment::Later { id },
+        }
+    }
+}
+
 /// What an ICMP or ICMPv6 message means to the filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IcmpKind {
@@ -249,21 +261,31 @@ fn parse_ipv4_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
     let frag_offset = ip.get_fragment_offset();
     let more = ip.get_flags() & 0b001 != 0;
     let id = u32::from(ip.get_identification());
-    let fragment = match (frag_offset, more) {
-        (0, false) => Fragment::Whole,
-        (0, true) => Fragment::First { id },
-        _ => Fragment::Later { id },
-    };
+    let fragment = Fragment::of(frag_offset, more, id);
     let l4 = &l3[ihl..end.max(ihl)];
+    let (src, dst) = (ip.get_source().into(), ip.get_destination().into());
+    Ok(ip_packet((src, dst, proto), fragment, l4, end, depth))
+}
+
+/// The packet from its addresses and protocol, its place among fragments,
+/// its transport bytes and its length; a later fragment has no transport
+/// header to read.
+fn ip_packet(
+    (src, dst, proto): (IpAddr, IpAddr, u8),
+    fragment: Fragment,
+    l4: &[u8],
+    ip_len: usize,
+    depth: usize,
+) -> IpPacket {
     let (sp, dp, flags, icmp, complete) = if matches!(fragment, Fragment::Later { .. }) {
         (0, 0, 0, None, false)
     } else {
-        transport(proto, l4, false, depth)
+        transport(proto, l4, src.is_ipv6(), depth)
     };
-    Ok(IpPacket {
+    IpPacket {
         key: FlowKey {
-            src: IpAddr::V4(ip.get_source()),
-            dst: IpAddr::V4(ip.get_destination()),
+            src,
+            dst,
             proto,
             src_port: sp,
             dst_port: dp,
@@ -271,9 +293,9 @@ fn parse_ipv4_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
         tcp_flags: flags,
         fragment,
         icmp,
-        ip_len: end,
+        ip_len,
         transport_complete: complete,
-    })
+    }
 }
 
 fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, ParseError> {
@@ -304,11 +326,7 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
                 let offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
                 let more = h[3] & 1 != 0;
                 let id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-                fragment = match (offset, more) {
-                    (0, false) => Fragment::Whole,
-                    (0, true) => Fragment::First { id },
-                    _ => Fragment::Later { id },
-                };
+                fragment = Fragment::of(offset, more, id);
                 off += 8;
             }
             _ => break,
@@ -321,25 +339,8 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
         return Err(ParseError::BadExtension);
     }
     let l4 = l3.get(off..end).unwrap_or(&[]);
-    let (sp, dp, flags, icmp, complete) = if matches!(fragment, Fragment::Later { .. }) {
-        (0, 0, 0, None, false)
-    } else {
-        transport(next, l4, true, depth)
-    };
-    Ok(IpPacket {
-        key: FlowKey {
-            src: IpAddr::V6(ip.get_source()),
-            dst: IpAddr::V6(ip.get_destination()),
-            proto: next,
-            src_port: sp,
-            dst_port: dp,
-        },
-        tcp_flags: flags,
-        fragment,
-        icmp,
-        ip_len: end,
-        transport_complete: complete,
-    })
+    let (src, dst) = (ip.get_source().into(), ip.get_destination().into());
+    Ok(ip_packet((src, dst, next), fragment, l4, end, depth))
 }
 
 /// Builders of test frames (used by this crate's tests and the dataplane's
