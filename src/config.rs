@@ -128,6 +128,11 @@ pub struct FilterConfig {
     pub udp_timeout: Duration,
     /// How frames move through the ports.
     pub io: PortIo,
+    /// Hand established TCP and UDP flows to the kernel (BPF programs on
+    /// the ports), so their frames cross without being copied through
+    /// palisade. Needs batched ports and Linux 6.6 or later; where the
+    /// kernel refuses, the filter warns and forwards everything itself.
+    pub fast_path: bool,
 }
 
 /// How the filter reads and writes its ports.
@@ -156,6 +161,7 @@ impl Default for FilterConfig {
             tcp_established_timeout: t.tcp_established,
             udp_timeout: t.udp_replied,
             io: PortIo::default(),
+            fast_path: true,
         }
     }
 }

@@ -10,6 +10,9 @@
 //!   that ignored it would forward tagged frames untagged.
 //!   [`bind_packet`], [`set_promiscuous`] and [`set_packet_option`] set
 //!   such a socket up.
+//! - [`bpf`]: the `bpf(2)` calls behind the filter's kernel fast path
+//!   (maps, program loading, attaching to a port and to a packet socket,
+//!   test runs), which no kept crate offers without a C toolchain.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -253,5 +256,262 @@ pub fn send_frames(fd: BorrowedFd<'_>, frames: &[[&[u8]; 2]]) -> io::Result<usiz
         Err(io::Error::last_os_error())
     } else {
         Ok(r as usize)
+    }
+}
+
+/// The `bpf(2)` system call: maps, programs and links for the filter's
+/// kernel fast path. Every pointer the kernel reads or writes is built here
+/// from a borrowed slice of the size the kernel expects, so callers stay in
+/// safe code.
+pub mod bpf {
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+    const MAP_CREATE: u32 = 0;
+    const MAP_LOOKUP_ELEM: u32 = 1;
+    const MAP_UPDATE_ELEM: u32 = 2;
+    const MAP_DELETE_ELEM: u32 = 3;
+    const PROG_LOAD: u32 = 5;
+    const PROG_TEST_RUN: u32 = 10;
+    const LINK_CREATE: u32 = 28;
+
+    /// `union bpf_attr`, as bytes: every command's fields sit at fixed
+    /// offsets and the rest must be zero.
+    struct Attr([u8; 128]);
+
+    impl Attr {
+        fn new() -> Attr {
+            Attr([0; 128])
+        }
+        fn u32(&mut self, at: usize, v: u32) -> &mut Attr {
+            self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+            self
+        }
+        fn u64(&mut self, at: usize, v: u64) -> &mut Attr {
+            self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+            self
+        }
+        fn name(&mut self, at: usize, name: &str) -> &mut Attr {
+            // At most 15 bytes and a NUL; the kernel accepts [A-Za-z0-9_.].
+            for (i, b) in name.bytes().take(15).enumerate() {
+                self.0[at + i] = b;
+            }
+            self
+        }
+        fn get_u32(&self, at: usize) -> u32 {
+            u32::from_ne_bytes([self.0[at], self.0[at + 1], self.0[at + 2], self.0[at + 3]])
+        }
+    }
+
+    /// Runs one command. The caller has put into `attr` only addresses of
+    /// buffers that stay borrowed until this returns, with the lengths the
+    /// command makes the kernel read or write.
+    fn call(cmd: u32, attr: &mut Attr) -> io::Result<i64> {
+        // SAFETY: `attr` is a live 128-byte buffer the kernel reads (and,
+        // for test runs, writes) within its size; every address inside it
+        // was built by this module's functions from a borrowed slice whose
+        // length matches what the command makes the kernel access, and that
+        // borrow outlives this call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd as libc::c_long,
+                attr.0.as_mut_ptr(),
+                attr.0.len() as libc::c_long,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+
+    fn fd(r: i64) -> OwnedFd {
+        // SAFETY: a successful map, program or link command returns a new
+        // file descriptor that nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(r as i32) }
+    }
+
+    /// A hash map with its key and value sizes, so that lookups can only
+    /// hand the kernel buffers of exactly those sizes.
+    pub struct Map {
+        fd: OwnedFd,
+        key_size: usize,
+        value_size: usize,
+    }
+
+    /// `BPF_MAP_TYPE_HASH`.
+    pub const MAP_TYPE_HASH: u32 = 1;
+    /// Entries are allocated when added, not all at creation.
+    pub const F_NO_PREALLOC: u32 = 1;
+
+    impl Map {
+        /// Creates a hash map.
+        pub fn create_hash(
+            name: &str,
+            key_size: usize,
+            value_size: usize,
+            max_entries: u32,
+            flags: u32,
+        ) -> io::Result<Map> {
+            let mut a = Attr::new();
+            a.u32(0, MAP_TYPE_HASH)
+                .u32(4, key_size as u32)
+                .u32(8, value_size as u32)
+                .u32(12, max_entries)
+                .u32(16, flags)
+                .name(28, name);
+            let r = call(MAP_CREATE, &mut a)?;
+            Ok(Map {
+                fd: fd(r),
+                key_size,
+                value_size,
+            })
+        }
+
+        pub fn fd(&self) -> BorrowedFd<'_> {
+            use std::os::fd::AsFd;
+            self.fd.as_fd()
+        }
+
+        fn check(&self, key: &[u8], value: Option<usize>) -> io::Result<()> {
+            if key.len() != self.key_size || value.is_some_and(|v| v != self.value_size) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "map key or value of the wrong size",
+                ));
+            }
+            Ok(())
+        }
+
+        /// Copies the value under `key` into `value`; false when absent.
+        pub fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+            self.check(key, Some(value.len()))?;
+            let mut a = Attr::new();
+            a.u32(0, self.fd.as_raw_fd() as u32)
+                .u64(8, key.as_ptr() as u64)
+                .u64(16, value.as_mut_ptr() as u64);
+            match call(MAP_LOOKUP_ELEM, &mut a) {
+                Ok(_) => Ok(true),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+
+        /// Adds or replaces the value under `key`.
+        pub fn update(&self, key: &[u8], value: &[u8]) -> io::Result<()> {
+            self.check(key, Some(value.len()))?;
+            let mut a = Attr::new();
+            a.u32(0, self.fd.as_raw_fd() as u32)
+                .u64(8, key.as_ptr() as u64)
+                .u64(16, value.as_ptr() as u64);
+            call(MAP_UPDATE_ELEM, &mut a).map(|_| ())
+        }
+
+        /// Removes `key`; false when it was absent.
+        pub fn delete(&self, key: &[u8]) -> io::Result<bool> {
+            self.check(key, None)?;
+            let mut a = Attr::new();
+            a.u32(0, self.fd.as_raw_fd() as u32)
+                .u64(8, key.as_ptr() as u64);
+            match call(MAP_DELETE_ELEM, &mut a) {
+                Ok(_) => Ok(true),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    /// `BPF_PROG_TYPE_SOCKET_FILTER`.
+    pub const PROG_TYPE_SOCKET_FILTER: u32 = 1;
+    /// `BPF_PROG_TYPE_SCHED_CLS`.
+    pub const PROG_TYPE_SCHED_CLS: u32 = 3;
+    /// `BPF_TCX_INGRESS`.
+    pub const TCX_INGRESS: u32 = 46;
+
+    /// Loads a program (instructions in the kernel's 8-byte encoding).
+    /// On refusal the error carries the verifier's log.
+    pub fn prog_load(prog_type: u32, insns: &[[u8; 8]], name: &str) -> io::Result<OwnedFd> {
+        let license = b"GPL\0";
+        let mut log = vec![0u8; 64 * 1024];
+        let mut a = Attr::new();
+        a.u32(0, prog_type)
+            .u32(4, insns.len() as u32)
+            .u64(8, insns.as_ptr() as u64)
+            .u64(16, license.as_ptr() as u64)
+            .name(48, name);
+        match call(PROG_LOAD, &mut a) {
+            Ok(r) => Ok(fd(r)),
+            Err(first) => {
+                // Load again with the log on, for the error message.
+                a.u32(24, 1)
+                    .u32(28, log.len() as u32)
+                    .u64(32, log.as_mut_ptr() as u64);
+                match call(PROG_LOAD, &mut a) {
+                    Ok(r) => Ok(fd(r)),
+                    Err(_) => {
+                        let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+                        let text = String::from_utf8_lossy(&log[..end]);
+                        let tail: Vec<&str> = text.lines().rev().take(12).collect();
+                        let tail: Vec<&str> = tail.into_iter().rev().collect();
+                        Err(io::Error::new(
+                            first.kind(),
+                            format!("{first}; verifier: {}", tail.join(" | ")),
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Attaches a program to interface `ifindex` at `attach_type`; the
+    /// program stays attached while the returned link lives (it is
+    /// detached when the link is closed, also when the process dies).
+    pub fn link_create(
+        prog: BorrowedFd<'_>,
+        ifindex: u32,
+        attach_type: u32,
+    ) -> io::Result<OwnedFd> {
+        let mut a = Attr::new();
+        a.u32(0, prog.as_raw_fd() as u32)
+            .u32(4, ifindex)
+            .u32(8, attach_type);
+        call(LINK_CREATE, &mut a).map(fd)
+    }
+
+    /// Runs a program once on `data` (a frame from its Ethernet header) and
+    /// returns its verdict.
+    pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8]) -> io::Result<u32> {
+        let mut a = Attr::new();
+        a.u32(0, prog.as_raw_fd() as u32)
+            .u32(8, data.len() as u32)
+            .u64(16, data.as_ptr() as u64)
+            .u32(32, 1);
+        call(PROG_TEST_RUN, &mut a)?;
+        Ok(a.get_u32(4))
+    }
+
+    /// `SO_ATTACH_BPF`: the program filters what the socket receives,
+    /// replacing any filter it had.
+    pub fn attach_socket_filter(sock: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+        const SO_ATTACH_BPF: libc::c_int = 50;
+        let v: libc::c_int = prog.as_raw_fd();
+        // SAFETY: `sock` is a live socket; the option value points to a
+        // c_int holding a live program descriptor, with its exact size.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_ATTACH_BPF,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 }

@@ -183,6 +183,13 @@ impl Net {
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("the filter did not start");
             if line.contains("forwarding between") {
+                // Batched ports get the kernel fast path; pnet ports cannot.
+                let expect = if self.io == "batched" {
+                    "kernel fast path on"
+                } else {
+                    "kernel fast path off (it needs batched ports)"
+                };
+                assert!(line.contains(expect), "{line}");
                 break;
             }
         }
@@ -391,6 +398,11 @@ fn a_reload_that_removes_a_rule_cuts_the_flow() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ONE", "the flow works before the reload");
+    // The established flow is in the kernel fast path: the reload must
+    // take it back for its next packet to be checked.
+    net.signal(rustix::process::Signal::USR1);
+    let counters = net.wait_line("flows tracked");
+    assert!(counters.contains("1 in the kernel fast path"), "{counters}");
     // Remove the rule and reload.
     std::fs::write(
         net.dir.path().join("filter.policy"),
@@ -507,6 +519,21 @@ fn bulk_tcp_crosses_whole_with_offloads_on_and_is_counted_per_packet() {
         ),
         format!("OK {N}")
     );
+    // Both flows were handed to the kernel fast path once established:
+    // palisade itself forwarded only a small part of their frames.
+    net.signal(rustix::process::Signal::USR1);
+    let counters = net.wait_line("flows tracked");
+    let number_before = |text: &str| -> u64 {
+        let head = &counters[..counters.find(text).unwrap_or_else(|| panic!("{counters}"))];
+        head.split_whitespace()
+            .last()
+            .unwrap()
+            .trim_start_matches('(')
+            .parse()
+            .unwrap()
+    };
+    assert!(number_before("offloaded in all") >= 2, "{counters}");
+    assert!(number_before("frames (") < 2_000, "{counters}");
     let records = net.stop_and_verify();
     let ends: Vec<_> = records
         .iter()

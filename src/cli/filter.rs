@@ -79,10 +79,14 @@ pub fn run(args: FilterArgs) -> ExitCode {
         }
     };
     type Port = (Box<dyn port::TxPort>, Box<dyn port::RxPort>);
-    let open = |name: &str| -> std::io::Result<Port> {
+    // With batched ports, each port's socket is kept aside for the fast
+    // path's socket filter.
+    let mut sockets = Vec::new();
+    let mut open = |name: &str| -> std::io::Result<Port> {
         Ok(match f.io {
             PortIo::Batched => {
                 let (tx, rx) = port::open_batched(name)?;
+                sockets.push(rx.socket().try_clone_to_owned()?);
                 (Box::new(tx), Box::new(rx))
             }
             PortIo::Pnet => {
@@ -113,7 +117,7 @@ pub fn run(args: FilterArgs) -> ExitCode {
         udp_replied: f.udp_timeout,
         ..Timeouts::default()
     };
-    let engine = Arc::new(Engine::new(
+    let mut engine = Engine::new(
         policy,
         audit.clone(),
         EngineConfig {
@@ -123,7 +127,25 @@ pub fn run(args: FilterArgs) -> ExitCode {
             new_flow_burst_per_source: f.new_flow_burst_per_source,
             allow_ethertypes: f.allow_ethertypes.clone(),
         },
-    ));
+    );
+    let fast_path = if !f.fast_path {
+        "off".to_string()
+    } else if f.io != PortIo::Batched {
+        "off (it needs batched ports)".to_string()
+    } else {
+        match open_fast_path(&f.edge, &f.onprem, &sockets, f.conntrack_size) {
+            Ok((path, edge, onprem)) => {
+                engine.set_fast_path(path, edge, onprem);
+                "on".to_string()
+            }
+            Err(e) => {
+                eprintln!("palisade filter: warning: the kernel fast path is off, every frame crosses through palisade: {e}");
+                format!("off ({e})")
+            }
+        }
+    };
+    drop(sockets);
+    let engine = Arc::new(engine);
     let stop = Arc::new(AtomicBool::new(false));
     // Signals: SIGHUP reloads, SIGUSR1 prints the counters, SIGTERM/SIGINT stop.
     let (e2, s2, a2, policy_path) = (
@@ -175,7 +197,7 @@ pub fn run(args: FilterArgs) -> ExitCode {
         });
     });
     eprintln!(
-        "palisade filter: forwarding between {} (edge) and {} (onprem) ({} ports); policy {}; audit trail in {}",
+        "palisade filter: forwarding between {} (edge) and {} (onprem) ({} ports, kernel fast path {fast_path}); policy {}; audit trail in {}",
         f.edge,
         f.onprem,
         match f.io {
@@ -203,6 +225,27 @@ pub fn run(args: FilterArgs) -> ExitCode {
     }
 }
 
+/// Loads the kernel fast path and attaches it: its socket filter to both
+/// port sockets first (so no frame is seen twice), then its ingress program
+/// to both ports. Room for every tracked flow, both directions.
+fn open_fast_path(
+    edge: &str,
+    onprem: &str,
+    sockets: &[std::os::fd::OwnedFd],
+    conntrack_size: usize,
+) -> std::io::Result<(dataplane::offload::FastPath, u32, u32)> {
+    use std::os::fd::AsFd;
+    let entries = (conntrack_size.saturating_mul(2)).min(1 << 22) as u32;
+    let mut path = dataplane::offload::FastPath::load(entries)?;
+    for s in sockets {
+        path.attach_socket(s.as_fd())?;
+    }
+    let (e, o) = (port::ifindex(edge)?, port::ifindex(onprem)?);
+    path.attach_port(e)?;
+    path.attach_port(o)?;
+    Ok((path, e, o))
+}
+
 /// Prints the counters: frames forwarded and dropped per reason, flows
 /// tracked, flows admitted per rule. At stop and on SIGUSR1.
 fn print_counters(engine: &Engine, when: &str) {
@@ -214,11 +257,14 @@ fn print_counters(engine: &Engine, when: &str) {
         .map(|(r, n)| format!("{n} {}", r.as_str()))
         .collect();
     eprintln!(
-        "palisade filter: {when}forwarded {} frames ({} not taken by the other port), dropped: {}; {} flows tracked",
+        "palisade filter: {when}forwarded {} frames ({} not taken by the other port), dropped: {}; {} flows tracked, {} in the kernel fast path ({} offloaded in all, {} refused)",
         c.forwarded.load(Ordering::Relaxed),
         c.tx_errors.load(Ordering::Relaxed),
         if dropped.is_empty() { "none".to_string() } else { dropped.join(", ") },
-        engine.conntrack_len()
+        engine.conntrack_len(),
+        c.offloaded_now.load(Ordering::Relaxed),
+        c.offloaded.load(Ordering::Relaxed),
+        c.offload_errors.load(Ordering::Relaxed),
     );
     let policy = engine.policy();
     if let Ok(hits) = c.rule_hits.lock() {

@@ -95,6 +95,10 @@ pub struct Flow {
     pub last_seen: Duration,
     pub original: Counts,
     pub reply: Counts,
+    /// Handed to the kernel fast path: the ports (interface indexes) its
+    /// original and reply directions arrive on, which key its map entries.
+    /// Its counts then cover only what palisade itself forwarded.
+    pub offloaded: Option<(u32, u32)>,
     fin_original: bool,
     fin_reply: bool,
 }
@@ -330,6 +334,7 @@ impl ConnTable {
             last_seen: now,
             original: Counts { packets, bytes },
             reply: Counts::default(),
+            offloaded: None,
             fin_original: false,
             fin_reply: false,
         };
@@ -430,6 +435,18 @@ impl ConnTable {
     /// Removes every flow whose time is up; returns them for their records.
     /// Work is bounded by `max` flows per call.
     pub fn expire(&mut self, now: Duration, max: usize) -> Vec<Ended> {
+        self.expire_with(now, max, |_| None)
+    }
+
+    /// As [`ConnTable::expire`], but first asks `last_seen` when an
+    /// offloaded flow that looks idle was last seen by the kernel fast path,
+    /// and keeps it if that is recent enough.
+    pub fn expire_with(
+        &mut self,
+        now: Duration,
+        max: usize,
+        mut last_seen: impl FnMut(&Flow) -> Option<Duration>,
+    ) -> Vec<Ended> {
         let t = self.timeouts;
         let dead: Vec<ConnKey> = self
             .flows
@@ -440,13 +457,32 @@ impl ConnTable {
             .collect();
         dead.into_iter()
             .filter_map(|k| {
-                let why = match self.flows.get(&k)?.state {
+                let f = self.flows.get_mut(&k)?;
+                if f.offloaded.is_some() && now != Duration::MAX {
+                    if let Some(seen) = last_seen(f) {
+                        f.last_seen = f.last_seen.max(seen);
+                    }
+                    if f.expires_at(&t) > now {
+                        return None;
+                    }
+                }
+                let why = match f.state {
                     State::Tcp(TcpState::Closed) => EndReason::Closed,
                     _ => EndReason::Timeout,
                 };
                 self.remove(&k, why)
             })
             .collect()
+    }
+
+    /// A flow by its table key (the original direction's).
+    pub fn get_mut(&mut self, k: &ConnKey) -> Option<&mut Flow> {
+        self.flows.get_mut(k)
+    }
+
+    /// Every flow handed to the kernel fast path.
+    pub fn offloaded_mut(&mut self) -> impl Iterator<Item = &mut Flow> {
+        self.flows.values_mut().filter(|f| f.offloaded.is_some())
     }
 
     /// Every flow, for a reload to re-check against the new policy.

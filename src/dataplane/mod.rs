@@ -17,12 +17,20 @@
 //!
 //! Drops are counted per reason and summarised per flow key in the audit
 //! trail (one record per key and interval, not one per packet).
+//!
+//! With the kernel fast path ([`offload`]), an established TCP or UDP flow
+//! is handed to the kernel after palisade admitted it, and its frames then
+//! cross without a copy into palisade; the flow stays in the connection
+//! table, and palisade still sees every frame that changes its state.
 
+pub mod offload;
 pub mod port;
 
 use crate::audit::{Action, AuditEvent, AuditLog, FlowTuple, Timestamp, Traffic};
 use crate::classify::FlowKey;
-use crate::conntrack::{ConnKey, ConnTable, Direction, EndReason, Ended, NewFlow, Timeouts};
+use crate::conntrack::{
+    ConnKey, ConnTable, Direction, EndReason, Ended, Flow, NewFlow, State, TcpState, Timeouts,
+};
 use crate::packet::{self, Fragment, IcmpKind, Payload};
 use crate::policy::{Policy, Verdict, Zone};
 use arc_swap::ArcSwap;
@@ -127,6 +135,11 @@ pub struct Counters {
     /// Frames decided `Forward` that the other port did not take.
     pub tx_errors: AtomicU64,
     pub rx_errors: AtomicU64,
+    /// Flows handed to the kernel fast path, in all and now.
+    pub offloaded: AtomicU64,
+    pub offloaded_now: AtomicU64,
+    /// Flows the fast path did not take (its map full, say).
+    pub offload_errors: AtomicU64,
     pub dropped: [AtomicU64; 11],
     /// Flows admitted per rule id (index) and by the default (last).
     pub rule_hits: Mutex<Vec<u64>>,
@@ -154,7 +167,41 @@ pub struct Engine {
     audit: AuditLog,
     config: EngineConfig,
     origin: Instant,
+    fast: Option<FastPorts>,
     pub counters: Counters,
+}
+
+/// The kernel fast path and the ports it serves.
+struct FastPorts {
+    path: offload::FastPath,
+    edge: u32,
+    onprem: u32,
+}
+
+impl FastPorts {
+    fn ifindex(&self, z: Zone) -> u32 {
+        match z {
+            Zone::Edge => self.edge,
+            Zone::Onprem => self.onprem,
+        }
+    }
+}
+
+fn other(z: Zone) -> Zone {
+    match z {
+        Zone::Edge => Zone::Onprem,
+        Zone::Onprem => Zone::Edge,
+    }
+}
+
+fn reversed(k: &FlowKey) -> FlowKey {
+    FlowKey {
+        src: k.dst,
+        dst: k.src,
+        src_port: k.dst_port,
+        dst_port: k.src_port,
+        proto: k.proto,
+    }
 }
 
 fn tuple(k: &FlowKey) -> FlowTuple {
@@ -201,6 +248,7 @@ impl Engine {
             audit,
             config,
             origin: Instant::now(),
+            fast: None,
             counters: Counters {
                 rule_hits: Mutex::new(vec![0; rules + 1]),
                 ..Counters::default()
@@ -208,17 +256,106 @@ impl Engine {
         }
     }
 
+    /// Hands established flows to `path`, whose ingress programs sit on the
+    /// ports with interface indexes `edge` and `onprem`.
+    pub fn set_fast_path(&mut self, path: offload::FastPath, edge: u32, onprem: u32) {
+        self.fast = Some(FastPorts { path, edge, onprem });
+    }
+
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.load_full()
     }
 
     /// Swaps in a compiled policy. Tracked flows are re-checked at their
-    /// next packet.
+    /// next packet: offloaded flows are withdrawn from the kernel (after the
+    /// swap, so none is offloaded again under the old policy) for their
+    /// next packet to reach palisade.
     pub fn set_policy(&self, p: Policy) {
         if let Ok(mut h) = self.counters.rule_hits.lock() {
             h.resize(p.rules().len() + 1, 0);
         }
         self.policy.store(Arc::new(p));
+        if self.fast.is_some() {
+            if let Ok(mut t) = self.table.lock() {
+                for f in t.offloaded_mut() {
+                    self.withdraw(f);
+                }
+            }
+        }
+    }
+
+    /// The engine's time of a kernel timestamp (monotonic clock).
+    fn kernel_time(&self, t: Duration) -> Option<Duration> {
+        if t.is_zero() {
+            return None;
+        }
+        let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let mono = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+        Some(self.now().saturating_sub(mono.saturating_sub(t)))
+    }
+
+    /// Hands a flow that needs no more decisions to the kernel: TCP once
+    /// established, UDP from its second packet. `orig_in` is the port its
+    /// original direction arrives on.
+    fn offload(&self, flow: &mut Flow, orig_in: Zone) {
+        let Some(fp) = &self.fast else { return };
+        let ready = matches!(
+            (flow.key.proto, flow.state),
+            (6, State::Tcp(TcpState::Established)) | (17, _)
+        );
+        if flow.offloaded.is_some() || !ready {
+            return;
+        }
+        let (a, b) = (fp.ifindex(orig_in), fp.ifindex(other(orig_in)));
+        let rev = reversed(&flow.key);
+        match fp
+            .path
+            .insert(a, &flow.key, b)
+            .and_then(|_| fp.path.insert(b, &rev, a))
+        {
+            Ok(()) => {
+                flow.offloaded = Some((a, b));
+                self.counters.offloaded.fetch_add(1, Ordering::Relaxed);
+                self.counters.offloaded_now.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                let _ = fp.path.remove(a, &flow.key);
+                self.counters.offload_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Takes a flow back from the kernel, adding what the kernel forwarded
+    /// to its counts.
+    fn withdraw(&self, flow: &mut Flow) {
+        let (Some(fp), Some((a, b))) = (&self.fast, flow.offloaded.take()) else {
+            return;
+        };
+        self.counters.offloaded_now.fetch_sub(1, Ordering::Relaxed);
+        let rev = reversed(&flow.key);
+        for (port, key, counts) in [
+            (a, &flow.key, &mut flow.original),
+            (b, &rev, &mut flow.reply),
+        ] {
+            if let Ok(Some(f)) = fp.path.remove(port, key) {
+                counts.packets += f.packets;
+                counts.bytes += f.bytes;
+                if let Some(t) = self.kernel_time(f.last) {
+                    flow.last_seen = flow.last_seen.max(t);
+                }
+            }
+        }
+    }
+
+    /// When the kernel last forwarded a frame of an offloaded flow.
+    fn kernel_last_seen(&self, flow: &Flow) -> Option<Duration> {
+        let (fp, (a, b)) = (self.fast.as_ref()?, flow.offloaded?);
+        let rev = reversed(&flow.key);
+        [(a, &flow.key), (b, &rev)]
+            .into_iter()
+            .filter_map(|(port, key)| fp.path.read(port, key).ok().flatten())
+            .filter_map(|f| self.kernel_time(f.last))
+            .max()
     }
 
     fn now(&self) -> Duration {
@@ -324,13 +461,26 @@ impl Engine {
                 if d.verdict == Verdict::Deny {
                     if let Some(ended) = table.remove(&original_ck, EndReason::Revoked) {
                         drop(table);
-                        self.record_end(&ended, &policy);
+                        self.record_end(ended, &policy);
                     }
                     return self.drop(DropReason::Revoked, Some(&key), frame.len());
                 }
                 table.readmit(&original_ck, policy.sha256().into(), d.rule);
             }
             table.update(&ck, dir, ip.tcp_flags, (packets, bytes), now);
+            if self.fast.is_some() && parsed.vlan.is_none() {
+                let original_ck = match dir {
+                    Direction::Original => ck,
+                    Direction::Reply => ck.reversed(),
+                };
+                let orig_in = match dir {
+                    Direction::Original => ingress,
+                    Direction::Reply => other(ingress),
+                };
+                if let Some(flow) = table.get_mut(&original_ck) {
+                    self.offload(flow, orig_in);
+                }
+            }
             drop(table);
             self.note_fragment(&ip.fragment, &key, true, now);
             return self.forward();
@@ -386,7 +536,7 @@ impl Engine {
         match inserted {
             Ok((_, evicted)) => {
                 if let Some(e) = evicted {
-                    self.record_end(&e, &policy);
+                    self.record_end(e, &policy);
                 }
             }
             Err(_) => return self.drop(DropReason::TableFull, Some(&key), frame.len()),
@@ -429,7 +579,8 @@ impl Engine {
         }
     }
 
-    fn record_end(&self, e: &Ended, policy: &Policy) {
+    fn record_end(&self, mut e: Ended, policy: &Policy) {
+        self.withdraw(&mut e.flow);
         let f = &e.flow;
         let mut ev = AuditEvent::flow_end(
             &tuple(&f.key),
@@ -465,10 +616,10 @@ impl Engine {
         let ended = self
             .table
             .lock()
-            .map(|mut t| t.expire(now, 10_000))
+            .map(|mut t| t.expire_with(now, 10_000, |f| self.kernel_last_seen(f)))
             .unwrap_or_default();
         let policy = self.policy.load();
-        for e in &ended {
+        for e in ended {
             self.record_end(e, &policy);
         }
         if let Ok(mut frags) = self.fragments.lock() {
@@ -498,7 +649,7 @@ impl Engine {
             .map(|mut t| t.expire(Duration::MAX, usize::MAX))
             .unwrap_or_default();
         let policy = self.policy.load();
-        for e in &ended {
+        for e in ended {
             self.record_end(e, &policy);
         }
         self.housekeeping();

@@ -253,7 +253,17 @@ pub struct PacketRx {
     n: usize,
 }
 
+/// The interface index of port `name`.
+pub fn ifindex(name: &str) -> io::Result<u32> {
+    Ok(interface(name)?.index)
+}
+
 impl PacketRx {
+    /// The packet socket (shared with its port's sending half).
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
     fn new(sock: socket2::Socket, hdr: usize, batch: usize) -> PacketRx {
         PacketRx {
             sock,
