@@ -639,4 +639,33 @@ mod tests {
             Err(InsertError::Full)
         );
     }
+
+    #[test]
+    fn an_offloaded_flow_lives_while_the_kernel_sees_it() {
+        let t0 = Timeouts::default();
+        let mut t = ConnTable::new(10, t0);
+        let k = key(5000, 17);
+        let ck = ConnKey::of(&k, None);
+        t.insert(nf(k, None, 0, 60), s(0)).unwrap();
+        t.update(&ck.reversed(), Direction::Reply, 0, (1, 60), s(1));
+        t.get_mut(&ck).unwrap().offloaded = Some((2, 3));
+        let idle = t0.udp_replied;
+        // palisade saw nothing since second 1, but the kernel forwarded a
+        // frame at `idle`: the flow stays, with its last-seen time moved.
+        let ended = t.expire_with(s(1) + idle, 100, |f| {
+            assert_eq!(f.offloaded, Some((2, 3)));
+            Some(idle)
+        });
+        assert!(ended.is_empty());
+        assert_eq!(t.find(&ck, s(1) + idle).unwrap().0.last_seen, idle);
+        // Idle in the kernel too: it times out.
+        let ended = t.expire_with(idle + idle, 100, |_| Some(idle));
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].why, EndReason::Timeout);
+        // A flow palisade forwards itself is not asked about.
+        let k2 = key(5001, 17);
+        t.insert(nf(k2, None, 0, 60), s(0)).unwrap();
+        let ended = t.expire_with(s(1000), 100, |_| panic!("not offloaded"));
+        assert_eq!(ended.len(), 1);
+    }
 }

@@ -185,6 +185,8 @@ impl TxPort for MemTx {
     }
 }
 
+/// `PACKET_IGNORE_OUTGOING` from `linux/if_packet.h`.
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 /// `PACKET_OUTGOING` from `linux/if_packet.h`.
 const PACKET_OUTGOING: u32 = 4;
 /// The BPF ancillary load of the packet type (`SKF_AD_OFF + SKF_AD_PKTTYPE`).
@@ -217,6 +219,10 @@ fn packet_socket() -> io::Result<socket2::Socket> {
         SockFilter::new(0x06, 0, 0, 0),
     ];
     socket.attach_filter(&program)?;
+    // Better still, the kernel skips the socket for outgoing frames, before
+    // it would copy one for it (Linux 4.20 and later; the filter covers
+    // older kernels).
+    let _ = crate::sys::set_packet_option(socket.as_fd(), PACKET_IGNORE_OUTGOING, 1);
     // Room for a burst of 64 KiB super-frames. The forced variants pass
     // the net.core.{r,w}mem_max caps (often 208 KiB), which the filter may
     // do since it holds CAP_NET_ADMIN to open the socket at all.
