@@ -13,9 +13,11 @@
 #                                     # each figure the median of REPS = 3 runs
 #   NS="10000" T=5 benches/filter.sh
 #   IO=pnet benches/filter.sh         # pnet ports (offloads turned off)
+#   FAST="on off" benches/filter.sh   # palisade with and without its kernel
+#                                     # fast path (default: on)
 set -u
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-NS_LIST="${NS:-10 1000 10000}"; T="${T:-5}"; IO="${IO:-batched}"; REPS="${REPS:-3}"
+NS_LIST="${NS:-10 1000 10000}"; T="${T:-5}"; IO="${IO:-batched}"; REPS="${REPS:-3}"; FAST_LIST="${FAST:-on}"
 cargo build --release --manifest-path "$ROOT/Cargo.toml" >&2 || exit 1
 BIN="$ROOT/target/release/palisade"
 WORK="$(mktemp -d /tmp/palisade-filter-bench.XXXXXX)"
@@ -94,21 +96,24 @@ for N in $NS_LIST; do
     for i in $(seq 1 $((N-1))); do printf 'rule r%d allow 198.51.100.0/24 -> 10.%d.%d.0/24 service udp/%d\n' $i $((i/256%256)) $((i%256)) $((1000+i%5000)); done
     echo "rule iperf allow 198.51.100.2 -> 203.0.113.2 service tcp/5201, udp/5201"
     echo "default deny"; } > "$WORK/bench.policy"
-  printf 'policy = "bench.policy"\n[filter]\nedge = "f0"\nonprem = "f1"\nio = "%s"\n[audit]\ndir = "audit-%s"\nsigning_key = "audit.key"\n' "$IO" "$N" > "$WORK/palisade.toml"
-  ip netns exec pbf "$BIN" filter --config "$WORK/palisade.toml" 2> "$WORK/filter-$N.log" & FPID=$!   # not through ns(): $! must be the filter itself
-  for _ in $(seq 1 300); do grep -q "forwarding between" "$WORK/filter-$N.log" && break; sleep 0.1; done
+  for FAST in $FAST_LIST; do
+  fp=true; [[ $FAST == off ]] && fp=false
+  printf 'policy = "bench.policy"\n[filter]\nedge = "f0"\nonprem = "f1"\nio = "%s"\nfast_path = %s\n[audit]\ndir = "audit-%s-%s"\nsigning_key = "audit.key"\n' "$IO" "$fp" "$N" "$FAST" > "$WORK/palisade.toml"
+  ip netns exec pbf "$BIN" filter --config "$WORK/palisade.toml" 2> "$WORK/filter-$N-$FAST.log" & FPID=$!   # not through ns(): $! must be the filter itself
+  for _ in $(seq 1 300); do grep -q "forwarding between" "$WORK/filter-$N-$FAST.log" && break; sleep 0.1; done
   sleep 0.5
   # On two cores the receiving host competes with the filter for one core
   # (the sender has the other), so packets the filter forwarded can still
   # be lost in the receiver's socket. Its own rate, from its counters
   # (SIGUSR1 prints them) around one extra UDP run:
-  fwd_count() { kill -USR1 "$FPID"; sleep 0.3; grep -o 'forwarded [0-9]* frames' "$WORK/filter-$N.log" | tail -n 1 | awk '{print $2}'; }
+  fwd_count() { kill -USR1 "$FPID"; sleep 0.3; grep -o 'forwarded [0-9]* frames' "$WORK/filter-$N-$FAST.log" | tail -n 1 | awk '{print $2}'; }
   f0=$(fwd_count)
   ns pbv timeout 40 iperf3 -c 203.0.113.2 -p 5201 -u -l 64 -b 0 -t "$T" >/dev/null 2>&1
   f1=$(fwd_count); fwd=$(( (${f1:-0} - ${f0:-0}) / T ))
   read -r pu pt < <(measure)
-  kill "$FPID"; wait "$FPID" 2>/dev/null; FPID=""; tail -n 1 "$WORK/filter-$N.log" >&2
-  echo "| $N | palisade filter ($IO; it forwarded $fwd pkt/s) | $pu | $pt |" | tee -a "$WORK/table.md"
+  kill "$FPID"; wait "$FPID" 2>/dev/null; FPID=""; tail -n 1 "$WORK/filter-$N-$FAST.log" >&2
+  echo "| $N | palisade filter ($IO, fast path $FAST; palisade itself forwarded $fwd pkt/s) | $pu | $pt |" | tee -a "$WORK/table.md"
+  done
 done
 python3 - "$WORK/table.md" <<'PY'
 import sys
@@ -117,8 +122,9 @@ rows = [[c.strip() for c in r] for r in rows]
 print("\npalisade / nftables, same run:")
 for n in sorted({r[0] for r in rows if r[0] != "-"}, key=int):
     nft = next((r for r in rows if r[0] == n and r[1].startswith("nftables")), None)
-    pal = next((r for r in rows if r[0] == n and r[1].startswith("palisade")), None)
-    if nft and pal and float(nft[2]) and float(nft[3]):
-        print(f"  N={n}: UDP pkt/s {float(pal[2])/float(nft[2]):.2f}x, TCP MB/s {float(pal[3])/float(nft[3]):.2f}x")
+    for pal in (r for r in rows if r[0] == n and r[1].startswith("palisade")):
+        if nft and float(nft[2]) and float(nft[3]):
+            fast = pal[1].split("fast path ")[1].split(";")[0]
+            print(f"  N={n}, fast path {fast}: UDP pkt/s {float(pal[2])/float(nft[2]):.2f}x, TCP MB/s {float(pal[3])/float(nft[3]):.2f}x")
 PY
 echo "work dir: $WORK" >&2

@@ -25,6 +25,11 @@
 //! policy is reloaded, so that each flow's next frame is checked against
 //! the new policy (and cut, or offloaded again).
 //!
+//! At the hand-over, frames of the flow that palisade already read from its
+//! sockets leave after palisade decides them, and may follow frames the
+//! kernel forwarded meanwhile: at most one batch reordered, once per flow,
+//! which TCP and UDP applications tolerate as they tolerate the network's.
+//!
 //! The programs are assembled here, instruction by instruction, rather than
 //! compiled from C: palisade builds with cargo alone, and the programs are
 //! small. The kernel's verifier checks them when they load; a kernel that
