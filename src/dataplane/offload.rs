@@ -656,6 +656,103 @@ mod tests {
         );
     }
 
+    /// A frame from its parts, for the property test: IPv4 with `options`
+    /// words of options and fragment bits, or IPv6 with or without a
+    /// hop-by-hop header; TCP, UDP or ICMP.
+    fn odd_frame(k: &FlowKey, flags: u8, options: usize, frag: u16, hop_by_hop: bool) -> Vec<u8> {
+        let l4 = match k.proto {
+            6 => {
+                let mut t = build::tcp(k.src_port, k.dst_port, flags);
+                t.extend_from_slice(b"data");
+                t
+            }
+            17 => build::udp(k.src_port, k.dst_port, b"data"),
+            _ => vec![8, 0, 0, 0, 0, 1, 0, 1],
+        };
+        match (k.src, k.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut ip = vec![0x45 + options as u8, 0];
+                ip.extend_from_slice(&((20 + 4 * options + l4.len()) as u16).to_be_bytes());
+                ip.extend_from_slice(&[0, 7]);
+                ip.extend_from_slice(&frag.to_be_bytes());
+                ip.extend_from_slice(&[64, k.proto, 0, 0]);
+                ip.extend_from_slice(&s.octets());
+                ip.extend_from_slice(&d.octets());
+                ip.extend(std::iter::repeat_n(1u8, 4 * options));
+                ip.extend_from_slice(&l4);
+                let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
+                f.extend_from_slice(&ip);
+                f
+            }
+            (s, d) => {
+                if hop_by_hop {
+                    let mut ext = vec![k.proto, 0, 1, 4, 0, 0, 0, 0];
+                    ext.extend_from_slice(&l4);
+                    build::ipv6(v6(s), v6(d), 0, &ext)
+                } else {
+                    build::ipv6(v6(s), v6(d), k.proto, &l4)
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        /// The kernel program (the fast path) and palisade's frame parser
+        /// (the reference) agree on every frame: the program forwards a
+        /// frame of an offloaded flow exactly when the parser reads that
+        /// flow's key from it (ports, and TCP's flags, present), and the frame
+        /// needs no decision (TCP without SYN/FIN/RST, or UDP; not a
+        /// fragment; no IPv6 extension header).
+        #[test]
+        fn the_kernel_program_agrees_with_the_frame_parser(
+            ipv6 in proptest::bool::ANY,
+            hosts in (1u8..255, 1u8..255),
+            proto in proptest::sample::select(vec![6u8, 17, 1]),
+            ports in (proptest::num::u16::ANY, proptest::num::u16::ANY),
+            flags in proptest::num::u8::ANY,
+            options in 0usize..=10,
+            frag in proptest::sample::select(vec![0u16, 0x4000, 0x2000, 0x0010, 0x2010]),
+            hop_by_hop in proptest::bool::ANY,
+            cut in proptest::option::of(0usize..100),
+        ) {
+            let Some(fp) = FAST.as_ref() else { return Ok(()) };
+            let (src, dst) = if ipv6 {
+                (format!("2001:db8::{}", hosts.0), format!("2001:db8:1::{}", hosts.1))
+            } else {
+                (format!("192.0.2.{}", hosts.0), format!("198.51.100.{}", hosts.1))
+            };
+            let k = key(&src, &dst, proto, ports.0, ports.1);
+            let mut data = odd_frame(&k, flags, options, frag, hop_by_hop);
+            if let Some(c) = cut {
+                // Cut inside the transport header only: the fast path, like
+                // the kernel's own forwarding, does not check the IP length,
+                // and the kernel runs a test only on a whole IP header.
+                let headers = data.len() - 4;
+                let ip = if ipv6 { 14 + 40 } else { 14 + 20 + 4 * options };
+                data.truncate(c.clamp(ip, headers));
+            }
+            let expect = match crate::packet::parse(&data) {
+                Ok(crate::packet::Frame { payload: crate::packet::Payload::Ip(ip), .. }) => {
+                    ip.key == k
+                        && ip.transport_complete
+                        && ip.fragment == crate::packet::Fragment::Whole
+                        && (proto == 17 || (proto == 6 && ip.tcp_flags & 0x07 == 0))
+                        && !(ipv6 && hop_by_hop)
+                }
+                _ => false,
+            };
+            fp.insert(LO, &k, 3).unwrap();
+            let got = fp.test_ingress(&data);
+            fp.remove(LO, &k).unwrap();
+            let want = if expect { TC_ACT_REDIRECT } else { VERDICT_NEXT };
+            proptest::prop_assert_eq!(got.unwrap(), want, "frame {:02x?}", data);
+        }
+    }
+
+    /// One fast path for the property test's cases.
+    static FAST: std::sync::LazyLock<Option<FastPath>> = std::sync::LazyLock::new(fast_path);
+
     #[test]
     fn map_keys_follow_the_wire_layout() {
         let k = key("192.0.2.1", "192.0.2.2", 6, 0x1234, 0x0050);
