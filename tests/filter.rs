@@ -154,11 +154,16 @@ impl Net {
     }
 
     fn start_filter(&mut self) {
+        self.start_filter_with("");
+    }
+
+    /// Starts the filter with `extra` lines in its `[filter]` section.
+    fn start_filter_with(&mut self, extra: &str) {
         let policy = self.dir.path().join("filter.policy");
         std::fs::write(&policy, POLICY).unwrap();
         std::fs::write(
             self.dir.path().join("palisade.toml"),
-            format!("policy = \"filter.policy\"\n[filter]\nedge = \"e0\"\nonprem = \"o0\"\nio = \"{}\"\n[audit]\ndir = \"audit\"\nsigning_key = \"keys/audit.key\"\n", self.io),
+            format!("policy = \"filter.policy\"\n[filter]\nedge = \"e0\"\nonprem = \"o0\"\nio = \"{}\"\n{extra}\n[audit]\ndir = \"audit\"\nsigning_key = \"keys/audit.key\"\n", self.io),
         )
         .unwrap();
         let mut child = Command::new("ip")
@@ -556,4 +561,59 @@ fn bulk_tcp_crosses_whole_with_offloads_on_and_is_counted_per_packet() {
             );
         }
     }
+}
+
+#[test]
+fn an_offloaded_flow_outlives_its_idle_timeout_while_the_kernel_carries_it() {
+    if !ready() {
+        return;
+    }
+    let mut net = Net::new();
+    // UDP flows time out after 1 s of silence. This one talks for 4 s, all
+    // of it through the kernel fast path after its first exchange: palisade
+    // must ask the kernel before timing it out.
+    net.start_filter_with("udp_timeout = \"1s\"");
+    let (v, o) = (net.vnet.clone(), net.onprem.clone());
+    net.serve(&o, &["serve-udp", "5353"]);
+    let out = net.run(&v, &["stream", "192.0.2.200", "5353", "4", "25"]);
+    let n: u64 = out
+        .strip_prefix("SENT ")
+        .and_then(|r| r.split(" GOT ").next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(out, format!("SENT {n} GOT {n}"), "every datagram echoed");
+    assert!(n >= 50, "{out}");
+    // Then it idles out, with one record for the whole conversation.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let end = loop {
+        let recs = net.records();
+        if let Some(e) = recs.iter().find(|r| {
+            s(r, "/event/code") == "flow_end"
+                && r.pointer("/destination/port").and_then(|p| p.as_u64()) == Some(5353)
+        }) {
+            break e.clone();
+        }
+        assert!(Instant::now() < deadline, "no flow_end record");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(s(&end, "/event/reason"), "timed out", "{end:#}");
+    for side in ["source", "destination"] {
+        let packets = end
+            .pointer(&format!("/{side}/packets"))
+            .and_then(|x| x.as_u64());
+        assert_eq!(
+            packets,
+            Some(n),
+            "{side}, counted by palisade and the kernel: {end:#}"
+        );
+    }
+    let records = net.stop_and_verify();
+    let starts = records
+        .iter()
+        .filter(|r| {
+            s(r, "/event/code") == "flow_start"
+                && r.pointer("/destination/port").and_then(|p| p.as_u64()) == Some(5353)
+        })
+        .count();
+    assert_eq!(starts, 1, "one flow, never timed out while it talked");
 }

@@ -112,6 +112,22 @@ def hold(host, port):
     except (socket.timeout, TimeoutError, OSError):
         print("CUT", flush=True)
 
+def stream(host, port, seconds, per_second):
+    # A UDP conversation: one datagram and its echo every 1/per_second s.
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.settimeout(1)
+    s.connect((host, port))
+    sent = got = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        s.send(b"tick"); sent += 1
+        try:
+            if s.recv(64) == b"tick": got += 1
+        except (socket.timeout, TimeoutError, OSError):
+            pass
+        time.sleep(1 / per_second)
+    print(f"SENT {sent} GOT {got}", flush=True)
+
 def checksum(b):
     if len(b) % 2:
         b += b"\0"
@@ -173,5 +189,6 @@ if __name__ == "__main__":
     elif a[0] in ("tcp", "udp"): client(a[0], a[1], int(a[2]), a[3], a[4] if len(a) > 4 else None)
     elif a[0] == "hold": hold(a[1], int(a[2]))
     elif a[0] == "bulk": bulk(a[1], int(a[2]), int(a[3]))
+    elif a[0] == "stream": stream(a[1], int(a[2]), float(a[3]), float(a[4]))
     elif a[0] == "inject": inject(a[1], int(a[2]))
     elif a[0] == "sniff": sniff(a[1], float(a[2]))
