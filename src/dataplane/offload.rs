@@ -579,8 +579,13 @@ mod tests {
     fn fast_path() -> Option<FastPath> {
         match FastPath::load(64) {
             Ok(f) => Some(f),
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                eprintln!("skipping: loading BPF programs needs CAP_BPF ({e})");
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::PermissionDenied | io::ErrorKind::Unsupported
+                ) =>
+            {
+                eprintln!("skipping: this process cannot load BPF programs ({e})");
                 None
             }
             Err(e) => panic!("the kernel refused the fast path: {e}"),
