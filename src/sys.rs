@@ -272,6 +272,7 @@ pub mod bpf {
     const MAP_UPDATE_ELEM: u32 = 2;
     const MAP_DELETE_ELEM: u32 = 3;
     const PROG_LOAD: u32 = 5;
+    const MAP_LOOKUP_AND_DELETE_ELEM: u32 = 21;
     const PROG_TEST_RUN: u32 = 10;
     const LINK_CREATE: u32 = 28;
 
@@ -409,6 +410,22 @@ pub mod bpf {
             call(MAP_UPDATE_ELEM, &mut a).map(|_| ())
         }
 
+        /// Removes `key` and copies its last value into `value`, in one
+        /// step (nothing the kernel adds in between is lost); false when it
+        /// was absent.
+        pub fn take(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+            self.check(key, Some(value.len()))?;
+            let mut a = Attr::new();
+            a.u32(0, self.fd.as_raw_fd() as u32)
+                .u64(8, key.as_ptr() as u64)
+                .u64(16, value.as_mut_ptr() as u64);
+            match call(MAP_LOOKUP_AND_DELETE_ELEM, &mut a) {
+                Ok(_) => Ok(true),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+
         /// Removes `key`; false when it was absent.
         pub fn delete(&self, key: &[u8]) -> io::Result<bool> {
             self.check(key, None)?;
@@ -495,6 +512,8 @@ pub mod bpf {
     /// `SO_ATTACH_BPF`: the program filters what the socket receives,
     /// replacing any filter it had.
     pub fn attach_socket_filter(sock: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+        // asm-generic's value (x86, arm, riscv); the fast path refuses to
+        // load on architectures where it differs.
         const SO_ATTACH_BPF: libc::c_int = 50;
         let v: libc::c_int = prog.as_raw_fd();
         // SAFETY: `sock` is a live socket; the option value points to a

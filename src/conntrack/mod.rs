@@ -99,6 +99,8 @@ pub struct Flow {
     /// original and reply directions arrive on, which key its map entries.
     /// Its counts then cover only what palisade itself forwarded.
     pub offloaded: Option<(u32, u32)>,
+    /// The fast path refused it (its map full): not offered again.
+    pub offload_refused: bool,
     fin_original: bool,
     fin_reply: bool,
 }
@@ -267,13 +269,33 @@ impl ConnTable {
     }
 
     /// The flow a packet belongs to, and which way it travels. An expired
-    /// flow is not found (the caller's next `expire` collects it).
+    /// flow is not found (the caller's next `expire` collects it), except
+    /// an offloaded one: only the kernel knows when it was last seen, so
+    /// only `expire_with` ends it.
     pub fn find(&self, k: &ConnKey, now: Duration) -> Option<(&Flow, Direction)> {
         let (f, d) = match self.flows.get(k) {
             Some(f) => (f, Direction::Original),
             None => (self.flows.get(&k.reversed())?, Direction::Reply),
         };
-        (f.expires_at(&self.timeouts) > now).then_some((f, d))
+        (f.offloaded.is_some() || f.expires_at(&self.timeouts) > now).then_some((f, d))
+    }
+
+    /// Ends the expired flows, either way round, that stand where a new
+    /// flow with key `k` is about to be added, so that each gets its record.
+    pub fn take_expired(&mut self, k: &ConnKey, now: Duration) -> Vec<Ended> {
+        let t = self.timeouts;
+        [*k, k.reversed()]
+            .iter()
+            .filter(|key| {
+                self.flows
+                    .get(key)
+                    .is_some_and(|f| f.offloaded.is_none() && f.expires_at(&t) <= now)
+            })
+            .copied()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .filter_map(|key| self.remove(&key, EndReason::Timeout))
+            .collect()
     }
 
     /// Adds a flow for a packet the policy allowed; its first packet's TCP
@@ -335,6 +357,7 @@ impl ConnTable {
             original: Counts { packets, bytes },
             reply: Counts::default(),
             offloaded: None,
+            offload_refused: false,
             fin_original: false,
             fin_reply: false,
         };
@@ -480,9 +503,13 @@ impl ConnTable {
         self.flows.get_mut(k)
     }
 
-    /// Every flow handed to the kernel fast path.
-    pub fn offloaded_mut(&mut self) -> impl Iterator<Item = &mut Flow> {
-        self.flows.values_mut().filter(|f| f.offloaded.is_some())
+    /// The table keys of the flows handed to the kernel fast path.
+    pub fn offloaded(&self) -> Vec<ConnKey> {
+        self.flows
+            .iter()
+            .filter(|(_, f)| f.offloaded.is_some())
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     /// Every flow, for a reload to re-check against the new policy.

@@ -187,13 +187,6 @@ impl FastPorts {
     }
 }
 
-fn other(z: Zone) -> Zone {
-    match z {
-        Zone::Edge => Zone::Onprem,
-        Zone::Onprem => Zone::Edge,
-    }
-}
-
 fn reversed(k: &FlowKey) -> FlowKey {
     FlowKey {
         src: k.dst,
@@ -274,11 +267,23 @@ impl Engine {
         if let Ok(mut h) = self.counters.rule_hits.lock() {
             h.resize(p.rules().len() + 1, 0);
         }
+        let unchanged = *self.policy.load().sha256() == *p.sha256();
         self.policy.store(Arc::new(p));
-        if self.fast.is_some() {
+        if self.fast.is_none() || unchanged {
+            return;
+        }
+        // A few hundred flows per hold of the table, so that forwarding
+        // goes on between them.
+        let keys: Vec<ConnKey> = match self.table.lock() {
+            Ok(t) => t.offloaded(),
+            Err(_) => return,
+        };
+        for chunk in keys.chunks(256) {
             if let Ok(mut t) = self.table.lock() {
-                for f in t.offloaded_mut() {
-                    self.withdraw(f);
+                for k in chunk {
+                    if let Some(f) = t.get_mut(k) {
+                        self.withdraw(f);
+                    }
                 }
             }
         }
@@ -295,18 +300,34 @@ impl Engine {
     }
 
     /// Hands a flow that needs no more decisions to the kernel: TCP once
-    /// established, UDP from its second packet. `orig_in` is the port its
-    /// original direction arrives on.
-    fn offload(&self, flow: &mut Flow, orig_in: Zone) {
+    /// established, UDP once palisade saw a reply. Only where palisade's own
+    /// checks would pass every frame the kernel entries match: the policy
+    /// in force admitted the flow (called under the table lock, so a reload
+    /// either sees this flow offloaded and withdraws it, or was already in
+    /// force here), and the flow's source and destination lie in the zones
+    /// of the ports their frames arrive on.
+    fn offload(&self, flow: &mut Flow) {
         let Some(fp) = &self.fast else { return };
         let ready = matches!(
             (flow.key.proto, flow.state),
-            (6, State::Tcp(TcpState::Established)) | (17, _)
+            (6, State::Tcp(TcpState::Established)) | (17, State::Datagram { replied: true })
         );
-        if flow.offloaded.is_some() || !ready {
+        if flow.offloaded.is_some() || flow.offload_refused || !ready {
             return;
         }
-        let (a, b) = (fp.ifindex(orig_in), fp.ifindex(other(orig_in)));
+        let policy = self.policy.load();
+        if *flow.policy != *policy.sha256() {
+            return;
+        }
+        let zones = policy.zones();
+        let (Some(from), Some(to)) = (zones.zone_of(flow.key.src), zones.zone_of(flow.key.dst))
+        else {
+            return;
+        };
+        if from == to {
+            return;
+        }
+        let (a, b) = (fp.ifindex(from), fp.ifindex(to));
         let rev = reversed(&flow.key);
         match fp
             .path
@@ -319,7 +340,12 @@ impl Engine {
                 self.counters.offloaded_now.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
-                let _ = fp.path.remove(a, &flow.key);
+                // Its map full, say: the flow stays with palisade.
+                if let Ok(Some(f)) = fp.path.remove(a, &flow.key) {
+                    flow.original.packets += f.packets;
+                    flow.original.bytes += f.bytes;
+                }
+                flow.offload_refused = true;
                 self.counters.offload_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -337,11 +363,17 @@ impl Engine {
             (a, &flow.key, &mut flow.original),
             (b, &rev, &mut flow.reply),
         ] {
-            if let Ok(Some(f)) = fp.path.remove(port, key) {
-                counts.packets += f.packets;
-                counts.bytes += f.bytes;
-                if let Some(t) = self.kernel_time(f.last) {
-                    flow.last_seen = flow.last_seen.max(t);
+            match fp.path.remove(port, key) {
+                Ok(Some(f)) => {
+                    counts.packets += f.packets;
+                    counts.bytes += f.bytes;
+                    if let Some(t) = self.kernel_time(f.last) {
+                        flow.last_seen = flow.last_seen.max(t);
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    self.counters.offload_errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -467,18 +499,19 @@ impl Engine {
                 }
                 table.readmit(&original_ck, policy.sha256().into(), d.rule);
             }
-            table.update(&ck, dir, ip.tcp_flags, (packets, bytes), now);
+            let state = table.update(&ck, dir, ip.tcp_flags, (packets, bytes), now);
             if self.fast.is_some() && parsed.vlan.is_none() {
                 let original_ck = match dir {
                     Direction::Original => ck,
                     Direction::Reply => ck.reversed(),
                 };
-                let orig_in = match dir {
-                    Direction::Original => ingress,
-                    Direction::Reply => other(ingress),
-                };
                 if let Some(flow) = table.get_mut(&original_ck) {
-                    self.offload(flow, orig_in);
+                    if state == Some(State::Tcp(TcpState::Closed)) {
+                        // What follows a close is palisade's to see.
+                        self.withdraw(flow);
+                    } else {
+                        self.offload(flow);
+                    }
                 }
             }
             drop(table);
@@ -520,6 +553,8 @@ impl Engine {
         if self.audit.admit().is_err() {
             return self.drop(DropReason::AuditUnavailable, Some(&key), frame.len());
         }
+        // An expired flow in the new one's place ends first, with its record.
+        let expired = table.take_expired(&ck, now);
         let inserted = table.insert(
             NewFlow {
                 key,
@@ -533,6 +568,9 @@ impl Engine {
             now,
         );
         drop(table);
+        for e in expired {
+            self.record_end(e, &policy);
+        }
         match inserted {
             Ok((_, evicted)) => {
                 if let Some(e) = evicted {
@@ -778,14 +816,23 @@ default deny
     }
 
     fn engine_with(dir: &std::path::Path, config: EngineConfig) -> Engine {
-        let c = compile_str(
+        engine_for(dir, POLICY, config)
+    }
+
+    fn compile(text: &str) -> Policy {
+        compile_str(
             "t.policy",
-            POLICY,
+            text,
             Options {
                 today: Date::new(2026, 1, 1).unwrap(),
             },
         )
-        .unwrap_or_else(|_| panic!("policy compiles"));
+        .unwrap_or_else(|_| panic!("policy compiles"))
+        .policy
+    }
+
+    fn engine_for(dir: &std::path::Path, policy: &str, config: EngineConfig) -> Engine {
+        let policy = compile(policy);
         let key = dir.join("audit.key");
         crate::audit::keys::generate_key_pair(&key, &dir.join("audit.pub")).unwrap();
         let audit = AuditLog::open(&AuditConfig {
@@ -794,7 +841,7 @@ default deny
             ..AuditConfig::default()
         })
         .unwrap();
-        Engine::new(c.policy, audit, config)
+        Engine::new(policy, audit, config)
     }
 
     fn v4(s: &str) -> Ipv4Addr {
@@ -939,5 +986,197 @@ default deny
             offload: not_gso,
         };
         assert_eq!(f.segments(), (1, 0));
+    }
+
+    /// The fast path's decisions, against the kernel's real map (loaded but
+    /// attached to no port: the ports' indexes are only map keys here).
+    #[test]
+    fn the_fast_path_takes_only_flows_palisade_would_pass_and_gives_them_back() {
+        use crate::packet::tcp_flags::FIN;
+        const EDGE: u32 = 1_000_001;
+        const ONPREM: u32 = 1_000_002;
+        let path = match offload::FastPath::load(64) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("skipping: no BPF here ({e})");
+                return;
+            }
+        };
+        let policy = "\
+zone edge   = 192.0.2.0/25
+zone onprem = 192.0.2.128/25
+rule web allow 192.0.2.0/25 -> 192.0.2.200 service tcp/80, udp/53
+rule peer allow 192.0.2.0/25 -> 192.0.2.20 service tcp/80
+default deny
+";
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine_for(dir.path(), policy, EngineConfig::default());
+        e.set_fast_path(path, EDGE, ONPREM);
+        let fwd = Disposition::Forward;
+        let k = |src: &str, dst: &str, proto: u8, sp: u16, dp: u16| FlowKey {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto,
+            src_port: sp,
+            dst_port: dp,
+        };
+        let in_kernel = |e: &Engine, port: u32, key: &FlowKey| {
+            e.fast
+                .as_ref()
+                .unwrap()
+                .path
+                .read(port, key)
+                .unwrap()
+                .is_some()
+        };
+
+        // TCP edge -> onprem: offloaded once established, both directions,
+        // each keyed on the port its frames arrive on.
+        let web = k("192.0.2.10", "192.0.2.200", 6, 40000, 80);
+        let back = reversed(&web);
+        assert_eq!(
+            e.handle(
+                Zone::Edge,
+                &tcp("192.0.2.10", "192.0.2.200", 40000, 80, SYN, 0)
+            ),
+            fwd
+        );
+        assert_eq!(
+            e.handle(
+                Zone::Onprem,
+                &tcp("192.0.2.200", "192.0.2.10", 80, 40000, SYN | ACK, 0)
+            ),
+            fwd
+        );
+        assert!(
+            !in_kernel(&e, EDGE, &web),
+            "not before the handshake completes"
+        );
+        assert_eq!(
+            e.handle(
+                Zone::Edge,
+                &tcp("192.0.2.10", "192.0.2.200", 40000, 80, ACK, 0)
+            ),
+            fwd
+        );
+        assert!(in_kernel(&e, EDGE, &web) && in_kernel(&e, ONPREM, &back));
+        assert!(!in_kernel(&e, ONPREM, &web) && !in_kernel(&e, EDGE, &back));
+
+        // Both ends in the edge zone: both directions arrive on edge, so no
+        // entry could be right for both; it stays with palisade.
+        let peer = k("192.0.2.10", "192.0.2.20", 6, 40001, 80);
+        assert_eq!(
+            e.handle(
+                Zone::Edge,
+                &tcp("192.0.2.10", "192.0.2.20", 40001, 80, SYN, 0)
+            ),
+            fwd
+        );
+        assert_eq!(
+            e.handle(
+                Zone::Edge,
+                &tcp("192.0.2.20", "192.0.2.10", 80, 40001, SYN | ACK, 0)
+            ),
+            fwd
+        );
+        assert_eq!(
+            e.handle(
+                Zone::Edge,
+                &tcp("192.0.2.10", "192.0.2.20", 40001, 80, ACK, 0)
+            ),
+            fwd
+        );
+        for port in [EDGE, ONPREM] {
+            assert!(!in_kernel(&e, port, &peer) && !in_kernel(&e, port, &reversed(&peer)));
+        }
+
+        // UDP: not before palisade saw a reply.
+        let dns = k("192.0.2.11", "192.0.2.200", 17, 5000, 53);
+        let q = || {
+            build::ipv4(
+                v4("192.0.2.11"),
+                v4("192.0.2.200"),
+                17,
+                &build::udp(5000, 53, b"q"),
+                (1, false, 0),
+            )
+        };
+        assert_eq!(e.handle(Zone::Edge, &q()), fwd);
+        assert_eq!(e.handle(Zone::Edge, &q()), fwd);
+        assert!(!in_kernel(&e, EDGE, &dns), "one-way so far");
+        let a = build::ipv4(
+            v4("192.0.2.200"),
+            v4("192.0.2.11"),
+            17,
+            &build::udp(53, 5000, b"a"),
+            (1, false, 0),
+        );
+        assert_eq!(e.handle(Zone::Onprem, &a), fwd);
+        assert!(in_kernel(&e, EDGE, &dns) && in_kernel(&e, ONPREM, &reversed(&dns)));
+        assert_eq!(e.counters.offloaded_now.load(Ordering::Relaxed), 2);
+
+        // A reload takes every flow back; the next packet is checked
+        // against the new policy, which no longer allows TCP to the server.
+        e.set_policy(compile(&policy.replace("tcp/80, udp/53", "udp/53")));
+        assert!(!in_kernel(&e, EDGE, &web) && !in_kernel(&e, ONPREM, &back));
+        assert!(!in_kernel(&e, EDGE, &dns));
+        assert_eq!(e.counters.offloaded_now.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            e.handle(
+                Zone::Edge,
+                &tcp("192.0.2.10", "192.0.2.200", 40000, 80, ACK, 10)
+            ),
+            Disposition::Drop(DropReason::Revoked)
+        );
+        // The UDP flow, still allowed, is offloaded again at its next packet.
+        assert_eq!(e.handle(Zone::Edge, &q()), fwd);
+        assert!(in_kernel(&e, EDGE, &dns));
+
+        // A TCP flow's close is palisade's to see: the fast path lets go.
+        e.set_policy(compile(policy));
+        let w2 = k("192.0.2.12", "192.0.2.200", 6, 40002, 80);
+        assert_eq!(
+            e.handle(
+                Zone::Edge,
+                &tcp("192.0.2.12", "192.0.2.200", 40002, 80, SYN, 0)
+            ),
+            fwd
+        );
+        assert_eq!(
+            e.handle(
+                Zone::Onprem,
+                &tcp("192.0.2.200", "192.0.2.12", 80, 40002, SYN | ACK, 0)
+            ),
+            fwd
+        );
+        assert_eq!(
+            e.handle(
+                Zone::Edge,
+                &tcp("192.0.2.12", "192.0.2.200", 40002, 80, ACK, 0)
+            ),
+            fwd
+        );
+        assert!(in_kernel(&e, EDGE, &w2));
+        assert_eq!(
+            e.handle(
+                Zone::Edge,
+                &tcp("192.0.2.12", "192.0.2.200", 40002, 80, FIN | ACK, 0)
+            ),
+            fwd
+        );
+        assert!(in_kernel(&e, EDGE, &w2), "half-closed: still the kernel's");
+        assert_eq!(
+            e.handle(
+                Zone::Onprem,
+                &tcp("192.0.2.200", "192.0.2.12", 80, 40002, FIN | ACK, 0)
+            ),
+            fwd
+        );
+        assert!(!in_kernel(&e, EDGE, &w2) && !in_kernel(&e, ONPREM, &reversed(&w2)));
+
+        // Shutdown ends every flow and empties the map.
+        e.flush();
+        assert!(!in_kernel(&e, EDGE, &dns));
+        assert_eq!(e.counters.offloaded_now.load(Ordering::Relaxed), 0);
     }
 }

@@ -25,10 +25,23 @@
 //! policy is reloaded, so that each flow's next frame is checked against
 //! the new policy (and cut, or offloaded again).
 //!
-//! At the hand-over, frames of the flow that palisade already read from its
-//! sockets leave after palisade decides them, and may follow frames the
-//! kernel forwarded meanwhile: at most one batch reordered, once per flow,
-//! which TCP and UDP applications tolerate as they tolerate the network's.
+//! A flow's direction is offloaded only where palisade's own checks would
+//! pass every frame the entry matches: the flow's source lies in the zone
+//! of the port its original direction arrives on, and its destination in
+//! the zone of the other port (so the reply entry cannot carry spoofed
+//! frames), under the policy in force, which must be the one that admitted
+//! the flow. UDP is offloaded once palisade has seen a reply.
+//!
+//! Hand-over and withdrawal are not atomic with frames in flight:
+//! - frames of the flow already queued in a port socket (up to its receive
+//!   buffer) leave after palisade decides them, and may follow frames the
+//!   kernel forwarded meanwhile: a reordering, once per flow, which TCP
+//!   and UDP applications tolerate as they tolerate the network's;
+//! - the socket filter runs before the ingress program, each with its own
+//!   lookup: a frame that arrives while its entry is being added can be
+//!   forwarded by both (a duplicate), and one that arrives while its entry
+//!   is being removed by neither (a loss) — a window of one frame's
+//!   processing, at the hand-over and withdrawal only.
 //!
 //! The programs are assembled here, instruction by instruction, rather than
 //! compiled from C: palisade builds with cargo alone, and the programs are
@@ -76,6 +89,7 @@ const JEQ: u8 = 0x10;
 const JNE: u8 = 0x50;
 const JSET: u8 = 0x40;
 const JLT: u8 = 0xa0;
+const JGT: u8 = 0x20;
 
 /// Helper functions.
 const MAP_LOOKUP_ELEM: i32 = 1;
@@ -160,6 +174,17 @@ impl Asm {
         self.raw(code, dst, src, 0, imm);
     }
 
+    /// `if dst <op> src goto to`
+    fn jmp_reg(&mut self, op: u8, dst: u8, src: u8, to: Label) {
+        self.jump(0x0d | op, dst, src, 0, to);
+    }
+
+    /// `dst = htobe16(dst)`: a big-endian 16-bit field, loaded as it lies,
+    /// to its value.
+    fn be16(&mut self, dst: u8) {
+        self.raw(0xdc, dst, 0, 0, 16);
+    }
+
     /// `if dst <op> imm goto to`
     fn jmp_imm(&mut self, op: u8, dst: u8, imm: i32, to: Label) {
         self.jump(0x05 | op, dst, 0, imm, to);
@@ -212,6 +237,8 @@ const SCRATCH4: i16 = -72;
 const SCRATCH6: i16 = -112;
 /// Scratch: TCP data offset and flags.
 const SCRATCH_TCP: i16 = -120;
+/// The IP packet's length by its header (u64).
+const IP_LEN: i16 = -128;
 
 /// `struct __sk_buff` fields.
 const SKB_LEN: i16 = 0;
@@ -289,6 +316,9 @@ fn program(kind: Kind, map: BorrowedFd<'_>) -> Vec<[u8; 8]> {
     // More-fragments flag or an offset: the wire's 0x3fff.
     a.jmp_imm(JSET, R0, i32::from(u16::from_ne_bytes([0x3f, 0xff])), miss);
     a.ldx(Size::B, R8, FP, SCRATCH4 + 9);
+    a.ldx(Size::H, R0, FP, SCRATCH4 + 2);
+    a.be16(R0);
+    a.stx(Size::Dw, FP, IP_LEN, R0);
     a.ldx(Size::W, R0, FP, SCRATCH4 + 12);
     a.stx(Size::W, FP, KEY_SRC, R0);
     a.ldx(Size::W, R0, FP, SCRATCH4 + 16);
@@ -304,6 +334,10 @@ fn program(kind: Kind, map: BorrowedFd<'_>) -> Vec<[u8; 8]> {
     a.alu_imm(RSH, R0, 4);
     a.jmp_imm(JNE, R0, 6, miss);
     a.ldx(Size::B, R8, FP, SCRATCH6 + 6);
+    a.ldx(Size::H, R0, FP, SCRATCH6 + 4);
+    a.be16(R0);
+    a.alu_imm(ADD, R0, 40);
+    a.stx(Size::Dw, FP, IP_LEN, R0);
     for i in 0..2 {
         a.ldx(Size::Dw, R0, FP, SCRATCH6 + 8 + 8 * i);
         a.stx(Size::Dw, FP, KEY_SRC + 8 * i, R0);
@@ -363,13 +397,25 @@ fn program(kind: Kind, map: BorrowedFd<'_>) -> Vec<[u8; 8]> {
             a.bind(counted);
             a.mov(R7, R1);
             a.atomic_add(R9, 8, R1);
-            // Bytes from the IP header on, each further segment repeating
-            // the headers: (len - 14) + (segments - 1) * headers.
-            a.alu_imm(SUB, R7, 1);
-            a.alu(MUL, R7, R8);
+            // Bytes from the IP header on, as palisade counts them: the IP
+            // length for one packet (the frame may carry Ethernet padding);
+            // for a segment-offload frame, whose IP length field may be
+            // unset, (len - 14) + (segments - 1) * headers, each further
+            // segment repeating the headers.
+            let gso = a.label();
+            let add = a.label();
             a.ldx(Size::W, R1, R6, SKB_LEN);
             a.alu_imm(SUB, R1, 14);
+            a.jmp_imm(JGT, R7, 1, gso);
+            a.ldx(Size::Dw, R2, FP, IP_LEN);
+            a.jmp_reg(JGT, R2, R1, add);
+            a.mov(R1, R2);
+            a.ja(add);
+            a.bind(gso);
+            a.alu_imm(SUB, R7, 1);
+            a.alu(MUL, R7, R8);
             a.alu(ADD, R1, R7);
+            a.bind(add);
             a.atomic_add(R9, 16, R1);
             a.call(KTIME_GET_NS);
             a.stx(Size::Dw, R9, 24, R0);
@@ -465,6 +511,23 @@ impl FastPath {
     /// Creates the map (room for `max_entries` directions) and loads the
     /// programs; nothing is attached yet.
     pub fn load(max_entries: u32) -> io::Result<FastPath> {
+        // The programs are encoded for little-endian hosts, and the socket
+        // option number is asm-generic's.
+        if !cfg!(all(
+            target_endian = "little",
+            any(
+                target_arch = "x86_64",
+                target_arch = "x86",
+                target_arch = "aarch64",
+                target_arch = "arm",
+                target_arch = "riscv64"
+            )
+        )) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the fast path is built for x86, arm and riscv hosts",
+            ));
+        }
         let map = bpf::Map::create_hash(
             "palisade_flows",
             KEY_LEN,
@@ -521,17 +584,28 @@ impl FastPath {
             .then(|| parse_value(&v)))
     }
 
-    /// Withdraws one direction; returns what the kernel forwarded of it.
-    /// (A frame counted between the read and the removal is forwarded but
-    /// not counted: the window is one system call.)
+    /// Withdraws one direction; returns what the kernel forwarded of it
+    /// (read and removed in one step, so no frame goes uncounted).
     pub fn remove(&self, ifindex: u32, key: &FlowKey) -> io::Result<Option<Forwarded>> {
-        let got = self.read(ifindex, key)?;
-        self.map.delete(&map_key(ifindex, key))?;
-        Ok(got)
+        let k = map_key(ifindex, key);
+        let mut v = [0u8; VALUE_LEN];
+        match self.map.take(&k, &mut v) {
+            Ok(true) => Ok(Some(parse_value(&v))),
+            Ok(false) => Ok(None),
+            // A kernel without lookup-and-delete for hash maps (before
+            // 5.14): read, then delete.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let got = self.read(ifindex, key)?;
+                self.map.delete(&k)?;
+                Ok(got)
+            }
+            Err(e) => Err(e),
+        }
     }
 
-    /// Runs the ingress program on a frame (for tests): `Some(port)` when
-    /// it would send the frame out of the port the map names.
+    /// Runs the ingress program once on a frame (for tests) and returns its
+    /// verdict: [`TC_ACT_REDIRECT`] when it sends the frame out of the port
+    /// the map names, [`VERDICT_NEXT`] when it leaves the frame to palisade.
     pub fn test_ingress(&self, frame: &[u8]) -> io::Result<u32> {
         bpf::prog_test_run(self.ingress.as_fd(), frame)
     }
@@ -634,6 +708,27 @@ mod tests {
         assert_eq!(got.packets, 2);
         assert_eq!(fp.test_ingress(&data).unwrap(), VERDICT_NEXT);
         assert_eq!(fp.read(LO, &k4).unwrap(), None);
+    }
+
+    #[test]
+    fn bytes_count_the_ip_packet_not_the_ethernet_padding() {
+        let Some(fp) = fast_path() else { return };
+        let k = key("192.0.2.10", "198.51.100.20", 6, 40002, 443);
+        fp.insert(LO, &k, 7).unwrap();
+        // A bare ACK is 54 bytes on the wire before padding to 60.
+        let mut ack = frame(&k, ACK, 0);
+        assert_eq!(ack.len(), 54);
+        ack.resize(60, 0);
+        assert_eq!(fp.test_ingress(&ack).unwrap(), TC_ACT_REDIRECT);
+        let f = fp.remove(LO, &k).unwrap().unwrap();
+        assert_eq!((f.packets, f.bytes), (1, 40));
+        let k6 = key("2001:db8::10", "2001:db8:1::20", 17, 1, 2);
+        fp.insert(LO, &k6, 7).unwrap();
+        let mut d = frame(&k6, 0, 0);
+        d.resize(d.len() + 6, 0);
+        assert_eq!(fp.test_ingress(&d).unwrap(), TC_ACT_REDIRECT);
+        let f = fp.remove(LO, &k6).unwrap().unwrap();
+        assert_eq!(f.bytes, 40 + 8);
     }
 
     #[test]
