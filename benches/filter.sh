@@ -106,13 +106,17 @@ for N in $NS_LIST; do
   # (the sender has the other), so packets the filter forwarded can still
   # be lost in the receiver's socket. Its own rate, from its counters
   # (SIGUSR1 prints them) around one extra UDP run:
-  fwd_count() { kill -USR1 "$FPID"; sleep 0.3; grep -o 'forwarded [0-9]* frames' "$WORK/filter-$N-$FAST.log" | tail -n 1 | awk '{print $2}'; }
-  f0=$(fwd_count)
+  fwd_count() {  # "by palisade, by the kernel fast path"
+    kill -USR1 "$FPID"; sleep 0.3
+    echo "$(grep -o ': forwarded [0-9]* frames' "$WORK/filter-$N-$FAST.log" | tail -n 1 | awk '{print $3}') $(grep -o 'fast path forwarded [0-9]* frames' "$WORK/filter-$N-$FAST.log" | tail -n 1 | awk '{print $4}')"
+  }
+  read -r p0 k0 < <(fwd_count)
   ns pbv timeout 40 iperf3 -c 203.0.113.2 -p 5201 -u -l 64 -b 0 -t "$T" >/dev/null 2>&1
-  f1=$(fwd_count); fwd=$(( (${f1:-0} - ${f0:-0}) / T ))
+  read -r p1 k1 < <(fwd_count)
+  fwd=$(( (${p1:-0} - ${p0:-0}) / T )); kfwd=$(( (${k1:-0} - ${k0:-0}) / T ))
   read -r pu pt < <(measure)
   kill "$FPID"; wait "$FPID" 2>/dev/null; FPID=""; tail -n 1 "$WORK/filter-$N-$FAST.log" >&2
-  echo "| $N | palisade filter ($IO, fast path $FAST; palisade itself forwarded $fwd pkt/s) | $pu | $pt |" | tee -a "$WORK/table.md"
+  echo "| $N | palisade filter ($IO, fast path $FAST; palisade forwarded $fwd pkt/s, its kernel fast path $kfwd) | $pu | $pt |" | tee -a "$WORK/table.md"
   done
 done
 python3 - "$WORK/table.md" <<'PY'

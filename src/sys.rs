@@ -344,6 +344,8 @@ pub mod bpf {
 
     /// `BPF_MAP_TYPE_HASH`.
     pub const MAP_TYPE_HASH: u32 = 1;
+    /// `BPF_MAP_TYPE_ARRAY`: `max_entries` values under the keys 0, 1, ...
+    pub const MAP_TYPE_ARRAY: u32 = 2;
     /// Entries are allocated when added, not all at creation.
     pub const F_NO_PREALLOC: u32 = 1;
 
@@ -356,8 +358,31 @@ pub mod bpf {
             max_entries: u32,
             flags: u32,
         ) -> io::Result<Map> {
+            Map::create(
+                MAP_TYPE_HASH,
+                name,
+                key_size,
+                value_size,
+                max_entries,
+                flags,
+            )
+        }
+
+        /// Creates an array (4-byte keys), its values zeroed.
+        pub fn create_array(name: &str, value_size: usize, max_entries: u32) -> io::Result<Map> {
+            Map::create(MAP_TYPE_ARRAY, name, 4, value_size, max_entries, 0)
+        }
+
+        fn create(
+            map_type: u32,
+            name: &str,
+            key_size: usize,
+            value_size: usize,
+            max_entries: u32,
+            flags: u32,
+        ) -> io::Result<Map> {
             let mut a = Attr::new();
-            a.u32(0, MAP_TYPE_HASH)
+            a.u32(0, map_type)
                 .u32(4, key_size as u32)
                 .u32(8, value_size as u32)
                 .u32(12, max_entries)

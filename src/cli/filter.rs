@@ -266,6 +266,11 @@ fn print_counters(engine: &Engine, when: &str) {
         c.offloaded.load(Ordering::Relaxed),
         c.offload_errors.load(Ordering::Relaxed),
     );
+    if let Some((frames, bytes)) = engine.fast_path_totals() {
+        eprintln!(
+            "palisade filter: the kernel fast path forwarded {frames} frames ({bytes} bytes)"
+        );
+    }
     let policy = engine.policy();
     if let Ok(hits) = c.rule_hits.lock() {
         let per_rule: Vec<String> = hits

@@ -255,6 +255,11 @@ impl Engine {
         self.fast = Some(FastPorts { path, edge, onprem });
     }
 
+    /// Frames and bytes the kernel fast path forwarded, when it is on.
+    pub fn fast_path_totals(&self) -> Option<(u64, u64)> {
+        self.fast.as_ref()?.path.totals().ok()
+    }
+
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.load_full()
     }
@@ -1061,6 +1066,7 @@ default deny
         );
         assert!(in_kernel(&e, EDGE, &web) && in_kernel(&e, ONPREM, &back));
         assert!(!in_kernel(&e, ONPREM, &web) && !in_kernel(&e, EDGE, &back));
+        assert_eq!(e.fast_path_totals(), Some((0, 0)));
 
         // Both ends in the edge zone: both directions arrive on edge, so no
         // entry could be right for both; it stays with palisade.

@@ -239,6 +239,10 @@ const SCRATCH6: i16 = -112;
 const SCRATCH_TCP: i16 = -120;
 /// The IP packet's length by its header (u64).
 const IP_LEN: i16 = -128;
+/// The frame's packets and bytes, for the totals (u64 each).
+const COUNTED: i16 = -144;
+/// The totals' key (u32 0).
+const TOTALS_KEY: i16 = -152;
 
 /// `struct __sk_buff` fields.
 const SKB_LEN: i16 = 0;
@@ -266,7 +270,7 @@ enum Kind {
 /// Assembles one of the two programs. Both compute the same key the same
 /// way, so a frame the ingress program sends on is exactly a frame the
 /// socket skips.
-fn program(kind: Kind, map: BorrowedFd<'_>) -> Vec<[u8; 8]> {
+fn program(kind: Kind, map: BorrowedFd<'_>, totals: BorrowedFd<'_>) -> Vec<[u8; 8]> {
     let mut a = Asm::new();
     let miss = a.label();
     let v4 = a.label();
@@ -397,6 +401,7 @@ fn program(kind: Kind, map: BorrowedFd<'_>) -> Vec<[u8; 8]> {
             a.bind(counted);
             a.mov(R7, R1);
             a.atomic_add(R9, 8, R1);
+            a.stx(Size::Dw, FP, COUNTED, R1);
             // Bytes from the IP header on, as palisade counts them: the IP
             // length for one packet (the frame may carry Ethernet padding);
             // for a segment-offload frame, whose IP length field may be
@@ -417,8 +422,22 @@ fn program(kind: Kind, map: BorrowedFd<'_>) -> Vec<[u8; 8]> {
             a.alu(ADD, R1, R7);
             a.bind(add);
             a.atomic_add(R9, 16, R1);
+            a.stx(Size::Dw, FP, COUNTED + 8, R1);
             a.call(KTIME_GET_NS);
             a.stx(Size::Dw, R9, 24, R0);
+            // The fast path's totals.
+            let counted = a.label();
+            a.st(Size::W, FP, TOTALS_KEY, 0);
+            a.ld_map(R1, totals);
+            a.mov(R2, FP);
+            a.alu_imm(ADD, R2, i32::from(TOTALS_KEY));
+            a.call(MAP_LOOKUP_ELEM);
+            a.jmp_imm(JEQ, R0, 0, counted);
+            a.ldx(Size::Dw, R1, FP, COUNTED);
+            a.atomic_add(R0, 0, R1);
+            a.ldx(Size::Dw, R1, FP, COUNTED + 8);
+            a.atomic_add(R0, 8, R1);
+            a.bind(counted);
             a.ldx(Size::W, R1, R9, 0);
             a.mov_imm(R2, 0);
             a.call(REDIRECT);
@@ -502,6 +521,8 @@ fn parse_value(v: &[u8; VALUE_LEN]) -> Forwarded {
 /// The flows' map and the two programs.
 pub struct FastPath {
     map: bpf::Map,
+    /// Frames and bytes the kernel forwarded, in all.
+    totals: bpf::Map,
     ingress: OwnedFd,
     socket: OwnedFd,
     links: Vec<OwnedFd>,
@@ -535,18 +556,20 @@ impl FastPath {
             max_entries.max(2),
             bpf::F_NO_PREALLOC,
         )?;
+        let totals = bpf::Map::create_array("palisade_total", 16, 1)?;
         let ingress = bpf::prog_load(
             bpf::PROG_TYPE_SCHED_CLS,
-            &program(Kind::Ingress, map.fd()),
+            &program(Kind::Ingress, map.fd(), totals.fd()),
             "palisade_in",
         )?;
         let socket = bpf::prog_load(
             bpf::PROG_TYPE_SOCKET_FILTER,
-            &program(Kind::Socket, map.fd()),
+            &program(Kind::Socket, map.fd(), totals.fd()),
             "palisade_sock",
         )?;
         Ok(FastPath {
             map,
+            totals,
             ingress,
             socket,
             links: Vec::new(),
@@ -573,6 +596,14 @@ impl FastPath {
         let mut v = [0u8; VALUE_LEN];
         v[0..4].copy_from_slice(&out.to_ne_bytes());
         self.map.update(&map_key(ifindex, key), &v)
+    }
+
+    /// Frames (wire packets) and bytes the kernel forwarded since load.
+    pub fn totals(&self) -> io::Result<(u64, u64)> {
+        let mut v = [0u8; 16];
+        self.totals.lookup(&0u32.to_ne_bytes(), &mut v)?;
+        let u = |i: usize| u64::from_ne_bytes(v[i..i + 8].try_into().unwrap_or([0; 8]));
+        Ok((u(0), u(8)))
     }
 
     /// What the kernel forwarded so far of one direction.
@@ -680,6 +711,7 @@ mod tests {
         assert_eq!(f.packets, 2);
         assert_eq!(f.bytes, 2 * (data.len() as u64 - 14));
         assert!(f.last > Duration::ZERO);
+        assert_eq!(fp.totals().unwrap(), (2, 2 * (data.len() as u64 - 14)));
         // SYN, FIN and RST always reach palisade, so it tracks TCP state.
         for flags in [SYN, FIN | ACK, crate::packet::tcp_flags::RST] {
             let d = frame(&k4, flags, 0);
