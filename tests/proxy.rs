@@ -47,36 +47,42 @@ fn origins(dir: &Path) -> Origins {
         echo.local_addr().unwrap().port(),
     );
 
-    let service = || {
-        hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-            let host = req
-                .headers()
-                .get("host")
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            let via = req
-                .headers()
-                .get("via")
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            let body = format!(
-                "origin saw {} {} host={host} via={via}\n",
-                req.method(),
-                req.uri()
-            );
-            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
-        })
+    // Each response names the connection it came on (the proxy's address
+    // and port as the origin sees them).
+    let service = |from: std::net::SocketAddr| {
+        hyper::service::service_fn(
+            move |req: hyper::Request<hyper::body::Incoming>| async move {
+                let host = req
+                    .headers()
+                    .get("host")
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let via = req
+                    .headers()
+                    .get("via")
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let body = format!(
+                    "origin saw {} {} host={host} via={via} from={from}\n",
+                    req.method(),
+                    req.uri()
+                );
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                    body,
+                ))))
+            },
+        )
     };
     rt.spawn(async move {
         loop {
-            let Ok((s, _)) = http.accept().await else {
+            let Ok((s, from)) = http.accept().await else {
                 return;
             };
             tokio::spawn(
                 hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), service()),
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), service(from)),
             );
         }
     });
@@ -97,14 +103,14 @@ fn origins(dir: &Path) -> Origins {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     rt.spawn(async move {
         loop {
-            let Ok((s, _)) = tls.accept().await else {
+            let Ok((s, from)) = tls.accept().await else {
                 return;
             };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(t) = acceptor.accept(s).await {
                     let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(t), service())
+                        .serve_connection(hyper_util::rt::TokioIo::new(t), service(from))
                         .await;
                 }
             });
@@ -742,6 +748,42 @@ fn idle_keepalive_connections_are_closed() {
         waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
         "{waited:?}"
     );
+    p.stop_and_verify();
+}
+
+#[test]
+fn origin_connections_are_reused() {
+    let p = start_proxy("");
+    let port = p.origins.http;
+    let url = |path: &str| format!("http://origin.test:{port}/{path}");
+    let from = |body: &str| -> Vec<String> {
+        body.lines()
+            .filter_map(|l| l.split(" from=").nth(1))
+            .map(str::to_string)
+            .collect()
+    };
+    // Two requests on one client connection go out on one origin connection.
+    let (code, body) = p.curl(&[&url("a"), &url("b")]);
+    assert_eq!(code, 200, "{body}");
+    let first = from(&body);
+    assert_eq!(first.len(), 2, "{body}");
+    assert_eq!(first[0], first[1], "{body}");
+    // The next client connection takes it over once the first has left.
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, body) = p.curl(&[&url("c")]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(from(&body), vec![first[0].clone()], "{body}");
+    // Still one record per request.
+    for path in ["a", "b", "c"] {
+        let r = p.wait_record(path, |r| s(r, "/url/full") == url(path));
+        assert_eq!(n(&r, "/http/response/status_code"), 200);
+    }
+    let per_request = p
+        .records()
+        .iter()
+        .filter(|r| s(r, "/event/code") == "proxy_request")
+        .count();
+    assert_eq!(per_request, 3);
     p.stop_and_verify();
 }
 

@@ -19,6 +19,7 @@
 mod addr;
 mod body;
 mod sni;
+mod upstream;
 
 pub use addr::{canonical, internal_range, parse_host, parse_ipv4_loose, Host};
 
@@ -32,11 +33,10 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,7 +66,7 @@ struct State {
     loader: PolicyLoader,
     audit: AuditLog,
     config: ProxyConfig,
-    client: Client<HttpConnector, Incoming>,
+    idle: upstream::IdlePool,
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     per_client: Mutex<HashMap<IpAddr, usize>>,
     open: AtomicU64,
@@ -193,14 +193,7 @@ impl Proxy {
     ) -> std::io::Result<Proxy> {
         let policy = loader().map_err(std::io::Error::other)?;
         let listener = TcpListener::bind(config.listen).await?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(config.max_connections)
-            .build(connector);
+        let idle = upstream::IdlePool::new(config.max_connections, Duration::from_secs(90));
         let rate =
             NonZeroU32::new(config.requests_per_second_per_client).unwrap_or(NonZeroU32::MIN);
         let burst =
@@ -216,7 +209,7 @@ impl Proxy {
                 loader,
                 audit,
                 config,
-                client,
+                idle,
                 limiter,
                 per_client: Mutex::new(HashMap::new()),
                 open: AtomicU64::new(0),
@@ -365,16 +358,21 @@ async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr
     // `idle_timeout` is closed.
     let epoch = Instant::now();
     let activity = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    // The origin connection plain HTTP requests go out on; this task
+    // drives it (below), next to the client connection.
+    let slot = Arc::new(upstream::Slot::default());
     let st = state.clone();
     let act = activity.clone();
+    let sl = slot.clone();
     let service = hyper::service::service_fn(move |req| {
         let st = st.clone();
         let act = act.clone();
+        let sl = sl.clone();
         async move {
             act.1.fetch_add(1, Ordering::Relaxed);
             act.0
                 .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-            let resp = handle(st, peer, req).await;
+            let resp = handle(st, sl, peer, req).await;
             act.0
                 .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
             act.1.fetch_sub(1, Ordering::Relaxed);
@@ -404,14 +402,24 @@ async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr
             }
         }
     };
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = watchdog => {
+    tokio::pin!(watchdog);
+    let mut closing = false;
+    let result = std::future::poll_fn(|cx| {
+        if !closing && watchdog.as_mut().poll(cx).is_ready() {
             // Finishes a response in progress, then closes.
             conn.as_mut().graceful_shutdown();
-            conn.await
+            closing = true;
         }
-    };
+        if let std::task::Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return std::task::Poll::Ready(r);
+        }
+        // After the client side: a request it just sent is written out in
+        // the same wake-up.
+        slot.poll_drive(cx);
+        std::task::Poll::Pending
+    })
+    .await;
+    slot.park(&state.idle);
     if let Err(e) = result {
         // Requests hyper refused before they reached the service still get
         // a record: a head too large, or one that never finished arriving.
@@ -610,14 +618,16 @@ async fn resolve_addresses(
 /// so 500 kept-alive clients do not each pin the largest future.
 async fn handle(
     state: Arc<State>,
+    slot: Arc<upstream::Slot>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    Box::pin(handle_request(state, peer, req)).await
+    Box::pin(handle_request(state, slot, peer, req)).await
 }
 
 async fn handle_request(
     state: Arc<State>,
+    slot: Arc<upstream::Slot>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
@@ -655,7 +665,7 @@ async fn handle_request(
     let outcome = if is_connect {
         connect(&state, &policy, peer, req, &id, start).await
     } else {
-        forward(&state, &policy, peer, req, &id, start).await
+        forward(&state, &slot, &policy, peer, req, &id, start).await
     };
     match outcome {
         Ok(resp) => resp,
@@ -717,6 +727,7 @@ async fn admit(state: &State) -> Result<(), (Refusal, Option<SocketAddr>)> {
 
 async fn forward(
     state: &Arc<State>,
+    slot: &upstream::Slot,
     policy: &Arc<Policy>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
@@ -788,18 +799,12 @@ async fn forward(
     let dest = resolve_checked(state, policy, rule, &host, port)
         .await
         .map_err(|r| (r, None))?;
-    // Dial exactly the checked address; the Host header keeps the name.
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let upstream_uri: Uri = match format!("http://{dest}{path}").parse() {
-        Ok(u) => u,
-        Err(_) => {
-            return Err((
-                Refusal::new(StatusCode::BAD_REQUEST, "cannot rebuild the request target"),
-                None,
-            ))
-        }
+    // The request goes out in origin form (path and query) on a connection
+    // to exactly the checked address; the Host header keeps the name.
+    *req.uri_mut() = match uri.path_and_query() {
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
     };
-    *req.uri_mut() = upstream_uri;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     if !headers.contains_key(HOST) {
@@ -809,33 +814,50 @@ async fn forward(
     }
     add_via(headers);
     let method = req.method().as_str().to_string();
-    let sent = tokio::time::timeout(state.config.upstream_timeout, state.client.request(req)).await;
+    let cfg = &state.config;
+    let sent = slot
+        .send(
+            &state.idle,
+            dest,
+            req,
+            cfg.connect_timeout,
+            cfg.upstream_timeout,
+        )
+        .await;
     let resp = match sent {
-        Err(_) => {
-            return Err((
-                Refusal {
-                    status: StatusCode::GATEWAY_TIMEOUT,
-                    reason: format!(
-                        "{dest} did not answer within {:?}",
-                        state.config.upstream_timeout
-                    ),
-                    rule: Some(rule_name),
-                },
-                Some(dest),
-            ))
-        }
-        Ok(Err(e)) => {
-            let status = StatusCode::BAD_GATEWAY;
+        Ok(r) => r,
+        Err(f) => {
+            let (status, reason) = match f {
+                upstream::Failure::Timeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("{dest} did not answer within {:?}", cfg.upstream_timeout),
+                ),
+                upstream::Failure::ConnectTimeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("connecting to {dest} timed out"),
+                ),
+                upstream::Failure::Connect(e) => (
+                    StatusCode::BAD_GATEWAY,
+                    format!("cannot connect to {dest}: {e}"),
+                ),
+                upstream::Failure::Upstream(e) => (
+                    StatusCode::BAD_GATEWAY,
+                    format!("upstream {dest}: {}", error_chain(&e)),
+                ),
+                upstream::Failure::Closed => (
+                    StatusCode::BAD_GATEWAY,
+                    format!("upstream {dest} closed the connection before the request was sent"),
+                ),
+            };
             return Err((
                 Refusal {
                     status,
-                    reason: format!("upstream {dest}: {}", error_chain(&e)),
+                    reason,
                     rule: Some(rule_name),
                 },
                 Some(dest),
             ));
         }
-        Ok(Ok(r)) => r,
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
