@@ -10,6 +10,8 @@
 //!   that ignored it would forward tagged frames untagged.
 //!   [`bind_packet`], [`set_promiscuous`] and [`set_packet_option`] set
 //!   such a socket up.
+//! - [`lean_allocator`]: two of mimalloc's process-wide options, set
+//!   through its C interface.
 //! - [`bpf`]: the `bpf(2)` calls behind the filter's kernel fast path
 //!   (maps, program loading, attaching to a port and to a packet socket,
 //!   test runs), which no kept crate offers without a C toolchain.
@@ -23,6 +25,30 @@ pub fn default_sigpipe() {
     // valid signal number and the SIG_DFL disposition; no handler code runs.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+extern "C" {
+    /// mimalloc's option setter; `option` is its `mi_option_t` (v3, the
+    /// version the `mimalloc` crate builds by default).
+    fn mi_option_set(option: libc::c_int, value: libc::c_long);
+}
+
+/// `mi_option_arena_eager_commit` in mimalloc v3's `mi_option_e`.
+const MI_OPTION_ARENA_EAGER_COMMIT: libc::c_int = 4;
+/// `mi_option_purge_delay` in mimalloc v3's `mi_option_e`.
+const MI_OPTION_PURGE_DELAY: libc::c_int = 15;
+
+/// mimalloc commits arena memory only as it is used and returns freed pages
+/// at once (its defaults commit a whole arena up front, backed by huge
+/// pages). Takes effect only before the first allocation.
+pub fn lean_allocator() {
+    // SAFETY: plain setters of mimalloc's process-wide options, which it
+    // reads without locks; called from `.init_array` while the process has
+    // one thread, with option numbers of the linked version's enum.
+    unsafe {
+        mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+        mi_option_set(MI_OPTION_PURGE_DELAY, 0);
     }
 }
 
