@@ -863,19 +863,27 @@ impl<A: Address> Builder<'_, A> {
 
     /// Sets each leaf entry's [`LeafEntry::later`]: the later trees holding
     /// an entry with a better priority that overlaps it. `groups[t]` lists
-    /// tree `t`'s entries in priority order. When the work budget runs out
-    /// the remaining entries keep every later tree, which is always safe.
+    /// tree `t`'s entries in priority order. The pairwise tests have their
+    /// own budget (64 per entry, at least 2^25, at most what is left of the
+    /// build's work cap) so that a large set cannot spend the whole cap
+    /// here; once it runs out the remaining entries keep every later tree,
+    /// which is always safe.
     fn link_trees(&mut self, trees: &mut [Tree<A>], groups: &[Vec<u32>]) {
         let mut later = vec![ALL_TREES; self.rects.len()];
+        let budget = (self.rects.len() as u64 * 64)
+            .max(1 << 25)
+            .min(self.work_left);
+        let mut left = budget;
         'all: for (t, group) in groups.iter().enumerate() {
             for &i in group {
                 let r = &self.rects[i as usize];
                 let mut mask: TreeMask = 0;
                 for (u, other) in groups.iter().enumerate().skip(t + 1) {
                     let better = other.partition_point(|&j| j < i);
-                    if !self.charge_work(better) {
+                    let Some(rest) = left.checked_sub(better as u64) else {
                         break 'all;
-                    }
+                    };
+                    left = rest;
                     let hit = other[..better].iter().any(|&j| {
                         let o = &self.rects[j as usize];
                         (0..DIMS).all(|d| o.lo[d] <= r.hi[d] && r.lo[d] <= o.hi[d])
@@ -885,6 +893,7 @@ impl<A: Address> Builder<'_, A> {
                 later[i as usize] = mask;
             }
         }
+        self.work_left -= budget - left;
         for tree in trees {
             for e in &mut tree.leaves {
                 e.later = later[e.priority as usize];
@@ -1491,6 +1500,45 @@ mod tests {
                 assert_eq!(c.lookup(&k), r.lookup(&k), "{k:?}");
             }
         }
+    }
+
+    #[test]
+    fn later_tree_sets_cut_short_by_the_work_cap_stay_exact() {
+        // Pinned sources and pinned destination ports, interleaved in
+        // priority: they land in different trees, and a key often matches
+        // in both. With the work cap just below what the full build used,
+        // the trees still build but the later-tree sets of some entries are
+        // left at "every tree"; answers must not change.
+        let mut entries = Vec::new();
+        for i in 0..600u32 {
+            entries.push(entry((i * 3, i * 3 + 1), (0, u16::MAX), Some(6), 2 * i));
+            entries.push(entry((0, u32::MAX), (i as u16, i as u16), None, 2 * i + 1));
+        }
+        let full = Classifier::build(entries.clone()).unwrap();
+        assert!(full.stats().trees > 1, "{:?}", full.stats());
+        let used = full.stats().build_work;
+        let r = LinearMatcher::new(entries.clone());
+        let mut cut_short = 0;
+        for less in [1, 10, 100, 1000, 10_000, 100_000] {
+            let limits = BuildLimits {
+                max_work: used.saturating_sub(less),
+                ..BuildLimits::default()
+            };
+            let Ok(c) = Classifier::build_with(entries.clone(), &limits) else {
+                continue;
+            };
+            cut_short += 1;
+            for s in (0..2000u32).step_by(3) {
+                for dport in [0, 1, s as u16 % 700, 599, 600] {
+                    let k = key(s, dport, if s % 2 == 0 { 6 } else { 17 });
+                    assert_eq!(c.lookup(&k), r.lookup(&k), "{k:?}");
+                    let mut out = [None];
+                    c.lookup_batch(&[k], &mut out);
+                    assert_eq!(out[0], r.lookup(&k), "batched {k:?}");
+                }
+            }
+        }
+        assert!(cut_short > 0, "no build fitted a slightly smaller cap");
     }
 
     #[test]
