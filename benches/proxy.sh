@@ -7,6 +7,9 @@
 #   benches/proxy.sh                       # REPS=1 DURATION=5 by default
 #   REPS=3 DURATION=10 benches/proxy.sh    # the harness's full settings
 #
+# The harness takes /tmp/anchor-bench.lock for each run itself; under an
+# outer flock on that same file, give it its own: LOCK=/tmp/other.lock.
+#
 # Needs: nginx-light squid tinyproxy wrk curl jq openssl python3 (apt-get).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
