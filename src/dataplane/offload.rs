@@ -2,8 +2,8 @@
 //!
 //! Every frame of a flow crossing the filter through its packet sockets is
 //! copied into palisade and copied out again. Once palisade has admitted a
-//! flow and seen it established (a TCP handshake completed; a UDP flow's
-//! second packet), the rest of the flow needs no decision, only its
+//! flow and seen it established (a TCP handshake completed; a reply to a
+//! UDP flow), the rest of the flow needs no decision, only its
 //! accounting. So palisade hands such a flow to the kernel:
 //!
 //! - a hash map, keyed by (arrival port, protocol, addresses, ports), holds
