@@ -80,15 +80,24 @@ pub const PACKET_VNET_HDR: libc::c_int = 15;
 
 /// Sets an integer `SOL_PACKET` option.
 pub fn set_packet_option(fd: BorrowedFd<'_>, option: libc::c_int, value: i32) -> io::Result<()> {
-    let v: libc::c_int = value;
+    set_int_option(fd, libc::SOL_PACKET, option, value)
+}
+
+/// Sets an integer socket option at `level`.
+fn set_int_option(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `fd` is a live socket for the duration of the call; the option
     // value points to a c_int that outlives the call, with its exact size.
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_PACKET,
+            level,
             option,
-            (&v as *const libc::c_int).cast(),
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -566,22 +575,7 @@ pub mod bpf {
         // asm-generic's value (x86, arm, riscv); the fast path refuses to
         // load on architectures where it differs.
         const SO_ATTACH_BPF: libc::c_int = 50;
-        let v: libc::c_int = prog.as_raw_fd();
-        // SAFETY: `sock` is a live socket; the option value points to a
-        // c_int holding a live program descriptor, with its exact size.
-        let r = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                SO_ATTACH_BPF,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        // The option's value is the program's descriptor.
+        super::set_int_option(sock, libc::SOL_SOCKET, SO_ATTACH_BPF, prog.as_raw_fd())
     }
 }
