@@ -1035,35 +1035,32 @@ default deny
                 .is_some()
         };
 
+        // A frame of `key`'s flow (TCP with `flags`, or UDP) into `z`.
+        let send = |e: &Engine, z: Zone, key: &FlowKey, flags: u8, payload: usize| {
+            let (IpAddr::V4(src), IpAddr::V4(dst)) = (key.src, key.dst) else {
+                unreachable!("IPv4 flows here")
+            };
+            let l4 = if key.proto == 6 {
+                let mut t = build::tcp(key.src_port, key.dst_port, flags);
+                t.resize(t.len() + payload, 0xab);
+                t
+            } else {
+                build::udp(key.src_port, key.dst_port, &vec![0xab; payload])
+            };
+            e.handle(z, &build::ipv4(src, dst, key.proto, &l4, (1, false, 0)))
+        };
+
         // TCP edge -> onprem: offloaded once established, both directions,
         // each keyed on the port its frames arrive on.
         let web = k("192.0.2.10", "192.0.2.200", 6, 40000, 80);
         let back = reversed(&web);
-        assert_eq!(
-            e.handle(
-                Zone::Edge,
-                &tcp("192.0.2.10", "192.0.2.200", 40000, 80, SYN, 0)
-            ),
-            fwd
-        );
-        assert_eq!(
-            e.handle(
-                Zone::Onprem,
-                &tcp("192.0.2.200", "192.0.2.10", 80, 40000, SYN | ACK, 0)
-            ),
-            fwd
-        );
+        assert_eq!(send(&e, Zone::Edge, &web, SYN, 0), fwd);
+        assert_eq!(send(&e, Zone::Onprem, &back, SYN | ACK, 0), fwd);
         assert!(
             !in_kernel(&e, EDGE, &web),
             "not before the handshake completes"
         );
-        assert_eq!(
-            e.handle(
-                Zone::Edge,
-                &tcp("192.0.2.10", "192.0.2.200", 40000, 80, ACK, 0)
-            ),
-            fwd
-        );
+        assert_eq!(send(&e, Zone::Edge, &web, ACK, 0), fwd);
         assert!(in_kernel(&e, EDGE, &web) && in_kernel(&e, ONPREM, &back));
         assert!(!in_kernel(&e, ONPREM, &web) && !in_kernel(&e, EDGE, &back));
         assert_eq!(e.fast_path_totals(), Some((0, 0)));
@@ -1071,53 +1068,19 @@ default deny
         // Both ends in the edge zone: both directions arrive on edge, so no
         // entry could be right for both; it stays with palisade.
         let peer = k("192.0.2.10", "192.0.2.20", 6, 40001, 80);
-        assert_eq!(
-            e.handle(
-                Zone::Edge,
-                &tcp("192.0.2.10", "192.0.2.20", 40001, 80, SYN, 0)
-            ),
-            fwd
-        );
-        assert_eq!(
-            e.handle(
-                Zone::Edge,
-                &tcp("192.0.2.20", "192.0.2.10", 80, 40001, SYN | ACK, 0)
-            ),
-            fwd
-        );
-        assert_eq!(
-            e.handle(
-                Zone::Edge,
-                &tcp("192.0.2.10", "192.0.2.20", 40001, 80, ACK, 0)
-            ),
-            fwd
-        );
+        assert_eq!(send(&e, Zone::Edge, &peer, SYN, 0), fwd);
+        assert_eq!(send(&e, Zone::Edge, &reversed(&peer), SYN | ACK, 0), fwd);
+        assert_eq!(send(&e, Zone::Edge, &peer, ACK, 0), fwd);
         for port in [EDGE, ONPREM] {
             assert!(!in_kernel(&e, port, &peer) && !in_kernel(&e, port, &reversed(&peer)));
         }
 
         // UDP: not before palisade saw a reply.
         let dns = k("192.0.2.11", "192.0.2.200", 17, 5000, 53);
-        let q = || {
-            build::ipv4(
-                v4("192.0.2.11"),
-                v4("192.0.2.200"),
-                17,
-                &build::udp(5000, 53, b"q"),
-                (1, false, 0),
-            )
-        };
-        assert_eq!(e.handle(Zone::Edge, &q()), fwd);
-        assert_eq!(e.handle(Zone::Edge, &q()), fwd);
+        assert_eq!(send(&e, Zone::Edge, &dns, 0, 1), fwd);
+        assert_eq!(send(&e, Zone::Edge, &dns, 0, 1), fwd);
         assert!(!in_kernel(&e, EDGE, &dns), "one-way so far");
-        let a = build::ipv4(
-            v4("192.0.2.200"),
-            v4("192.0.2.11"),
-            17,
-            &build::udp(53, 5000, b"a"),
-            (1, false, 0),
-        );
-        assert_eq!(e.handle(Zone::Onprem, &a), fwd);
+        assert_eq!(send(&e, Zone::Onprem, &reversed(&dns), 0, 1), fwd);
         assert!(in_kernel(&e, EDGE, &dns) && in_kernel(&e, ONPREM, &reversed(&dns)));
         assert_eq!(e.counters.offloaded_now.load(Ordering::Relaxed), 2);
 
@@ -1128,56 +1091,23 @@ default deny
         assert!(!in_kernel(&e, EDGE, &dns));
         assert_eq!(e.counters.offloaded_now.load(Ordering::Relaxed), 0);
         assert_eq!(
-            e.handle(
-                Zone::Edge,
-                &tcp("192.0.2.10", "192.0.2.200", 40000, 80, ACK, 10)
-            ),
+            send(&e, Zone::Edge, &web, ACK, 10),
             Disposition::Drop(DropReason::Revoked)
         );
         // The UDP flow, still allowed, is offloaded again at its next packet.
-        assert_eq!(e.handle(Zone::Edge, &q()), fwd);
+        assert_eq!(send(&e, Zone::Edge, &dns, 0, 1), fwd);
         assert!(in_kernel(&e, EDGE, &dns));
 
         // A TCP flow's close is palisade's to see: the fast path lets go.
         e.set_policy(compile(policy));
         let w2 = k("192.0.2.12", "192.0.2.200", 6, 40002, 80);
-        assert_eq!(
-            e.handle(
-                Zone::Edge,
-                &tcp("192.0.2.12", "192.0.2.200", 40002, 80, SYN, 0)
-            ),
-            fwd
-        );
-        assert_eq!(
-            e.handle(
-                Zone::Onprem,
-                &tcp("192.0.2.200", "192.0.2.12", 80, 40002, SYN | ACK, 0)
-            ),
-            fwd
-        );
-        assert_eq!(
-            e.handle(
-                Zone::Edge,
-                &tcp("192.0.2.12", "192.0.2.200", 40002, 80, ACK, 0)
-            ),
-            fwd
-        );
+        assert_eq!(send(&e, Zone::Edge, &w2, SYN, 0), fwd);
+        assert_eq!(send(&e, Zone::Onprem, &reversed(&w2), SYN | ACK, 0), fwd);
+        assert_eq!(send(&e, Zone::Edge, &w2, ACK, 0), fwd);
         assert!(in_kernel(&e, EDGE, &w2));
-        assert_eq!(
-            e.handle(
-                Zone::Edge,
-                &tcp("192.0.2.12", "192.0.2.200", 40002, 80, FIN | ACK, 0)
-            ),
-            fwd
-        );
+        assert_eq!(send(&e, Zone::Edge, &w2, FIN | ACK, 0), fwd);
         assert!(in_kernel(&e, EDGE, &w2), "half-closed: still the kernel's");
-        assert_eq!(
-            e.handle(
-                Zone::Onprem,
-                &tcp("192.0.2.200", "192.0.2.12", 80, 40002, FIN | ACK, 0)
-            ),
-            fwd
-        );
+        assert_eq!(send(&e, Zone::Onprem, &reversed(&w2), FIN | ACK, 0), fwd);
         assert!(!in_kernel(&e, EDGE, &w2) && !in_kernel(&e, ONPREM, &reversed(&w2)));
 
         // Shutdown ends every flow and empties the map.
