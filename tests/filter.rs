@@ -258,6 +258,23 @@ impl Net {
         records(&self.dir.path().join("audit"))
     }
 
+    /// The first record in the running filter's trail that satisfies
+    /// `want`, waiting up to 10 s for it to be written.
+    fn wait_record(
+        &self,
+        what: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self.records().into_iter().find(|r| want(r)) {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "no {what} record");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn stop_and_verify(&mut self) -> Vec<serde_json::Value> {
         stop_and_verify(
             self.filter.take().unwrap(),
@@ -418,15 +435,9 @@ fn a_reload_that_removes_a_rule_cuts_the_flow() {
     )
     .unwrap();
     net.signal(rustix::process::Signal::HUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !net
-        .records()
-        .iter()
-        .any(|r| s(r, "/event/action") == "policy-loaded" && r.to_string().contains("reload"))
-    {
-        assert!(Instant::now() < deadline, "no reload record");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    net.wait_record("reload", |r| {
+        s(r, "/event/action") == "policy-loaded" && r.to_string().contains("reload")
+    });
     let mut stdin: ChildStdin = client.stdin.take().unwrap();
     writeln!(stdin).unwrap();
     line.clear();
@@ -594,18 +605,10 @@ fn an_offloaded_flow_outlives_its_idle_timeout_while_the_kernel_carries_it() {
     assert_eq!(out, format!("SENT {n} GOT {n}"), "every datagram echoed");
     assert!(n >= 50, "{out}");
     // Then it idles out, with one record for the whole conversation.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let end = loop {
-        let recs = net.records();
-        if let Some(e) = recs.iter().find(|r| {
-            s(r, "/event/code") == "flow_end"
-                && r.pointer("/destination/port").and_then(|p| p.as_u64()) == Some(5353)
-        }) {
-            break e.clone();
-        }
-        assert!(Instant::now() < deadline, "no flow_end record");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let end = net.wait_record("flow_end", |r| {
+        s(r, "/event/code") == "flow_end"
+            && r.pointer("/destination/port").and_then(|p| p.as_u64()) == Some(5353)
+    });
     assert_eq!(s(&end, "/event/reason"), "timed out", "{end:#}");
     for side in ["source", "destination"] {
         let packets = end
