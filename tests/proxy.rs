@@ -52,18 +52,14 @@ fn origins(dir: &Path) -> Origins {
     let service = |from: std::net::SocketAddr| {
         hyper::service::service_fn(
             move |req: hyper::Request<hyper::body::Incoming>| async move {
-                let host = req
-                    .headers()
-                    .get("host")
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                let via = req
-                    .headers()
-                    .get("via")
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
+                let header = |name: &str| {
+                    req.headers()
+                        .get(name)
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                let (host, via) = (header("host"), header("via"));
                 let body = format!(
                     "origin saw {} {} host={host} via={via} from={from}\n",
                     req.method(),
