@@ -14,21 +14,7 @@ fn kill_9_under_load_loses_no_durable_record() {
     let tmp = tempfile::tempdir().unwrap();
     let keys = keygen(tmp.path());
     let dir = tmp.path().join("trail");
-    let mut child = palisade()
-        .args([
-            "audit",
-            "stress",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--key",
-            keys.signing.to_str().unwrap(),
-            "--records",
-            "5000000",
-            "--producers",
-            "4",
-            "--rotate-size",
-            "256KiB",
-        ])
+    let mut child = stress(&dir, &keys, 5_000_000, 4, "256KiB")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -37,23 +37,28 @@ pub fn keygen(dir: &Path) -> Keys {
     }
 }
 
+/// `palisade audit stress` writing `records` records into `dir` from
+/// `producers` threads, a new file every `rotate_size`.
+pub fn stress(dir: &Path, keys: &Keys, records: u64, producers: u32, rotate_size: &str) -> Command {
+    let mut c = palisade();
+    c.arg("audit")
+        .arg("stress")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--key")
+        .arg(&keys.signing)
+        .args(["--records", &records.to_string()])
+        .args(["--producers", &producers.to_string()])
+        .args(["--rotate-size", rotate_size]);
+    c
+}
+
 /// Writes `records` records through the real writer (rotating every 4 KiB),
 /// closed cleanly.
 pub fn make_trail(dir: &Path, keys: &Keys, records: u64) {
-    let o = run(&[
-        "audit",
-        "stress",
-        "--dir",
-        dir.to_str().unwrap(),
-        "--key",
-        keys.signing.to_str().unwrap(),
-        "--records",
-        &records.to_string(),
-        "--producers",
-        "2",
-        "--rotate-size",
-        "4096",
-    ]);
+    let o = stress(dir, keys, records, 2, "4096")
+        .output()
+        .expect("run palisade");
     assert!(o.status.success(), "stress: {}", text(&o));
 }
 
