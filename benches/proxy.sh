@@ -6,6 +6,7 @@
 #
 #   benches/proxy.sh                       # REPS=1 DURATION=5 by default
 #   REPS=3 DURATION=10 benches/proxy.sh    # the harness's full settings
+#   PALISADE_BIN=/tmp/old/palisade benches/proxy.sh   # a given build
 #
 # The harness takes /tmp/anchor-bench.lock for each run itself; under an
 # outer flock on that same file, give it its own: LOCK=/tmp/other.lock.
@@ -16,8 +17,13 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 HARNESS="${HARNESS:-$ROOT/../shared/peers/proxy}"
 [[ -x "$HARNESS/bench.sh" ]] || { echo "needs the peer harness at $HARNESS" >&2; exit 2; }
 
-cargo build --release --manifest-path "$ROOT/Cargo.toml" >&2
-BIN="$ROOT/target/release/palisade"
+# PALISADE_BIN=path runs that build instead (A/B of two builds, one run each).
+if [[ -n "${PALISADE_BIN:-}" ]]; then
+  BIN="$(realpath "$PALISADE_BIN")"
+else
+  cargo build --release --manifest-path "$ROOT/Cargo.toml" >&2
+  BIN="$ROOT/target/release/palisade"
+fi
 
 # The harness writes next to itself; run a private copy.
 WORK="$(mktemp -d /tmp/palisade-proxy-bench.XXXXXX)"

@@ -618,6 +618,48 @@ fn plain_bytes_in_a_tunnel_need_plain_tunnel() {
 }
 
 #[test]
+fn a_tunnel_carries_bulk_both_ways_in_order() {
+    let p = start_proxy("");
+    let t = connect_tunnel(p.addr, &format!("echo.test:{}", p.origins.echo));
+    // Far past every socket and pipe buffer on the way there and back.
+    const LEN: usize = 24 << 20;
+    let byte = |i: usize| (i.wrapping_mul(31) ^ (i >> 11)) as u8;
+    let mut w = t.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let data: Vec<u8> = (0..LEN).map(byte).collect();
+        for chunk in data.chunks(64 << 10) {
+            w.write_all(chunk).unwrap();
+        }
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    // Nothing is read for a while, so every buffer fills up and the relay
+    // has to stop and resume in both directions.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut r = t;
+    let (mut got, mut buf) = (0usize, vec![0u8; 64 << 10]);
+    loop {
+        let k = r.read(&mut buf).expect("the tunnel stalled");
+        if k == 0 {
+            break;
+        }
+        for (j, b) in buf[..k].iter().enumerate() {
+            assert_eq!(*b, byte(got + j), "byte {} came back wrong", got + j);
+        }
+        got += k;
+        assert!(got <= LEN, "more bytes came back than were sent");
+    }
+    writer.join().unwrap();
+    assert_eq!(got, LEN, "the end came before every byte was back");
+    drop(r);
+    let rec = p.wait_record("for the bulk tunnel", |r| {
+        s(r, "/rule/name") == "echo" && s(r, "/event/action") == "allowed"
+    });
+    assert_eq!(n(&rec, "/source/bytes"), LEN as u64);
+    assert_eq!(n(&rec, "/destination/bytes"), LEN as u64);
+    p.stop_and_verify();
+}
+
+#[test]
 fn oversize_headers_and_slowloris_are_cut() {
     let p = start_proxy("max_header_bytes = 16384");
     let big = format!("X-Big: {}", "a".repeat(40_000));

@@ -44,6 +44,11 @@ const SPLICE_CHUNK: usize = 1 << 18;
 
 /// One direction of a tunnel: `from` → pipe → `to`, until `from` ends or
 /// either side fails; then the end is passed on (`to` is shut for writing).
+///
+/// The pump is pipelined: it reads from `from` whenever the pipe has room
+/// and writes to `to` whenever the pipe holds bytes, so the sender is not
+/// stalled while the receiver drains, and the receiver is fed while more
+/// arrives. Bytes in flight are bounded by the pipe.
 async fn splice_pump(
     from: &TcpStream,
     to: &TcpStream,
@@ -56,44 +61,77 @@ async fn splice_pump(
     let Ok((pipe_r, pipe_w)) = pipe() else {
         return;
     };
-    // The default 64 KiB pipe caps each round (wait readable, splice in,
-    // wait writable, splice out) at 64 KiB; a larger one moves what the
-    // socket holds in one round. Pages are only used while bytes sit in the
-    // pipe. Refused (over the per-user pipe limit): the default stays.
+    // The default 64 KiB pipe caps the bytes in flight at 64 KiB; a larger
+    // one lets a round move what the socket holds. Pages are only used
+    // while bytes sit in the pipe. Refused (over the per-user pipe limit):
+    // the default stays.
     let _ = rustix::pipe::fcntl_setpipe_size(&pipe_w, SPLICE_CHUNK);
-    'outer: loop {
-        let n = loop {
-            if from.readable().await.is_err() {
-                break 'outer;
-            }
-            match from.try_io(Interest::READABLE, || {
-                splice(from, None, &pipe_w, None, SPLICE_CHUNK, flags).map_err(std::io::Error::from)
-            }) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(_) => break 'outer,
-            }
-        };
-        if n == 0 {
+    // Bytes in the pipe; whether `from` has ended (or failed: what was read
+    // is still delivered); whether the pipe had no room at the last try.
+    let (mut held, mut eof, mut full) = (0usize, false, false);
+    loop {
+        if eof && held == 0 {
             break;
         }
-        touch();
-        let mut left = n;
-        while left > 0 {
-            if to.writable().await.is_err() {
-                return;
+        let (want_read, want_write) = (!eof && !full, held > 0);
+        // Awaiting readiness (rather than looping on the syscalls) also
+        // spends the task's cooperative budget, so a busy tunnel yields.
+        tokio::select! {
+            biased;
+            r = to.writable(), if want_write => if r.is_err() { return },
+            r = from.readable(), if want_read => if r.is_err() { eof = true },
+        }
+        if !eof && !full {
+            // EAGAIN from a splice into a pipe with bytes in it may mean the
+            // pipe is full rather than the socket empty (the pipe counts
+            // pages, not bytes): then the socket's readiness must stay, or
+            // its next wake-up would never come. Only this task touches the
+            // pipe, so a zero-timeout poll of its write end tells which.
+            let r = from.try_io(Interest::READABLE, || {
+                match splice(from, None, &pipe_w, None, SPLICE_CHUNK, flags) {
+                    Ok(n) => Ok(Some(n)),
+                    Err(rustix::io::Errno::AGAIN) if held > 0 && !pipe_has_room(&pipe_w) => {
+                        Ok(None)
+                    }
+                    Err(e) => Err(std::io::Error::from(e)),
+                }
+            });
+            match r {
+                Ok(Some(0)) => eof = true,
+                Ok(Some(n)) => {
+                    held += n;
+                    touch();
+                }
+                Ok(None) => full = true,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => eof = true,
             }
+        }
+        if held > 0 {
             match to.try_io(Interest::WRITABLE, || {
-                splice(&pipe_r, None, to, None, left, flags).map_err(std::io::Error::from)
+                splice(&pipe_r, None, to, None, held, flags).map_err(std::io::Error::from)
             }) {
                 Ok(k) => {
-                    left -= k;
+                    held -= k;
+                    full = false;
                     sent.fetch_add(k as u64, Ordering::Relaxed);
+                    touch();
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return,
             }
         }
     }
     let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+}
+
+/// Whether a pipe can take at least one more buffer.
+fn pipe_has_room(pipe_w: &std::os::fd::OwnedFd) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut fds = [PollFd::new(pipe_w, PollFlags::OUT)];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
 }
