@@ -257,6 +257,17 @@ const LEAF_LEN_MAX: usize = (1 << (31 - LEAF_LEN_SHIFT)) - 1;
 const LEAF_START_MAX: usize = 1 << LEAF_LEN_SHIFT;
 /// The empty leaf: matches nothing.
 const EMPTY: Ref = LEAF;
+/// Where a reference to an internal node keeps the node's dimension, so
+/// that a step can fetch the key's value in that dimension while the node
+/// itself is still being loaded.
+const NODE_DIM_SHIFT: u32 = 28;
+/// Most internal nodes a tree can have.
+const NODE_INDEX_MAX: usize = 1 << NODE_DIM_SHIFT;
+
+fn node_ref(index: usize, dim: usize) -> Ref {
+    debug_assert!(index < NODE_INDEX_MAX && dim < DIMS);
+    (dim as u32) << NODE_DIM_SHIFT | index as u32
+}
 
 fn leaf_ref(start: usize, len: usize) -> Ref {
     debug_assert!(len <= LEAF_LEN_MAX && start + len <= LEAF_START_MAX);
@@ -271,11 +282,12 @@ fn leaf_range(r: Ref) -> (usize, usize) {
     (start, start + len)
 }
 
-/// An internal node of a tree: `dim` is the dimension, the first `len`
-/// thresholds are in use (the rest hold `A::MAX`), and `children[..=len]`
-/// are the references of the `len + 1` parts. Thresholds and children are
+/// An internal node of a tree: the first `len` thresholds are in use (the
+/// rest hold `A::MAX`), and `children[..=len]` are the references of the
+/// `len + 1` parts (the rest repeat the last). Thresholds and children are
 /// inline and fixed in number so that a step is one cache-line load (for
-/// IPv4) and a branch-free count.
+/// IPv4) and a branch-free count. The node's dimension is kept in the
+/// references to it (see [`node_ref`]).
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 struct Node<A> {
@@ -284,21 +296,31 @@ struct Node<A> {
     /// The smallest entry index (best priority) anywhere below this node: a
     /// lookup that already holds a better match stops here.
     min_priority: u32,
-    dim: u8,
     len: u8,
 }
 
 impl<A: Address> Node<A> {
-    /// The reference of the child holding `p`.
+    /// The reference of the child holding `v`, the key's value in the
+    /// node's dimension.
     #[inline(always)]
-    fn step(&self, p: &[A; DIMS]) -> Ref {
-        let v = p[usize::from(self.dim)];
+    fn step(&self, v: A) -> Ref {
+        let t = &self.thresholds;
+        let c = |i: usize| usize::from(v >= t[i]);
+        // Unused thresholds are A::MAX, which a key at A::MAX reaches; the
+        // unused children repeat the last one.
+        self.children[(c(0) + c(1)) + (c(2) + c(3)) + (c(4) + c(5))]
+    }
+
+    /// [`step`](Self::step) in fewer instructions but a longer chain of
+    /// dependent ones (a vector compare and a count): better where many
+    /// keys step at once and throughput, not latency, counts.
+    #[inline(always)]
+    fn step_wide(&self, v: A) -> Ref {
         let mut idx = 0usize;
         for &t in &self.thresholds {
             idx += usize::from(v >= t);
         }
-        // Unused thresholds are A::MAX, which a key at A::MAX reaches.
-        self.children[idx.min(usize::from(self.len))]
+        self.children[idx.min(FANOUT - 1)]
     }
 }
 
@@ -308,6 +330,8 @@ impl<A: Address> Node<A> {
 /// more dependent load per entry (32 bytes a copy for IPv4).
 #[derive(Debug, Clone, Copy)]
 struct LeafEntry<A> {
+    /// Each range as `[start, width]` (its last value minus its first), so
+    /// that a field is tested with one subtraction and one compare.
     src: [A; 2],
     dst: [A; 2],
     src_port: [u16; 2],
@@ -325,29 +349,26 @@ impl<A: Address> LeafEntry<A> {
         // Rect bounds of ports and protocol came from u16 and u8 values.
         let narrow = |v: A| v.low_u32() as u16;
         LeafEntry {
-            src: [r.lo[0], r.hi[0]],
-            dst: [r.lo[1], r.hi[1]],
-            src_port: [narrow(r.lo[2]), narrow(r.hi[2])],
-            dst_port: [narrow(r.lo[3]), narrow(r.hi[3])],
+            src: [r.lo[0], r.hi[0] - r.lo[0]],
+            dst: [r.lo[1], r.hi[1] - r.lo[1]],
+            src_port: [narrow(r.lo[2]), narrow(r.hi[2] - r.lo[2])],
+            dst_port: [narrow(r.lo[3]), narrow(r.hi[3] - r.lo[3])],
             priority,
-            proto: [narrow(r.lo[4]) as u8, narrow(r.hi[4]) as u8],
+            proto: [narrow(r.lo[4]) as u8, narrow(r.hi[4] - r.lo[4]) as u8],
             later: ALL_TREES,
         }
     }
 
     #[inline(always)]
     fn contains(&self, k: &Key<A>) -> bool {
-        // Non-short-circuiting: ten compares are cheaper than ten branches.
-        (self.src[0] <= k.src)
-            & (k.src <= self.src[1])
-            & (self.dst[0] <= k.dst)
-            & (k.dst <= self.dst[1])
-            & (self.src_port[0] <= k.src_port)
-            & (k.src_port <= self.src_port[1])
-            & (self.dst_port[0] <= k.dst_port)
-            & (k.dst_port <= self.dst_port[1])
-            & (self.proto[0] <= k.proto)
-            & (k.proto <= self.proto[1])
+        // One subtraction and compare per field (each range is kept as its
+        // start and width). The compiler may test them with one branch
+        // each, which measured faster than one branch-free test of all.
+        (k.src.wrapping_sub(self.src[0]) <= self.src[1])
+            & (k.dst.wrapping_sub(self.dst[0]) <= self.dst[1])
+            & (k.src_port.wrapping_sub(self.src_port[0]) <= self.src_port[1])
+            & (k.dst_port.wrapping_sub(self.dst_port[0]) <= self.dst_port[1])
+            & (k.proto.wrapping_sub(self.proto[0]) <= self.proto[1])
     }
 }
 
@@ -374,8 +395,37 @@ struct Tree<A> {
 /// (in one row) with the same entries share a subtree.
 #[derive(Debug, Clone)]
 struct RootTable {
-    shape: RootShape,
+    /// The slot of a point is `(p[dims[0]] >> shifts[0]) << shifts[2] |
+    /// (p[dims[1]] >> shifts[1]) & mask`, precomputed from the shape so
+    /// that finding the slot is a few independent operations.
+    dims: [usize; 2],
+    shifts: [u32; 3],
+    mask: u32,
     slots: Vec<u32>,
+}
+
+impl RootTable {
+    fn new<A: Address>(shape: RootShape, slots: Vec<u32>) -> Self {
+        let shift = |f: usize| dim_bits::<A>(shape.dims[f]) - shape.bits[f];
+        RootTable {
+            dims: shape.dims,
+            // With no bits of the second field, its term is masked away.
+            shifts: [
+                shift(0),
+                if shape.bits[1] == 0 { 0 } else { shift(1) },
+                shape.bits[1],
+            ],
+            mask: (1u32 << shape.bits[1]) - 1,
+            slots,
+        }
+    }
+
+    #[inline(always)]
+    fn slot<A: Address>(&self, p: &[A; DIMS]) -> usize {
+        let a = (p[self.dims[0]] >> self.shifts[0]).low_u32();
+        let b = (p[self.dims[1]] >> self.shifts[1]).low_u32();
+        (a << self.shifts[2] | b & self.mask) as usize
+    }
 }
 
 /// Which fields index a root table and by how many top bits each; the
@@ -398,13 +448,6 @@ impl RootShape {
             (lo >> shift).low_u32() as usize,
             (hi >> shift).low_u32() as usize,
         )
-    }
-
-    #[inline(always)]
-    fn slot<A: Address>(&self, p: &[A; DIMS]) -> usize {
-        let a = self.span(0, p[self.dims[0]], p[self.dims[0]]).0;
-        let b = self.span(1, p[self.dims[1]], p[self.dims[1]]).0;
-        a << self.bits[1] | b
     }
 
     fn total_bits(&self) -> u32 {
@@ -440,9 +483,21 @@ impl<A: Address> Tree<A> {
     #[inline(always)]
     fn start(&self, p: &[A; DIMS]) -> Ref {
         match &self.root {
-            Some(r) => r.slots[r.shape.slot(p)],
+            Some(r) => r.slots[r.slot(p)],
             None => self.top,
         }
+    }
+
+    /// The internal node a (non-leaf) reference names.
+    #[inline(always)]
+    fn node(&self, r: Ref) -> &Node<A> {
+        &self.nodes[(r & (NODE_INDEX_MAX as u32 - 1)) as usize]
+    }
+
+    /// The key's value in the dimension of the node `r` names.
+    #[inline(always)]
+    fn value(r: Ref, p: &[A; DIMS]) -> A {
+        p[((r >> NODE_DIM_SHIFT) as usize).min(DIMS - 1)]
     }
 
     /// The first entry in the tree containing the key (`k`, and `p` as a
@@ -451,11 +506,12 @@ impl<A: Address> Tree<A> {
     fn lookup(&self, k: &Key<A>, p: &[A; DIMS], bound: u32) -> Option<&LeafEntry<A>> {
         let mut at = self.start(p);
         while at & LEAF == 0 {
-            let node = &self.nodes[at as usize];
+            let v = Self::value(at, p);
+            let node = self.node(at);
             if node.min_priority >= bound {
                 return None;
             }
-            at = node.step(p);
+            at = node.step(v);
         }
         self.leaf_match(at, k, bound)
     }
@@ -626,12 +682,12 @@ impl<A: Address> Classifier<A> {
             steps += usize::from(tree.root.is_some());
             let mut at = tree.start(&p);
             while at & LEAF == 0 {
-                let node = &tree.nodes[at as usize];
+                let node = tree.node(at);
                 if node.min_priority >= best {
                     continue 'trees;
                 }
                 steps += 1;
-                at = node.step(&p);
+                at = node.step(Tree::value(at, &p));
             }
             let (start, end) = leaf_range(at);
             for e in &tree.leaves[start..end] {
@@ -689,11 +745,12 @@ impl<A: Address> Classifier<A> {
                 let mut moving = false;
                 for ((a, p), &b) in at[..n].iter_mut().zip(&points).zip(&best) {
                     if *a & LEAF == 0 {
-                        let node = &tree.nodes[*a as usize];
+                        let v = Tree::value(*a, p);
+                        let node = tree.node(*a);
                         *a = if node.min_priority >= b {
                             EMPTY
                         } else {
-                            node.step(p)
+                            node.step_wide(v)
                         };
                         moving = true;
                     }
@@ -1039,7 +1096,7 @@ impl<A: Address> Builder<'_, A> {
                 }
                 Some(cut) => {
                     if !self.charge_memory(std::mem::size_of::<Node<A>>())
-                        || tree.nodes.len() >= LEAF as usize
+                        || tree.nodes.len() >= NODE_INDEX_MAX
                     {
                         return None;
                     }
@@ -1050,7 +1107,6 @@ impl<A: Address> Builder<'_, A> {
                         thresholds,
                         children: [EMPTY; FANOUT],
                         min_priority: u32::MAX,
-                        dim: cut.dim as u8,
                         len: cut.thresholds.len() as u8,
                     });
                     self.stats.nodes += 1;
@@ -1079,7 +1135,7 @@ impl<A: Address> Builder<'_, A> {
                             depth: depth + 1,
                         });
                     }
-                    index as Ref
+                    node_ref(index, cut.dim)
                 }
             };
             match dest {
@@ -1089,10 +1145,7 @@ impl<A: Address> Builder<'_, A> {
             }
         }
         if let Some(shape) = shape {
-            tree.root = Some(RootTable {
-                shape,
-                slots: table,
-            });
+            tree.root = Some(RootTable::new::<A>(shape, table));
         }
         // Children come after their parent, so one backward pass sees every
         // child before its parent.
@@ -1107,12 +1160,14 @@ impl<A: Address> Builder<'_, A> {
                             .first()
                             .map_or(u32::MAX, |e| e.priority)
                     } else {
-                        tree.nodes[r as usize].min_priority
+                        tree.node(r).min_priority
                     }
                 })
                 .min()
                 .unwrap_or(u32::MAX);
             tree.nodes[i].min_priority = min;
+            let last = tree.nodes[i].children[usize::from(n.len)];
+            tree.nodes[i].children[usize::from(n.len) + 1..].fill(last);
         }
         // memory_bytes counts lengths; make the allocations match.
         tree.nodes.shrink_to_fit();
