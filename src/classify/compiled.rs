@@ -641,7 +641,7 @@ impl<A: Address> Classifier<A> {
     }
 
     /// The rule of the first entry, in priority order, that contains `key`.
-    #[inline]
+    #[inline(always)]
     pub fn lookup(&self, key: &Key<A>) -> Option<RuleId> {
         let p = point(key);
         let mut best = u32::MAX;
