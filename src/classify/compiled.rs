@@ -48,7 +48,9 @@
 //!
 //! [`Classifier::lookup_batch`] walks a group of keys through each tree in
 //! lockstep so that their memory accesses overlap, as DPDK's ACL classifies
-//! bursts.
+//! bursts. The first tree is walked without priority checks, since no key
+//! holds a match yet: a batch is bound by instructions more than by memory
+//! (measured: ipc1_10k batched +8%).
 //!
 //! # Why this and not the others
 //!
@@ -726,48 +728,89 @@ impl<A: Address> Classifier<A> {
         }
         let mut best = [u32::MAX; BATCH];
         let mut todo = [ALL_TREES; BATCH];
+        let mut lanes = Lanes {
+            n,
+            keys,
+            points: &points,
+            best: &mut best,
+            todo: &mut todo,
+        };
         for (t, tree) in self.trees.iter().enumerate() {
-            let wanted = |j: usize| todo[j] >> t & 1 != 0 && tree.best_priority < best[j];
-            if !(0..n).any(wanted) {
-                continue;
-            }
-            let mut at = [EMPTY; BATCH];
-            for (j, (a, p)) in at[..n].iter_mut().zip(&points).enumerate() {
-                if wanted(j) {
-                    *a = tree.start(p);
-                }
-            }
-            // Every lane still at an internal node takes one step per round,
-            // so the loads of different lanes overlap; stop once every lane
-            // is at a leaf. A lane whose subtree cannot beat its match moves
-            // to the empty leaf.
-            for _ in 0..tree.depth {
-                let mut moving = false;
-                for ((a, p), &b) in at[..n].iter_mut().zip(&points).zip(&best) {
-                    if *a & LEAF == 0 {
-                        let v = Tree::value(*a, p);
-                        let node = tree.node(*a);
-                        *a = if node.min_priority >= b {
-                            EMPTY
-                        } else {
-                            node.step_wide(v)
-                        };
-                        moving = true;
-                    }
-                }
-                if !moving {
-                    break;
-                }
-            }
-            for j in 0..n {
-                if let Some(e) = tree.leaf_match(at[j], &keys[j], best[j]) {
-                    best[j] = e.priority;
-                    todo[j] = e.later;
-                }
+            if t == 0 {
+                // No lane holds a match yet: no priority bound to check.
+                lanes.walk::<false>(tree, t);
+            } else {
+                lanes.walk::<true>(tree, t);
             }
         }
         for (o, b) in out[..n].iter_mut().zip(best) {
             *o = self.rules.get(b as usize).copied();
+        }
+    }
+}
+
+/// The keys of a batched lookup and what each has matched so far.
+struct Lanes<'a, A> {
+    n: usize,
+    keys: &'a [Key<A>],
+    points: &'a [[A; DIMS]; BATCH],
+    best: &'a mut [u32; BATCH],
+    todo: &'a mut [TreeMask; BATCH],
+}
+
+impl<A: Address> Lanes<'_, A> {
+    /// Walks the lanes that want tree `t` through it in lockstep. With
+    /// `BOUNDED` false no lane holds a match yet, so the priority checks
+    /// are left out (a batch is bound by instructions more than by memory).
+    #[inline(always)]
+    fn walk<const BOUNDED: bool>(&mut self, tree: &Tree<A>, t: usize) {
+        let n = self.n;
+        let (best, todo) = (&*self.best, &*self.todo);
+        let wanted = |j: usize| !BOUNDED || todo[j] >> t & 1 != 0 && tree.best_priority < best[j];
+        if !(0..n).any(wanted) {
+            return;
+        }
+        let mut at = [EMPTY; BATCH];
+        for (j, (a, p)) in at[..n].iter_mut().zip(self.points).enumerate() {
+            if wanted(j) {
+                *a = tree.start(p);
+            }
+        }
+        // Every lane still at an internal node takes one step per round,
+        // so the loads of different lanes overlap; stop once every lane
+        // is at a leaf. A lane whose subtree cannot beat its match moves
+        // to the empty leaf.
+        for _ in 0..tree.depth {
+            let mut moving = false;
+            for ((a, p), &b) in at[..n].iter_mut().zip(self.points).zip(best) {
+                if *a & LEAF == 0 {
+                    let v = Tree::value(*a, p);
+                    let node = tree.node(*a);
+                    *a = if BOUNDED && node.min_priority >= b {
+                        EMPTY
+                    } else {
+                        node.step_wide(v)
+                    };
+                    moving = true;
+                }
+            }
+            if !moving {
+                break;
+            }
+        }
+        for (j, &leaf) in at[..n].iter().enumerate() {
+            let found = if BOUNDED {
+                tree.leaf_match(leaf, &self.keys[j], self.best[j])
+            } else {
+                let (start, end) = leaf_range(leaf);
+                tree.leaves[start..end]
+                    .iter()
+                    .find(|e| e.contains(&self.keys[j]))
+            };
+            if let Some(e) = found {
+                self.best[j] = e.priority;
+                self.todo[j] = e.later;
+            }
         }
     }
 }
