@@ -18,9 +18,15 @@
 //!   al., INFOCOM 2009, made multiway to cut the depth as HyperCuts does). The
 //!   thresholds and the seven child references sit inside the node, which is
 //!   one 64-byte line for IPv4, so a step is one cache-line load and a
-//!   branch-free count. Each node also records the best priority below it.
+//!   branch-free count (six independent compares; unused children repeat
+//!   the last, so the count needs no clamp). The node's dimension travels
+//!   in the reference to it, so the key's value in that dimension is read
+//!   while the node itself is still loading. Each node also records the
+//!   best priority below it.
 //! - **Leaves** hold at most a few entry copies (box and priority, 32 bytes
 //!   for IPv4) in priority order, scanned linearly until the first match.
+//!   Each range is kept as its start and width, so a field is tested with
+//!   one subtraction and one compare.
 //!   A parent's reference to a leaf packs the leaf's start and length, so
 //!   the walk goes from the last internal node straight to the entries: per
 //!   tree the dependent loads are the root slot, the internal nodes on the
@@ -80,18 +86,72 @@
 //!
 //! # Where the time goes
 //!
-//! A lookup is a chain of dependent loads (root slot, a few nodes, the
-//! leaf), so its speed is set by where those lines sit in the cache more
-//! than by the instructions around them. Measured on the ClassBench 10k
-//! sets with `benches/classify.rs`: repeating the first thousand keys of a
-//! set (a working set that stays in the core's caches) gives acl1 and ipc1
-//! 33-35 million lookups/s on one key at a time, while the full key lists
-//! (100k keys spread over the whole 1.4-1.9 MB structure, streamed through
-//! the same caches) give 19-21 million; batched lookups hide part of the
-//! latency (27-33 million). Changes that only cut instructions (walks
-//! without branches, wider nodes, leaves naming shared entries instead of
-//! holding copies, prefetching the next batch) measured no better or
-//! worse there.
+//! Figures from `cargo bench --bench classify -- --summary` on the
+//! development machine (AMD EPYC Zen 4, 2.6 GHz, 1 MiB L2 per core, run
+//! under the shared bench lock, two runs averaged), single / batched
+//! lookups per second: acl1_10k 23.8M / 33.1M, acl2_10k 36.5M / 34.2M,
+//! fw1_10k 61.0M / 63.7M, ipc1_10k 26.3M / 28.6M; before this round, in
+//! the same session: 18.6M / 32.4M, 31.5M / 32.2M, 58.0M / 60.6M, 20.7M /
+//! 28.0M. The 30M target is met on acl2 and fw1, on acl1 batched, and not
+//! yet on acl1 single nor ipc1 (single or batched). The 1k sets gained
+//! 25-35% on single lookups and lost 2-6% batched (still 58-66M).
+//!
+//! The machine is a virtual one without hardware counters (`perf stat`
+//! reports cycles, branches and cache events as not supported), so the
+//! evidence is by decomposition and simulation:
+//!
+//! - acl1_10k, 100k keys streamed, one key at a time: the root slot alone
+//!   runs at 320M/s, root plus the walk to the leaf reference at 46M/s
+//!   (about 57 cycles), and adding a load of the leaf's first entry that
+//!   nothing branches on at 42M/s; the whole lookup runs at 23-24M/s
+//!   (about 110 cycles). The leaf scan, whose branches wait on the leaf's
+//!   entries, costs as much as the walk. Testing only source and
+//!   destination in the scan (inexact; a diagnostic) gave 28M/s.
+//! - Repeating n distinct keys of acl1_10k: n = 1 (every branch predicted,
+//!   everything in L1) 60M/s, n = 64 40M/s, n = 1000 36M/s, all 100k 23M/s.
+//!   So about 30 cycles go to mispredicted branches and L1 misses inside
+//!   a warm structure and about 40 more to the structure not fitting the
+//!   core's caches.
+//! - cachegrind (simulated 32 KiB L1, 1 MiB last level) per acl1 lookup:
+//!   about 250 instructions, 80 loads, 5 L1 misses, 0.5 misses of the
+//!   1 MiB level, 29 conditional branches of which 1.5 mispredicted; per
+//!   ipc1 key in a batch: 340 instructions and 50 branches, 4 mispredicted
+//!   (a batch is bound by instructions and branches, not by memory).
+//!
+//! Measured and dropped (each against the code it would have changed, same
+//! session):
+//!
+//! - A walk and leaf scan without any data-dependent branch (fixed depth,
+//!   every leaf entry tested with conditional moves): acl1 10M/s from 19M.
+//!   The instructions of one lookup then fill the reorder window, so
+//!   consecutive lookups no longer overlap. A branch-free scan alone
+//!   (conditional moves over the whole leaf): 17M/s from 24M.
+//! - One branch-free test of all five fields per leaf entry (integer
+//!   arithmetic the compiler cannot split into branches), or of the ports
+//!   and protocol only: 5-15% slower than a branch per field.
+//! - Leaf boxes of four wide fields tested by one vector compare, the
+//!   protocol, priority and later trees in a parallel array (32-byte boxes):
+//!   ipc1 +5% single and batched, acl1 -7% (the match then touches a second
+//!   line). With everything in one 40-byte entry: acl1 -10%, fw1 -30%
+//!   (entries straddle lines); 64-byte aligned entries: acl1 -10%.
+//! - Sharing identical leaves: acl1 memory 1.81 to 1.19 MB, no faster (as
+//!   with the earlier leaves of indices, 0.7 MB).
+//! - Leaf targets 4, 6, 12 and 16 instead of 8: no faster (acl1 14.2M,
+//!   17.9M, 17.9M, 17.8M against 19.0M).
+//! - Root tables with up to 16x copies: the same as 8x.
+//! - A first-tree lookup without priority checks and a key padded to eight
+//!   fields (no bounds checks) for single lookups; testing the destination
+//!   before the source: no measurable change.
+//! - A node count as a thermometer mask and a trailing-zero count instead
+//!   of six added compares: acl1 -6%, ipc1 -3%.
+//! - Batched lookups visiting only the lanes that want a later tree
+//!   (packed lane list): +1-3%, within the noise; not kept.
+//! - Huge pages for the structure through glibc's malloc tunable
+//!   (diagnostic only): no visible change.
+//! - Earlier, before this round: walks without branches, nodes with fifteen
+//!   children, leaves naming shared entries instead of holding copies,
+//!   capped root tables, other split scores, batches of 4 or 16, prefetching
+//!   the next batch and touching each lane's first leaf entry.
 //!
 //! # Bounded building
 //!
