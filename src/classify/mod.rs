@@ -62,6 +62,9 @@ pub trait Address:
 
     /// The low 32 bits (used to index tables by a few bits of a field).
     fn low_u32(self) -> u32;
+
+    /// `self - other`, wrapping around at the family's bounds.
+    fn wrapping_sub(self, other: Self) -> Self;
 }
 
 impl Address for u32 {
@@ -72,6 +75,10 @@ impl Address for u32 {
     fn low_u32(self) -> u32 {
         self
     }
+
+    fn wrapping_sub(self, other: Self) -> Self {
+        u32::wrapping_sub(self, other)
+    }
 }
 
 impl Address for u128 {
@@ -81,6 +88,10 @@ impl Address for u128 {
 
     fn low_u32(self) -> u32 {
         self as u32
+    }
+
+    fn wrapping_sub(self, other: Self) -> Self {
+        u128::wrapping_sub(self, other)
     }
 }
 
