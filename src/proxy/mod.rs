@@ -30,7 +30,6 @@ use crate::policy::{HttpHost, HttpRequest, Policy, Verdict};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 use hyper::{Method, Request, Response, StatusCode, Uri};
@@ -46,7 +45,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+use body::ProxyBody;
 
 /// Loads and compiles the policy file, for start-up and reloads.
 pub type PolicyLoader = Box<dyn Fn() -> Result<Policy, String> + Send + Sync>;
@@ -159,12 +158,6 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 fn add_via(h: &mut HeaderMap) {
     h.append(hyper::header::VIA, HeaderValue::from_static("1.1 palisade"));
-}
-
-fn full(body: impl Into<Bytes>) -> ProxyBody {
-    Full::new(body.into())
-        .map_err(|never| match never {})
-        .boxed()
 }
 
 /// What the proxy decided about a request before any byte went upstream.
@@ -359,8 +352,9 @@ async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr
     // `idle_timeout` is closed.
     let epoch = Instant::now();
     let activity = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
-    // The origin connection plain HTTP requests go out on; this task
-    // drives it (below), next to the client connection.
+    // The origin connection plain HTTP requests go out on, used by this
+    // task only: requests are written and responses read as the client
+    // side's service and response body are polled.
     let slot = Arc::new(upstream::Slot::default());
     let st = state.clone();
     let act = activity.clone();
@@ -411,13 +405,7 @@ async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr
             conn.as_mut().graceful_shutdown();
             closing = true;
         }
-        if let std::task::Poll::Ready(r) = conn.as_mut().poll(cx) {
-            return std::task::Poll::Ready(r);
-        }
-        // After the client side: a request it just sent is written out in
-        // the same wake-up.
-        slot.poll_drive(cx);
-        std::task::Poll::Pending
+        conn.as_mut().poll(cx)
     })
     .await;
     slot.park(&state.idle);
@@ -463,7 +451,7 @@ fn refusal_response(r: &Refusal, id: &str) -> Response<ProxyBody> {
         body.push_str(&format!("rule: {rule}\n"));
     }
     body.push_str(&format!("request id: {id}\n"));
-    let mut resp = Response::new(full(body));
+    let mut resp = Response::new(ProxyBody::full(body));
     *resp.status_mut() = r.status;
     let h = resp.headers_mut();
     h.insert(
@@ -728,7 +716,7 @@ async fn admit(state: &State) -> Result<(), (Refusal, Option<SocketAddr>)> {
 
 async fn forward(
     state: &Arc<State>,
-    slot: &upstream::Slot,
+    slot: &Arc<upstream::Slot>,
     policy: &Arc<Policy>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
@@ -841,13 +829,12 @@ async fn forward(
                     StatusCode::BAD_GATEWAY,
                     format!("cannot connect to {dest}: {e}"),
                 ),
-                upstream::Failure::Upstream(e) => (
-                    StatusCode::BAD_GATEWAY,
-                    format!("upstream {dest}: {}", error_chain(&e)),
-                ),
+                upstream::Failure::Upstream(e) => {
+                    (StatusCode::BAD_GATEWAY, format!("upstream {dest}: {e}"))
+                }
                 upstream::Failure::Closed => (
                     StatusCode::BAD_GATEWAY,
-                    format!("upstream {dest} closed the connection before the request was sent"),
+                    format!("upstream {dest} closed the connection without answering"),
                 ),
             };
             return Err((
@@ -871,18 +858,10 @@ async fn forward(
         .with_domain(&host_text(&host))
         .with_status(parts.status.as_u16());
     let body = body::Recorded::new(body, ev, state.audit.clone(), start);
-    Ok(Response::from_parts(parts, body.boxed()))
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::Origin(Box::new(body)),
+    ))
 }
 
 async fn connect(
@@ -974,7 +953,7 @@ async fn connect(
         };
         let _ = st.audit.submit_async(&ev).await;
     });
-    let mut resp = Response::new(full(Bytes::new()));
+    let mut resp = Response::new(ProxyBody::full(Bytes::new()));
     add_via(resp.headers_mut());
     Ok(resp)
 }
