@@ -359,55 +359,52 @@ async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr
     let st = state.clone();
     let act = activity.clone();
     let sl = slot.clone();
-    let service = hyper::service::service_fn(move |req| {
-        let st = st.clone();
-        let act = act.clone();
-        let sl = sl.clone();
-        async move {
-            act.1.fetch_add(1, Ordering::Relaxed);
-            act.0
-                .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-            let resp = handle(st, sl, peer, req).await;
-            act.0
-                .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-            act.1.fetch_sub(1, Ordering::Relaxed);
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.config.header_read_timeout)
-        .max_buf_size(state.config.max_header_bytes.max(8192))
-        .max_headers(state.config.max_headers)
-        .keep_alive(true);
-    let conn = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    tokio::pin!(conn);
-    let idle = state.config.idle_timeout;
-    let idle_ms = idle.as_millis() as u64;
-    let watchdog = async {
-        loop {
-            tokio::time::sleep(idle / 4 + Duration::from_millis(10)).await;
-            let quiet = (epoch.elapsed().as_millis() as u64)
-                .saturating_sub(activity.0.load(Ordering::Relaxed));
-            if activity.1.load(Ordering::Relaxed) == 0 && quiet >= idle_ms {
-                break;
+    let result = {
+        // Built in place (`pin!` of the expression): a future moved from a
+        // local into another is stored twice in this task's state.
+        let mut conn = std::pin::pin!(client_builder(&state.config)
+            .serve_connection(
+                TokioIo::new(stream),
+                hyper::service::service_fn(move |req| {
+                    let st = st.clone();
+                    let act = act.clone();
+                    let sl = sl.clone();
+                    async move {
+                        act.1.fetch_add(1, Ordering::Relaxed);
+                        act.0
+                            .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        let resp = handle(st, sl, peer, req).await;
+                        act.0
+                            .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        act.1.fetch_sub(1, Ordering::Relaxed);
+                        Ok::<_, Infallible>(resp)
+                    }
+                }),
+            )
+            .with_upgrades());
+        let idle = state.config.idle_timeout;
+        let idle_ms = idle.as_millis() as u64;
+        let mut watchdog = std::pin::pin!(async {
+            loop {
+                tokio::time::sleep(idle / 4 + Duration::from_millis(10)).await;
+                let quiet = (epoch.elapsed().as_millis() as u64)
+                    .saturating_sub(activity.0.load(Ordering::Relaxed));
+                if activity.1.load(Ordering::Relaxed) == 0 && quiet >= idle_ms {
+                    break;
+                }
             }
-        }
+        });
+        let mut closing = false;
+        std::future::poll_fn(|cx| {
+            if !closing && watchdog.as_mut().poll(cx).is_ready() {
+                // Finishes a response in progress, then closes.
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            conn.as_mut().poll(cx)
+        })
+        .await
     };
-    tokio::pin!(watchdog);
-    let mut closing = false;
-    let result = std::future::poll_fn(|cx| {
-        if !closing && watchdog.as_mut().poll(cx).is_ready() {
-            // Finishes a response in progress, then closes.
-            conn.as_mut().graceful_shutdown();
-            closing = true;
-        }
-        conn.as_mut().poll(cx)
-    })
-    .await;
     slot.park(&state.idle);
     if let Err(e) = result {
         // Requests hyper refused before they reached the service still get
@@ -424,9 +421,21 @@ async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr
         if let Some(reason) = reason {
             state.counters.denied.fetch_add(1, Ordering::Relaxed);
             let ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-").with_reason(reason);
-            let _ = state.audit.submit_async(&ev).await;
+            submit(&state.audit, ev, false).await;
         }
     }
+}
+
+/// The client side's HTTP/1 settings.
+fn client_builder(config: &ProxyConfig) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_header_bytes.max(8192))
+        .max_headers(config.max_headers)
+        .keep_alive(true);
+    builder
 }
 
 impl State {
@@ -647,12 +656,14 @@ async fn handle_request(
         let ev = record(Action::Denied)
             .with_reason(&r.reason)
             .with_status(429);
-        let _ = state.audit.submit_async(&ev).await;
+        submit(&state.audit, ev, false).await;
         return refusal_response(&r, &id);
     }
     let policy = state.policy.load_full();
     let outcome = if is_connect {
-        connect(&state, &policy, peer, req, &id, start).await
+        // Boxed: a tunnel's setup is rare next to plain requests, and its
+        // state would otherwise enlarge every request's future.
+        Box::pin(connect(&state, &policy, peer, req, &id, start)).await
     } else {
         forward(&state, &slot, &policy, peer, req, &id, start).await
     };
@@ -683,12 +694,25 @@ async fn handle_request(
             }
             ev = ev.with_bytes(0, 0, start.elapsed());
             // A refusal is recorded before the client hears of it.
-            if let Ok(t) = state.audit.submit_async(&ev).await {
-                let _ = t.durable().await;
-            }
+            submit(&state.audit, ev, true).await;
             refusal_response(&r, &id)
         }
     }
+}
+
+/// Queues an audit record from a request's future, waiting for it to be
+/// durable if `durable`. The record and the queueing state are boxed: an
+/// `AuditEvent` is most of a KiB, and every request's future would carry
+/// room for it otherwise, refused or not.
+async fn submit(audit: &AuditLog, ev: AuditEvent, durable: bool) {
+    Box::pin(async move {
+        if let Ok(t) = audit.submit_async(&ev).await {
+            if durable {
+                let _ = t.durable().await;
+            }
+        }
+    })
+    .await
 }
 
 fn split_authority(a: &str) -> (String, u16) {
@@ -785,7 +809,8 @@ async fn forward(
     let (rule_name, _, rule) =
         decide(policy, peer.ip(), &host, port, req.method().as_str()).map_err(|r| (r, None))?;
     admit(state).await?;
-    let dest = resolve_checked(state, policy, rule, &host, port)
+    // Boxed: a lookup's state is large and most requests need none.
+    let dest = Box::pin(resolve_checked(state, policy, rule, &host, port))
         .await
         .map_err(|r| (r, None))?;
     // The request goes out in origin form (path and query) on a connection

@@ -118,16 +118,16 @@ impl Slot {
         connect_timeout: Duration,
         upstream_timeout: Duration,
     ) -> Result<Response<OriginBody>, Failure> {
-        let (parts, mut body) = req.into_parts();
-        let framing = request_framing(&parts.headers, &body);
-        let head = request_head(&parts, framing);
-        let head_only = parts.method == Method::HEAD;
-        // A request may go again on another connection only if the origin
-        // cannot have acted on it: no body was sent and the method is safe
-        // to repeat.
-        let repeatable = framing == RequestBody::None
-            && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let attempt = async {
+        // The request's head is rendered and its headers dropped here, not
+        // kept in this future while the origin answers.
+        let Outgoing {
+            head,
+            framing,
+            mut body,
+            head_only,
+            repeatable,
+        } = Outgoing::new(req);
+        let attempt = tokio::time::timeout(upstream_timeout, async {
             // At most two tries on connections that already carried a
             // request (the origin may close one at any moment), then one
             // on a new connection.
@@ -164,7 +164,13 @@ impl Slot {
                     Err(TryFailure::Failed(f)) => return Err(f),
                 }
             }
-            let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await
+            // Boxed, as is the request body's copy below: their state is
+            // needed by few requests and would enlarge every one's future.
+            let stream = match Box::pin(tokio::time::timeout(
+                connect_timeout,
+                TcpStream::connect(addr),
+            ))
+            .await
             {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return Err(Failure::Connect(e)),
@@ -187,9 +193,10 @@ impl Slot {
                 Err(TryFailure::Retry) => Err(Failure::Closed),
                 Err(TryFailure::Failed(f)) => Err(f),
             }
-        };
+        })
+        .await;
         // A connection a request was in flight on is never put back.
-        match tokio::time::timeout(upstream_timeout, attempt).await {
+        match attempt {
             Ok(r) => r,
             Err(_) => Err(Failure::Timeout),
         }
@@ -210,7 +217,7 @@ impl Slot {
             return Err(TryFailure::Retry);
         }
         if framing != RequestBody::None {
-            send_body(&mut origin.stream, body, framing)
+            Box::pin(send_body(&mut origin.stream, body, framing))
                 .await
                 .map_err(|e| TryFailure::Failed(Failure::Upstream(e)))?;
         }
@@ -258,6 +265,33 @@ impl Slot {
     pub fn park(&self, idle: &IdlePool) {
         if let Some(o) = self.with(|h| h.take()) {
             idle.put(o);
+        }
+    }
+}
+
+/// A request as it goes to the origin.
+struct Outgoing {
+    head: Vec<u8>,
+    framing: RequestBody,
+    body: Incoming,
+    head_only: bool,
+    /// It may go again on another connection: the origin cannot have
+    /// acted on it if it closed without answering (no body was sent and
+    /// the method is safe to repeat).
+    repeatable: bool,
+}
+
+impl Outgoing {
+    fn new(req: Request<Incoming>) -> Outgoing {
+        let (parts, body) = req.into_parts();
+        let framing = request_framing(&parts.headers, &body);
+        Outgoing {
+            head: request_head(&parts, framing),
+            framing,
+            body,
+            head_only: parts.method == Method::HEAD,
+            repeatable: framing == RequestBody::None
+                && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS),
         }
     }
 }
