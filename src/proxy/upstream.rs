@@ -59,9 +59,22 @@ impl Origin {
     /// True if the origin neither closed nor sent anything since the last
     /// response ended: bytes from an idle origin answer no request, and the
     /// connection cannot be trusted with the next one.
+    ///
+    /// Asks the socket itself (a peek that does not block), not the
+    /// runtime's record of readiness, which lags until the runtime next
+    /// polls for events: bytes that arrived just before would otherwise be
+    /// taken for the start of the next response.
     fn still_idle(&self) -> bool {
+        use rustix::net::{recv, RecvFlags};
         let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        matches!(
+            recv(
+                &self.stream,
+                &mut probe,
+                RecvFlags::PEEK | RecvFlags::DONTWAIT
+            ),
+            Err(rustix::io::Errno::AGAIN)
+        )
     }
 }
 
