@@ -60,21 +60,37 @@ impl Origin {
     /// response ended: bytes from an idle origin answer no request, and the
     /// connection cannot be trusted with the next one.
     ///
-    /// Asks the socket itself (a peek that does not block), not the
-    /// runtime's record of readiness, which lags until the runtime next
-    /// polls for events: bytes that arrived just before would otherwise be
-    /// taken for the start of the next response.
+    /// The socket itself is asked (a peek that does not block), not only
+    /// the runtime's record of readiness, which lags until the runtime
+    /// next polls for events: bytes that arrived just before would
+    /// otherwise be taken for the start of the next response. The peek
+    /// goes through the runtime when it holds a readiness flag, so a flag
+    /// left over from the last response is cleared when nothing is there:
+    /// the wait for the next response then neither returns at once nor
+    /// allocates its read buffer before the origin has answered.
     fn still_idle(&self) -> bool {
         use rustix::net::{recv, RecvFlags};
-        let mut probe = [0u8; 1];
-        matches!(
-            recv(
+        let peek = || {
+            let mut probe = [0u8; 1];
+            match recv(
                 &self.stream,
                 &mut probe,
-                RecvFlags::PEEK | RecvFlags::DONTWAIT
-            ),
-            Err(rustix::io::Errno::AGAIN)
-        )
+                RecvFlags::PEEK | RecvFlags::DONTWAIT,
+            ) {
+                Err(rustix::io::Errno::AGAIN) => Err(io::ErrorKind::WouldBlock.into()),
+                // Closed, failed, or it spoke: not idle.
+                _ => Ok(()),
+            }
+        };
+        let peeked = std::cell::Cell::new(false);
+        match self.stream.try_io(tokio::io::Interest::READABLE, || {
+            peeked.set(true);
+            peek()
+        }) {
+            Ok(()) => false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => peeked.get() || peek().is_err(),
+            Err(_) => false,
+        }
     }
 }
 
@@ -475,6 +491,11 @@ async fn read_head(stream: &mut TcpStream, head_only: bool) -> Result<(Head, Byt
                 ))
             }
             Ok(_) => got_any = true,
+            // A readiness that found nothing: the buffer is not kept
+            // through the wait.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && buf.is_empty() => {
+                buf = BytesMut::new();
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if !got_any => {
                 let _ = e;
