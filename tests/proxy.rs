@@ -60,10 +60,22 @@ fn origins(dir: &Path) -> Origins {
                         .to_string()
                 };
                 let (host, via) = (header("host"), header("via"));
+                let (method, uri) = (req.method().clone(), req.uri().clone());
+                // How many request body bytes arrived, and how they were
+                // framed on the way from the proxy.
+                let framing = if req.headers().contains_key("transfer-encoding") {
+                    "chunked"
+                } else if req.headers().contains_key("content-length") {
+                    "length"
+                } else {
+                    "none"
+                };
+                let sent = http_body_util::BodyExt::collect(req.into_body())
+                    .await
+                    .map(|b| b.to_bytes().len())
+                    .unwrap_or(usize::MAX);
                 let body = format!(
-                    "origin saw {} {} host={host} via={via} from={from}\n",
-                    req.method(),
-                    req.uri()
+                    "origin saw {method} {uri} host={host} via={via} sent={sent}/{framing} from={from}\n",
                 );
                 Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
                     body,
@@ -656,6 +668,75 @@ fn a_tunnel_carries_bulk_both_ways_in_order() {
     });
     assert_eq!(n(&rec, "/source/bytes"), LEN as u64);
     assert_eq!(n(&rec, "/destination/bytes"), LEN as u64);
+    p.stop_and_verify();
+}
+
+#[test]
+fn request_bodies_and_head_requests_are_forwarded() {
+    let p = start_proxy("");
+    let url = format!("http://origin.test:{}/upload", p.origins.http);
+    // A body with a length goes with that length; a chunked one is chunked
+    // again toward the origin (Transfer-Encoding is hop-by-hop).
+    let (code, body) = p.curl(&["-d", "hello world", &url]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("origin saw POST /upload"), "{body}");
+    assert!(body.contains("sent=11/length"), "{body}");
+    let (code, body) = p.curl(&[
+        "-H",
+        "Transfer-Encoding: chunked",
+        "-d",
+        "hello world",
+        &url,
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("sent=11/chunked"), "{body}");
+    let (code, body) = p.curl(&[&url]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("origin saw GET /upload"), "{body}");
+    assert!(body.contains("sent=0/none"), "{body}");
+    // HEAD: the length of the body a GET would get, and no body.
+    let out = Command::new("curl")
+        .args(["-s", "-I", "--max-time", "10", "-x"])
+        .arg(format!("http://{}", p.addr))
+        .arg(&url)
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-length:"), "{head}");
+    assert!(head.contains("via: 1.1 palisade"), "{head}");
+    let posts = p
+        .records()
+        .iter()
+        .filter(|r| s(r, "/url/full") == url)
+        .count();
+    assert!(posts >= 3, "one record per request");
+    p.stop_and_verify();
+}
+
+#[test]
+fn a_client_that_half_closes_still_gets_its_response() {
+    let p = start_proxy("");
+    let url = format!("http://origin.test:{}/half", p.origins.http);
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.write_all(
+        format!(
+            "GET {url} HTTP/1.1\r\nHost: origin.test:{}\r\n\r\n",
+            p.origins.http
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    // Done sending: the client shuts its side and waits for the answer.
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("origin saw GET /half"), "{got}");
+    let r = p.wait_record("for the half-closed client", |r| s(r, "/url/full") == url);
+    assert_eq!(n(&r, "/http/response/status_code"), 200);
     p.stop_and_verify();
 }
 

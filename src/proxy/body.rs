@@ -1,21 +1,67 @@
-//! A response body that counts what it carries and, when it ends (or the
-//! client goes away), hands the request's audit record to the writer.
+//! Response bodies the proxy sends: its own short answers, and origin
+//! responses that count what they carry and, when they end (or the client
+//! goes away), hand the request's audit record to the writer.
 
+use super::upstream::OriginBody;
 use crate::audit::{AuditEvent, AuditLog};
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+/// Every response body the proxy sends, without a box per response.
+pub enum ProxyBody {
+    /// A body the proxy wrote itself, sent in one frame.
+    Full(Option<Bytes>),
+    Origin(Box<Recorded>),
+}
+
+impl ProxyBody {
+    pub fn full(body: impl Into<Bytes>) -> ProxyBody {
+        let b = body.into();
+        ProxyBody::Full((!b.is_empty()).then_some(b))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Origin(r) => Pin::new(&mut **r).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Origin(r) => r.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Origin(r) => r.size_hint(),
+        }
+    }
+}
+
 pub struct Recorded {
-    inner: Incoming,
+    inner: OriginBody,
     bytes: u64,
     record: Option<(AuditEvent, AuditLog, Instant)>,
 }
 
 impl Recorded {
-    pub fn new(inner: Incoming, event: AuditEvent, log: AuditLog, start: Instant) -> Recorded {
+    pub fn new(inner: OriginBody, event: AuditEvent, log: AuditLog, start: Instant) -> Recorded {
         Recorded {
             inner,
             bytes: 0,
@@ -38,12 +84,12 @@ impl Recorded {
 
 impl Body for Recorded {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {

@@ -30,7 +30,6 @@ use crate::policy::{HttpHost, HttpRequest, Policy, Verdict};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 use hyper::{Method, Request, Response, StatusCode, Uri};
@@ -46,7 +45,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+use body::ProxyBody;
 
 /// Loads and compiles the policy file, for start-up and reloads.
 pub type PolicyLoader = Box<dyn Fn() -> Result<Policy, String> + Send + Sync>;
@@ -159,12 +158,6 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 fn add_via(h: &mut HeaderMap) {
     h.append(hyper::header::VIA, HeaderValue::from_static("1.1 palisade"));
-}
-
-fn full(body: impl Into<Bytes>) -> ProxyBody {
-    Full::new(body.into())
-        .map_err(|never| match never {})
-        .boxed()
 }
 
 /// What the proxy decided about a request before any byte went upstream.
@@ -359,67 +352,59 @@ async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr
     // `idle_timeout` is closed.
     let epoch = Instant::now();
     let activity = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
-    // The origin connection plain HTTP requests go out on; this task
-    // drives it (below), next to the client connection.
+    // The origin connection plain HTTP requests go out on, used by this
+    // task only: requests are written and responses read as the client
+    // side's service and response body are polled.
     let slot = Arc::new(upstream::Slot::default());
     let st = state.clone();
     let act = activity.clone();
     let sl = slot.clone();
-    let service = hyper::service::service_fn(move |req| {
-        let st = st.clone();
-        let act = act.clone();
-        let sl = sl.clone();
-        async move {
-            act.1.fetch_add(1, Ordering::Relaxed);
-            act.0
-                .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-            let resp = handle(st, sl, peer, req).await;
-            act.0
-                .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-            act.1.fetch_sub(1, Ordering::Relaxed);
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.config.header_read_timeout)
-        .max_buf_size(state.config.max_header_bytes.max(8192))
-        .max_headers(state.config.max_headers)
-        .keep_alive(true);
-    let conn = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    tokio::pin!(conn);
-    let idle = state.config.idle_timeout;
-    let idle_ms = idle.as_millis() as u64;
-    let watchdog = async {
-        loop {
-            tokio::time::sleep(idle / 4 + Duration::from_millis(10)).await;
-            let quiet = (epoch.elapsed().as_millis() as u64)
-                .saturating_sub(activity.0.load(Ordering::Relaxed));
-            if activity.1.load(Ordering::Relaxed) == 0 && quiet >= idle_ms {
-                break;
+    let result = {
+        // Built in place (`pin!` of the expression): a future moved from a
+        // local into another is stored twice in this task's state.
+        let mut conn = std::pin::pin!(client_builder(&state.config)
+            .serve_connection(
+                TokioIo::new(stream),
+                hyper::service::service_fn(move |req| {
+                    let st = st.clone();
+                    let act = act.clone();
+                    let sl = sl.clone();
+                    async move {
+                        act.1.fetch_add(1, Ordering::Relaxed);
+                        act.0
+                            .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        let resp = handle(st, sl, peer, req).await;
+                        act.0
+                            .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        act.1.fetch_sub(1, Ordering::Relaxed);
+                        Ok::<_, Infallible>(resp)
+                    }
+                }),
+            )
+            .with_upgrades());
+        let idle = state.config.idle_timeout;
+        let idle_ms = idle.as_millis() as u64;
+        let mut watchdog = std::pin::pin!(async {
+            loop {
+                tokio::time::sleep(idle / 4 + Duration::from_millis(10)).await;
+                let quiet = (epoch.elapsed().as_millis() as u64)
+                    .saturating_sub(activity.0.load(Ordering::Relaxed));
+                if activity.1.load(Ordering::Relaxed) == 0 && quiet >= idle_ms {
+                    break;
+                }
             }
-        }
+        });
+        let mut closing = false;
+        std::future::poll_fn(|cx| {
+            if !closing && watchdog.as_mut().poll(cx).is_ready() {
+                // Finishes a response in progress, then closes.
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            conn.as_mut().poll(cx)
+        })
+        .await
     };
-    tokio::pin!(watchdog);
-    let mut closing = false;
-    let result = std::future::poll_fn(|cx| {
-        if !closing && watchdog.as_mut().poll(cx).is_ready() {
-            // Finishes a response in progress, then closes.
-            conn.as_mut().graceful_shutdown();
-            closing = true;
-        }
-        if let std::task::Poll::Ready(r) = conn.as_mut().poll(cx) {
-            return std::task::Poll::Ready(r);
-        }
-        // After the client side: a request it just sent is written out in
-        // the same wake-up.
-        slot.poll_drive(cx);
-        std::task::Poll::Pending
-    })
-    .await;
     slot.park(&state.idle);
     if let Err(e) = result {
         // Requests hyper refused before they reached the service still get
@@ -436,9 +421,28 @@ async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr
         if let Some(reason) = reason {
             state.counters.denied.fetch_add(1, Ordering::Relaxed);
             let ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-").with_reason(reason);
-            let _ = state.audit.submit_async(&ev).await;
+            submit(&state.audit, ev, false).await;
         }
     }
+}
+
+/// The client side's HTTP/1 settings.
+fn client_builder(config: &ProxyConfig) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_header_bytes.max(8192))
+        .max_headers(config.max_headers)
+        // Otherwise hyper reads the client socket while a request is in
+        // flight, to notice a close early; the request's URI and headers
+        // still share its read buffer then, so every request cost a second
+        // 8 KiB buffer for as long as the origin took, and a read syscall.
+        // A client that leaves is noticed when its response is written
+        // (the wait for the origin is bounded by `upstream_timeout`).
+        .half_close(true)
+        .keep_alive(true);
+    builder
 }
 
 impl State {
@@ -463,7 +467,7 @@ fn refusal_response(r: &Refusal, id: &str) -> Response<ProxyBody> {
         body.push_str(&format!("rule: {rule}\n"));
     }
     body.push_str(&format!("request id: {id}\n"));
-    let mut resp = Response::new(full(body));
+    let mut resp = Response::new(ProxyBody::full(body));
     *resp.status_mut() = r.status;
     let h = resp.headers_mut();
     h.insert(
@@ -659,12 +663,14 @@ async fn handle_request(
         let ev = record(Action::Denied)
             .with_reason(&r.reason)
             .with_status(429);
-        let _ = state.audit.submit_async(&ev).await;
+        submit(&state.audit, ev, false).await;
         return refusal_response(&r, &id);
     }
     let policy = state.policy.load_full();
     let outcome = if is_connect {
-        connect(&state, &policy, peer, req, &id, start).await
+        // Boxed: a tunnel's setup is rare next to plain requests, and its
+        // state would otherwise enlarge every request's future.
+        Box::pin(connect(&state, &policy, peer, req, &id, start)).await
     } else {
         forward(&state, &slot, &policy, peer, req, &id, start).await
     };
@@ -695,12 +701,25 @@ async fn handle_request(
             }
             ev = ev.with_bytes(0, 0, start.elapsed());
             // A refusal is recorded before the client hears of it.
-            if let Ok(t) = state.audit.submit_async(&ev).await {
-                let _ = t.durable().await;
-            }
+            submit(&state.audit, ev, true).await;
             refusal_response(&r, &id)
         }
     }
+}
+
+/// Queues an audit record from a request's future, waiting for it to be
+/// durable if `durable`. The record and the queueing state are boxed: an
+/// `AuditEvent` is most of a KiB, and every request's future would carry
+/// room for it otherwise, refused or not.
+async fn submit(audit: &AuditLog, ev: AuditEvent, durable: bool) {
+    Box::pin(async move {
+        if let Ok(t) = audit.submit_async(&ev).await {
+            if durable {
+                let _ = t.durable().await;
+            }
+        }
+    })
+    .await
 }
 
 fn split_authority(a: &str) -> (String, u16) {
@@ -728,7 +747,7 @@ async fn admit(state: &State) -> Result<(), (Refusal, Option<SocketAddr>)> {
 
 async fn forward(
     state: &Arc<State>,
-    slot: &upstream::Slot,
+    slot: &Arc<upstream::Slot>,
     policy: &Arc<Policy>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
@@ -797,7 +816,8 @@ async fn forward(
     let (rule_name, _, rule) =
         decide(policy, peer.ip(), &host, port, req.method().as_str()).map_err(|r| (r, None))?;
     admit(state).await?;
-    let dest = resolve_checked(state, policy, rule, &host, port)
+    // Boxed: a lookup's state is large and most requests need none.
+    let dest = Box::pin(resolve_checked(state, policy, rule, &host, port))
         .await
         .map_err(|r| (r, None))?;
     // The request goes out in origin form (path and query) on a connection
@@ -841,13 +861,12 @@ async fn forward(
                     StatusCode::BAD_GATEWAY,
                     format!("cannot connect to {dest}: {e}"),
                 ),
-                upstream::Failure::Upstream(e) => (
-                    StatusCode::BAD_GATEWAY,
-                    format!("upstream {dest}: {}", error_chain(&e)),
-                ),
+                upstream::Failure::Upstream(e) => {
+                    (StatusCode::BAD_GATEWAY, format!("upstream {dest}: {e}"))
+                }
                 upstream::Failure::Closed => (
                     StatusCode::BAD_GATEWAY,
-                    format!("upstream {dest} closed the connection before the request was sent"),
+                    format!("upstream {dest} closed the connection without answering"),
                 ),
             };
             return Err((
@@ -871,18 +890,10 @@ async fn forward(
         .with_domain(&host_text(&host))
         .with_status(parts.status.as_u16());
     let body = body::Recorded::new(body, ev, state.audit.clone(), start);
-    Ok(Response::from_parts(parts, body.boxed()))
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::Origin(Box::new(body)),
+    ))
 }
 
 async fn connect(
@@ -974,7 +985,7 @@ async fn connect(
         };
         let _ = st.audit.submit_async(&ev).await;
     });
-    let mut resp = Response::new(full(Bytes::new()));
+    let mut resp = Response::new(ProxyBody::full(Bytes::new()));
     add_via(resp.headers_mut());
     Ok(resp)
 }
