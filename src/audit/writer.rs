@@ -156,6 +156,18 @@ struct Shared {
 /// Room reserved for a record's JSON body before it is serialised.
 const RECORD_BODY_CAPACITY: usize = 640;
 
+/// A record's JSON body. Sized for a typical record (about 600 bytes):
+/// `to_vec` starts at 128 and doubles, so each record cost three
+/// reallocations and sat in the queue in a 1 KiB block.
+fn record_body(event: &AuditEvent) -> Vec<u8> {
+    let mut body = Vec::with_capacity(RECORD_BODY_CAPACITY);
+    if serde_json::to_writer(&mut body, event).is_err() {
+        body.clear();
+        body.extend_from_slice(b"{}");
+    }
+    body
+}
+
 enum Msg {
     Record(Pending),
     /// Answered with whether the stop record and checkpoint are durable.
@@ -270,14 +282,7 @@ impl AuditLog {
         self.gate()?;
         // Serialising here spreads the JSON work over the producers; the
         // writer only prefixes the chain fields.
-        // Sized for a typical record (about 600 bytes): `to_vec` starts
-        // at 128 and doubles, so each record cost three reallocations and
-        // sat in the queue in a 1 KiB block.
-        let mut body = Vec::with_capacity(RECORD_BODY_CAPACITY);
-        if serde_json::to_writer(&mut body, event).is_err() {
-            body.clear();
-            body.extend_from_slice(b"{}");
-        }
+        let body = record_body(event);
         let (reply, rx) = oneshot::channel();
         Ok((Msg::Record(Pending { body, reply }), Ticket { rx }))
     }
@@ -621,14 +626,7 @@ impl Writer {
 
     fn stage_event(&mut self, event: &AuditEvent) {
         let ts = self.timestamp();
-        // Sized for a typical record (about 600 bytes): `to_vec` starts
-        // at 128 and doubles, so each record cost three reallocations and
-        // sat in the queue in a 1 KiB block.
-        let mut body = Vec::with_capacity(RECORD_BODY_CAPACITY);
-        if serde_json::to_writer(&mut body, event).is_err() {
-            body.clear();
-            body.extend_from_slice(b"{}");
-        }
+        let body = record_body(event);
         self.stage_body(ts, &body);
     }
 
