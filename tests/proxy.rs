@@ -20,6 +20,9 @@ struct Origins {
     closed: u16,
     tls: u16,
     echo: u16,
+    /// Answers 413 as soon as a request head arrives, reads no body, and
+    /// holds the connection open.
+    early: u16,
     ca_pem: PathBuf,
     _rt: tokio::runtime::Runtime,
 }
@@ -41,10 +44,14 @@ fn origins(dir: &Path) -> Origins {
     let echo = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
+    let early = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
     let ports = (
         http.local_addr().unwrap().port(),
         tls.local_addr().unwrap().port(),
         echo.local_addr().unwrap().port(),
+        early.local_addr().unwrap().port(),
     );
 
     // Each response names the connection it came on (the proxy's address
@@ -135,6 +142,30 @@ fn origins(dir: &Path) -> Origins {
             });
         }
     });
+    rt.spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut s, _)) = early.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large",
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -145,6 +176,7 @@ fn origins(dir: &Path) -> Origins {
         http: ports.0,
         tls: ports.1,
         echo: ports.2,
+        early: ports.3,
         ca_pem,
         _rt: rt,
     }
@@ -176,12 +208,14 @@ fn policy_text(o: &Origins) -> String {
          http echo     allow local -> \"echo.test\", 127.0.0.1 port {echo} plain-tunnel\n\
          http internal allow local -> \"internal.test\" port {http}\n\
          http closed   allow local -> \"closed.test\", 127.0.0.1 port {closed}\n\
+         http early    allow local -> \"early.test\", 127.0.0.1 port {early}\n\
          http resolved allow local -> \"localhost\" port {http}\n\
          default deny log\n",
         http = o.http,
         tls = o.tls,
         echo = o.echo,
-        closed = o.closed
+        closed = o.closed,
+        early = o.early
     )
 }
 
@@ -207,6 +241,7 @@ fn start_proxy(extra: &str) -> Proxy {
              \"echo.test\" = [\"127.0.0.1\"]\n\
              \"internal.test\" = [\"127.0.0.1\"]\n\
              \"closed.test\" = [\"127.0.0.1\"]\n\
+             \"early.test\" = [\"127.0.0.1\"]\n\
              [audit]\n\
              dir = \"audit\"\n\
              signing_key = \"keys/audit.key\"\n\
@@ -668,6 +703,30 @@ fn a_tunnel_carries_bulk_both_ways_in_order() {
     });
     assert_eq!(n(&rec, "/source/bytes"), LEN as u64);
     assert_eq!(n(&rec, "/destination/bytes"), LEN as u64);
+    p.stop_and_verify();
+}
+
+#[test]
+fn an_early_answer_from_the_origin_is_forwarded_without_the_rest_of_the_body() {
+    let p = start_proxy("");
+    // Far more than the socket buffers between the proxy and the origin,
+    // which reads none of it.
+    let upload = p.dir.path().join("upload.bin");
+    std::fs::write(&upload, vec![b'x'; 32 << 20]).unwrap();
+    let url = format!("http://early.test:{}/upload", p.origins.early);
+    let started = Instant::now();
+    let (code, body) = p.curl(&["--data-binary", &format!("@{}", upload.display()), &url]);
+    assert_eq!(
+        code, 413,
+        "the origin's early answer must reach the client: {body}"
+    );
+    assert_eq!(body, "too large");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the answer waited for the body or a timeout"
+    );
+    let r = p.wait_record("for the early answer", |r| s(r, "/url/full") == url);
+    assert_eq!(n(&r, "/http/response/status_code"), 413);
     p.stop_and_verify();
 }
 

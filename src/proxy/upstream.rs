@@ -245,19 +245,35 @@ impl Slot {
             // The origin never got a whole request head.
             return Err(TryFailure::Retry);
         }
+        let mut answered_early = false;
         if framing != RequestBody::None {
-            Box::pin(send_body(&mut origin.stream, body, framing))
-                .await
-                .map_err(|e| TryFailure::Failed(Failure::Upstream(e)))?;
+            // The origin may answer before the whole body is sent (a 413, a
+            // redirect, an auth challenge) and stop reading: its answer is
+            // forwarded then, not a timeout, and the rest of the body is
+            // not sent.
+            let (mut rd, mut wr) = origin.stream.split();
+            let mut probe = [0u8; 1];
+            tokio::select! {
+                biased;
+                _ = rd.peek(&mut probe) => answered_early = true,
+                r = Box::pin(send_body(&mut wr, body, framing)) => {
+                    r.map_err(|e| TryFailure::Failed(Failure::Upstream(e)))?;
+                }
+            }
         }
-        self.receive(origin, head_only, upstream_timeout).await
+        // After an early answer the request body stopped midway: the
+        // connection's framing is lost, so it is not used again.
+        self.receive(origin, head_only, !answered_early, upstream_timeout)
+            .await
     }
 
-    /// Reads the response head from `origin`; the body reads the rest.
+    /// Reads the response head from `origin`; the body reads the rest. The
+    /// connection goes back for reuse after it only if `reusable`.
     async fn receive(
         self: &Arc<Self>,
         mut origin: Origin,
         head_only: bool,
+        reusable: bool,
         upstream_timeout: Duration,
     ) -> Result<Response<OriginBody>, TryFailure> {
         let (head, rest) = match read_head(&mut origin.stream, head_only).await {
@@ -274,7 +290,7 @@ impl Slot {
             slot: self.clone(),
             buf: rest,
             framing: head.framing,
-            keep_alive: head.keep_alive,
+            keep_alive: head.keep_alive && reusable,
             eof: false,
             done: false,
             read_size: READ_SIZE,
@@ -373,7 +389,7 @@ fn request_head(parts: &hyper::http::request::Parts, framing: RequestBody) -> Ve
 
 /// Copies the client's request body to the origin.
 async fn send_body(
-    stream: &mut TcpStream,
+    stream: &mut (impl tokio::io::AsyncWrite + Unpin),
     body: &mut Incoming,
     framing: RequestBody,
 ) -> Result<(), String> {
@@ -1053,7 +1069,7 @@ mod tests {
         let slot = Arc::new(Slot::default());
         let origin = Origin { addr, stream };
         let resp = slot
-            .receive(origin, head_only, Duration::from_secs(5))
+            .receive(origin, head_only, true, Duration::from_secs(5))
             .await;
         let resp = match resp {
             Ok(r) => r,
@@ -1227,7 +1243,7 @@ mod tests {
         let stream = TcpStream::connect(addr).await.unwrap();
         let slot = Arc::new(Slot::default());
         let Ok(resp) = slot
-            .receive(Origin { addr, stream }, false, Duration::from_secs(5))
+            .receive(Origin { addr, stream }, false, true, Duration::from_secs(5))
             .await
         else {
             panic!("no response");
