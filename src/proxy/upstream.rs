@@ -513,10 +513,7 @@ async fn read_head(stream: &mut TcpStream, head_only: bool) -> Result<(Head, Byt
                 buf = BytesMut::new();
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) if !got_any => {
-                let _ = e;
-                return Err(HeadError::Nothing);
-            }
+            Err(_) if !got_any => return Err(HeadError::Nothing),
             Err(e) => return Err(HeadError::Invalid(format!("reading the response: {e}"))),
         }
     }
@@ -712,12 +709,10 @@ fn chunked_step(state: &mut Chunked, buf: &mut BytesMut) -> Result<ChunkStep, St
                 buf.advance(2);
                 return Ok(ChunkStep::End);
             }
-            if buf.len() < 2 {
-                if buf.first().is_some_and(|b| *b != b'\r') && !buf.is_empty() {
-                    // A trailer field: wait for the whole section below.
-                } else {
-                    return Ok(ChunkStep::Need);
-                }
+            // Nothing yet, or a lone CR that may start the final CRLF. (One
+            // other byte starts a trailer field: parsed below.)
+            if buf.len() < 2 && buf.first().is_none_or(|b| *b == b'\r') {
+                return Ok(ChunkStep::Need);
             }
             let mut fields = [httparse::EMPTY_HEADER; 32];
             match httparse::parse_headers(buf, &mut fields) {
@@ -818,7 +813,7 @@ impl OriginBody {
                     let data = self.buf.split_to(n).freeze();
                     if *left == 0 {
                         self.framing = Framing::Empty;
-                        self.finish_if_ended();
+                        self.finish();
                     }
                     return Ok(Some(data));
                 }
@@ -834,18 +829,13 @@ impl OriginBody {
                     Ok(ChunkStep::Need) => return Ok(None),
                     Ok(ChunkStep::End) => {
                         self.framing = Framing::Empty;
-                        self.finish_if_ended();
+                        self.finish();
                         return Ok(None);
                     }
                     Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
                 },
             }
         }
-    }
-
-    /// After the last byte of a framed body: the body is complete.
-    fn finish_if_ended(&mut self) {
-        self.finish();
     }
 
     /// Reads more from the origin into the buffer. `Ok(false)`: the origin
