@@ -448,16 +448,7 @@ pub mod bpf {
 
         /// Copies the value under `key` into `value`; false when absent.
         pub fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
-            self.check(key, Some(value.len()))?;
-            let mut a = Attr::new();
-            a.u32(0, self.fd.as_raw_fd() as u32)
-                .u64(8, key.as_ptr() as u64)
-                .u64(16, value.as_mut_ptr() as u64);
-            match call(MAP_LOOKUP_ELEM, &mut a) {
-                Ok(_) => Ok(true),
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-                Err(e) => Err(e),
-            }
+            self.read_elem(MAP_LOOKUP_ELEM, key, value)
         }
 
         /// Adds or replaces the value under `key`.
@@ -474,12 +465,18 @@ pub mod bpf {
         /// step (nothing the kernel adds in between is lost); false when it
         /// was absent.
         pub fn take(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+            self.read_elem(MAP_LOOKUP_AND_DELETE_ELEM, key, value)
+        }
+
+        /// A map command that copies the value under `key` into `value`
+        /// (lookup, lookup-and-delete); false when the key is absent.
+        fn read_elem(&self, cmd: u32, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
             self.check(key, Some(value.len()))?;
             let mut a = Attr::new();
             a.u32(0, self.fd.as_raw_fd() as u32)
                 .u64(8, key.as_ptr() as u64)
                 .u64(16, value.as_mut_ptr() as u64);
-            match call(MAP_LOOKUP_AND_DELETE_ELEM, &mut a) {
+            match call(cmd, &mut a) {
                 Ok(_) => Ok(true),
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
                 Err(e) => Err(e),
