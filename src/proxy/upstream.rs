@@ -36,6 +36,10 @@ use tokio::net::TcpStream;
 /// Bytes asked of the socket per read; a response head and a small body
 /// usually arrive in one.
 const READ_SIZE: usize = 8 * 1024;
+/// The first read of a response head: most heads, and a small body
+/// after one, fit. Kept small because a buffer exists for every response
+/// in flight (hundreds of them at once on a busy proxy).
+const HEAD_READ_SIZE: usize = 2 * 1024;
 /// Reads of a long body use larger buffers, up to this.
 const READ_SIZE_MAX: usize = 64 * 1024;
 /// The largest response head accepted.
@@ -496,7 +500,9 @@ async fn read_head(stream: &mut TcpStream, head_only: bool) -> Result<(Head, Byt
                 HeadError::Nothing
             });
         }
-        if buf.capacity() - buf.len() < 1024 {
+        if buf.capacity() == 0 {
+            buf.reserve(HEAD_READ_SIZE);
+        } else if buf.capacity() - buf.len() < 1024 {
             buf.reserve(READ_SIZE);
         }
         match stream.try_read_buf(&mut buf) {
@@ -1415,6 +1421,29 @@ mod tests {
         refused(&o, "header fields");
         let o = exchange(b"HTTP/1.1 200 OK\r\nContent-", false, true).await;
         refused(&o, "in the middle of the response head");
+    }
+
+    #[tokio::test]
+    async fn a_head_larger_than_the_first_read_is_read_whole() {
+        // A head of about 20 KiB (several times the first read) and a body
+        // that starts in the same segment as its end.
+        let mut head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n".to_vec();
+        for i in 0..20 {
+            head.extend_from_slice(format!("X-Filler-{i}: ").as_bytes());
+            head.extend(std::iter::repeat_n(b'a' + i as u8, 1000));
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n0123456789");
+        assert!(head.len() > 8 * HEAD_READ_SIZE);
+        let bytes: &'static [u8] = Box::leak(head.into_boxed_slice());
+        let o = exchange(bytes, false, false).await;
+        let (status, headers) = o.head.as_ref().unwrap();
+        assert_eq!(*status, StatusCode::OK);
+        assert_eq!(headers.len(), 21);
+        assert_eq!(headers["x-filler-19"].len(), 1000);
+        assert!(headers["x-filler-19"].as_bytes().iter().all(|&b| b == b't'));
+        assert_eq!(o.body.as_deref().unwrap(), b"0123456789");
+        assert!(o.reused);
     }
 
     #[tokio::test]
