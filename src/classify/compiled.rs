@@ -252,6 +252,21 @@ type TreeMask = u16;
 const ALL_TREES: TreeMask = TreeMask::MAX;
 /// Most trees a classifier has (one per partition group).
 const MAX_TREES: usize = TreeMask::BITS as usize;
+/// Most better overlapping entries of one later tree that a leaf entry's
+/// copies test against their clipped boxes (see `Builder::link_trees`).
+const LINKS_LISTED: usize = 64;
+
+/// A leaf's entries (`start..end` in its tree's leaf entries) and region,
+/// kept while building to link the trees.
+struct LeafRegion<A> {
+    start: usize,
+    end: usize,
+    region: Rect<A>,
+}
+
+fn overlaps<A: Address>(a: &Rect<A>, b: &Rect<A>) -> bool {
+    (0..DIMS).all(|d| a.lo[d] <= b.hi[d] && b.lo[d] <= a.hi[d])
+}
 
 /// A box or a region: inclusive bounds per dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -638,7 +653,10 @@ impl<A: Address> Classifier<A> {
             if strategy.leaf > limits.max_leaf.max(1) {
                 continue;
             }
-            let groups = partition(&rects, strategy.partition);
+            let mut groups = partition(&rects, strategy.partition);
+            // Trees are looked up in order of their best priority; sorting
+            // the groups first lets each tree's leaves know the later trees.
+            groups.sort_by_key(|g| g.first().copied().unwrap_or(u32::MAX));
             let shared = rules.len() * std::mem::size_of::<RuleId>();
             let mut builder = Builder {
                 rects: &rects,
@@ -651,13 +669,11 @@ impl<A: Address> Classifier<A> {
                     ..ClassifierStats::default()
                 },
             };
-            let built: Option<Vec<Tree<A>>> =
+            let built: Option<Vec<(Tree<A>, Vec<LeafRegion<A>>)>> =
                 groups.iter().map(|g| builder.tree(g.clone())).collect();
-            if let Some(trees) = built {
-                let mut order: Vec<(Tree<A>, Vec<u32>)> = trees.into_iter().zip(groups).collect();
-                order.sort_by_key(|(t, _)| t.best_priority);
-                let (mut trees, groups): (Vec<_>, Vec<_>) = order.into_iter().unzip();
-                builder.link_trees(&mut trees, &groups);
+            if let Some(built) = built {
+                let (mut trees, regions): (Vec<_>, Vec<_>) = built.into_iter().unzip();
+                builder.link_trees(&mut trees, &groups, &regions);
                 work_left = builder.work_left;
                 let mut stats = builder.stats;
                 stats.trees = trees.len();
@@ -1031,48 +1047,84 @@ impl<A: Address> Builder<'_, A> {
     }
 
     /// Sets each leaf entry's [`LeafEntry::later`]: the later trees holding
-    /// an entry with a better priority that overlaps it. `groups[t]` lists
-    /// tree `t`'s entries in priority order. The pairwise tests have their
-    /// own budget (64 per entry, at least 2^25, at most what is left of the
-    /// build's work cap) so that a large set cannot spend the whole cap
-    /// here; once it runs out the remaining entries keep every later tree,
-    /// which is always safe.
-    fn link_trees(&mut self, trees: &mut [Tree<A>], groups: &[Vec<u32>]) {
-        let mut later = vec![ALL_TREES; self.rects.len()];
-        let budget = (self.rects.len() as u64 * 64)
-            .max(1 << 25)
-            .min(self.work_left);
+    /// an entry with a better priority that overlaps the entry's box
+    /// clipped to its leaf's region (a key that matches the copy lies in
+    /// both). `groups[t]` lists tree `t`'s entries in priority order and
+    /// `regions[t]` its leaves. First, per entry, the better entries of
+    /// later trees that overlap its whole box are listed (a tree with more
+    /// than [`LINKS_LISTED`] is always entered after the entry); then each
+    /// copy tests the listed ones against its clipped box. The tests have
+    /// their own budget (64 per entry, at least 2^25, at most what is left
+    /// of the build's work cap) so that a large set cannot spend the whole
+    /// cap here; once it runs out the remaining copies keep every later
+    /// tree, which is always safe.
+    fn link_trees(
+        &mut self,
+        trees: &mut [Tree<A>],
+        groups: &[Vec<u32>],
+        regions: &[Vec<LeafRegion<A>>],
+    ) {
+        let n = self.rects.len();
+        let mut always = vec![ALL_TREES; n];
+        let mut overlapping: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut tree_of = vec![0u8; n];
+        for (t, group) in groups.iter().enumerate() {
+            for &i in group {
+                tree_of[i as usize] = t as u8;
+            }
+        }
+        let budget = (n as u64 * 64).max(1 << 25).min(self.work_left);
         let mut left = budget;
         'all: for (t, group) in groups.iter().enumerate() {
             for &i in group {
                 let r = &self.rects[i as usize];
-                let mut mask: TreeMask = 0;
+                let mut wide: TreeMask = 0;
+                let mut list = Vec::new();
                 for (u, other) in groups.iter().enumerate().skip(t + 1) {
                     let better = other.partition_point(|&j| j < i);
                     let Some(rest) = left.checked_sub(better as u64) else {
                         break 'all;
                     };
                     left = rest;
-                    let hit = other[..better].iter().any(|&j| {
-                        let o = &self.rects[j as usize];
-                        (0..DIMS).all(|d| o.lo[d] <= r.hi[d] && r.lo[d] <= o.hi[d])
-                    });
-                    mask |= TreeMask::from(hit) << u;
+                    let before = list.len();
+                    list.extend(
+                        other[..better]
+                            .iter()
+                            .copied()
+                            .filter(|&j| overlaps(&self.rects[j as usize], r)),
+                    );
+                    if list.len() - before > LINKS_LISTED {
+                        list.truncate(before);
+                        wide |= 1 << u;
+                    }
                 }
-                later[i as usize] = mask;
+                always[i as usize] = wide;
+                overlapping[i as usize] = list;
+            }
+        }
+        'copies: for (tree, regions) in trees.iter_mut().zip(regions) {
+            for leaf in regions {
+                for e in &mut tree.leaves[leaf.start..leaf.end] {
+                    let i = e.priority as usize;
+                    let Some(rest) = left.checked_sub(overlapping[i].len() as u64) else {
+                        break 'copies;
+                    };
+                    left = rest;
+                    let clipped = self.rects[i].clip(&leaf.region);
+                    e.later = overlapping[i]
+                        .iter()
+                        .filter(|&&j| overlaps(&self.rects[j as usize], &clipped))
+                        .fold(always[i], |m, &j| m | 1 << tree_of[j as usize]);
+                }
             }
         }
         self.work_left -= budget - left;
-        for tree in trees {
-            for e in &mut tree.leaves {
-                e.later = later[e.priority as usize];
-            }
-        }
     }
 
     /// Builds one tree over `ids` (priority order); `None` when a limit was
     /// hit.
-    fn tree(&mut self, ids: Vec<u32>) -> Option<Tree<A>> {
+    fn tree(&mut self, ids: Vec<u32>) -> Option<(Tree<A>, Vec<LeafRegion<A>>)> {
+        let mut regions = Vec::new();
         let mut tree = Tree {
             nodes: Vec::new(),
             leaves: Vec::new(),
@@ -1179,6 +1231,11 @@ impl<A: Address> Builder<'_, A> {
                         return None;
                     }
                     let leaf = leaf_ref(tree.leaves.len(), ids.len());
+                    regions.push(LeafRegion {
+                        start: tree.leaves.len(),
+                        end: tree.leaves.len() + ids.len(),
+                        region,
+                    });
                     tree.leaves.extend(
                         ids.iter()
                             .map(|&i| LeafEntry::of(&self.rects[i as usize], i)),
@@ -1270,7 +1327,7 @@ impl<A: Address> Builder<'_, A> {
         tree.nodes.shrink_to_fit();
         tree.leaves.shrink_to_fit();
         self.stats.worst_case_steps += worst_steps;
-        Some(tree)
+        Some((tree, regions))
     }
 
     /// The fields and numbers of top bits for a root table, when some spread
