@@ -1052,7 +1052,8 @@ impl<A: Address> Builder<'_, A> {
     /// both). `groups[t]` lists tree `t`'s entries in priority order and
     /// `regions[t]` its leaves. First, per entry, the better entries of
     /// later trees that overlap its whole box are listed (a tree with more
-    /// than [`LINKS_LISTED`] is always entered after the entry); then each
+    /// than [`LINKS_LISTED`], or more than are left of eight per entry in
+    /// all, is always entered after the entry); then each
     /// copy tests the listed ones against its clipped box. The tests have
     /// their own budget (64 per entry, at least 2^25, at most what is left
     /// of the build's work cap) so that a large set cannot spend the whole
@@ -1075,6 +1076,8 @@ impl<A: Address> Builder<'_, A> {
         }
         let budget = (n as u64 * 64).max(1 << 25).min(self.work_left);
         let mut left = budget;
+        // The lists, all together, hold at most 8 entries per entry.
+        let mut room = 8 * n;
         'all: for (t, group) in groups.iter().enumerate() {
             for &i in group {
                 let r = &self.rects[i as usize];
@@ -1093,9 +1096,12 @@ impl<A: Address> Builder<'_, A> {
                             .copied()
                             .filter(|&j| overlaps(&self.rects[j as usize], r)),
                     );
-                    if list.len() - before > LINKS_LISTED {
+                    let listed = list.len() - before;
+                    if listed > LINKS_LISTED.min(room) {
                         list.truncate(before);
                         wide |= 1 << u;
+                    } else {
+                        room -= listed;
                     }
                 }
                 always[i as usize] = wide;
