@@ -669,8 +669,10 @@ impl<A: Address> Classifier<A> {
                     ..ClassifierStats::default()
                 },
             };
-            let built: Option<Vec<(Tree<A>, Vec<LeafRegion<A>>)>> =
-                groups.iter().map(|g| builder.tree(g.clone())).collect();
+            let built = groups
+                .iter()
+                .map(|g| builder.tree(g.clone()))
+                .collect::<Option<Vec<_>>>();
             if let Some(built) = built {
                 let (mut trees, regions): (Vec<_>, Vec<_>) = built.into_iter().unzip();
                 builder.link_trees(&mut trees, &groups, &regions);
