@@ -53,11 +53,12 @@
 //! skips a tree, or stops inside it, as soon as it cannot hold an earlier
 //! match than the one already found.
 //! Each leaf entry also carries the set of later trees that hold an entry
-//! with a better priority overlapping its box (computed once while
-//! building, pairwise within the work cap): after a match only those trees
-//! are entered, since any entry that matches the same key overlaps the
-//! matched box. With it a lookup enters 1.36 trees on average on the
-//! ClassBench ipc1 10k trace (about 2.1 without) and 1.49 on acl2's.
+//! with a better priority overlapping its box within its leaf's region
+//! (computed once while building, pairwise within the work cap): after a
+//! match only those trees are entered, since any entry that matches the
+//! same key overlaps the matched box there. With it a lookup enters 1.28
+//! trees on average on the ClassBench ipc1 10k trace (1.36 with whole
+//! boxes, about 2.1 without) and 1.49 on acl2's.
 //!
 //! [`Classifier::lookup_batch`] walks a group of keys through each tree in
 //! lockstep so that their memory accesses overlap, as DPDK's ACL classifies
@@ -95,13 +96,23 @@
 //!
 //! Figures from `cargo bench --bench classify -- --summary` on the
 //! development machine (AMD EPYC Zen 4, 2.6 GHz, 1 MiB L2 per core, run
-//! under the shared bench lock, two runs averaged), single / batched
-//! lookups per second: acl1_10k 23.8M / 33.1M, acl2_10k 36.5M / 34.2M,
-//! fw1_10k 61.0M / 63.7M, ipc1_10k 26.3M / 28.6M; before this round, in
-//! the same session: 18.6M / 32.4M, 31.5M / 32.2M, 58.0M / 60.6M, 20.7M /
-//! 28.0M. The 30M target is met on acl2 and fw1, on acl1 batched, and not
-//! yet on acl1 single nor ipc1 (single or batched). The 1k sets gained
-//! 25-35% on single lookups and lost 2-6% batched (still 58-66M).
+//! under the shared bench lock; 2026-11-25 21:09-21:11 UTC, three runs
+//! each, interleaved with the previous round's build, averaged; the
+//! machine was shared with another benchmark and runs varied by up to 8%),
+//! single / batched lookups per second: acl1_10k 26.2M / 32.8M, acl2_10k
+//! 36.1M / 33.9M, fw1_10k 60.6M / 60.6M, ipc1_10k 26.9M / 29.2M (27.6M to
+//! 30.1M); the previous round's build in the same runs: 23.0M / 32.2M,
+//! 36.3M / 34.0M, 60.5M / 62.0M, 26.1M / 28.4M. The 1k sets: acl1 50.8M /
+//! 69.8M, fw1 49.4M / 56.9M, ipc1 49.8M / 60.4M (previously 45.6M / 64.6M,
+//! 38.9M / 57.6M, 42.2M / 60.6M). Builds 29-73 ms (previously up to 129
+//! ms), memory at most 3.14 MB, worst-case steps 24 to 48. The 30M target
+//! is met on acl2 and fw1 and on acl1 batched; not on acl1 single, ipc1
+//! single, nor (but for some runs) ipc1 batched.
+//!
+//! Earlier figures (same command, two runs averaged): acl1_10k 23.8M /
+//! 33.1M, acl2_10k 36.5M / 34.2M, fw1_10k 61.0M / 63.7M, ipc1_10k 26.3M /
+//! 28.6M; before that round: 18.6M / 32.4M, 31.5M / 32.2M, 58.0M / 60.6M,
+//! 20.7M / 28.0M.
 //!
 //! The machine is a virtual one without hardware counters (`perf stat`
 //! reports cycles, branches and cache events as not supported), so the
@@ -124,6 +135,24 @@
 //!   1 MiB level, 29 conditional branches of which 1.5 mispredicted; per
 //!   ipc1 key in a batch: 340 instructions and 50 branches, 4 mispredicted
 //!   (a batch is bound by instructions and branches, not by memory).
+//!   (2026-11-25: per batched ipc1 key 313 instructions, 44 branches, 2.8
+//!   L1 and 0.4 L2-sized misses.)
+//! - 2026-11-25, cycling a window of n trace keys through the same
+//!   key array (so the same 1.4 MB key stream): ipc1_10k with n = 3000 or
+//!   10000 runs at 39-40M/s single and 50M/s batched, n = 20000 at
+//!   28M / 29M, the whole trace at 26M / 28.5M; 10000 keys taken every
+//!   ninth key across the whole trace also give 39.5M. acl1_10k (one
+//!   tree): 36M single at n = 3000, 26M at 20000. So about a third of a
+//!   lookup's time, batched too, goes to structure lines that a full pass
+//!   touches but that do not stay in the 1 MiB L2 next to the key stream:
+//!   a pass
+//!   over the ipc1 trace touches about 570 KB of structure (leaf entries
+//!   483 KB, nodes 68 KB, root slots 20 KB), acl1's 685 KB with one tree
+//!   and about 560 KB with the groups (leaf target 7; leaf entries 433
+//!   KB).
+//! - ipc1 against acl2 (36M/s single with more trees entered, 1.49 per key
+//!   against 1.28): ipc1 walks 1.81 internal nodes per key, acl2 0.82; one
+//!   more dependent L2 load per key is most of the difference.
 //!
 //! Measured and dropped (each against the code it would have changed, same
 //! session):
@@ -159,6 +188,43 @@
 //!   a leaf's first two entries share a line: within the noise.
 //! - Huge pages for the structure through glibc's malloc tunable
 //!   (diagnostic only): no visible change.
+//! - 2026-11-25 (each A/B interleaved, the machine shared and noisy, so
+//!   changes under 3% are not resolved):
+//!   - A branch-free test of a leaf's first four entries (a match mask
+//!     and a trailing-zero count, then the rest by the loop): acl1 -20%
+//!     single, fw1 -60% (its leaves hold 0-1 entries; the extra
+//!     instructions dominate).
+//!   - Batched: testing every lane's first leaf entry, without branches,
+//!     before any lane's scan so that the lanes' leaf loads overlap:
+//!     batched -5% (ipc1) to -25% (fw1).
+//!   - Batches of 16 keys: fw1 batched -15%, ipc1 no better.
+//!   - Batched lookups in chunks of 256 keys taken tree by tree, the keys
+//!     that want a tree packed into full groups of eight: fw1 batched
+//!     -20%, acl1 -4%, ipc1 no better.
+//!   - A "no match here" last entry in leaves (matches everything, at a
+//!     priority no rule has, naming the later trees that overlap the
+//!     leaf's region): no fewer trees entered than the clipped later sets
+//!     already give; in every leaf fw1 -16% single (memory 1.15 to 1.70
+//!     MB); only where it excludes the next tree: no change. Not kept.
+//!   - Leaf entries reordered likeliest first (by the share of an entry's
+//!     box inside the leaf's region, as ClassBench draws keys; entries that
+//!     overlap within the region keep their order): the match position
+//!     barely moves (entries in a leaf overlap within its region), no
+//!     change.
+//!   - Leaf targets 5, 6 and 7 with the groups: within the noise.
+//!   - Root tables of up to 20 bits or 16x copies with the groups: memory
+//!     to 4.6 MB, no faster. Sharing identical leaves with the groups:
+//!     acl1 0.85 to 0.83 MB, no faster.
+//!   - Later-tree lists of up to 4096 entries per tree instead of 64:
+//!     ipc1 trees entered 20614 to 20567 per pass, not kept.
+//!   - Leaf entries that test at most one address and one port or
+//!     protocol field (16 bytes, the rest covering the leaf's region):
+//!     only 14% (acl1) and 22% (ipc1) of leaf entries sit in leaves where
+//!     every entry qualifies; not built.
+//!   - glibc's huge-page tunables again (hugetlb=1, larger mmap threshold):
+//!     no change; the structure's vectors are each under 2 MiB, so they
+//!     are likely never backed by huge pages (anything more would need
+//!     unsafe code outside `sys.rs`).
 //! - Earlier, before this round: walks without branches, nodes with fifteen
 //!   children, leaves naming shared entries instead of holding copies,
 //!   capped root tables, other split scores, batches of 4 or 16, prefetching
@@ -168,11 +234,10 @@
 //!
 //! Replication, depth, leaf size, memory and build work all have caps
 //! ([`BuildLimits`]). A build first tries the CutSplit groups (after one
-//! tree, for a small set), then a finer
-//! partition that also separates by ports, then larger leaves; if no
-//! strategy fits the caps it returns [`BuildError::TooComplex`] instead of
-//! growing without bound. The work cap bounds build time even on sets
-//! designed to defeat every strategy.
+//! tree, for a small set), then a finer partition that also separates by
+//! ports, then larger leaves; if no strategy fits the caps it returns
+//! [`BuildError::TooComplex`] instead of growing without bound. The work
+//! cap bounds build time even on sets designed to defeat every strategy.
 
 use super::{Address, Entry, Key, RuleId};
 
