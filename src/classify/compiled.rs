@@ -37,20 +37,28 @@
 //!   whole region and (for short lists) every entry covered within the
 //!   region by an earlier one: those can never be the first match there.
 //!
-//! One tree over everything is tried first. When it would replicate too much
-//! (the classic failure of decision trees on rule sets that mix wildcards in
-//! different fields), entries are partitioned by which fields are "small"
-//! (CutSplit, Li et al., INFOCOM 2018): small source; else small
-//! destination; else, for entries wide in both addresses, small destination
-//! port; small source port; the rest. One tree per group; a lookup walks them
-//! in order of their best priority and skips a tree, or stops inside it, as
-//! soon as it cannot hold an earlier match than the one already found.
+//! Entries are partitioned by which fields are "small" (CutSplit, Li et al.,
+//! INFOCOM 2018), since one tree over rule sets that mix wildcards in
+//! different fields replicates too much (the classic failure of decision
+//! trees), and where it does not, it is still larger and deeper than the
+//! groups' trees (one tree over ClassBench acl1 10k: 1.82 MB, 2.44 nodes
+//! per lookup; the groups: 0.85 MB, 1.94 nodes, 10% more lookups/s, and
+//! 10-35% more on the 1k sets). Small sets (at most 128 entries) are the
+//! exception: one tree over them is a few levels deep and is tried first
+//! (the first 60 or 120 rules of fw1_1k: 40% more lookups/s than the
+//! groups; at 200 rules the groups are 20% faster). The groups: small
+//! source; else small destination; else, for entries wide in both
+//! addresses, small destination port; small source port; the rest. One
+//! tree per group; a lookup walks them in order of their best priority and
+//! skips a tree, or stops inside it, as soon as it cannot hold an earlier
+//! match than the one already found.
 //! Each leaf entry also carries the set of later trees that hold an entry
-//! with a better priority overlapping its box (computed once while
-//! building, pairwise within the work cap): after a match only those trees
-//! are entered, since any entry that matches the same key overlaps the
-//! matched box. With it a lookup enters 1.36 trees on average on the
-//! ClassBench ipc1 10k trace (about 2.1 without) and 1.49 on acl2's.
+//! with a better priority overlapping its box within its leaf's region
+//! (computed once while building, pairwise within the work cap): after a
+//! match only those trees are entered, since any entry that matches the
+//! same key overlaps the matched box there. With it a lookup enters 1.28
+//! trees on average on the ClassBench ipc1 10k trace (1.36 with whole
+//! boxes, about 2.1 without) and 1.49 on acl2's.
 //!
 //! [`Classifier::lookup_batch`] walks a group of keys through each tree in
 //! lockstep so that their memory accesses overlap, as DPDK's ACL classifies
@@ -88,13 +96,23 @@
 //!
 //! Figures from `cargo bench --bench classify -- --summary` on the
 //! development machine (AMD EPYC Zen 4, 2.6 GHz, 1 MiB L2 per core, run
-//! under the shared bench lock, two runs averaged), single / batched
-//! lookups per second: acl1_10k 23.8M / 33.1M, acl2_10k 36.5M / 34.2M,
-//! fw1_10k 61.0M / 63.7M, ipc1_10k 26.3M / 28.6M; before this round, in
-//! the same session: 18.6M / 32.4M, 31.5M / 32.2M, 58.0M / 60.6M, 20.7M /
-//! 28.0M. The 30M target is met on acl2 and fw1, on acl1 batched, and not
-//! yet on acl1 single nor ipc1 (single or batched). The 1k sets gained
-//! 25-35% on single lookups and lost 2-6% batched (still 58-66M).
+//! under the shared bench lock; 2026-11-25 21:09-21:11 UTC, three runs
+//! each, interleaved with the previous round's build, averaged; the
+//! machine was shared with another benchmark and runs varied by up to 8%),
+//! single / batched lookups per second: acl1_10k 26.2M / 32.8M, acl2_10k
+//! 36.1M / 33.9M, fw1_10k 60.6M / 60.6M, ipc1_10k 26.9M / 29.2M (27.6M to
+//! 30.1M); the previous round's build in the same runs: 23.0M / 32.2M,
+//! 36.3M / 34.0M, 60.5M / 62.0M, 26.1M / 28.4M. The 1k sets: acl1 50.8M /
+//! 69.8M, fw1 49.4M / 56.9M, ipc1 49.8M / 60.4M (previously 45.6M / 64.6M,
+//! 38.9M / 57.6M, 42.2M / 60.6M). Builds 29-73 ms (previously up to 129
+//! ms), memory at most 3.14 MB, worst-case steps 24 to 48. The 30M target
+//! is met on acl2 and fw1 and on acl1 batched; not on acl1 single, ipc1
+//! single, nor (but for some runs) ipc1 batched.
+//!
+//! Earlier figures (same command, two runs averaged): acl1_10k 23.8M /
+//! 33.1M, acl2_10k 36.5M / 34.2M, fw1_10k 61.0M / 63.7M, ipc1_10k 26.3M /
+//! 28.6M; before that round: 18.6M / 32.4M, 31.5M / 32.2M, 58.0M / 60.6M,
+//! 20.7M / 28.0M.
 //!
 //! The machine is a virtual one without hardware counters (`perf stat`
 //! reports cycles, branches and cache events as not supported), so the
@@ -117,6 +135,24 @@
 //!   1 MiB level, 29 conditional branches of which 1.5 mispredicted; per
 //!   ipc1 key in a batch: 340 instructions and 50 branches, 4 mispredicted
 //!   (a batch is bound by instructions and branches, not by memory).
+//!   (2026-11-25: per batched ipc1 key 313 instructions, 44 branches, 2.8
+//!   L1 and 0.4 L2-sized misses.)
+//! - 2026-11-25, cycling a window of n trace keys through the same
+//!   key array (so the same 1.4 MB key stream): ipc1_10k with n = 3000 or
+//!   10000 runs at 39-40M/s single and 50M/s batched, n = 20000 at
+//!   28M / 29M, the whole trace at 26M / 28.5M; 10000 keys taken every
+//!   ninth key across the whole trace also give 39.5M. acl1_10k (one
+//!   tree): 36M single at n = 3000, 26M at 20000. So about a third of a
+//!   lookup's time, batched too, goes to structure lines that a full pass
+//!   touches but that do not stay in the 1 MiB L2 next to the key stream:
+//!   a pass
+//!   over the ipc1 trace touches about 570 KB of structure (leaf entries
+//!   483 KB, nodes 68 KB, root slots 20 KB), acl1's 685 KB with one tree
+//!   and about 560 KB with the groups (leaf target 7; leaf entries 433
+//!   KB).
+//! - ipc1 against acl2 (36M/s single with more trees entered, 1.49 per key
+//!   against 1.28): ipc1 walks 1.81 internal nodes per key, acl2 0.82; one
+//!   more dependent L2 load per key is most of the difference.
 //!
 //! Measured and dropped (each against the code it would have changed, same
 //! session):
@@ -152,6 +188,43 @@
 //!   a leaf's first two entries share a line: within the noise.
 //! - Huge pages for the structure through glibc's malloc tunable
 //!   (diagnostic only): no visible change.
+//! - 2026-11-25 (each A/B interleaved, the machine shared and noisy, so
+//!   changes under 3% are not resolved):
+//!   - A branch-free test of a leaf's first four entries (a match mask
+//!     and a trailing-zero count, then the rest by the loop): acl1 -20%
+//!     single, fw1 -60% (its leaves hold 0-1 entries; the extra
+//!     instructions dominate).
+//!   - Batched: testing every lane's first leaf entry, without branches,
+//!     before any lane's scan so that the lanes' leaf loads overlap:
+//!     batched -5% (ipc1) to -25% (fw1).
+//!   - Batches of 16 keys: fw1 batched -15%, ipc1 no better.
+//!   - Batched lookups in chunks of 256 keys taken tree by tree, the keys
+//!     that want a tree packed into full groups of eight: fw1 batched
+//!     -20%, acl1 -4%, ipc1 no better.
+//!   - A "no match here" last entry in leaves (matches everything, at a
+//!     priority no rule has, naming the later trees that overlap the
+//!     leaf's region): no fewer trees entered than the clipped later sets
+//!     already give; in every leaf fw1 -16% single (memory 1.15 to 1.70
+//!     MB); only where it excludes the next tree: no change. Not kept.
+//!   - Leaf entries reordered likeliest first (by the share of an entry's
+//!     box inside the leaf's region, as ClassBench draws keys; entries that
+//!     overlap within the region keep their order): the match position
+//!     barely moves (entries in a leaf overlap within its region), no
+//!     change.
+//!   - Leaf targets 5, 6 and 7 with the groups: within the noise.
+//!   - Root tables of up to 20 bits or 16x copies with the groups: memory
+//!     to 4.6 MB, no faster. Sharing identical leaves with the groups:
+//!     acl1 0.85 to 0.83 MB, no faster.
+//!   - Later-tree lists of up to 4096 entries per tree instead of 64:
+//!     ipc1 trees entered 20614 to 20567 per pass, not kept.
+//!   - Leaf entries that test at most one address and one port or
+//!     protocol field (16 bytes, the rest covering the leaf's region):
+//!     only 14% (acl1) and 22% (ipc1) of leaf entries sit in leaves where
+//!     every entry qualifies; not built.
+//!   - glibc's huge-page tunables again (hugetlb=1, larger mmap threshold):
+//!     no change; the structure's vectors are each under 2 MiB, so they
+//!     are likely never backed by huge pages (anything more would need
+//!     unsafe code outside `sys.rs`).
 //! - Earlier, before this round: walks without branches, nodes with fifteen
 //!   children, leaves naming shared entries instead of holding copies,
 //!   capped root tables, other split scores, batches of 4 or 16, prefetching
@@ -160,13 +233,11 @@
 //! # Bounded building
 //!
 //! Replication, depth, leaf size, memory and build work all have caps
-//! ([`BuildLimits`]). A build first tries one tree (fastest lookups, and
-//! given only a quarter of the memory budget since it either fits easily or
-//! explodes), then the CutSplit groups, then a finer partition that also
-//! separates by ports, then larger leaves; if no strategy fits the caps it
-//! returns [`BuildError::TooComplex`] instead of growing without bound. The
-//! work cap bounds build time even on sets designed to defeat every
-//! strategy.
+//! ([`BuildLimits`]). A build first tries the CutSplit groups (after one
+//! tree, for a small set), then a finer partition that also separates by
+//! ports, then larger leaves; if no strategy fits the caps it returns
+//! [`BuildError::TooComplex`] instead of growing without bound. The work
+//! cap bounds build time even on sets designed to defeat every strategy.
 
 use super::{Address, Entry, Key, RuleId};
 
@@ -251,6 +322,21 @@ type TreeMask = u16;
 const ALL_TREES: TreeMask = TreeMask::MAX;
 /// Most trees a classifier has (one per partition group).
 const MAX_TREES: usize = TreeMask::BITS as usize;
+/// Most better overlapping entries of one later tree that a leaf entry's
+/// copies test against their clipped boxes (see `Builder::link_trees`).
+const LINKS_LISTED: usize = 64;
+
+/// A leaf's entries (`start..end` in its tree's leaf entries) and region,
+/// kept while building to link the trees.
+struct LeafRegion<A> {
+    start: usize,
+    end: usize,
+    region: Rect<A>,
+}
+
+fn overlaps<A: Address>(a: &Rect<A>, b: &Rect<A>) -> bool {
+    (0..DIMS).all(|d| a.lo[d] <= b.hi[d] && b.lo[d] <= a.hi[d])
+}
 
 /// A box or a region: inclusive bounds per dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -633,36 +719,39 @@ impl<A: Address> Classifier<A> {
         let rects: Vec<Rect<A>> = entries.iter().map(Rect::of).collect();
         let rules: Vec<RuleId> = entries.iter().map(|e| e.rule).collect();
         let mut work_left = limits.max_work;
-        for strategy in STRATEGIES {
+        // A small set gets one tree over everything first: it is a few
+        // levels deep at most, and walking several groups' trees costs more.
+        let single = (entries.len() <= SINGLE_TREE_MAX).then_some(Strategy {
+            partition: Partition::Single,
+            leaf: STRATEGIES[0].leaf,
+        });
+        for strategy in single.into_iter().chain(STRATEGIES) {
             if strategy.leaf > limits.max_leaf.max(1) {
                 continue;
             }
-            let groups = partition(&rects, strategy.partition);
+            let mut groups = partition(&rects, strategy.partition);
+            // Trees are looked up in order of their best priority; sorting
+            // the groups first lets each tree's leaves know the later trees.
+            groups.sort_by_key(|g| g.first().copied().unwrap_or(u32::MAX));
             let shared = rules.len() * std::mem::size_of::<RuleId>();
             let mut builder = Builder {
                 rects: &rects,
                 limits,
                 leaf_target: strategy.leaf,
-                // One tree either fits in a fraction of the budget or explodes;
-                // giving up early keeps the fallbacks' build time low.
-                memory_left: match strategy.partition {
-                    Partition::Single => limits.max_memory_bytes / 4,
-                    _ => limits.max_memory_bytes,
-                }
-                .saturating_sub(shared),
+                memory_left: limits.max_memory_bytes.saturating_sub(shared),
                 work_left,
                 stats: ClassifierStats {
                     leaf_target: strategy.leaf,
                     ..ClassifierStats::default()
                 },
             };
-            let built: Option<Vec<Tree<A>>> =
-                groups.iter().map(|g| builder.tree(g.clone())).collect();
-            if let Some(trees) = built {
-                let mut order: Vec<(Tree<A>, Vec<u32>)> = trees.into_iter().zip(groups).collect();
-                order.sort_by_key(|(t, _)| t.best_priority);
-                let (mut trees, groups): (Vec<_>, Vec<_>) = order.into_iter().unzip();
-                builder.link_trees(&mut trees, &groups);
+            let built = groups
+                .iter()
+                .map(|g| builder.tree(g.clone()))
+                .collect::<Option<Vec<_>>>();
+            if let Some(built) = built {
+                let (mut trees, regions): (Vec<_>, Vec<_>) = built.into_iter().unzip();
+                builder.link_trees(&mut trees, &groups, &regions);
                 work_left = builder.work_left;
                 let mut stats = builder.stats;
                 stats.trees = trees.len();
@@ -894,7 +983,7 @@ fn point<A: Address>(key: &Key<A>) -> [A; DIMS] {
 /// How entries are grouped into trees.
 #[derive(Debug, Clone, Copy)]
 enum Partition {
-    /// One tree for everything.
+    /// One tree for everything (small sets only, see [`SINGLE_TREE_MAX`]).
     Single,
     /// By whether the source and destination ranges are small.
     Addresses,
@@ -908,12 +997,17 @@ struct Strategy {
     leaf: usize,
 }
 
-/// Tried in order: fastest lookups first, smallest structures last.
-const STRATEGIES: [Strategy; 6] = [
-    Strategy {
-        partition: Partition::Single,
-        leaf: 8,
-    },
+/// Most entries for which one tree over everything is tried before the
+/// CutSplit groups. (Measured on the first 60 rules of the ClassBench 1k
+/// sets: one tree 10-40% faster; at 200 rules and above the groups are as
+/// fast or faster: see the module docs.)
+const SINGLE_TREE_MAX: usize = 128;
+
+/// Tried in order: fastest lookups first, smallest structures last. (One
+/// tree over everything was tried first until it measured slower than the
+/// CutSplit groups on every ClassBench set it fitted, except small ones:
+/// see [`SINGLE_TREE_MAX`].)
+const STRATEGIES: [Strategy; 5] = [
     Strategy {
         partition: Partition::Addresses,
         leaf: 8,
@@ -948,10 +1042,10 @@ fn partition<A: Address>(rects: &[Rect<A>], how: Partition) -> Vec<Vec<u32>> {
     let port_small = |lo: A, hi: A| hi - lo < A::from(1024);
     let class = |r: &Rect<A>| -> usize {
         match how {
-            Partition::Single => 0,
             // Entries small in both addresses join the small-source tree
             // (CutSplit); entries wide in both addresses are split again
             // by their ports, where their overlap would otherwise explode.
+            Partition::Single => 0,
             Partition::Addresses => {
                 if addr_small(r.lo[0], r.hi[0]) {
                     1
@@ -1041,48 +1135,90 @@ impl<A: Address> Builder<'_, A> {
     }
 
     /// Sets each leaf entry's [`LeafEntry::later`]: the later trees holding
-    /// an entry with a better priority that overlaps it. `groups[t]` lists
-    /// tree `t`'s entries in priority order. The pairwise tests have their
-    /// own budget (64 per entry, at least 2^25, at most what is left of the
-    /// build's work cap) so that a large set cannot spend the whole cap
-    /// here; once it runs out the remaining entries keep every later tree,
-    /// which is always safe.
-    fn link_trees(&mut self, trees: &mut [Tree<A>], groups: &[Vec<u32>]) {
-        let mut later = vec![ALL_TREES; self.rects.len()];
-        let budget = (self.rects.len() as u64 * 64)
-            .max(1 << 25)
-            .min(self.work_left);
+    /// an entry with a better priority that overlaps the entry's box
+    /// clipped to its leaf's region (a key that matches the copy lies in
+    /// both). `groups[t]` lists tree `t`'s entries in priority order and
+    /// `regions[t]` its leaves. First, per entry, the better entries of
+    /// later trees that overlap its whole box are listed (a tree with more
+    /// than [`LINKS_LISTED`], or more than are left of eight per entry in
+    /// all, is always entered after the entry); then each
+    /// copy tests the listed ones against its clipped box. The tests have
+    /// their own budget (64 per entry, at least 2^25, at most what is left
+    /// of the build's work cap) so that a large set cannot spend the whole
+    /// cap here; once it runs out the remaining copies keep every later
+    /// tree, which is always safe.
+    fn link_trees(
+        &mut self,
+        trees: &mut [Tree<A>],
+        groups: &[Vec<u32>],
+        regions: &[Vec<LeafRegion<A>>],
+    ) {
+        let n = self.rects.len();
+        let mut always = vec![ALL_TREES; n];
+        let mut overlapping: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut tree_of = vec![0u8; n];
+        for (t, group) in groups.iter().enumerate() {
+            for &i in group {
+                tree_of[i as usize] = t as u8;
+            }
+        }
+        let budget = (n as u64 * 64).max(1 << 25).min(self.work_left);
         let mut left = budget;
+        // The lists, all together, hold at most 8 entries per entry.
+        let mut room = 8 * n;
         'all: for (t, group) in groups.iter().enumerate() {
             for &i in group {
                 let r = &self.rects[i as usize];
-                let mut mask: TreeMask = 0;
+                let mut wide: TreeMask = 0;
+                let mut list = Vec::new();
                 for (u, other) in groups.iter().enumerate().skip(t + 1) {
                     let better = other.partition_point(|&j| j < i);
                     let Some(rest) = left.checked_sub(better as u64) else {
                         break 'all;
                     };
                     left = rest;
-                    let hit = other[..better].iter().any(|&j| {
-                        let o = &self.rects[j as usize];
-                        (0..DIMS).all(|d| o.lo[d] <= r.hi[d] && r.lo[d] <= o.hi[d])
-                    });
-                    mask |= TreeMask::from(hit) << u;
+                    let before = list.len();
+                    list.extend(
+                        other[..better]
+                            .iter()
+                            .copied()
+                            .filter(|&j| overlaps(&self.rects[j as usize], r)),
+                    );
+                    let listed = list.len() - before;
+                    if listed > LINKS_LISTED.min(room) {
+                        list.truncate(before);
+                        wide |= 1 << u;
+                    } else {
+                        room -= listed;
+                    }
                 }
-                later[i as usize] = mask;
+                always[i as usize] = wide;
+                overlapping[i as usize] = list;
+            }
+        }
+        'copies: for (tree, regions) in trees.iter_mut().zip(regions) {
+            for leaf in regions {
+                for e in &mut tree.leaves[leaf.start..leaf.end] {
+                    let i = e.priority as usize;
+                    let Some(rest) = left.checked_sub(overlapping[i].len() as u64) else {
+                        break 'copies;
+                    };
+                    left = rest;
+                    let clipped = self.rects[i].clip(&leaf.region);
+                    e.later = overlapping[i]
+                        .iter()
+                        .filter(|&&j| overlaps(&self.rects[j as usize], &clipped))
+                        .fold(always[i], |m, &j| m | 1 << tree_of[j as usize]);
+                }
             }
         }
         self.work_left -= budget - left;
-        for tree in trees {
-            for e in &mut tree.leaves {
-                e.later = later[e.priority as usize];
-            }
-        }
     }
 
     /// Builds one tree over `ids` (priority order); `None` when a limit was
     /// hit.
-    fn tree(&mut self, ids: Vec<u32>) -> Option<Tree<A>> {
+    fn tree(&mut self, ids: Vec<u32>) -> Option<(Tree<A>, Vec<LeafRegion<A>>)> {
+        let mut regions = Vec::new();
         let mut tree = Tree {
             nodes: Vec::new(),
             leaves: Vec::new(),
@@ -1189,6 +1325,11 @@ impl<A: Address> Builder<'_, A> {
                         return None;
                     }
                     let leaf = leaf_ref(tree.leaves.len(), ids.len());
+                    regions.push(LeafRegion {
+                        start: tree.leaves.len(),
+                        end: tree.leaves.len() + ids.len(),
+                        region,
+                    });
                     tree.leaves.extend(
                         ids.iter()
                             .map(|&i| LeafEntry::of(&self.rects[i as usize], i)),
@@ -1280,7 +1421,7 @@ impl<A: Address> Builder<'_, A> {
         tree.nodes.shrink_to_fit();
         tree.leaves.shrink_to_fit();
         self.stats.worst_case_steps += worst_steps;
-        Some(tree)
+        Some((tree, regions))
     }
 
     /// The fields and numbers of top bits for a root table, when some spread
