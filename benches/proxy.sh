@@ -2,7 +2,8 @@
 # Runs palisade's proxy side by side with Squid and tinyproxy (and a direct
 # baseline) on the same nginx origin with the same wrk load, every access
 # log / audit trail on, using the peer harness in ../shared/peers/proxy, and
-# prints the ratios. Root needed (the harness starts squid as its user).
+# prints the ratios and the targets, met or not. Root needed (the harness
+# starts squid as its user).
 #
 #   benches/proxy.sh                       # REPS=1 DURATION=5 by default
 #   REPS=3 DURATION=10 benches/proxy.sh    # the harness's full settings
@@ -88,5 +89,36 @@ for test, key, better in [("a50", "rps", "higher"), ("a500", "rps", "higher"), (
         print(f"  {test} {key}: missing"); continue
     extra = f", direct {d:.1f} (palisade/direct {p/d:.2f})" if d else ""
     print(f"  {test} {key}: palisade {p:.1f}, squid {s:.1f}: ratio {p/s:.2f} ({better} is better){extra}")
+
+# The proxy issue's targets, each against its baseline from this run.
+print("\ntargets:")
+def target(name, value, ok, goal):
+    if value is None:
+        print(f"  {name}: missing"); return
+    print(f"  {name}: {value:.2f} ({goal}): {'met' if ok(value) else 'NOT met'}")
+def ratio(test, key, base):
+    p, b = med("palisade", test, key), med(base, test, key)
+    return p / b if p is not None and b else None
+target("keep-alive req/s at 50 connections vs squid", ratio("a50", "rps", "squid"), lambda v: v >= 4, ">= 4x")
+target("new connections/s vs squid", ratio("close50", "rps", "squid"), lambda v: v >= 3, ">= 3x")
+target("p99 at 500 connections vs squid", ratio("a500", "lat_p99_us", "squid"), lambda v: v <= 0.25, "<= 0.25x")
+target("plain CONNECT relay vs direct", ratio("bulkplain", "mb_per_s", "direct"), lambda v: v >= 0.9, ">= 0.9x")
+rss = med("palisade", "a500", "proxy_peak_rss_kib")
+target("peak RSS at 500 connections, MiB", rss / 1024 if rss else None, lambda v: v <= 16, "<= 16")
+
+# What the keep-alive target leaves for the proxy: the load generator and
+# the origin share the machine, so their CPU per request comes first.
+def per_req(peer, test, key):
+    v = [r[key] / r["requests"] for r in rows if r.get("peer") == peer and r.get("test") == test and r.get("requests")]
+    return statistics.median(v) * 1e6 if v else None
+others = [per_req("palisade", "a50", k) for k in ("client_cpu_s", "origin_cpu_s")]
+own, squid = per_req("palisade", "a50", "proxy_cpu_s"), med("squid", "a50", "rps")
+if None not in others and own is not None and squid:
+    import os
+    cores = os.cpu_count() or 1
+    budget = cores * 1e6 / (4 * squid) - sum(others)
+    print(f"\nCPU per request at 50 connections: wrk {others[0]:.1f} us, origin {others[1]:.1f} us, "
+          f"palisade {own:.1f} us; on {cores} cores 4x squid ({4 * squid:.0f} req/s) leaves "
+          f"{budget:.1f} us per request for the proxy")
 PY
 echo "raw results: $WORK/results/latest" >&2
