@@ -888,10 +888,8 @@ impl OriginBody {
 
     /// The body failed: the connection is not reused.
     fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.done = true;
-        self.origin = None;
-        self.buf = BytesMut::new();
-        self.timer = None;
+        self.keep_alive = false;
+        self.finish();
         Poll::Ready(Some(Err(e)))
     }
 }
