@@ -500,11 +500,12 @@ async fn read_head(stream: &mut TcpStream, head_only: bool) -> Result<(Head, Byt
                 HeadError::Nothing
             });
         }
-        if buf.capacity() == 0 {
-            buf.reserve(HEAD_READ_SIZE);
-        } else if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(READ_SIZE);
-        }
+        let size = if buf.capacity() == 0 {
+            HEAD_READ_SIZE
+        } else {
+            READ_SIZE
+        };
+        make_room(&mut buf, size);
         match stream.try_read_buf(&mut buf) {
             Ok(0) if !got_any => return Err(HeadError::Nothing),
             Ok(0) => {
@@ -522,6 +523,14 @@ async fn read_head(stream: &mut TcpStream, head_only: bool) -> Result<(Head, Byt
             Err(_) if !got_any => return Err(HeadError::Nothing),
             Err(e) => return Err(HeadError::Invalid(format!("reading the response: {e}"))),
         }
+    }
+}
+
+/// Before a read: unless `buf` has room for at least a KiB more, it grows
+/// by `size` (a new buffer, if its bytes are shared with data handed on).
+fn make_room(buf: &mut BytesMut, size: usize) {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(size);
     }
 }
 
@@ -866,9 +875,7 @@ impl OriginBody {
                     )));
                 }
             }
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(self.read_size);
-            }
+            make_room(&mut self.buf, self.read_size);
             match origin.stream.try_read_buf(&mut self.buf) {
                 Ok(0) => return Poll::Ready(Ok(false)),
                 Ok(n) => {
