@@ -334,10 +334,6 @@ struct LeafRegion<A> {
     region: Rect<A>,
 }
 
-fn overlaps<A: Address>(a: &Rect<A>, b: &Rect<A>) -> bool {
-    (0..DIMS).all(|d| a.lo[d] <= b.hi[d] && b.lo[d] <= a.hi[d])
-}
-
 /// A box or a region: inclusive bounds per dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Rect<A> {
@@ -381,6 +377,10 @@ impl<A: Address> Rect<A> {
 
     fn covers(&self, other: &Self) -> bool {
         (0..DIMS).all(|d| self.lo[d] <= other.lo[d] && other.hi[d] <= self.hi[d])
+    }
+
+    fn overlaps(&self, other: &Self) -> bool {
+        (0..DIMS).all(|d| self.lo[d] <= other.hi[d] && other.lo[d] <= self.hi[d])
     }
 
     fn clip(&self, region: &Self) -> Self {
@@ -1182,7 +1182,7 @@ impl<A: Address> Builder<'_, A> {
                         other[..better]
                             .iter()
                             .copied()
-                            .filter(|&j| overlaps(&self.rects[j as usize], r)),
+                            .filter(|&j| self.rects[j as usize].overlaps(r)),
                     );
                     let listed = list.len() - before;
                     if listed > LINKS_LISTED.min(room) {
@@ -1207,7 +1207,7 @@ impl<A: Address> Builder<'_, A> {
                     let clipped = self.rects[i].clip(&leaf.region);
                     e.later = overlapping[i]
                         .iter()
-                        .filter(|&&j| overlaps(&self.rects[j as usize], &clipped))
+                        .filter(|&&j| self.rects[j as usize].overlaps(&clipped))
                         .fold(always[i], |m, &j| m | 1 << tree_of[j as usize]);
                 }
             }
