@@ -50,6 +50,10 @@ use body::ProxyBody;
 /// Loads and compiles the policy file, for start-up and reloads.
 pub type PolicyLoader = Box<dyn Fn() -> Result<Policy, String> + Send + Sync>;
 
+/// One reload at a time, so a slow compile that finishes late never
+/// replaces the newer policy a later SIGHUP loaded.
+type ReloadLock = tokio::sync::Mutex<()>;
+
 /// Operational counters (not the audit trail).
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -64,6 +68,7 @@ pub struct Counters {
 struct State {
     policy: ArcSwap<Policy>,
     loader: PolicyLoader,
+    reloading: ReloadLock,
     audit: AuditLog,
     config: ProxyConfig,
     idle: upstream::IdlePool,
@@ -201,6 +206,7 @@ impl Proxy {
             state: Arc::new(State {
                 policy: ArcSwap::from_pointee(policy),
                 loader,
+                reloading: ReloadLock::default(),
                 audit,
                 config,
                 idle,
@@ -222,7 +228,7 @@ impl Proxy {
     /// Compiles the policy again and swaps it in; a policy that does not
     /// compile is reported and the one in force stays.
     pub async fn reload(&self) -> Result<String, String> {
-        reload(&self.state).await
+        reload(self.state.clone()).await
     }
 
     /// Serves until `shutdown` resolves.
@@ -244,10 +250,15 @@ impl Proxy {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = hup_fut => {
-                    match reload(&state).await {
-                        Ok(sha) => eprintln!("palisade proxy: reloaded policy (sha256 {sha})"),
-                        Err(e) => eprintln!("palisade proxy: reload failed, the previous policy stays in force:\n{e}"),
-                    }
+                    // The compile runs beside the accept loop: clients keep
+                    // being served under the policy in force meanwhile.
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        match reload(state).await {
+                            Ok(sha) => eprintln!("palisade proxy: reloaded policy (sha256 {sha})"),
+                            Err(e) => eprintln!("palisade proxy: reload failed, the previous policy stays in force:\n{e}"),
+                        }
+                    });
                 }
                 accepted = self.listener.accept() => {
                     let (stream, peer) = match accepted {
@@ -283,26 +294,29 @@ impl Proxy {
     }
 }
 
-async fn reload(state: &State) -> Result<String, String> {
+async fn reload(state: Arc<State>) -> Result<String, String> {
+    let _one_at_a_time = state.reloading.lock().await;
     let in_force = state.policy.load().sha256().to_string();
-    match (state.loader)() {
+    // Parsing and compiling a large policy takes a while: it runs on the
+    // blocking pool, not on a worker thread that serves connections.
+    let compiling = state.clone();
+    let loaded = tokio::task::spawn_blocking(move || (compiling.loader)())
+        .await
+        .unwrap_or_else(|e| Err(format!("the policy compile did not finish: {e}")));
+    let (event, result) = match loaded {
         Ok(p) => {
             let sha = p.sha256().to_string();
             state.policy.store(Arc::new(p));
-            let _ = state
-                .audit
-                .submit_async(&AuditEvent::policy_loaded(&sha, "reload"))
-                .await;
-            Ok(sha)
+            (AuditEvent::policy_loaded(&sha, "reload"), Ok(sha))
         }
-        Err(e) => {
-            let _ = state
-                .audit
-                .submit_async(&AuditEvent::reload_failed(&e, Some(&in_force)))
-                .await;
-            Err(e)
-        }
+        Err(e) => (AuditEvent::reload_failed(&e, Some(&in_force)), Err(e)),
+    };
+    // A record the log cannot take is counted as lost by the log itself
+    // (and shows as a gap); the operator also hears of it here.
+    if let Err(e) = state.audit.submit_async(&event).await {
+        eprintln!("palisade proxy: the reload's audit record was not written: {e}");
     }
+    result
 }
 
 /// Counts a client connection against the total and per-client limits for
