@@ -312,13 +312,18 @@ fn export_nft_decides_like_palisade_in_the_kernel() {
 
 #[test]
 fn import_nsg_translates_rules_in_priority_order() {
-    let out = palisade(&[
-        "import",
-        "nsg",
-        "tests/analysis/nsg.json",
-        "--service-tags",
-        "tests/analysis/service-tags.json",
-    ]);
+    let import = |direction: &str| {
+        palisade(&[
+            "import",
+            "nsg",
+            "tests/analysis/nsg.json",
+            "--service-tags",
+            "tests/analysis/service-tags.json",
+            "--direction",
+            direction,
+        ])
+    };
+    let out = import("inbound");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let policy = text(&out.stdout);
     let rules: Vec<&str> = policy.lines().filter(|l| l.starts_with("rule ")).collect();
@@ -328,8 +333,14 @@ fn import_nsg_translates_rules_in_priority_order() {
             "rule denytelnet deny any -> any service tcp/23, udp/23 comment \"Inbound priority 100: no telnet, ever\"",
             "rule allowhttpsfromonprem allow 192.0.2.0/24 -> 10.0.0.0/16, fd00:10::/48 service tcp/443 comment \"Inbound priority 200\"",
             "rule allowping allow 192.0.2.0/24 -> 10.0.0.0/16, fd00:10::/48 service icmp, icmpv6 comment \"Inbound priority 300\"",
-            "rule allowdnsout allow 10.0.0.0/16, fd00:10::/48 -> 198.51.100.53, 198.51.100.54 service udp/53 comment \"Outbound priority 100\"",
+            "rule allowvnetinbound allow 10.0.0.0/16, fd00:10::/48 -> 10.0.0.0/16, fd00:10::/48 comment \"Inbound priority 65000: Azure default\"",
         ]
+    );
+    // The default rule whose tag has no mapping is named, not dropped.
+    assert!(
+        text(&out.stderr).contains("AllowAzureLoadBalancerInBound"),
+        "{}",
+        text(&out.stderr)
     );
     // What it prints is a policy that compiles.
     let dir = tempfile::tempdir().unwrap();
@@ -343,8 +354,45 @@ fn import_nsg_translates_rules_in_priority_order() {
         text(&check.stderr)
     );
 
+    // The outbound rules on their own: the inbound deny-all-telnet is not
+    // among them.
+    let out = import("outbound");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let policy = text(&out.stdout);
+    let rules: Vec<&str> = policy.lines().filter(|l| l.starts_with("rule ")).collect();
+    assert_eq!(
+        rules,
+        vec![
+            "rule allowdnsout allow 10.0.0.0/16, fd00:10::/48 -> 198.51.100.53, 198.51.100.54 service udp/53 comment \"Outbound priority 100\"",
+            "rule allowvnetoutbound allow 10.0.0.0/16, fd00:10::/48 -> 10.0.0.0/16, fd00:10::/48 comment \"Outbound priority 65000: Azure default\"",
+        ]
+    );
+    assert!(text(&out.stderr).contains("AllowInternetOutBound"));
+
+    // Both directions in one file and none chosen: an error, not a mix.
+    let out = palisade(&[
+        "import",
+        "nsg",
+        "tests/analysis/nsg.json",
+        "--service-tags",
+        "tests/analysis/service-tags.json",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("3 Inbound and 1 Outbound rules")
+            && text(&out.stderr).contains("--direction"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // Without the mapping, the service tag is an error naming rule and field.
-    let out = palisade(&["import", "nsg", "tests/analysis/nsg.json"]);
+    let out = palisade(&[
+        "import",
+        "nsg",
+        "tests/analysis/nsg.json",
+        "--direction",
+        "inbound",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         text(&out.stderr).contains("rule `AllowHttpsFromOnprem` (securityRules[0]): field `destinationAddressPrefix`: `VirtualNetwork` is a service tag"),

@@ -185,6 +185,10 @@ pub enum ImportCommand {
         /// {"VirtualNetwork": ["10.0.0.0/16"]}.
         #[arg(long)]
         service_tags: Option<PathBuf>,
+        /// Which rules to translate (an NSG judges each direction on its
+        /// own); needed when the file holds both.
+        #[arg(long, value_parser = ["inbound", "outbound"])]
+        direction: Option<String>,
     },
 }
 
@@ -197,14 +201,27 @@ pub fn import(cmd: ImportCommand) -> ExitCode {
         ImportCommand::Classbench { file } => read_text(&file).and_then(|t| {
             palisade::policy::import::classbench(&t).map_err(|e| format!("{}: {e}", file.display()))
         }),
-        ImportCommand::Nsg { file, service_tags } => (|| {
+        ImportCommand::Nsg {
+            file,
+            service_tags,
+            direction,
+        } => (|| {
+            use palisade::policy::import::{nsg, parse_tag_mapping, Direction};
             let tags = match service_tags {
-                Some(p) => palisade::policy::import::parse_tag_mapping(&read_text(&p)?)
+                Some(p) => parse_tag_mapping(&read_text(&p)?)
                     .map_err(|e| format!("{}: {e}", p.display()))?,
                 None => Default::default(),
             };
-            palisade::policy::import::nsg(&read_text(&file)?, &tags)
-                .map_err(|e| format!("{}: {e}", file.display()))
+            let direction = direction.map(|d| match d.as_str() {
+                "inbound" => Direction::Inbound,
+                _ => Direction::Outbound,
+            });
+            let imported = nsg(&read_text(&file)?, &tags, direction)
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            for w in &imported.warnings {
+                eprintln!("warning: {}: {w}", file.display());
+            }
+            Ok(imported.text)
         })(),
     };
     match result {

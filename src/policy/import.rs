@@ -26,19 +26,68 @@ pub enum ImportError {
     },
     #[error("service tag mapping: {0}")]
     Mapping(String),
+    #[error("the document holds rules of several network security groups ({0}): traffic must pass each NSG on its path, which one first-match list cannot express; import them one at a time")]
+    Several(String),
+    #[error("the document holds {inbound} Inbound and {outbound} Outbound rules: an NSG judges each direction on its own and a policy is one first-match list; choose one with --direction inbound or --direction outbound")]
+    BothDirections { inbound: usize, outbound: usize },
 }
 
-/// Finds every security rule object, wherever the document keeps them.
-fn collect_rules<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+/// A security rule found in the document, with the network security group
+/// it belongs to when the document says (`""` when it does not).
+struct Found<'a> {
+    nsg: String,
+    rule: &'a Value,
+}
+
+/// The NSG an `az network nsg rule list` rule belongs to, from its `id`
+/// (`.../networkSecurityGroups/NAME/securityRules/RULE`).
+fn nsg_of_id(rule: &Value) -> String {
+    let id = rule.get("id").and_then(Value::as_str).unwrap_or("");
+    let parts: Vec<&str> = id.split('/').collect();
+    parts
+        .iter()
+        .position(|p| p.eq_ignore_ascii_case("networkSecurityGroups"))
+        .and_then(|i| parts.get(i + 1))
+        .map_or(String::new(), |n| n.to_string())
+}
+
+/// Finds every security rule object, wherever the document keeps them: an
+/// NSG's `securityRules`, ARM child resources of type
+/// `Microsoft.Network/networkSecurityGroups/securityRules` (named
+/// `NSG/RULE`), or the array `az network nsg rule list` prints. Azure's
+/// `defaultSecurityRules` are left out: [`nsg`] adds the defaults itself.
+fn collect_rules<'a>(v: &'a Value, out: &mut Vec<Found<'a>>) {
     match v {
         Value::Object(m) => {
-            if let Some(Value::Array(rules)) = m.get("securityRules") {
-                out.extend(rules.iter());
+            let name = m.get("name").and_then(Value::as_str).unwrap_or("");
+            let kind = m.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind
+                .to_ascii_lowercase()
+                .ends_with("networksecuritygroups/securityrules")
+            {
+                let nsg = name.split_once('/').map_or("", |(n, _)| n).to_string();
+                out.push(Found { nsg, rule: v });
                 return;
             }
+            let rules = m
+                .get("securityRules")
+                .or_else(|| m.get("properties").and_then(|p| p.get("securityRules")));
+            if let Some(Value::Array(rules)) = rules {
+                out.extend(rules.iter().map(|rule| Found {
+                    nsg: name.to_string(),
+                    rule,
+                }));
+            }
             for (k, child) in m {
-                if k != "defaultSecurityRules" {
+                if k != "defaultSecurityRules" && k != "securityRules" && k != "properties" {
                     collect_rules(child, out);
+                }
+            }
+            if let Some(Value::Object(props)) = m.get("properties") {
+                for (k, child) in props {
+                    if k != "defaultSecurityRules" && k != "securityRules" {
+                        collect_rules(child, out);
+                    }
                 }
             }
         }
@@ -49,7 +98,10 @@ fn collect_rules<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
                 .all(|i| i.get("priority").is_some() || i.pointer("/properties/priority").is_some())
                 && !items.is_empty()
             {
-                out.extend(items.iter());
+                out.extend(items.iter().map(|rule| Found {
+                    nsg: nsg_of_id(rule),
+                    rule,
+                }));
             } else {
                 for i in items {
                     collect_rules(i, out);
@@ -230,25 +282,123 @@ pub fn parse_tag_mapping(text: &str) -> Result<BTreeMap<String, Vec<String>>, Im
     Ok(out)
 }
 
-/// Translates NSG security rules into a policy: one `rule` per NSG rule in
-/// priority order (inbound rules first, then outbound), `default deny` as
-/// NSGs end in DenyAll.
-pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, ImportError> {
+/// Which NSG rules to translate: an NSG evaluates each direction on its
+/// own, and a palisade policy is one first-match list, so an import takes
+/// one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "Inbound",
+            Direction::Outbound => "Outbound",
+        }
+    }
+}
+
+/// The policy text an import produced, and what the operator should hear
+/// about it (printed to stderr).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    pub text: String,
+    pub warnings: Vec<String>,
+}
+
+/// Azure's default rules of each direction, below every user rule:
+/// (name, priority, source, destination); each allows every protocol and
+/// port, and DenyAll (65500) becomes `default deny`.
+const AZURE_DEFAULTS: [(Direction, &str, i64, &str, &str); 4] = [
+    (
+        Direction::Inbound,
+        "AllowVnetInBound",
+        65000,
+        "VirtualNetwork",
+        "VirtualNetwork",
+    ),
+    (
+        Direction::Inbound,
+        "AllowAzureLoadBalancerInBound",
+        65001,
+        "AzureLoadBalancer",
+        "*",
+    ),
+    (
+        Direction::Outbound,
+        "AllowVnetOutBound",
+        65000,
+        "VirtualNetwork",
+        "VirtualNetwork",
+    ),
+    (
+        Direction::Outbound,
+        "AllowInternetOutBound",
+        65001,
+        "*",
+        "Internet",
+    ),
+];
+
+/// Which address families a list of translated addresses covers.
+fn families(items: &[String]) -> (bool, bool) {
+    let mut v4 = false;
+    let mut v6 = false;
+    for i in items {
+        if i == "any" {
+            return (true, true);
+        }
+        let ip = i
+            .parse::<ipnet::IpNet>()
+            .map(|n| n.addr())
+            .or_else(|_| i.parse::<std::net::IpAddr>());
+        match ip {
+            Ok(std::net::IpAddr::V4(_)) => v4 = true,
+            Ok(std::net::IpAddr::V6(_)) => v6 = true,
+            Err(_) => return (true, true),
+        }
+    }
+    (v4, v6)
+}
+
+/// Translates the NSG security rules of one direction into a policy: one
+/// `rule` per NSG rule in priority order, then Azure's default rules
+/// (those whose service tags the mapping gives; the others are named in a
+/// warning), then `default deny` for DenyAll. `direction` may be left out
+/// when the document holds rules of one direction only.
+pub fn nsg(
+    json: &str,
+    tags: &BTreeMap<String, Vec<String>>,
+    direction: Option<Direction>,
+) -> Result<Imported, ImportError> {
     let doc: Value = serde_json::from_str(json).map_err(|e| ImportError::Json(e.to_string()))?;
-    let mut rules = Vec::new();
-    collect_rules(&doc, &mut rules);
-    if rules.is_empty() {
+    let mut found = Vec::new();
+    collect_rules(&doc, &mut found);
+    if found.is_empty() {
         return Err(ImportError::NoRules);
     }
+    let groups: std::collections::BTreeSet<&str> = found
+        .iter()
+        .map(|f| f.nsg.as_str())
+        .filter(|n| !n.is_empty())
+        .collect();
+    if groups.len() > 1 {
+        let names: Vec<&str> = groups.into_iter().collect();
+        return Err(ImportError::Several(names.join(", ")));
+    }
+    let nsg_name = found.iter().map(|f| f.nsg.clone()).find(|n| !n.is_empty());
+    let rules: Vec<&Value> = found.iter().map(|f| f.rule).collect();
     struct Out {
-        direction: String,
+        direction: Direction,
         priority: i64,
-        name: String,
+        raw_name: String,
         text: String,
     }
     let mut outs = Vec::new();
     let mut taken = HashSet::new();
-    for (i, rule) in rules.iter().enumerate() {
+    for (i, rule) in rules.into_iter().enumerate() {
         let raw_name = field(rule, "name")
             .and_then(|v| v.as_str())
             .unwrap_or("")
@@ -264,12 +414,18 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
         let priority = field(rule, "priority")
             .and_then(|v| v.as_i64())
             .ok_or_else(|| ctx.err("priority", "missing or not a number"))?;
+        if !(100..=4096).contains(&priority) {
+            return Err(ctx.err(
+                "priority",
+                format!("{priority} is outside Azure's range 100-4096"),
+            ));
+        }
         let direction = field(rule, "direction")
             .and_then(|v| v.as_str())
             .ok_or_else(|| ctx.err("direction", "missing"))?;
         let direction = match direction.to_ascii_lowercase().as_str() {
-            "inbound" => "Inbound",
-            "outbound" => "Outbound",
+            "inbound" => Direction::Inbound,
+            "outbound" => Direction::Outbound,
             _ => {
                 return Err(ctx.err(
                     "direction",
@@ -304,6 +460,14 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
         };
         let src = ctx.addresses(rule, "source")?;
         let dst = ctx.addresses(rule, "destination")?;
+        let (s4, s6) = families(&src);
+        let (d4, d6) = families(&dst);
+        if !(s4 && d4 || s6 && d6) {
+            return Err(ctx.err(
+                "destinationAddressPrefix",
+                "the source and destination are of different address families: the rule can never match",
+            ));
+        }
         let sports = ctx.ports(rule, "source")?;
         let dports = ctx.ports(rule, "destination")?;
         let any_ports = sports.iter().all(|p| p.is_none()) && dports.iter().all(|p| p.is_none());
@@ -368,7 +532,7 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
         let desc = field(rule, "description")
             .and_then(|v| v.as_str())
             .unwrap_or("");
-        let mut comment = format!("{direction} priority {priority}");
+        let mut comment = format!("{} priority {priority}", direction.as_str());
         if !desc.is_empty() {
             comment.push_str(": ");
             comment.push_str(desc);
@@ -379,35 +543,113 @@ pub fn nsg(json: &str, tags: &BTreeMap<String, Vec<String>>) -> Result<String, I
             .collect();
         let _ = write!(text, " comment \"{comment}\"");
         outs.push(Out {
-            direction: direction.to_string(),
+            direction,
             priority,
-            name,
+            raw_name: if raw_name.is_empty() {
+                name.clone()
+            } else {
+                raw_name
+            },
             text,
         });
     }
-    outs.sort_by(|a, b| {
-        a.direction
-            .cmp(&b.direction)
-            .then(a.priority.cmp(&b.priority))
-            .then(a.name.cmp(&b.name))
-    });
-    let mut policy = String::from(
-        "# Imported from Azure NSG security rules by `palisade import nsg`.\n\
-         # NSG rules apply per direction; palisade rules apply to any packet\n\
-         # whose addresses match, so inbound rules come first, then outbound,\n\
-         # each in priority order. Review rules whose sides are both `any`.\n",
-    );
-    let mut last_dir = String::new();
-    for o in outs {
-        if o.direction != last_dir {
-            let _ = write!(policy, "\n# {} rules\n", o.direction);
-            last_dir = o.direction.clone();
+    let inbound = outs
+        .iter()
+        .filter(|o| o.direction == Direction::Inbound)
+        .count();
+    let outbound = outs.len() - inbound;
+    let direction = match direction {
+        Some(d) => d,
+        None if outbound == 0 => Direction::Inbound,
+        None if inbound == 0 => Direction::Outbound,
+        None => return Err(ImportError::BothDirections { inbound, outbound }),
+    };
+    let mut warnings = Vec::new();
+    let mut outs: Vec<Out> = outs
+        .into_iter()
+        .filter(|o| o.direction == direction)
+        .collect();
+    if outs.is_empty() {
+        warnings.push(format!(
+            "the document holds no {} rules: only Azure's defaults are translated",
+            direction.as_str()
+        ));
+    }
+    outs.sort_by_key(|o| o.priority);
+    for pair in outs.windows(2) {
+        if pair[0].priority == pair[1].priority {
+            return Err(ImportError::Field {
+                rule: format!("rule `{}`", pair[1].raw_name),
+                field: "priority".into(),
+                problem: format!(
+                    "{} {} is also the priority of rule `{}`; Azure allows one rule per priority and direction, so their order is unknown",
+                    direction.as_str(),
+                    pair[1].priority,
+                    pair[0].raw_name
+                ),
+            });
         }
+    }
+    let of = nsg_name
+        .as_deref()
+        .map_or(String::new(), |n| format!(" of NSG `{n}`"));
+    let mut policy = format!(
+        "# Imported from Azure NSG security rules by `palisade import nsg`:\n\
+         # the {dir} rules{of} in priority order, then Azure's default\n\
+         # {dir} rules. An NSG judges each direction on its own; this policy\n\
+         # holds one direction.\n\n",
+        dir = direction.as_str()
+    );
+    for o in &outs {
         policy.push_str(&o.text);
         policy.push('\n');
     }
-    policy.push_str("\n# NSGs end in DenyAllInbound and DenyAllOutbound.\ndefault deny\n");
-    Ok(policy)
+    policy.push_str("\n# Azure's default rules.\n");
+    let side = |item: &str| -> Option<String> {
+        if item == "*" {
+            Some("any".into())
+        } else {
+            tags.get(item).map(|p| p.join(", "))
+        }
+    };
+    for (dir, name, priority, src, dst) in AZURE_DEFAULTS {
+        if dir != direction {
+            continue;
+        }
+        match (side(src), side(dst)) {
+            (Some(s), Some(d)) => {
+                let rule = sanitize(name, &mut taken);
+                let _ = writeln!(
+                    policy,
+                    "rule {rule} allow {s} -> {d} comment \"{} priority {priority}: Azure default\"",
+                    direction.as_str()
+                );
+            }
+            _ => {
+                let tag = if side(src).is_none() { src } else { dst };
+                let _ = writeln!(
+                    policy,
+                    "# not translated: {name} (priority {priority}, {src} -> {dst}, allow): no prefixes for `{tag}`"
+                );
+                warnings.push(format!(
+                    "Azure's default rule {name} ({src} -> {dst}, allow) is not translated: give the prefixes of `{tag}` with --service-tags FILE; without it the policy denies that traffic"
+                ));
+            }
+        }
+    }
+    let _ = writeln!(
+        policy,
+        "\n# DenyAll{}.\ndefault deny",
+        if direction == Direction::Inbound {
+            "InBound"
+        } else {
+            "OutBound"
+        }
+    );
+    Ok(Imported {
+        text: policy,
+        warnings,
+    })
 }
 
 /// A ClassBench rule set as a policy: one `allow` rule per line, in order
@@ -508,7 +750,7 @@ mod tests {
            "sourceAddressPrefixes": ["192.0.2.0/24", "198.51.100.7"], "sourcePortRange": "*",
            "destinationAddressPrefix": "*", "destinationPortRange": "22"}
         ]"#;
-        let out = nsg(json, &BTreeMap::new()).unwrap();
+        let out = nsg(json, &BTreeMap::new(), None).unwrap().text;
         let rules: Vec<&str> = out.lines().filter(|l| l.starts_with("rule ")).collect();
         assert_eq!(rules[0], "rule deny-ssh deny 192.0.2.0/24, 198.51.100.7 -> any service tcp/22, udp/22 comment \"Inbound priority 100\"");
         assert_eq!(rules[1], "rule allow-web allow any -> 10.0.1.0/24 service tcp/80, tcp/443 comment \"Inbound priority 200\"");
@@ -516,12 +758,87 @@ mod tests {
             "\"*\", \"sourcePortRange\"",
             "\"Internet\", \"sourcePortRange\"",
         );
-        let err = nsg(&tagged, &BTreeMap::new()).unwrap_err();
+        let err = nsg(&tagged, &BTreeMap::new(), None).unwrap_err();
         assert!(err.to_string().contains("rule `allow-web` (securityRules[0]): field `sourceAddressPrefix`: `Internet` is a service tag"), "{err}");
         let mut tags = BTreeMap::new();
         tags.insert("Internet".to_string(), vec!["0.0.0.0/0".to_string()]);
-        assert!(nsg(&tagged, &tags)
+        assert!(nsg(&tagged, &tags, None)
             .unwrap()
+            .text
             .contains("rule allow-web allow 0.0.0.0/0 -> 10.0.1.0/24"));
+    }
+
+    fn rule(name: &str, priority: i64, direction: &str, access: &str, dst: &str) -> String {
+        format!(
+            r#"{{"name": "{name}", "properties": {{"priority": {priority}, "direction": "{direction}",
+               "access": "{access}", "protocol": "Tcp", "sourceAddressPrefix": "*",
+               "sourcePortRange": "*", "destinationAddressPrefix": "{dst}",
+               "destinationPortRange": "443"}}}}"#
+        )
+    }
+
+    fn rule_lines(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| l.starts_with("rule ")).collect()
+    }
+
+    #[test]
+    fn child_rule_resources_are_translated_with_the_inline_ones() {
+        let allow = rule("allow-web", 200, "Inbound", "Allow", "10.0.0.0/24");
+        let mut deny: Value =
+            serde_json::from_str(&rule("nsg/deny-web", 100, "Inbound", "Deny", "10.0.0.0/24"))
+                .unwrap();
+        deny["type"] = "Microsoft.Network/networkSecurityGroups/securityRules".into();
+        let doc = format!(
+            r#"{{"resources": [
+                 {{"type": "Microsoft.Network/networkSecurityGroups", "name": "nsg",
+                   "properties": {{"securityRules": [{allow}]}}}},
+                 {deny}]}}"#
+        );
+        let out = nsg(&doc, &BTreeMap::new(), None).unwrap().text;
+        let rules = rule_lines(&out);
+        assert_eq!(rules.len(), 2, "{out}");
+        assert!(rules[0].starts_with("rule nsg-deny-web deny "), "{out}");
+        assert!(rules[1].starts_with("rule allow-web allow "), "{out}");
+    }
+
+    #[test]
+    fn rejects_what_azure_rejects_or_what_cannot_be_one_list() {
+        let doc = |rules: &[String]| format!("[{}]", rules.join(","));
+        let none = BTreeMap::new();
+        let err = |d: &str| nsg(d, &none, None).unwrap_err().to_string();
+        // Two rules at one priority and direction: their order is unknown.
+        let e = err(&doc(&[
+            rule("b-allow", 100, "Outbound", "Allow", "*"),
+            rule("a-deny", 100, "Outbound", "Deny", "*"),
+        ]));
+        assert!(
+            e.contains("priority") && e.contains("a-deny") && e.contains("b-allow"),
+            "{e}"
+        );
+        // The same priority in the two directions is fine.
+        let both = doc(&[
+            rule("in", 100, "Inbound", "Allow", "*"),
+            rule("out", 100, "Outbound", "Deny", "*"),
+        ]);
+        assert!(err(&both).contains("--direction"));
+        let out = nsg(&both, &none, Some(Direction::Outbound)).unwrap().text;
+        assert_eq!(rule_lines(&out).len(), 1, "{out}");
+        assert!(rule_lines(&out)[0].starts_with("rule out deny"), "{out}");
+        // Out of Azure's priority range.
+        assert!(err(&doc(&[rule("low", 5, "Inbound", "Allow", "*")])).contains("100-4096"));
+        // Families that never meet.
+        let mixed = rule("mixed", 100, "Inbound", "Allow", "::/0").replace(
+            "\"sourceAddressPrefix\": \"*\"",
+            "\"sourceAddressPrefix\": \"10.0.0.0/16\"",
+        );
+        assert!(err(&doc(&[mixed])).contains("never match"));
+        // Rules of two NSGs: each judges the traffic, not one list.
+        let two = r#"{"resources": [
+            {"type": "Microsoft.Network/networkSecurityGroups", "name": "a",
+             "properties": {"securityRules": [RULE]}},
+            {"type": "Microsoft.Network/networkSecurityGroups", "name": "b",
+             "properties": {"securityRules": [RULE]}}]}"#
+            .replace("RULE", &rule("r", 100, "Inbound", "Allow", "*"));
+        assert!(err(&two).contains("several network security groups (a, b)"));
     }
 }
