@@ -633,6 +633,55 @@ fn s_contains(v: &serde_json::Value, path: &str, needle: &str) -> bool {
     s(v, path).contains(needle)
 }
 
+/// A ClientHello record whose server name list holds `names` as (type,
+/// name): hand-built, as no TLS library sends unusual lists.
+fn client_hello_with_names(names: &[(u8, &str)]) -> Vec<u8> {
+    let mut list = Vec::new();
+    for (kind, name) in names {
+        list.push(*kind);
+        list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        list.extend_from_slice(name.as_bytes());
+    }
+    let mut ext = vec![0, 0];
+    ext.extend_from_slice(&(list.len() as u16 + 2).to_be_bytes());
+    ext.extend_from_slice(&(list.len() as u16).to_be_bytes());
+    ext.extend_from_slice(&list);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut hs = vec![1, 0];
+    hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    hs.extend_from_slice(&body);
+    let mut rec = vec![22, 3, 1];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}
+
+#[test]
+fn a_server_name_list_that_hides_a_second_name_is_denied() {
+    let p = start_proxy("");
+    // The CONNECT host first under an unknown name type, another host as
+    // the host_name entry: a server that skips unknown types sees the
+    // second. Even on a plain-tunnel rule the bytes must not pass.
+    let mut t = connect_tunnel(p.addr, &format!("echo.test:{}", p.origins.echo));
+    t.write_all(&client_hello_with_names(&[
+        (1, "echo.test"),
+        (0, "evil.example"),
+    ]))
+    .unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(t.read(&mut buf).unwrap_or(0), 0, "the tunnel must be cut");
+    let r = p.wait_record("for the ambiguous ClientHello", |r| {
+        s_contains(r, "/event/reason", "unclear server name")
+    });
+    assert_eq!(s(&r, "/event/action"), "denied");
+    assert_eq!(n(&r, "/destination/bytes"), 0);
+    p.stop_and_verify();
+}
+
 #[test]
 fn plain_bytes_in_a_tunnel_need_plain_tunnel() {
     let p = start_proxy("");
@@ -661,6 +710,50 @@ fn plain_bytes_in_a_tunnel_need_plain_tunnel() {
     });
     assert_eq!(n(&r, "/source/bytes"), 23);
     assert_eq!(n(&r, "/destination/bytes"), 23);
+    p.stop_and_verify();
+}
+
+/// A CONNECT that the proxy refuses at accept: the socket is closed
+/// before any response.
+fn refused_at_accept(proxy: SocketAddr, target: &str) -> bool {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    let mut b = [0u8; 64];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn open_tunnels_count_against_the_connection_limit() {
+    let p = start_proxy("max_connections_per_client = 2");
+    let target = format!("echo.test:{}", p.origins.echo);
+    let mut open = Vec::new();
+    for i in 0..2u8 {
+        let mut t = connect_tunnel(p.addr, &target);
+        t.write_all(&[b'a' + i]).unwrap();
+        let mut got = [0u8; 1];
+        t.read_exact(&mut got).unwrap();
+        open.push(t);
+    }
+    // Two tunnels are open: a third connection is over the limit.
+    assert!(
+        refused_at_accept(p.addr, &target),
+        "a third connection while two tunnels are open must be refused"
+    );
+    // Closing one frees its place.
+    drop(open.pop());
+    p.wait_record("for the closed tunnel", |r| {
+        s(r, "/rule/name") == "echo" && n(r, "/source/bytes") == 1
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refused_at_accept(p.addr, &target) {
+        assert!(
+            Instant::now() < deadline,
+            "the closed tunnel's place was not freed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(open);
     p.stop_and_verify();
 }
 

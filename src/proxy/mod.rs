@@ -276,10 +276,7 @@ impl Proxy {
                     };
                     state.counters.connections.fetch_add(1, Ordering::Relaxed);
                     let st = state.clone();
-                    tokio::spawn(async move {
-                        serve_connection(st, stream, peer).await;
-                        drop(guard);
-                    });
+                    tokio::spawn(serve_connection(st, stream, peer, guard));
                 }
             }
         }
@@ -359,8 +356,16 @@ impl Drop for ConnectionGuard {
     }
 }
 
-async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
+/// Serves one client connection. `guard` counts it against the connection
+/// limits for as long as it or a tunnel opened on it lives.
+async fn serve_connection(
+    state: Arc<State>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    guard: ConnectionGuard,
+) {
     let _ = stream.set_nodelay(true);
+    let guard = Arc::new(guard);
     // When the last request started or finished, in ms since `epoch`, and
     // how many are in flight: a kept-alive connection with none for
     // `idle_timeout` is closed.
@@ -373,6 +378,7 @@ async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr
     let st = state.clone();
     let act = activity.clone();
     let sl = slot.clone();
+    let held = guard.clone();
     let result = {
         // Built in place (`pin!` of the expression): a future moved from a
         // local into another is stored twice in this task's state.
@@ -383,11 +389,12 @@ async fn serve_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr
                     let st = st.clone();
                     let act = act.clone();
                     let sl = sl.clone();
+                    let held = held.clone();
                     async move {
                         act.1.fetch_add(1, Ordering::Relaxed);
                         act.0
                             .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-                        let resp = handle(st, sl, peer, req).await;
+                        let resp = handle(st, sl, held, peer, req).await;
                         act.0
                             .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
                         act.1.fetch_sub(1, Ordering::Relaxed);
@@ -638,15 +645,17 @@ async fn resolve_addresses(
 async fn handle(
     state: Arc<State>,
     slot: Arc<upstream::Slot>,
+    guard: Arc<ConnectionGuard>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    Box::pin(handle_request(state, slot, peer, req)).await
+    Box::pin(handle_request(state, slot, guard, peer, req)).await
 }
 
 async fn handle_request(
     state: Arc<State>,
     slot: Arc<upstream::Slot>,
+    guard: Arc<ConnectionGuard>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
@@ -684,7 +693,7 @@ async fn handle_request(
     let outcome = if is_connect {
         // Boxed: a tunnel's setup is rare next to plain requests, and its
         // state would otherwise enlarge every request's future.
-        Box::pin(connect(&state, &policy, peer, req, &id, start)).await
+        Box::pin(connect(&state, &policy, guard, peer, req, &id, start)).await
     } else {
         forward(&state, &slot, &policy, peer, req, &id, start).await
     };
@@ -913,6 +922,7 @@ async fn forward(
 async fn connect(
     state: &Arc<State>,
     policy: &Arc<Policy>,
+    guard: Arc<ConnectionGuard>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
     id: &str,
@@ -970,6 +980,9 @@ async fn connect(
     let id = id.to_string();
     let host_t = host_text(&host);
     tokio::spawn(async move {
+        // The tunnel is the client's connection from here on: it counts
+        // against the limits until it closes.
+        let _guard = guard;
         let ev = AuditEvent::connect_tunnel(Action::Allowed, peer, &host_t, port)
             .with_request_id(&id)
             .with_rule(&rule_name, &sha)
@@ -1086,6 +1099,14 @@ async fn tunnel(
             return deny(
                 ev,
                 format!("TLS ClientHello without a server name for CONNECT {h}"),
+            )
+            .with_bytes(buf.len() as u64, 0, start.elapsed());
+        }
+        (sni::FirstBytes::Ambiguous { reason }, _) => {
+            let _ = client.shutdown().await;
+            return deny(
+                ev,
+                format!("TLS ClientHello with an unclear server name: {reason}"),
             )
             .with_bytes(buf.len() as u64, 0, start.elapsed());
         }

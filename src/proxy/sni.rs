@@ -10,6 +10,11 @@ use tls_parser::{
 pub enum FirstBytes {
     /// A ClientHello, with its server name if it had one.
     ClientHello { server_name: Option<String> },
+    /// A ClientHello whose server name cannot be read as one host name:
+    /// extensions that do not parse, several server-name extensions, or a
+    /// list that is not exactly one `host_name` entry (RFC 6066 allows one
+    /// name per type, and servers differ on which entry they use).
+    Ambiguous { reason: &'static str },
     /// Bytes that are not the start of a TLS handshake.
     NotTls,
     /// The start of a TLS record, but more bytes are needed.
@@ -41,12 +46,33 @@ pub fn inspect(buf: &[u8]) -> FirstBytes {
                 if let TlsMessage::Handshake(TlsMessageHandshake::ClientHello(ch)) = msg {
                     let mut server_name = None;
                     if let Some(ext) = ch.ext {
-                        if let Ok((_, exts)) = parse_tls_extensions(ext) {
-                            for e in exts {
-                                if let TlsExtension::SNI(names) = e {
-                                    if let Some((_, name)) = names.first() {
+                        let Ok((rest, exts)) = parse_tls_extensions(ext) else {
+                            return FirstBytes::Ambiguous {
+                                reason: "its extensions do not parse",
+                            };
+                        };
+                        if !rest.is_empty() {
+                            return FirstBytes::Ambiguous {
+                                reason: "bytes follow its extensions",
+                            };
+                        }
+                        for e in exts {
+                            if let TlsExtension::SNI(names) = e {
+                                if server_name.is_some() {
+                                    return FirstBytes::Ambiguous {
+                                        reason: "it has several server name extensions",
+                                    };
+                                }
+                                match names.as_slice() {
+                                    [(kind, name)] if kind.0 == 0 => {
                                         server_name =
                                             Some(String::from_utf8_lossy(name).into_owned());
+                                    }
+                                    _ => {
+                                        return FirstBytes::Ambiguous {
+                                            reason:
+                                                "its server name list is not exactly one host name",
+                                        }
                                     }
                                 }
                             }
@@ -60,5 +86,80 @@ pub fn inspect(buf: &[u8]) -> FirstBytes {
         // A ClientHello split over several records: not accepted (no
         // common client does it, and it would let a name hide).
         Err(_) => FirstBytes::NotTls,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TLS 1.2-framed ClientHello whose server name extension lists
+    /// `names` as (type, name); no extension when `names` is `None`.
+    fn client_hello(names: Option<&[(u8, &str)]>) -> Vec<u8> {
+        let mut ext = Vec::new();
+        if let Some(names) = names {
+            let mut list = Vec::new();
+            for (kind, name) in names {
+                list.push(*kind);
+                list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+                list.extend_from_slice(name.as_bytes());
+            }
+            ext.extend_from_slice(&[0, 0]);
+            ext.extend_from_slice(&(list.len() as u16 + 2).to_be_bytes());
+            ext.extend_from_slice(&(list.len() as u16).to_be_bytes());
+            ext.extend_from_slice(&list);
+        }
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[7; 32]);
+        body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+        body.extend_from_slice(&ext);
+        let mut hs = vec![1, 0];
+        hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        hs.extend_from_slice(&body);
+        let mut rec = vec![22, 3, 1];
+        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&hs);
+        rec
+    }
+
+    #[test]
+    fn reads_the_one_host_name() {
+        assert_eq!(
+            inspect(&client_hello(Some(&[(0, "origin.test")]))),
+            FirstBytes::ClientHello {
+                server_name: Some("origin.test".into())
+            }
+        );
+        assert_eq!(
+            inspect(&client_hello(None)),
+            FirstBytes::ClientHello { server_name: None }
+        );
+        let whole = client_hello(Some(&[(0, "origin.test")]));
+        assert!(matches!(
+            inspect(&whole[..20]),
+            FirstBytes::Incomplete { .. }
+        ));
+        assert_eq!(inspect(b"GET / HTTP/1.1\r\n"), FirstBytes::NotTls);
+    }
+
+    #[test]
+    fn a_name_list_servers_could_read_differently_is_ambiguous() {
+        // A non-host_name entry first, the real name second: a server that
+        // skips unknown types would use the second.
+        for names in [
+            &[(1, "origin.test"), (0, "evil.example")][..],
+            &[(0, "origin.test"), (0, "evil.example")][..],
+            &[(1, "origin.test")][..],
+            &[][..],
+        ] {
+            assert!(
+                matches!(
+                    inspect(&client_hello(Some(names))),
+                    FirstBytes::Ambiguous { .. }
+                ),
+                "{names:?}"
+            );
+        }
     }
 }
