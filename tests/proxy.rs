@@ -482,7 +482,41 @@ fn host_header_must_match_the_target() {
     p.wait_record("for the mismatch", |r| {
         s(r, "/event/reason").contains("Host header does not match")
     });
+    // A matching Host followed by another: an origin could route by the
+    // second, so neither is trusted.
+    let target = format!("origin.test:{}", p.origins.http);
+    let head = raw_status(
+        p.addr,
+        &format!("GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\nHost: evil.example\r\n\r\n"),
+    );
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    p.wait_record("for the doubled Host", |r| {
+        s(r, "/event/reason") == "several Host headers"
+    });
+    // User information in a CONNECT target.
+    let head = raw_status(
+        p.addr,
+        &format!("CONNECT user@{target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
+    );
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     p.stop_and_verify();
+}
+
+/// Sends `request` as written and returns the response's status line.
+fn raw_status(proxy: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    // Bounded by the read timeout and the line length.
+    while !head.ends_with(b"\r\n") && head.len() < 4096 {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 #[test]
@@ -905,6 +939,33 @@ fn oversize_headers_and_slowloris_are_cut() {
     p.wait_record("for the oversize head", |r| {
         s(r, "/event/reason") == "request head too large"
     });
+    // Just over the limit, sent in one write: the limit is the head's
+    // size, not how the read buffer happens to fill.
+    let target = format!("origin.test:{}", p.origins.http);
+    for extra in [100, 4000, 20_000] {
+        let head = raw_status(
+            p.addr,
+            &format!(
+                "GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\nX-Big: {}\r\n\r\n",
+                "b".repeat(16384 + extra)
+            ),
+        );
+        assert!(head.starts_with("HTTP/1.1 431"), "{extra}: {head}");
+    }
+    // The same at the default limit (64 KiB).
+    let d = start_proxy("");
+    let target = format!("origin.test:{}", d.origins.http);
+    for size in [66_000, 100_000] {
+        let head = raw_status(
+            d.addr,
+            &format!(
+                "GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\nX-Big: {}\r\n\r\n",
+                "b".repeat(size)
+            ),
+        );
+        assert!(head.starts_with("HTTP/1.1 431"), "{size}: {head}");
+    }
+    d.stop_and_verify();
 
     // A client that sends half a request head and stalls.
     let mut slow = TcpStream::connect(p.addr).unwrap();

@@ -453,6 +453,9 @@ fn client_builder(config: &ProxyConfig) -> hyper::server::conn::http1::Builder {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
+        // The head's own limit (431 past it); the buffer limit alone lets
+        // one large read through.
+        .max_header_size(config.max_header_bytes)
         .max_buf_size(config.max_header_bytes.max(8192))
         .max_headers(config.max_headers)
         // Otherwise hyper reads the client socket while a request is in
@@ -814,6 +817,14 @@ async fn forward(
     let host = parse_host(authority.host())
         .map_err(|e| (Refusal::new(StatusCode::BAD_REQUEST, e.to_string()), None))?;
     let port = authority.port_u16().unwrap_or(80);
+    if req.headers().get_all(HOST).iter().nth(1).is_some() {
+        // RFC 9112 section 3.2: a request with several Host fields is
+        // refused; an origin could route by any one of them.
+        return Err((
+            Refusal::new(StatusCode::BAD_REQUEST, "several Host headers"),
+            None,
+        ));
+    }
     if let Some(h) = req.headers().get(HOST) {
         let (hh, hp) = match h
             .to_str()
@@ -940,6 +951,15 @@ async fn connect(
             None,
         ));
     };
+    if authority.as_str().contains('@') {
+        return Err((
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "user information in the CONNECT target is not allowed",
+            ),
+            None,
+        ));
+    }
     let host = parse_host(authority.host())
         .map_err(|e| (Refusal::new(StatusCode::BAD_REQUEST, e.to_string()), None))?;
     let (rule_name, plain_tunnel, rule) =
