@@ -876,6 +876,21 @@ fn request_bodies_and_head_requests_are_forwarded() {
     ]);
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("sent=11/chunked"), "{body}");
+    // The uploads' records count the bytes the client sent (what an
+    // auditor looks at for exfiltration), for both framings.
+    let uploads = |p: &Proxy| {
+        p.records()
+            .into_iter()
+            .filter(|r| s(r, "/http/request/method") == "POST" && s(r, "/url/full") == url)
+            .map(|r| n(&r, "/source/bytes"))
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while uploads(&p).len() < 2 {
+        assert!(Instant::now() < deadline, "records for both uploads");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(uploads(&p), vec![11, 11]);
     let (code, body) = p.curl(&[&url]);
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("origin saw GET /upload"), "{body}");

@@ -57,21 +57,30 @@ impl Body for ProxyBody {
 pub struct Recorded {
     inner: OriginBody,
     bytes: u64,
+    /// Request body bytes the origin was sent.
+    uploaded: u64,
     record: Option<(AuditEvent, AuditLog, Instant)>,
 }
 
 impl Recorded {
-    pub fn new(inner: OriginBody, event: AuditEvent, log: AuditLog, start: Instant) -> Recorded {
+    pub fn new(
+        inner: OriginBody,
+        event: AuditEvent,
+        log: AuditLog,
+        start: Instant,
+        uploaded: u64,
+    ) -> Recorded {
         Recorded {
             inner,
             bytes: 0,
+            uploaded,
             record: Some((event, log, start)),
         }
     }
 
     fn finish(&mut self, complete: bool) {
         if let Some((ev, log, start)) = self.record.take() {
-            let mut ev = ev.with_bytes(0, self.bytes, start.elapsed());
+            let mut ev = ev.with_bytes(self.uploaded, self.bytes, start.elapsed());
             if !complete {
                 ev = ev.with_reason("allowed by rule; the response did not complete");
             }

@@ -237,6 +237,12 @@ impl Proxy {
         let state = self.state.clone();
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        // The rate limiter keeps a cell per source address it has seen;
+        // those whose budget is full again are dropped now and then, so
+        // that many sources (or spoofed ones on a wide VNet) do not grow it
+        // without bound.
+        let mut prune = tokio::time::interval(Duration::from_secs(30));
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             #[cfg(unix)]
             let hup_fut = async {
@@ -259,6 +265,10 @@ impl Proxy {
                             Err(e) => eprintln!("palisade proxy: reload failed, the previous policy stays in force:\n{e}"),
                         }
                     });
+                }
+                _ = prune.tick() => {
+                    state.limiter.retain_recent();
+                    state.limiter.shrink_to_fit();
                 }
                 accepted = self.listener.accept() => {
                     let (stream, peer) = match accepted {
@@ -879,7 +889,7 @@ async fn forward(
             cfg.upstream_timeout,
         )
         .await;
-    let resp = match sent {
+    let (resp, uploaded) = match sent {
         Ok(r) => r,
         Err(f) => {
             let (status, reason) = match f {
@@ -923,7 +933,7 @@ async fn forward(
         .with_destination(dest)
         .with_domain(&host_text(&host))
         .with_status(parts.status.as_u16());
-    let body = body::Recorded::new(body, ev, state.audit.clone(), start);
+    let body = body::Recorded::new(body, ev, state.audit.clone(), start, uploaded);
     Ok(Response::from_parts(
         parts,
         ProxyBody::Origin(Box::new(body)),

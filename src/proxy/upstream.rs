@@ -142,7 +142,8 @@ impl Slot {
     /// Sends `req` to `addr`: on the held connection if it goes there and
     /// is still idle, else on a parked one, else on a new one. The response
     /// body reads from the origin connection and hands it back here once
-    /// the response has ended cleanly.
+    /// the response has ended cleanly. Also returns how many bytes of the
+    /// request body went to the origin.
     pub async fn send(
         self: &Arc<Self>,
         idle: &IdlePool,
@@ -150,7 +151,7 @@ impl Slot {
         req: Request<Incoming>,
         connect_timeout: Duration,
         upstream_timeout: Duration,
-    ) -> Result<Response<OriginBody>, Failure> {
+    ) -> Result<(Response<OriginBody>, u64), Failure> {
         // The request's head is rendered and its headers dropped here, not
         // kept in this future while the origin answers.
         let Outgoing {
@@ -160,6 +161,7 @@ impl Slot {
             head_only,
             repeatable,
         } = Outgoing::new(req);
+        let mut sent = 0u64;
         let attempt = tokio::time::timeout(upstream_timeout, async {
             // At most two tries on connections that already carried a
             // request (the origin may close one at any moment), then one
@@ -186,6 +188,7 @@ impl Slot {
                         &head,
                         framing,
                         &mut body,
+                        &mut sent,
                         head_only,
                         upstream_timeout,
                     )
@@ -217,6 +220,7 @@ impl Slot {
                     &head,
                     framing,
                     &mut body,
+                    &mut sent,
                     head_only,
                     upstream_timeout,
                 )
@@ -230,18 +234,20 @@ impl Slot {
         .await;
         // A connection a request was in flight on is never put back.
         match attempt {
-            Ok(r) => r,
+            Ok(r) => r.map(|resp| (resp, sent)),
             Err(_) => Err(Failure::Timeout),
         }
     }
 
     /// Writes the request on `origin` and reads the response head.
+    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         self: &Arc<Self>,
         mut origin: Origin,
         head: &[u8],
         framing: RequestBody,
         body: &mut Incoming,
+        sent: &mut u64,
         head_only: bool,
         upstream_timeout: Duration,
     ) -> Result<Response<OriginBody>, TryFailure> {
@@ -260,7 +266,7 @@ impl Slot {
             tokio::select! {
                 biased;
                 _ = rd.peek(&mut probe) => answered_early = true,
-                r = Box::pin(send_body(&mut wr, body, framing)) => {
+                r = Box::pin(send_body(&mut wr, body, framing, sent)) => {
                     r.map_err(|e| TryFailure::Failed(Failure::Upstream(e)))?;
                 }
             }
@@ -391,11 +397,13 @@ fn request_head(parts: &hyper::http::request::Parts, framing: RequestBody) -> Ve
     out
 }
 
-/// Copies the client's request body to the origin.
+/// Copies the client's request body to the origin, counting its bytes in
+/// `sent` as they are written (so that a body cut short still counts).
 async fn send_body(
     stream: &mut (impl tokio::io::AsyncWrite + Unpin),
     body: &mut Incoming,
     framing: RequestBody,
+    sent: &mut u64,
 ) -> Result<(), String> {
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("reading the request body: {e}"))?;
@@ -418,6 +426,7 @@ async fn send_body(
             stream.write_all(&data).await
         };
         w.map_err(|e| format!("writing the request body: {e}"))?;
+        *sent += data.len() as u64;
     }
     if framing == RequestBody::Chunked {
         stream
