@@ -1099,6 +1099,48 @@ fn idle_keepalive_connections_are_closed() {
 }
 
 #[test]
+fn a_kept_alive_connection_waits_the_idle_timeout_not_the_header_timeout() {
+    // Header read timeout 1 s (start_proxy), idle timeout 3 s.
+    let p = start_proxy("idle_timeout = \"3s\"");
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let port = p.origins.http;
+    let request =
+        format!("GET http://origin.test:{port}/ HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n");
+    let mut buf = [0u8; 4096];
+    let mut exchange = |c: &mut TcpStream| {
+        c.write_all(request.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains("origin saw") {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "closed before the response");
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    exchange(&mut c);
+    // Quiet for longer than the header timeout: still open, and serves.
+    std::thread::sleep(Duration::from_millis(2000));
+    exchange(&mut c);
+    // Then it idles out after the idle timeout.
+    let started = Instant::now();
+    let mut rest = [0u8; 16];
+    assert_eq!(c.read(&mut rest).unwrap_or(0), 0, "closed when idle");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2500) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    // An idle client did nothing wrong: no refusal is recorded.
+    let denied: Vec<_> = p
+        .records()
+        .into_iter()
+        .filter(|r| s(r, "/event/action") == "denied")
+        .collect();
+    assert!(denied.is_empty(), "{denied:?}");
+    p.stop_and_verify();
+}
+
+#[test]
 fn origin_connections_are_reused() {
     let p = start_proxy("");
     let port = p.origins.http;

@@ -39,8 +39,10 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -376,11 +378,7 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let guard = Arc::new(guard);
-    // When the last request started or finished, in ms since `epoch`, and
-    // how many are in flight: a kept-alive connection with none for
-    // `idle_timeout` is closed.
-    let epoch = Instant::now();
-    let activity = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let activity = Arc::new(Activity::new());
     // The origin connection plain HTTP requests go out on, used by this
     // task only: requests are written and responses read as the client
     // side's service and response body are polled.
@@ -389,53 +387,88 @@ async fn serve_connection(
     let act = activity.clone();
     let sl = slot.clone();
     let held = guard.clone();
-    let result = {
+    let io = ClientIo {
+        stream,
+        activity: activity.clone(),
+    };
+    let (result, cut) = {
         // Built in place (`pin!` of the expression): a future moved from a
         // local into another is stored twice in this task's state.
         let mut conn = std::pin::pin!(client_builder(&state.config)
             .serve_connection(
-                TokioIo::new(stream),
+                TokioIo::new(io),
                 hyper::service::service_fn(move |req| {
                     let st = st.clone();
                     let act = act.clone();
                     let sl = sl.clone();
                     let held = held.clone();
                     async move {
-                        act.1.fetch_add(1, Ordering::Relaxed);
-                        act.0
-                            .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        act.request_started();
                         let resp = handle(st, sl, held, peer, req).await;
-                        act.0
-                            .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-                        act.1.fetch_sub(1, Ordering::Relaxed);
-                        Ok::<_, Infallible>(resp)
+                        // In flight until hyper has sent the body and
+                        // drops it.
+                        Ok::<_, Infallible>(resp.map(|body| Tracked {
+                            body,
+                            activity: act,
+                        }))
                     }
                 }),
             )
             .with_upgrades());
-        let idle = state.config.idle_timeout;
-        let idle_ms = idle.as_millis() as u64;
+        let idle_ms = state.config.idle_timeout.as_millis() as u64;
+        let head_ms = state.config.header_read_timeout.as_millis() as u64;
+        let tick = state
+            .config
+            .idle_timeout
+            .min(state.config.header_read_timeout)
+            / 4
+            + Duration::from_millis(10);
+        // Between requests: a head that started arriving must complete
+        // within the header read timeout (slowloris), and a connection
+        // with nothing arriving is closed after the idle timeout. (hyper's
+        // own header timer also runs while a kept-alive connection waits
+        // for the next request, which would cut idle clients at the header
+        // timeout and record them as denied.)
         let mut watchdog = std::pin::pin!(async {
             loop {
-                tokio::time::sleep(idle / 4 + Duration::from_millis(10)).await;
-                let quiet = (epoch.elapsed().as_millis() as u64)
-                    .saturating_sub(activity.0.load(Ordering::Relaxed));
-                if activity.1.load(Ordering::Relaxed) == 0 && quiet >= idle_ms {
-                    break;
+                tokio::time::sleep(tick).await;
+                if activity.in_flight.load(Ordering::Acquire) > 0 {
+                    continue;
+                }
+                let now = activity.now();
+                let since = activity.head_since.load(Ordering::Acquire);
+                if since != NO_HEAD && now.saturating_sub(since) >= head_ms {
+                    return Quiet::SlowHead;
+                }
+                let last = activity.last.load(Ordering::Acquire);
+                if since == NO_HEAD && now.saturating_sub(last) >= idle_ms {
+                    return Quiet::Idle;
                 }
             }
         });
         let mut closing = false;
         std::future::poll_fn(|cx| {
-            if !closing && watchdog.as_mut().poll(cx).is_ready() {
-                // Finishes a response in progress, then closes.
-                conn.as_mut().graceful_shutdown();
-                closing = true;
+            if !closing {
+                match watchdog.as_mut().poll(cx) {
+                    Poll::Ready(Quiet::Idle) => {
+                        // Finishes a response in progress, then closes.
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    Poll::Ready(Quiet::SlowHead) => return Poll::Ready((Ok(()), true)),
+                    Poll::Pending => {}
+                }
             }
-            conn.as_mut().poll(cx)
+            conn.as_mut().poll(cx).map(|r| (r, false))
         })
         .await
     };
+    if cut {
+        state.counters.denied.fetch_add(1, Ordering::Relaxed);
+        let ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-")
+            .with_reason("request head not received within the header read timeout");
+        submit(&state.audit, ev, false).await;
+    }
     slot.park(&state.idle);
     if let Err(e) = result {
         // Requests hyper refused before they reached the service still get
@@ -457,12 +490,158 @@ async fn serve_connection(
     }
 }
 
+/// `Activity::head_since` when no request head is arriving.
+const NO_HEAD: u64 = u64::MAX;
+
+/// What a client connection is doing, shared by its socket, its service
+/// and its watchdog. Times are in ms since the connection was accepted.
+struct Activity {
+    epoch: Instant,
+    /// When the last request started or its response was sent.
+    last: AtomicU64,
+    /// Requests whose responses have not been sent in full.
+    in_flight: AtomicU64,
+    /// When the first byte of a request head that is not complete yet
+    /// arrived, or [`NO_HEAD`]. A new connection starts in a head.
+    head_since: AtomicU64,
+}
+
+/// Why the watchdog ends a connection.
+enum Quiet {
+    Idle,
+    SlowHead,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_since.store(NO_HEAD, Ordering::Release);
+        self.last.store(self.now(), Ordering::Release);
+    }
+
+    fn response_sent(&self) {
+        self.last.store(self.now(), Ordering::Release);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Bytes arrived from the client: between requests, a head begins.
+    fn bytes_arrived(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            let _ = self.head_since.compare_exchange(
+                NO_HEAD,
+                self.now(),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// The client's socket, noting when bytes arrive.
+struct ClientIo {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for ClientIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.bytes_arrived();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A response body that marks its request finished when hyper is done
+/// with it (sent, or the connection ended).
+struct Tracked {
+    body: ProxyBody,
+    activity: Arc<Activity>,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.activity.response_sent();
+    }
+}
+
 /// The client side's HTTP/1 settings.
 fn client_builder(config: &ProxyConfig) -> hyper::server::conn::http1::Builder {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
+        // The connection's watchdog times request heads instead (see
+        // `serve_connection`).
+        .header_read_timeout(None)
         // The head's own limit (431 past it); the buffer limit alone lets
         // one large read through.
         .max_header_size(config.max_header_bytes)
@@ -1017,10 +1196,10 @@ async fn connect(
             .with_request_id(&id)
             .with_rule(&rule_name, &sha)
             .with_destination(dest);
-        let ev = match on_upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+        let ev = match on_upgrade.await.map(|u| u.downcast::<TokioIo<ClientIo>>()) {
             Ok(Ok(parts)) => {
                 // The client's socket itself, and what hyper had already read.
-                let client = parts.io.into_inner();
+                let client = parts.io.into_inner().stream;
                 tunnel(
                     &st,
                     client,
