@@ -96,6 +96,44 @@ fn diff_shows_what_traffic_changes() {
     assert!(text(&same.stdout).contains("decide every flow and request the same way"));
 }
 
+/// `palisade diff` on two policies given as text.
+fn diff_texts(old: &str, new: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, n) = (dir.path().join("old.policy"), dir.path().join("new.policy"));
+    std::fs::write(&o, old).unwrap();
+    std::fs::write(&n, new).unwrap();
+    palisade(&["diff", o.to_str().unwrap(), n.to_str().unwrap()])
+}
+
+#[test]
+fn diff_sees_changes_to_ip_literal_destinations() {
+    // A narrower IPv4 destination: the upper half is no longer allowed.
+    let out = diff_texts(
+        "http h allow 10.0.0.0/8 -> 203.0.113.0/24 port 443\ndefault deny\n",
+        "http h allow 10.0.0.0/8 -> 203.0.113.0/25 port 443\ndefault deny\n",
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert_eq!(
+        text(&out.stdout),
+        "newly allowed: 0 packet regions, 0 http classes\n\
+         newly denied: 0 packet regions, 1 http class\n\
+         \x20 - http 10.0.0.0/8 -> 203.0.113.128/25 port 443 any method   now deny by `default`, was allow by `h`\n"
+    );
+    // An IPv6 destination removed.
+    let out = diff_texts(
+        "http h allow 10.0.0.0/8 -> 2001:db8::1 port 443\ndefault deny\n",
+        "default deny\n",
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains(
+            "  - http 10.0.0.0/8 -> 2001:db8::1 port 443 any method   now deny by `default`, was allow by `h`\n"
+        ),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
 fn root() -> bool {
     Command::new("id")
         .arg("-u")

@@ -438,11 +438,27 @@ pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooCompl
                 hosts.push((HttpHost::Name(rep), label));
             }
         }
-        for iv in &r.addrs.v4 {
-            hosts.push((
-                HttpHost::Ip(IpAddr::V4(Ipv4Addr::from(iv.lo))),
-                Ipv4Addr::from(iv.lo).to_string(),
-            ));
+    }
+    // IP-literal destinations: one class per elementary interval of every
+    // address set named, in both families. Addresses outside every set
+    // decide like "any other host" below.
+    let in_some_set = |ip: IpAddr| rules.iter().any(|r| r.addrs.contains(ip));
+    let v4addrs: Vec<&[Interval<u32>]> = rules.iter().map(|r| r.addrs.v4.as_slice()).collect();
+    let v6addrs: Vec<&[Interval<u128>]> = rules.iter().map(|r| r.addrs.v6.as_slice()).collect();
+    for iv in elementary(&v4addrs, 0u32, u32::MAX) {
+        let ip = IpAddr::V4(Ipv4Addr::from(iv.lo));
+        if in_some_set(ip) {
+            let mut s = AddrSet::default();
+            s.add_v4(iv.lo, iv.hi);
+            hosts.push((HttpHost::Ip(ip), s.describe()));
+        }
+    }
+    for iv in elementary(&v6addrs, 0u128, u128::MAX) {
+        let ip = IpAddr::V6(Ipv6Addr::from(iv.lo));
+        if in_some_set(ip) {
+            let mut s = AddrSet::default();
+            s.add_v6(iv.lo, iv.hi);
+            hosts.push((HttpHost::Ip(ip), s.describe()));
         }
     }
     hosts.push((
