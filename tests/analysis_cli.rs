@@ -3,7 +3,7 @@
 //! compared with palisade's own verdicts on real packets).
 
 use palisade::policy::load::{load_policy, FsLoader};
-use palisade::policy::{Date, Options, Verdict};
+use palisade::policy::{Date, Options, Verdict, Zone};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -184,7 +184,10 @@ struct Topology {
 
 impl Topology {
     fn new() -> Topology {
-        let id = std::process::id();
+        // Unique per test: the tests of this file run in parallel.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}x{n}", std::process::id());
         let names = [format!("pcl{id}"), format!("pfw{id}"), format!("psv{id}")];
         let t = Topology { names };
         let [c, f, s] = &t.names;
@@ -232,17 +235,40 @@ impl Drop for Topology {
     }
 }
 
+/// How a test flow's one packet is sent from the client namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Probe {
+    Udp,
+    /// A connection attempt: a SYN.
+    Syn,
+    /// A bare ACK, as if from the middle of a connection nobody saw open.
+    Ack,
+}
+
+/// One flow to compare: a packet, source, source port, destination,
+/// destination port.
+type Flow<'a> = (Probe, &'a str, u16, &'a str, u16);
+
 /// Sends one packet of the flow from the client namespace (source address
 /// and port bound), without waiting for an answer.
-fn send(ns: &str, proto: &str, src: &str, sport: u16, dst: &str, dport: u16) {
-    let script = match proto {
-        "udp" => format!(
+fn send(ns: &str, (probe, src, sport, dst, dport): Flow<'_>) {
+    let script = match probe {
+        Probe::Udp => format!(
             "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{src}',{sport}))\ns.sendto(b'x',('{dst}',{dport}))"
         ),
-        "tcp" => format!(
+        Probe::Syn => format!(
             "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_STREAM)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('{src}',{sport}))\ns.setblocking(False)\ntry:\n  s.connect(('{dst}',{dport}))\nexcept BlockingIOError:\n  pass\nimport time\ntime.sleep(0.05)"
         ),
-        _ => unreachable!(),
+        // A raw TCP segment (the kernel adds the IP header): ACK set, no SYN.
+        Probe::Ack => format!(
+            "import socket,struct\n\
+             def csum(b):\n  s=sum(struct.unpack('!%dH'%(len(b)//2),b))\n  while s>>16: s=(s&0xffff)+(s>>16)\n  return (~s)&0xffff\n\
+             h=struct.pack('!HHIIBBHHH',{sport},{dport},1000,1000,5<<4,0x10,65535,0,0)\n\
+             ph=socket.inet_aton('{src}')+socket.inet_aton('{dst}')+struct.pack('!BBH',0,6,len(h))\n\
+             h=h[:16]+struct.pack('!H',csum(ph+h))+h[18:]\n\
+             s=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_TCP)\n\
+             s.bind(('{src}',0))\ns.sendto(h,('{dst}',0))"
+        ),
     };
     let o = Command::new("ip")
         .args(["netns", "exec", ns, "python3", "-c", &script])
@@ -250,57 +276,39 @@ fn send(ns: &str, proto: &str, src: &str, sport: u16, dst: &str, dport: u16) {
         .unwrap();
     assert!(
         o.status.success(),
-        "send {proto} {src}:{sport} -> {dst}:{dport}: {}",
+        "send {probe:?} {src}:{sport} -> {dst}:{dport}: {}",
         text(&o.stderr)
     );
 }
 
-#[test]
-fn export_nft_decides_like_palisade_in_the_kernel() {
-    if !(root() && have("nft") && have("ip") && have("python3")) {
+fn can_build_namespaces() -> bool {
+    let ok = root() && have("nft") && have("ip") && have("python3");
+    if !ok {
         eprintln!(
             "SKIP kernel comparison: needs root, nft, iproute2 and python3 (.ci/run installs them)"
         );
-        return;
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let compiled = load_policy(
-        &dir.join("tests/analysis/nft.policy"),
-        &FsLoader,
-        Options {
-            today: Date::new(2026, 11, 25).unwrap(),
-        },
-    )
-    .unwrap();
-    let ruleset = palisade::policy::export::nft(&compiled.policy);
+    ok
+}
+
+/// Loads `ruleset` into the forwarding namespace of a fresh topology (the
+/// client's port is `f0`, the server's `f1`), sends one packet of each
+/// flow from the client and tells, per flow, whether the kernel forwarded
+/// it. Each flow needs a distinct (source, source port), so that a counter
+/// after the exported chain tells which ones passed.
+fn kernel_forwards(ruleset: &str, flows: &[Flow<'_>]) -> (Vec<bool>, String) {
     let topo = Topology::new();
     let [c, f, _] = &topo.names;
-
-    // The flows to compare, each with a distinct (src, sport) so a counter
-    // after the exported chain tells which ones the kernel let through.
-    let flows: Vec<(&str, &str, u16, &str, u16)> = vec![
-        ("tcp", "192.0.2.5", 40001, "198.51.100.10", 443),
-        ("tcp", "192.0.2.5", 40002, "198.51.100.10", 22),
-        ("tcp", "192.0.2.5", 40003, "198.51.100.11", 23),
-        ("tcp", "192.0.2.17", 40004, "198.51.100.25", 5432),
-        ("tcp", "192.0.2.5", 40005, "198.51.100.25", 5432),
-        ("tcp", "192.0.2.200", 40006, "198.51.100.25", 80),
-        ("udp", "192.0.2.5", 40007, "198.51.100.53", 53),
-        ("udp", "192.0.2.5", 40008, "198.51.100.54", 53),
-        ("tcp", "192.0.2.200", 40009, "198.51.100.53", 53),
-        ("udp", "192.0.2.5", 123, "198.51.100.123", 123),
-        ("udp", "192.0.2.5", 40010, "198.51.100.123", 123),
-        ("tcp", "192.0.2.17", 40011, "198.51.100.20", 80),
-    ];
     let mut count = String::from("table inet count {\n\tchain counted {\n\t\ttype filter hook forward priority 10; policy accept;\n");
-    for (i, (proto, src, sport, dst, dport)) in flows.iter().enumerate() {
+    for (i, (probe, src, sport, dst, dport)) in flows.iter().enumerate() {
+        let proto = if *probe == Probe::Udp { "udp" } else { "tcp" };
         count += &format!(
             "\t\tip saddr {src} ip daddr {dst} {proto} sport {sport} {proto} dport {dport} counter comment \"flow{i}\"\n"
         );
     }
     count += "\t}\n}\n";
     let tmp = tempfile::tempdir().unwrap();
-    for (name, body) in [("palisade.nft", &ruleset), ("count.nft", &count)] {
+    for (name, body) in [("palisade.nft", ruleset), ("count.nft", &count)] {
         let p = tmp.path().join(name);
         std::fs::write(&p, body).unwrap();
         let o = Command::new("ip")
@@ -314,8 +322,8 @@ fn export_nft_decides_like_palisade_in_the_kernel() {
             text(&o.stderr)
         );
     }
-    for (proto, src, sport, dst, dport) in &flows {
-        send(c, proto, src, *sport, dst, *dport);
+    for flow in flows {
+        send(c, *flow);
     }
     std::thread::sleep(std::time::Duration::from_millis(200));
     let listing = Command::new("ip")
@@ -323,27 +331,160 @@ fn export_nft_decides_like_palisade_in_the_kernel() {
         .output()
         .unwrap();
     let listing = text(&listing.stdout);
-    for (i, (proto, src, sport, dst, dport)) in flows.iter().enumerate() {
-        let line = listing
-            .lines()
-            .find(|l| l.contains(&format!("comment \"flow{i}\"")))
-            .unwrap_or_else(|| panic!("flow{i} counter missing:\n{listing}"));
-        let kernel_passed = !line.contains("packets 0 ");
-        let key = palisade::classify::FlowKey {
-            src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            proto: if *proto == "tcp" { 6 } else { 17 },
-            src_port: *sport,
-            dst_port: *dport,
-        };
-        let ours = compiled.policy.decide(&key);
+    let passed = (0..flows.len())
+        .map(|i| {
+            let line = listing
+                .lines()
+                .find(|l| l.contains(&format!("comment \"flow{i}\"")))
+                .unwrap_or_else(|| panic!("flow{i} counter missing:\n{listing}"));
+            !line.contains("packets 0 ")
+        })
+        .collect();
+    (passed, listing)
+}
+
+fn flow_key((probe, src, sport, dst, dport): Flow<'_>) -> palisade::classify::FlowKey {
+    palisade::classify::FlowKey {
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        proto: if probe == Probe::Udp { 17 } else { 6 },
+        src_port: sport,
+        dst_port: dport,
+    }
+}
+
+fn load_fixture(path: &str) -> palisade::policy::Compiled {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    load_policy(
+        &dir.join(path),
+        &FsLoader,
+        Options {
+            today: Date::new(2026, 11, 25).unwrap(),
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn export_nft_decides_like_palisade_in_the_kernel() {
+    if !can_build_namespaces() {
+        return;
+    }
+    let compiled = load_fixture("tests/analysis/nft.policy");
+    let ruleset = palisade::policy::export::nft(&compiled.policy, None)
+        .unwrap()
+        .text;
+    let flows: Vec<Flow> = vec![
+        (Probe::Syn, "192.0.2.5", 40001, "198.51.100.10", 443),
+        (Probe::Syn, "192.0.2.5", 40002, "198.51.100.10", 22),
+        (Probe::Syn, "192.0.2.5", 40003, "198.51.100.11", 23),
+        (Probe::Syn, "192.0.2.17", 40004, "198.51.100.25", 5432),
+        (Probe::Syn, "192.0.2.5", 40005, "198.51.100.25", 5432),
+        (Probe::Syn, "192.0.2.200", 40006, "198.51.100.25", 80),
+        (Probe::Udp, "192.0.2.5", 40007, "198.51.100.53", 53),
+        (Probe::Udp, "192.0.2.5", 40008, "198.51.100.54", 53),
+        (Probe::Syn, "192.0.2.200", 40009, "198.51.100.53", 53),
+        (Probe::Udp, "192.0.2.5", 123, "198.51.100.123", 123),
+        (Probe::Udp, "192.0.2.5", 40010, "198.51.100.123", 123),
+        (Probe::Syn, "192.0.2.17", 40011, "198.51.100.20", 80),
+        // The rules allow the flow, but the filter only lets a SYN open it.
+        (Probe::Ack, "192.0.2.5", 40012, "198.51.100.10", 443),
+        (Probe::Syn, "192.0.2.5", 40013, "198.51.100.99", 9),
+    ];
+    let (passed, listing) = kernel_forwards(&ruleset, &flows);
+    for (flow, kernel_passed) in flows.iter().zip(passed) {
+        let ours = compiled.policy.decide(&flow_key(*flow));
+        let opens = flow.0 != Probe::Ack;
         assert_eq!(
             kernel_passed,
-            ours.verdict == Verdict::Allow,
-            "{proto} {src}:{sport} -> {dst}:{dport}: kernel {} but palisade says {} (rule {})\n{listing}",
-            if kernel_passed { "passed it" } else { "dropped it" },
+            opens && ours.verdict == Verdict::Allow,
+            "{flow:?}: kernel {} but palisade says {} (rule {})\n{listing}",
+            if kernel_passed {
+                "passed it"
+            } else {
+                "dropped it"
+            },
             ours.verdict.as_str(),
             compiled.policy.rule_name(ours.rule)
+        );
+    }
+}
+
+#[test]
+fn export_nft_with_ports_drops_spoofed_sources_in_the_kernel() {
+    // The client's port f0 is the edge, the server's f1 on-premises.
+    let path = "tests/analysis/nft-zones.policy";
+    let out = palisade(&["export", "nft", "--edge", "f0", "--onprem", "f1", path]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "", "no warning with the ports given");
+    let ruleset = text(&out.stdout);
+    assert!(
+        ruleset.contains("iifname \"f0\" ip saddr != @zone_edge_v4 counter drop")
+            && ruleset.contains("iifname \"f1\" ip6 saddr != @zone_onprem_v6 counter drop"),
+        "{ruleset}"
+    );
+
+    // Without the ports, the export says what it leaves out.
+    let out = palisade(&["export", "nft", path]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("warning: tests/analysis/nft-zones.policy: the policy has zones, but without --edge IFACE and --onprem IFACE the ruleset does not drop spoofed sources"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("# WARNING: the policy has zones"));
+    assert!(!text(&out.stdout).contains("saddr != @zone_"));
+
+    // The filter refuses a policy without both zones; so does the check.
+    let out = palisade(&[
+        "export",
+        "nft",
+        "--edge",
+        "f0",
+        "--onprem",
+        "f1",
+        "tests/analysis/nft.policy",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("needs both `zone edge = ...` and `zone onprem = ...`"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    if !can_build_namespaces() {
+        return;
+    }
+    let compiled = load_fixture(path);
+    let flows: Vec<Flow> = vec![
+        (Probe::Syn, "192.0.2.5", 41001, "198.51.100.10", 443),
+        (Probe::Syn, "192.0.2.200", 41002, "198.51.100.10", 443),
+        (Probe::Udp, "192.0.2.17", 41003, "198.51.100.53", 53),
+        (Probe::Udp, "192.0.2.200", 41004, "198.51.100.53", 53),
+        (Probe::Syn, "192.0.2.5", 41005, "198.51.100.10", 22),
+    ];
+    let (passed, listing) = kernel_forwards(&ruleset, &flows);
+    for (flow, kernel_passed) in flows.iter().zip(passed) {
+        // What the filter does with the packet arriving on its edge port.
+        let key = flow_key(*flow);
+        let spoofed = compiled.policy.zones().zone_of(key.src) != Some(Zone::Edge);
+        let allowed = !spoofed && compiled.policy.decide(&key).verdict == Verdict::Allow;
+        assert_eq!(
+            kernel_passed,
+            allowed,
+            "{flow:?}: kernel {} but palisade {}\n{listing}",
+            if kernel_passed {
+                "passed it"
+            } else {
+                "dropped it"
+            },
+            if spoofed {
+                "drops it as spoofed"
+            } else if allowed {
+                "allows it"
+            } else {
+                "denies it"
+            }
         );
     }
 }

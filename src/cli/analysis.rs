@@ -38,6 +38,14 @@ pub enum ExportCommand {
     Nft {
         /// The policy's root file.
         path: PathBuf,
+        /// The interface toward the provider edge and the VNet: packets
+        /// arriving on it must have a source in `zone edge`.
+        #[arg(long, value_name = "IFACE", requires = "onprem")]
+        edge: Option<String>,
+        /// The interface toward the on-premises routers: packets arriving
+        /// on it must have a source in `zone onprem`.
+        #[arg(long, value_name = "IFACE", requires = "edge")]
+        onprem: Option<String>,
         /// Judge rule expiry as of this date (YYYY-MM-DD) instead of today.
         #[arg(long, value_parser = parse_date)]
         today: Option<Date>,
@@ -159,12 +167,31 @@ pub fn diff(args: DiffArgs) -> ExitCode {
 
 pub fn export(cmd: ExportCommand) -> ExitCode {
     match cmd {
-        ExportCommand::Nft { path, today } => {
+        ExportCommand::Nft {
+            path,
+            edge,
+            onprem,
+            today,
+        } => {
             let Some(c) = load_one(&path, today) else {
                 return ExitCode::from(EXIT_ERRORS);
             };
-            print!("{}", export::nft(&c.policy));
-            ExitCode::SUCCESS
+            let ports = edge
+                .zip(onprem)
+                .map(|(edge, onprem)| export::NftPorts { edge, onprem });
+            match export::nft(&c.policy, ports.as_ref()) {
+                Ok(e) => {
+                    for w in &e.warnings {
+                        eprintln!("warning: {}: {w}", path.display());
+                    }
+                    print!("{}", e.text);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}: {e}", path.display());
+                    ExitCode::from(EXIT_ERRORS)
+                }
+            }
         }
     }
 }

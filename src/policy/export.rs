@@ -1,17 +1,82 @@
 //! Exports of a compiled policy into other enforcement languages.
 //!
 //! `nft`: an nftables ruleset (one `inet` table, a forward chain) that
-//! enforces the same packet policy as palisade's inline filter: replies and
-//! related ICMP pass through connection tracking, the first packet of a flow
-//! is decided by the rules in order, and the chain's policy is the default.
+//! enforces the same packet policy as palisade's inline filter: given the
+//! interfaces of the two ports, a source outside the zone of the port it
+//! arrived on is dropped first (anti-spoofing); replies and related ICMP
+//! pass through connection tracking, the first packet of a flow is decided
+//! by the rules in order, and the chain's policy is the default.
 
-use super::{AddrSet, Policy, ServiceAtom, Verdict};
+use super::{AddrSet, Policy, ServiceAtom, Verdict, Zone};
 use crate::classify::Interval;
 use std::fmt::Write;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Name of the exported table.
 pub const NFT_TABLE: &str = "palisade";
+
+/// The interfaces of the filter's two ports on the host that loads the
+/// ruleset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NftPorts {
+    /// Toward the provider edge and the VNet (`zone edge`).
+    pub edge: String,
+    /// Toward the on-premises routers (`zone onprem`).
+    pub onprem: String,
+}
+
+/// An exported ruleset and what it leaves out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NftExport {
+    pub text: String,
+    pub warnings: Vec<String>,
+}
+
+/// Why a policy cannot be exported as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExportError {
+    #[error("the anti-spoofing check needs both `zone edge = ...` and `zone onprem = ...` in the policy (the addresses that may appear on each port), as the filter does")]
+    MissingZones,
+    #[error("`{0}` is not an interface name (1 to 15 bytes, no spaces, `/` or quotes)")]
+    BadInterface(String),
+    #[error("the edge and onprem ports need two different interfaces, both are `{0}`")]
+    SameInterface(String),
+}
+
+fn check_interface(name: &str) -> Result<(), ExportError> {
+    let ok = !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | '"' | '\\'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ExportError::BadInterface(name.to_string()))
+    }
+}
+
+/// A named interval set of one family's addresses (elements may be none).
+fn write_set(out: &mut String, name: &str, v6: bool, set: &AddrSet) {
+    let _ = writeln!(out, "\tset {name} {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype {}",
+        if v6 { "ipv6_addr" } else { "ipv4_addr" }
+    );
+    let _ = writeln!(out, "\t\tflags interval");
+    let elems = if v6 {
+        v6_elems(&set.v6)
+    } else {
+        v4_elems(&set.v4)
+    };
+    if !elems.is_empty() {
+        let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
+    }
+    let _ = writeln!(out, "\t}}");
+}
 
 fn v4_elems(set: &[Interval<u32>]) -> Vec<String> {
     set.iter()
@@ -139,8 +204,55 @@ fn escape_comment(s: &str) -> String {
     s.chars().filter(|c| *c != '"' && !c.is_control()).collect()
 }
 
-/// The policy as an nftables ruleset, loadable with `nft -f`.
-pub fn nft(policy: &Policy) -> String {
+/// nftables refuses a rule comment longer than this many bytes.
+const NFT_COMMENT_MAX: usize = 128;
+/// nftables refuses a log prefix longer than this many bytes.
+const NFT_LOG_PREFIX_MAX: usize = 127;
+
+/// `s` escaped for a quoted nftables string and cut to at most `max` bytes
+/// on a character boundary (the full name stays in the `# rule` line).
+fn nft_string(s: &str, max: usize) -> String {
+    let mut e = escape_comment(s);
+    if e.len() > max {
+        let mut end = max;
+        while !e.is_char_boundary(end) {
+            end -= 1;
+        }
+        e.truncate(end);
+    }
+    e
+}
+
+/// The policy as an nftables ruleset, loadable with `nft -f`. With `ports`,
+/// the ruleset drops what the filter drops as spoofed; without them a
+/// policy's zones are left out, and a warning says so.
+pub fn nft(policy: &Policy, ports: Option<&NftPorts>) -> Result<NftExport, ExportError> {
+    let zones = policy.zones();
+    let mut warnings = Vec::new();
+    let spoofing: Option<[(Zone, &str, AddrSet); 2]> = match ports {
+        Some(p) => {
+            check_interface(&p.edge)?;
+            check_interface(&p.onprem)?;
+            if p.edge == p.onprem {
+                return Err(ExportError::SameInterface(p.edge.clone()));
+            }
+            let (Some(edge), Some(onprem)) = (&zones.edge, &zones.onprem) else {
+                return Err(ExportError::MissingZones);
+            };
+            Some([
+                (Zone::Edge, p.edge.as_str(), edge.clone()),
+                (Zone::Onprem, p.onprem.as_str(), onprem.clone()),
+            ])
+        }
+        None => {
+            if zones.edge.is_some() || zones.onprem.is_some() {
+                warnings.push(
+                    "the policy has zones, but without --edge IFACE and --onprem IFACE the ruleset does not drop spoofed sources as the filter does".to_string(),
+                );
+            }
+            None
+        }
+    };
     let mut out = String::new();
     let _ = writeln!(out, "#!/usr/sbin/nft -f");
     let _ = writeln!(
@@ -154,7 +266,17 @@ pub fn nft(policy: &Policy) -> String {
     );
     let _ = writeln!(out, "table inet {NFT_TABLE}");
     let _ = writeln!(out, "delete table inet {NFT_TABLE}");
+    for w in &warnings {
+        let _ = writeln!(out, "# WARNING: {w}.");
+    }
     let _ = writeln!(out, "table inet {NFT_TABLE} {{");
+    if let Some(sets) = &spoofing {
+        for (zone, _, set) in sets {
+            for v6 in [false, true] {
+                write_set(&mut out, &zone_set(*zone, v6), v6, set);
+            }
+        }
+    }
     let _ = writeln!(out, "\tchain forward {{");
     let default = match policy.default_verdict() {
         Verdict::Allow => "accept",
@@ -164,15 +286,41 @@ pub fn nft(policy: &Policy) -> String {
         out,
         "\t\ttype filter hook forward priority filter; policy {default};"
     );
+    if let Some(sets) = &spoofing {
+        let _ = writeln!(
+            out,
+            "\t\t# Anti-spoofing: a source outside the zone of the port it arrived on."
+        );
+        for (zone, iface, _) in sets {
+            for (v6, kw) in [(false, "ip"), (true, "ip6")] {
+                let _ = writeln!(
+                    out,
+                    "\t\tiifname \"{iface}\" {kw} saddr != @{} counter drop comment \"spoofed: not in zone {}\"",
+                    zone_set(*zone, v6),
+                    zone.as_str()
+                );
+            }
+        }
+    }
     let _ = writeln!(out, "\t\tct state established,related accept");
     let _ = writeln!(out, "\t\tct state invalid drop");
+    // As the filter: a TCP flow starts with a SYN without ACK, never with a
+    // packet picked up mid-stream.
+    let _ = writeln!(
+        out,
+        "\t\tct state new tcp flags & (syn | ack) != syn counter drop comment \"tcp: not a connection opening\""
+    );
     for r in policy.rules().iter().filter(|r| r.active) {
         let verdict = match r.verdict {
             Verdict::Allow => "accept",
             Verdict::Deny => "drop",
         };
         let log = if r.log {
-            format!("log prefix \"palisade {} \" ", escape_comment(&r.name))
+            // "palisade " and the closing space take 10 bytes.
+            format!(
+                "log prefix \"palisade {} \" ",
+                nft_string(&r.name, NFT_LOG_PREFIX_MAX - 10)
+            )
         } else {
             String::new()
         };
@@ -211,7 +359,7 @@ pub fn nft(policy: &Policy) -> String {
                     let _ = writeln!(
                         out,
                         "\t\t{addr}{svc}{sep}{log}counter {verdict} comment \"{}\"",
-                        escape_comment(&r.name)
+                        nft_string(&r.name, NFT_COMMENT_MAX)
                     );
                 }
             }
@@ -225,5 +373,12 @@ pub fn nft(policy: &Policy) -> String {
     }
     let _ = writeln!(out, "\t}}");
     let _ = writeln!(out, "}}");
-    out
+    Ok(NftExport {
+        text: out,
+        warnings,
+    })
+}
+
+fn zone_set(zone: Zone, v6: bool) -> String {
+    format!("zone_{}_{}", zone.as_str(), if v6 { "v6" } else { "v4" })
 }
