@@ -684,6 +684,13 @@ pub fn classbench(text: &str) -> Result<String, ImportError> {
         let (sp, dp) = (ports(f.src_port), ports(f.dst_port));
         let service = match (f.proto.lo, f.proto.hi) {
             (0, 255) if sp.is_none() && dp.is_none() => None,
+            (58, 58) => {
+                return Err(ImportError::Field {
+                    rule: format!("line {}", e.rule + 1),
+                    field: "protocol".into(),
+                    problem: "protocol 58 is ICMPv6, which palisade matches on IPv6 packets only, and ClassBench rules are IPv4: the rule could never match".into(),
+                })
+            }
             (p, q) if p == q => {
                 let name = match p {
                     6 => "tcp".to_string(),
@@ -739,6 +746,30 @@ pub fn classbench(text: &str) -> Result<String, ImportError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn classbench_protocols_compile_or_are_refused_with_the_line() {
+        let line = |proto: &str| {
+            format!(
+                "@192.0.2.0/24\t198.51.100.0/24\t0 : 65535\t0 : 65535\t{proto}\t0x0000/0x0000\n"
+            )
+        };
+        // EIGRP (0x58 is 88): a raw protocol number, which compiles.
+        let text = classbench(&format!("{}{}", line("0x06/0xFF"), line("0x58/0xFF"))).unwrap();
+        assert!(text.contains("service ip/88"), "{text}");
+        let opts = crate::policy::Options {
+            today: crate::policy::Date::new(2026, 1, 1).unwrap(),
+        };
+        assert!(
+            crate::policy::load::compile_str("imported.policy", &text, opts).is_ok(),
+            "{text}"
+        );
+        // ICMPv6 on IPv4 addresses could never match: refused, with where.
+        let e = classbench(&format!("{}{}", line("0x06/0xFF"), line("0x3A/0xFF")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("ICMPv6"), "{e}");
+    }
 
     #[test]
     fn translates_az_cli_output_and_reports_tags() {
