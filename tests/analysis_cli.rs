@@ -50,6 +50,13 @@ fn lint_reports_each_finding_where_it_is() {
     assert!(has("L0103", "rule `gone` can never match"), "{err}");
     assert!(has("L0106", "rule `anything` allows every flow"), "{err}");
     assert!(
+        has(
+            "L0106",
+            "rule `dns-any` allows these services between any two IPv4 addresses"
+        ),
+        "{err}"
+    );
+    assert!(
         has("L0107", "http rule `deb` is redundant by `pkgs`"),
         "{err}"
     );
@@ -64,7 +71,7 @@ fn lint_reports_each_finding_where_it_is() {
     }
     assert_eq!(
         text(&out.stdout),
-        "tests/analysis/lint.policy: 8 findings\n"
+        "tests/analysis/lint.policy: 9 findings\n"
     );
 
     let clean = palisade(&["lint", "policies/palisade.policy"]);

@@ -581,9 +581,18 @@ pub fn http_covered_by(rule: &super::HttpRule, earlier: &super::HttpRule) -> boo
         && methods_covered
 }
 
-/// True when a packet rule allows everything between any and any.
-pub fn is_any_to_any(r: &PacketRule) -> bool {
-    r.src.is_any() && r.dst.is_any()
+/// The families in which a rule matches every source and every destination
+/// (`any`, `any4`, `0.0.0.0/0`, `::/0`): "IPv4", "IPv6" or both.
+pub fn any_to_any_families(r: &PacketRule) -> Option<&'static str> {
+    let all = AddrSet::any();
+    let v4 = r.src.v4 == all.v4 && r.dst.v4 == all.v4;
+    let v6 = r.src.v6 == all.v6 && r.dst.v6 == all.v6;
+    match (v4, v6) {
+        (true, true) => Some(""),
+        (true, false) => Some("IPv4 "),
+        (false, true) => Some("IPv6 "),
+        (false, false) => None,
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 //! | L0107 | an HTTP rule is shadowed or redundant behind one earlier HTTP rule |
 //! | L0199 | the shadowing analysis gave up on a policy too fragmented to analyse |
 
-use super::analysis::{coverage, http_covered_by, is_any_to_any, Coverage, PIECE_BUDGET};
+use super::analysis::{any_to_any_families, coverage, http_covered_by, Coverage, PIECE_BUDGET};
 use super::ast::{HttpDest, NetItem, Stmt, SvcItem};
 use super::diag::{Diagnostic, Diagnostics};
 use super::{entries, Compiled, Date, Verdict};
@@ -146,21 +146,27 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
                         "shadowing analysis stopped at rule `{}`: the policy is too fragmented to analyse in bounded time",
                         r.name
                     ),
-                ));
+                )
+                .at(r.span, "not analysed from here on")
+                .help("rules from here on are not checked for shadowing; the other checks still ran"));
             }
         }
     }
     for r in policy.rules().iter().filter(|r| r.active) {
-        if r.verdict == Verdict::Allow && is_any_to_any(r) {
+        let broad = any_to_any_families(r).filter(|_| r.verdict == Verdict::Allow);
+        if let Some(family) = broad {
             let what = if r.services.iter().any(|s| *s == super::ServiceAtom::any()) {
-                "allows every flow between any two addresses"
+                "allows every flow"
             } else {
-                "allows these services between any two addresses"
+                "allows these services"
             };
             out.push(
-                Diagnostic::warning("L0106", format!("rule `{}` {what}", r.name))
-                    .at(r.span, "overly broad allow")
-                    .help("name the sources and destinations that need this access"),
+                Diagnostic::warning(
+                    "L0106",
+                    format!("rule `{}` {what} between any two {family}addresses", r.name),
+                )
+                .at(r.span, "overly broad allow")
+                .help("name the sources and destinations that need this access"),
             );
         }
     }
@@ -222,8 +228,9 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
                 .also(e.span, "covering rule"),
             );
         }
+        let all = super::AddrSet::any();
         if r.verdict == Verdict::Allow
-            && r.src.is_any()
+            && (r.src.v4 == all.v4 || r.src.v6 == all.v6)
             && r.hosts.contains(&super::HostPattern::Any)
         {
             out.push(
