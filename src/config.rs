@@ -80,6 +80,19 @@ pub struct ProxyConfig {
     /// addresses against its own rule and the internal ranges again.
     #[serde(deserialize_with = "de_duration")]
     pub resolve_cache_ttl: Duration,
+    /// Threads that serve clients, each with its own event loop and its
+    /// own listening socket on `listen` (0: one per CPU core).
+    pub workers: usize,
+}
+
+impl ProxyConfig {
+    /// How many serving threads run: `workers`, or one per CPU core.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for ProxyConfig {
@@ -100,6 +113,7 @@ impl Default for ProxyConfig {
             request_burst_per_client: 400,
             hosts: BTreeMap::new(),
             resolve_cache_ttl: Duration::from_secs(5),
+            workers: 0,
         }
     }
 }
@@ -234,6 +248,12 @@ impl Config {
             return Err(invalid(
                 "proxy.max_connections",
                 "connection limits must be at least 1",
+            ));
+        }
+        if p.workers > 1024 {
+            return Err(invalid(
+                "proxy.workers",
+                "at most 1024 serving threads (0: one per core)",
             ));
         }
         if p.requests_per_second_per_client == 0 {

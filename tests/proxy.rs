@@ -220,6 +220,13 @@ fn policy_text(o: &Origins) -> String {
 }
 
 fn start_proxy(extra: &str) -> Proxy {
+    // Several serving threads whatever the machine, so every test also
+    // crosses them (limits, reloads and the trail are shared by all).
+    let workers = if extra.contains("workers") {
+        ""
+    } else {
+        "workers = 3"
+    };
     let dir = tempfile::tempdir().unwrap();
     let origins = origins(dir.path());
     let policy = dir.path().join("test.policy");
@@ -233,6 +240,7 @@ fn start_proxy(extra: &str) -> Proxy {
              listen = \"127.0.0.1:0\"\n\
              header_read_timeout = \"1s\"\n\
              tunnel_first_bytes_timeout = \"2s\"\n\
+             {workers}\n\
              {extra}\n\
              [proxy.hosts]\n\
              \"origin.test\" = [\"127.0.0.1\"]\n\
@@ -1142,7 +1150,10 @@ fn a_kept_alive_connection_waits_the_idle_timeout_not_the_header_timeout() {
 
 #[test]
 fn origin_connections_are_reused() {
-    let p = start_proxy("");
+    // Idle origin connections are kept per serving thread (they belong to
+    // its event loop): one thread, so the second client surely lands where
+    // the first one's connection waits.
+    let p = start_proxy("workers = 1");
     let port = p.origins.http;
     let url = |path: &str| format!("http://origin.test:{port}/{path}");
     let from = |body: &str| -> Vec<String> {
@@ -1208,5 +1219,61 @@ fn upstream_failures_are_502_and_audited() {
     p.wait_record("for the tunnel 502", |r| {
         s(r, "/event/code") == "connect_tunnel" && n(r, "/http/response/status_code") == 502
     });
+    p.stop_and_verify();
+}
+
+#[test]
+fn a_port_already_taken_is_refused_not_shared() {
+    let p = start_proxy("");
+    // A second proxy on the first one's address must fail as a single
+    // socket would, not join its listening sockets and take half the
+    // clients.
+    let config = p.dir.path().join("second.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "policy = \"test.policy\"\n\
+             [proxy]\n\
+             listen = \"{}\"\n\
+             workers = 2\n\
+             [audit]\n\
+             dir = \"audit-second\"\n\
+             signing_key = \"keys/second.key\"\n",
+            p.addr
+        ),
+    )
+    .unwrap();
+    let mut second = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = second.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err);
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {}", p.addr)) && err.contains("in use"),
+        "{err}"
+    );
+    // The first one still serves every client.
+    for i in 0..8 {
+        let url = format!("http://origin.test:{}/still-{i}", p.origins.http);
+        let (code, body) = p.curl(&[&url]);
+        assert_eq!(code, 200, "{body}");
+    }
     p.stop_and_verify();
 }

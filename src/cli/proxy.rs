@@ -54,7 +54,9 @@ pub fn run(args: ProxyArgs) -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This thread's event loop serves one listening socket and handles
+    // signals; `Proxy::run` starts the other serving threads.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

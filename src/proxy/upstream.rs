@@ -110,10 +110,13 @@ pub enum Failure {
     Timeout,
 }
 
-/// The origin connection of one client connection.
-#[derive(Default)]
+/// The origin connection of one client connection, and the pool of idle
+/// origin connections of the serving thread the client is on (an origin
+/// connection belongs to that thread's event loop, so it is reused only
+/// there).
 pub struct Slot {
     held: Mutex<Option<Origin>>,
+    pool: Arc<IdlePool>,
 }
 
 /// How a request body is framed toward the origin.
@@ -134,6 +137,13 @@ enum TryFailure {
 }
 
 impl Slot {
+    pub fn new(pool: Arc<IdlePool>) -> Slot {
+        Slot {
+            held: Mutex::new(None),
+            pool,
+        }
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut Option<Origin>) -> R) -> R {
         let mut g = self.held.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut g)
@@ -146,7 +156,6 @@ impl Slot {
     /// request body went to the origin.
     pub async fn send(
         self: &Arc<Self>,
-        idle: &IdlePool,
         addr: SocketAddr,
         req: Request<Incoming>,
         connect_timeout: Duration,
@@ -172,9 +181,9 @@ impl Slot {
                     Some(o) if o.addr == addr => Some(o),
                     other => {
                         if let Some(old) = other {
-                            idle.put(old);
+                            self.pool.put(old);
                         }
-                        idle.take(addr)
+                        self.pool.take(addr)
                     }
                 });
                 let Some(origin) = taken else { break };
@@ -317,9 +326,9 @@ impl Slot {
     }
 
     /// Hands an idle origin connection to the pool when the client leaves.
-    pub fn park(&self, idle: &IdlePool) {
+    pub fn park(&self) {
         if let Some(o) = self.with(|h| h.take()) {
-            idle.put(o);
+            self.pool.put(o);
         }
     }
 }
@@ -1076,7 +1085,10 @@ mod tests {
             }
         });
         let stream = TcpStream::connect(addr).await.unwrap();
-        let slot = Arc::new(Slot::default());
+        let slot = Arc::new(Slot::new(Arc::new(IdlePool::new(
+            4,
+            Duration::from_secs(90),
+        ))));
         let origin = Origin { addr, stream };
         let resp = slot
             .receive(origin, head_only, true, Duration::from_secs(5))
@@ -1251,7 +1263,10 @@ mod tests {
             let _ = s.read(&mut sink).await;
         });
         let stream = TcpStream::connect(addr).await.unwrap();
-        let slot = Arc::new(Slot::default());
+        let slot = Arc::new(Slot::new(Arc::new(IdlePool::new(
+            4,
+            Duration::from_secs(90),
+        ))));
         let Ok(resp) = slot
             .receive(Origin { addr, stream }, false, true, Duration::from_secs(5))
             .await
