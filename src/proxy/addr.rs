@@ -38,12 +38,15 @@ fn parse_part(p: &str) -> Option<u64> {
 
 /// Reads an IPv4 literal in any spelling `inet_aton` accepts.
 pub fn parse_ipv4_loose(s: &str) -> Option<Ipv4Addr> {
-    let parts: Vec<&str> = s.split('.').collect();
-    if parts.is_empty() || parts.len() > 4 {
-        return None;
+    // At most four parts, read without allocating: this runs for every
+    // request whose target is an address.
+    let mut nums = [0u64; 4];
+    let mut n = 0;
+    for p in s.split('.') {
+        *nums.get_mut(n)? = parse_part(p)?;
+        n += 1;
     }
-    let nums: Vec<u64> = parts.iter().map(|p| parse_part(p)).collect::<Option<_>>()?;
-    let (last, head) = nums.split_last()?;
+    let (last, head) = nums[..n].split_last()?;
     if head.iter().any(|&n| n > 255) {
         return None;
     }
@@ -63,10 +66,12 @@ pub fn parse_ipv4_loose(s: &str) -> Option<Ipv4Addr> {
 fn looks_numeric(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|p| {
-            !p.is_empty()
-                && (p.chars().all(|c| c.is_ascii_digit())
-                    || ((p.starts_with("0x") || p.starts_with("0X"))
-                        && p[2..].chars().all(|c| c.is_ascii_hexdigit())))
+            let b = p.as_bytes();
+            match b {
+                [b'0', b'x' | b'X', hex @ ..] => hex.iter().all(u8::is_ascii_hexdigit),
+                [] => false,
+                digits => digits.iter().all(u8::is_ascii_digit),
+            }
         })
 }
 
@@ -85,8 +90,15 @@ pub fn parse_host(raw: &str) -> Result<Host, HostError> {
         let ip: Ipv6Addr = inner.parse().map_err(|_| bad())?;
         return Ok(Host::Ip(IpAddr::V6(ip)));
     }
-    if let Ok(ip) = raw.parse::<Ipv6Addr>() {
-        return Ok(Host::Ip(IpAddr::V6(ip)));
+    // The usual spelling first: a plain dotted quad reads the same
+    // strictly as it does the way `inet_aton` reads it.
+    if let Ok(ip) = raw.parse::<Ipv4Addr>() {
+        return Ok(Host::Ip(IpAddr::V4(ip)));
+    }
+    if raw.contains(':') {
+        if let Ok(ip) = raw.parse::<Ipv6Addr>() {
+            return Ok(Host::Ip(IpAddr::V6(ip)));
+        }
     }
     let trimmed = raw.strip_suffix('.').unwrap_or(raw);
     if looks_numeric(trimmed) {
@@ -236,6 +248,65 @@ mod tests {
             "1.16777216",
         ] {
             assert!(parse_host(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The plain reading the fast path must agree with: every step as
+    /// the spelling rules say, allocating freely.
+    fn parse_host_reference(raw: &str) -> Result<Host, HostError> {
+        let bad = || HostError::Invalid(raw.chars().take(100).collect());
+        if let Some(inner) = raw.strip_prefix('[') {
+            let inner = inner.strip_suffix(']').ok_or_else(bad)?;
+            let ip: Ipv6Addr = inner.parse().map_err(|_| bad())?;
+            return Ok(Host::Ip(IpAddr::V6(ip)));
+        }
+        if let Ok(ip) = raw.parse::<Ipv6Addr>() {
+            return Ok(Host::Ip(IpAddr::V6(ip)));
+        }
+        let trimmed = raw.strip_suffix('.').unwrap_or(raw);
+        let numeric = !trimmed.is_empty()
+            && trimmed.split('.').all(|p| {
+                !p.is_empty()
+                    && (p.chars().all(|c| c.is_ascii_digit())
+                        || ((p.starts_with("0x") || p.starts_with("0X"))
+                            && p[2..].chars().all(|c| c.is_ascii_hexdigit())))
+            });
+        if numeric {
+            let parts: Vec<&str> = trimmed.split('.').collect();
+            let nums: Option<Vec<u64>> = if parts.len() > 4 {
+                None
+            } else {
+                parts.iter().map(|p| parse_part(p)).collect()
+            };
+            let ip = nums.and_then(|nums| {
+                let (last, head) = nums.split_last()?;
+                if head.iter().any(|&n| n > 255) {
+                    return None;
+                }
+                let rest_bits = 8 * (4 - head.len() as u32);
+                if rest_bits < 32 && *last >= (1u64 << rest_bits) {
+                    return None;
+                }
+                let mut v = 0u64;
+                for (i, &n) in head.iter().enumerate() {
+                    v |= n << (24 - 8 * i as u32);
+                }
+                Some(Ipv4Addr::from((v | last) as u32))
+            });
+            return ip.map(|a| Host::Ip(IpAddr::V4(a))).ok_or_else(bad);
+        }
+        crate::policy::normalize_host(raw)
+            .map(Host::Name)
+            .ok_or_else(bad)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+        #[test]
+        fn parse_host_agrees_with_the_plain_reading(
+            raw in "(\\[?[0-9a-fA-FxX:.]{0,24}\\]?|[0-9]{1,12}|[a-z0-9.-]{0,20}|[0-9xX.]{0,20}|(0?[0-9]{1,3}\\.){1,4}(0?[0-9]{1,3}|0x[0-9a-f]{1,3})\\.?)"
+        ) {
+            proptest::prop_assert_eq!(parse_host(&raw), parse_host_reference(&raw), "{}", raw);
         }
     }
 

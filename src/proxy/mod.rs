@@ -173,6 +173,12 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names they have
+    // is cheaper than a hashed removal per hop-by-hop name. (Connection is
+    // one of them, so the headers it names are still found below.)
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     // Headers named in Connection are hop-by-hop too.
     if h.contains_key(hyper::header::CONNECTION) {
         let named: Vec<HeaderName> = h
