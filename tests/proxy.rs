@@ -23,6 +23,10 @@ struct Origins {
     /// Answers 413 as soon as a request head arrives, reads no body, and
     /// holds the connection open.
     early: u16,
+    /// Accepts connections and never answers; each accepted connection
+    /// is announced on `silent_accepts` and held until the test ends.
+    silent: u16,
+    silent_accepts: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
     ca_pem: PathBuf,
     _rt: tokio::runtime::Runtime,
 }
@@ -171,8 +175,22 @@ fn origins(dir: &Path) -> Origins {
         .local_addr()
         .unwrap()
         .port();
+    let silent_listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let silent = silent_listener.local_addr().unwrap().port();
+    let (accepted, silent_accepts) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent_listener.accept().await {
+            held.push(s);
+            let _ = accepted.send(());
+        }
+    });
     Origins {
         closed,
+        silent,
+        silent_accepts: std::sync::Mutex::new(silent_accepts),
         http: ports.0,
         tls: ports.1,
         echo: ports.2,
@@ -209,13 +227,15 @@ fn policy_text(o: &Origins) -> String {
          http internal allow local -> \"internal.test\" port {http}\n\
          http closed   allow local -> \"closed.test\", 127.0.0.1 port {closed}\n\
          http early    allow local -> \"early.test\", 127.0.0.1 port {early}\n\
+         http silent   allow local -> \"silent.test\", 127.0.0.1 port {silent}\n\
          http resolved allow local -> \"localhost\" port {http}\n\
          default deny log\n",
         http = o.http,
         tls = o.tls,
         echo = o.echo,
         closed = o.closed,
-        early = o.early
+        early = o.early,
+        silent = o.silent
     )
 }
 
@@ -250,6 +270,7 @@ fn start_proxy(extra: &str) -> Proxy {
              \"internal.test\" = [\"127.0.0.1\"]\n\
              \"closed.test\" = [\"127.0.0.1\"]\n\
              \"early.test\" = [\"127.0.0.1\"]\n\
+             \"silent.test\" = [\"127.0.0.1\"]\n\
              [audit]\n\
              dir = \"audit\"\n\
              signing_key = \"keys/audit.key\"\n\
@@ -1276,4 +1297,66 @@ fn a_port_already_taken_is_refused_not_shared() {
         assert_eq!(code, 200, "{body}");
     }
     p.stop_and_verify();
+}
+
+#[test]
+fn requests_and_tunnels_open_when_the_proxy_stops_are_recorded() {
+    let mut p = start_proxy("");
+    // A request waiting for an origin that never answers.
+    let url = format!("http://silent.test:{}/waiting", p.origins.silent);
+    let proxy = p.addr;
+    let waiting = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "--max-time", "20", "-x"])
+                .arg(format!("http://{proxy}"))
+                .arg(&url)
+                .output()
+        })
+    };
+    p.origins
+        .silent_accepts
+        .lock()
+        .unwrap()
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the proxy did not connect to the silent origin");
+    // A tunnel that carried bytes and is still open.
+    let mut tunnel = connect_tunnel(p.addr, &format!("echo.test:{}", p.origins.echo));
+    tunnel.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    tunnel.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping");
+
+    let child = p.child.take().unwrap();
+    stop_and_verify(
+        child,
+        "the proxy",
+        &p.dir.path().join("audit"),
+        &p.dir.path().join("keys/audit.pub"),
+    );
+    let _ = waiting.join();
+    let records = p.records();
+    let request = records
+        .iter()
+        .find(|r| s(r, "/url/full") == url)
+        .unwrap_or_else(|| panic!("no record of the waiting request:\n{records:#?}"));
+    assert_eq!(s(request, "/event/action"), "allowed");
+    assert!(
+        s(request, "/event/reason").contains("cut short"),
+        "{request:#}"
+    );
+    assert_eq!(s(request, "/destination/ip"), "127.0.0.1");
+    let tunnel = records
+        .iter()
+        .find(|r| {
+            s(r, "/event/code") == "connect_tunnel" && s(r, "/destination/domain") == "echo.test"
+        })
+        .unwrap_or_else(|| panic!("no record of the open tunnel:\n{records:#?}"));
+    assert!(
+        s(tunnel, "/event/reason").contains("cut short"),
+        "{tunnel:#}"
+    );
+    assert_eq!(n(tunnel, "/source/bytes"), 4, "{tunnel:#}");
+    assert_eq!(n(tunnel, "/destination/bytes"), 4, "{tunnel:#}");
 }

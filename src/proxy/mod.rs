@@ -138,6 +138,11 @@ pub struct Proxy {
     listeners: Vec<std::net::TcpListener>,
     local: SocketAddr,
     state: Arc<State>,
+    /// SIGHUP asks for a reload. Taken when the sockets are bound, so a
+    /// signal sent once the address is announced never finds the default
+    /// action (ending the process) in place.
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 /// Listening sockets waiting for connections, per serving thread.
@@ -253,6 +258,8 @@ impl Proxy {
         Ok(Proxy {
             listeners,
             local,
+            #[cfg(unix)]
+            hup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
             state: Arc::new(State {
                 policy: ArcSwap::from_pointee(policy),
                 loader,
@@ -280,23 +287,27 @@ impl Proxy {
         reload(self.state.clone()).await
     }
 
-    /// Serves until `shutdown` resolves: this task serves the first
-    /// listening socket and handles reloads, and one thread per further
-    /// socket serves that one.
+    /// Serves until `shutdown` resolves: one thread per listening socket
+    /// serves clients, and this task handles reloads. At the end every
+    /// serving thread ends its connections (writing their records) before
+    /// this returns, so the caller closes a trail nothing writes to any
+    /// more.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> AuditLog {
         tokio::pin!(shutdown);
         let Proxy {
-            listeners, state, ..
+            listeners,
+            state,
+            #[cfg(unix)]
+            mut hup,
+            ..
         } = self;
-        let mut listeners = listeners.into_iter();
-        let own = listeners.next();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut threads = Vec::new();
-        for (i, listener) in listeners.enumerate() {
+        for (i, listener) in listeners.into_iter().enumerate() {
             let st = state.clone();
             let mut stopped = stopped.clone();
             let spawned = std::thread::Builder::new()
-                .name(format!("palisade-proxy-{}", i + 1))
+                .name(format!("palisade-proxy-{i}"))
                 .spawn(move || {
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
@@ -304,7 +315,7 @@ impl Proxy {
                     {
                         Ok(r) => r,
                         Err(e) => {
-                            eprintln!("palisade proxy: serving thread {}: {e}", i + 1);
+                            eprintln!("palisade proxy: serving thread {i}: {e}");
                             return;
                         }
                     };
@@ -320,26 +331,15 @@ impl Proxy {
                 });
             match spawned {
                 Ok(t) => threads.push(t),
-                Err(e) => eprintln!("palisade proxy: cannot start serving thread {}: {e}", i + 1),
+                Err(e) => eprintln!("palisade proxy: cannot start serving thread {i}: {e}"),
             }
         }
-        let worker = own.map(|l| Worker::new(&state, l));
-        #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         // The rate limiter keeps a cell per source address it has seen;
         // those whose budget is full again are dropped now and then, so
         // that many sources (or spoofed ones on a wide VNet) do not grow it
         // without bound.
         let mut prune = tokio::time::interval(Duration::from_secs(30));
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let st = state.clone();
-        let serving = async move {
-            match &worker {
-                Some(w) => w.serve(&st).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(serving);
         loop {
             #[cfg(unix)]
             let hup_fut = async {
@@ -353,7 +353,7 @@ impl Proxy {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = hup_fut => {
-                    // The compile runs beside the serving loops: clients
+                    // The compile runs beside the serving threads: clients
                     // keep being served under the policy in force meanwhile.
                     let state = state.clone();
                     tokio::spawn(async move {
@@ -367,7 +367,6 @@ impl Proxy {
                     state.limiter.retain_recent();
                     state.limiter.shrink_to_fit();
                 }
-                _ = &mut serving => {}
             }
         }
         let _ = stop.send(true);
@@ -972,6 +971,35 @@ async fn resolve_addresses(
     Ok(SocketAddr::new(canonical(addrs[0]), port))
 }
 
+/// The record of an allowed request or tunnel whose future is dropped
+/// before it finishes, written then with what was known: when the proxy
+/// stops, every serving thread ends its connections at once, and a request
+/// still waiting for its origin, or a tunnel still open, must not vanish
+/// from the trail.
+struct IfCut<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> IfCut<F> {
+    fn new(record: F) -> IfCut<F> {
+        IfCut(Some(record))
+    }
+
+    /// It finished; its own record is written by the normal path.
+    fn done(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for IfCut<F> {
+    fn drop(&mut self) {
+        if let Some(record) = self.0.take() {
+            record();
+        }
+    }
+}
+
+/// The reason a cut-short record gives.
+const CUT_SHORT: &str = "allowed by rule; cut short when its connection ended (the proxy stopping)";
+
 /// hyper keeps one allocation the size of the service's future for every
 /// connection, idle or not; the request's own state (several KiB: the
 /// upstream request, the audit record, timers) is boxed per request instead,
@@ -1201,9 +1229,20 @@ async fn forward(
     add_via(headers);
     let method = req.method().as_str().to_string();
     let cfg = &state.config;
+    let cut = IfCut::new(|| {
+        let ev = AuditEvent::proxy_request(Action::Allowed, peer, &method, &uri.to_string())
+            .with_request_id(id)
+            .with_rule(&rule_name, policy.sha256())
+            .with_reason(CUT_SHORT)
+            .with_destination(dest)
+            .with_domain(&host_text(&host))
+            .with_bytes(0, 0, start.elapsed());
+        let _ = state.audit.try_submit(&ev);
+    });
     let sent = slot
         .send(dest, req, cfg.connect_timeout, cfg.upstream_timeout)
         .await;
+    cut.done();
     let (resp, uploaded) = match sent {
         Ok(r) => r,
         Err(f) => {
@@ -1290,33 +1329,46 @@ async fn connect(
     let (rule_name, plain_tunnel, rule) =
         decide(policy, peer.ip(), &host, port, "CONNECT").map_err(|r| (r, None))?;
     admit(state).await?;
-    let dest = resolve_checked(state, policy, rule, &host, port)
-        .await
-        .map_err(|r| (r, None))?;
-    let upstream =
-        match tokio::time::timeout(state.config.connect_timeout, TcpStream::connect(dest)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err((
-                    Refusal {
-                        status: StatusCode::BAD_GATEWAY,
-                        reason: format!("cannot connect to {dest}: {e}"),
-                        rule: Some(rule_name),
-                    },
-                    Some(dest),
-                ))
-            }
-            Err(_) => {
-                return Err((
-                    Refusal {
-                        status: StatusCode::GATEWAY_TIMEOUT,
-                        reason: format!("connecting to {dest} timed out"),
-                        rule: Some(rule_name),
-                    },
-                    Some(dest),
-                ))
-            }
-        };
+    let cut = IfCut::new(|| {
+        let ev = AuditEvent::connect_tunnel(Action::Allowed, peer, &host_text(&host), port)
+            .with_request_id(id)
+            .with_rule(&rule_name, policy.sha256())
+            .with_reason(CUT_SHORT)
+            .with_bytes(0, 0, start.elapsed());
+        let _ = state.audit.try_submit(&ev);
+    });
+    let dest = resolve_checked(state, policy, rule, &host, port).await;
+    let connected = match &dest {
+        Ok(d) => {
+            Some(tokio::time::timeout(state.config.connect_timeout, TcpStream::connect(*d)).await)
+        }
+        Err(_) => None,
+    };
+    cut.done();
+    let dest = dest.map_err(|r| (r, None))?;
+    let upstream = match connected {
+        Some(Ok(Ok(s))) => s,
+        Some(Ok(Err(e))) => {
+            return Err((
+                Refusal {
+                    status: StatusCode::BAD_GATEWAY,
+                    reason: format!("cannot connect to {dest}: {e}"),
+                    rule: Some(rule_name),
+                },
+                Some(dest),
+            ))
+        }
+        _ => {
+            return Err((
+                Refusal {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    reason: format!("connecting to {dest} timed out"),
+                    rule: Some(rule_name),
+                },
+                Some(dest),
+            ))
+        }
+    };
     let _ = upstream.set_nodelay(true);
     state.counters.tunnels.fetch_add(1, Ordering::Relaxed);
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -1332,6 +1384,21 @@ async fn connect(
             .with_request_id(&id)
             .with_rule(&rule_name, &sha)
             .with_destination(dest);
+        // What the tunnel carried and the server name it saw, for its
+        // record if the proxy stops while it is open.
+        let carried = tunnel::Carried::default();
+        let server_name = std::sync::OnceLock::<String>::new();
+        let base = ev.clone();
+        let cut = IfCut::new(|| {
+            let (up, down) = carried.get();
+            let mut ev = base
+                .with_reason(CUT_SHORT)
+                .with_bytes(up, down, start.elapsed());
+            if let Some(name) = server_name.get() {
+                ev = ev.with_server_name(name);
+            }
+            let _ = st.audit.try_submit(&ev);
+        });
         let ev = match on_upgrade.await.map(|u| u.downcast::<TokioIo<ClientIo>>()) {
             Ok(Ok(parts)) => {
                 // The client's socket itself, and what hyper had already read.
@@ -1345,6 +1412,8 @@ async fn connect(
                     plain_tunnel,
                     ev,
                     start,
+                    &carried,
+                    &server_name,
                 )
                 .await
             }
@@ -1355,6 +1424,7 @@ async fn connect(
                 .with_reason(&format!("the client left before the tunnel opened: {e}"))
                 .with_bytes(0, 0, start.elapsed()),
         };
+        cut.done();
         let _ = st.audit.submit_async(&ev).await;
     });
     let mut resp = Response::new(ProxyBody::full(Bytes::new()));
@@ -1374,6 +1444,8 @@ async fn tunnel(
     plain_tunnel: bool,
     ev: AuditEvent,
     start: Instant,
+    carried: &tunnel::Carried,
+    server_name: &std::sync::OnceLock<String>,
 ) -> AuditEvent {
     let mut buf = Vec::with_capacity(2048);
     buf.extend_from_slice(&pre);
@@ -1412,6 +1484,7 @@ async fn tunnel(
             },
             Host::Name(h),
         ) => {
+            let _ = server_name.set(name.clone());
             let ev = ev.with_server_name(name);
             match crate::policy::normalize_host(name) {
                 Some(n) if n == *h => ev.with_reason("allowed by rule; TLS server name matches"),
@@ -1465,7 +1538,16 @@ async fn tunnel(
     if upstream.write_all(&buf).await.is_err() {
         return ev.with_bytes(buf.len() as u64, 0, start.elapsed());
     }
-    let (up, down) =
-        tunnel::relay(&mut client, &mut upstream, state.config.tunnel_idle_timeout).await;
-    ev.with_bytes(buf.len() as u64 + up, down, start.elapsed())
+    carried
+        .up
+        .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    tunnel::relay(
+        &mut client,
+        &mut upstream,
+        state.config.tunnel_idle_timeout,
+        carried,
+    )
+    .await;
+    let (up, down) = carried.get();
+    ev.with_bytes(up, down, start.elapsed())
 }

@@ -4,21 +4,39 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
+/// Bytes a tunnel has carried so far, each way; readable while it runs
+/// (for the record of a tunnel the proxy's stop cuts short).
+#[derive(Default)]
+pub(super) struct Carried {
+    pub up: AtomicU64,
+    pub down: AtomicU64,
+}
+
+impl Carried {
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// Relays both ways until both sides are done or nothing moves for `idle`.
 /// Bytes go socket → pipe → socket with `splice(2)`, never through user
-/// space. Returns (bytes client→server, bytes server→client).
+/// space, and are counted into `carried` as they go.
 pub(super) async fn relay(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     idle: Duration,
-) -> (u64, u64) {
+    carried: &Carried,
+) {
     let last = AtomicU64::new(0);
-    let (sent_up, sent_down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (sent_up, sent_down) = (&carried.up, &carried.down);
     let epoch = Instant::now();
     let touch = || last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     let (c, u) = (&*client, &*upstream);
-    let up = splice_pump(c, u, &sent_up, &touch);
-    let down = splice_pump(u, c, &sent_down, &touch);
+    let up = splice_pump(c, u, sent_up, &touch);
+    let down = splice_pump(u, c, sent_down, &touch);
     let watchdog = async {
         loop {
             tokio::time::sleep(idle / 4 + Duration::from_millis(10)).await;
@@ -33,10 +51,6 @@ pub(super) async fn relay(
         _ = async { tokio::join!(up, down) } => {}
         _ = watchdog => {}
     }
-    (
-        sent_up.load(Ordering::Relaxed),
-        sent_down.load(Ordering::Relaxed),
-    )
 }
 
 /// Largest chunk moved per splice, and the pipe size asked for.
