@@ -341,5 +341,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("unknown field `lisen`"), "{e}");
+        let e = Config::parse(
+            p,
+            "policy = \"a\"\n[audit]\nsigning_key = \"k\"\n[proxy]\nworkers = 5000\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "x.toml: proxy.workers: at most 1024 serving threads (0: one per core)"
+        );
+    }
+
+    #[test]
+    fn workers_default_to_one_per_core() {
+        let mut p = ProxyConfig::default();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(p.worker_count(), cores);
+        p.workers = 3;
+        assert_eq!(p.worker_count(), 3);
     }
 }
