@@ -77,7 +77,8 @@ pub fn run(args: ProxyArgs) -> ExitCode {
         };
         match proxy.local_addr() {
             Ok(a) => eprintln!(
-                "palisade proxy: listening on {a}; policy {}; audit trail in {}",
+                "palisade proxy: listening on {a}; {} serving threads; policy {}; audit trail in {}",
+                config.proxy.worker_count().max(1),
                 config.policy.display(),
                 config.audit.dir.display()
             ),
