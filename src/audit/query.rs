@@ -130,8 +130,11 @@ fn dash<T: ToString>(v: Option<T>) -> String {
 }
 
 /// Column headings for [`table_row`].
-pub const TABLE_HEADER: &str = "TIMESTAMP                    SEQ      ACTION         KIND            SOURCE                                   DESTINATION                              RULE                 REASON";
+pub const TABLE_HEADER: &str = "TIMESTAMP                    SEQ      ACTION         STATUS KIND            SOURCE                                   DESTINATION                              RULE                 REASON";
 
+/// One record as a table line. STATUS is the HTTP status the client got
+/// (an allowed request whose origin failed shows its 502 or 504 here,
+/// beside the policy's verdict in ACTION); `-` for records without one.
 pub fn table_row(r: &AuditRecord) -> String {
     let e = &r.event;
     let src = e.source.as_ref().map(|s| match (s.ip, s.port) {
@@ -150,10 +153,16 @@ pub fn table_row(r: &AuditRecord) -> String {
         (d, _) => d,
     };
     format!(
-        "{:<28} {:<8} {:<14} {:<15} {:<40} {:<40} {:<20} {}",
+        "{:<28} {:<8} {:<14} {:<6} {:<15} {:<40} {:<40} {:<20} {}",
         r.timestamp.to_string(),
         r.seq,
         e.event.action.as_str(),
+        dash(
+            e.http
+                .as_ref()
+                .and_then(|h| h.response.as_ref())
+                .map(|r| r.status_code)
+        ),
         serde_json::to_value(e.event.code)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
@@ -392,6 +401,42 @@ mod tests {
             squid_line(&record(AuditEvent::lifecycle(Action::Start))),
             None
         );
+    }
+
+    #[test]
+    fn table_rows_show_the_status_the_client_got() {
+        let client = "192.0.2.10:40000".parse().unwrap();
+        let failed = record(
+            AuditEvent::connect_tunnel(Action::Allowed, client, "example.com", 443)
+                .with_rule("web", "ab")
+                .with_status(502),
+        );
+        let row = table_row(&failed);
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            &cols[..7],
+            [
+                "2026-11-25T11:00:00.250000Z",
+                "3",
+                "allowed",
+                "502",
+                "connect_tunnel",
+                "192.0.2.10:40000",
+                "example.com:443"
+            ],
+            "{row}"
+        );
+        let heads: Vec<&str> = TABLE_HEADER.split_whitespace().collect();
+        assert_eq!(heads[3], "STATUS");
+        assert_eq!(heads.len(), 9);
+        let lifecycle = table_row(&record(AuditEvent::lifecycle(Action::Start)));
+        assert_eq!(
+            lifecycle.split_whitespace().nth(3),
+            Some("-"),
+            "{lifecycle}"
+        );
+        // Columns line up with the header.
+        assert_eq!(row.find("502"), TABLE_HEADER.find("STATUS"));
     }
 
     #[test]
