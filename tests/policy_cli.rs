@@ -83,6 +83,19 @@ fn shipped_policies_check_clean() {
     );
 }
 
+/// The policies a new user reads first are the ones the linter has nothing
+/// to say about: no unused names, no shadowed or overly broad rules.
+#[test]
+fn shipped_policies_lint_clean() {
+    let out = palisade(&["lint", "--today", TODAY, "policies/"]);
+    assert!(out.status.success(), "{}", transcript(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("policies/example.policy: 0 findings"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn deny_warnings_turns_warnings_into_exit_1() {
     let plain = palisade(&["check", "--today", TODAY, "tests/golden/host-bits.policy"]);
