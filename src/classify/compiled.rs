@@ -321,6 +321,31 @@
 //!   - The six threshold flags of a step summed as a tree (and masked)
 //!     instead of LLVM's chain of five address additions: LLVM folded it
 //!     back into the same chain; not pursued.
+//!   - Leaves as struct-of-arrays blocks (each field's starts and widths
+//!     in lane arrays, priorities and later trees beside them; unused lanes
+//!     at priority `u32::MAX`), every lane of a block tested in one
+//!     branch-free pass of plain array loops and the first match taken as
+//!     the lowest set bit. Single lookups, median ratio of 12 interleaved
+//!     rounds (acl1, acl2, fw1, ipc1 10k): blocks of 4 (128 bytes, two
+//!     lines) in every leaf 0.94, 0.85, 0.58, 0.92 (batched 1.16, 0.96,
+//!     0.61, 1.01; memory 0.85 to 1.11 MB on acl1, 1.15 to 1.99 on fw1);
+//!     the same with leaves of at most two entries left to the scan 0.93,
+//!     0.89, 0.95, 0.88; blocks of 2 (one 64-byte line) 1.02, 0.90, 0.73,
+//!     0.94, with one-entry leaves left to the scan 0.99, 0.91, 0.93,
+//!     0.95; blocks of 8 (8 rounds) 0.77, 0.73, 0.34, 0.78. Taking the
+//!     match lane by a branch per lane instead of the trailing-zero count
+//!     (blocks of 4, 8 rounds): 0.93, 0.86, 0.54, 0.92 against 0.90, 0.81,
+//!     0.52, 0.84, still below the scan. LLVM vectorises such loops for
+//!     baseline SSE2 only in part (the addresses once compared signed with
+//!     the top bit flipped, the ports as interleaved 16-bit pairs; the
+//!     protocol and the reduction stay scalar): about 75 instructions per
+//!     block of four, yet a version it left scalar (about 110) measured
+//!     the same. What costs is likely
+//!     that the whole block (two lines) must arrive and be reduced before
+//!     the match's priority and later trees are known, a data dependency
+//!     where the scan has a predicted branch: besides fw1 (leaves of 0-1
+//!     entries), the sets that enter more trees (acl2, ipc1) lose most.
+//!     Not kept.
 //! - Earlier, before this round: walks without branches, nodes with fifteen
 //!   children, leaves naming shared entries instead of holding copies,
 //!   capped root tables, other split scores, batches of 4 or 16, prefetching
