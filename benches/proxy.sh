@@ -90,6 +90,22 @@ for test, key, better in [("a50", "rps", "higher"), ("a500", "rps", "higher"), (
     extra = f", direct {d:.1f} (palisade/direct {p/d:.2f})" if d else ""
     print(f"  {test} {key}: palisade {p:.1f}, squid {s:.1f}: ratio {p/s:.2f} ({better} is better){extra}")
 
+# CPU the measured processes do not account for: another job on the
+# machine (a compile, a second benchmark) skews every ratio, so say so.
+busy = []
+for r in rows:
+    w = r.get("wall_s")
+    if not w or "machine_busy_s" not in r:
+        continue
+    own = sum(r.get(k, 0) for k in ("client_cpu_s", "proxy_cpu_s", "origin_cpu_s"))
+    other = (r["machine_busy_s"] - own) / w
+    if other > 0.25:
+        busy.append(f"{r['peer']} {r['test']} r{r.get('rep', '?')}: {other:.2f}")
+if busy:
+    print(f"\nWARNING: processes other than the proxy, origin and client kept the machine busy "
+          f"in {len(busy)} of {len(rows)} runs (cores): these runs are not comparable: "
+          + ", ".join(busy[:8]) + (" ..." if len(busy) > 8 else ""))
+
 # The proxy issue's targets, each against its baseline from this run.
 print("\ntargets:")
 def target(name, value, ok, goal):
