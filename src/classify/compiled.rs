@@ -346,6 +346,14 @@
 //!     where the scan has a predicted branch: besides fw1 (leaves of 0-1
 //!     entries), the sets that enter more trees (acl2, ipc1) lose most.
 //!     Not kept.
+//!   - Transparent huge pages for the structure and the keys (the bench
+//!     binary run with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, which
+//!     backed 10-20 MiB of it with 2 MiB pages, against the default 4 KiB
+//!     pages; the VM's page walks are two-dimensional, so TLB misses were a
+//!     suspect): 8 interleaved pairs of whole `--summary` runs, median
+//!     ratio single / batched, acl1_10k 0.99 / 1.01, acl2_10k 1.00 / 0.96,
+//!     fw1_10k 0.98 / 1.02, ipc1_10k 1.00 / 1.00. TLB misses are not
+//!     where the time goes; not pursued.
 //! - Earlier, before this round: walks without branches, nodes with fifteen
 //!   children, leaves naming shared entries instead of holding copies,
 //!   capped root tables, other split scores, batches of 4 or 16, prefetching
