@@ -1337,38 +1337,34 @@ async fn connect(
             .with_bytes(0, 0, start.elapsed());
         let _ = state.audit.try_submit(&ev);
     });
-    let dest = resolve_checked(state, policy, rule, &host, port).await;
-    let connected = match &dest {
-        Ok(d) => {
-            Some(tokio::time::timeout(state.config.connect_timeout, TcpStream::connect(*d)).await)
-        }
-        Err(_) => None,
-    };
-    cut.done();
-    let dest = dest.map_err(|r| (r, None))?;
-    let upstream = match connected {
-        Some(Ok(Ok(s))) => s,
-        Some(Ok(Err(e))) => {
-            return Err((
+    // Resolving and connecting, the two waits the cut-short record covers.
+    let opened: Result<(SocketAddr, TcpStream), _> = async {
+        let dest = resolve_checked(state, policy, rule, &host, port)
+            .await
+            .map_err(|r| (r, None))?;
+        match tokio::time::timeout(state.config.connect_timeout, TcpStream::connect(dest)).await {
+            Ok(Ok(s)) => Ok((dest, s)),
+            Ok(Err(e)) => Err((
                 Refusal {
                     status: StatusCode::BAD_GATEWAY,
                     reason: format!("cannot connect to {dest}: {e}"),
-                    rule: Some(rule_name),
+                    rule: Some(rule_name.clone()),
                 },
                 Some(dest),
-            ))
-        }
-        _ => {
-            return Err((
+            )),
+            Err(_) => Err((
                 Refusal {
                     status: StatusCode::GATEWAY_TIMEOUT,
                     reason: format!("connecting to {dest} timed out"),
-                    rule: Some(rule_name),
+                    rule: Some(rule_name.clone()),
                 },
                 Some(dest),
-            ))
+            )),
         }
-    };
+    }
+    .await;
+    cut.done();
+    let (dest, upstream) = opened?;
     let _ = upstream.set_nodelay(true);
     state.counters.tunnels.fetch_add(1, Ordering::Relaxed);
     let on_upgrade = hyper::upgrade::on(&mut req);
