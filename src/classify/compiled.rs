@@ -451,6 +451,11 @@ type TreeMask = u16;
 const ALL_TREES: TreeMask = TreeMask::MAX;
 /// Most trees a classifier has (one per partition group).
 const MAX_TREES: usize = TreeMask::BITS as usize;
+
+/// The mask of trees `0..n` (`n` at most [`MAX_TREES`]).
+fn first_trees(n: usize) -> TreeMask {
+    (u32::from(ALL_TREES) >> (MAX_TREES - n)) as TreeMask
+}
 /// Most better overlapping entries of one later tree that a leaf entry's
 /// copies test against their clipped boxes (see `Builder::link_trees`).
 const LINKS_LISTED: usize = 64;
@@ -897,7 +902,7 @@ impl<A: Address> Classifier<A> {
                     + rules.len() * std::mem::size_of::<RuleId>()
                     + trees.iter().map(Tree::memory_bytes).sum::<usize>();
                 return Ok(Classifier {
-                    all_trees: (u32::from(ALL_TREES) >> (MAX_TREES - trees.len())) as TreeMask,
+                    all_trees: first_trees(trees.len()),
                     trees,
                     rules,
                     len: entries.len(),
@@ -1360,7 +1365,7 @@ impl<A: Address> Builder<'_, A> {
         for tree in trees.iter_mut() {
             for e in &mut tree.leaves {
                 let beating = best.partition_point(|&b| b < e.priority);
-                e.later &= (u32::from(ALL_TREES) >> (MAX_TREES - beating)) as TreeMask;
+                e.later &= first_trees(beating);
             }
         }
     }
