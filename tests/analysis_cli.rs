@@ -666,3 +666,53 @@ fn import_classbench_is_equivalent_and_classify_agrees() {
         );
     }
 }
+
+#[test]
+fn classify_names_rules_by_line_across_blank_lines() {
+    // Rule ids are line indices, so a blank line leaves a gap; the names
+    // printed must be the ones `import classbench` gives the same rules.
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("rules");
+    std::fs::write(
+        &rules,
+        "@192.0.2.0/24\t198.51.100.0/24\t0 : 65535\t80 : 80\t0x06/0xFF\t0x0000/0x0000\n\n\
+         @192.0.2.0/24\t198.51.100.0/24\t0 : 65535\t81 : 81\t0x06/0xFF\t0x0000/0x0000\n\
+         @192.0.2.0/24\t198.51.100.0/24\t0 : 65535\t82 : 82\t0x06/0xFF\t0x0000/0x0000\n",
+    )
+    .unwrap();
+    let trace = tmp.path().join("trace");
+    // 192.0.2.1 -> 198.51.100.0, dport 80, 81, 82, 83.
+    std::fs::write(
+        &trace,
+        "3221225985\t3325256704\t1234\t80\t6\t0\n\
+         3221225985\t3325256704\t1234\t81\t6\t0\n\
+         3221225985\t3325256704\t1234\t82\t6\t0\n\
+         3221225985\t3325256704\t1234\t83\t6\t0\n",
+    )
+    .unwrap();
+    let direct = palisade(&[
+        "classify",
+        "--classbench",
+        rules.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert!(direct.status.success(), "{}", text(&direct.stderr));
+    assert_eq!(
+        text(&direct.stdout),
+        "0 allow cb0\n1 allow cb2\n2 allow cb3\n3 deny default\n"
+    );
+    let imported = palisade(&["import", "classbench", rules.to_str().unwrap()]);
+    assert!(imported.status.success(), "{}", text(&imported.stderr));
+    let policy = tmp.path().join("rules.policy");
+    std::fs::write(&policy, &imported.stdout).unwrap();
+    let via_policy = palisade(&[
+        "classify",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert!(via_policy.status.success(), "{}", text(&via_policy.stderr));
+    assert_eq!(via_policy.stdout, direct.stdout);
+}

@@ -310,8 +310,15 @@ pub fn classify(args: ClassifyArgs) -> ExitCode {
                     return ExitCode::from(EXIT_ERRORS);
                 }
             };
-            let names = entries.iter().map(|e| format!("cb{}", e.rule)).collect();
-            let verdicts = vec!["allow"; entries.len()];
+            // Indexed by rule id, which is the rule's line index (blank
+            // and comment lines keep their numbers), as `import classbench`
+            // names the rules.
+            let ids = entries.last().map_or(0, |e| e.rule as usize + 1);
+            let mut names = vec![String::new(); ids];
+            for e in &entries {
+                names[e.rule as usize] = format!("cb{}", e.rule);
+            }
+            let verdicts = vec!["allow"; ids];
             match Classifier::build(entries) {
                 Ok(c) => (names, verdicts, "deny", c),
                 Err(e) => {
