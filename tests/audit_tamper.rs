@@ -249,3 +249,83 @@ fn bad_arguments_say_what_to_do() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("already exists"), "{}", text(&o));
 }
+
+#[test]
+fn earlier_checkpoint_relabelled_as_stop_is_caught() {
+    // Cutting the trail after a rotation checkpoint and calling that
+    // checkpoint a `stop` would make the shortened trail look sealed: the
+    // signature covers the reason and the next file it names.
+    let t = trail();
+    let path = file(&t.dir, 2);
+    for i in 3.. {
+        let later = file(&t.dir, i);
+        if !later.exists() {
+            break;
+        }
+        std::fs::remove_file(later).unwrap();
+    }
+    let mut lines = read_lines(&path);
+    let last = lines.last_mut().unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["palisade"]["checkpoint"]["reason"], "rotation", "{last}");
+    v["palisade"]["checkpoint"]["reason"] = "stop".into();
+    v["palisade"].as_object_mut().unwrap().remove("file");
+    *last = serde_json::to_string(&v).unwrap();
+    write_lines(&path, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("audit-00000002.jsonl") && out.contains("bad signature"),
+        "{out}"
+    );
+}
+
+#[test]
+fn edited_checkpoint_counters_are_caught() {
+    // The stop checkpoint's counters say whether records were lost; an
+    // edit that hides (or invents) losses breaks its signature.
+    let t = trail();
+    let last_file = (1..)
+        .map(|i| file(&t.dir, i))
+        .take_while(|p| p.exists())
+        .last()
+        .unwrap();
+    let mut lines = read_lines(&last_file);
+    let stop = lines.last_mut().unwrap();
+    assert!(stop.contains("\"lost_records\":0"), "{stop}");
+    *stop = stop.replacen("\"lost_records\":0", "\"lost_records\":42", 1);
+    write_lines(&last_file, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("bad signature"), "{out}");
+}
+
+#[test]
+fn record_appended_after_the_stop_checkpoint_is_inserted() {
+    // A record chained correctly after the signed stop, in the same boot:
+    // nothing of that boot may follow its stop.
+    let t = trail();
+    let last_file = (1..)
+        .map(|i| file(&t.dir, i))
+        .take_while(|p| p.exists())
+        .last()
+        .unwrap();
+    let mut lines = read_lines(&last_file);
+    let stop: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    use sha2::Digest;
+    let forged = serde_json::json!({
+        "@timestamp": stop["@timestamp"],
+        "seq": stop["seq"].as_u64().unwrap() + 1,
+        "boot_id": stop["boot_id"],
+        "prev_hash": hex::encode(sha2::Sha256::digest(lines.last().unwrap().as_bytes())),
+        "event": {"dataset": "palisade.proxy", "code": "proxy_request", "action": "allowed"},
+    });
+    lines.push(serde_json::to_string(&forged).unwrap());
+    write_lines(&last_file, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("inserted") && out.contains("stop checkpoint"),
+        "{out}"
+    );
+}

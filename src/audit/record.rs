@@ -282,15 +282,39 @@ pub struct Gap {
 }
 
 /// The bytes a checkpoint signs: the chain head it follows, so one
-/// signature covers every earlier line.
+/// signature covers every earlier line, and everything the checkpoint
+/// itself states: its reason (a `stop` seals the trail, so the label must
+/// not be movable to an earlier checkpoint), the next file it names, and
+/// the writer's counters (lost records, refused admissions), so none of
+/// them can be edited without the key.
 pub fn checkpoint_message(
     boot_id: &str,
     seq: u64,
     prev_hash: &str,
     timestamp: Timestamp,
+    reason: &str,
+    next_file: Option<&str>,
+    stats: &super::writer::AuditStats,
 ) -> Vec<u8> {
-    format!("palisade-audit-checkpoint-v1\n{boot_id}\n{seq}\n{prev_hash}\n{timestamp}\n")
-        .into_bytes()
+    let super::writer::AuditStats {
+        records_written,
+        commits,
+        queue_full_waits,
+        queue_full_rejections,
+        refused_admissions,
+        lost_records,
+        write_failures,
+    } = stats;
+    format!(
+        "palisade-audit-checkpoint-v2\n{boot_id}\n{seq}\n{prev_hash}\n{timestamp}\n\
+         reason={reason}\nnext={}\n\
+         records_written={records_written}\ncommits={commits}\n\
+         queue_full_waits={queue_full_waits}\nqueue_full_rejections={queue_full_rejections}\n\
+         refused_admissions={refused_admissions}\nlost_records={lost_records}\n\
+         write_failures={write_failures}\n",
+        next_file.unwrap_or("")
+    )
+    .into_bytes()
 }
 
 /// A flow as the filter sees it; the audit module keeps its own copy so it

@@ -275,8 +275,20 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
         }
         if rec.event.action == Action::Checkpoint {
             if let Some(cp) = rec.palisade.as_ref().and_then(|p| p.checkpoint.as_ref()) {
-                let message =
-                    checkpoint_message(&rec.boot_id, rec.seq, &rec.prev_hash, rec.timestamp);
+                let next = rec
+                    .palisade
+                    .as_ref()
+                    .and_then(|p| p.file.as_ref())
+                    .and_then(|f| f.next.as_deref());
+                let message = checkpoint_message(
+                    &rec.boot_id,
+                    rec.seq,
+                    &rec.prev_hash,
+                    rec.timestamp,
+                    &cp.reason,
+                    next,
+                    &cp.stats,
+                );
                 if cp.key_id != key.key_id() {
                     findings.push(find(
                         FindingKind::WrongKey,
@@ -300,7 +312,7 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
                         file,
                         line,
                         seq,
-                        "checkpoint signature does not match the chain it follows (records before it were changed, or it was forged)".into(),
+                        "checkpoint signature does not match the chain it follows or what the checkpoint states (records before it were changed, its reason, next file or counters were edited, or it was forged)".into(),
                     ));
                 }
             }
@@ -570,6 +582,25 @@ fn check_sequence(
         return;
     };
     if prev.boot_id == cur.boot_id {
+        let after_stop = prev.event.action == Action::Checkpoint
+            && prev
+                .palisade
+                .as_ref()
+                .and_then(|p| p.checkpoint.as_ref())
+                .is_some_and(|c| c.reason == "stop");
+        if after_stop {
+            // The stop checkpoint is the boot's last record (its reason is
+            // signed); only a new boot's start may follow it.
+            findings.push(Finding {
+                kind: FindingKind::Inserted,
+                ..here(format!(
+                    "a record of boot {} follows that boot's stop checkpoint at {}: it was added after the trail was sealed",
+                    cur.boot_id,
+                    line_ref(i - 1)
+                ))
+            });
+            return;
+        }
         if cur.seq != prev.seq + 1 {
             findings.push(here(format!(
                 "seq goes from {} to {} within boot {} although the chain links: records were removed or added and the chain rewritten after {}",

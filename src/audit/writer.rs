@@ -633,14 +633,23 @@ impl Writer {
     fn stage_checkpoint(&mut self, reason: &str, next: Option<String>) {
         self.stage_pending_gap();
         let ts = self.timestamp();
-        let message = checkpoint_message(&self.boot_id, self.staged_seq, &self.staged_head, ts);
+        let stats = self.shared.counters.snapshot();
+        let message = checkpoint_message(
+            &self.boot_id,
+            self.staged_seq,
+            &self.staged_head,
+            ts,
+            reason,
+            next.as_deref(),
+            &stats,
+        );
         let mut ev = AuditEvent::lifecycle(Action::Checkpoint);
         ev.palisade = Some(PalisadeFields {
             checkpoint: Some(Checkpoint {
                 reason: reason.to_string(),
                 key_id: self.signer.key_id().to_string(),
                 signature: self.signer.sign(&message),
-                stats: self.shared.counters.snapshot(),
+                stats,
             }),
             file: next.map(|n| FileLink {
                 previous: None,
