@@ -21,7 +21,8 @@ struct Origins {
     tls: u16,
     echo: u16,
     /// Answers 413 as soon as a request head arrives, reads no body, and
-    /// holds the connection open.
+    /// holds the connection open; for `POST /continue`, sends a 100
+    /// Continue unasked, reads the body and answers `got <length>`.
     early: u16,
     /// Accepts connections and never answers; each accepted connection
     /// is announced on `silent_accepts` and held until the test ends.
@@ -160,6 +161,33 @@ fn origins(dir: &Path) -> Origins {
                         return;
                     }
                     head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                if head.starts_with("post /continue ") {
+                    // Asks for the body with a 100 Continue of its own
+                    // accord, reads it, then answers with its length.
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                    let mut body = vec![0u8; len];
+                    if s.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let answer = format!("got {len}");
+                    let _ = s
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{answer}",
+                                answer.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    return;
                 }
                 let _ = s
                     .write_all(
@@ -892,6 +920,88 @@ fn an_early_answer_from_the_origin_is_forwarded_without_the_rest_of_the_body() {
     p.stop_and_verify();
 }
 
+/// Sends one request with `Connection: close` and returns the whole answer.
+fn raw_exchange(proxy: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut all = Vec::new();
+    // Bounded by the read timeout; the proxy closes after the answer.
+    let _ = s.take(1 << 20).read_to_end(&mut all);
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[test]
+fn targets_and_versions_are_forwarded_as_http_requires() {
+    let p = start_proxy("");
+    let port = p.origins.http;
+    // An absolute URI with an empty path goes out with the path `/`.
+    let answer = raw_exchange(
+        p.addr,
+        &format!(
+            "GET http://origin.test:{port}?q=1 HTTP/1.1\r\nHost: origin.test:{port}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert!(answer.contains("origin saw GET /?q=1 "), "{answer}");
+    // Via names the version the request came in; the client is answered
+    // in HTTP/1.x as it asked.
+    let answer = raw_exchange(
+        p.addr,
+        &format!("GET http://origin.test:{port}/old HTTP/1.0\r\nHost: origin.test:{port}\r\n\r\n"),
+    );
+    assert!(answer.contains("via=1.0 palisade"), "{answer}");
+    let answer = raw_exchange(
+        p.addr,
+        &format!(
+            "GET http://origin.test:{port}/new HTTP/1.1\r\nHost: origin.test:{port}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("via=1.1 palisade"), "{answer}");
+    // A port outside 1-65535 is a bad request, not port 80.
+    for bad in ["99999", "65616", "0"] {
+        let status = raw_status(
+            p.addr,
+            &format!("GET http://origin.test:{bad}/ HTTP/1.1\r\nHost: origin.test:{bad}\r\n\r\n"),
+        );
+        assert!(status.starts_with("HTTP/1.1 400"), "port {bad}: {status}");
+    }
+    p.stop_and_verify();
+}
+
+#[test]
+fn uploads_that_wait_for_100_continue_go_through() {
+    let p = start_proxy("");
+    let upload = p.dir.path().join("upload.bin");
+    std::fs::write(&upload, vec![b'x'; 2 << 20]).unwrap();
+    let data = format!("@{}", upload.display());
+    // The client asks for a 100 Continue before it sends the body (curl
+    // does so on its own for large bodies); the body must still arrive
+    // whole, on a fresh and on a reused origin connection.
+    let url = format!("http://origin.test:{}/upload", p.origins.http);
+    for _ in 0..2 {
+        let started = Instant::now();
+        let (code, body) = p.curl(&["-H", "Expect: 100-continue", "--data-binary", &data, &url]);
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("sent=2097152/length"), "{body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "it waited for a timeout"
+        );
+    }
+    // An origin that sends a 100 Continue unasked gets the body too.
+    let url = format!("http://early.test:{}/continue", p.origins.early);
+    let (code, body) = p.curl(&["-H", "Expect:", "--data-binary", &data, &url]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, "got 2097152");
+    let r = p.wait_record("for the upload to the 100 origin", |r| {
+        s(r, "/url/full") == url
+    });
+    assert_eq!(n(&r, "/http/response/status_code"), 200);
+    assert_eq!(n(&r, "/source/bytes"), 2 << 20);
+    p.stop_and_verify();
+}
+
 #[test]
 fn request_bodies_and_head_requests_are_forwarded() {
     let p = start_proxy("");
@@ -1246,6 +1356,29 @@ fn upstream_failures_are_502_and_audited() {
     p.wait_record("for the tunnel 502", |r| {
         s(r, "/event/code") == "connect_tunnel" && n(r, "/http/response/status_code") == 502
     });
+    p.stop_and_verify();
+}
+
+#[test]
+fn an_upload_to_an_origin_that_never_answers_is_504_with_its_bytes_recorded() {
+    let p = start_proxy("upstream_timeout = \"1s\"");
+    // The body fits the socket buffers, so all of it leaves palisade
+    // before the origin's silence runs out the timeout: the record must
+    // say the bytes went out, 504 or not.
+    let url = format!("http://silent.test:{}/upload", p.origins.silent);
+    let upload = p.dir.path().join("upload.bin");
+    std::fs::write(&upload, vec![b'x'; 100_000]).unwrap();
+    let (code, body) = p.curl(&[
+        "-H",
+        "Expect:",
+        "--data-binary",
+        &format!("@{}", upload.display()),
+        &url,
+    ]);
+    assert_eq!(code, 504, "{body}");
+    let r = p.wait_record("for the 504", |r| s(r, "/url/full") == url);
+    assert_eq!(n(&r, "/http/response/status_code"), 504);
+    assert_eq!(n(&r, "/source/bytes"), 100_000);
     p.stop_and_verify();
 }
 

@@ -202,8 +202,14 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-fn add_via(h: &mut HeaderMap) {
-    h.append(hyper::header::VIA, HeaderValue::from_static("1.1 palisade"));
+/// `Via` names the protocol version of the message as palisade received it.
+fn add_via(h: &mut HeaderMap, version: hyper::Version) {
+    let via = if version == hyper::Version::HTTP_10 {
+        "1.0 palisade"
+    } else {
+        "1.1 palisade"
+    };
+    h.append(hyper::header::VIA, HeaderValue::from_static(via));
 }
 
 /// What the proxy decided about a request before any byte went upstream.
@@ -211,6 +217,9 @@ struct Refusal {
     status: StatusCode,
     reason: String,
     rule: Option<String>,
+    /// Request body bytes that reached the origin before it failed (an
+    /// upload cut short still went out, and the record says how much).
+    uploaded: u64,
 }
 
 impl Refusal {
@@ -219,6 +228,7 @@ impl Refusal {
             status,
             reason: reason.into(),
             rule: None,
+            uploaded: 0,
         }
     }
 }
@@ -832,8 +842,23 @@ fn refusal_response(r: &Refusal, id: &str) -> Response<ProxyBody> {
     if let Ok(v) = HeaderValue::from_str(id) {
         h.insert("x-palisade-request-id", v);
     }
-    add_via(h);
+    add_via(h, hyper::Version::HTTP_11);
     resp
+}
+
+/// The port an authority names: `None` without one (or with an empty one,
+/// which means the scheme's default); an error for anything but 1-65535,
+/// which must never fall back to a default port.
+fn authority_port(a: &hyper::http::uri::Authority) -> Result<Option<u16>, String> {
+    let s = a.as_str();
+    let after_host = s.rfind(']').map_or(s, |i| &s[i + 1..]);
+    match after_host.rsplit_once(':') {
+        None | Some((_, "")) => Ok(None),
+        Some((_, p)) => match p.parse::<u16>() {
+            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(n)),
+            _ => Err(format!("port {p} is not a port number (1-65535)")),
+        },
+    }
 }
 
 fn http_host(h: &Host) -> HttpHost {
@@ -877,6 +902,7 @@ fn decide(
             status: StatusCode::FORBIDDEN,
             reason,
             rule: Some(name),
+            uploaded: 0,
         });
     }
     Ok((name, d.plain_tunnel, d.rule))
@@ -964,6 +990,7 @@ async fn resolve_addresses(
                         host_text(host)
                     ),
                     rule: None,
+                    uploaded: 0,
                 });
             }
         }
@@ -1084,7 +1111,7 @@ async fn handle_request(
             if let Some(d) = dest {
                 ev = ev.with_destination(d);
             }
-            ev = ev.with_bytes(0, 0, start.elapsed());
+            ev = ev.with_bytes(r.uploaded, 0, start.elapsed());
             // A refusal is recorded before the client hears of it.
             submit(&state.audit, ev, true).await;
             refusal_response(&r, &id)
@@ -1175,7 +1202,10 @@ async fn forward(
     }
     let host = parse_host(authority.host())
         .map_err(|e| (Refusal::new(StatusCode::BAD_REQUEST, e.to_string()), None))?;
-    let port = authority.port_u16().unwrap_or(80);
+    let port = match authority_port(&authority) {
+        Ok(p) => p.unwrap_or(80),
+        Err(why) => return Err((Refusal::new(StatusCode::BAD_REQUEST, why), None)),
+    };
     if req.headers().get_all(HOST).iter().nth(1).is_some() {
         // RFC 9112 section 3.2: a request with several Host fields is
         // refused; an origin could route by any one of them.
@@ -1190,7 +1220,10 @@ async fn forward(
             .ok()
             .and_then(|s| s.parse::<hyper::http::uri::Authority>().ok())
         {
-            Some(a) => (parse_host(a.host()).ok(), a.port_u16().unwrap_or(80)),
+            Some(a) => match authority_port(&a) {
+                Ok(p) => (parse_host(a.host()).ok(), p.unwrap_or(80)),
+                Err(_) => (None, 0),
+            },
             None => (None, 0),
         };
         if hh.as_ref() != Some(&host) || hp != port {
@@ -1215,18 +1248,29 @@ async fn forward(
         .map_err(|r| (r, None))?;
     // The request goes out in origin form (path and query) on a connection
     // to exactly the checked address; the Host header keeps the name.
+    // An absolute URI may have an empty path (`http://host?q`); origin
+    // form needs one, so it becomes `/`.
     *req.uri_mut() = match uri.path_and_query() {
-        Some(pq) => Uri::from(pq.clone()),
+        Some(pq) if pq.as_str().starts_with('/') => Uri::from(pq.clone()),
+        Some(pq) => format!("/{}", pq.as_str())
+            .parse()
+            .unwrap_or_else(|_| Uri::from_static("/")),
         None => Uri::from_static("/"),
     };
+    let version = req.version();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
+    // The client's `Expect: 100-continue` is answered on this hop: hyper
+    // sends the 100 as soon as the body is read, which is when the origin
+    // has its request head. Forwarded, it would only make the origin send
+    // a second 100 that the client has no use for.
+    headers.remove(hyper::header::EXPECT);
     if !headers.contains_key(HOST) {
         if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
             headers.insert(HOST, v);
         }
     }
-    add_via(headers);
+    add_via(headers, version);
     let method = req.method().as_str().to_string();
     let cfg = &state.config;
     let cut = IfCut::new(|| {
@@ -1245,7 +1289,7 @@ async fn forward(
     cut.done();
     let (resp, uploaded) = match sent {
         Ok(r) => r,
-        Err(f) => {
+        Err((f, uploaded)) => {
             let (status, reason) = match f {
                 upstream::Failure::Timeout => (
                     StatusCode::GATEWAY_TIMEOUT,
@@ -1272,6 +1316,7 @@ async fn forward(
                     status,
                     reason,
                     rule: Some(rule_name),
+                    uploaded,
                 },
                 Some(dest),
             ));
@@ -1279,7 +1324,10 @@ async fn forward(
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    add_via(&mut parts.headers);
+    add_via(&mut parts.headers, parts.version);
+    // The client is answered in palisade's own HTTP version, whatever the
+    // origin spoke (the body's framing was already read from its head).
+    parts.version = hyper::Version::HTTP_11;
     let ev = AuditEvent::proxy_request(Action::Allowed, peer, &method, &uri.to_string())
         .with_request_id(id)
         .with_rule(&rule_name, policy.sha256())
@@ -1309,11 +1357,15 @@ async fn connect(
             None,
         ));
     };
-    let Some(port) = authority.port_u16() else {
-        return Err((
-            Refusal::new(StatusCode::BAD_REQUEST, "CONNECT needs host:port"),
-            None,
-        ));
+    let port = match authority_port(&authority) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return Err((
+                Refusal::new(StatusCode::BAD_REQUEST, "CONNECT needs host:port"),
+                None,
+            ))
+        }
+        Err(why) => return Err((Refusal::new(StatusCode::BAD_REQUEST, why), None)),
     };
     if authority.as_str().contains('@') {
         return Err((
@@ -1349,6 +1401,7 @@ async fn connect(
                     status: StatusCode::BAD_GATEWAY,
                     reason: format!("cannot connect to {dest}: {e}"),
                     rule: Some(rule_name.clone()),
+                    uploaded: 0,
                 },
                 Some(dest),
             )),
@@ -1357,6 +1410,7 @@ async fn connect(
                     status: StatusCode::GATEWAY_TIMEOUT,
                     reason: format!("connecting to {dest} timed out"),
                     rule: Some(rule_name.clone()),
+                    uploaded: 0,
                 },
                 Some(dest),
             )),
@@ -1424,7 +1478,7 @@ async fn connect(
         let _ = st.audit.submit_async(&ev).await;
     });
     let mut resp = Response::new(ProxyBody::full(Bytes::new()));
-    add_via(resp.headers_mut());
+    add_via(resp.headers_mut(), hyper::Version::HTTP_11);
     Ok(resp)
 }
 

@@ -153,14 +153,14 @@ impl Slot {
     /// is still idle, else on a parked one, else on a new one. The response
     /// body reads from the origin connection and hands it back here once
     /// the response has ended cleanly. Also returns how many bytes of the
-    /// request body went to the origin.
+    /// request body went to the origin, on failure too.
     pub async fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
         req: Request<Incoming>,
         connect_timeout: Duration,
         upstream_timeout: Duration,
-    ) -> Result<(Response<OriginBody>, u64), Failure> {
+    ) -> Result<(Response<OriginBody>, u64), (Failure, u64)> {
         // The request's head is rendered and its headers dropped here, not
         // kept in this future while the origin answers.
         let Outgoing {
@@ -243,8 +243,9 @@ impl Slot {
         .await;
         // A connection a request was in flight on is never put back.
         match attempt {
-            Ok(r) => r.map(|resp| (resp, sent)),
-            Err(_) => Err(Failure::Timeout),
+            Ok(Ok(resp)) => Ok((resp, sent)),
+            Ok(Err(f)) => Err((f, sent)),
+            Err(_) => Err((Failure::Timeout, sent)),
         }
     }
 
@@ -270,13 +271,30 @@ impl Slot {
             // redirect, an auth challenge) and stop reading: its answer is
             // forwarded then, not a timeout, and the rest of the body is
             // not sent.
+            // An interim answer (a 100 Continue the origin sends of its own
+            // accord) asks for the body: it is sent on, and the interim
+            // answer is skipped with the final head.
             let (mut rd, mut wr) = origin.stream.split();
-            let mut probe = [0u8; 1];
-            tokio::select! {
-                biased;
-                _ = rd.peek(&mut probe) => answered_early = true,
-                r = Box::pin(send_body(&mut wr, body, framing, sent)) => {
-                    r.map_err(|e| TryFailure::Failed(Failure::Upstream(e)))?;
+            let mut probe = [0u8; 16];
+            let send = send_body(&mut wr, body, framing, sent);
+            let mut send = Box::pin(send);
+            let mut watch = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    r = rd.peek(&mut probe), if watch => {
+                        let n = r.unwrap_or(0);
+                        if n > 0 && is_interim_status(&probe[..n]) {
+                            watch = false;
+                        } else {
+                            answered_early = true;
+                            break;
+                        }
+                    }
+                    r = &mut send => {
+                        r.map_err(|e| TryFailure::Failed(Failure::Upstream(e)))?;
+                        break;
+                    }
                 }
             }
         }
@@ -485,6 +503,16 @@ enum HeadError {
     /// The origin closed (or reset) the connection before sending a byte.
     Nothing,
     Invalid(String),
+}
+
+/// Whether the first bytes of a response are an interim (1xx, other than
+/// 101) status line: `HTTP/1.x 1`.
+fn is_interim_status(first: &[u8]) -> bool {
+    first.len() >= 12
+        && first.starts_with(b"HTTP/1.")
+        && first[8] == b' '
+        && first[9] == b'1'
+        && &first[9..12] != b"101"
 }
 
 /// Reads interim responses (skipped) and the final response head; returns
