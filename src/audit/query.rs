@@ -152,7 +152,7 @@ pub fn table_row(r: &AuditRecord) -> String {
         (Some(d), Some(p)) => Some(format!("{d}:{p}")),
         (d, _) => d,
     };
-    format!(
+    let row = format!(
         "{:<28} {:<8} {:<14} {:<6} {:<15} {:<40} {:<40} {:<20} {}",
         r.timestamp.to_string(),
         r.seq,
@@ -171,7 +171,26 @@ pub fn table_row(r: &AuditRecord) -> String {
         dash(dst.or_else(|| e.url.as_ref().map(|u| u.full.clone()))),
         dash(e.rule.as_ref().and_then(|r| r.name.clone())),
         dash(e.event.reason.clone())
-    )
+    );
+    printable(&row)
+}
+
+/// `s` with every control character (a newline, an escape sequence, a
+/// NUL) written as an escape, so text a client chose (a server name, a
+/// URL) cannot forge table rows or drive the auditor's terminal.
+pub fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Counts for `palisade audit summary`.
@@ -340,7 +359,7 @@ pub fn squid_line(r: &AuditRecord) -> Option<String> {
     };
     // Squid fields are space separated; a URL never holds a raw space, but
     // a hostile one is escaped rather than allowed to shift the columns.
-    let url = url.replace(' ', "%20");
+    let url = printable(&url.replace(' ', "%20"));
     Some(format!(
         "{time} {elapsed_ms:>6} {client} {code} {bytes} {method} {url} - {hierarchy} -"
     ))
@@ -400,6 +419,25 @@ mod tests {
         assert_eq!(
             squid_line(&record(AuditEvent::lifecycle(Action::Start))),
             None
+        );
+    }
+
+    #[test]
+    fn table_rows_escape_control_characters() {
+        let mut ev = AuditEvent::proxy_request(
+            Action::Denied,
+            "192.0.2.7:4000".parse().unwrap(),
+            "CONNECT",
+            "a.example:443",
+        );
+        ev = ev.with_reason(
+            "server name \"x\\n2026-12-03T23:59:59Z 999 allowed\u{1b}[2K\" does not match",
+        );
+        let row = table_row(&record(ev));
+        assert!(!row.contains('\n') && !row.contains('\u{1b}'), "{row}");
+        assert!(
+            row.contains("x\\n2026") && row.contains("\\u{1b}[2K"),
+            "{row}"
         );
     }
 

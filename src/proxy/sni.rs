@@ -21,6 +21,24 @@ pub enum FirstBytes {
     Incomplete { need: usize },
 }
 
+/// Whether a server name is a DNS host name as RFC 6066 requires (ASCII,
+/// at most 253 bytes, labels of letters, digits, hyphens and, as seen in
+/// practice, underscores; one trailing dot tolerated). Anything else (a
+/// NUL, a newline, an escape sequence, UTF-8) is never matched against a
+/// CONNECT host nor written to the trail as a name.
+fn is_host_name(name: &[u8]) -> bool {
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split(|&b| b == b'.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 /// Largest TLS record plus its header.
 pub const MAX_RECORD: usize = 5 + 16_384 + 2048;
 
@@ -65,6 +83,11 @@ pub fn inspect(buf: &[u8]) -> FirstBytes {
                                 }
                                 match names.as_slice() {
                                     [(kind, name)] if kind.0 == 0 => {
+                                        if !is_host_name(name) {
+                                            return FirstBytes::Ambiguous {
+                                                reason: "its server name is not a DNS host name (RFC 6066: ASCII letters, digits, hyphens and dots)",
+                                            };
+                                        }
                                         server_name =
                                             Some(String::from_utf8_lossy(name).into_owned());
                                     }
@@ -159,6 +182,35 @@ mod tests {
                     FirstBytes::Ambiguous { .. }
                 ),
                 "{names:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_server_name_that_is_not_a_host_name_is_refused() {
+        for name in [
+            "origin.test\n2026-12-03T23:59:59Z 999 allowed",
+            "\u{1b}[2Korigin.test",
+            "origin\0.test",
+            "origin..test",
+            "bücher.test",
+            "",
+        ] {
+            assert!(
+                matches!(
+                    inspect(&client_hello(Some(&[(0, name)]))),
+                    FirstBytes::Ambiguous { .. }
+                ),
+                "{name:?}"
+            );
+        }
+        for name in ["origin.test.", "ORIGIN.test", "_dmarc.origin-1.test"] {
+            assert!(
+                matches!(
+                    inspect(&client_hello(Some(&[(0, name)]))),
+                    FirstBytes::ClientHello { .. }
+                ),
+                "{name:?}"
             );
         }
     }
