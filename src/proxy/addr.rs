@@ -154,7 +154,8 @@ fn in_v6(a: Ipv6Addr, net: u128, len: u32) -> bool {
 /// this-network, loopback, RFC 1918, CGNAT, link-local (with the cloud
 /// metadata address 169.254.169.254), IETF protocol assignments, benchmarking,
 /// multicast, reserved and broadcast; for IPv6 unspecified, loopback,
-/// link-local, unique-local, multicast and discard-only.
+/// link-local, unique-local, site-local, multicast, discard-only, local-use
+/// NAT64, and 6to4 addresses that carry an internal IPv4 address.
 pub fn internal_range(ip: IpAddr) -> Option<&'static str> {
     match canonical(ip) {
         IpAddr::V4(a) => {
@@ -189,11 +190,27 @@ pub fn internal_range(ip: IpAddr) -> Option<&'static str> {
                 (0xfc00 << 112, 7, "unique-local (fc00::/7)"),
                 (0xff00 << 112, 8, "multicast (ff00::/8)"),
                 (0x0100 << 112, 64, "discard-only (100::/64)"),
+                (0xfec0 << 112, 10, "site-local (fec0::/10, deprecated)"),
+                (
+                    0x0064_ff9b_0001 << 80,
+                    48,
+                    "local-use NAT64 (64:ff9b:1::/48)",
+                ),
             ];
-            table
-                .iter()
-                .find(|(n, l, _)| in_v6(a, *n, *l))
-                .map(|(_, _, why)| *why)
+            if let Some((_, _, why)) = table.iter().find(|(n, l, _)| in_v6(a, *n, *l)) {
+                return Some(why);
+            }
+            // 6to4 (2002::/16) carries an IPv4 address in its next 32 bits;
+            // a relay would deliver to that address.
+            let s = a.segments();
+            if s[0] == 0x2002 {
+                let v4 =
+                    Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
+                if internal_range(IpAddr::V4(v4)).is_some() {
+                    return Some("6to4 (2002::/16) form of an internal IPv4 address");
+                }
+            }
+            None
         }
     }
 }
@@ -325,10 +342,20 @@ mod tests {
             "fe80::1",
             "fd00::1",
             "ff02::1",
+            "fec0::1",
+            "64:ff9b:1::7f00:1",
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::1",
         ] {
             assert!(internal_range(s.parse().unwrap()).is_some(), "{s}");
         }
-        for s in ["203.0.113.7", "198.51.100.1", "2001:db8::1", "8.8.8.8"] {
+        for s in [
+            "203.0.113.7",
+            "198.51.100.1",
+            "2001:db8::1",
+            "8.8.8.8",
+            "2002:cb00:7107::1",
+        ] {
             assert!(internal_range(s.parse().unwrap()).is_none(), "{s}");
         }
         assert_eq!(
