@@ -202,7 +202,22 @@ impl<'a> Resolver<'a> {
                     ast::Stmt::Zone(d) => zones_ast.push(d),
                     ast::Stmt::Rule(ast::PacketRule { name, .. })
                     | ast::Stmt::Http(ast::HttpRule { name, .. }) => {
-                        if let Some(first) = rule_names.get(name.text.as_str()) {
+                        // `default` names the policy's default in explain,
+                        // diff, expectations and audit records; `any` and
+                        // the keywords would read as something else.
+                        if matches!(name.text.as_str(), "default" | "any" | "any4" | "any6") {
+                            self.err(
+                                Diagnostic::error(
+                                    "E0105",
+                                    format!("`{}` is reserved and cannot name a rule", name.text),
+                                )
+                                .at(name.span, "reserved word")
+                                .help(format!(
+                                    "`{}` already means something in the policy language; choose another name",
+                                    name.text
+                                )),
+                            );
+                        } else if let Some(first) = rule_names.get(name.text.as_str()) {
                             let d = Diagnostic::error(
                                 "E0102",
                                 format!("rule `{}` is defined twice", name.text),

@@ -241,7 +241,11 @@ fn sanitize(name: &str, taken: &mut HashSet<String>) -> String {
             }
         })
         .collect();
-    if !s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+    // A name must start with a letter, and must not be a word the language
+    // reserves (an Azure rule called "Default" or "Any").
+    if !s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        || matches!(s.as_str(), "default" | "any" | "any4" | "any6")
+    {
         s.insert_str(0, "nsg-");
     }
     let mut candidate = s.clone();
@@ -769,6 +773,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 2") && e.contains("ICMPv6"), "{e}");
+    }
+
+    #[test]
+    fn reserved_words_are_not_used_as_rule_names() {
+        let mut taken = HashSet::new();
+        assert_eq!(sanitize("Default", &mut taken), "nsg-default");
+        assert_eq!(sanitize("ANY", &mut taken), "nsg-any");
+        assert_eq!(sanitize("Allow Web", &mut taken), "allow-web");
+        assert_eq!(sanitize("443-in", &mut taken), "nsg-443-in");
     }
 
     #[test]
