@@ -85,25 +85,26 @@ fn svc() -> impl Strategy<Value = Svc> {
     ]
 }
 
+fn rule() -> impl Strategy<Value = Rule> {
+    (
+        any::<bool>(),
+        prop::collection::vec(addr(), 1..3),
+        prop::collection::vec(addr(), 1..3),
+        prop::collection::vec(svc(), 0..3),
+    )
+        .prop_map(|(allow, src, dst, svcs)| Rule {
+            allow,
+            src,
+            dst,
+            svcs,
+        })
+}
+
 fn spec() -> impl Strategy<Value = Spec> {
     (
         prop::collection::vec(prop::collection::vec(addr(), 1..4), 0..4),
         prop::collection::vec(prop::collection::vec(svc(), 1..3), 0..3),
-        prop::collection::vec(
-            (
-                any::<bool>(),
-                prop::collection::vec(addr(), 1..3),
-                prop::collection::vec(addr(), 1..3),
-                prop::collection::vec(svc(), 0..3),
-            )
-                .prop_map(|(allow, src, dst, svcs)| Rule {
-                    allow,
-                    src,
-                    dst,
-                    svcs,
-                }),
-            1..10,
-        ),
+        prop::collection::vec(rule(), 1..10),
         any::<bool>(),
     )
         .prop_map(|(nets, svcs, rules, default_allow)| Spec {
@@ -281,34 +282,12 @@ proptest! {
 
     #[test]
     fn compiled_policy_agrees_with_references(spec in spec(), probes in prop::collection::vec(probe(), 4)) {
-        let mut text = render(&spec);
-        let compiled = match compile_str("random.policy", &text, OPTS) {
-            Ok(c) => c,
-            Err(f) => {
-                // A random rule may pair IPv4-only sources with IPv6-only
-                // destinations; that is error E0301. Drop such rules (keeping
-                // line numbers, so rule ids shift like a user's edit) and
-                // compile again.
-                let errors: Vec<_> = f.diagnostics.items.iter().filter(|d| d.is_error()).collect();
-                prop_assert!(errors.iter().all(|d| d.code == "E0301"), "{}", f.diagnostics.render(&f.sources));
-                let bad_lines: Vec<usize> = errors
-                    .iter()
-                    .filter_map(|d| d.primary.as_ref())
-                    .map(|l| f.sources.file(l.span.file).line_col(l.span.start).line)
-                    .collect();
-                text = text
-                    .lines()
-                    .enumerate()
-                    .map(|(i, l)| if bad_lines.contains(&(i + 1)) { "" } else { l })
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                match compile_str("random.policy", &text, OPTS) {
-                    Ok(c) => c,
-                    Err(f) => return Err(TestCaseError::fail(f.diagnostics.render(&f.sources))),
-                }
-            }
-        };
-        let policy = &compiled.policy;
+        // A random rule may pair IPv4-only sources with IPv6-only
+        // destinations (error E0301); such rules are blanked out, keeping
+        // line numbers, so rule ids shift like a user's edit.
+        let text = render(&spec);
+        let compiled = compile_lenient(&text)?;
+        let policy = &compiled;
         let (e4, e6) = entries(policy);
         let linear = ReferenceClassifier::new(e4, e6);
         for p in &probes {
@@ -321,6 +300,115 @@ proptest! {
             prop_assert_eq!(got.verdict, want_verdict);
             // Reference 2: linear scan of the classifier's own entries.
             prop_assert_eq!(got.rule, linear.classify(&key), "key {:?}\n{}", key, text);
+        }
+    }
+}
+
+/// An edit a policy author makes.
+#[derive(Debug, Clone)]
+enum Edit {
+    Remove(Index),
+    Swap(Index, Index),
+    Flip(Index),
+    Insert(Index, Rule),
+    FlipDefault,
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        2 => any::<Index>().prop_map(Edit::Remove),
+        2 => (any::<Index>(), any::<Index>()).prop_map(|(a, b)| Edit::Swap(a, b)),
+        2 => any::<Index>().prop_map(Edit::Flip),
+        3 => (any::<Index>(), rule()).prop_map(|(i, r)| Edit::Insert(i, r)),
+        1 => Just(Edit::FlipDefault),
+    ]
+}
+
+fn apply(spec: &Spec, edits: &[Edit]) -> Spec {
+    let mut s = spec.clone();
+    for e in edits {
+        let n = s.rules.len();
+        match e {
+            Edit::Remove(i) if n > 0 => {
+                s.rules.remove(i.index(n));
+            }
+            Edit::Swap(a, b) if n > 0 => s.rules.swap(a.index(n), b.index(n)),
+            Edit::Flip(i) if n > 0 => s.rules[i.index(n)].allow ^= true,
+            Edit::Insert(i, r) => s.rules.insert(i.index(n + 1), r.clone()),
+            Edit::FlipDefault => s.default_allow ^= true,
+            _ => {}
+        }
+    }
+    s
+}
+
+/// Compiles a random policy; rules that pair IPv4-only with IPv6-only
+/// sets (E0301) are blanked out.
+fn compile_lenient(text: &str) -> Result<palisade::policy::Policy, TestCaseError> {
+    let f = match compile_str("random.policy", text, OPTS) {
+        Ok(c) => return Ok(c.policy),
+        Err(f) => f,
+    };
+    let errors: Vec<_> = f
+        .diagnostics
+        .items
+        .iter()
+        .filter(|d| d.is_error())
+        .collect();
+    prop_assert!(
+        errors.iter().all(|d| d.code == "E0301"),
+        "{}",
+        f.diagnostics.render(&f.sources)
+    );
+    let bad_lines: Vec<usize> = errors
+        .iter()
+        .filter_map(|d| d.primary.as_ref())
+        .map(|l| f.sources.file(l.span.file).line_col(l.span.start).line)
+        .collect();
+    let text = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| if bad_lines.contains(&(i + 1)) { "" } else { l })
+        .collect::<Vec<_>>()
+        .join("\n");
+    compile_str("random.policy", &text, OPTS)
+        .map(|c| c.policy)
+        .map_err(|f| TestCaseError::fail(f.diagnostics.render(&f.sources)))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// `diff` looks only inside the boxes of the rules an edit changed; a
+    /// probe's verdict must differ between the two policies exactly when
+    /// it lies in a region the diff reports.
+    #[test]
+    fn diff_regions_are_exactly_the_flows_whose_verdict_changed(
+        spec in spec(),
+        edits in prop::collection::vec(edit(), 1..3),
+        probes in prop::collection::vec(probe(), 8),
+    ) {
+        use palisade::classify::FamilyKey;
+        let edited = apply(&spec, &edits);
+        let (old_text, new_text) = (render(&spec), render(&edited));
+        let old = compile_lenient(&old_text)?;
+        let new = compile_lenient(&new_text)?;
+        let (p4, p6) = palisade::policy::analysis::changed_regions(&old, &new)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for (k, p) in probes.iter().enumerate() {
+            // Half the probes near the old policy's boundaries, half near
+            // the new one's.
+            let key = key_of(if k % 2 == 0 { &spec } else { &edited }, p);
+            let changed = old.decide(&key).verdict != new.decide(&key).verdict;
+            let reported = match key.family_key() {
+                Some(FamilyKey::V4(k4)) => p4.iter().any(|x| x.0.matches(&k4)),
+                Some(FamilyKey::V6(k6)) => p6.iter().any(|x| x.0.matches(&k6)),
+                None => false,
+            };
+            prop_assert_eq!(
+                changed, reported,
+                "key {:?}\nold:\n{}\nnew:\n{}", key, old_text, new_text
+            );
         }
     }
 }

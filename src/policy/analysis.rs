@@ -251,37 +251,50 @@ pub struct Change {
     pub new_rule: String,
 }
 
-fn diff_family<A: Address + Scalar + Into<u128>>(
+fn changed_pieces<A: Address + Scalar>(
     old: &Policy,
-    old_eff: &[Claim<A>],
+    old_entries: &[Entry<A>],
     new: &Policy,
-    new_eff: &[Claim<A>],
-    v6: bool,
-    out: &mut Vec<Change>,
-) -> Result<(), TooComplex> {
+    new_entries: &[Entry<A>],
+    domain: &[Fields<A>],
+) -> Result<Vec<Piece<A>>, TooComplex> {
     let verdict = |p: &Policy, r: Option<RuleId>| {
         r.and_then(|id| p.rule(id))
             .map(|r| r.verdict)
             .unwrap_or(p.default_verdict())
     };
     let mut raw: Vec<Piece<A>> = Vec::new();
-    for (fo, ro) in old_eff {
-        let vo = verdict(old, *ro);
-        for (fnew, rn) in new_eff {
-            let vn = verdict(new, *rn);
-            if vo == vn {
-                continue;
-            }
-            if let Some(x) = intersect(fo, fnew) {
-                raw.push((x, *ro, *rn, vo, vn));
-                if raw.len() > PIECE_BUDGET {
-                    return Err(TooComplex);
+    for d in domain {
+        let old_eff = effective_within(old_entries, *d)?;
+        let new_eff = effective_within(new_entries, *d)?;
+        for (fo, ro) in &old_eff {
+            let vo = verdict(old, *ro);
+            for (fnew, rn) in &new_eff {
+                let vn = verdict(new, *rn);
+                if vo == vn {
+                    continue;
+                }
+                if let Some(x) = intersect(fo, fnew) {
+                    raw.push((x, *ro, *rn, vo, vn));
+                    if raw.len() > PIECE_BUDGET {
+                        return Err(TooComplex);
+                    }
                 }
             }
         }
     }
     merge_adjacent(&mut raw);
-    for (x, ro, rn, vo, vn) in raw {
+    Ok(raw)
+}
+
+fn describe_changes<A: Address + Scalar + Into<u128>>(
+    old: &Policy,
+    new: &Policy,
+    pieces: Vec<Piece<A>>,
+    v6: bool,
+    out: &mut Vec<Change>,
+) {
+    for (x, ro, rn, vo, vn) in pieces {
         out.push(Change {
             region: describe_box(&x, v6),
             old_verdict: vo,
@@ -290,10 +303,70 @@ fn diff_family<A: Address + Scalar + Into<u128>>(
             new_rule: new.rule_name(rn).to_string(),
         });
     }
-    Ok(())
 }
 
-type Piece<A> = (Fields<A>, Option<RuleId>, Option<RuleId>, Verdict, Verdict);
+/// As [`effective`], within the box `within` only.
+fn effective_within<A: Address + Scalar>(
+    entries: &[Entry<A>],
+    within: Fields<A>,
+) -> Result<Vec<Claim<A>>, TooComplex> {
+    let mut remaining = vec![within];
+    let mut claimed = Vec::new();
+    for e in entries {
+        if remaining.is_empty() {
+            break;
+        }
+        if !remaining.iter().any(|p| overlaps(p, &e.fields)) {
+            continue;
+        }
+        let mut next = Vec::with_capacity(remaining.len());
+        for p in &remaining {
+            if let Some(x) = intersect(p, &e.fields) {
+                claimed.push((x, Some(e.rule)));
+                subtract(p, &e.fields, &mut next);
+            } else {
+                next.push(*p);
+            }
+        }
+        remaining = next;
+        if remaining.len() + claimed.len() > PIECE_BUDGET {
+            return Err(TooComplex);
+        }
+    }
+    claimed.extend(remaining.into_iter().map(|p| (p, None)));
+    Ok(claimed)
+}
+
+/// `boxes` as disjoint boxes covering the same flows.
+fn disjoint<A: Address + Scalar>(boxes: Vec<Fields<A>>) -> Result<Vec<Fields<A>>, TooComplex> {
+    let mut out: Vec<Fields<A>> = Vec::new();
+    for b in boxes {
+        if out.iter().any(|o| o.covers(&b)) {
+            continue;
+        }
+        let mut parts = vec![b];
+        for o in &out {
+            if parts.is_empty() {
+                break;
+            }
+            if !parts.iter().any(|p| overlaps(p, o)) {
+                continue;
+            }
+            let mut next = Vec::with_capacity(parts.len());
+            for p in &parts {
+                subtract(p, o, &mut next);
+            }
+            parts = next;
+        }
+        out.extend(parts);
+        if out.len() > PIECE_BUDGET {
+            return Err(TooComplex);
+        }
+    }
+    Ok(out)
+}
+
+pub type Piece<A> = (Fields<A>, Option<RuleId>, Option<RuleId>, Verdict, Verdict);
 
 /// Joins boxes with the same rules that differ in one field only and touch
 /// there, until nothing more joins: fewer, larger regions to read.
@@ -355,22 +428,127 @@ fn merge_adjacent<A: Address + Scalar>(v: &mut Vec<Piece<A>>) {
     }
 }
 
+/// What a rule decides, as far as verdicts go: its verdict and its boxes
+/// in both families (its name, owner or expiry do not change a flow's
+/// verdict).
+type RuleEffect = (Verdict, Vec<Fields<u32>>, Vec<Fields<u128>>);
+
+fn rule_effects(p: &Policy, v4: &[Entry<u32>], v6: &[Entry<u128>]) -> Vec<RuleEffect> {
+    let mut out: Vec<RuleEffect> = p
+        .rules()
+        .iter()
+        .map(|r| (r.verdict, Vec::new(), Vec::new()))
+        .collect();
+    for e in v4 {
+        out[e.rule as usize].1.push(e.fields);
+    }
+    for e in v6 {
+        out[e.rule as usize].2.push(e.fields);
+    }
+    out
+}
+
+/// Which rules of each policy are unchanged: present in both with the same
+/// effect, and in the same order relative to each other (the longest such
+/// sequence). Rules that match nothing count as unchanged wherever they
+/// are.
+fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bool>) {
+    use std::collections::HashMap;
+    // The k-th rule with an effect in one policy pairs with the k-th rule
+    // with the same effect in the other (identical rules repeated, as
+    // ClassBench sets have, pair up in order).
+    fn numbered(rules: &[RuleEffect]) -> Vec<(&RuleEffect, usize)> {
+        let mut seen: HashMap<&RuleEffect, usize> = HashMap::new();
+        rules
+            .iter()
+            .map(|e| {
+                let k = seen.entry(e).or_insert(0);
+                *k += 1;
+                (e, *k)
+            })
+            .collect()
+    }
+    let new_pos: HashMap<(&RuleEffect, usize), usize> = numbered(new)
+        .into_iter()
+        .enumerate()
+        .map(|(j, key)| (key, j))
+        .collect();
+    // Old rules with a counterpart, in old order, with its new position.
+    let pairs: Vec<(usize, usize)> = numbered(old)
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, key)| new_pos.get(&key).map(|&j| (i, j)))
+        .collect();
+    // Longest increasing subsequence of the new positions (patience).
+    let mut tails: Vec<usize> = Vec::new(); // index into pairs
+    let mut prev: Vec<Option<usize>> = vec![None; pairs.len()];
+    for k in 0..pairs.len() {
+        let j = pairs[k].1;
+        let at = tails.partition_point(|&t| pairs[t].1 < j);
+        prev[k] = at.checked_sub(1).map(|a| tails[a]);
+        if at == tails.len() {
+            tails.push(k);
+        } else {
+            tails[at] = k;
+        }
+    }
+    let empty = |e: &RuleEffect| e.1.is_empty() && e.2.is_empty();
+    let mut old_same: Vec<bool> = old.iter().map(empty).collect();
+    let mut new_same: Vec<bool> = new.iter().map(empty).collect();
+    let mut k = tails.last().copied();
+    while let Some(x) = k {
+        old_same[pairs[x].0] = true;
+        new_same[pairs[x].1] = true;
+        k = prev[x];
+    }
+    (old_same, new_same)
+}
+
 /// Flows whose verdict differs between two policies, as regions.
+///
+/// Only flows inside the boxes of changed rules can change verdict: a
+/// flow outside them is first matched, in both policies, by the same
+/// unchanged rule (unchanged rules keep their relative order), or by
+/// neither. So the comparison runs within those boxes only, and its cost
+/// follows the size of the change, not of the policies (identical
+/// policies cost one pass over their rules). A changed default makes every
+/// flow a candidate.
 pub fn diff_packets(old: &Policy, new: &Policy) -> Result<Vec<Change>, TooComplex> {
-    let (o4, o6) = super::entries(old);
-    let (n4, n6) = super::entries(new);
+    let (p4, p6) = changed_regions(old, new)?;
     let mut out = Vec::new();
-    diff_family(
-        old,
-        &effective(&o4)?,
-        new,
-        &effective(&n4)?,
-        false,
-        &mut out,
-    )?;
-    diff_family(old, &effective(&o6)?, new, &effective(&n6)?, true, &mut out)?;
+    describe_changes(old, new, p4, false, &mut out);
+    describe_changes(old, new, p6, true, &mut out);
     Ok(out)
 }
+
+/// The boxes of flows whose verdict differs, with the rules and verdicts
+/// before and after, per family (see [`diff_packets`]).
+pub fn changed_regions(old: &Policy, new: &Policy) -> Result<ChangedRegions, TooComplex> {
+    let (o4, o6) = super::entries(old);
+    let (n4, n6) = super::entries(new);
+    let (old_fx, new_fx) = (rule_effects(old, &o4, &o6), rule_effects(new, &n4, &n6));
+    let (domain4, domain6) = if old.default_verdict() != new.default_verdict() {
+        (vec![Fields::<u32>::any()], vec![Fields::<u128>::any()])
+    } else {
+        let (old_same, new_same) = unchanged_rules(&old_fx, &new_fx);
+        let (mut d4, mut d6) = (Vec::new(), Vec::new());
+        for (fx, same) in [(&old_fx, &old_same), (&new_fx, &new_same)] {
+            for (e, _) in fx.iter().zip(same.iter()).filter(|(_, s)| !**s) {
+                d4.extend_from_slice(&e.1);
+                d6.extend_from_slice(&e.2);
+            }
+        }
+        (disjoint(d4)?, disjoint(d6)?)
+    };
+    Ok((
+        changed_pieces(old, &o4, new, &n4, &domain4)?,
+        changed_pieces(old, &o6, new, &n6, &domain6)?,
+    ))
+}
+
+/// Changed boxes of both families: (box, old rule, new rule, old verdict,
+/// new verdict); a rule of `None` is the default.
+pub type ChangedRegions = (Vec<Piece<u32>>, Vec<Piece<u128>>);
 
 /// Elementary intervals of a family: every boundary of every set splits
 /// the address line.
