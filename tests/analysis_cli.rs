@@ -90,7 +90,7 @@ fn diff_shows_what_traffic_changes() {
         text(&out.stdout),
         "newly allowed: 1 packet region, 1 http class\n\
          \x20 + tcp 192.0.2.0/24 -> 198.51.100.0/24 dport 80   now allow by `web`, was deny by `default`\n\
-         \x20 + http 192.0.2.0/24 -> *.debian.org port 443 any method   now allow by `pkgs`, was deny by `default`\n\
+         \x20 + http 192.0.2.0/24 -> *.debian.org except deb.debian.org port 443 any method   now allow by `pkgs`, was deny by `default`\n\
          newly denied: 1 packet region, 0 http classes\n\
          \x20 - udp 192.0.2.128/25 -> 198.51.100.53 dport 53   now deny by `default`, was allow by `dns`\n"
     );
@@ -139,6 +139,60 @@ fn diff_sees_changes_to_ip_literal_destinations() {
         "{}",
         text(&out.stdout)
     );
+}
+
+#[test]
+fn diff_sees_zones_plain_tunnels_and_reports_compact_classes() {
+    // A narrower zone: the filter now drops the rest as spoofed.
+    let rules = "rule web allow 192.0.2.0/24 -> 198.51.100.0/24 service tcp/443\ndefault deny\n";
+    let out = diff_texts(
+        &format!("zone edge = 192.0.2.0/24\n{rules}"),
+        &format!("zone edge = 192.0.2.0/25\n{rules}"),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("  - zone edge: now drops 192.0.2.128/25\n"),
+        "{}",
+        text(&out.stdout)
+    );
+    // plain-tunnel added: non-TLS tunnels are newly allowed, nothing else.
+    let out = diff_texts(
+        "http h allow 192.0.2.0/24 -> \"git.example.com\" port 443\ndefault deny\n",
+        "http h allow 192.0.2.0/24 -> \"git.example.com\" port 443 plain-tunnel\ndefault deny\n",
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "newly allowed: 0 packet regions, 1 http class\n\
+         \x20 + http 192.0.2.0/24 -> git.example.com port 443 CONNECT non-TLS tunnels   now allow by `h`, was deny by `h`\n\
+         newly denied: 0 packet regions, 0 http classes\n"
+    );
+    // A wider source and a second port: one class per change, with
+    // sources and ports joined, and any port said as such.
+    let out = diff_texts(
+        "http gh allow 192.0.2.0/25 -> \"api.github.com\" port 443\ndefault deny\n",
+        "http gh allow 192.0.2.0/24 -> \"api.github.com\" port 443, 8443\n\
+         http all allow 192.0.2.0/24 -> \"pastebin.com\"\ndefault deny\n",
+    );
+    let got = text(&out.stdout);
+    for line in [
+        "  + http 192.0.2.0/24 -> api.github.com port 8443 any method   now allow by `gh`, was deny by `default`\n",
+        "  + http 192.0.2.128/25 -> api.github.com port 443 any method   now allow by `gh`, was deny by `default`\n",
+        "  + http 192.0.2.0/24 -> pastebin.com any port any method   now allow by `all`, was deny by `default`\n",
+    ] {
+        assert!(got.contains(line), "{line}in\n{got}");
+    }
+    assert!(
+        got.starts_with("newly allowed: 0 packet regions, 3 http classes\n"),
+        "{got}"
+    );
+    // ICMP types and codes are 0-255.
+    let out = diff_texts(
+        "rule p allow 192.0.2.0/24 -> 198.51.100.0/24 service icmp/3:4\ndefault deny\n",
+        "rule p allow 192.0.2.0/24 -> 198.51.100.0/24 service icmp/3\ndefault deny\n",
+    );
+    let got = text(&out.stdout);
+    assert!(got.contains("type 3 code 5-255 "), "{got}");
+    assert!(!got.contains("65535"), "{got}");
 }
 
 fn root() -> bool {

@@ -2,7 +2,7 @@
 
 use super::policy::{load_one, parse_date, plural, today, EXIT_ERRORS, EXIT_OK, EXIT_WARNINGS};
 use clap::{Args, Subcommand};
-use palisade::policy::analysis::{diff_http, diff_packets};
+use palisade::policy::analysis::{diff_http, diff_packets, diff_zones};
 use palisade::policy::lint::{lint as run_lint, LintOptions};
 use palisade::policy::{export, Date};
 use std::path::PathBuf;
@@ -123,6 +123,7 @@ pub fn diff(args: DiffArgs) -> ExitCode {
             return ExitCode::from(EXIT_ERRORS);
         }
     };
+    let zones = diff_zones(old, new);
     use palisade::policy::Verdict::{Allow, Deny};
     for (title, want) in [("newly allowed", Allow), ("newly denied", Deny)] {
         let p: Vec<_> = packets.iter().filter(|c| c.new_verdict == want).collect();
@@ -144,11 +145,15 @@ pub fn diff(args: DiffArgs) -> ExitCode {
             );
         }
         for c in h {
+            let ports = if c.ports == "any" {
+                "any port".to_string()
+            } else {
+                format!("port {}", c.ports)
+            };
             println!(
-                "  {sign} http {} -> {} port {} {}   now {} by `{}`, was {} by `{}`",
+                "  {sign} http {} -> {} {ports} {}   now {} by `{}`, was {} by `{}`",
                 c.sources,
                 c.host,
-                c.ports,
                 c.method,
                 c.new_verdict.as_str(),
                 c.new_rule,
@@ -157,7 +162,21 @@ pub fn diff(args: DiffArgs) -> ExitCode {
             );
         }
     }
-    if packets.is_empty() && http.is_empty() {
+    if !zones.is_empty() {
+        println!(
+            "zones (sources each appliance port accepts; others are dropped as spoofed): {}",
+            plural(zones.len(), "change", "changes")
+        );
+        for z in &zones {
+            if let Some(a) = &z.accepted {
+                println!("  + zone {}: now accepts {a}", z.zone);
+            }
+            if let Some(r) = &z.refused {
+                println!("  - zone {}: now drops {r}", z.zone);
+            }
+        }
+    }
+    if packets.is_empty() && http.is_empty() && zones.is_empty() {
         println!("the two policies decide every flow and request the same way");
         ExitCode::SUCCESS
     } else {

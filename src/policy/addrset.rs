@@ -47,6 +47,23 @@ impl Step for u128 {
     }
 }
 
+/// The predecessor of a value; only called on values above the minimum.
+pub trait Pred {
+    fn prev(self) -> Self;
+}
+
+impl Pred for u32 {
+    fn prev(self) -> Self {
+        self - 1
+    }
+}
+
+impl Pred for u128 {
+    fn prev(self) -> Self {
+        self - 1
+    }
+}
+
 impl Step for u16 {
     const LAST: Self = u16::MAX;
     fn next(self) -> Self {
@@ -124,6 +141,41 @@ impl AddrSet {
             false
         }
         any_overlap(&self.v4, &other.v4) || any_overlap(&self.v6, &other.v6)
+    }
+
+    /// The addresses of `self` that are not in `other` (both normalised).
+    pub fn minus(&self, other: &AddrSet) -> AddrSet {
+        fn cut<T: Ord + Copy + Step + Pred>(
+            a: &[Interval<T>],
+            b: &[Interval<T>],
+        ) -> Vec<Interval<T>> {
+            let mut out = Vec::new();
+            for iv in a {
+                let mut lo = iv.lo;
+                let mut done = false;
+                for x in b.iter().filter(|x| x.overlaps(iv)) {
+                    if x.lo > lo {
+                        out.push(Interval {
+                            lo,
+                            hi: x.lo.prev(),
+                        });
+                    }
+                    if x.hi >= iv.hi {
+                        done = true;
+                        break;
+                    }
+                    lo = x.hi.next();
+                }
+                if !done {
+                    out.push(Interval { lo, hi: iv.hi });
+                }
+            }
+            out
+        }
+        AddrSet {
+            v4: cut(&self.v4, &other.v4),
+            v6: cut(&self.v6, &other.v6),
+        }
     }
 
     /// True when every address of `other` is in `self` (both normalised).
@@ -215,6 +267,28 @@ pub fn prefix_interval(addr: IpAddr, len: u8) -> (IpAddr, u128, u128, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn minus_cuts_out_the_other_set() {
+        let mut a = AddrSet::default();
+        a.add_v4(0, 100);
+        a.add_v4(200, 300);
+        let mut b = AddrSet::default();
+        b.add_v4(0, 9);
+        b.add_v4(50, 60);
+        b.add_v4(250, 400);
+        let d = a.minus(&b);
+        assert_eq!(
+            d.v4,
+            vec![
+                Interval { lo: 10, hi: 49 },
+                Interval { lo: 61, hi: 100 },
+                Interval { lo: 200, hi: 249 }
+            ]
+        );
+        assert!(AddrSet::any().minus(&AddrSet::any()).is_empty());
+        assert_eq!(a.minus(&AddrSet::default()), a);
+    }
 
     #[test]
     fn merges_and_describes() {

@@ -211,9 +211,12 @@ pub fn describe_box<A: Address + Scalar + Into<u128>>(f: &Fields<A>, v6: bool) -
         }
         s.describe()
     };
+    let icmp = (f.proto.lo == 1 && f.proto.hi == 1) || (f.proto.lo == 58 && f.proto.hi == 58);
+    // ICMP type and code travel in the port fields but are 0-255.
+    let top = if icmp { 255 } else { 65535 };
     let ports = |iv: Interval<u16>| -> Option<String> {
-        match (iv.lo, iv.hi) {
-            (0, 65535) => None,
+        match (iv.lo, iv.hi.min(top)) {
+            (0, hi) if hi == top => None,
             (a, b) if a == b => Some(a.to_string()),
             (a, b) => Some(format!("{a}-{b}")),
         }
@@ -229,7 +232,6 @@ pub fn describe_box<A: Address + Scalar + Into<u128>>(f: &Fields<A>, v6: bool) -
         (a, b) => format!("ip/{a}-{b}"),
     };
     let mut s = format!("{proto} {} -> {}", addr(f.src), addr(f.dst));
-    let icmp = (f.proto.lo == 1 && f.proto.hi == 1) || (f.proto.lo == 58 && f.proto.hi == 58);
     if let Some(p) = ports(f.src_port) {
         s.push_str(if icmp { " type " } else { " sport " });
         s.push_str(&p);
@@ -593,16 +595,16 @@ pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooCompl
     let rules: Vec<&super::HttpRule> = old.http_rules().iter().chain(new.http_rules()).collect();
     let v4sets: Vec<&[Interval<u32>]> = rules.iter().map(|r| r.src.v4.as_slice()).collect();
     let v6sets: Vec<&[Interval<u128>]> = rules.iter().map(|r| r.src.v6.as_slice()).collect();
-    let mut sources: Vec<(IpAddr, String)> = Vec::new();
+    let mut sources: Vec<(IpAddr, AddrSet)> = Vec::new();
     for iv in elementary(&v4sets, 0u32, u32::MAX) {
         let mut s = AddrSet::default();
         s.add_v4(iv.lo, iv.hi);
-        sources.push((IpAddr::V4(Ipv4Addr::from(iv.lo)), s.describe()));
+        sources.push((IpAddr::V4(Ipv4Addr::from(iv.lo)), s));
     }
     for iv in elementary(&v6sets, 0u128, u128::MAX) {
         let mut s = AddrSet::default();
         s.add_v6(iv.lo, iv.hi);
-        sources.push((IpAddr::V6(Ipv6Addr::from(iv.lo)), s.describe()));
+        sources.push((IpAddr::V6(Ipv6Addr::from(iv.lo)), s));
     }
     let mut hosts: Vec<(HttpHost, String)> = Vec::new();
     for r in &rules {
@@ -643,9 +645,32 @@ pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooCompl
         HttpHost::Name("other-host.invalid".into()),
         "any other host".into(),
     ));
+    // A wildcard class holds the names no more specific host names:
+    // `*.debian.org except deb.debian.org`.
+    let names: Vec<String> = hosts
+        .iter()
+        .filter(|(h, _)| matches!(h, HttpHost::Name(_)))
+        .map(|(_, l)| l.clone())
+        .collect();
+    for (h, label) in hosts.iter_mut() {
+        let HttpHost::Name(_) = h else { continue };
+        let Some(suffix) = label.strip_prefix("*.").map(str::to_string) else {
+            continue;
+        };
+        let inner: Vec<&str> = names
+            .iter()
+            .filter(|n| *n != label && n.ends_with(&format!(".{suffix}")))
+            .map(String::as_str)
+            .collect();
+        if !inner.is_empty() {
+            *label = format!("{label} except {}", inner.join(", "));
+        }
+    }
     let port_sets: Vec<&[Interval<u16>]> = rules.iter().map(|r| r.ports.as_slice()).collect();
     let ports = elementary(&port_sets, 0u16, u16::MAX);
-    let mut methods: Vec<String> = vec!["CONNECT".into(), "GET".into()];
+    // Methods as the request classes see them; a CONNECT is two classes:
+    // TLS tunnels, and the non-TLS ones a rule must allow (`plain-tunnel`).
+    let mut methods: Vec<String> = vec!["CONNECT".into(), PLAIN_CONNECT.into(), "GET".into()];
     for r in &rules {
         for m in &r.methods {
             if !methods.contains(m) {
@@ -654,87 +679,144 @@ pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooCompl
         }
     }
     methods.push("OTHER".into());
-    let mut changes: Vec<HttpChange> = Vec::new();
     if sources.len() * hosts.len() * ports.len() * methods.len() > PIECE_BUDGET * 10 {
         return Err(TooComplex);
     }
-    let mut out: Vec<HttpChange> = Vec::new();
-    for (src, src_label) in &sources {
-        for (host, host_label) in &hosts {
+    let decide = |p: &Policy, req: &HttpRequest, plain: bool| {
+        let d = p.decide_http(req);
+        let verdict = if plain && !d.plain_tunnel {
+            Verdict::Deny
+        } else {
+            d.verdict
+        };
+        (verdict, p.http_rule_name(d.rule).to_string())
+    };
+    // Changes as (sources, host, ports, method, old, new), merged below.
+    type Side = (Verdict, String);
+    let mut found: Vec<(AddrSet, usize, Interval<u16>, String, Side, Side)> = Vec::new();
+    for (src, src_set) in &sources {
+        for (hi, (host, _)) in hosts.iter().enumerate() {
+            let mut here: Vec<(Interval<u16>, String, Side, Side)> = Vec::new();
             for p in &ports {
+                let mut at_port: Vec<(String, Side, Side)> = Vec::new();
                 for m in &methods {
+                    let plain = m == PLAIN_CONNECT;
                     let req = HttpRequest {
                         src: *src,
                         host: host.clone(),
                         port: p.lo,
-                        method: m.clone(),
+                        method: if plain { "CONNECT".into() } else { m.clone() },
                     };
-                    let a = old.decide_http(&req);
-                    let b = new.decide_http(&req);
-                    if a.verdict != b.verdict {
-                        changes.push(HttpChange {
-                            sources: src_label.clone(),
-                            host: host_label.clone(),
-                            ports: if p.lo == 0 && p.hi == 65535 {
-                                "any".into()
-                            } else if p.lo == p.hi {
-                                p.lo.to_string()
-                            } else {
-                                format!("{}-{}", p.lo, p.hi)
-                            },
-                            method: if m == "OTHER" {
-                                "other methods".into()
-                            } else {
-                                m.clone()
-                            },
-                            old_verdict: a.verdict,
-                            old_rule: old.http_rule_name(a.rule).to_string(),
-                            new_verdict: b.verdict,
-                            new_rule: new.http_rule_name(b.rule).to_string(),
-                        });
+                    let (a, b) = (decide(old, &req, plain), decide(new, &req, plain));
+                    if a.0 != b.0 {
+                        at_port.push((m.clone(), a, b));
+                    }
+                }
+                // One entry when every method changed the same way; non-TLS
+                // tunnels are listed apart only where they changed otherwise
+                // (a `plain-tunnel` added or removed).
+                let others: Vec<&(String, Side, Side)> =
+                    at_port.iter().filter(|c| c.0 != PLAIN_CONNECT).collect();
+                if others.len() == methods.len() - 1
+                    && others
+                        .iter()
+                        .all(|c| c.1 == others[0].1 && c.2 == others[0].2)
+                {
+                    let (a, b) = (others[0].1.clone(), others[0].2.clone());
+                    let plain = at_port.iter().find(|c| c.0 == PLAIN_CONNECT);
+                    at_port = match plain {
+                        Some(p) if !(p.1 == a && p.2 == b) => vec![
+                            (ANY_METHOD.into(), a, b),
+                            (p.0.clone(), p.1.clone(), p.2.clone()),
+                        ],
+                        _ => vec![(ANY_METHOD.into(), a, b)],
+                    };
+                }
+                for (m, a, b) in at_port {
+                    // Adjacent port classes that changed alike join.
+                    match here.iter_mut().find(|c| {
+                        c.1 == m && c.2 == a && c.3 == b && c.0.hi.checked_add(1) == Some(p.lo)
+                    }) {
+                        Some(c) => c.0.hi = p.hi,
+                        None => here.push((*p, m, a, b)),
                     }
                 }
             }
-            // One line when every method changed the same way.
-            let same_rules = |c: &HttpChange, d: &HttpChange| {
-                c.old_rule == d.old_rule && c.new_rule == d.new_rule && c.ports == d.ports
-            };
-            while let Some(first) = changes.first().cloned() {
-                let group: Vec<HttpChange> = changes
-                    .iter()
-                    .filter(|c| same_rules(c, &first))
-                    .cloned()
-                    .collect();
-                changes.retain(|c| !same_rules(c, &first));
-                if group.len() == methods.len() {
-                    out.push(HttpChange {
-                        method: "any method".into(),
-                        ..first
-                    });
-                } else {
-                    out.extend(group);
-                }
+            for (ports, m, a, b) in here {
+                found.push((src_set.clone(), hi, ports, m, a, b));
             }
         }
     }
     // Sources that changed the same way are listed together.
-    let mut merged: Vec<HttpChange> = Vec::new();
-    for c in out {
-        match merged.iter_mut().find(|m| {
-            m.host == c.host
-                && m.ports == c.ports
-                && m.method == c.method
-                && m.old_rule == c.old_rule
-                && m.new_rule == c.new_rule
-        }) {
-            Some(m) => {
-                m.sources.push_str(", ");
-                m.sources.push_str(&c.sources);
-            }
+    let mut merged: Vec<(AddrSet, usize, Interval<u16>, String, Side, Side)> = Vec::new();
+    for c in found {
+        match merged
+            .iter_mut()
+            .find(|m| m.1 == c.1 && m.2 == c.2 && m.3 == c.3 && m.4 == c.4 && m.5 == c.5)
+        {
+            Some(m) => m.0.union(&c.0),
             None => merged.push(c),
         }
     }
-    Ok(merged)
+    Ok(merged
+        .into_iter()
+        .map(|(mut src, host, p, method, (ov, or), (nv, nr))| {
+            src.normalize();
+            HttpChange {
+                sources: src.describe(),
+                host: hosts[host].1.clone(),
+                ports: if p.lo == 0 && p.hi == 65535 {
+                    "any".into()
+                } else if p.lo == p.hi {
+                    p.lo.to_string()
+                } else {
+                    format!("{}-{}", p.lo, p.hi)
+                },
+                method: if method == "OTHER" {
+                    "other methods".into()
+                } else {
+                    method
+                },
+                old_verdict: ov,
+                old_rule: or,
+                new_verdict: nv,
+                new_rule: nr,
+            }
+        })
+        .collect())
+}
+
+/// The class of non-TLS CONNECT tunnels in [`diff_http`].
+const PLAIN_CONNECT: &str = "CONNECT non-TLS tunnels";
+const ANY_METHOD: &str = "any method";
+
+/// A zone whose accepted sources differ: the filter drops a packet whose
+/// source is outside its arrival port's zone (no zone: every source).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneChange {
+    pub zone: &'static str,
+    /// Sources the port now accepts and did not.
+    pub accepted: Option<String>,
+    /// Sources the port accepted and now drops as spoofed.
+    pub refused: Option<String>,
+}
+
+pub fn diff_zones(old: &Policy, new: &Policy) -> Vec<ZoneChange> {
+    let mut out = Vec::new();
+    for (zone, name) in [(super::Zone::Edge, "edge"), (super::Zone::Onprem, "onprem")] {
+        let set = |p: &Policy| p.zones().get(zone).cloned().unwrap_or_else(AddrSet::any);
+        let (a, b) = (set(old), set(new));
+        let describe = |s: AddrSet| (!s.is_empty()).then(|| s.describe());
+        let change = ZoneChange {
+            zone: name,
+            accepted: describe(b.minus(&a)),
+            refused: describe(a.minus(&b)),
+        };
+        if change.accepted.is_some() || change.refused.is_some() {
+            out.push(change);
+        }
+    }
+    out
 }
 
 /// Whether an HTTP rule is wholly covered by a single earlier rule.
