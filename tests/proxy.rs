@@ -541,9 +541,12 @@ fn host_header_must_match_the_target() {
         &format!("http://origin.test:{}/", p.origins.http),
     ]);
     assert_eq!(code, 403, "{body}");
-    assert!(body.contains("Host header does not match"), "{body}");
+    assert!(
+        body.contains("Host header \"blocked.test\" does not match"),
+        "{body}"
+    );
     p.wait_record("for the mismatch", |r| {
-        s(r, "/event/reason").contains("Host header does not match")
+        s(r, "/event/reason").contains("Host header \"blocked.test\" does not match")
     });
     // A matching Host followed by another: an origin could route by the
     // second, so neither is trusted.
@@ -562,6 +565,21 @@ fn host_header_must_match_the_target() {
         &format!("CONNECT user@{target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
     );
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    // A CONNECT whose Host names another host or port is refused; one
+    // without a port, or the target itself, is not.
+    let echo = format!("echo.test:{}", p.origins.echo);
+    for (host, want) in [
+        ("blocked.test:443".to_string(), "HTTP/1.1 403"),
+        (format!("echo.test:{}", p.origins.echo + 1), "HTTP/1.1 403"),
+        ("echo.test".to_string(), "HTTP/1.1 200"),
+        (echo.clone(), "HTTP/1.1 200"),
+    ] {
+        let head = raw_status(
+            p.addr,
+            &format!("CONNECT {echo} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        );
+        assert!(head.starts_with(want), "Host {host}: {head}");
+    }
     p.stop_and_verify();
 }
 
@@ -1096,9 +1114,12 @@ fn oversize_headers_and_slowloris_are_cut() {
         &format!("http://origin.test:{}/", p.origins.http),
     ]);
     assert_eq!(code, 431);
-    p.wait_record("for the oversize head", |r| {
+    let r = p.wait_record("for the oversize head", |r| {
         s(r, "/event/reason") == "request head too large"
     });
+    // The record says what the client got, under its own request id.
+    assert_eq!(n(&r, "/http/response/status_code"), 431);
+    assert!(!s(&r, "/http/request/id").is_empty(), "{r}");
     // Just over the limit, sent in one write: the limit is the head's
     // size, not how the read buffer happens to fill.
     let target = format!("origin.test:{}", p.origins.http);
@@ -1140,9 +1161,11 @@ fn oversize_headers_and_slowloris_are_cut() {
         started.elapsed() < Duration::from_secs(8),
         "the proxy must cut a stalled head"
     );
-    p.wait_record("for the slowloris client", |r| {
+    let r = p.wait_record("for the slowloris client", |r| {
         s_contains(r, "/event/reason", "header read timeout")
     });
+    assert!(!s(&r, "/http/request/id").is_empty(), "{r}");
+    assert!(n(&r, "/event/duration") > 0, "{r}");
     p.stop_and_verify();
 }
 

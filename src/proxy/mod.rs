@@ -617,25 +617,38 @@ async fn serve_connection(
     if cut {
         state.counters.denied.fetch_add(1, Ordering::Relaxed);
         let ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-")
-            .with_reason("request head not received within the header read timeout");
+            .with_request_id(&state.request_id())
+            .with_reason("request head not received within the header read timeout")
+            .with_bytes(0, 0, activity.epoch.elapsed());
         submit(&state.audit, ev, false).await;
     }
     slot.park();
     if let Err(e) = result {
         // Requests hyper refused before they reached the service still get
         // a record: a head too large, or one that never finished arriving.
-        let reason = if e.is_parse_too_large() {
-            Some("request head too large")
+        // The status is the one hyper answered with (none for a timeout:
+        // the connection is closed).
+        let refusal = if e.is_parse_too_large() {
+            Some(("request head too large", Some(431)))
         } else if e.is_timeout() {
-            Some("request head not received within the header read timeout")
+            Some((
+                "request head not received within the header read timeout",
+                None,
+            ))
         } else if e.is_parse() {
-            Some("malformed request")
+            Some(("malformed request", Some(400)))
         } else {
             None
         };
-        if let Some(reason) = reason {
+        if let Some((reason, status)) = refusal {
             state.counters.denied.fetch_add(1, Ordering::Relaxed);
-            let ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-").with_reason(reason);
+            let mut ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-")
+                .with_request_id(&state.request_id())
+                .with_reason(reason)
+                .with_bytes(0, 0, activity.epoch.elapsed());
+            if let Some(status) = status {
+                ev = ev.with_status(status);
+            }
             submit(&state.audit, ev, false).await;
         }
     }
@@ -844,6 +857,43 @@ fn refusal_response(r: &Refusal, id: &str) -> Response<ProxyBody> {
     }
     add_via(h, hyper::Version::HTTP_11);
     resp
+}
+
+/// A Host header, if there is one, must name the request's target: the
+/// same host, and the same port (a Host without a port means
+/// `default_port`; with `None`, a port-less Host matches any).
+fn check_host_header(
+    headers: &HeaderMap,
+    host: &Host,
+    port: u16,
+    default_port: Option<u16>,
+) -> Result<(), Refusal> {
+    let Some(h) = headers.get(HOST) else {
+        return Ok(());
+    };
+    let parsed = h
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse::<hyper::http::uri::Authority>().ok())
+        .and_then(|a| {
+            let p = authority_port(&a).ok()?;
+            Some((parse_host(a.host()).ok()?, p))
+        });
+    let matches = match parsed {
+        Some((hh, p)) => hh == *host && p.or(default_port).is_none_or(|p| p == port),
+        None => false,
+    };
+    if matches {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "Host header {:?} does not match the request target {}:{port}",
+            String::from_utf8_lossy(h.as_bytes()),
+            host_text(host)
+        ),
+    ))
 }
 
 /// The port an authority names: `None` without one (or with an empty one,
@@ -1214,31 +1264,7 @@ async fn forward(
             None,
         ));
     }
-    if let Some(h) = req.headers().get(HOST) {
-        let (hh, hp) = match h
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse::<hyper::http::uri::Authority>().ok())
-        {
-            Some(a) => match authority_port(&a) {
-                Ok(p) => (parse_host(a.host()).ok(), p.unwrap_or(80)),
-                Err(_) => (None, 0),
-            },
-            None => (None, 0),
-        };
-        if hh.as_ref() != Some(&host) || hp != port {
-            return Err((
-                Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "Host header does not match the request target {}",
-                        host_text(&host)
-                    ),
-                ),
-                None,
-            ));
-        }
-    }
+    check_host_header(req.headers(), &host, port, Some(80)).map_err(|r| (r, None))?;
     let (rule_name, _, rule) =
         decide(policy, peer.ip(), &host, port, req.method().as_str()).map_err(|r| (r, None))?;
     admit(state).await?;
@@ -1378,6 +1404,9 @@ async fn connect(
     }
     let host = parse_host(authority.host())
         .map_err(|e| (Refusal::new(StatusCode::BAD_REQUEST, e.to_string()), None))?;
+    // A CONNECT's Host names the target too; one that names another host
+    // (or port) is refused as for plain requests.
+    check_host_header(req.headers(), &host, port, None).map_err(|r| (r, None))?;
     let (rule_name, plain_tunnel, rule) =
         decide(policy, peer.ip(), &host, port, "CONNECT").map_err(|r| (r, None))?;
     admit(state).await?;
