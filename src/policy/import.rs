@@ -65,7 +65,11 @@ fn collect_rules<'a>(v: &'a Value, out: &mut Vec<Found<'a>>) {
                 .to_ascii_lowercase()
                 .ends_with("networksecuritygroups/securityrules")
             {
-                let nsg = name.split_once('/').map_or("", |(n, _)| n).to_string();
+                let nsg = if is_arm_expression(name) {
+                    name.to_string()
+                } else {
+                    name.split_once('/').map_or("", |(n, _)| n).to_string()
+                };
                 out.push(Found { nsg, rule: v });
                 return;
             }
@@ -98,7 +102,14 @@ fn collect_rules<'a>(v: &'a Value, out: &mut Vec<Found<'a>>) {
                 .all(|i| i.get("priority").is_some() || i.pointer("/properties/priority").is_some())
                 && !items.is_empty()
             {
-                out.extend(items.iter().map(|rule| Found {
+                // `--include-default` adds Azure's default rules, which
+                // the import appends itself.
+                let default_rule = |rule: &Value| {
+                    rule.get("type")
+                        .and_then(Value::as_str)
+                        .is_some_and(|t| t.to_ascii_lowercase().ends_with("/defaultsecurityrules"))
+                };
+                out.extend(items.iter().filter(|r| !default_rule(r)).map(|rule| Found {
                     nsg: nsg_of_id(rule),
                     rule,
                 }));
@@ -110,6 +121,17 @@ fn collect_rules<'a>(v: &'a Value, out: &mut Vec<Found<'a>>) {
         }
         _ => {}
     }
+}
+
+/// An ARM template expression (`[parameters('p')]`, `[concat(...)]`):
+/// evaluated by Azure at deployment, not by the import.
+fn is_arm_expression(s: &str) -> bool {
+    let s = s.trim();
+    s.starts_with('[') && s.ends_with(']') && !s.starts_with("[[")
+}
+
+fn arm_expression(s: &str) -> String {
+    format!("`{s}` is an ARM template expression, which the import cannot evaluate: import the deployed NSG (`az network nsg rule list`) or write the value")
 }
 
 /// A field of a rule, at the top level or under `properties`.
@@ -188,7 +210,17 @@ impl Ctx<'_> {
             {
                 out.push(item);
             } else if let Some(mapped) = self.tags.get(&item) {
+                if mapped.is_empty() {
+                    return Err(self.err(
+                        &single,
+                        format!(
+                            "service tag `{item}` maps to no prefixes in the --service-tags file"
+                        ),
+                    ));
+                }
                 out.extend(mapped.iter().cloned());
+            } else if is_arm_expression(&item) {
+                return Err(self.err(&single, arm_expression(&item)));
             } else {
                 return Err(self.err(
                     &single,
@@ -383,6 +415,13 @@ pub fn nsg(
     if found.is_empty() {
         return Err(ImportError::NoRules);
     }
+    if let Some(f) = found.iter().find(|f| is_arm_expression(&f.nsg)) {
+        return Err(ImportError::Field {
+            rule: "a securityRules resource".into(),
+            field: "name".into(),
+            problem: arm_expression(&f.nsg),
+        });
+    }
     let groups: std::collections::BTreeSet<&str> = found
         .iter()
         .map(|f| f.nsg.as_str())
@@ -415,9 +454,19 @@ pub fn nsg(
             },
             tags,
         };
+        if is_arm_expression(&raw_name) {
+            return Err(ImportError::Field {
+                rule: format!("securityRules[{i}]"),
+                field: "name".into(),
+                problem: arm_expression(&raw_name),
+            });
+        }
         let priority = field(rule, "priority")
             .and_then(|v| v.as_i64())
-            .ok_or_else(|| ctx.err("priority", "missing or not a number"))?;
+            .ok_or_else(|| match field(rule, "priority").and_then(Value::as_str) {
+                Some(e) if is_arm_expression(e) => ctx.err("priority", arm_expression(e)),
+                _ => ctx.err("priority", "missing or not a number"),
+            })?;
         if !(100..=4096).contains(&priority) {
             return Err(ctx.err(
                 "priority",
@@ -810,6 +859,47 @@ mod tests {
             .unwrap()
             .text
             .contains("rule allow-web allow 0.0.0.0/0 -> 10.0.1.0/24"));
+        // A tag mapped to nothing says so.
+        tags.insert("Internet".to_string(), vec![]);
+        let err = nsg(&tagged, &tags, None).unwrap_err().to_string();
+        assert!(
+            err.contains("service tag `Internet` maps to no prefixes"),
+            "{err}"
+        );
+        // `--include-default` output: Azure's default rules (priorities
+        // 65000 and up) are left to the import's own defaults.
+        let with_defaults = json.replacen(
+            "[",
+            r#"[{"name": "AllowVnetInBound", "priority": 65000, "direction": "Inbound", "access": "Allow",
+                "protocol": "*", "sourceAddressPrefix": "VirtualNetwork", "sourcePortRange": "*",
+                "destinationAddressPrefix": "VirtualNetwork", "destinationPortRange": "*",
+                "type": "Microsoft.Network/networkSecurityGroups/defaultSecurityRules"},"#,
+            1,
+        );
+        let out = nsg(&with_defaults, &BTreeMap::new(), None).unwrap().text;
+        assert!(out.contains("rule deny-ssh deny"), "{out}");
+    }
+
+    #[test]
+    fn arm_expressions_are_named_as_such() {
+        let child = r#"{"resources": [{"type": "Microsoft.Network/networkSecurityGroups/securityRules",
+            "name": "[concat('app-nsg', '/Allow-Icmp')]",
+            "properties": {"priority": 100, "direction": "Inbound", "access": "Allow", "protocol": "Icmp",
+              "sourceAddressPrefix": "*", "sourcePortRange": "*", "destinationAddressPrefix": "*",
+              "destinationPortRange": "*"}}]}"#;
+        let err = nsg(child, &BTreeMap::new(), None).unwrap_err().to_string();
+        assert!(
+            err.contains("`[concat('app-nsg', '/Allow-Icmp')]` is an ARM template expression"),
+            "{err}"
+        );
+        let prio = rule("r", 100, "Inbound", "Allow", "*").replace("100", "\"[parameters('p')]\"");
+        let err = nsg(&format!("[{prio}]"), &BTreeMap::new(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("field `priority`: `[parameters('p')]` is an ARM template expression"),
+            "{err}"
+        );
     }
 
     fn rule(name: &str, priority: i64, direction: &str, access: &str, dst: &str) -> String {
