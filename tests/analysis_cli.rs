@@ -76,6 +76,53 @@ fn lint_reports_each_finding_where_it_is() {
 
     let clean = palisade(&["lint", "policies/palisade.policy"]);
     assert!(clean.status.success(), "{}", text(&clean.stderr));
+    // An expired rule is said once, as L0103.
+    assert!(!err.contains("W0311"), "{err}");
+}
+
+#[test]
+fn lint_shows_every_covering_rule_zones_and_names_used_only_by_unused_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.policy");
+    std::fs::write(
+        &path,
+        "net inner  = 192.0.2.1\n\
+         net outer  = inner, 192.0.2.2\n\
+         zone edge   = 192.0.2.0/24\n\
+         zone onprem = 198.51.100.0/24\n\
+         rule lo-web  allow 192.0.2.0/25 -> 198.51.100.0/24 service tcp/443\n\
+         rule hi-web  allow 192.0.2.128/25 -> 198.51.100.0/24 service tcp/443\n\
+         rule all-web allow 192.0.2.0/24 -> 198.51.100.0/24 service tcp/443\n\
+         rule ghost   allow 203.0.113.0/24 -> 198.51.100.0/24 service tcp/22\n\
+         rule soon    allow 192.0.2.0/24 -> 198.51.100.9 service tcp/8443 expires 2026-11-25\n\
+         default deny\n",
+    )
+    .unwrap();
+    let out = palisade(&["lint", "--today", TODAY, path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    let finding = |code: &str, needle: &str| {
+        err.split("\n\n")
+            .find(|d| d.contains(&format!("[{code}]")) && d.contains(needle))
+            .unwrap_or_else(|| panic!("{code} {needle}: {err}"))
+            .to_string()
+    };
+    // Covered by two rules together: both are shown where they are.
+    let d = finding("L0102", "rule `all-web` is redundant");
+    assert!(
+        d.contains("`lo-web`, `hi-web` already allow every flow"),
+        "{d}"
+    );
+    assert!(
+        d.contains("p.policy:5:1") && d.contains("p.policy:6:1"),
+        "{d}"
+    );
+    // Sources in neither zone never pass the filter.
+    finding("L0108", "rule `ghost` can never match at the filter");
+    // `inner` is used only by the unused `outer`.
+    finding("L0104", "`outer` is defined but never used");
+    finding("L0104", "`inner` is defined but never used");
+    finding("L0105", "rule `soon` expires on 2026-11-25, today");
 }
 
 #[test]

@@ -4,7 +4,7 @@ use clap::Args;
 use palisade::policy::expect::{self, Query};
 use palisade::policy::load::{load_policy, Failed, FsLoader};
 use palisade::policy::{
-    explain, fmt as pfmt, parse, Compiled, Date, Diagnostic, Options, SourceMap,
+    explain, fmt as pfmt, parse, Compiled, Date, Diagnostic, Diagnostics, Options, SourceMap,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -152,9 +152,22 @@ fn load(path: &Path, today: Option<Date>) -> Result<Compiled, Failed> {
 /// Loads one policy, printing its diagnostics; `None` when it does not
 /// compile.
 pub fn load_one(path: &Path, today: Option<Date>) -> Option<Compiled> {
+    load_one_except(path, today, &[])
+}
+
+/// As [`load_one`], without printing the compile warnings whose codes are
+/// in `skip` (a command that reports the same thing its own way).
+pub fn load_one_except(path: &Path, today: Option<Date>, skip: &[&str]) -> Option<Compiled> {
     match load(path, today) {
-        Ok(c) => {
-            eprint!("{}", c.diagnostics.render(&c.sources));
+        Ok(mut c) => {
+            let shown = Diagnostics {
+                items: std::mem::take(&mut c.diagnostics.items)
+                    .into_iter()
+                    .filter(|d| !skip.contains(&d.code))
+                    .collect(),
+            };
+            eprint!("{}", shown.render(&c.sources));
+            c.diagnostics = shown;
             Some(c)
         }
         Err(f) => {

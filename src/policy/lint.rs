@@ -10,13 +10,17 @@
 //! | L0105 | a rule expires within the warning window |
 //! | L0106 | an allow rule is overly broad (`any -> any`) |
 //! | L0107 | an HTTP rule is shadowed or redundant behind one earlier HTTP rule |
+//! | L0108 | a packet rule's sources are in neither zone, so the filter drops them as spoofed |
 //! | L0199 | the shadowing analysis gave up on a policy too fragmented to analyse |
 
 use super::analysis::{any_to_any_families, coverage, http_covered_by, Coverage, PIECE_BUDGET};
 use super::ast::{HttpDest, NetItem, Stmt, SvcItem};
 use super::diag::{Diagnostic, Diagnostics};
 use super::{entries, Compiled, Date, Verdict};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+
+/// Covering rules shown with their source lines in one finding.
+const MAX_SHOWN: usize = 6;
 
 #[derive(Debug, Clone, Copy)]
 pub struct LintOptions {
@@ -33,38 +37,49 @@ fn add_nets<'a>(items: &'a [NetItem], used: &mut HashSet<&'a str>) {
     }
 }
 
+fn add_svcs<'a>(items: &'a [SvcItem], used: &mut HashSet<&'a str>) {
+    for i in items {
+        if let SvcItem::Name(n) = i {
+            used.insert(n.text.as_str());
+        }
+    }
+}
+
+/// Names some rule or zone uses, directly or through other names: a name
+/// only an unused name refers to is unused too.
 fn names_used(c: &Compiled) -> HashSet<&str> {
-    let mut used = HashSet::new();
+    let mut roots = HashSet::new();
+    let mut refers: HashMap<&str, HashSet<&str>> = HashMap::new();
     let net = add_nets;
     for f in &c.syntax {
         for s in &f.stmts {
             match s {
-                Stmt::Net(d) | Stmt::Zone(d) => net(&d.items, &mut used),
-                Stmt::Svc(d) => {
-                    for i in &d.items {
-                        if let SvcItem::Name(n) = i {
-                            used.insert(n.text.as_str());
-                        }
-                    }
-                }
+                Stmt::Net(d) => net(&d.items, refers.entry(d.name.text.as_str()).or_default()),
+                Stmt::Svc(d) => add_svcs(&d.items, refers.entry(d.name.text.as_str()).or_default()),
+                Stmt::Zone(d) => net(&d.items, &mut roots),
                 Stmt::Rule(r) => {
-                    net(&r.src, &mut used);
-                    net(&r.dst, &mut used);
-                    for i in &r.services {
-                        if let SvcItem::Name(n) = i {
-                            used.insert(n.text.as_str());
-                        }
-                    }
+                    net(&r.src, &mut roots);
+                    net(&r.dst, &mut roots);
+                    add_svcs(&r.services, &mut roots);
                 }
                 Stmt::Http(r) => {
-                    net(&r.src, &mut used);
+                    net(&r.src, &mut roots);
                     for d in &r.dst {
                         if let HttpDest::Net(NetItem::Name(n)) = d {
-                            used.insert(n.text.as_str());
+                            roots.insert(n.text.as_str());
                         }
                     }
                 }
                 _ => {}
+            }
+        }
+    }
+    let mut used = HashSet::new();
+    let mut todo: Vec<&str> = roots.into_iter().collect();
+    while let Some(n) = todo.pop() {
+        if used.insert(n) {
+            if let Some(to) = refers.get(n) {
+                todo.extend(to.iter().copied());
             }
         }
     }
@@ -129,12 +144,26 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
                         format!(
                             "{} already {} every flow it matches",
                             names.join(", "),
-                            r.verdict.as_str()
+                            match (names.len(), r.verdict) {
+                                (1, Verdict::Allow) => "allows",
+                                (1, Verdict::Deny) => "denies",
+                                (_, v) => v.as_str(),
+                            }
                         ),
                     )
                 };
-                if let Some(first) = by.first().and_then(|id| policy.rule(*id)) {
-                    d = d.also(first.span, "covered by this rule");
+                // Every rule that takes a part of it, where it is (a
+                // handful; the message names them all).
+                let covering: Vec<_> = by.iter().filter_map(|id| policy.rule(*id)).collect();
+                for e in covering.iter().take(MAX_SHOWN) {
+                    d = d.also(
+                        e.span,
+                        if covering.len() == 1 {
+                            "covered by this rule".to_string()
+                        } else {
+                            format!("`{}` covers a part of it", e.name)
+                        },
+                    );
                 }
                 out.push(d);
             }
@@ -170,6 +199,28 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
             );
         }
     }
+    // Sources no port accepts: with both zones set, the filter drops a
+    // packet whose source is outside its arrival port's zone.
+    if let (Some(edge), Some(onprem)) = (&policy.zones().edge, &policy.zones().onprem) {
+        let mut zoned = edge.clone();
+        zoned.union(onprem);
+        zoned.normalize();
+        for r in policy.rules().iter().filter(|r| r.active) {
+            if !r.src.is_empty() && !r.src.intersects(&zoned) {
+                out.push(
+                    Diagnostic::warning(
+                        "L0108",
+                        format!(
+                            "rule `{}` can never match at the filter: its sources are in neither zone",
+                            r.name
+                        ),
+                    )
+                    .at(r.span, "no port accepts these sources")
+                    .help("packets from these sources are dropped as spoofed on both ports; add them to a zone, or remove the rule"),
+                );
+            }
+        }
+    }
     // Expiry.
     let today = opts.today.unix_days();
     let check_expiry =
@@ -181,8 +232,12 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
                         Diagnostic::warning(
                             "L0105",
                             format!(
-                                "rule `{name}` expires on {d}, in {left} day{}",
-                                if left == 1 { "" } else { "s" }
+                                "rule `{name}` expires on {d}, {}",
+                                match left {
+                                    0 => "today".to_string(),
+                                    1 => "tomorrow".to_string(),
+                                    n => format!("in {n} days"),
+                                }
                             ),
                         )
                         .at(span, "expires soon")
@@ -236,7 +291,7 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
             out.push(
                 Diagnostic::warning(
                     "L0106",
-                    format!("http rule `{}` allows any host to any client", r.name),
+                    format!("http rule `{}` lets any client reach any host", r.name),
                 )
                 .at(r.span, "overly broad allow"),
             );
