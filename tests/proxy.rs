@@ -830,12 +830,16 @@ fn plain_bytes_in_a_tunnel_need_plain_tunnel() {
 
 /// A CONNECT that the proxy refuses at accept: the socket is closed
 /// before any response.
+/// Whether a new connection is refused at accept: answered 503 and closed.
 fn refused_at_accept(proxy: SocketAddr, target: &str) -> bool {
     let mut s = TcpStream::connect(proxy).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let _ = write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
     let mut b = [0u8; 64];
-    matches!(s.read(&mut b), Ok(0) | Err(_))
+    match s.read(&mut b) {
+        Ok(n) => b[..n].starts_with(b"HTTP/1.1 503"),
+        Err(_) => false,
+    }
 }
 
 #[test]
@@ -853,8 +857,13 @@ fn open_tunnels_count_against_the_connection_limit() {
     // Two tunnels are open: a third connection is over the limit.
     assert!(
         refused_at_accept(p.addr, &target),
-        "a third connection while two tunnels are open must be refused"
+        "a third connection while two tunnels are open must be refused with a 503"
     );
+    let r = p.wait_record("for the refused connection", |r| {
+        s_contains(r, "/event/reason", "max_connections_per_client")
+    });
+    assert_eq!(n(&r, "/http/response/status_code"), 503);
+    assert_eq!(s(&r, "/event/action"), "denied");
     // Closing one frees its place.
     drop(open.pop());
     p.wait_record("for the closed tunnel", |r| {

@@ -439,19 +439,51 @@ impl Worker {
                     continue;
                 }
             };
-            let Some(guard) = ConnectionGuard::admit(state, peer.ip()) else {
-                state
-                    .counters
-                    .refused_connections
-                    .fetch_add(1, Ordering::Relaxed);
-                drop(stream);
-                continue;
+            let guard = match ConnectionGuard::admit(state, peer.ip()) {
+                Ok(g) => g,
+                Err(why) => {
+                    state
+                        .counters
+                        .refused_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    refuse_connection(state, stream, peer, why);
+                    continue;
+                }
             };
             state.counters.connections.fetch_add(1, Ordering::Relaxed);
             let slot = Arc::new(upstream::Slot::new(self.idle.clone()));
             tokio::spawn(serve_connection(state.clone(), slot, stream, peer, guard));
         }
     }
+}
+
+/// A connection over the limits gets a 503 it can read and an audit
+/// record, without any wait: neither the answer nor the record may let a
+/// flood of connections hold the accepting thread or the limits' places.
+/// (Under such a flood the records the log cannot take at once are counted
+/// as lost, and the trail says so in a gap record.)
+fn refuse_connection(state: &State, stream: TcpStream, peer: SocketAddr, why: &str) {
+    let id = state.request_id();
+    let body = format!("palisade: Service Unavailable ({why})\nrequest id: {id}\n");
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nretry-after: 1\r\nx-palisade-request-id: {id}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(answer.as_bytes());
+    // What already arrived is read away, so that the close is a FIN the
+    // client reads the answer before, not a reset that discards it.
+    let mut sink = [0u8; 4096];
+    let _ = stream.try_read(&mut sink);
+    if let Ok(std) = stream.into_std() {
+        let _ = std.shutdown(std::net::Shutdown::Write);
+    }
+    let ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-")
+        .with_request_id(&id)
+        .with_reason(why)
+        .with_status(503);
+    let _ = state.audit.try_submit(&ev);
 }
 
 async fn reload(state: Arc<State>) -> Result<String, String> {
@@ -487,18 +519,21 @@ struct ConnectionGuard {
 }
 
 impl ConnectionGuard {
-    fn admit(state: &Arc<State>, ip: IpAddr) -> Option<ConnectionGuard> {
-        let mut per = state.per_client.lock().ok()?;
+    /// The guard, or why the connection is refused.
+    fn admit(state: &Arc<State>, ip: IpAddr) -> Result<ConnectionGuard, &'static str> {
+        let Ok(mut per) = state.per_client.lock() else {
+            return Err("connection limits unavailable");
+        };
         if state.open.load(Ordering::Relaxed) as usize >= state.config.max_connections {
-            return None;
+            return Err("too many client connections in total (max_connections)");
         }
         let n = per.entry(ip).or_insert(0);
         if *n >= state.config.max_connections_per_client {
-            return None;
+            return Err("too many connections from this client (max_connections_per_client)");
         }
         *n += 1;
         state.open.fetch_add(1, Ordering::Relaxed);
-        Some(ConnectionGuard {
+        Ok(ConnectionGuard {
             state: state.clone(),
             ip,
         })
