@@ -26,6 +26,9 @@ pub enum ImportError {
     },
     #[error("service tag mapping: {0}")]
     Mapping(String),
+    /// A ClassBench rule line that does not parse.
+    #[error(transparent)]
+    ClassBench(#[from] crate::classify::classbench::ClassBenchError),
     #[error("the document holds rules of several network security groups ({0}): traffic must pass each NSG on its path, which one first-match list cannot express; import them one at a time")]
     Several(String),
     #[error("the document holds {inbound} Inbound and {outbound} Outbound rules: an NSG judges each direction on its own and a policy is one first-match list; choose one with --direction inbound or --direction outbound")]
@@ -446,17 +449,24 @@ pub fn nsg(
             .and_then(|v| v.as_str())
             .unwrap_or("")
             .to_string();
+        // Where the rule is in the document: the array `az network nsg
+        // rule list` prints, or an NSG's `securityRules`.
+        let at = if doc.is_array() {
+            format!("[{i}]")
+        } else {
+            format!("securityRules[{i}]")
+        };
         let ctx = Ctx {
             rule: if raw_name.is_empty() {
-                format!("securityRules[{i}]")
+                at.clone()
             } else {
-                format!("rule `{raw_name}` (securityRules[{i}])")
+                format!("rule `{raw_name}` ({at})")
             },
             tags,
         };
         if is_arm_expression(&raw_name) {
             return Err(ImportError::Field {
-                rule: format!("securityRules[{i}]"),
+                rule: at,
                 field: "name".into(),
                 problem: arm_expression(&raw_name),
             });
@@ -710,11 +720,7 @@ pub fn nsg(
 /// `default deny`. Rule `cbN` is line N+1 (ClassBench's 0-based rule id N).
 pub fn classbench(text: &str) -> Result<String, ImportError> {
     use crate::classify::classbench::parse_rules;
-    let entries = parse_rules(text).map_err(|e| ImportError::Field {
-        rule: format!("line {}", e.line),
-        field: e.field.to_string(),
-        problem: format!("column {}: {}", e.column, e.reason),
-    })?;
+    let entries = parse_rules(text)?;
     let addr = |iv: crate::classify::Interval<u32>| -> String {
         if iv.lo == 0 && iv.hi == u32::MAX {
             return "any4".into();
@@ -852,7 +858,7 @@ mod tests {
             "\"Internet\", \"sourcePortRange\"",
         );
         let err = nsg(&tagged, &BTreeMap::new(), None).unwrap_err();
-        assert!(err.to_string().contains("rule `allow-web` (securityRules[0]): field `sourceAddressPrefix`: `Internet` is a service tag"), "{err}");
+        assert!(err.to_string().contains("rule `allow-web` ([0]): field `sourceAddressPrefix`: `Internet` is a service tag"), "{err}");
         let mut tags = BTreeMap::new();
         tags.insert("Internet".to_string(), vec!["0.0.0.0/0".to_string()]);
         assert!(nsg(&tagged, &tags, None)
