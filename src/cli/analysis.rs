@@ -286,13 +286,10 @@ pub fn import(cmd: ImportCommand) -> ExitCode {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("rules").required(true).args(["policy", "classbench"])))]
 pub struct ClassifyArgs {
     /// The policy's root file.
-    #[arg(
-        long,
-        required_unless_present = "classbench",
-        conflicts_with = "classbench"
-    )]
+    #[arg(long)]
     pub policy: Option<PathBuf>,
     /// A ClassBench rule file, used directly as the rule set.
     #[arg(long)]
