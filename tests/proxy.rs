@@ -1209,6 +1209,22 @@ fn reload_keeps_serving_through_a_broken_policy() {
     });
     assert!(r.to_string().contains("unknown network"), "{r}");
     assert_eq!(p.curl(&[&url]).0, 200, "the old policy must stay in force");
+    // A policy that compiles but fails its own expectations is refused
+    // too: it does not do what its authors said.
+    std::fs::write(
+        &p.policy,
+        format!(
+            "default deny log\nexpect allow http 127.0.0.1 -> http://origin.test:{}/\n",
+            p.origins.http
+        ),
+    )
+    .unwrap();
+    signal(child, rustix::process::Signal::HUP);
+    let r = p.wait_record("for the refused reload", |r| {
+        s(r, "/event/action") == "reload-failed" && r.to_string().contains("expectations fail")
+    });
+    assert!(r.to_string().contains("E0400"), "{r}");
+    assert_eq!(p.curl(&[&url]).0, 200, "the old policy must stay in force");
     // A good policy that denies the origin: swapped in.
     std::fs::write(&p.policy, "default deny log\n").unwrap();
     signal(child, rustix::process::Signal::HUP);

@@ -1,14 +1,12 @@
 //! `palisade filter`: the inline filter daemon.
 
-use super::policy::today;
 use super::proxy::open_audit;
 use clap::Args;
 use palisade::audit::AuditEvent;
 use palisade::config::{Config, PortIo};
 use palisade::conntrack::Timeouts;
 use palisade::dataplane::{self, port, Engine, EngineConfig};
-use palisade::policy::load::{load_policy, FsLoader};
-use palisade::policy::{Options, Policy};
+use palisade::policy::Policy;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,8 +32,7 @@ pub struct FilterArgs {
 }
 
 fn load(path: &Path) -> Result<Policy, String> {
-    let c = load_policy(path, &FsLoader, Options { today: today() })
-        .map_err(|f| f.diagnostics.render(&f.sources))?;
+    let c = super::policy::load_for_enforcement(path)?;
     let z = c.policy.zones();
     if z.edge.is_none() || z.onprem.is_none() {
         return Err(format!(

@@ -242,6 +242,33 @@ pub fn check(args: CheckArgs) -> ExitCode {
     ExitCode::from(worst)
 }
 
+/// Compiles a policy to put in force (a daemon's start or reload): it must
+/// compile, and its own expectations must hold, or it is refused with the
+/// diagnostics, and a running daemon keeps the policy it has.
+pub fn load_for_enforcement(path: &Path) -> Result<Compiled, String> {
+    let c = load_policy(path, &FsLoader, Options { today: today() })
+        .map_err(|f| f.diagnostics.render(&f.sources))?;
+    let failed = Diagnostics {
+        items: c
+            .expectations
+            .iter()
+            .filter_map(|e| {
+                let o = expect::run(&c.policy, e);
+                (!o.passed).then(|| expectation_failure(&c, e, &o))
+            })
+            .collect(),
+    };
+    if failed.items.is_empty() {
+        return Ok(c);
+    }
+    Err(format!(
+        "{}{}: {} of its expectations fail; the policy is not put in force",
+        failed.render(&c.sources),
+        path.display(),
+        failed.items.len()
+    ))
+}
+
 fn expectation_failure(c: &Compiled, e: &expect::Expectation, o: &expect::Outcome) -> Diagnostic {
     let wanted = match &e.by {
         Some(b) => format!("{} by `{b}`", e.verdict.as_str()),

@@ -1,11 +1,8 @@
 //! `palisade proxy`: the forced-tunneling proxy daemon.
 
-use super::policy::today;
 use clap::Args;
 use palisade::audit::{generate_key_pair, AuditLog};
 use palisade::config::Config;
-use palisade::policy::load::{load_policy, FsLoader};
-use palisade::policy::Options;
 use palisade::proxy::Proxy;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,11 +42,8 @@ pub fn run(args: ProxyArgs) -> ExitCode {
         config.audit.dir = d;
     }
     let policy_path = config.policy.clone();
-    let loader = Box::new(move || {
-        load_policy(&policy_path, &FsLoader, Options { today: today() })
-            .map(|c| c.policy)
-            .map_err(|f| f.diagnostics.render(&f.sources))
-    });
+    let loader =
+        Box::new(move || super::policy::load_for_enforcement(&policy_path).map(|c| c.policy));
     let audit = match open_audit(&config) {
         Ok(a) => a,
         Err(code) => return code,

@@ -858,7 +858,12 @@ mod tests {
             "\"Internet\", \"sourcePortRange\"",
         );
         let err = nsg(&tagged, &BTreeMap::new(), None).unwrap_err();
-        assert!(err.to_string().contains("rule `allow-web` ([0]): field `sourceAddressPrefix`: `Internet` is a service tag"), "{err}");
+        assert!(
+            err.to_string().contains(
+                "rule `allow-web` ([0]): field `sourceAddressPrefix`: `Internet` is a service tag"
+            ),
+            "{err}"
+        );
         let mut tags = BTreeMap::new();
         tags.insert("Internet".to_string(), vec!["0.0.0.0/0".to_string()]);
         assert!(nsg(&tagged, &tags, None)
