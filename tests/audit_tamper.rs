@@ -11,6 +11,15 @@ struct Trail {
     keys: Keys,
 }
 
+/// The trail's newest file.
+fn last_file(dir: &std::path::Path) -> std::path::PathBuf {
+    (1..)
+        .map(|i| file(dir, i))
+        .take_while(|p| p.exists())
+        .last()
+        .unwrap()
+}
+
 fn trail() -> Trail {
     let tmp = tempfile::tempdir().unwrap();
     let keys = keygen(tmp.path());
@@ -122,11 +131,7 @@ fn inserted_line_is_located() {
 #[test]
 fn truncated_tail_is_located() {
     let t = trail();
-    let last = (1..)
-        .map(|i| file(&t.dir, i))
-        .take_while(|p| p.exists())
-        .last()
-        .unwrap();
+    let last = last_file(&t.dir);
     let len = std::fs::metadata(&last).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
     f.set_len(len - 20).unwrap();
@@ -139,11 +144,7 @@ fn truncated_tail_is_located() {
 #[test]
 fn whole_lines_cut_off_the_end_leave_the_trail_open() {
     let t = trail();
-    let last = (1..)
-        .map(|i| file(&t.dir, i))
-        .take_while(|p| p.exists())
-        .last()
-        .unwrap();
+    let last = last_file(&t.dir);
     let mut lines = read_lines(&last);
     lines.truncate(lines.len() - 2); // the stop record and its checkpoint
     write_lines(&last, &lines);
@@ -285,11 +286,7 @@ fn edited_checkpoint_counters_are_caught() {
     // The stop checkpoint's counters say whether records were lost; an
     // edit that hides (or invents) losses breaks its signature.
     let t = trail();
-    let last_file = (1..)
-        .map(|i| file(&t.dir, i))
-        .take_while(|p| p.exists())
-        .last()
-        .unwrap();
+    let last_file = last_file(&t.dir);
     let mut lines = read_lines(&last_file);
     let stop = lines.last_mut().unwrap();
     assert!(stop.contains("\"lost_records\":0"), "{stop}");
@@ -305,11 +302,7 @@ fn record_appended_after_the_stop_checkpoint_is_inserted() {
     // A record chained correctly after the signed stop, in the same boot:
     // nothing of that boot may follow its stop.
     let t = trail();
-    let last_file = (1..)
-        .map(|i| file(&t.dir, i))
-        .take_while(|p| p.exists())
-        .last()
-        .unwrap();
+    let last_file = last_file(&t.dir);
     let mut lines = read_lines(&last_file);
     let stop: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     use sha2::Digest;

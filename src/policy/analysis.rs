@@ -111,25 +111,7 @@ pub type Claim<A> = (Fields<A>, Option<RuleId>);
 /// Each rule's effective region in one family: boxes claimed by the rule
 /// (`Some(id)`) or left to the default (`None`).
 pub fn effective<A: Address + Scalar>(entries: &[Entry<A>]) -> Result<Vec<Claim<A>>, TooComplex> {
-    let mut remaining = vec![Fields::<A>::any()];
-    let mut claimed = Vec::new();
-    for e in entries {
-        let mut next = Vec::with_capacity(remaining.len());
-        for p in &remaining {
-            if let Some(x) = intersect(p, &e.fields) {
-                claimed.push((x, Some(e.rule)));
-                subtract(p, &e.fields, &mut next);
-            } else {
-                next.push(*p);
-            }
-        }
-        remaining = next;
-        if remaining.len() + claimed.len() > PIECE_BUDGET {
-            return Err(TooComplex);
-        }
-    }
-    claimed.extend(remaining.into_iter().map(|p| (p, None)));
-    Ok(claimed)
+    effective_within(entries, Fields::<A>::any())
 }
 
 /// How much of a rule earlier rules cover.
