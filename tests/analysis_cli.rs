@@ -126,6 +126,38 @@ fn lint_shows_every_covering_rule_zones_and_names_used_only_by_unused_names() {
 }
 
 #[test]
+fn lint_finds_http_rules_covered_by_several_earlier_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("h.policy");
+    std::fs::write(
+        &path,
+        "http m1 allow 192.0.2.0/25 -> \"example.com\" port 443\n\
+         http m2 allow 192.0.2.128/25 -> \"example.com\" port 443\n\
+         http m3 allow 192.0.2.0/24 -> \"example.com\" port 443\n\
+         http w1 deny 192.0.2.0/24 -> \"*.example.org\"\n\
+         http w2 allow 192.0.2.0/24 -> \"a.example.org\" port 443\n\
+         http w3 allow 192.0.2.0/24 -> \"b.example.org\", \"example.net\" port 443\n\
+         default deny\n",
+    )
+    .unwrap();
+    let out = palisade(&["lint", path.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("http rule `m3` is redundant by `m1`, `m2`")
+            && err.contains("h.policy:1:1")
+            && err.contains("h.policy:2:1"),
+        "{err}"
+    );
+    assert!(err.contains("http rule `w2` is shadowed by `w1`"), "{err}");
+    // w3 still decides example.net.
+    assert!(!err.contains("`w3`"), "{err}");
+    assert_eq!(
+        text(&out.stdout),
+        format!("{}: 2 findings\n", path.display())
+    );
+}
+
+#[test]
 fn diff_shows_what_traffic_changes() {
     let out = palisade(&[
         "diff",

@@ -573,8 +573,26 @@ pub struct HttpChange {
 /// Proxy requests whose verdict differs. The request space is cut into
 /// classes by every source set, host pattern, port set and method named in
 /// either policy; one representative of each class is decided by both.
-pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooComplex> {
-    let rules: Vec<&super::HttpRule> = old.http_rules().iter().chain(new.http_rules()).collect();
+/// The request space cut into classes by every source set, host pattern,
+/// port set and method the rules name: within a class every rule matches
+/// every request or none, so one representative decides for the class.
+struct HttpClasses {
+    /// A representative source and the class's addresses.
+    sources: Vec<(IpAddr, AddrSet)>,
+    /// A representative host and the class in words.
+    hosts: Vec<(HttpHost, String)>,
+    ports: Vec<Interval<u16>>,
+    /// `CONNECT`, `GET`, every method a rule names, and `OTHER`.
+    methods: Vec<String>,
+}
+
+impl HttpClasses {
+    fn count(&self) -> usize {
+        self.sources.len() * self.hosts.len() * self.ports.len() * self.methods.len()
+    }
+}
+
+fn http_classes(rules: &[&super::HttpRule]) -> HttpClasses {
     let v4sets: Vec<&[Interval<u32>]> = rules.iter().map(|r| r.src.v4.as_slice()).collect();
     let v6sets: Vec<&[Interval<u128>]> = rules.iter().map(|r| r.src.v6.as_slice()).collect();
     let mut sources: Vec<(IpAddr, AddrSet)> = Vec::new();
@@ -589,7 +607,7 @@ pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooCompl
         sources.push((IpAddr::V6(Ipv6Addr::from(iv.lo)), s));
     }
     let mut hosts: Vec<(HttpHost, String)> = Vec::new();
-    for r in &rules {
+    for r in rules {
         for h in &r.hosts {
             let (rep, label) = match h {
                 super::HostPattern::Any => continue,
@@ -650,10 +668,8 @@ pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooCompl
     }
     let port_sets: Vec<&[Interval<u16>]> = rules.iter().map(|r| r.ports.as_slice()).collect();
     let ports = elementary(&port_sets, 0u16, u16::MAX);
-    // Methods as the request classes see them; a CONNECT is two classes:
-    // TLS tunnels, and the non-TLS ones a rule must allow (`plain-tunnel`).
-    let mut methods: Vec<String> = vec!["CONNECT".into(), PLAIN_CONNECT.into(), "GET".into()];
-    for r in &rules {
+    let mut methods: Vec<String> = vec!["CONNECT".into(), "GET".into()];
+    for r in rules {
         for m in &r.methods {
             if !methods.contains(m) {
                 methods.push(m.clone());
@@ -661,6 +677,73 @@ pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooCompl
         }
     }
     methods.push("OTHER".into());
+    HttpClasses {
+        sources,
+        hosts,
+        ports,
+        methods,
+    }
+}
+
+/// Which earlier HTTP rules decide every request rule `i` matches: `None`
+/// when `i` decides some request itself. Exact, over the classes of all
+/// the policy's HTTP rules, so a rule covered only by several earlier
+/// rules together is found too.
+pub fn http_coverage(policy: &Policy, i: usize) -> Result<Option<Vec<usize>>, TooComplex> {
+    let rules: Vec<&super::HttpRule> = policy.http_rules().iter().collect();
+    let Some(rule) = rules.get(i) else {
+        return Ok(None);
+    };
+    let c = http_classes(&rules);
+    if c.count() > PIECE_BUDGET * 10 {
+        return Err(TooComplex);
+    }
+    let mut by: Vec<usize> = Vec::new();
+    let mut matched = false;
+    for (src, _) in &c.sources {
+        if !rule.src.contains(*src) {
+            continue;
+        }
+        for (host, _) in &c.hosts {
+            for p in &c.ports {
+                for m in &c.methods {
+                    let req = HttpRequest {
+                        src: *src,
+                        host: host.clone(),
+                        port: p.lo,
+                        method: m.clone(),
+                    };
+                    if !rule.matches(&req) {
+                        continue;
+                    }
+                    matched = true;
+                    match policy.decide_http(&req).rule {
+                        Some(j) if j < i => {
+                            if !by.contains(&j) {
+                                by.push(j);
+                            }
+                        }
+                        _ => return Ok(None),
+                    }
+                }
+            }
+        }
+    }
+    by.sort_unstable();
+    Ok(matched.then_some(by))
+}
+
+pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooComplex> {
+    let rules: Vec<&super::HttpRule> = old.http_rules().iter().chain(new.http_rules()).collect();
+    let HttpClasses {
+        sources,
+        hosts,
+        ports,
+        mut methods,
+    } = http_classes(&rules);
+    // A CONNECT is two classes here: TLS tunnels, and the non-TLS ones a
+    // rule must allow (`plain-tunnel`).
+    methods.insert(1, PLAIN_CONNECT.into());
     if sources.len() * hosts.len() * ports.len() * methods.len() > PIECE_BUDGET * 10 {
         return Err(TooComplex);
     }

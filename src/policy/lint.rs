@@ -9,11 +9,13 @@
 //! | L0104 | a name is defined but never used |
 //! | L0105 | a rule expires within the warning window |
 //! | L0106 | an allow rule is overly broad (`any -> any`) |
-//! | L0107 | an HTTP rule is shadowed or redundant behind one earlier HTTP rule |
+//! | L0107 | an HTTP rule is shadowed or redundant behind earlier HTTP rules |
 //! | L0108 | a packet rule's sources are in neither zone, so the filter drops them as spoofed |
 //! | L0199 | the shadowing analysis gave up on a policy too fragmented to analyse |
 
-use super::analysis::{any_to_any_families, coverage, http_covered_by, Coverage, PIECE_BUDGET};
+use super::analysis::{
+    any_to_any_families, coverage, http_coverage, http_covered_by, Coverage, PIECE_BUDGET,
+};
 use super::ast::{HttpDest, NetItem, Stmt, SvcItem};
 use super::diag::{Diagnostic, Diagnostics};
 use super::{entries, Compiled, Date, Verdict};
@@ -265,23 +267,34 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
             );
             continue;
         }
-        if let Some(e) = http[..i].iter().find(|e| http_covered_by(r, e)) {
-            let (what, code_text) = if e.verdict == r.verdict {
-                ("redundant", "already decides")
-            } else {
-                ("shadowed", "decides first")
+        // One earlier rule that covers it (cheap); else the exact check,
+        // which also finds a rule covered by several earlier ones.
+        let by = match http[..i].iter().position(|e| http_covered_by(r, e)) {
+            Some(j) => Some(vec![j]),
+            None => http_coverage(policy, i).ok().flatten(),
+        };
+        if let Some(by) = by.filter(|b| !b.is_empty()) {
+            let covering: Vec<&super::HttpRule> = by.iter().map(|&j| &http[j]).collect();
+            let names: Vec<String> = covering.iter().map(|e| format!("`{}`", e.name)).collect();
+            let one = names.len() == 1;
+            let (what, code_text) = match (covering.iter().all(|e| e.verdict == r.verdict), one) {
+                (true, true) => ("redundant", "already decides"),
+                (true, false) => ("redundant", "already decide"),
+                (false, true) => ("shadowed", "decides first"),
+                (false, false) => ("shadowed", "decide first"),
             };
-            out.push(
-                Diagnostic::warning(
-                    "L0107",
-                    format!("http rule `{}` is {what} by `{}`", r.name, e.name),
-                )
-                .at(
-                    r.span,
-                    format!("`{}` {code_text} every request it matches", e.name),
-                )
-                .also(e.span, "covering rule"),
+            let mut d = Diagnostic::warning(
+                "L0107",
+                format!("http rule `{}` is {what} by {}", r.name, names.join(", ")),
+            )
+            .at(
+                r.span,
+                format!("{} {code_text} every request it matches", names.join(", ")),
             );
+            for e in covering.iter().take(MAX_SHOWN) {
+                d = d.also(e.span, "covering rule");
+            }
+            out.push(d);
         }
         let all = super::AddrSet::any();
         if r.verdict == Verdict::Allow
