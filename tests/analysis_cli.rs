@@ -297,6 +297,15 @@ fn export_nft_is_accepted_by_nft() {
     let ruleset = text(&out.stdout);
     assert!(ruleset.contains("ct state established,related accept"));
     assert!(ruleset.contains("policy drop;"));
+    // A list of addresses is a named set the rule refers to (`mail` has
+    // two that are not one prefix); a single prefix stays inline.
+    assert!(
+        ruleset.contains("\tset r7_dst_v4 {")
+            && ruleset.contains("elements = { 198.51.100.40, 198.51.100.42 }")
+            && ruleset.contains("ip saddr 192.0.2.0/24 ip daddr @r7_dst_v4 ")
+            && ruleset.contains("ip daddr 198.51.100.10/31 "),
+        "{ruleset}"
+    );
     if !(root() && have("nft")) {
         eprintln!("SKIP nft -c: needs root and nft (.ci/run installs nftables)");
         return;
@@ -530,6 +539,9 @@ fn export_nft_decides_like_palisade_in_the_kernel() {
         // The rules allow the flow, but the filter only lets a SYN open it.
         (Probe::Ack, "192.0.2.5", 40012, "198.51.100.10", 443),
         (Probe::Syn, "192.0.2.5", 40013, "198.51.100.99", 9),
+        // Through the named set: in it, and between its two elements.
+        (Probe::Syn, "192.0.2.5", 40014, "198.51.100.42", 25),
+        (Probe::Syn, "192.0.2.5", 40015, "198.51.100.41", 25),
     ];
     let (passed, listing) = kernel_forwards(&ruleset, &flows);
     for (flow, kernel_passed) in flows.iter().zip(passed) {

@@ -60,6 +60,16 @@ fn check_interface(name: &str) -> Result<(), ExportError> {
 
 /// A named interval set of one family's addresses (elements may be none).
 fn write_set(out: &mut String, name: &str, v6: bool, set: &AddrSet) {
+    let elems = if v6 {
+        v6_elems(&set.v6)
+    } else {
+        v4_elems(&set.v4)
+    };
+    write_elems_set(out, name, v6, &elems);
+}
+
+/// A named interval set holding `elems` (addresses, prefixes or ranges).
+fn write_elems_set(out: &mut String, name: &str, v6: bool, elems: &[String]) {
     let _ = writeln!(out, "\tset {name} {{");
     let _ = writeln!(
         out,
@@ -67,11 +77,6 @@ fn write_set(out: &mut String, name: &str, v6: bool, set: &AddrSet) {
         if v6 { "ipv6_addr" } else { "ipv4_addr" }
     );
     let _ = writeln!(out, "\t\tflags interval");
-    let elems = if v6 {
-        v6_elems(&set.v6)
-    } else {
-        v4_elems(&set.v4)
-    };
     if !elems.is_empty() {
         let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
     }
@@ -176,19 +181,13 @@ fn service_expr(s: &ServiceAtom, v6: bool) -> Option<String> {
     Some(e)
 }
 
-fn family_rule(
-    src: &[String],
-    dst: &[String],
-    addr_kw: &str,
-    any_src: bool,
-    any_dst: bool,
-) -> String {
+fn family_rule(src: &str, dst: &str, addr_kw: &str, any_src: bool, any_dst: bool) -> String {
     let mut e = String::new();
     if !any_src {
-        let _ = write!(e, "{addr_kw} saddr {} ", set_expr(src));
+        let _ = write!(e, "{addr_kw} saddr {src} ");
     }
     if !any_dst {
-        let _ = write!(e, "{addr_kw} daddr {} ", set_expr(dst));
+        let _ = write!(e, "{addr_kw} daddr {dst} ");
     }
     if any_src && any_dst {
         let _ = write!(
@@ -277,6 +276,49 @@ pub fn nft(policy: &Policy, ports: Option<&NftPorts>) -> Result<NftExport, Expor
             }
         }
     }
+    // A rule's address lists of more than one element become named sets
+    // (`r3_src_v4`), which `nft list set` shows and a reviewer can read;
+    // a single address or prefix stays inline.
+    let mut addrs: Vec<[FamilyAddrs; 2]> = Vec::new();
+    for (i, r) in policy.rules().iter().enumerate().filter(|(_, r)| r.active) {
+        let mut fam = |v6: bool, src: Vec<String>, dst: Vec<String>| {
+            let tag = if v6 { "v6" } else { "v4" };
+            let mut expr = |side: &str, elems: &[String]| {
+                if elems.len() > 1 {
+                    let name = format!("r{i}_{side}_{tag}");
+                    write_elems_set(&mut out, &name, v6, elems);
+                    format!("@{name}")
+                } else {
+                    set_expr(elems)
+                }
+            };
+            let any = AddrSet::any();
+            let (any_src, any_dst) = if v6 {
+                (r.src.v6 == any.v6, r.dst.v6 == any.v6)
+            } else {
+                (r.src.v4 == any.v4, r.dst.v4 == any.v4)
+            };
+            FamilyAddrs {
+                v6,
+                present: !src.is_empty() && !dst.is_empty(),
+                src: if any_src || src.is_empty() {
+                    String::new()
+                } else {
+                    expr("src", &src)
+                },
+                dst: if any_dst || dst.is_empty() {
+                    String::new()
+                } else {
+                    expr("dst", &dst)
+                },
+                any_src,
+                any_dst,
+            }
+        };
+        let v4 = fam(false, v4_elems(&r.src.v4), v4_elems(&r.dst.v4));
+        let v6 = fam(true, v6_elems(&r.src.v6), v6_elems(&r.dst.v6));
+        addrs.push([v4, v6]);
+    }
     let _ = writeln!(out, "\tchain forward {{");
     let default = match policy.default_verdict() {
         Verdict::Allow => "accept",
@@ -310,7 +352,7 @@ pub fn nft(policy: &Policy, ports: Option<&NftPorts>) -> Result<NftExport, Expor
         out,
         "\t\tct state new tcp flags & (syn | ack) != syn counter drop comment \"tcp: not a connection opening\""
     );
-    for r in policy.rules().iter().filter(|r| r.active) {
+    for (r, fams) in policy.rules().iter().filter(|r| r.active).zip(&addrs) {
         let verdict = match r.verdict {
             Verdict::Allow => "accept",
             Verdict::Deny => "drop",
@@ -330,31 +372,16 @@ pub fn nft(policy: &Policy, ports: Option<&NftPorts>) -> Result<NftExport, Expor
             escape_comment(&r.name),
             escape_comment(&r.location.to_string())
         );
-        // (IPv6?, sources, destinations, any source?, any destination?)
-        #[allow(clippy::type_complexity)]
-        let fams: [(bool, Vec<String>, Vec<String>, bool, bool); 2] = [
-            (
-                false,
-                v4_elems(&r.src.v4),
-                v4_elems(&r.dst.v4),
-                r.src.v4 == AddrSet::any().v4,
-                r.dst.v4 == AddrSet::any().v4,
-            ),
-            (
-                true,
-                v6_elems(&r.src.v6),
-                v6_elems(&r.dst.v6),
-                r.src.v6 == AddrSet::any().v6,
-                r.dst.v6 == AddrSet::any().v6,
-            ),
-        ];
-        for (v6, src, dst, any_src, any_dst) in fams {
-            if src.is_empty() || dst.is_empty() {
-                continue;
-            }
-            let addr = family_rule(&src, &dst, if v6 { "ip6" } else { "ip" }, any_src, any_dst);
+        for f in fams.iter().filter(|f| f.present) {
+            let addr = family_rule(
+                &f.src,
+                &f.dst,
+                if f.v6 { "ip6" } else { "ip" },
+                f.any_src,
+                f.any_dst,
+            );
             for s in &r.services {
-                if let Some(svc) = service_expr(s, v6) {
+                if let Some(svc) = service_expr(s, f.v6) {
                     let sep = if svc.is_empty() { "" } else { " " };
                     let _ = writeln!(
                         out,
@@ -377,6 +404,18 @@ pub fn nft(policy: &Policy, ports: Option<&NftPorts>) -> Result<NftExport, Expor
         text: out,
         warnings,
     })
+}
+
+/// One family of a rule's addresses, as the chain's rule writes them.
+struct FamilyAddrs {
+    v6: bool,
+    /// The rule has sources and destinations in this family.
+    present: bool,
+    /// `@set`, an inline element or set, or empty for any.
+    src: String,
+    dst: String,
+    any_src: bool,
+    any_dst: bool,
 }
 
 fn zone_set(zone: Zone, v6: bool) -> String {
