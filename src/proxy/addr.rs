@@ -118,7 +118,7 @@ pub fn embedded_ipv4(a: &Ipv6Addr) -> Option<Ipv4Addr> {
         return Some(v4);
     }
     let s = a.segments();
-    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    let tail = v4_of(s[6], s[7]);
     if s[..6] == [0, 0, 0, 0, 0, 0] && u32::from(tail) > 1 {
         return Some(tail);
     }
@@ -126,6 +126,11 @@ pub fn embedded_ipv4(a: &Ipv6Addr) -> Option<Ipv4Addr> {
         return Some(tail);
     }
     None
+}
+
+/// The IPv4 address two IPv6 segments hold.
+fn v4_of(hi: u16, lo: u16) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(hi) << 16 | u32::from(lo))
 }
 
 /// The address to check: IPv4 for the IPv6 forms that carry one.
@@ -203,12 +208,8 @@ pub fn internal_range(ip: IpAddr) -> Option<&'static str> {
             // 6to4 (2002::/16) carries an IPv4 address in its next 32 bits;
             // a relay would deliver to that address.
             let s = a.segments();
-            if s[0] == 0x2002 {
-                let v4 =
-                    Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
-                if internal_range(IpAddr::V4(v4)).is_some() {
-                    return Some("6to4 (2002::/16) form of an internal IPv4 address");
-                }
+            if s[0] == 0x2002 && internal_range(IpAddr::V4(v4_of(s[1], s[2]))).is_some() {
+                return Some("6to4 (2002::/16) form of an internal IPv4 address");
             }
             None
         }

@@ -649,43 +649,29 @@ async fn serve_connection(
         })
         .await
     };
-    if cut {
-        state.counters.denied.fetch_add(1, Ordering::Relaxed);
-        let ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-")
-            .with_request_id(&state.request_id())
-            .with_reason("request head not received within the header read timeout")
-            .with_bytes(0, 0, activity.epoch.elapsed());
-        submit(&state.audit, ev, false).await;
-    }
     slot.park();
-    if let Err(e) = result {
-        // Requests hyper refused before they reached the service still get
-        // a record: a head too large, or one that never finished arriving.
-        // The status is the one hyper answered with (none for a timeout:
-        // the connection is closed).
-        let refusal = if e.is_parse_too_large() {
-            Some(("request head too large", Some(431)))
-        } else if e.is_timeout() {
-            Some((
-                "request head not received within the header read timeout",
-                None,
-            ))
-        } else if e.is_parse() {
-            Some(("malformed request", Some(400)))
-        } else {
-            None
-        };
-        if let Some((reason, status)) = refusal {
-            state.counters.denied.fetch_add(1, Ordering::Relaxed);
-            let mut ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-")
-                .with_request_id(&state.request_id())
-                .with_reason(reason)
-                .with_bytes(0, 0, activity.epoch.elapsed());
-            if let Some(status) = status {
-                ev = ev.with_status(status);
-            }
-            submit(&state.audit, ev, false).await;
+    // Requests that never reached the service still get a record: a head
+    // cut by the watchdog, or one hyper refused (too large, malformed, or
+    // never finished arriving). The status is the one hyper answered with
+    // (none for a timeout: the connection is closed).
+    const SLOW_HEAD: &str = "request head not received within the header read timeout";
+    let refusal = match &result {
+        _ if cut => Some((SLOW_HEAD, None)),
+        Err(e) if e.is_parse_too_large() => Some(("request head too large", Some(431))),
+        Err(e) if e.is_timeout() => Some((SLOW_HEAD, None)),
+        Err(e) if e.is_parse() => Some(("malformed request", Some(400))),
+        _ => None,
+    };
+    if let Some((reason, status)) = refusal {
+        state.counters.denied.fetch_add(1, Ordering::Relaxed);
+        let mut ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-")
+            .with_request_id(&state.request_id())
+            .with_reason(reason)
+            .with_bytes(0, 0, activity.epoch.elapsed());
+        if let Some(status) = status {
+            ev = ev.with_status(status);
         }
+        submit(&state.audit, ev, false).await;
     }
 }
 
@@ -1068,15 +1054,13 @@ async fn resolve_addresses(
         let c = canonical(*a);
         if let Some(why) = internal_range(c) {
             if !named.is_some_and(|s| s.contains(c)) {
-                return Err(Refusal {
-                    status: StatusCode::FORBIDDEN,
-                    reason: format!(
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
                         "{} resolves to {c}, which is {why} and not allowed by the policy",
                         host_text(host)
                     ),
-                    rule: None,
-                    uploaded: 0,
-                });
+                ));
             }
         }
     }

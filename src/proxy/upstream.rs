@@ -276,8 +276,7 @@ impl Slot {
             // answer is skipped with the final head.
             let (mut rd, mut wr) = origin.stream.split();
             let mut probe = [0u8; 16];
-            let send = send_body(&mut wr, body, framing, sent);
-            let mut send = Box::pin(send);
+            let mut send = Box::pin(send_body(&mut wr, body, framing, sent));
             let mut watch = true;
             loop {
                 tokio::select! {
