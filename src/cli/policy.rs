@@ -205,14 +205,10 @@ pub fn check(args: CheckArgs) -> ExitCode {
             }
             Ok(c) => {
                 let mut diags = c.diagnostics.clone();
-                let mut passed = 0;
-                for e in &c.expectations {
-                    let o = expect::run(&c.policy, e);
-                    if o.passed {
-                        passed += 1;
-                    } else {
-                        diags.push(expectation_failure(&c, e, &o));
-                    }
+                let failures = failed_expectations(&c);
+                let passed = c.expectations.len() - failures.len();
+                for d in failures {
+                    diags.push(d);
                 }
                 diags.sort();
                 let _ = write!(stderr.lock(), "{}", diags.render(&c.sources));
@@ -246,17 +242,9 @@ pub fn check(args: CheckArgs) -> ExitCode {
 /// compile, and its own expectations must hold, or it is refused with the
 /// diagnostics, and a running daemon keeps the policy it has.
 pub fn load_for_enforcement(path: &Path) -> Result<Compiled, String> {
-    let c = load_policy(path, &FsLoader, Options { today: today() })
-        .map_err(|f| f.diagnostics.render(&f.sources))?;
+    let c = load(path, None).map_err(|f| render_failed(&f))?;
     let failed = Diagnostics {
-        items: c
-            .expectations
-            .iter()
-            .filter_map(|e| {
-                let o = expect::run(&c.policy, e);
-                (!o.passed).then(|| expectation_failure(&c, e, &o))
-            })
-            .collect(),
+        items: failed_expectations(&c),
     };
     if failed.items.is_empty() {
         return Ok(c);
@@ -267,6 +255,17 @@ pub fn load_for_enforcement(path: &Path) -> Result<Compiled, String> {
         path.display(),
         failed.items.len()
     ))
+}
+
+/// An E0400 diagnostic for each of the policy's expectations that fails.
+fn failed_expectations(c: &Compiled) -> Vec<Diagnostic> {
+    c.expectations
+        .iter()
+        .filter_map(|e| {
+            let o = expect::run(&c.policy, e);
+            (!o.passed).then(|| expectation_failure(c, e, &o))
+        })
+        .collect()
 }
 
 fn expectation_failure(c: &Compiled, e: &expect::Expectation, o: &expect::Outcome) -> Diagnostic {

@@ -27,16 +27,21 @@ pub fn normalize<A: Ord + Copy + Step>(v: &mut Vec<Interval<A>>) {
     *v = out;
 }
 
-/// The successor of a value (saturating).
+/// The successor and predecessor of a value (saturating).
 pub trait Step: Sized {
     const LAST: Self;
     fn next(self) -> Self;
+    /// The predecessor (saturating).
+    fn prev(self) -> Self;
 }
 
 impl Step for u32 {
     const LAST: Self = u32::MAX;
     fn next(self) -> Self {
         self.saturating_add(1)
+    }
+    fn prev(self) -> Self {
+        self.saturating_sub(1)
     }
 }
 
@@ -45,22 +50,8 @@ impl Step for u128 {
     fn next(self) -> Self {
         self.saturating_add(1)
     }
-}
-
-/// The predecessor of a value; only called on values above the minimum.
-pub trait Pred {
-    fn prev(self) -> Self;
-}
-
-impl Pred for u32 {
     fn prev(self) -> Self {
-        self - 1
-    }
-}
-
-impl Pred for u128 {
-    fn prev(self) -> Self {
-        self - 1
+        self.saturating_sub(1)
     }
 }
 
@@ -68,6 +59,9 @@ impl Step for u16 {
     const LAST: Self = u16::MAX;
     fn next(self) -> Self {
         self.saturating_add(1)
+    }
+    fn prev(self) -> Self {
+        self.saturating_sub(1)
     }
 }
 
@@ -145,10 +139,7 @@ impl AddrSet {
 
     /// The addresses of `self` that are not in `other` (both normalised).
     pub fn minus(&self, other: &AddrSet) -> AddrSet {
-        fn cut<T: Ord + Copy + Step + Pred>(
-            a: &[Interval<T>],
-            b: &[Interval<T>],
-        ) -> Vec<Interval<T>> {
+        fn cut<T: Ord + Copy + Step>(a: &[Interval<T>], b: &[Interval<T>]) -> Vec<Interval<T>> {
             let mut out = Vec::new();
             for iv in a {
                 let mut lo = iv.lo;

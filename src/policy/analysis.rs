@@ -108,12 +108,6 @@ pub fn subtract<A: Address + Scalar>(a: &Fields<A>, b: &Fields<A>, out: &mut Vec
 /// A box and the rule that decides it (`None`: the default).
 pub type Claim<A> = (Fields<A>, Option<RuleId>);
 
-/// Each rule's effective region in one family: boxes claimed by the rule
-/// (`Some(id)`) or left to the default (`None`).
-pub fn effective<A: Address + Scalar>(entries: &[Entry<A>]) -> Result<Vec<Claim<A>>, TooComplex> {
-    effective_within(entries, Fields::<A>::any())
-}
-
 /// How much of a rule earlier rules cover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Coverage {
@@ -289,7 +283,8 @@ fn describe_changes<A: Address + Scalar + Into<u128>>(
     }
 }
 
-/// As [`effective`], within the box `within` only.
+/// Each rule's effective region in one family within the box `within`:
+/// boxes claimed by the rule (`Some(id)`) or left to the default (`None`).
 fn effective_within<A: Address + Scalar>(
     entries: &[Entry<A>],
     within: Fields<A>,
@@ -685,19 +680,30 @@ fn http_classes(rules: &[&super::HttpRule]) -> HttpClasses {
     }
 }
 
-/// Which earlier HTTP rules decide every request rule `i` matches: `None`
-/// when `i` decides some request itself. Exact, over the classes of all
-/// the policy's HTTP rules, so a rule covered only by several earlier
-/// rules together is found too.
-pub fn http_coverage(policy: &Policy, i: usize) -> Result<Option<Vec<usize>>, TooComplex> {
+/// For each HTTP rule, which earlier HTTP rules decide every request it
+/// matches: `None` when the rule decides some request itself (or matches
+/// none). Exact, over the classes of all the policy's HTTP rules (built
+/// once), so a rule covered only by several earlier rules together is
+/// found too.
+pub fn http_coverage(policy: &Policy) -> Result<Vec<Option<Vec<usize>>>, TooComplex> {
     let rules: Vec<&super::HttpRule> = policy.http_rules().iter().collect();
-    let Some(rule) = rules.get(i) else {
-        return Ok(None);
-    };
     let c = http_classes(&rules);
     if c.count() > PIECE_BUDGET * 10 {
         return Err(TooComplex);
     }
+    Ok(rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| http_covered_in(policy, rule, i, &c))
+        .collect())
+}
+
+fn http_covered_in(
+    policy: &Policy,
+    rule: &super::HttpRule,
+    i: usize,
+    c: &HttpClasses,
+) -> Option<Vec<usize>> {
     let mut by: Vec<usize> = Vec::new();
     let mut matched = false;
     for (src, _) in &c.sources {
@@ -723,14 +729,14 @@ pub fn http_coverage(policy: &Policy, i: usize) -> Result<Option<Vec<usize>>, To
                                 by.push(j);
                             }
                         }
-                        _ => return Ok(None),
+                        _ => return None,
                     }
                 }
             }
         }
     }
     by.sort_unstable();
-    Ok(matched.then_some(by))
+    matched.then_some(by)
 }
 
 pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooComplex> {

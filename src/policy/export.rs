@@ -181,15 +181,16 @@ fn service_expr(s: &ServiceAtom, v6: bool) -> Option<String> {
     Some(e)
 }
 
-fn family_rule(src: &str, dst: &str, addr_kw: &str, any_src: bool, any_dst: bool) -> String {
+/// The address match of a rule line; `None` is any address of the family.
+fn family_rule(src: Option<&str>, dst: Option<&str>, addr_kw: &str) -> String {
     let mut e = String::new();
-    if !any_src {
+    if let Some(src) = src {
         let _ = write!(e, "{addr_kw} saddr {src} ");
     }
-    if !any_dst {
+    if let Some(dst) = dst {
         let _ = write!(e, "{addr_kw} daddr {dst} ");
     }
-    if any_src && any_dst {
+    if src.is_none() && dst.is_none() {
         let _ = write!(
             e,
             "meta nfproto {} ",
@@ -298,21 +299,12 @@ pub fn nft(policy: &Policy, ports: Option<&NftPorts>) -> Result<NftExport, Expor
             } else {
                 (r.src.v4 == any.v4, r.dst.v4 == any.v4)
             };
+            let present = !src.is_empty() && !dst.is_empty();
             FamilyAddrs {
                 v6,
-                present: !src.is_empty() && !dst.is_empty(),
-                src: if any_src || src.is_empty() {
-                    String::new()
-                } else {
-                    expr("src", &src)
-                },
-                dst: if any_dst || dst.is_empty() {
-                    String::new()
-                } else {
-                    expr("dst", &dst)
-                },
-                any_src,
-                any_dst,
+                present,
+                src: (present && !any_src).then(|| expr("src", &src)),
+                dst: (present && !any_dst).then(|| expr("dst", &dst)),
             }
         };
         let v4 = fam(false, v4_elems(&r.src.v4), v4_elems(&r.dst.v4));
@@ -374,11 +366,9 @@ pub fn nft(policy: &Policy, ports: Option<&NftPorts>) -> Result<NftExport, Expor
         );
         for f in fams.iter().filter(|f| f.present) {
             let addr = family_rule(
-                &f.src,
-                &f.dst,
+                f.src.as_deref(),
+                f.dst.as_deref(),
                 if f.v6 { "ip6" } else { "ip" },
-                f.any_src,
-                f.any_dst,
             );
             for s in &r.services {
                 if let Some(svc) = service_expr(s, f.v6) {
@@ -411,11 +401,9 @@ struct FamilyAddrs {
     v6: bool,
     /// The rule has sources and destinations in this family.
     present: bool,
-    /// `@set`, an inline element or set, or empty for any.
-    src: String,
-    dst: String,
-    any_src: bool,
-    any_dst: bool,
+    /// `@set` or an inline element or set; `None` for any address.
+    src: Option<String>,
+    dst: Option<String>,
 }
 
 fn zone_set(zone: Zone, v6: bool) -> String {

@@ -111,15 +111,9 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
         match coverage(&v4, &v6, r.id, &mut budget) {
             Ok(Coverage::Effective) => {}
             Ok(Coverage::Covered(by)) => {
-                let names: Vec<String> = by
-                    .iter()
-                    .filter_map(|id| policy.rule(*id))
-                    .map(|e| format!("`{}`", e.name))
-                    .collect();
-                let other_verdict = by
-                    .iter()
-                    .filter_map(|id| policy.rule(*id))
-                    .any(|e| e.verdict != r.verdict);
+                let covering: Vec<_> = by.iter().filter_map(|id| policy.rule(*id)).collect();
+                let names: Vec<String> = covering.iter().map(|e| format!("`{}`", e.name)).collect();
+                let other_verdict = covering.iter().any(|e| e.verdict != r.verdict);
                 let mut d = if other_verdict {
                     Diagnostic::warning(
                         "L0101",
@@ -156,7 +150,6 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
                 };
                 // Every rule that takes a part of it, where it is (a
                 // handful; the message names them all).
-                let covering: Vec<_> = by.iter().filter_map(|id| policy.rule(*id)).collect();
                 for e in covering.iter().take(MAX_SHOWN) {
                     d = d.also(
                         e.span,
@@ -255,6 +248,8 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
     }
     // HTTP rules.
     let http = policy.http_rules();
+    // Too many request classes to check exactly: only the one-rule check.
+    let exact = http_coverage(policy).ok();
     for (i, r) in http.iter().enumerate() {
         check_expiry(&r.name, r.expires, r.active, r.span, &mut out);
         if !r.active {
@@ -267,11 +262,11 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
             );
             continue;
         }
-        // One earlier rule that covers it (cheap); else the exact check,
-        // which also finds a rule covered by several earlier ones.
+        // One earlier rule that covers it (named alone); else the exact
+        // check, which also finds a rule covered by several earlier ones.
         let by = match http[..i].iter().position(|e| http_covered_by(r, e)) {
             Some(j) => Some(vec![j]),
-            None => http_coverage(policy, i).ok().flatten(),
+            None => exact.as_ref().and_then(|v| v[i].clone()),
         };
         if let Some(by) = by.filter(|b| !b.is_empty()) {
             let covering: Vec<&super::HttpRule> = by.iter().map(|&j| &http[j]).collect();
