@@ -725,8 +725,15 @@ fn import_nsg_translates_rules_in_priority_order() {
         "inbound",
     ]);
     assert_eq!(out.status.code(), Some(2));
+    // ... at the file, line and column of the field's value.
+    let doc = std::fs::read_to_string("tests/analysis/nsg.json").unwrap();
+    let (line, col) = doc
+        .lines()
+        .enumerate()
+        .find_map(|(n, l)| l.find("\"VirtualNetwork\"").map(|c| (n + 1, c + 1)))
+        .unwrap();
     assert!(
-        text(&out.stderr).contains("rule `AllowHttpsFromOnprem` (securityRules[0]): field `destinationAddressPrefix`: `VirtualNetwork` is a service tag"),
+        text(&out.stderr).contains(&format!("error: tests/analysis/nsg.json:{line}:{col}: rule `AllowHttpsFromOnprem`: field `destinationAddressPrefix`: `VirtualNetwork` is a service tag")),
         "{}",
         text(&out.stderr)
     );

@@ -45,7 +45,7 @@ impl std::fmt::Display for ClassBenchField {
 
 /// A malformed ClassBench rule or trace line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("line {line}, column {column}: {field}: {reason}")]
+#[error("{line}:{column}: {field}: {reason}")]
 pub struct ClassBenchError {
     /// 1-based line number in the input.
     pub line: usize,

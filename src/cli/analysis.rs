@@ -248,7 +248,8 @@ fn read_text(path: &std::path::Path) -> Result<String, String> {
 pub fn import(cmd: ImportCommand) -> ExitCode {
     let result = match cmd {
         ImportCommand::Classbench { file } => read_text(&file).and_then(|t| {
-            palisade::policy::import::classbench(&t).map_err(|e| format!("{}: {e}", file.display()))
+            palisade::policy::import::classbench(&t)
+                .map_err(|e| e.in_file(&file.display().to_string()))
         }),
         ImportCommand::Nsg {
             file,
@@ -266,7 +267,7 @@ pub fn import(cmd: ImportCommand) -> ExitCode {
                 _ => Direction::Outbound,
             });
             let imported = nsg(&read_text(&file)?, &tags, direction)
-                .map_err(|e| format!("{}: {e}", file.display()))?;
+                .map_err(|e| e.in_file(&file.display().to_string()))?;
             for w in &imported.warnings {
                 eprintln!("warning: {}: {w}", file.display());
             }
@@ -309,7 +310,7 @@ pub fn classify(args: ClassifyArgs) -> ExitCode {
     use palisade::classify::Classifier;
     use std::io::Write;
     let trace = match read_text(&args.trace)
-        .and_then(|t| parse_trace(&t).map_err(|e| format!("{}: {e}", args.trace.display())))
+        .and_then(|t| parse_trace(&t).map_err(|e| format!("{}:{e}", args.trace.display())))
     {
         Ok(t) => t,
         Err(e) => {
@@ -321,7 +322,7 @@ pub fn classify(args: ClassifyArgs) -> ExitCode {
     let (names, verdicts, default, classifier): (Vec<String>, Vec<&str>, &str, Classifier<u32>) =
         if let Some(path) = &args.classbench {
             let entries = match read_text(path)
-                .and_then(|t| parse_rules(&t).map_err(|e| format!("{}: {e}", path.display())))
+                .and_then(|t| parse_rules(&t).map_err(|e| format!("{}:{e}", path.display())))
             {
                 Ok(e) => e,
                 Err(e) => {

@@ -272,8 +272,19 @@ pub fn svc_item_text(item: &SvcItem) -> String {
     }
 }
 
-fn quoted(s: &str) -> String {
-    format!("\"{s}\"")
+/// A string as the language writes it: in double quotes, with `"` and `\\`
+/// escaped by a backslash.
+pub(crate) fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
 }
 
 fn join<T>(items: &[T], f: impl Fn(&T) -> String) -> String {
@@ -472,6 +483,32 @@ mod tests {
             "expect deny http 10.0.1.7 -> https://a.example/ #frag by paste\n"
         );
         assert_eq!(format_text(&out).unwrap(), out);
+    }
+
+    #[test]
+    fn strings_escape_quotes_and_backslashes() {
+        // `\"` and `\\` are escapes; a `#` after an escaped quote is still
+        // inside the string; any other backslash is itself.
+        let text = "rule r allow any -> 192.0.2.1 owner \"net\\\\ops\" comment \"say \\\"hi\\\" # not a comment \\d\" # a comment\n";
+        // fmt writes the lone backslash escaped, its canonical form.
+        let out = format_text(text).unwrap();
+        assert_eq!(out, text.replace("\\d", "\\\\d"));
+        assert_eq!(format_text(&out).unwrap(), out);
+        let (file, diags) =
+            crate::policy::parse::parse_file(crate::policy::source::FileId(0), text);
+        assert!(diags.is_empty(), "{diags:?}");
+        let crate::policy::ast::Stmt::Rule(r) = &file.stmts[0] else {
+            panic!("{:?}", file.stmts)
+        };
+        assert_eq!(r.options.owner.as_ref().unwrap().0, "net\\ops");
+        assert_eq!(
+            r.options.comment.as_ref().unwrap().0,
+            "say \"hi\" # not a comment \\d"
+        );
+        assert_eq!(file.comments.len(), 1);
+        assert_eq!(file.comments[0].text, "# a comment");
+        // An escaped quote does not close the string.
+        assert!(format_text("rule r allow any -> any comment \"open \\\"\n").is_err());
     }
 
     #[test]

@@ -8,18 +8,27 @@
 //! error naming the rule and the field, never silently dropped.
 
 use serde_json::Value;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write;
 
 /// Why an NSG document could not be translated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ImportError {
-    #[error("not valid JSON: {0}")]
-    Json(String),
+    #[error("not valid JSON: {message}")]
+    Json {
+        at: Option<(usize, usize)>,
+        message: String,
+    },
+    #[error("the rule list is empty: the NSG has no rules of its own, only Azure's defaults; choose which with --direction inbound or --direction outbound")]
+    EmptyList,
+    /// A rule's field that cannot be translated; `at` is the 1-based line
+    /// and column in the document of the field (or of the rule, when the
+    /// field is missing).
     #[error("no security rules found: expected an ARM template with `securityRules`, or the array printed by `az network nsg rule list`")]
     NoRules,
     #[error("{rule}: field `{field}`: {problem}")]
     Field {
+        at: Option<(usize, usize)>,
         rule: String,
         field: String,
         problem: String,
@@ -27,7 +36,7 @@ pub enum ImportError {
     #[error("service tag mapping: {0}")]
     Mapping(String),
     /// A ClassBench rule line that does not parse.
-    #[error(transparent)]
+    #[error("{}: {}", .0.field, .0.reason)]
     ClassBench(#[from] crate::classify::classbench::ClassBenchError),
     #[error("the document holds rules of several network security groups ({0}): traffic must pass each NSG on its path, which one first-match list cannot express; import them one at a time")]
     Several(String),
@@ -35,11 +44,34 @@ pub enum ImportError {
     BothDirections { inbound: usize, outbound: usize },
 }
 
+impl ImportError {
+    /// The 1-based line and column in the imported document the error is
+    /// about, when it is about one place.
+    pub fn at(&self) -> Option<(usize, usize)> {
+        match self {
+            ImportError::Json { at, .. } | ImportError::Field { at, .. } => *at,
+            ImportError::ClassBench(e) => Some((e.line, e.column)),
+            _ => None,
+        }
+    }
+
+    /// The error as `FILE:LINE:COL: message` (`FILE: message` when it is
+    /// about the document as a whole), the form editors jump to.
+    pub fn in_file(&self, file: &str) -> String {
+        match self.at() {
+            Some((line, col)) => format!("{file}:{line}:{col}: {self}"),
+            None => format!("{file}: {self}"),
+        }
+    }
+}
+
 /// A security rule found in the document, with the network security group
 /// it belongs to when the document says (`""` when it does not).
 struct Found<'a> {
     nsg: String,
     rule: &'a Value,
+    /// The rule's JSON pointer in the document.
+    path: String,
 }
 
 /// The NSG an `az network nsg rule list` rule belongs to, from its `id`
@@ -59,7 +91,8 @@ fn nsg_of_id(rule: &Value) -> String {
 /// `Microsoft.Network/networkSecurityGroups/securityRules` (named
 /// `NSG/RULE`), or the array `az network nsg rule list` prints. Azure's
 /// `defaultSecurityRules` are left out: [`nsg`] adds the defaults itself.
-fn collect_rules<'a>(v: &'a Value, out: &mut Vec<Found<'a>>) {
+fn collect_rules<'a>(v: &'a Value, path: &str, out: &mut Vec<Found<'a>>) {
+    let child = |key: &str| format!("{path}/{}", key.replace('~', "~0").replace('/', "~1"));
     match v {
         Value::Object(m) => {
             let name = m.get("name").and_then(Value::as_str).unwrap_or("");
@@ -73,27 +106,38 @@ fn collect_rules<'a>(v: &'a Value, out: &mut Vec<Found<'a>>) {
                 } else {
                     name.split_once('/').map_or("", |(n, _)| n).to_string()
                 };
-                out.push(Found { nsg, rule: v });
+                out.push(Found {
+                    nsg,
+                    rule: v,
+                    path: path.to_string(),
+                });
                 return;
             }
-            let rules = m
-                .get("securityRules")
-                .or_else(|| m.get("properties").and_then(|p| p.get("securityRules")));
+            let (rules, at) = match m.get("securityRules") {
+                Some(r) => (Some(r), child("securityRules")),
+                None => (
+                    m.get("properties").and_then(|p| p.get("securityRules")),
+                    child("properties") + "/securityRules",
+                ),
+            };
             if let Some(Value::Array(rules)) = rules {
-                out.extend(rules.iter().map(|rule| Found {
+                out.extend(rules.iter().enumerate().map(|(i, rule)| Found {
                     nsg: name.to_string(),
                     rule,
+                    path: format!("{at}/{i}"),
                 }));
             }
-            for (k, child) in m {
+            for (k, v) in m {
                 if k != "defaultSecurityRules" && k != "securityRules" && k != "properties" {
-                    collect_rules(child, out);
+                    collect_rules(v, &child(k), out);
                 }
             }
             if let Some(Value::Object(props)) = m.get("properties") {
-                for (k, child) in props {
+                let props_path = child("properties");
+                for (k, v) in props {
                     if k != "defaultSecurityRules" && k != "securityRules" {
-                        collect_rules(child, out);
+                        let key = k.replace('~', "~0").replace('/', "~1");
+                        collect_rules(v, &format!("{props_path}/{key}"), out);
                     }
                 }
             }
@@ -112,18 +156,68 @@ fn collect_rules<'a>(v: &'a Value, out: &mut Vec<Found<'a>>) {
                         .and_then(Value::as_str)
                         .is_some_and(|t| t.to_ascii_lowercase().ends_with("/defaultsecurityrules"))
                 };
-                out.extend(items.iter().filter(|r| !default_rule(r)).map(|rule| Found {
-                    nsg: nsg_of_id(rule),
-                    rule,
-                }));
+                out.extend(
+                    items
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| !default_rule(r))
+                        .map(|(i, rule)| Found {
+                            nsg: nsg_of_id(rule),
+                            rule,
+                            path: format!("{path}/{i}"),
+                        }),
+                );
             } else {
-                for i in items {
-                    collect_rules(i, out);
+                for (i, v) in items.iter().enumerate() {
+                    collect_rules(v, &format!("{path}/{i}"), out);
                 }
             }
         }
         _ => {}
     }
+}
+
+/// Where each value of a JSON document starts: byte offsets by JSON
+/// pointer (`/resources/0/properties/securityRules/2/properties/priority`),
+/// so that an error can name the line and column of the field it is about.
+/// The offsets come from serde_json's raw values, which borrow the text.
+fn value_offsets(text: &str) -> HashMap<String, usize> {
+    use serde_json::value::RawValue;
+    fn walk(base: usize, raw: &RawValue, path: String, out: &mut HashMap<String, usize>) {
+        let s = raw.get();
+        out.insert(path.clone(), s.as_ptr() as usize - base);
+        match s.as_bytes().first() {
+            Some(b'{') => {
+                if let Ok(m) = serde_json::from_str::<HashMap<String, &RawValue>>(s) {
+                    for (k, v) in m {
+                        let key = k.replace('~', "~0").replace('/', "~1");
+                        walk(base, v, format!("{path}/{key}"), out);
+                    }
+                }
+            }
+            Some(b'[') => {
+                if let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(s) {
+                    for (i, v) in items.into_iter().enumerate() {
+                        walk(base, v, format!("{path}/{i}"), out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = HashMap::new();
+    if let Ok(raw) = serde_json::from_str::<&RawValue>(text) {
+        walk(text.as_ptr() as usize, raw, String::new(), &mut out);
+    }
+    out
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
 }
 
 /// An ARM template expression (`[parameters('p')]`, `[concat(...)]`):
@@ -147,11 +241,31 @@ fn field<'a>(rule: &'a Value, name: &str) -> Option<&'a Value> {
 struct Ctx<'a> {
     rule: String,
     tags: &'a BTreeMap<String, Vec<String>>,
+    /// The document, where each of its values starts, and the rule's
+    /// JSON pointer, for the position of an error.
+    text: &'a str,
+    offsets: &'a HashMap<String, usize>,
+    path: &'a str,
 }
 
 impl Ctx<'_> {
+    /// Line and column of the rule's field `name` (top level or under
+    /// `properties`), or of the rule when it has no such field.
+    fn at(&self, name: &str) -> Option<(usize, usize)> {
+        let p = self.path;
+        [
+            format!("{p}/{name}"),
+            format!("{p}/properties/{name}"),
+            p.to_string(),
+        ]
+        .iter()
+        .find_map(|k| self.offsets.get(k))
+        .map(|&o| line_col(self.text, o))
+    }
+
     fn err(&self, field: &str, problem: impl Into<String>) -> ImportError {
         ImportError::Field {
+            at: self.at(field),
             rule: self.rule.clone(),
             field: field.to_string(),
             problem: problem.into(),
@@ -412,14 +526,38 @@ pub fn nsg(
     tags: &BTreeMap<String, Vec<String>>,
     direction: Option<Direction>,
 ) -> Result<Imported, ImportError> {
-    let doc: Value = serde_json::from_str(json).map_err(|e| ImportError::Json(e.to_string()))?;
+    let doc: Value = serde_json::from_str(json).map_err(|e| {
+        // serde_json's message ends with " at line L column C"; the
+        // position is given as the error's own.
+        let message = e.to_string();
+        let message = match message.rfind(" at line ") {
+            Some(i) if e.line() > 0 => message[..i].to_string(),
+            _ => message,
+        };
+        ImportError::Json {
+            at: (e.line() > 0).then(|| (e.line(), e.column().max(1))),
+            message,
+        }
+    })?;
+    let offsets = value_offsets(json);
+    let position = |path: &str| offsets.get(path).map(|&o| line_col(json, o));
     let mut found = Vec::new();
-    collect_rules(&doc, &mut found);
+    collect_rules(&doc, "", &mut found);
     if found.is_empty() {
-        return Err(ImportError::NoRules);
+        // `az network nsg rule list` prints `[]` for an NSG without rules
+        // of its own: what remains are Azure's defaults, for the direction
+        // asked for.
+        if doc.as_array().is_some_and(|a| a.is_empty()) {
+            if direction.is_none() {
+                return Err(ImportError::EmptyList);
+            }
+        } else {
+            return Err(ImportError::NoRules);
+        }
     }
     if let Some(f) = found.iter().find(|f| is_arm_expression(&f.nsg)) {
         return Err(ImportError::Field {
+            at: position(&format!("{}/name", f.path)),
             rule: "a securityRules resource".into(),
             field: "name".into(),
             problem: arm_expression(&f.nsg),
@@ -435,38 +573,38 @@ pub fn nsg(
         return Err(ImportError::Several(names.join(", ")));
     }
     let nsg_name = found.iter().map(|f| f.nsg.clone()).find(|n| !n.is_empty());
-    let rules: Vec<&Value> = found.iter().map(|f| f.rule).collect();
+
     struct Out {
         direction: Direction,
         priority: i64,
+        /// Where the rule's priority is written.
+        at: Option<(usize, usize)>,
         raw_name: String,
         text: String,
     }
     let mut outs = Vec::new();
     let mut taken = HashSet::new();
-    for (i, rule) in rules.into_iter().enumerate() {
+    for f in &found {
+        let rule = f.rule;
         let raw_name = field(rule, "name")
             .and_then(|v| v.as_str())
             .unwrap_or("")
             .to_string();
-        // Where the rule is in the document: the array `az network nsg
-        // rule list` prints, or an NSG's `securityRules`.
-        let at = if doc.is_array() {
-            format!("[{i}]")
-        } else {
-            format!("securityRules[{i}]")
-        };
         let ctx = Ctx {
-            rule: if raw_name.is_empty() {
-                at.clone()
+            rule: if raw_name.is_empty() || is_arm_expression(&raw_name) {
+                "a rule without a name".to_string()
             } else {
-                format!("rule `{raw_name}` ({at})")
+                format!("rule `{raw_name}`")
             },
             tags,
+            text: json,
+            offsets: &offsets,
+            path: &f.path,
         };
         if is_arm_expression(&raw_name) {
             return Err(ImportError::Field {
-                rule: at,
+                at: ctx.at("name"),
+                rule: "a security rule".into(),
                 field: "name".into(),
                 problem: arm_expression(&raw_name),
             });
@@ -600,13 +738,16 @@ pub fn nsg(
             comment.push_str(": ");
             comment.push_str(desc);
         }
+        // A comment is one line: line breaks and other control characters
+        // in the description become spaces; quotes are escaped.
         let comment: String = comment
             .chars()
-            .filter(|c| *c != '"' && !c.is_control())
+            .map(|c| if c.is_control() { ' ' } else { c })
             .collect();
-        let _ = write!(text, " comment \"{comment}\"");
+        let _ = write!(text, " comment {}", super::fmt::quoted(&comment));
         outs.push(Out {
             direction,
+            at: ctx.at("priority"),
             priority,
             raw_name: if raw_name.is_empty() {
                 name.clone()
@@ -642,6 +783,7 @@ pub fn nsg(
     for pair in outs.windows(2) {
         if pair[0].priority == pair[1].priority {
             return Err(ImportError::Field {
+                at: pair[1].at,
                 rule: format!("rule `{}`", pair[1].raw_name),
                 field: "priority".into(),
                 problem: format!(
@@ -745,7 +887,8 @@ pub fn classbench(text: &str) -> Result<String, ImportError> {
             (0, 255) if sp.is_none() && dp.is_none() => None,
             (58, 58) => {
                 return Err(ImportError::Field {
-                    rule: format!("line {}", e.rule + 1),
+                    at: Some((e.rule as usize + 1, 1)),
+                    rule: format!("rule cb{}", e.rule),
                     field: "protocol".into(),
                     problem: "protocol 58 is ICMPv6, which palisade matches on IPv6 packets only, and ClassBench rules are IPv4: the rule could never match".into(),
                 })
@@ -764,7 +907,8 @@ pub fn classbench(text: &str) -> Result<String, ImportError> {
                 let has_ports = matches!(p, 6 | 17 | 132);
                 if !has_ports && (sp.is_some() || dp.is_some()) {
                     return Err(ImportError::Field {
-                        rule: format!("line {}", e.rule + 1),
+                        at: Some((e.rule as usize + 1, 1)),
+                        rule: format!("rule cb{}", e.rule),
                         field: "protocol".into(),
                         problem: format!("protocol {p} has no ports, but the rule restricts them"),
                     });
@@ -780,7 +924,8 @@ pub fn classbench(text: &str) -> Result<String, ImportError> {
             }
             _ => {
                 return Err(ImportError::Field {
-                    rule: format!("line {}", e.rule + 1),
+                    at: Some((e.rule as usize + 1, 1)),
+                    rule: format!("rule cb{}", e.rule),
                     field: "protocol".into(),
                     problem: "any protocol with port restrictions cannot be expressed".into(),
                 })
@@ -826,8 +971,11 @@ mod tests {
         // ICMPv6 on IPv4 addresses could never match: refused, with where.
         let e = classbench(&format!("{}{}", line("0x06/0xFF"), line("0x3A/0xFF")))
             .unwrap_err()
-            .to_string();
-        assert!(e.contains("line 2") && e.contains("ICMPv6"), "{e}");
+            .in_file("acl.rules");
+        assert!(
+            e.starts_with("acl.rules:2:1: rule cb1:") && e.contains("ICMPv6"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -858,11 +1006,11 @@ mod tests {
             "\"Internet\", \"sourcePortRange\"",
         );
         let err = nsg(&tagged, &BTreeMap::new(), None).unwrap_err();
-        assert!(
-            err.to_string().contains(
-                "rule `allow-web` ([0]): field `sourceAddressPrefix`: `Internet` is a service tag"
-            ),
-            "{err}"
+        // The error names the file, line and column of the field's value.
+        let col = tagged.lines().nth(2).unwrap().find("\"Internet\"").unwrap() + 1;
+        assert_eq!(
+            err.in_file("nsg.json"),
+            format!("nsg.json:3:{col}: rule `allow-web`: field `sourceAddressPrefix`: `Internet` is a service tag (or not an address); give its prefixes with --service-tags FILE")
         );
         let mut tags = BTreeMap::new();
         tags.insert("Internet".to_string(), vec!["0.0.0.0/0".to_string()]);
@@ -889,6 +1037,61 @@ mod tests {
         );
         let out = nsg(&with_defaults, &BTreeMap::new(), None).unwrap().text;
         assert!(out.contains("rule deny-ssh deny"), "{out}");
+    }
+
+    #[test]
+    fn descriptions_keep_their_quotes_and_lose_only_line_breaks() {
+        let json = r#"[{"name": "web", "priority": 100, "direction": "Inbound", "access": "Allow",
+            "protocol": "Tcp", "sourceAddressPrefix": "*", "sourcePortRange": "*",
+            "destinationAddressPrefix": "192.0.2.10", "destinationPortRange": "443",
+            "description": "the \"web\" tier\nC:\\certs"}]"#;
+        let out = nsg(json, &BTreeMap::new(), None).unwrap().text;
+        let rule = out.lines().find(|l| l.starts_with("rule web")).unwrap();
+        assert!(
+            rule.ends_with(r#"comment "Inbound priority 100: the \"web\" tier C:\\certs""#),
+            "{rule}"
+        );
+        // The policy reads the comment back as Azure wrote it.
+        let (file, diags) =
+            crate::policy::parse::parse_file(crate::policy::source::FileId(0), &out);
+        assert!(diags.is_empty(), "{diags:?}");
+        let comment = file.stmts.iter().find_map(|s| match s {
+            crate::policy::ast::Stmt::Rule(r) => r.options.comment.clone(),
+            _ => None,
+        });
+        assert_eq!(
+            comment.map(|(c, _)| c).as_deref(),
+            Some("Inbound priority 100: the \"web\" tier C:\\certs")
+        );
+    }
+
+    #[test]
+    fn an_empty_rule_list_gives_azure_defaults_for_the_direction_asked() {
+        let err = nsg("[]", &BTreeMap::new(), None).unwrap_err();
+        assert_eq!(err, ImportError::EmptyList);
+        assert!(err.to_string().contains("--direction"), "{err}");
+        let out = nsg("[]", &BTreeMap::new(), Some(Direction::Outbound)).unwrap();
+        assert!(out.text.contains("default deny"), "{}", out.text);
+        assert!(
+            !out.text.lines().any(|l| l.starts_with("rule ")) || out.text.contains("Azure default")
+        );
+        // Anything else without rules is still an error.
+        assert_eq!(
+            nsg("{}", &BTreeMap::new(), Some(Direction::Inbound)).unwrap_err(),
+            ImportError::NoRules
+        );
+    }
+
+    #[test]
+    fn invalid_json_names_line_and_column() {
+        let err = nsg("[\n  {\"name\": }\n]", &BTreeMap::new(), None).unwrap_err();
+        assert_eq!(err.at(), Some((2, 12)), "{err}");
+        assert!(
+            err.in_file("x.json")
+                .starts_with("x.json:2:12: not valid JSON: "),
+            "{}",
+            err.in_file("x.json")
+        );
     }
 
     #[test]

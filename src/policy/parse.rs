@@ -130,9 +130,13 @@ pub fn comments(file: FileId, text: &str) -> Vec<Comment> {
     let mut offset = 0;
     for line in text.split_inclusive('\n') {
         let mut in_string = false;
-        for (i, c) in line.char_indices() {
+        let mut chars = line.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
             match c {
                 '"' => in_string = !in_string,
+                '\\' if in_string && matches!(chars.peek(), Some((_, '"' | '\\'))) => {
+                    chars.next();
+                }
                 '#' if !in_string => {
                     let body = line[i..].trim_end_matches(['\n', '\r']);
                     out.push(Comment {
@@ -450,21 +454,35 @@ impl<'s> Parser<'s> {
         }
     }
 
+    /// A double-quoted string on one line. `\\"` is a quote and `\\\\` a
+    /// backslash; any other backslash stands for itself.
     fn string<'a>(&self, i: &'a str, what: &'static str) -> Res<'a, (String, Span)> {
         let start = i;
         let Some(body) = i.strip_prefix('"') else {
             return fail(i, what);
         };
-        let end = body.find(['"', '\n']).unwrap_or(body.len());
-        if !body[end..].starts_with('"') {
-            return Err(nom::Err::Failure(PErr {
-                at: start,
-                expected: Cow::Borrowed("a closing `\"` on the same line"),
-                len: 1,
-            }));
+        let mut text = String::new();
+        let mut chars = body.char_indices();
+        while let Some((at, c)) = chars.next() {
+            match c {
+                '"' => {
+                    let rest = &body[at + 1..];
+                    return Ok((rest, (text, self.span(start, rest))));
+                }
+                '\n' => break,
+                '\\' if matches!(body[at + 1..].chars().next(), Some('"' | '\\')) => {
+                    if let Some((_, escaped)) = chars.next() {
+                        text.push(escaped);
+                    }
+                }
+                c => text.push(c),
+            }
         }
-        let rest = &body[end + 1..];
-        Ok((rest, (body[..end].to_string(), self.span(start, rest))))
+        Err(nom::Err::Failure(PErr {
+            at: start,
+            expected: Cow::Borrowed("a closing `\"` on the same line"),
+            len: 1,
+        }))
     }
 
     fn net_item<'a>(&self, i: &'a str) -> Res<'a, NetItem> {
