@@ -842,15 +842,13 @@ impl<'a> Resolver<'a> {
         normalize(&mut ports);
         let mut methods = Vec::new();
         for m in &r.methods {
-            let up = m.text.to_ascii_uppercase();
-            if !up.chars().all(|c| c.is_ascii_uppercase()) {
-                self.err(
-                    Diagnostic::error("E0212", format!("`{}` is not an HTTP method", m.text))
-                        .at(m.span, "expected a method such as GET, POST or CONNECT"),
-                );
-                ok = false;
+            match http_method(m) {
+                Ok(method) => methods.push(method),
+                Err(d) => {
+                    self.err(d);
+                    ok = false;
+                }
             }
-            methods.push(up);
         }
         if !methods.is_empty()
             && !methods.iter().any(|m| m == "CONNECT")
@@ -1008,4 +1006,71 @@ pub fn entries(policy: &Policy) -> (Vec<Entry<u32>>, Vec<Entry<u128>>) {
         expand(r, &mut v4, &mut v6);
     }
     (v4, v6)
+}
+
+/// An HTTP method as a rule or expectation names it. Methods are
+/// case-sensitive (RFC 9110 section 9.1): `get` is a method of its own, which
+/// no client sends for GET, so a lowercase spelling is refused rather than
+/// read as GET or as a method that never comes.
+pub(crate) fn http_method(m: &ast::Name) -> Result<String, Diagnostic> {
+    let text = &m.text;
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_uppercase()) {
+        return Ok(text.clone());
+    }
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_alphabetic()) {
+        let up = text.to_ascii_uppercase();
+        return Err(Diagnostic::error(
+            "E0212",
+            format!("`{text}` is not an HTTP method: methods are case-sensitive"),
+        )
+        .at(m.span, format!("write `{up}`")));
+    }
+    Err(
+        Diagnostic::error("E0212", format!("`{text}` is not an HTTP method"))
+            .at(m.span, "expected a method such as GET, POST or CONNECT"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::load::compile_str;
+    use crate::policy::{Date, Options};
+
+    fn compile(text: &str) -> Result<(), String> {
+        let opts = Options {
+            today: Date::new(2026, 1, 1).unwrap(),
+        };
+        compile_str("m.policy", text, opts)
+            .map(|_| ())
+            .map_err(|f| f.diagnostics.render(&f.sources))
+    }
+
+    #[test]
+    fn methods_are_case_sensitive_in_rules_and_expectations() {
+        let base = "net vnet = 192.0.2.0/24\n\
+                    http r allow vnet -> \"a.example\" port 80 method GET, POST\n";
+        compile(base).unwrap();
+        let e = compile(&base.replace("method GET", "method get")).unwrap_err();
+        assert!(
+            e.contains("E0212")
+                && e.contains("`get` is not an HTTP method: methods are case-sensitive")
+                && e.contains("write `GET`")
+                && e.contains("m.policy:2:"),
+            "{e}"
+        );
+        let e = compile(&format!(
+            "{base}expect allow http 192.0.2.1 -> http://a.example/ method post\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("write `POST`") && e.contains("m.policy:3:"),
+            "{e}"
+        );
+        compile(&format!(
+            "{base}expect allow http 192.0.2.1 -> http://a.example/ method POST\n"
+        ))
+        .unwrap();
+        let e = compile(&base.replace("method GET", "method G3T")).unwrap_err();
+        assert!(e.contains("`G3T` is not an HTTP method"), "{e}");
+    }
 }

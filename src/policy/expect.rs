@@ -199,8 +199,12 @@ pub fn query_of(probe: &Probe, span: Span) -> Result<Query, Diagnostic> {
             let (host, port, https) = parse_url(url).map_err(|e| {
                 Diagnostic::error("E0402", format!("invalid URL: {e}")).at(*url_span, "this URL")
             })?;
+            let method = match method {
+                Some(m) => Some((m, super::compile::http_method(m)?)),
+                None => None,
+            };
             let method = match (method, https) {
-                (Some(m), true) if !m.text.eq_ignore_ascii_case("CONNECT") => {
+                (Some((m, method)), true) if method != "CONNECT" => {
                     return Err(Diagnostic::error(
                         "E0403",
                         "the proxy sees an https URL only as a CONNECT tunnel, so its method cannot be tested",
@@ -208,7 +212,7 @@ pub fn query_of(probe: &Probe, span: Span) -> Result<Query, Diagnostic> {
                     .at(m.span, "not visible inside TLS")
                     .help("drop `method`, or probe an http:// URL to test methods"));
                 }
-                (Some(m), _) => m.text.to_ascii_uppercase(),
+                (Some((_, method)), _) => method,
                 (None, true) => "CONNECT".to_string(),
                 (None, false) => "GET".to_string(),
             };
