@@ -152,6 +152,11 @@ pub struct ConnKey {
     pub pb: u16,
 }
 
+/// `ConnKey::pb` of an echo exchange. Other ICMP messages are keyed by
+/// type and code (both below 256), so no other message can take an echo
+/// flow's key: a timestamp request (type 13) is not a reply to ping id 13.
+pub const ECHO: u16 = 0x100;
+
 impl ConnKey {
     /// The key of a packet as seen in its own direction.
     pub fn of(key: &FlowKey, echo_id: Option<u16>) -> ConnKey {
@@ -161,7 +166,7 @@ impl ConnKey {
                 b: key.dst,
                 proto: key.proto,
                 pa: id,
-                pb: 0,
+                pb: ECHO,
             },
             None => ConnKey {
                 a: key.src,
@@ -173,8 +178,13 @@ impl ConnKey {
         }
     }
 
+    /// Whether this is the key of an echo exchange (ping).
+    pub fn is_echo(&self) -> bool {
+        self.pb == ECHO && (self.proto == 1 || self.proto == 58)
+    }
+
     pub fn reversed(&self) -> ConnKey {
-        if self.pb == 0 && (self.proto == 1 || self.proto == 58) {
+        if self.is_echo() {
             // Echo: the identifier is the same both ways.
             return ConnKey {
                 a: self.b,

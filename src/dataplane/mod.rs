@@ -3,13 +3,15 @@
 //! direction, and the decision every frame gets.
 //!
 //! [`Engine::handle`] decides one frame that arrived on one port:
-//! - ARP and IPv6 neighbour discovery pass; other non-IP EtherTypes pass
-//!   only where configured; malformed frames are dropped;
+//! - ARP and IPv6 neighbour discovery pass (valid neighbour discovery
+//!   only, from a link-local source or the port's zone); other non-IP
+//!   EtherTypes pass only where configured; malformed frames are dropped;
 //! - a source address outside the zone of its arrival port is dropped
 //!   (anti-spoofing): a frame from the VNet must carry a VNet address;
 //! - a packet of a tracked flow passes (both ways), unless a reload's policy
 //!   no longer allows the flow: then it is cut here and recorded;
-//! - an ICMP error about a tracked flow passes;
+//! - an ICMP error about a tracked flow passes, addressed to the sender
+//!   of the packet it quotes;
 //! - a non-first fragment follows its first fragment's verdict, or drops;
 //! - anything else starts a flow (TCP only with a SYN): the per-source rate
 //!   limit, the policy, the audit trail's admission and the table's room all
@@ -444,13 +446,21 @@ impl Engine {
             }
             Payload::Ip(ip) => ip,
         };
-        if ip.icmp == Some(IcmpKind::NeighborDiscovery) {
-            return self.forward();
-        }
         let key = ip.key;
         let policy = self.policy.load();
+        // Neighbour discovery (valid per RFC 4861: see the parser) passes
+        // like ARP, from a link-local or unspecified source or one of the
+        // port's zone.
+        let link_local =
+            matches!(key.src, IpAddr::V6(a) if a.is_unspecified() || a.is_unicast_link_local());
+        if ip.icmp == Some(IcmpKind::NeighborDiscovery) && link_local {
+            return self.forward();
+        }
         if policy.zones().zone_of(key.src) != Some(ingress) {
             return self.drop(DropReason::Spoofed, Some(&key), frame.len());
+        }
+        if ip.icmp == Some(IcmpKind::NeighborDiscovery) {
+            return self.forward();
         }
         let now = self.now();
         let (packets, hdrs) = segments;
@@ -487,6 +497,16 @@ impl Engine {
             Err(_) => return self.drop(DropReason::NoState, Some(&key), frame.len()),
         };
         if let Some((flow, dir)) = table.find(&ck, now) {
+            // An echo flow carries requests one way and replies the other:
+            // a request from the far side (or a reply from the near one)
+            // is not part of it. (Two pings that pick one identifier
+            // between the same two hosts in opposite directions cannot be
+            // told apart: the later one waits for the first to expire.)
+            if let Some(IcmpKind::Echo { request, .. }) = ip.icmp {
+                if request != (dir == Direction::Original) {
+                    return self.drop(DropReason::NoState, Some(&key), frame.len());
+                }
+            }
             // A flow admitted under another policy is re-checked once.
             if *flow.policy != *policy.sha256() {
                 let original = flow.key;
@@ -524,9 +544,11 @@ impl Engine {
             return self.forward();
         }
         // An ICMP error about a tracked flow is related traffic.
+        // It must go back to the sender of the packet it quotes: an error
+        // addressed anywhere else carries bytes past the policy.
         if let Some(IcmpKind::Error { about }) = ip.icmp {
             let related = ConnKey::of(&about, None);
-            if table.find(&related, now).is_some() {
+            if about.src == key.dst && table.find(&related, now).is_some() {
                 return self.forward();
             }
             return self.drop(DropReason::NoState, Some(&key), frame.len());
@@ -935,6 +957,100 @@ default deny
         // The SYN's 40 bytes, then 64 segments of 40 header bytes and 1000
         // payload bytes each.
         assert_eq!(flow.original.bytes, 40 + 64 * 1040);
+    }
+
+    /// ICMP that the connection table must not take for related traffic:
+    /// an error addressed to someone other than the quoted packet's
+    /// sender, a request from the far side of a ping, a timestamp whose
+    /// type equals a ping's identifier, and neighbour discovery that was
+    /// routed here (hop limit not 255) from outside the port's zone.
+    #[test]
+    fn icmp_is_related_only_to_the_exchange_it_belongs_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = "\
+zone edge   = 192.0.2.0/25, 2001:db8:1::/64
+zone onprem = 192.0.2.128/25, 2001:db8:2::/64
+rule web  allow 192.0.2.0/25 -> 192.0.2.200 service udp/53
+rule ping allow 192.0.2.0/25 -> 192.0.2.200 service icmp
+default deny
+";
+        let e = engine_for(dir.path(), policy, EngineConfig::default());
+        let (vnet, peer) = (v4("192.0.2.10"), v4("192.0.2.200"));
+        let query = build::ipv4(vnet, peer, 17, &build::udp(40000, 53, b"q"), (1, false, 0));
+        assert_eq!(e.handle(Zone::Edge, &query), Disposition::Forward);
+        // Port unreachable quoting the query, from the peer.
+        let error_to = |dst: Ipv4Addr| {
+            let mut l4 = vec![3, 3, 0, 0, 0, 0, 0, 0];
+            l4.extend_from_slice(&query[14..14 + 28]);
+            l4.resize(l4.len() + 1000, 0x41);
+            build::ipv4(peer, dst, 1, &l4, (2, false, 0))
+        };
+        assert_eq!(
+            e.handle(Zone::Onprem, &error_to(vnet)),
+            Disposition::Forward
+        );
+        assert_eq!(
+            e.handle(Zone::Onprem, &error_to(v4("192.0.2.11"))),
+            Disposition::Drop(DropReason::NoState),
+            "an error must go to the sender of the packet it quotes"
+        );
+        // A ping with identifier 13, then its reply.
+        let echo =
+            |src, dst, ty, id| build::ipv4(src, dst, 1, &build::icmp_echo(ty, id), (3, false, 0));
+        assert_eq!(
+            e.handle(Zone::Edge, &echo(vnet, peer, 8, 13)),
+            Disposition::Forward
+        );
+        assert_eq!(
+            e.handle(Zone::Onprem, &echo(peer, vnet, 0, 13)),
+            Disposition::Forward
+        );
+        // A request from the far side with the same identifier is not a reply.
+        assert_eq!(
+            e.handle(Zone::Onprem, &echo(peer, vnet, 8, 13)),
+            Disposition::Drop(DropReason::NoState)
+        );
+        // A timestamp request (type 13, code 0) is not ping 13's reply.
+        let timestamp = build::ipv4(peer, vnet, 1, &[13, 0, 0, 0, 0, 1, 0, 1], (4, false, 0));
+        assert_eq!(
+            e.handle(Zone::Onprem, &timestamp),
+            Disposition::Drop(DropReason::Denied)
+        );
+        // Neighbour solicitation: on-link (hop limit 255) from a link-local
+        // source passes; routed (hop limit 64) from outside the zone is
+        // ordinary ICMPv6, whose source is spoofed on this port.
+        let ns = |src: &str, hops: u8| {
+            let mut f = build::ipv6(
+                src.parse().unwrap(),
+                "ff02::1:ff00:20".parse().unwrap(),
+                58,
+                &[135, 0, 0, 0, 0, 0, 0, 0],
+            );
+            f[14 + 7] = hops;
+            f
+        };
+        assert_eq!(
+            e.handle(Zone::Edge, &ns("fe80::1", 255)),
+            Disposition::Forward
+        );
+        assert_eq!(
+            e.handle(Zone::Edge, &ns("2001:db8:1::5", 255)),
+            Disposition::Forward
+        );
+        assert_eq!(
+            e.handle(Zone::Edge, &ns("2001:db8:dead::1", 64)),
+            Disposition::Drop(DropReason::Spoofed)
+        );
+        assert_eq!(
+            e.handle(Zone::Edge, &ns("2001:db8:dead::1", 255)),
+            Disposition::Drop(DropReason::Spoofed)
+        );
+        // Routed from inside the zone: judged by the policy, which has no
+        // ICMPv6 rule.
+        assert_eq!(
+            e.handle(Zone::Edge, &ns("2001:db8:1::5", 64)),
+            Disposition::Drop(DropReason::Denied)
+        );
     }
 
     #[test]

@@ -340,7 +340,17 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
     }
     let l4 = l3.get(off..end).unwrap_or(&[]);
     let (src, dst) = (ip.get_source().into(), ip.get_destination().into());
-    Ok(ip_packet((src, dst, next), fragment, l4, end, depth))
+    let mut p = ip_packet((src, dst, next), fragment, l4, end, depth);
+    // Neighbour discovery is valid only as RFC 4861 section 6.1/7.1 says:
+    // hop limit 255 (so it was sent on this link, not routed here), code 0,
+    // not fragmented. Anything else of those types is ordinary ICMPv6,
+    // which the policy judges.
+    if p.icmp == Some(IcmpKind::NeighborDiscovery)
+        && (ip.get_hop_limit() != 255 || p.key.dst_port != 0 || p.fragment != Fragment::Whole)
+    {
+        p.icmp = Some(IcmpKind::Other);
+    }
+    Ok(p)
 }
 
 /// Builders of test frames (used by this crate's tests and the dataplane's
@@ -524,8 +534,14 @@ mod tests {
         let fr = parse(&tagged_frame).unwrap();
         assert_eq!(fr.vlan, Some(42));
         assert!(matches!(fr.payload, Payload::Ip(_)));
-        let ns = ipv6(a6, b6, 58, &[135, 0, 0, 0, 0, 0, 0, 0]);
+        // Neighbour solicitation is neighbour discovery only as sent on
+        // the link: hop limit 255 and code 0.
+        let mut ns = ipv6(a6, b6, 58, &[135, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(ip(&ns).icmp, Some(IcmpKind::Other), "hop limit 64");
+        ns[14 + 7] = 255;
         assert_eq!(ip(&ns).icmp, Some(IcmpKind::NeighborDiscovery));
+        ns[14 + 40 + 1] = 1;
+        assert_eq!(ip(&ns).icmp, Some(IcmpKind::Other), "code 1");
         assert_eq!(parse(&arp()).unwrap().payload, Payload::Arp);
     }
 

@@ -18,7 +18,7 @@
 
 mod addr;
 mod body;
-mod sni;
+pub mod sni;
 mod tunnel;
 mod upstream;
 

@@ -55,6 +55,10 @@ pub fn inspect(buf: &[u8]) -> FirstBytes {
         return FirstBytes::Incomplete { need: 5 };
     }
     let len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
+    // Longer than any TLS record may be: not TLS, whatever follows.
+    if 5 + len > MAX_RECORD {
+        return FirstBytes::NotTls;
+    }
     if buf.len() < 5 + len {
         return FirstBytes::Incomplete { need: 5 + len };
     }
@@ -164,6 +168,9 @@ mod tests {
             FirstBytes::Incomplete { .. }
         ));
         assert_eq!(inspect(b"GET / HTTP/1.1\r\n"), FirstBytes::NotTls);
+        // A record header announcing more than TLS allows in a record is
+        // not TLS: nothing waits for the rest.
+        assert_eq!(inspect(&[22, 3, 1, 0x4c, 0xbb]), FirstBytes::NotTls);
     }
 
     #[test]
