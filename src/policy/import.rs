@@ -322,9 +322,7 @@ impl Ctx<'_> {
         for item in items {
             if item == "*" || item.eq_ignore_ascii_case("any") {
                 out.push("any".to_string());
-            } else if item.parse::<ipnet::IpNet>().is_ok()
-                || item.parse::<std::net::IpAddr>().is_ok()
-            {
+            } else if is_address_or_prefix(&item) {
                 out.push(item);
             } else if let Some(mapped) = self.tags.get(&item) {
                 if mapped.is_empty() {
@@ -406,6 +404,26 @@ fn sanitize(name: &str, taken: &mut HashSet<String>) -> String {
     candidate
 }
 
+/// Whether `s` is an address or a prefix as the policy language writes one:
+/// the address as std reads it (no leading zeros in IPv4 octets, which some
+/// readers take for octal), a decimal length without leading zeros.
+fn is_address_or_prefix(s: &str) -> bool {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let Ok(addr) = addr.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    len.is_none_or(|l| {
+        !l.is_empty()
+            && l.bytes().all(|b| b.is_ascii_digit())
+            && (l == "0" || !l.starts_with('0'))
+            && l.parse::<u32>().is_ok_and(|n| n <= max)
+    })
+}
+
 /// Reads a service-tag mapping: a JSON object from tag name to a list of
 /// prefixes, e.g. `{"VirtualNetwork": ["10.0.0.0/16"]}`.
 pub fn parse_tag_mapping(text: &str) -> Result<BTreeMap<String, Vec<String>>, ImportError> {
@@ -423,7 +441,7 @@ pub fn parse_tag_mapping(text: &str) -> Result<BTreeMap<String, Vec<String>>, Im
             let s = p
                 .as_str()
                 .ok_or_else(|| ImportError::Mapping(format!("`{tag}`: expected strings")))?;
-            if s.parse::<ipnet::IpNet>().is_err() && s.parse::<std::net::IpAddr>().is_err() {
+            if !is_address_or_prefix(s) {
                 return Err(ImportError::Mapping(format!(
                     "`{tag}`: `{s}` is not an address or prefix"
                 )));
@@ -795,9 +813,14 @@ pub fn nsg(
             });
         }
     }
-    let of = nsg_name
-        .as_deref()
-        .map_or(String::new(), |n| format!(" of NSG `{n}`"));
+    // The name goes into a `#` comment, which a line break would end.
+    let of = nsg_name.as_deref().map_or(String::new(), |n| {
+        let n: String = n
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        format!(" of NSG `{n}`")
+    });
     let mut policy = format!(
         "# Imported from Azure NSG security rules by `palisade import nsg`:\n\
          # the {dir} rules{of} in priority order, then Azure's default\n\
@@ -1012,6 +1035,17 @@ mod tests {
             err.in_file("nsg.json"),
             format!("nsg.json:3:{col}: rule `allow-web`: field `sourceAddressPrefix`: `Internet` is a service tag (or not an address); give its prefixes with --service-tags FILE")
         );
+        // Found by fuzzing: a leading zero, which some readers take for
+        // octal, is not an address (the policy would refuse it).
+        for odd in ["096.0.2.0/24", "192.0.2.0/024", "192.0.2.0/33"] {
+            let err = nsg(&json.replace("192.0.2.0/24", odd), &BTreeMap::new(), None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("`{odd}` is a service tag (or not an address)")),
+                "{err}"
+            );
+        }
         let mut tags = BTreeMap::new();
         tags.insert("Internet".to_string(), vec!["0.0.0.0/0".to_string()]);
         assert!(nsg(&tagged, &tags, None)
