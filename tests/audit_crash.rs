@@ -155,6 +155,22 @@ fn torn_last_line_is_recorded_by_the_next_start() {
         report.contains("audit-00000001.jsonl") && report.contains("truncated"),
         "{report}"
     );
+
+    // Removing the torn bytes (the file cut back to the last whole record)
+    // is caught too: the start record still declares them.
+    let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
+    f.set_len(before).unwrap();
+    drop(f);
+    let (code, report) = verify(&dir, &keys);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.contains(": deleted:")
+            && report.contains(&format!(
+                "declares an incomplete record of {} bytes at byte offset {before} of audit-00000001.jsonl, which is no longer there",
+                partial.len()
+            )),
+        "{report}"
+    );
 }
 
 #[test]

@@ -196,9 +196,99 @@ fn wrong_key_is_reported() {
         signing: wrong.signing,
         verifying: wrong.verifying,
     };
+    // The key given did not sign this trail: nothing can be said about the
+    // trail, which is not the same as finding it damaged.
     let (code, out) = verify(&t.dir, &keys);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("could not verify")
+            && out.contains("the key given is not the one that signed this trail"),
+        "{out}"
+    );
+    assert!(!out.contains("NOT WHOLE"), "{out}");
+}
+
+#[test]
+fn adjacent_edits_are_each_named() {
+    // Lines 4 and 5 changed: the chain breaks after 4 and after 5, and both
+    // are named, not only the second.
+    let t = trail();
+    let path = file(&t.dir, 3);
+    let mut lines = read_lines(&path);
+    for l in &mut lines[3..5] {
+        *l = l.replacen("stress://p", "stress://q", 1);
+    }
+    write_lines(&path, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("wrong key"), "{out}");
+    for line in [4, 5] {
+        assert!(
+            out.contains(&format!("audit-00000003.jsonl:{line} (seq")),
+            "line {line} not named: {out}"
+        );
+    }
+    assert_eq!(
+        out.lines().filter(|l| l.contains(": edited:")).count(),
+        2,
+        "{out}"
+    );
+
+    // Every record of a file rewritten (line ends turned to CRLF): every
+    // one of them is named.
+    let t = trail();
+    let path = file(&t.dir, 2);
+    let n = read_lines(&path).len();
+    let crlf: String = read_lines(&path)
+        .iter()
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    std::fs::write(&path, crlf).unwrap();
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    for line in 1..=n {
+        assert!(
+            out.contains(&format!("audit-00000002.jsonl:{line} "))
+                || out.contains(&format!("audit-00000002.jsonl:{line}:")),
+            "line {line} of {n} not named: {out}"
+        );
+    }
+}
+
+#[test]
+fn a_boot_appended_after_the_seal_is_not_taken_for_a_crash() {
+    // A start record chained after the signed stop, naming the real boot,
+    // and a forged record after it, in the same file: a real writer starts
+    // every boot in a new file.
+    let t = trail();
+    let last_file = last_file(&t.dir);
+    let mut lines = read_lines(&last_file);
+    let stop: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    use sha2::Digest;
+    let start = serde_json::json!({
+        "@timestamp": stop["@timestamp"],
+        "seq": 0,
+        "boot_id": "forged-boot",
+        "prev_hash": hex::encode(sha2::Sha256::digest(lines.last().unwrap().as_bytes())),
+        "event": {"dataset": "palisade.audit", "code": "lifecycle", "action": "start"},
+        "palisade": {"previous_boot": {"boot_id": stop["boot_id"], "last_seq": stop["seq"], "clean": true}},
+    });
+    let start = serde_json::to_string(&start).unwrap();
+    let forged = serde_json::json!({
+        "@timestamp": stop["@timestamp"],
+        "seq": 1,
+        "boot_id": "forged-boot",
+        "prev_hash": hex::encode(sha2::Sha256::digest(start.as_bytes())),
+        "event": {"dataset": "palisade.proxy", "code": "proxy_request", "action": "allowed"},
+    });
+    lines.push(start);
+    lines.push(serde_json::to_string(&forged).unwrap());
+    write_lines(&last_file, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("inserted") && out.contains("a start record in the middle of a file"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -273,6 +273,23 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
             explained.insert(i + 1);
             continue;
         }
+        // Every boot starts a new file: a start record anywhere else was
+        // put there (a boot appended after the trail was sealed, say).
+        if rec.event.action == Action::Start
+            && rec.event.code == RecordKind::Lifecycle
+            && first_entry_of_file.get(&e.file) != Some(&i)
+        {
+            findings.push(find(
+                FindingKind::Inserted,
+                file,
+                line,
+                seq,
+                format!(
+                    "a start record in the middle of a file, after {}: every boot of the writer starts a new file, so this boot was appended by something else",
+                    line_ref(i - 1)
+                ),
+            ));
+        }
         if rec.event.action == Action::Checkpoint {
             if let Some(cp) = rec.palisade.as_ref().and_then(|p| p.checkpoint.as_ref()) {
                 let next = rec
@@ -381,12 +398,29 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
         };
         if unknown_contiguous(i) {
             if unknown_contiguous(i + 1) {
+                // Both links of this record are broken: it was changed, and
+                // so was the record before it (or this record's prev_hash,
+                // which an edit of this record alone leaves as it was).
+                let (pfile, pline, pseq) = at(i - 1);
+                findings.push(find(
+                    FindingKind::Edited,
+                    pfile,
+                    pline,
+                    pseq,
+                    format!(
+                        "this record was changed (or the prev_hash of the next one was): its hash no longer matches prev_hash in {}",
+                        line_ref(i)
+                    ),
+                ));
                 findings.push(find(
                     FindingKind::Edited,
                     file,
                     line,
                     seq,
-                    "this record was changed: it no longer links to the record before it, nor the next one to it".into(),
+                    format!(
+                        "this record was changed: its hash no longer matches prev_hash in {}",
+                        line_ref(i + 1)
+                    ),
                 ));
                 explained.insert(i + 1);
             } else {
@@ -434,6 +468,39 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
                     line_ref(i - 1)
                 ),
             )),
+        }
+    }
+
+    // A torn tail a start record declares must still be where it says:
+    // otherwise the bytes were removed (or changed) after the restart.
+    for (i, e) in entries.iter().enumerate() {
+        let Ok(rec) = &e.rec else { continue };
+        let Some(t) = rec
+            .palisade
+            .as_ref()
+            .and_then(|p| p.previous_boot.as_ref())
+            .and_then(|pb| pb.torn_tail.as_ref())
+        else {
+            continue;
+        };
+        let Some(pos) = names.iter().position(|n| *n == t.file) else {
+            continue; // a missing file is a finding of its own
+        };
+        let present = torn
+            .get(&pos)
+            .is_some_and(|(o, l, h)| *o == t.offset && *l == t.length && *h == t.sha256);
+        if !present {
+            let (file, line, seq) = at(i);
+            findings.push(find(
+                FindingKind::Deleted,
+                file,
+                line,
+                seq,
+                format!(
+                    "this start record declares an incomplete record of {} bytes at byte offset {} of {}, which is no longer there: the file was cut or changed after the restart",
+                    t.length, t.offset, t.file
+                ),
+            ));
         }
     }
 
@@ -548,6 +615,7 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
             .map(|r| r.timestamp.to_string());
     }
     findings.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+    findings.dedup();
     report.findings = findings;
     Ok(report)
 }

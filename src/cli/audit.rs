@@ -322,6 +322,29 @@ fn verify(key: &Path, dir: &Path) -> Result<ExitCode, CliError> {
             dir: dir.to_path_buf(),
         });
     }
+    // No checkpoint verifies and every signed one names another key: the
+    // key given is not this trail's, which says nothing about the trail.
+    let wrong_key: Vec<&str> = report
+        .findings
+        .iter()
+        .filter(|f| f.kind == palisade::audit::verify::FindingKind::WrongKey)
+        .map(|f| f.message.as_str())
+        .collect();
+    if report.checkpoints_verified == 0
+        && !wrong_key.is_empty()
+        && !report
+            .findings
+            .iter()
+            .any(|f| f.kind == palisade::audit::verify::FindingKind::BadSignature)
+    {
+        eprintln!(
+            "error: could not verify {}: the key given is not the one that signed this trail ({} checkpoint(s); the first: {})",
+            dir.display(),
+            wrong_key.len(),
+            wrong_key[0]
+        );
+        return Ok(ExitCode::from(2));
+    }
     for f in &report.findings {
         println!("{f}");
     }
