@@ -168,8 +168,19 @@ pub fn run(args: FilterArgs) -> ExitCode {
             ) else {
                 return;
             };
+            // Rules that expire while the filter runs stop matching the day
+            // after their date (UTC), as if the policy had been reloaded.
+            let mut expiry = tokio::time::interval(std::time::Duration::from_secs(30));
             loop {
                 tokio::select! {
+                    _ = expiry.tick() => {
+                        if let Some((p, why)) = e2.policy().expired_today() {
+                            let sha = p.sha256().to_string();
+                            e2.set_policy(p);
+                            let _ = a2.submit_async(&AuditEvent::policy_loaded(&sha, &why)).await;
+                            eprintln!("palisade filter: policy in force {why}");
+                        }
+                    }
                     _ = hup.recv() => {
                         let in_force = e2.policy().sha256().to_string();
                         match load(&policy_path) {

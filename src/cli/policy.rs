@@ -82,11 +82,7 @@ pub fn parse_date(s: &str) -> Result<Date, String> {
 
 /// Today's date (UTC) from the system clock.
 pub fn today() -> Date {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    Date::from_unix_days((secs / 86_400) as i64)
+    Date::today()
 }
 
 /// Expands directories into the policy files directly inside them, sorted.

@@ -89,8 +89,11 @@ pub struct Flow {
     pub state: State,
     /// The rule that admitted it.
     pub rule: Option<RuleId>,
-    /// The policy (sha256) that admitted it, to re-check after a reload.
+    /// The policy (sha256) that admitted it, for its records.
     pub policy: std::sync::Arc<str>,
+    /// The generation of that policy ([`crate::policy::Policy::generation`]),
+    /// to re-check the flow when decisions change.
+    pub generation: u64,
     pub created: Duration,
     pub last_seen: Duration,
     pub original: Counts,
@@ -210,8 +213,9 @@ pub struct NewFlow {
     /// The ICMP echo identifier, for echo flows.
     pub echo_id: Option<u16>,
     pub rule: Option<RuleId>,
-    /// The policy (sha256) that admitted it.
+    /// The policy (sha256) that admitted it, and its generation.
     pub policy: std::sync::Arc<str>,
+    pub generation: u64,
     pub tcp_flags: u8,
     /// Packets the first frame carried (a segment-offload super-frame
     /// carries several) and their bytes.
@@ -321,6 +325,7 @@ impl ConnTable {
             echo_id,
             rule,
             policy,
+            generation,
             tcp_flags,
             packets,
             bytes,
@@ -362,6 +367,7 @@ impl ConnTable {
             state,
             rule,
             policy,
+            generation,
             created: now,
             last_seen: now,
             original: Counts { packets, bytes },
@@ -446,9 +452,16 @@ impl ConnTable {
 
     /// Marks a flow as admitted by another policy (after a reload that still
     /// allows it).
-    pub fn readmit(&mut self, k: &ConnKey, policy: std::sync::Arc<str>, rule: Option<RuleId>) {
+    pub fn readmit(
+        &mut self,
+        k: &ConnKey,
+        policy: std::sync::Arc<str>,
+        generation: u64,
+        rule: Option<RuleId>,
+    ) {
         if let Some(f) = self.flows.get_mut(k) {
             f.policy = policy;
+            f.generation = generation;
             f.rule = rule;
         }
     }
@@ -554,6 +567,7 @@ mod tests {
             echo_id,
             rule,
             policy: "sha".into(),
+            generation: 0,
             tcp_flags,
             packets: 1,
             bytes,

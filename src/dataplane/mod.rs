@@ -271,11 +271,34 @@ impl Engine {
     /// swap, so none is offloaded again under the old policy) for their
     /// next packet to reach palisade.
     pub fn set_policy(&self, p: Policy) {
+        let old = self.policy.load_full();
+        // Counts follow their rule by name (a reload may reorder rules);
+        // the default's count stays the default's.
         if let Ok(mut h) = self.counters.rule_hits.lock() {
-            h.resize(p.rules().len() + 1, 0);
+            let by_name: HashMap<&str, u64> = old
+                .rules()
+                .iter()
+                .zip(h.iter())
+                .map(|(r, n)| (r.name.as_str(), *n))
+                .collect();
+            let default = h.last().copied().unwrap_or(0);
+            let mut counts: Vec<u64> = p
+                .rules()
+                .iter()
+                .map(|r| by_name.get(r.name.as_str()).copied().unwrap_or(0))
+                .collect();
+            counts.push(default);
+            *h = counts;
         }
-        let unchanged = *self.policy.load().sha256() == *p.sha256();
-        self.policy.store(Arc::new(p));
+        // Flows decided under a policy that decides otherwise are decided
+        // again at their next packet (a new text, or a rule that expired).
+        let unchanged = old.decides_as(&p);
+        let generation = if unchanged {
+            old.generation()
+        } else {
+            old.generation() + 1
+        };
+        self.policy.store(Arc::new(p.with_generation(generation)));
         if self.fast.is_none() || unchanged {
             return;
         }
@@ -323,7 +346,7 @@ impl Engine {
             return;
         }
         let policy = self.policy.load();
-        if *flow.policy != *policy.sha256() {
+        if flow.generation != policy.generation() {
             return;
         }
         let zones = policy.zones();
@@ -508,7 +531,7 @@ impl Engine {
                 }
             }
             // A flow admitted under another policy is re-checked once.
-            if *flow.policy != *policy.sha256() {
+            if flow.generation != policy.generation() {
                 let original = flow.key;
                 let d = policy.decide(&original);
                 let original_ck = match dir {
@@ -522,7 +545,12 @@ impl Engine {
                     }
                     return self.drop(DropReason::Revoked, Some(&key), frame.len());
                 }
-                table.readmit(&original_ck, policy.sha256().into(), d.rule);
+                table.readmit(
+                    &original_ck,
+                    policy.sha256().into(),
+                    policy.generation(),
+                    d.rule,
+                );
             }
             let state = table.update(&ck, dir, ip.tcp_flags, (packets, bytes), now);
             if self.fast.is_some() && parsed.vlan.is_none() {
@@ -588,6 +616,7 @@ impl Engine {
                 echo_id,
                 rule: d.rule,
                 policy: policy.sha256().into(),
+                generation: policy.generation(),
                 tcp_flags: ip.tcp_flags,
                 packets,
                 bytes,
@@ -1051,6 +1080,60 @@ default deny
             e.handle(Zone::Edge, &ns("2001:db8:1::5", 64)),
             Disposition::Drop(DropReason::Denied)
         );
+    }
+
+    /// A rule that expires while the filter runs: the policy without it
+    /// (as the filter's expiry timer puts in force) cuts the flows it
+    /// admitted at their next packet and denies new ones, though the text
+    /// and its sha256 are the same. Rule counts follow rule names.
+    #[test]
+    fn an_expired_rule_stops_matching_and_its_flows_are_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = "\
+zone edge   = 192.0.2.0/25
+zone onprem = 192.0.2.128/25
+rule temp allow 192.0.2.0/25 -> 192.0.2.200 service tcp/80 expires 2026-06-30
+rule web  allow 192.0.2.0/25 -> 192.0.2.201 service tcp/80
+default deny
+";
+        let e = engine_for(dir.path(), policy, EngineConfig::default());
+        let syn = tcp("192.0.2.10", "192.0.2.200", 40000, 80, SYN, 0);
+        assert_eq!(e.handle(Zone::Edge, &syn), Disposition::Forward);
+        let syn_web = tcp("192.0.2.10", "192.0.2.201", 40001, 80, SYN, 0);
+        assert_eq!(e.handle(Zone::Edge, &syn_web), Disposition::Forward);
+        let p = e.policy();
+        assert_eq!(p.valid_until(), Date::new(2026, 6, 30));
+        assert!(p.expired_as_of(Date::new(2026, 6, 30).unwrap()).is_none());
+        let (next, expired) = p.expired_as_of(Date::new(2026, 7, 1).unwrap()).unwrap();
+        assert_eq!(expired, vec!["temp".to_string()]);
+        assert_eq!(next.sha256(), p.sha256());
+        assert!(!next.decides_as(&p));
+        e.set_policy(next);
+        let ack = tcp("192.0.2.10", "192.0.2.200", 40000, 80, ACK, 10);
+        assert_eq!(
+            e.handle(Zone::Edge, &ack),
+            Disposition::Drop(DropReason::Revoked)
+        );
+        let ack_web = tcp("192.0.2.10", "192.0.2.201", 40001, 80, ACK, 10);
+        assert_eq!(e.handle(Zone::Edge, &ack_web), Disposition::Forward);
+        let again = tcp("192.0.2.10", "192.0.2.200", 40002, 80, SYN, 0);
+        assert_eq!(
+            e.handle(Zone::Edge, &again),
+            Disposition::Drop(DropReason::Denied)
+        );
+        // The same policy again (a SIGHUP with nothing changed) changes
+        // nothing: the generation stays, flows are not re-checked.
+        let g = e.policy().generation();
+        e.set_policy(e.policy().as_ref().clone());
+        assert_eq!(e.policy().generation(), g);
+        // A reload that reorders the rules: counts stay with their names.
+        let hits = |e: &Engine| e.counters.rule_hits.lock().unwrap().clone();
+        assert_eq!(hits(&e), vec![1, 1, 0], "admitted flows, per rule");
+        e.set_policy(compile(&policy.replace(
+            "rule temp allow 192.0.2.0/25 -> 192.0.2.200 service tcp/80 expires 2026-06-30\n",
+            "",
+        ).replace("default deny", "rule new allow 192.0.2.0/25 -> 192.0.2.202\ndefault deny")));
+        assert_eq!(hits(&e), vec![1, 0, 0], "web, new, default");
     }
 
     #[test]

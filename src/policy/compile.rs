@@ -354,6 +354,7 @@ impl<'a> Resolver<'a> {
             default_location: default.map(|d| self.location(d.span)),
             zones,
             sha256: sha256_of(self.sources),
+            generation: 0,
         };
 
         // Expectations, resolved against the compiled policy.
@@ -1043,6 +1044,32 @@ mod tests {
         compile_str("m.policy", text, opts)
             .map(|_| ())
             .map_err(|f| f.diagnostics.render(&f.sources))
+    }
+
+    #[test]
+    fn http_rules_expire_in_a_running_policy() {
+        use crate::policy::{HttpHost, HttpRequest, Verdict};
+        let opts = Options {
+            today: Date::new(2026, 1, 1).unwrap(),
+        };
+        let text = "net vnet = 192.0.2.0/24\n\
+                    http temp allow vnet -> \"a.example\" expires 2026-03-31\n\
+                    http keep allow vnet -> \"b.example\"\n";
+        let p = compile_str("e.policy", text, opts).unwrap().policy;
+        let req = |h: &str| HttpRequest {
+            src: "192.0.2.5".parse().unwrap(),
+            host: HttpHost::Name(h.into()),
+            port: 443,
+            method: "CONNECT".into(),
+        };
+        assert_eq!(p.decide_http(&req("a.example")).verdict, Verdict::Allow);
+        assert_eq!(p.valid_until(), Date::new(2026, 3, 31));
+        let (q, names) = p.expired_as_of(Date::new(2026, 4, 1).unwrap()).unwrap();
+        assert_eq!(names, vec!["temp".to_string()]);
+        assert_eq!(q.decide_http(&req("a.example")).verdict, Verdict::Deny);
+        assert_eq!(q.decide_http(&req("b.example")).verdict, Verdict::Allow);
+        assert_eq!(q.valid_until(), None);
+        assert!(q.expired_as_of(Date::new(2030, 1, 1).unwrap()).is_none());
     }
 
     #[test]

@@ -27,6 +27,15 @@ impl Date {
             .then_some(Date { year, month, day })
     }
 
+    /// Today (UTC) by the system clock: the date rule expiry is judged by.
+    pub fn today() -> Self {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Date::from_unix_days((secs / 86_400) as i64)
+    }
+
     /// The date `days` days after 1970-01-01 (civil-from-days, H. Hinnant).
     pub fn from_unix_days(days: i64) -> Self {
         let z = days + 719_468;

@@ -327,6 +327,9 @@ pub struct Policy {
     default_location: Option<Location>,
     zones: Zones,
     sha256: String,
+    /// Counts the changes of decisions an enforcement point made while
+    /// holding policies (see [`Policy::with_generation`]).
+    generation: u64,
 }
 
 impl Policy {
@@ -419,6 +422,95 @@ impl Policy {
 
     pub fn classifier(&self) -> &PacketClassifier {
         &self.classifier
+    }
+
+    /// The last day on which every active rule is still in force: the
+    /// earliest `expires` date among them. From the day after, the policy
+    /// decides differently (see [`Policy::expired_as_of`]).
+    pub fn valid_until(&self) -> Option<Date> {
+        let packet = self
+            .rules
+            .iter()
+            .filter(|r| r.active)
+            .filter_map(|r| r.expires);
+        let http = self
+            .http
+            .iter()
+            .filter(|r| r.active)
+            .filter_map(|r| r.expires);
+        packet.chain(http).min()
+    }
+
+    /// The policy as it stands on `today`: the rules whose `expires` date
+    /// has passed no longer match, as if it had been compiled today. `None`
+    /// when no active rule has expired; otherwise the policy and the names
+    /// of the rules that expired. The source (and so `sha256`) is the same.
+    pub fn expired_as_of(&self, today: Date) -> Option<(Policy, Vec<String>)> {
+        let mut p = self.clone();
+        let mut expired = Vec::new();
+        for r in &mut p.rules {
+            if r.active && r.expires.is_some_and(|d| d < today) {
+                r.active = false;
+                expired.push(r.name.clone());
+            }
+        }
+        for r in &mut p.http {
+            if r.active && r.expires.is_some_and(|d| d < today) {
+                r.active = false;
+                expired.push(r.name.clone());
+            }
+        }
+        if expired.is_empty() {
+            return None;
+        }
+        let (v4, v6) = compile::entries(&p);
+        // The entries are a subset of ones that built before.
+        p.classifier = PacketClassifier::build(v4, v6).ok()?;
+        Some((p, expired))
+    }
+
+    /// [`Policy::expired_as_of`] for an enforcement point: the policy as it
+    /// stands today, and a line for the trail and the operator saying which
+    /// rules expired, or `None` when none did.
+    pub fn expired_today(&self) -> Option<(Policy, String)> {
+        let today = Date::today();
+        let (p, names) = self.expired_as_of(today)?;
+        let names: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+        Some((
+            p,
+            format!(
+                "again on {today}: rule(s) {} expired and no longer match",
+                names.join(", ")
+            ),
+        ))
+    }
+
+    /// Whether two policies decide every flow and request alike: the same
+    /// source, and the same rules in force.
+    pub fn decides_as(&self, other: &Policy) -> bool {
+        self.sha256 == other.sha256
+            && self
+                .rules
+                .iter()
+                .map(|r| r.active)
+                .eq(other.rules.iter().map(|r| r.active))
+            && self
+                .http
+                .iter()
+                .map(|r| r.active)
+                .eq(other.http.iter().map(|r| r.active))
+    }
+
+    /// A number an enforcement point gives each policy it puts in force,
+    /// changed whenever decisions change, so that what was decided under
+    /// an earlier one is decided again.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn with_generation(mut self, generation: u64) -> Policy {
+        self.generation = generation;
+        self
     }
 }
 

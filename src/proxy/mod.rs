@@ -376,6 +376,7 @@ impl Proxy {
                 _ = prune.tick() => {
                     state.limiter.retain_recent();
                     state.limiter.shrink_to_fit();
+                    tokio::spawn(expire(state.clone()));
                 }
             }
         }
@@ -484,6 +485,28 @@ fn refuse_connection(state: &State, stream: TcpStream, peer: SocketAddr, why: &s
         .with_reason(why)
         .with_status(503);
     let _ = state.audit.try_submit(&ev);
+}
+
+/// Rules that expire while the proxy runs stop matching the day after
+/// their date (UTC): the policy in force is replaced by itself without
+/// them, recorded like a reload.
+async fn expire(state: Arc<State>) {
+    let _one_at_a_time = state.reloading.lock().await;
+    let in_force = state.policy.load_full();
+    let Ok(Some((p, why))) = tokio::task::spawn_blocking(move || in_force.expired_today()).await
+    else {
+        return;
+    };
+    let sha = p.sha256().to_string();
+    state.policy.store(Arc::new(p));
+    if let Err(e) = state
+        .audit
+        .submit_async(&AuditEvent::policy_loaded(&sha, &why))
+        .await
+    {
+        eprintln!("palisade proxy: the expiry's audit record was not written: {e}");
+    }
+    eprintln!("palisade proxy: policy in force {why}");
 }
 
 async fn reload(state: Arc<State>) -> Result<String, String> {
