@@ -519,6 +519,29 @@ impl Engine {
             Ok(t) => t,
             Err(_) => return self.drop(DropReason::NoState, Some(&key), frame.len()),
         };
+        // A SYN on the addresses and ports of a connection that closed
+        // (RST or FIN both ways) and still lingers in the table opens a new
+        // connection: the old one ends here with its record, and the new
+        // one is decided and recorded like any other.
+        let syn_only = ip.tcp_flags & (packet::tcp_flags::SYN | packet::tcp_flags::ACK)
+            == packet::tcp_flags::SYN;
+        if key.proto == 6 && syn_only {
+            let closed = match table.find(&ck, now) {
+                Some((f, dir)) if f.state == State::Tcp(TcpState::Closed) => Some(match dir {
+                    Direction::Original => ck,
+                    Direction::Reply => ck.reversed(),
+                }),
+                _ => None,
+            };
+            if let Some(ended) = closed.and_then(|k| table.remove(&k, EndReason::Closed)) {
+                drop(table);
+                self.record_end(ended, &policy);
+                table = match self.table.lock() {
+                    Ok(t) => t,
+                    Err(_) => return self.drop(DropReason::NoState, Some(&key), frame.len()),
+                };
+            }
+        }
         if let Some((flow, dir)) = table.find(&ck, now) {
             // An echo flow carries requests one way and replies the other:
             // a request from the far side (or a reply from the near one)
@@ -1134,6 +1157,38 @@ default deny
             "",
         ).replace("default deny", "rule new allow 192.0.2.0/25 -> 192.0.2.202\ndefault deny")));
         assert_eq!(hits(&e), vec![1, 0, 0], "web, new, default");
+    }
+
+    /// A client that reuses its port right after a reset opens a new
+    /// connection, which lives by its own timeouts and gets its own records.
+    #[test]
+    fn a_new_syn_on_a_closed_connection_starts_a_new_flow() {
+        use crate::packet::tcp_flags::RST;
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let c = |flags, payload| tcp("192.0.2.10", "192.0.2.200", 42000, 80, flags, payload);
+        let s = |flags| tcp("192.0.2.200", "192.0.2.10", 80, 42000, flags, 0);
+        assert_eq!(e.handle(Zone::Edge, &c(SYN, 0)), Disposition::Forward);
+        assert_eq!(e.handle(Zone::Onprem, &s(SYN | ACK)), Disposition::Forward);
+        assert_eq!(e.handle(Zone::Edge, &c(ACK, 0)), Disposition::Forward);
+        assert_eq!(e.handle(Zone::Edge, &c(RST, 0)), Disposition::Forward);
+        // The same four-tuple again at once.
+        assert_eq!(e.handle(Zone::Edge, &c(SYN, 0)), Disposition::Forward);
+        assert_eq!(e.handle(Zone::Onprem, &s(SYN | ACK)), Disposition::Forward);
+        assert_eq!(e.handle(Zone::Edge, &c(ACK, 0)), Disposition::Forward);
+        let t = e.table.lock().unwrap();
+        let Payload::Ip(ip) = packet::parse(&c(SYN, 0)).unwrap().payload else {
+            panic!()
+        };
+        let (flow, _) = t.find(&ConnKey::of(&ip.key, None), e.now()).unwrap();
+        assert_eq!(
+            flow.state,
+            State::Tcp(TcpState::Established),
+            "a new, established flow"
+        );
+        assert_eq!(flow.original.packets, 2, "the new connection's own packets");
+        drop(t);
+        assert_eq!(e.conntrack_len(), 1);
     }
 
     #[test]
