@@ -390,9 +390,25 @@ fn allowed_and_dropped(mut net: Net) {
         "{drops:#?}"
     );
     assert!(
-        drops.iter().any(|r| s(r, "/source/ip") == "192.0.2.201"),
-        "the spoofed packet is recorded"
+        drops.iter().any(|r| s(r, "/source/ip") == "192.0.2.201"
+            && s(r, "/event/reason") == "source address not in the arrival port's zone"
+            && r.pointer("/rule").is_none()),
+        "the spoofed packet is recorded as spoofed, with no rule: {drops:#?}"
     );
+    // Every summary says why and on which port; only policy drops name a
+    // rule, and that rule denies.
+    for r in &drops {
+        assert!(!s(r, "/event/reason").is_empty(), "{r:#}");
+        assert!(
+            matches!(s(r, "/palisade/ingress"), "edge" | "onprem"),
+            "{r:#}"
+        );
+        if s(r, "/event/reason") == "denied by the policy" {
+            assert!(!s(r, "/rule/name").is_empty(), "{r:#}");
+        } else {
+            assert!(r.pointer("/rule/name").is_none(), "{r:#}");
+        }
+    }
     assert!(
         records.iter().any(|r| s(r, "/event/code") == "flow_end"),
         "flows end with a record"

@@ -505,6 +505,14 @@ impl AuditEvent {
         e
     }
 
+    /// `drop_summary`: the filter port the packets arrived on.
+    pub fn with_ingress(mut self, port: &str) -> AuditEvent {
+        self.palisade
+            .get_or_insert_with(PalisadeFields::default)
+            .ingress = Some(port.to_string());
+        self
+    }
+
     /// The deciding rule and the policy it came from.
     pub fn with_rule(mut self, name: &str, policy_sha256: &str) -> AuditEvent {
         let rule = self.rule.get_or_insert_with(RuleFields::default);

@@ -165,7 +165,7 @@ pub struct Engine {
     fragments: Mutex<HashMap<FragmentKey, (bool, Duration)>>,
     /// New flows per source (an IPv4 address or an IPv6 /64).
     limiter: DefaultKeyedRateLimiter<IpAddr>,
-    drops: Mutex<HashMap<FlowKey, DropAgg>>,
+    drops: Mutex<HashMap<(FlowKey, DropReason, Zone), DropAgg>>,
     audit: AuditLog,
     config: EngineConfig,
     origin: Instant,
@@ -428,12 +428,15 @@ impl Engine {
         self.table.lock().map(|t| t.len()).unwrap_or(0)
     }
 
-    fn drop(&self, r: DropReason, key: Option<&FlowKey>, bytes: usize) -> Disposition {
+    /// Counts a drop, and summarises it in the trail per flow key, reason
+    /// and arrival port.
+    fn drop(&self, r: DropReason, key: Option<(&FlowKey, Zone)>, bytes: usize) -> Disposition {
         let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
         self.counters.dropped[i].fetch_add(1, Ordering::Relaxed);
-        if let (Some(k), Ok(mut drops)) = (key, self.drops.lock()) {
-            if drops.len() < MAX_DROP_KEYS || drops.contains_key(k) {
-                let a = drops.entry(*k).or_default();
+        if let (Some((k, port)), Ok(mut drops)) = (key, self.drops.lock()) {
+            let k = (*k, r, port);
+            if drops.len() < MAX_DROP_KEYS || drops.contains_key(&k) {
+                let a = drops.entry(k).or_default();
                 a.packets += 1;
                 a.bytes += bytes as u64;
                 let now = Timestamp::now();
@@ -480,7 +483,7 @@ impl Engine {
             return self.forward();
         }
         if policy.zones().zone_of(key.src) != Some(ingress) {
-            return self.drop(DropReason::Spoofed, Some(&key), frame.len());
+            return self.drop(DropReason::Spoofed, Some((&key, ingress)), frame.len());
         }
         if ip.icmp == Some(IcmpKind::NeighborDiscovery) {
             return self.forward();
@@ -506,7 +509,7 @@ impl Engine {
             return if allowed {
                 self.forward()
             } else {
-                self.drop(DropReason::Fragment, Some(&key), frame.len())
+                self.drop(DropReason::Fragment, Some((&key, ingress)), frame.len())
             };
         }
 
@@ -517,7 +520,7 @@ impl Engine {
         let ck = ConnKey::of(&key, echo_id);
         let mut table = match self.table.lock() {
             Ok(t) => t,
-            Err(_) => return self.drop(DropReason::NoState, Some(&key), frame.len()),
+            Err(_) => return self.drop(DropReason::NoState, Some((&key, ingress)), frame.len()),
         };
         // A SYN on the addresses and ports of a connection that closed
         // (RST or FIN both ways) and still lingers in the table opens a new
@@ -538,7 +541,9 @@ impl Engine {
                 self.record_end(ended, &policy);
                 table = match self.table.lock() {
                     Ok(t) => t,
-                    Err(_) => return self.drop(DropReason::NoState, Some(&key), frame.len()),
+                    Err(_) => {
+                        return self.drop(DropReason::NoState, Some((&key, ingress)), frame.len())
+                    }
                 };
             }
         }
@@ -550,7 +555,7 @@ impl Engine {
             // told apart: the later one waits for the first to expire.)
             if let Some(IcmpKind::Echo { request, .. }) = ip.icmp {
                 if request != (dir == Direction::Original) {
-                    return self.drop(DropReason::NoState, Some(&key), frame.len());
+                    return self.drop(DropReason::NoState, Some((&key, ingress)), frame.len());
                 }
             }
             // A flow admitted under another policy is re-checked once.
@@ -566,7 +571,7 @@ impl Engine {
                         drop(table);
                         self.record_end(ended, &policy);
                     }
-                    return self.drop(DropReason::Revoked, Some(&key), frame.len());
+                    return self.drop(DropReason::Revoked, Some((&key, ingress)), frame.len());
                 }
                 table.readmit(
                     &original_ck,
@@ -602,7 +607,7 @@ impl Engine {
             if about.src == key.dst && table.find(&related, now).is_some() {
                 return self.forward();
             }
-            return self.drop(DropReason::NoState, Some(&key), frame.len());
+            return self.drop(DropReason::NoState, Some((&key, ingress)), frame.len());
         }
         // A new flow. TCP flows start with a SYN only.
         if key.proto == 6
@@ -610,26 +615,30 @@ impl Engine {
                 || ip.tcp_flags & packet::tcp_flags::SYN == 0
                 || ip.tcp_flags & packet::tcp_flags::ACK != 0)
         {
-            return self.drop(DropReason::NoState, Some(&key), frame.len());
+            return self.drop(DropReason::NoState, Some((&key, ingress)), frame.len());
         }
         if matches!(ip.icmp, Some(IcmpKind::Echo { request: false, .. })) {
-            return self.drop(DropReason::NoState, Some(&key), frame.len());
+            return self.drop(DropReason::NoState, Some((&key, ingress)), frame.len());
         }
         // Past the limiter's bound (a flood from ever new sources), new
         // flows wait for housekeeping to forget the idle sources.
         if self.limiter.len() >= MAX_LIMITER_SOURCES
             || self.limiter.check_key(&rate_key(key.src)).is_err()
         {
-            return self.drop(DropReason::RateLimited, Some(&key), frame.len());
+            return self.drop(DropReason::RateLimited, Some((&key, ingress)), frame.len());
         }
         let d = policy.decide(&key);
         if d.verdict == Verdict::Deny {
             drop(table);
             self.note_fragment(&ip.fragment, &key, false, now);
-            return self.drop(DropReason::Denied, Some(&key), frame.len());
+            return self.drop(DropReason::Denied, Some((&key, ingress)), frame.len());
         }
         if self.audit.admit().is_err() {
-            return self.drop(DropReason::AuditUnavailable, Some(&key), frame.len());
+            return self.drop(
+                DropReason::AuditUnavailable,
+                Some((&key, ingress)),
+                frame.len(),
+            );
         }
         // An expired flow in the new one's place ends first, with its record.
         let expired = table.take_expired(&ck, now);
@@ -656,7 +665,7 @@ impl Engine {
                     self.record_end(e, &policy);
                 }
             }
-            Err(_) => return self.drop(DropReason::TableFull, Some(&key), frame.len()),
+            Err(_) => return self.drop(DropReason::TableFull, Some((&key, ingress)), frame.len()),
         }
         if let Ok(mut hits) = self.counters.rule_hits.lock() {
             let i = d
@@ -742,18 +751,24 @@ impl Engine {
         if let Ok(mut frags) = self.fragments.lock() {
             frags.retain(|_, (_, exp)| *exp > now);
         }
-        let drops: HashMap<FlowKey, DropAgg> = self
+        let drops: HashMap<(FlowKey, DropReason, Zone), DropAgg> = self
             .drops
             .lock()
             .map(|mut d| std::mem::take(&mut *d))
             .unwrap_or_default();
-        for (k, a) in drops {
+        for ((k, why, port), a) in drops {
             let (Some(first), Some(last)) = (a.first, a.last) else {
                 continue;
             };
-            let d = policy.decide(&k);
-            let ev = AuditEvent::drop_summary(&tuple(&k), a.packets, a.bytes, first, last)
-                .with_rule(policy.rule_name(d.rule), policy.sha256());
+            let mut ev = AuditEvent::drop_summary(&tuple(&k), a.packets, a.bytes, first, last)
+                .with_reason(why.as_str())
+                .with_ingress(port.as_str());
+            // A rule decided only the drops the policy made; the others
+            // (spoofed, no state, limits) name none.
+            if matches!(why, DropReason::Denied | DropReason::Revoked) {
+                let d = policy.decide(&k);
+                ev = ev.with_rule(policy.rule_name(d.rule), policy.sha256());
+            }
             let _ = self.audit.try_submit(&ev);
         }
     }
