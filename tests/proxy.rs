@@ -448,6 +448,9 @@ fn plain_http_allowed_and_denied() {
         assert_eq!(s(&r, "/event/action"), "denied");
         assert_eq!(s(&r, "/rule/name"), rule);
         assert_eq!(n(&r, "/http/response/status_code"), 403);
+        // Where the refused request was for: the host and the port.
+        assert_eq!(s(&r, "/destination/domain"), host);
+        assert_eq!(n(&r, "/destination/port"), 80);
     }
     p.stop_and_verify();
 }
@@ -617,6 +620,10 @@ fn https_through_connect_with_sni() {
         "{r}"
     );
     assert!(r.pointer("/event/duration").is_some());
+    // The client got 200 and the tunnel ran from start to end.
+    assert_eq!(n(&r, "/http/response/status_code"), 200);
+    assert!(s(&r, "/event/start") <= s(&r, "/event/end"), "{r}");
+    assert!(!s(&r, "/event/start").is_empty(), "{r}");
 
     // CONNECT to a port no rule allows.
     let out = Command::new("curl")
@@ -1129,6 +1136,11 @@ fn oversize_headers_and_slowloris_are_cut() {
     // The record says what the client got, under its own request id.
     assert_eq!(n(&r, "/http/response/status_code"), 431);
     assert!(!s(&r, "/http/request/id").is_empty(), "{r}");
+    // Nothing was read to record as a method or URL: no placeholders.
+    assert!(
+        r.pointer("/url").is_none() && r.pointer("/http/request/method").is_none(),
+        "{r}"
+    );
     // Just over the limit, sent in one write: the limit is the head's
     // size, not how the read buffer happens to fill.
     let target = format!("origin.test:{}", p.origins.http);

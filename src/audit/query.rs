@@ -332,6 +332,9 @@ pub fn squid_line(r: &AuditRecord) -> Option<String> {
         .and_then(|h| h.response.as_ref())
         .map(|s| s.status_code);
     let code = match (e.event.action, tunnel) {
+        // Refused before any answer (a head that never finished): Squid's
+        // own code for a transaction that ended without one.
+        (Action::Denied, false) if status.is_none() => "NONE_NONE/000".to_string(),
         (Action::Denied, _) => format!("TCP_DENIED/{}", status.unwrap_or(403)),
         (_, true) => format!("TCP_TUNNEL/{}", status.unwrap_or(200)),
         (_, false) => format!("TCP_MISS/{}", status.unwrap_or(0)),
@@ -341,6 +344,7 @@ pub fn squid_line(r: &AuditRecord) -> Option<String> {
         .http
         .as_ref()
         .and_then(|h| h.request.as_ref())
+        .filter(|r| !r.method.is_empty())
         .map_or("-", |r| r.method.as_str());
     let url = if tunnel {
         let host = e.destination_name().unwrap_or_else(|| "-".into());
@@ -419,6 +423,16 @@ mod tests {
         assert_eq!(
             squid_line(&record(AuditEvent::lifecycle(Action::Start))),
             None
+        );
+        // A head cut by the header timeout got no answer at all: not a 403.
+        let cut = record(
+            AuditEvent::proxy_refusal(client)
+                .with_request_id("r-1")
+                .with_reason("request head not received within the header read timeout"),
+        );
+        assert_eq!(
+            squid_line(&cut).unwrap(),
+            "1795604400.250      0 192.0.2.10 NONE_NONE/000 0 - - - HIER_NONE/- -"
         );
     }
 

@@ -175,6 +175,8 @@ pub struct HttpFields {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct HttpRequest {
+    /// Empty (and left out) for a request refused before its head was read.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub method: String,
     /// The proxy's id for the request, also shown to the client in a
     /// refusal (ECS `http.request.id`).
@@ -415,6 +417,24 @@ impl AuditEvent {
         e
     }
 
+    /// A request refused before it could be read (a head too large,
+    /// malformed, or not finished in time): the client, and no method or
+    /// URL, since there was none to record.
+    pub fn proxy_refusal(client: SocketAddr) -> AuditEvent {
+        let mut e = AuditEvent::new("palisade.proxy", RecordKind::ProxyRequest, Action::Denied);
+        e.source = Some(Endpoint {
+            ip: Some(client.ip()),
+            port: Some(client.port()),
+            ..Endpoint::default()
+        });
+        e.network = Some(NetworkFields {
+            transport: Some("tcp".into()),
+            iana_number: Some("6".into()),
+            community_id: None,
+        });
+        e
+    }
+
     /// One CONNECT tunnel, at its end (or at its refusal).
     pub fn connect_tunnel(action: Action, client: SocketAddr, host: &str, port: u16) -> AuditEvent {
         let mut e = AuditEvent::new("palisade.proxy", RecordKind::ConnectTunnel, action);
@@ -523,14 +543,11 @@ impl AuditEvent {
 
     /// The proxy's request id (`http.request.id`).
     pub fn with_request_id(mut self, id: &str) -> AuditEvent {
-        if let Some(r) = self
-            .http
+        self.http
             .get_or_insert_with(HttpFields::default)
             .request
-            .as_mut()
-        {
-            r.id = Some(id.to_string());
-        }
+            .get_or_insert_with(HttpRequest::default)
+            .id = Some(id.to_string());
         self
     }
 
@@ -591,6 +608,17 @@ impl AuditEvent {
 
     pub fn with_start(mut self, start: Timestamp) -> AuditEvent {
         self.event.start = Some(start);
+        self
+    }
+
+    pub fn with_end(mut self, end: Timestamp) -> AuditEvent {
+        self.event.end = Some(end);
+        self
+    }
+
+    /// The port the request was for (`destination.port`).
+    pub fn with_destination_port(mut self, port: u16) -> AuditEvent {
+        self.destination.get_or_insert_with(Endpoint::default).port = Some(port);
         self
     }
 

@@ -24,7 +24,7 @@ mod upstream;
 
 pub use addr::{canonical, internal_range, parse_host, parse_ipv4_loose, Host};
 
-use crate::audit::{Action, AuditEvent, AuditLog};
+use crate::audit::{Action, AuditEvent, AuditLog, Timestamp};
 use crate::config::ProxyConfig;
 use crate::policy::{HttpHost, HttpRequest, Policy, Verdict};
 use arc_swap::ArcSwap;
@@ -480,7 +480,7 @@ fn refuse_connection(state: &State, stream: TcpStream, peer: SocketAddr, why: &s
     if let Ok(std) = stream.into_std() {
         let _ = std.shutdown(std::net::Shutdown::Write);
     }
-    let ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-")
+    let ev = AuditEvent::proxy_refusal(peer)
         .with_request_id(&id)
         .with_reason(why)
         .with_status(503);
@@ -687,7 +687,7 @@ async fn serve_connection(
     };
     if let Some((reason, status)) = refusal {
         state.counters.denied.fetch_add(1, Ordering::Relaxed);
-        let mut ev = AuditEvent::proxy_request(Action::Denied, peer, "-", "-")
+        let mut ev = AuditEvent::proxy_refusal(peer)
             .with_request_id(&state.request_id())
             .with_reason(reason)
             .with_bytes(0, 0, activity.epoch.elapsed());
@@ -1154,7 +1154,17 @@ async fn handle_request(
             let (h, p) = split_authority(&target);
             AuditEvent::connect_tunnel(action, peer, &h, p)
         } else {
-            AuditEvent::proxy_request(action, peer, method.as_str(), &target)
+            // Where the request was for, as far as its target says.
+            let mut ev = AuditEvent::proxy_request(action, peer, method.as_str(), &target);
+            if let Some(a) = uri.authority() {
+                if let Ok(h) = parse_host(a.host()) {
+                    ev = ev.with_domain(&host_text(&h));
+                }
+                if let Ok(p) = authority_port(a) {
+                    ev = ev.with_destination_port(p.unwrap_or(80));
+                }
+            }
+            ev
         };
         ev.with_request_id(&id)
     };
@@ -1501,10 +1511,13 @@ async fn connect(
         // The tunnel is the client's connection from here on: it counts
         // against the limits until it closes.
         let _guard = guard;
+        // The client is answered 200 as this task starts: the tunnel opens.
         let ev = AuditEvent::connect_tunnel(Action::Allowed, peer, &host_t, port)
             .with_request_id(&id)
             .with_rule(&rule_name, &sha)
-            .with_destination(dest);
+            .with_destination(dest)
+            .with_status(200)
+            .with_start(Timestamp::now());
         // What the tunnel carried and the server name it saw, for its
         // record if the proxy stops while it is open.
         let carried = tunnel::Carried::default();
@@ -1514,7 +1527,8 @@ async fn connect(
             let (up, down) = carried.get();
             let mut ev = base
                 .with_reason(CUT_SHORT)
-                .with_bytes(up, down, start.elapsed());
+                .with_bytes(up, down, start.elapsed())
+                .with_end(Timestamp::now());
             if let Some(name) = server_name.get() {
                 ev = ev.with_server_name(name);
             }
@@ -1546,7 +1560,7 @@ async fn connect(
                 .with_bytes(0, 0, start.elapsed()),
         };
         cut.done();
-        let _ = st.audit.submit_async(&ev).await;
+        let _ = st.audit.submit_async(&ev.with_end(Timestamp::now())).await;
     });
     let mut resp = Response::new(ProxyBody::full(Bytes::new()));
     add_via(resp.headers_mut(), hyper::Version::HTTP_11);
