@@ -9,6 +9,17 @@
 //! The policy compiler and the classifier are sans-IO: pure functions from
 //! text to a compiled value and from a flow key to a verdict.
 
+/// `eprintln!` for the daemons: a line to stderr, where a closed or failing
+/// stderr is ignored instead of panicking. The proxy and the filter keep
+/// enforcing when the terminal or pipe they were started from goes away.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod audit;
 pub mod classify;
 pub mod config;

@@ -47,7 +47,7 @@ pub fn run(args: FilterArgs) -> ExitCode {
     let mut config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            palisade::say!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -65,13 +65,13 @@ pub fn run(args: FilterArgs) -> ExitCode {
     }
     let f = config.filter.clone();
     if f.edge.is_empty() || f.onprem.is_empty() || f.edge == f.onprem {
-        eprintln!("error: the filter needs two different ports: --edge IFACE and --onprem IFACE (or filter.edge and filter.onprem)");
+        palisade::say!("error: the filter needs two different ports: --edge IFACE and --onprem IFACE (or filter.edge and filter.onprem)");
         return ExitCode::from(2);
     }
     let policy = match load(&config.policy) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {e}");
+            palisade::say!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -95,11 +95,11 @@ pub fn run(args: FilterArgs) -> ExitCode {
     let (edge, onprem) = match (open(&f.edge), open(&f.onprem)) {
         (Ok(e), Ok(o)) => (e, o),
         (Err(e), _) => {
-            eprintln!("error: port {}: {e}", f.edge);
+            palisade::say!("error: port {}: {e}", f.edge);
             return ExitCode::from(2);
         }
         (_, Err(e)) => {
-            eprintln!("error: port {}: {e}", f.onprem);
+            palisade::say!("error: port {}: {e}", f.onprem);
             return ExitCode::from(2);
         }
     };
@@ -136,7 +136,7 @@ pub fn run(args: FilterArgs) -> ExitCode {
                 "on".to_string()
             }
             Err(e) => {
-                eprintln!("palisade filter: warning: the kernel fast path is off, every frame crosses through palisade: {e}");
+                palisade::say!("palisade filter: warning: the kernel fast path is off, every frame crosses through palisade: {e}");
                 format!("off ({e})")
             }
         }
@@ -178,7 +178,7 @@ pub fn run(args: FilterArgs) -> ExitCode {
                             let sha = p.sha256().to_string();
                             e2.set_policy(p);
                             let _ = a2.submit_async(&AuditEvent::policy_loaded(&sha, &why)).await;
-                            eprintln!("palisade filter: policy in force {why}");
+                            palisade::say!("palisade filter: policy in force {why}");
                         }
                     }
                     _ = hup.recv() => {
@@ -188,11 +188,11 @@ pub fn run(args: FilterArgs) -> ExitCode {
                                 let sha = p.sha256().to_string();
                                 e2.set_policy(p);
                                 let _ = a2.submit_async(&AuditEvent::policy_loaded(&sha, "reload")).await;
-                                eprintln!("palisade filter: reloaded policy (sha256 {sha})");
+                                palisade::say!("palisade filter: reloaded policy (sha256 {sha})");
                             }
                             Err(e) => {
                                 let _ = a2.submit_async(&AuditEvent::reload_failed(&e, Some(&in_force))).await;
-                                eprintln!("palisade filter: reload failed, the previous policy stays in force:\n{e}");
+                                palisade::say!("palisade filter: reload failed, the previous policy stays in force:\n{e}");
                             }
                         }
                     }
@@ -204,7 +204,7 @@ pub fn run(args: FilterArgs) -> ExitCode {
             s2.store(true, Ordering::Relaxed);
         });
     });
-    eprintln!(
+    palisade::say!(
         "palisade filter: forwarding between {} (edge) and {} (onprem) ({} ports, kernel fast path {fast_path}); policy {}; audit trail in {}",
         f.edge,
         f.onprem,
@@ -223,11 +223,11 @@ pub fn run(args: FilterArgs) -> ExitCode {
     match (result, closed) {
         (Ok(()), Ok(())) => ExitCode::SUCCESS,
         (Err(e), _) => {
-            eprintln!("error: forwarding stopped: {e}");
+            palisade::say!("error: forwarding stopped: {e}");
             ExitCode::from(1)
         }
         (_, Err(e)) => {
-            eprintln!("error: closing the audit trail: {e}");
+            palisade::say!("error: closing the audit trail: {e}");
             ExitCode::from(1)
         }
     }
@@ -264,7 +264,7 @@ fn print_counters(engine: &Engine, when: &str) {
         .filter(|(_, n)| *n > 0)
         .map(|(r, n)| format!("{n} {}", r.as_str()))
         .collect();
-    eprintln!(
+    palisade::say!(
         "palisade filter: {when}forwarded {} frames ({} not taken by the other port), dropped: {}; {} flows tracked, {} in the kernel fast path ({} offloaded in all, {} refused)",
         c.forwarded.load(Ordering::Relaxed),
         c.tx_errors.load(Ordering::Relaxed),
@@ -275,7 +275,7 @@ fn print_counters(engine: &Engine, when: &str) {
         c.offload_errors.load(Ordering::Relaxed),
     );
     if let Some((frames, bytes)) = engine.fast_path_totals() {
-        eprintln!(
+        palisade::say!(
             "palisade filter: the kernel fast path forwarded {frames} frames ({bytes} bytes)"
         );
     }
@@ -294,7 +294,7 @@ fn print_counters(engine: &Engine, when: &str) {
                 format!("{name} {n}")
             })
             .collect();
-        eprintln!(
+        palisade::say!(
             "palisade filter: flows admitted per rule: {}",
             if per_rule.is_empty() {
                 "none".to_string()

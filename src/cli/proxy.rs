@@ -28,7 +28,7 @@ pub fn run(args: ProxyArgs) -> ExitCode {
     let mut config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            palisade::say!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -56,7 +56,7 @@ pub fn run(args: ProxyArgs) -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            palisade::say!("error: cannot start the runtime: {e}");
             return ExitCode::from(2);
         }
     };
@@ -64,19 +64,19 @@ pub fn run(args: ProxyArgs) -> ExitCode {
         let proxy = match Proxy::bind(config.proxy.clone(), loader, audit.clone()).await {
             Ok(p) => p,
             Err(e) => {
-                eprintln!("error: {e}");
+                palisade::say!("error: {e}");
                 let _ = audit.close_async().await;
                 return ExitCode::from(2);
             }
         };
         match proxy.local_addr() {
-            Ok(a) => eprintln!(
+            Ok(a) => palisade::say!(
                 "palisade proxy: listening on {a}; {} serving threads; policy {}; audit trail in {}",
                 config.proxy.worker_count().max(1),
                 config.policy.display(),
                 config.audit.dir.display()
             ),
-            Err(e) => eprintln!("palisade proxy: {e}"),
+            Err(e) => palisade::say!("palisade proxy: {e}"),
         }
         let shutdown = async {
             #[cfg(unix)]
@@ -100,11 +100,11 @@ pub fn run(args: ProxyArgs) -> ExitCode {
             }
         };
         let log = proxy.run(shutdown).await;
-        eprintln!("palisade proxy: stopping");
+        palisade::say!("palisade proxy: stopping");
         match log.close_async().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: closing the audit trail: {e}");
+                palisade::say!("error: closing the audit trail: {e}");
                 ExitCode::from(1)
             }
         }
@@ -122,20 +122,20 @@ pub fn open_audit(config: &Config) -> Result<AuditLog, ExitCode> {
                 let _ = std::fs::create_dir_all(dir);
             }
             match generate_key_pair(key, &public) {
-                Ok(id) => eprintln!(
+                Ok(id) => palisade::say!(
                     "palisade: created audit signing key {} (key id {id}); give {} to your auditors",
                     key.display(),
                     public.display()
                 ),
                 Err(e) => {
-                    eprintln!("error: cannot create the audit signing key: {e}");
+                    palisade::say!("error: cannot create the audit signing key: {e}");
                     return Err(ExitCode::from(2));
                 }
             }
         }
     }
     AuditLog::open(&config.audit).map_err(|e| {
-        eprintln!("error: cannot open the audit trail: {e}");
+        palisade::say!("error: cannot open the audit trail: {e}");
         ExitCode::from(2)
     })
 }

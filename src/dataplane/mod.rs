@@ -1272,7 +1272,7 @@ default deny
         let path = match offload::FastPath::load(64) {
             Ok(p) => p,
             Err(e) => {
-                eprintln!("skipping: no BPF here ({e})");
+                crate::say!("skipping: no BPF here ({e})");
                 return;
             }
         };

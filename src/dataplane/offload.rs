@@ -690,7 +690,7 @@ mod tests {
                     io::ErrorKind::PermissionDenied | io::ErrorKind::Unsupported
                 ) =>
             {
-                eprintln!("skipping: this process cannot load BPF programs ({e})");
+                crate::say!("skipping: this process cannot load BPF programs ({e})");
                 None
             }
             Err(e) => panic!("the kernel refused the fast path: {e}"),

@@ -325,7 +325,7 @@ impl Proxy {
                     {
                         Ok(r) => r,
                         Err(e) => {
-                            eprintln!("palisade proxy: serving thread {i}: {e}");
+                            crate::say!("palisade proxy: serving thread {i}: {e}");
                             return;
                         }
                     };
@@ -341,7 +341,7 @@ impl Proxy {
                 });
             match spawned {
                 Ok(t) => threads.push(t),
-                Err(e) => eprintln!("palisade proxy: cannot start serving thread {i}: {e}"),
+                Err(e) => crate::say!("palisade proxy: cannot start serving thread {i}: {e}"),
             }
         }
         // The rate limiter keeps a cell per source address it has seen;
@@ -368,8 +368,8 @@ impl Proxy {
                     let state = state.clone();
                     tokio::spawn(async move {
                         match reload(state).await {
-                            Ok(sha) => eprintln!("palisade proxy: reloaded policy (sha256 {sha})"),
-                            Err(e) => eprintln!("palisade proxy: reload failed, the previous policy stays in force:\n{e}"),
+                            Ok(sha) => crate::say!("palisade proxy: reloaded policy (sha256 {sha})"),
+                            Err(e) => crate::say!("palisade proxy: reload failed, the previous policy stays in force:\n{e}"),
                         }
                     });
                 }
@@ -413,7 +413,7 @@ impl Worker {
         let listener = match TcpListener::from_std(listener) {
             Ok(l) => Some(l),
             Err(e) => {
-                eprintln!("palisade proxy: a serving thread cannot listen: {e}");
+                crate::say!("palisade proxy: a serving thread cannot listen: {e}");
                 None
             }
         };
@@ -435,7 +435,7 @@ impl Worker {
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
-                    eprintln!("palisade proxy: accept: {e}");
+                    crate::say!("palisade proxy: accept: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -504,9 +504,9 @@ async fn expire(state: Arc<State>) {
         .submit_async(&AuditEvent::policy_loaded(&sha, &why))
         .await
     {
-        eprintln!("palisade proxy: the expiry's audit record was not written: {e}");
+        crate::say!("palisade proxy: the expiry's audit record was not written: {e}");
     }
-    eprintln!("palisade proxy: policy in force {why}");
+    crate::say!("palisade proxy: policy in force {why}");
 }
 
 async fn reload(state: Arc<State>) -> Result<String, String> {
@@ -529,7 +529,7 @@ async fn reload(state: Arc<State>) -> Result<String, String> {
     // A record the log cannot take is counted as lost by the log itself
     // (and shows as a gap); the operator also hears of it here.
     if let Err(e) = state.audit.submit_async(&event).await {
-        eprintln!("palisade proxy: the reload's audit record was not written: {e}");
+        crate::say!("palisade proxy: the reload's audit record was not written: {e}");
     }
     result
 }
