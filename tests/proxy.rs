@@ -268,6 +268,16 @@ fn policy_text(o: &Origins) -> String {
 }
 
 fn start_proxy(extra: &str) -> Proxy {
+    start_proxy_with(extra, &policy_text, None)
+}
+
+/// A proxy with its own policy text, and with its clock started at
+/// `fake_start` (libfaketime's `@YYYY-MM-DD HH:MM:SS`) when given.
+fn start_proxy_with(
+    extra: &str,
+    policy_text: &dyn Fn(&Origins) -> String,
+    fake_start: Option<&str>,
+) -> Proxy {
     // Several serving threads whatever the machine, so every test also
     // crosses them (limits, reloads and the trail are shared by all).
     let workers = if extra.contains("workers") {
@@ -306,7 +316,15 @@ fn start_proxy(extra: &str) -> Proxy {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+    // libfaketime preloaded into the proxy itself (not the `faketime`
+    // wrapper, which would stand between the test's signals and the proxy).
+    let mut command = Command::new(env!("CARGO_BIN_EXE_palisade"));
+    if let Some(at) = fake_start {
+        command
+            .env("LD_PRELOAD", libfaketime().expect("libfaketime"))
+            .env("FAKETIME", at);
+    }
+    let mut child = command
         .args(["proxy", "--config"])
         .arg(&config)
         .stderr(Stdio::piped())
@@ -1552,4 +1570,47 @@ fn requests_and_tunnels_open_when_the_proxy_stops_are_recorded() {
     );
     assert_eq!(n(tunnel, "/source/bytes"), 4, "{tunnel:#}");
     assert_eq!(n(tunnel, "/destination/bytes"), 4, "{tunnel:#}");
+}
+
+/// Debian's libfaketime (package faketime), if installed.
+fn libfaketime() -> Option<std::path::PathBuf> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+}
+
+/// A rule that expires while the proxy runs stops matching when its date
+/// ends (midnight UTC), without a reload, and the trail says so. The
+/// proxy's clock is started just before midnight with libfaketime.
+#[test]
+fn a_rule_stops_matching_when_its_expiry_date_ends() {
+    if libfaketime().is_none() {
+        eprintln!("SKIP: this test needs libfaketime (.ci/run installs package faketime)");
+        return;
+    }
+    let expiring = |o: &Origins| {
+        policy_text(o).replace(
+            &format!("127.0.0.1 port {}\n", o.http),
+            &format!("127.0.0.1 port {} expires 2027-06-30\n", o.http),
+        )
+    };
+    let p = start_proxy_with("", &expiring, Some("@2027-06-30 23:59:57"));
+    let url = format!("http://origin.test:{}/", p.origins.http);
+    let (code, body) = p.curl(&[&url]);
+    assert_eq!(code, 200, "allowed before midnight: {body}");
+    // Due at the proxy's midnight, 3 s after it started (wait_record
+    // waits up to 10 s).
+    let r = p.wait_record("for the expiry", |r| {
+        s(r, "/event/action") == "policy-loaded" && s(r, "/event/reason").contains("expired")
+    });
+    assert!(
+        s(&r, "/event/reason").contains("again on 2027-07-01: rule(s) `origin` expired"),
+        "{r}"
+    );
+    let (code, body) = p.curl(&[&url]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("rule: default"), "{body}");
+    p.stop_and_verify();
 }

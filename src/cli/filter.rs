@@ -170,10 +170,14 @@ pub fn run(args: FilterArgs) -> ExitCode {
             };
             // Rules that expire while the filter runs stop matching the day
             // after their date (UTC), as if the policy had been reloaded.
-            let mut expiry = tokio::time::interval(std::time::Duration::from_secs(30));
+            let expiry = tokio::time::sleep(palisade::policy::Date::until_expiry_check());
+            tokio::pin!(expiry);
             loop {
                 tokio::select! {
-                    _ = expiry.tick() => {
+                    _ = &mut expiry => {
+                        expiry.as_mut().reset(
+                            tokio::time::Instant::now() + palisade::policy::Date::until_expiry_check(),
+                        );
                         if let Some((p, why)) = e2.policy().expired_today() {
                             let sha = p.sha256().to_string();
                             e2.set_policy(p);

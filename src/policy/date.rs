@@ -36,6 +36,19 @@ impl Date {
         Date::from_unix_days((secs / 86_400) as i64)
     }
 
+    /// How long until the next check of rule expiry: the next midnight
+    /// (UTC), when rules whose date was today expire, but at most 30 s, so
+    /// that a clock set forward is noticed too.
+    pub fn until_expiry_check() -> std::time::Duration {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let midnight = std::time::Duration::from_secs((now.as_secs() / 86_400 + 1) * 86_400);
+        // A little past midnight, so that the check sees the new date.
+        (midnight.saturating_sub(now) + std::time::Duration::from_millis(20))
+            .min(std::time::Duration::from_secs(30))
+    }
+
     /// The date `days` days after 1970-01-01 (civil-from-days, H. Hinnant).
     pub fn from_unix_days(days: i64) -> Self {
         let z = days + 719_468;

@@ -350,6 +350,9 @@ impl Proxy {
         // without bound.
         let mut prune = tokio::time::interval(Duration::from_secs(30));
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Rule expiry is checked at each midnight (UTC) and every 30 s.
+        let expiry = tokio::time::sleep(crate::policy::Date::until_expiry_check());
+        tokio::pin!(expiry);
         loop {
             #[cfg(unix)]
             let hup_fut = async {
@@ -376,7 +379,12 @@ impl Proxy {
                 _ = prune.tick() => {
                     state.limiter.retain_recent();
                     state.limiter.shrink_to_fit();
+                }
+                _ = &mut expiry => {
                     tokio::spawn(expire(state.clone()));
+                    expiry
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + crate::policy::Date::until_expiry_check());
                 }
             }
         }
