@@ -220,11 +220,26 @@ impl Config {
 
     /// Parses and validates configuration text; `path` names it in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
         config.validate(path)?;
+        // Host names as the proxy looks them up (lower case, no trailing
+        // dot), so that `Mixed-Case.test.` pins what requests for
+        // mixed-case.test resolve to instead of being passed over for DNS.
+        let mut hosts = BTreeMap::new();
+        for (name, addrs) in std::mem::take(&mut config.proxy.hosts) {
+            let key = crate::policy::normalize_host(&name).unwrap_or_default();
+            if hosts.insert(key.clone(), addrs).is_some() {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field: format!("proxy.hosts.{name}"),
+                    problem: format!("names the same host as another entry ({key})"),
+                });
+            }
+        }
+        config.proxy.hosts = hosts;
         Ok(config)
     }
 
@@ -308,6 +323,28 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_overrides_are_kept_under_the_name_requests_use() {
+        let p = Path::new("t.toml");
+        let c = Config::parse(
+            p,
+            "policy = \"p.policy\"\n[audit]\nsigning_key = \"k\"\n[proxy.hosts]\n\"Mixed-Case.test\" = [\"192.0.2.1\"]\n\"dot.test.\" = [\"192.0.2.2\"]\n",
+        )
+        .unwrap();
+        let keys: Vec<&str> = c.proxy.hosts.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["dot.test", "mixed-case.test"]);
+        let e = Config::parse(
+            p,
+            "policy = \"p.policy\"\n[audit]\nsigning_key = \"k\"\n[proxy.hosts]\n\"a.test\" = [\"192.0.2.1\"]\n\"A.test.\" = [\"192.0.2.2\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("names the same host as another entry (a.test)"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn shipped_config_parses() {

@@ -580,6 +580,16 @@ fn host_header_must_match_the_target() {
     p.wait_record("for the doubled Host", |r| {
         s(r, "/event/reason") == "several Host headers"
     });
+    // User information in the Host header: an origin might route by the
+    // part before the `@`.
+    let head = raw_status(
+        p.addr,
+        &format!("GET http://{target}/ HTTP/1.1\r\nHost: blocked.test@{target}\r\n\r\n"),
+    );
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    p.wait_record("for the Host with user information", |r| {
+        s(r, "/event/reason").contains("Host header \"blocked.test@")
+    });
     // User information in a CONNECT target.
     let head = raw_status(
         p.addr,
@@ -642,6 +652,15 @@ fn https_through_connect_with_sni() {
     assert_eq!(n(&r, "/http/response/status_code"), 200);
     assert!(s(&r, "/event/start") <= s(&r, "/event/end"), "{r}");
     assert!(!s(&r, "/event/start").is_empty(), "{r}");
+    // One record for the tunnel: the bytes after its head are the
+    // tunnel's, not the start of a request left unfinished.
+    assert!(
+        !p.records()
+            .iter()
+            .any(|r| s(r, "/event/reason").contains("before its request head was complete")),
+        "{:#?}",
+        p.records()
+    );
 
     // CONNECT to a port no rule allows.
     let out = Command::new("curl")
@@ -1088,6 +1107,19 @@ fn request_bodies_and_head_requests_are_forwarded() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(uploads(&p), vec![11, 11]);
+    // A coding the proxy would have to drop (gzip under chunked) is
+    // refused, not passed on as if the body were plain.
+    let target = format!("origin.test:{}", p.origins.http);
+    let head = raw_status(
+        p.addr,
+        &format!(
+            "POST http://{target}/upload HTTP/1.1\r\nHost: {target}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        ),
+    );
+    assert!(head.starts_with("HTTP/1.1 501"), "{head}");
+    p.wait_record("for the gzip upload", |r| {
+        n(r, "/http/response/status_code") == 501
+    });
     let (code, body) = p.curl(&[&url]);
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("origin saw GET /upload"), "{body}");
@@ -1205,6 +1237,30 @@ fn oversize_headers_and_slowloris_are_cut() {
     });
     assert!(!s(&r, "/http/request/id").is_empty(), "{r}");
     assert!(n(&r, "/event/duration") > 0, "{r}");
+
+    // Half a head, then the client hangs up: recorded too.
+    let mut gone = TcpStream::connect(p.addr).unwrap();
+    gone.write_all(b"GET http://blocked.test/partial HTTP/1.1\r\nHost: bl")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(gone);
+    p.wait_record("for the client that left mid-head", |r| {
+        s(r, "/event/reason")
+            == "the client closed the connection before its request head was complete"
+    });
+    // A CONNECT in absolute form that is refused names its host and port.
+    let head = raw_status(
+        p.addr,
+        &format!(
+            "CONNECT http://secure.test:{0}/ HTTP/1.1\r\nHost: other.test:{0}\r\n\r\n",
+            p.origins.tls
+        ),
+    );
+    assert!(head.starts_with("HTTP/1.1 4"), "{head}");
+    let r = p.wait_record("for the absolute-form CONNECT", |r| {
+        s(r, "/event/code") == "connect_tunnel" && s(r, "/destination/domain") == "secure.test"
+    });
+    assert_eq!(n(&r, "/destination/port"), u64::from(p.origins.tls), "{r}");
     p.stop_and_verify();
 }
 

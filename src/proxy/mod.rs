@@ -40,7 +40,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -691,6 +691,14 @@ async fn serve_connection(
         Err(e) if e.is_parse_too_large() => Some(("request head too large", Some(431))),
         Err(e) if e.is_timeout() => Some((SLOW_HEAD, None)),
         Err(e) if e.is_parse() => Some(("malformed request", Some(400))),
+        _ if activity.head_begun.load(Ordering::Acquire)
+            && activity.in_flight.load(Ordering::Acquire) == 0 =>
+        {
+            Some((
+                "the client closed the connection before its request head was complete",
+                None,
+            ))
+        }
         _ => None,
     };
     if let Some((reason, status)) = refusal {
@@ -720,6 +728,9 @@ struct Activity {
     /// When the first byte of a request head that is not complete yet
     /// arrived, or [`NO_HEAD`]. A new connection starts in a head.
     head_since: AtomicU64,
+    /// Bytes of a request head arrived and the request has not started:
+    /// a connection that ends so left a request unfinished.
+    head_begun: AtomicBool,
 }
 
 /// Why the watchdog ends a connection.
@@ -735,6 +746,7 @@ impl Activity {
             last: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
+            head_begun: AtomicBool::new(false),
         }
     }
 
@@ -743,6 +755,7 @@ impl Activity {
     }
 
     fn request_started(&self) {
+        self.head_begun.store(false, Ordering::Release);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_since.store(NO_HEAD, Ordering::Release);
         self.last.store(self.now(), Ordering::Release);
@@ -756,6 +769,7 @@ impl Activity {
     /// Bytes arrived from the client: between requests, a head begins.
     fn bytes_arrived(&self) {
         if self.in_flight.load(Ordering::Acquire) == 0 {
+            self.head_begun.store(true, Ordering::Release);
             let _ = self.head_since.compare_exchange(
                 NO_HEAD,
                 self.now(),
@@ -923,9 +937,13 @@ fn check_host_header(
     let Some(h) = headers.get(HOST) else {
         return Ok(());
     };
+    // A Host is a host and a port (RFC 9110 section 7.2): userinfo there
+    // (`evil.test@allowed.test`) is not read past, since an origin might
+    // route on either part.
     let parsed = h
         .to_str()
         .ok()
+        .filter(|s| !s.contains('@'))
         .and_then(|s| s.parse::<hyper::http::uri::Authority>().ok())
         .and_then(|a| {
             let p = authority_port(&a).ok()?;
@@ -1159,7 +1177,9 @@ async fn handle_request(
     let record = |action: Action| {
         let target = uri.to_string();
         let ev = if is_connect {
-            let (h, p) = split_authority(&target);
+            // The authority, also of an absolute-form CONNECT target.
+            let authority = uri.authority().map_or(target.clone(), |a| a.to_string());
+            let (h, p) = split_authority(&authority);
             AuditEvent::connect_tunnel(action, peer, &h, p)
         } else {
             // Where the request was for, as far as its target says.
@@ -1321,6 +1341,28 @@ async fn forward(
         // refused; an origin could route by any one of them.
         return Err((
             Refusal::new(StatusCode::BAD_REQUEST, "several Host headers"),
+            None,
+        ));
+    }
+    // hyper takes the chunked framing off a request body; any other
+    // transfer coding (`gzip, chunked`) would be lost on the way to the
+    // origin, which would then read gzip as plain bytes. RFC 9112 section
+    // 6.1: a server that does not understand a coding answers 501.
+    let codings: Vec<&[u8]> = req
+        .headers()
+        .get_all(hyper::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty())
+        .collect();
+    let chunked_only = matches!(codings.as_slice(), [c] if c.eq_ignore_ascii_case(b"chunked"));
+    if !codings.is_empty() && !chunked_only {
+        return Err((
+            Refusal::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "a request transfer coding other than chunked",
+            ),
             None,
         ));
     }

@@ -39,8 +39,28 @@ fn is_host_name(name: &[u8]) -> bool {
         })
 }
 
+/// The `encrypted_client_hello` extension (RFC 9849, draft-ietf-tls-esni).
+const ECH: u16 = 0xfe0d;
+
 /// Largest TLS record plus its header.
 pub const MAX_RECORD: usize = 5 + 16_384 + 2048;
+
+/// Whether `rest`, what the client sent right after its ClientHello, is
+/// TLS records (change_cipher_spec, alert, handshake or application data
+/// such as 0-RTT early data), as far as it goes.
+fn records_follow(mut rest: &[u8]) -> bool {
+    while let Some(&kind) = rest.first() {
+        if !(20..=23).contains(&kind) || rest.get(1).is_some_and(|&major| major != 3) {
+            return false;
+        }
+        let Some(len) = rest.get(3..5) else {
+            return true;
+        };
+        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+        rest = rest.get(5 + len..).unwrap_or(&[]);
+    }
+    true
+}
 
 /// Classifies the bytes read so far.
 pub fn inspect(buf: &[u8]) -> FirstBytes {
@@ -79,6 +99,20 @@ pub fn inspect(buf: &[u8]) -> FirstBytes {
                             };
                         }
                         for e in exts {
+                            // An encrypted ClientHello (ECH, or its ESNI
+                            // draft) carries the real server name where
+                            // the proxy cannot read it: the outer name says
+                            // nothing about where the tunnel goes.
+                            let hidden = match &e {
+                                TlsExtension::EncryptedServerName { .. } => true,
+                                TlsExtension::Unknown(t, _) => t.0 == ECH,
+                                _ => false,
+                            };
+                            if hidden {
+                                return FirstBytes::Ambiguous {
+                                    reason: "it is an Encrypted ClientHello (ECH), which hides the server name",
+                                };
+                            }
                             if let TlsExtension::SNI(names) = e {
                                 if server_name.is_some() {
                                     return FirstBytes::Ambiguous {
@@ -105,6 +139,11 @@ pub fn inspect(buf: &[u8]) -> FirstBytes {
                             }
                         }
                     }
+                    if !records_follow(&buf[5 + len..]) {
+                        return FirstBytes::Ambiguous {
+                            reason: "bytes that are not TLS records follow it (plain data behind a ClientHello)",
+                        };
+                    }
                     return FirstBytes::ClientHello { server_name };
                 }
             }
@@ -123,6 +162,11 @@ mod tests {
     /// A TLS 1.2-framed ClientHello whose server name extension lists
     /// `names` as (type, name); no extension when `names` is `None`.
     fn client_hello(names: Option<&[(u8, &str)]>) -> Vec<u8> {
+        client_hello_with(names, &[])
+    }
+
+    /// A ClientHello with `extra` (whole extensions) after the server name.
+    fn client_hello_with(names: Option<&[(u8, &str)]>, extra: &[u8]) -> Vec<u8> {
         let mut ext = Vec::new();
         if let Some(names) = names {
             let mut list = Vec::new();
@@ -136,6 +180,7 @@ mod tests {
             ext.extend_from_slice(&(list.len() as u16).to_be_bytes());
             ext.extend_from_slice(&list);
         }
+        ext.extend_from_slice(extra);
         let mut body = vec![3, 3];
         body.extend_from_slice(&[7; 32]);
         body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
@@ -148,6 +193,37 @@ mod tests {
         rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
         rec.extend_from_slice(&hs);
         rec
+    }
+
+    #[test]
+    fn an_encrypted_client_hello_hides_the_name_and_is_refused() {
+        // encrypted_client_hello (0xfe0d) with an opaque payload: the outer
+        // name is not where the tunnel goes.
+        let ech = [0xfe, 0x0d, 0, 4, 0, 1, 2, 3];
+        assert_eq!(
+            inspect(&client_hello_with(Some(&[(0, "public.example")]), &ech)),
+            FirstBytes::Ambiguous {
+                reason: "it is an Encrypted ClientHello (ECH), which hides the server name"
+            }
+        );
+    }
+
+    #[test]
+    fn plain_data_behind_a_client_hello_is_refused() {
+        let hello = client_hello(Some(&[(0, "origin.test")]));
+        let mut smuggled = hello.clone();
+        smuggled.extend_from_slice(b"GET /after-hello HTTP/1.1\r\n\r\n");
+        assert!(matches!(inspect(&smuggled), FirstBytes::Ambiguous { .. }));
+        // Early data (application_data records) and a change_cipher_spec
+        // may follow, whole or in part.
+        let mut early = hello.clone();
+        early.extend_from_slice(&[20, 3, 3, 0, 1, 1, 23, 3, 3, 0, 4, 9, 9]);
+        assert_eq!(
+            inspect(&early),
+            FirstBytes::ClientHello {
+                server_name: Some("origin.test".into())
+            }
+        );
     }
 
     #[test]
