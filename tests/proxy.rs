@@ -73,6 +73,14 @@ fn origins(dir: &Path) -> Origins {
                 };
                 let (host, via) = (header("host"), header("via"));
                 let (method, uri) = (req.method().clone(), req.uri().clone());
+                // `/big/N`: N bytes, for clients that do not read them.
+                if let Some(n) = uri
+                    .path()
+                    .strip_prefix("/big/")
+                    .and_then(|n| n.parse().ok())
+                {
+                    return Ok(hyper::Response::new(Full::new(Bytes::from(vec![b'x'; n]))));
+                }
                 // How many request body bytes arrived, and how they were
                 // framed on the way from the proxy.
                 let framing = if req.headers().contains_key("transfer-encoding") {
@@ -1668,5 +1676,30 @@ fn a_rule_stops_matching_when_its_expiry_date_ends() {
     let (code, body) = p.curl(&[&url]);
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("rule: default"), "{body}");
+    p.stop_and_verify();
+}
+
+/// A client that asks for a large response and never reads it does not keep
+/// its connection (and an origin connection) past the idle timeout: the
+/// proxy cuts it and the record says the response did not complete.
+#[test]
+fn a_client_that_stops_reading_is_cut_after_the_idle_timeout() {
+    let p = start_proxy("idle_timeout = \"2s\"");
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&p.addr.into()).unwrap();
+    let mut client: TcpStream = sock.into();
+    let target = format!("origin.test:{}", p.origins.http);
+    client
+        .write_all(
+            format!("GET http://{target}/big/33554432 HTTP/1.1\r\nHost: {target}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let r = p.wait_record("for the response the client never read", |r| {
+        s(r, "/event/reason") == "allowed by rule; the response did not complete"
+    });
+    assert!(n(&r, "/destination/bytes") < 33_554_432, "{r}");
+    drop(client);
     p.stop_and_verify();
 }

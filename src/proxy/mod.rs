@@ -650,6 +650,13 @@ async fn serve_connection(
             loop {
                 tokio::time::sleep(tick).await;
                 if activity.in_flight.load(Ordering::Acquire) > 0 {
+                    // A response in flight is waited for, but not a client
+                    // that stopped reading it (it would hold its place and
+                    // an origin connection for as long as it likes).
+                    let stalled = activity.write_stalled_since.load(Ordering::Acquire);
+                    if stalled != NO_HEAD && activity.now().saturating_sub(stalled) >= idle_ms {
+                        return Quiet::StalledWrite;
+                    }
                     continue;
                 }
                 let now = activity.now();
@@ -673,6 +680,9 @@ async fn serve_connection(
                         closing = true;
                     }
                     Poll::Ready(Quiet::SlowHead) => return Poll::Ready((Ok(()), true)),
+                    // Dropping the connection drops the response body,
+                    // whose record then says it did not complete.
+                    Poll::Ready(Quiet::StalledWrite) => return Poll::Ready((Ok(()), false)),
                     Poll::Pending => {}
                 }
             }
@@ -731,12 +741,17 @@ struct Activity {
     /// Bytes of a request head arrived and the request has not started:
     /// a connection that ends so left a request unfinished.
     head_begun: AtomicBool,
+    /// Since when a write to the client has found its socket full with
+    /// nothing taken since, or [`NO_HEAD`].
+    write_stalled_since: AtomicU64,
 }
 
 /// Why the watchdog ends a connection.
 enum Quiet {
     Idle,
     SlowHead,
+    /// The client has not taken any of its response for the idle timeout.
+    StalledWrite,
 }
 
 impl Activity {
@@ -747,11 +762,31 @@ impl Activity {
             in_flight: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             head_begun: AtomicBool::new(false),
+            write_stalled_since: AtomicU64::new(NO_HEAD),
         }
     }
 
     fn now(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// After a write to the client: progress ends a stall, a full socket
+    /// starts one (if none is running).
+    fn write_polled(&self, r: &Poll<std::io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.write_stalled_since.store(NO_HEAD, Ordering::Release)
+            }
+            Poll::Pending => {
+                let _ = self.write_stalled_since.compare_exchange(
+                    NO_HEAD,
+                    self.now(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+            _ => {}
+        }
     }
 
     fn request_started(&self) {
@@ -807,7 +842,9 @@ impl tokio::io::AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.activity.write_polled(&r);
+        r
     }
 
     fn poll_write_vectored(
@@ -815,7 +852,9 @@ impl tokio::io::AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.activity.write_polled(&r);
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
