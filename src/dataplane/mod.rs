@@ -166,6 +166,7 @@ pub struct Engine {
     /// New flows per source (an IPv4 address or an IPv6 /64).
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     drops: Mutex<HashMap<(FlowKey, DropReason, Zone), DropAgg>>,
+    last_drop_summary: Mutex<Instant>,
     audit: AuditLog,
     config: EngineConfig,
     origin: Instant,
@@ -211,7 +212,27 @@ fn tuple(k: &FlowKey) -> FlowTuple {
 
 const FRAGMENT_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_FRAGMENT_ENTRIES: usize = 65_536;
-const MAX_DROP_KEYS: usize = 65_536;
+/// Flow keys itemised in one drop summary interval, and sources
+/// summarised past them.
+const MAX_DROP_KEYS: usize = 4096;
+const MAX_DROP_SOURCES: usize = 4096;
+/// How often drop summaries are written.
+const DROP_SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The key under which drops past the itemised ones are summarised for
+/// their source: no destination, protocol or ports.
+fn per_source_key(src: IpAddr) -> FlowKey {
+    FlowKey {
+        src,
+        dst: match src {
+            IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        },
+        proto: 0,
+        src_port: 0,
+        dst_port: 0,
+    }
+}
 /// Most sources the new-flow rate limiter remembers at once.
 const MAX_LIMITER_SOURCES: usize = 262_144;
 
@@ -240,6 +261,7 @@ impl Engine {
             fragments: Mutex::new(HashMap::new()),
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             drops: Mutex::new(HashMap::new()),
+            last_drop_summary: Mutex::new(Instant::now()),
             audit,
             config,
             origin: Instant::now(),
@@ -434,9 +456,26 @@ impl Engine {
         let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
         self.counters.dropped[i].fetch_add(1, Ordering::Relaxed);
         if let (Some((k, port)), Ok(mut drops)) = (key, self.drops.lock()) {
-            let k = (*k, r, port);
-            if drops.len() < MAX_DROP_KEYS || drops.contains_key(&k) {
-                let a = drops.entry(k).or_default();
+            // Per destination and service: a client's new source port for
+            // every attempt is not a new key (ICMP keeps its type).
+            let mut flow = *k;
+            if !matches!(flow.proto, 1 | 58) {
+                flow.src_port = 0;
+            }
+            let itemised = (flow, r, port);
+            // Past the keys one interval itemises (a scan of ports or
+            // addresses), drops are summarised per source.
+            let per_source = (per_source_key(k.src), r, port);
+            let k = if drops.len() < MAX_DROP_KEYS || drops.contains_key(&itemised) {
+                Some(itemised)
+            } else if drops.len() < MAX_DROP_KEYS + MAX_DROP_SOURCES
+                || drops.contains_key(&per_source)
+            {
+                Some(per_source)
+            } else {
+                None
+            };
+            if let Some(a) = k.map(|k| drops.entry(k).or_default()) {
                 a.packets += 1;
                 a.bytes += bytes as u64;
                 let now = Timestamp::now();
@@ -474,19 +513,37 @@ impl Engine {
         };
         let key = ip.key;
         let policy = self.policy.load();
-        // Neighbour discovery (valid per RFC 4861: see the parser) passes
-        // like ARP, from a link-local or unspecified source or one of the
-        // port's zone.
+        // Neighbour discovery and multicast listener discovery (valid per
+        // RFC 4861 and 3810: see the parser) pass like ARP when they stay
+        // on the link: to a link-local or link-scope multicast address or
+        // to an address of either zone, from a link-local or unspecified
+        // source or one of the port's zone. Sent anywhere else they are
+        // ordinary ICMPv6, which the policy judges.
+        let link_control = ip.icmp == Some(IcmpKind::NeighborDiscovery)
+            && match key.dst {
+                IpAddr::V6(a) => {
+                    a.is_unicast_link_local()
+                        || a.segments()[0] == 0xff02
+                        || policy.zones().zone_of(key.dst).is_some()
+                }
+                IpAddr::V4(_) => false,
+            };
         let link_local =
             matches!(key.src, IpAddr::V6(a) if a.is_unspecified() || a.is_unicast_link_local());
-        if ip.icmp == Some(IcmpKind::NeighborDiscovery) && link_local {
+        if link_control && link_local {
             return self.forward();
         }
         if policy.zones().zone_of(key.src) != Some(ingress) {
             return self.drop(DropReason::Spoofed, Some((&key, ingress)), frame.len());
         }
-        if ip.icmp == Some(IcmpKind::NeighborDiscovery) {
+        if link_control {
             return self.forward();
+        }
+        // A first fragment must hold the whole transport header (RFC 8200
+        // section 4.5; RFC 1858 for IPv4): the ports are what the policy
+        // judges, and a later fragment must not supply them.
+        if matches!(ip.fragment, Fragment::First { .. }) && !ip.transport_complete {
+            return self.drop(DropReason::Fragment, Some((&key, ingress)), frame.len());
         }
         let now = self.now();
         let (packets, hdrs) = segments;
@@ -659,13 +716,32 @@ impl Engine {
         for e in expired {
             self.record_end(e, &policy);
         }
-        match inserted {
-            Ok((_, evicted)) => {
+        let table_key = match inserted {
+            Ok((k, evicted)) => {
                 if let Some(e) = evicted {
                     self.record_end(e, &policy);
                 }
+                k
             }
             Err(_) => return self.drop(DropReason::TableFull, Some((&key, ingress)), frame.len()),
+        };
+        // The flow's start record first: where the trail is fail-closed, a
+        // flow it cannot record (its queue full) does not pass, and the
+        // writer's gap record counts it as refused.
+        let ev = AuditEvent::flow_start(Action::Allowed, &tuple(&key))
+            .with_rule(policy.rule_name(d.rule), policy.sha256())
+            .with_reason(&format!("arrived on {}", ingress.as_str()));
+        if let Err(e) = self.audit.try_submit(&ev) {
+            if e.refuses_flow() {
+                if let Ok(mut t) = self.table.lock() {
+                    t.remove(&table_key, EndReason::Revoked);
+                }
+                return self.drop(
+                    DropReason::AuditUnavailable,
+                    Some((&key, ingress)),
+                    frame.len(),
+                );
+            }
         }
         if let Ok(mut hits) = self.counters.rule_hits.lock() {
             let i = d
@@ -677,10 +753,6 @@ impl Engine {
             }
         }
         self.note_fragment(&ip.fragment, &key, true, now);
-        let ev = AuditEvent::flow_start(Action::Allowed, &tuple(&key))
-            .with_rule(policy.rule_name(d.rule), policy.sha256())
-            .with_reason(&format!("arrived on {}", ingress.as_str()));
-        let _ = self.audit.try_submit(&ev);
         self.forward()
     }
 
@@ -751,6 +823,18 @@ impl Engine {
         if let Ok(mut frags) = self.fragments.lock() {
             frags.retain(|_, (_, exp)| *exp > now);
         }
+        self.summarise_drops(&policy, false);
+    }
+
+    /// Writes the drop summaries of the interval that ended (all of them
+    /// when `now`).
+    fn summarise_drops(&self, policy: &Policy, now: bool) {
+        if let Ok(mut last) = self.last_drop_summary.lock() {
+            if !now && last.elapsed() < DROP_SUMMARY_INTERVAL {
+                return;
+            }
+            *last = Instant::now();
+        }
         let drops: HashMap<(FlowKey, DropReason, Zone), DropAgg> = self
             .drops
             .lock()
@@ -760,12 +844,21 @@ impl Engine {
             let (Some(first), Some(last)) = (a.first, a.last) else {
                 continue;
             };
+            let per_source = k == per_source_key(k.src);
+            let reason = if per_source {
+                format!(
+                    "{}; to more destinations and ports than one summary itemises, summed for the source",
+                    why.as_str()
+                )
+            } else {
+                why.as_str().to_string()
+            };
             let mut ev = AuditEvent::drop_summary(&tuple(&k), a.packets, a.bytes, first, last)
-                .with_reason(why.as_str())
+                .with_reason(&reason)
                 .with_ingress(port.as_str());
             // A rule decided only the drops the policy made; the others
             // (spoofed, no state, limits) name none.
-            if matches!(why, DropReason::Denied | DropReason::Revoked) {
+            if matches!(why, DropReason::Denied | DropReason::Revoked) && !per_source {
                 let d = policy.decide(&k);
                 ev = ev.with_rule(policy.rule_name(d.rule), policy.sha256());
             }
@@ -785,6 +878,7 @@ impl Engine {
             self.record_end(e, &policy);
         }
         self.housekeeping();
+        self.summarise_drops(&policy, true);
     }
 }
 
@@ -1118,6 +1212,103 @@ default deny
             e.handle(Zone::Edge, &ns("2001:db8:1::5", 64)),
             Disposition::Drop(DropReason::Denied)
         );
+        // Valid neighbour discovery addressed off the link (a router would
+        // forward it): ordinary ICMPv6, denied.
+        let mut off_link = build::ipv6(
+            "2001:db8:1::5".parse().unwrap(),
+            "2001:db8:ffff::1".parse().unwrap(),
+            58,
+            &[136, 0, 0, 0, 0, 0, 0, 0],
+        );
+        off_link[14 + 7] = 255;
+        off_link.extend_from_slice(&[0x45; 1200]);
+        assert_eq!(
+            e.handle(Zone::Edge, &off_link),
+            Disposition::Drop(DropReason::Denied)
+        );
+        // An MLDv2 report (hop limit 1, link-local source, to ff02::16)
+        // passes; with hop limit 255 it is not MLD.
+        let mld = |hops: u8| {
+            let mut f = build::ipv6(
+                "fe80::1".parse().unwrap(),
+                "ff02::16".parse().unwrap(),
+                58,
+                &[143, 0, 0, 0, 0, 0, 0, 0],
+            );
+            f[14 + 7] = hops;
+            f
+        };
+        assert_eq!(e.handle(Zone::Edge, &mld(1)), Disposition::Forward);
+        assert_eq!(
+            e.handle(Zone::Edge, &mld(255)),
+            Disposition::Drop(DropReason::Spoofed)
+        );
+        // ARP carries ARP only: not 1400 bytes of something else.
+        let mut fat = build::arp();
+        fat.extend_from_slice(&[0x41; 1400]);
+        assert_eq!(
+            e.handle(Zone::Edge, &fat),
+            Disposition::Drop(DropReason::Malformed)
+        );
+        assert_eq!(e.handle(Zone::Edge, &build::arp()), Disposition::Forward);
+    }
+
+    /// Fragments cannot supply or replace the headers the policy judges.
+    #[test]
+    fn fragments_carry_no_headers_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = "\
+zone edge   = 192.0.2.0/25, 2001:db8:1::/64
+zone onprem = 192.0.2.128/25, 2001:db8:2::/64
+rule dns allow 2001:db8:1::/64 -> 2001:db8:2::53 service udp/53
+rule low allow 192.0.2.0/25 -> 192.0.2.200 service udp/0-1023
+default deny
+";
+        let e = engine_for(dir.path(), policy, EngineConfig::default());
+        let (a, b) = ("2001:db8:1::10", "2001:db8:2::53");
+        let frag = |offset: u16, more: bool, data: &[u8]| {
+            let mut l4 = vec![17, 0];
+            l4.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+            l4.extend_from_slice(&[0, 0, 0, 7]);
+            l4.extend_from_slice(data);
+            build::ipv6(a.parse().unwrap(), b.parse().unwrap(), 44, &l4)
+        };
+        // A later fragment whose data looks like an atomic fragment header
+        // and a UDP header to port 53: still a later fragment of a datagram
+        // never admitted.
+        let mut fake = vec![17, 0, 0, 0, 0, 0, 0, 9];
+        fake.extend_from_slice(&build::udp(7000, 53, b"x"));
+        let later = frag(8, false, &fake);
+        assert_eq!(
+            e.handle(Zone::Edge, &later),
+            Disposition::Drop(DropReason::Fragment)
+        );
+        // A first fragment cut before its UDP header is complete.
+        let short = frag(0, true, &[0x1b, 0x58, 0, 53]);
+        assert_eq!(
+            e.handle(Zone::Edge, &short),
+            Disposition::Drop(DropReason::Fragment)
+        );
+        // IPv4: a first fragment of 4 bytes (ports but no UDP length).
+        let v4 = build::ipv4(
+            v4("192.0.2.10"),
+            v4("192.0.2.200"),
+            17,
+            &[0x1b, 0x58, 0, 53],
+            (9, true, 0),
+        );
+        assert_eq!(
+            e.handle(Zone::Edge, &v4),
+            Disposition::Drop(DropReason::Fragment)
+        );
+        // A whole datagram with its UDP header passes.
+        let whole = build::ipv6(
+            a.parse().unwrap(),
+            b.parse().unwrap(),
+            17,
+            &build::udp(7000, 53, b"q"),
+        );
+        assert_eq!(e.handle(Zone::Edge, &whole), Disposition::Forward);
     }
 
     /// A rule that expires while the filter runs: the policy without it
@@ -1204,6 +1395,141 @@ default deny
         assert_eq!(flow.original.packets, 2, "the new connection's own packets");
         drop(t);
         assert_eq!(e.conntrack_len(), 1);
+    }
+
+    /// Fail-closed: a flow whose start record the trail cannot take (its
+    /// queue full) does not pass; every flow that passed has its record.
+    #[test]
+    fn a_flow_the_trail_cannot_record_does_not_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("audit.key");
+        crate::audit::keys::generate_key_pair(&key, &dir.path().join("audit.pub")).unwrap();
+        let audit = AuditLog::open(&AuditConfig {
+            dir: dir.path().join("audit"),
+            signing_key: Some(key),
+            queue_capacity: 16,
+            ..AuditConfig::default()
+        })
+        .unwrap();
+        let policy = "\
+zone edge   = 192.0.2.0/25
+zone onprem = 192.0.2.128/25
+rule dns allow 192.0.2.0/25 -> 192.0.2.200 service udp
+default deny
+";
+        let e = Engine::new(
+            compile(policy),
+            audit.clone(),
+            EngineConfig {
+                new_flow_burst_per_source: 100_000,
+                new_flows_per_second_per_source: 100_000,
+                ..EngineConfig::default()
+            },
+        );
+        let mut passed = 0;
+        for port in 0..3000u16 {
+            let f = build::ipv4(
+                v4("192.0.2.10"),
+                v4("192.0.2.200"),
+                17,
+                &build::udp(10_000 + port, 53, b"q"),
+                (1, false, 0),
+            );
+            if e.handle(Zone::Edge, &f) == Disposition::Forward {
+                passed += 1;
+            }
+        }
+        let refused = e.counters.dropped(DropReason::AuditUnavailable);
+        assert_eq!(passed + refused, 3000);
+        drop(e);
+        audit.close().unwrap();
+        let starts: usize = std::fs::read_dir(dir.path().join("audit"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|f| f.file_name().to_string_lossy().ends_with(".jsonl"))
+            .map(|f| {
+                std::fs::read_to_string(f.path())
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.contains("\"code\":\"flow_start\""))
+                    .count()
+            })
+            .sum();
+        assert_eq!(starts as u64, passed, "{refused} refused");
+    }
+
+    /// Denied traffic to ever new ports cannot write a record per packet:
+    /// new source ports are one key, and past the keys one interval
+    /// itemises, drops are summed per source. No packet goes uncounted.
+    #[test]
+    fn drop_summaries_are_bounded_and_count_every_packet() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("audit.key");
+        crate::audit::keys::generate_key_pair(&key, &dir.path().join("audit.pub")).unwrap();
+        let audit = AuditLog::open(&AuditConfig {
+            dir: dir.path().join("audit"),
+            signing_key: Some(key),
+            ..AuditConfig::default()
+        })
+        .unwrap();
+        let e = Engine::new(
+            compile(POLICY),
+            audit.clone(),
+            EngineConfig {
+                new_flow_burst_per_source: 100_000,
+                new_flows_per_second_per_source: 100_000,
+                ..EngineConfig::default()
+            },
+        );
+        let n = 3 * MAX_DROP_KEYS as u16;
+        for i in 0..n {
+            // A new source port and a new destination port each time.
+            let f = build::ipv4(
+                v4("192.0.2.10"),
+                v4("192.0.2.200"),
+                17,
+                &build::udp(20_000 + i, 1000 + i, b"x"),
+                (1, false, 0),
+            );
+            assert_eq!(
+                e.handle(Zone::Edge, &f),
+                Disposition::Drop(DropReason::Denied)
+            );
+        }
+        e.flush();
+        drop(e);
+        audit.close().unwrap();
+        let summaries: Vec<serde_json::Value> = std::fs::read_dir(dir.path().join("audit"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|f| f.file_name().to_string_lossy().ends_with(".jsonl"))
+            .flat_map(|f| {
+                std::fs::read_to_string(f.path())
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.contains("\"code\":\"drop_summary\""))
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(
+            summaries.len(),
+            MAX_DROP_KEYS + 1,
+            "itemised keys and one per source"
+        );
+        let packets: u64 = summaries
+            .iter()
+            .map(|r| {
+                r.pointer("/source/packets")
+                    .and_then(|p| p.as_u64())
+                    .unwrap()
+            })
+            .sum();
+        assert_eq!(packets, u64::from(n));
+        assert!(summaries.iter().any(|r| r
+            .pointer("/event/reason")
+            .and_then(|v| v.as_str())
+            .is_some_and(|s| s.ends_with("summed for the source"))));
     }
 
     #[test]

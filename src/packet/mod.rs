@@ -34,6 +34,8 @@ pub enum ParseError {
     BadIpv6,
     #[error("IPv6 extension headers too deep or truncated")]
     BadExtension,
+    #[error("not an Ethernet/IPv4 ARP message, or longer than one")]
+    BadArp,
 }
 
 /// Where a packet sits in a fragmented datagram.
@@ -138,7 +140,20 @@ pub fn parse(bytes: &[u8]) -> Result<Frame, ParseError> {
     }
     let l3 = &bytes[offset.min(bytes.len())..];
     let payload = match ethertype {
-        t if t == EtherTypes::Arp.0 => Payload::Arp,
+        t if t == EtherTypes::Arp.0 => {
+            // Only ARP as Ethernet carries it for IPv4 (RFC 826): request or
+            // reply, 28 bytes and at most the padding to a minimum frame,
+            // so the EtherType carries no other data across.
+            let ok = l3.len() <= 46
+                && l3.get(..8).is_some_and(|h| {
+                    h[..6] == [0, 1, 8, 0, 6, 4] && matches!(h[6..8], [0, 1] | [0, 2])
+                })
+                && l3.len() >= 28;
+            if !ok {
+                return Err(ParseError::BadArp);
+            }
+            Payload::Arp
+        }
         t if t == EtherTypes::Ipv4.0 => Payload::Ip(parse_ipv4(l3)?),
         t if t == EtherTypes::Ipv6.0 => Payload::Ip(parse_ipv6(l3)?),
         _ => Payload::Other,
@@ -158,25 +173,32 @@ fn transport(
     v6: bool,
     depth: usize,
 ) -> (u16, u16, u8, Option<IcmpKind>, bool) {
+    // A packet's own transport header must be whole to count as complete
+    // (a first fragment that splits it is refused: RFC 1858, RFC 8200
+    // section 4.5); the header an ICMP error quotes is read as far as its
+    // ports, which the first 4 bytes hold.
+    let quoted = depth > 0;
+    let ports = |h: &[u8]| {
+        (
+            u16::from_be_bytes([h[0], h[1]]),
+            u16::from_be_bytes([h[2], h[3]]),
+        )
+    };
+    let whole = |len: usize| quoted || l4.len() >= len;
     match proto {
-        6 => match l4.get(..14) {
-            Some(h) => (
-                u16::from_be_bytes([h[0], h[1]]),
-                u16::from_be_bytes([h[2], h[3]]),
-                h[13],
-                None,
-                true,
-            ),
+        6 => match l4.get(..4) {
+            Some(h) => {
+                let (sp, dp) = ports(h);
+                let flags = l4.get(13).copied().unwrap_or(0);
+                (sp, dp, flags, None, whole(20))
+            }
             None => (0, 0, 0, None, false),
         },
         17 | 132 | 136 => match l4.get(..4) {
-            Some(h) => (
-                u16::from_be_bytes([h[0], h[1]]),
-                u16::from_be_bytes([h[2], h[3]]),
-                0,
-                None,
-                true,
-            ),
+            Some(h) => {
+                let (sp, dp) = ports(h);
+                (sp, dp, 0, None, whole(if proto == 132 { 12 } else { 8 }))
+            }
             None => (0, 0, 0, None, false),
         },
         1 | 58 => match l4.get(..8) {
@@ -199,7 +221,10 @@ fn transport(
                         1..=4 => inner_key(&l4[8..], true, depth)
                             .map(|about| IcmpKind::Error { about })
                             .unwrap_or(IcmpKind::Other),
-                        133..=137 => IcmpKind::NeighborDiscovery,
+                        // Multicast listener discovery (MLDv1 query,
+                        // report, done; MLDv2 report) and neighbour
+                        // discovery: link-scope control, checked below.
+                        130..=132 | 143 | 133..=137 => IcmpKind::NeighborDiscovery,
                         _ => IcmpKind::Other,
                     }
                 };
@@ -311,6 +336,7 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
     let mut next = ip.get_next_header().0;
     let mut off = 40;
     let mut fragment = Fragment::Whole;
+    let mut fragment_header = false;
     for _ in 0..=MAX_EXT_HEADERS {
         match next {
             // Hop-by-hop, routing, destination options.
@@ -321,6 +347,11 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
             }
             // Fragment header.
             44 => {
+                // One fragment header per packet.
+                if fragment_header {
+                    return Err(ParseError::BadExtension);
+                }
+                fragment_header = true;
                 let h = l3.get(off..off + 8).ok_or(ParseError::BadExtension)?;
                 next = h[0];
                 let offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
@@ -328,6 +359,13 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
                 let id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
                 fragment = Fragment::of(offset, more, id);
                 off += 8;
+                // What follows the fragment header of a later fragment is
+                // the datagram's data, not headers (RFC 8200 section 4.5):
+                // it is never read as a header, nor as a second fragment
+                // header standing in for this one.
+                if offset != 0 {
+                    break;
+                }
             }
             _ => break,
         }
@@ -335,7 +373,7 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
             return Err(ParseError::BadExtension);
         }
     }
-    if matches!(next, 0 | 43 | 60 | 44) {
+    if matches!(next, 0 | 43 | 60 | 44) && !matches!(fragment, Fragment::Later { .. }) {
         return Err(ParseError::BadExtension);
     }
     let l4 = l3.get(off..end).unwrap_or(&[]);
@@ -345,8 +383,16 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
     // hop limit 255 (so it was sent on this link, not routed here), code 0,
     // not fragmented. Anything else of those types is ordinary ICMPv6,
     // which the policy judges.
+    // MLD is valid only with hop limit 1 (RFC 2710 section 3, RFC 3810
+    // section 5).
+    let hops = match p.key.src_port {
+        130..=132 | 143 => 1,
+        _ => 255,
+    };
     if p.icmp == Some(IcmpKind::NeighborDiscovery)
-        && (ip.get_hop_limit() != 255 || p.key.dst_port != 0 || p.fragment != Fragment::Whole)
+        && (ip.get_hop_limit() != hops
+            || (hops == 255 && p.key.dst_port != 0)
+            || p.fragment != Fragment::Whole)
     {
         p.icmp = Some(IcmpKind::Other);
     }
@@ -441,8 +487,11 @@ pub mod build {
         i
     }
 
+    /// An ARP request (Ethernet, IPv4), padded to a minimum frame.
     pub fn arp() -> Vec<u8> {
-        ethernet(0x0806, &[0u8; 28])
+        let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
+        a.resize(46, 0);
+        ethernet(0x0806, &a)
     }
 
     /// Adds an 802.1Q tag to an Ethernet frame.
