@@ -106,6 +106,8 @@ pub struct Flow {
     pub offload_refused: bool,
     fin_original: bool,
     fin_reply: bool,
+    /// The direction a RST came from and the state it ended.
+    reset_by: Option<(Direction, TcpState)>,
 }
 
 impl Flow {
@@ -375,6 +377,7 @@ impl ConnTable {
             offloaded: None,
             offload_refused: false,
             fin_original: false,
+            reset_by: None,
             fin_reply: false,
         };
         if flow.embryonic() {
@@ -411,9 +414,26 @@ impl ConnTable {
         c.bytes += bytes;
         use crate::packet::tcp_flags::{ACK, FIN, RST, SYN};
         flow.state = match flow.state {
-            State::Tcp(s) => State::Tcp(if tcp_flags & RST != 0 {
-                TcpState::Closed
-            } else {
+            State::Tcp(s) if tcp_flags & RST != 0 => {
+                // Who reset it, and from what, in case the reset was not
+                // theirs (see below).
+                if s != TcpState::Closed {
+                    flow.reset_by = Some((dir, s));
+                }
+                State::Tcp(TcpState::Closed)
+            }
+            // The side a reset came from goes on sending: that endpoint did
+            // not send the reset (a host that resets a connection sends
+            // nothing more on it), so someone else forged it, and the
+            // connection is what it was.
+            State::Tcp(TcpState::Closed)
+                if tcp_flags & (RST | SYN) == 0
+                    && flow.reset_by.is_some_and(|(by, _)| by == dir) =>
+            {
+                let (_, before) = flow.reset_by.take().unwrap_or((dir, TcpState::Established));
+                State::Tcp(before)
+            }
+            State::Tcp(s) => State::Tcp({
                 match (s, dir) {
                     (TcpState::SynSent, Direction::Reply)
                         if tcp_flags & SYN != 0 && tcp_flags & ACK != 0 =>
@@ -624,6 +644,47 @@ mod tests {
         t.insert(nf(k2, None, SYN, 60), s(0)).unwrap();
         assert!(t.find(&ck2, s(59)).is_some());
         assert!(t.find(&ck2, s(61)).is_none());
+    }
+
+    /// A RST the claimed sender then contradicts (it goes on sending) was
+    /// forged: the connection stays as it was. One it does not contradict
+    /// closes the connection.
+    #[test]
+    fn a_reset_contradicted_by_its_sender_is_undone() {
+        let mut t = ConnTable::new(10, Timeouts::default());
+        let k = key(1, 6);
+        let ck = ConnKey::of(&k, None);
+        t.insert(nf(k, None, SYN, 60), s(0)).unwrap();
+        t.update(&ck.reversed(), Direction::Reply, SYN | ACK, (1, 60), s(0));
+        t.update(&ck, Direction::Original, ACK, (1, 40), s(0));
+        let established = Some(State::Tcp(TcpState::Established));
+        // A RST claiming to be from the server, then the server's data.
+        assert_eq!(
+            t.update(&ck.reversed(), Direction::Reply, RST, (1, 40), s(1)),
+            Some(State::Tcp(TcpState::Closed))
+        );
+        assert_eq!(
+            t.update(&ck, Direction::Original, ACK, (1, 40), s(1)),
+            Some(State::Tcp(TcpState::Closed)),
+            "the other side's data says nothing about the reset"
+        );
+        assert_eq!(
+            t.update(&ck.reversed(), Direction::Reply, ACK, (1, 1000), s(2)),
+            established
+        );
+        // A real reset from the client: nothing more from the client.
+        assert_eq!(
+            t.update(&ck, Direction::Original, RST | ACK, (1, 40), s(3)),
+            Some(State::Tcp(TcpState::Closed))
+        );
+        assert_eq!(
+            t.update(&ck.reversed(), Direction::Reply, ACK, (1, 1000), s(3)),
+            Some(State::Tcp(TcpState::Closed))
+        );
+        assert!(
+            t.find(&ck, s(14)).is_none(),
+            "closed, it ends after the linger"
+        );
     }
 
     #[test]

@@ -512,6 +512,10 @@ impl Engine {
             Payload::Ip(ip) => ip,
         };
         let key = ip.key;
+        // A route the sender chose is not forwarded (RFC 5095; RFC 7126).
+        if ip.source_routed {
+            return self.drop(DropReason::Malformed, None, frame.len());
+        }
         let policy = self.policy.load();
         // Neighbour discovery and multicast listener discovery (valid per
         // RFC 4861 and 3810: see the parser) pass like ARP when they stay

@@ -93,6 +93,10 @@ pub struct IpPacket {
     /// False when the transport header was missing or cut short (ports are
     /// then 0).
     pub transport_complete: bool,
+    /// The sender chose the route: an IPv4 loose or strict source route
+    /// option, or an IPv6 type 0 routing header with segments left (RFC
+    /// 5095 deprecates it). Such a packet is not forwarded.
+    pub source_routed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +253,25 @@ fn inner_key(quoted: &[u8], v6: bool, depth: usize) -> Option<FlowKey> {
     Some(p.key)
 }
 
+/// Whether IPv4 options hold a loose (131) or strict (137) source route.
+fn ipv4_source_routed(mut options: &[u8]) -> bool {
+    while let Some(&kind) = options.first() {
+        match kind {
+            0 => return false,
+            1 => options = &options[1..],
+            131 | 137 => return true,
+            _ => {
+                let len = options.get(1).copied().unwrap_or(0) as usize;
+                if len < 2 {
+                    return false;
+                }
+                options = options.get(len..).unwrap_or(&[]);
+            }
+        }
+    }
+    false
+}
+
 fn ipv4_inner(l3: &[u8], depth: usize) -> Option<IpPacket> {
     parse_ipv4_at(l3, depth, true).ok()
 }
@@ -289,7 +312,9 @@ fn parse_ipv4_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
     let fragment = Fragment::of(frag_offset, more, id);
     let l4 = &l3[ihl..end.max(ihl)];
     let (src, dst) = (ip.get_source().into(), ip.get_destination().into());
-    Ok(ip_packet((src, dst, proto), fragment, l4, end, depth))
+    let mut p = ip_packet((src, dst, proto), fragment, l4, end, depth);
+    p.source_routed = ipv4_source_routed(&l3[20..ihl]);
+    Ok(p)
 }
 
 /// The packet from its addresses and protocol, its place among fragments,
@@ -320,6 +345,7 @@ fn ip_packet(
         icmp,
         ip_len,
         transport_complete: complete,
+        source_routed: false,
     }
 }
 
@@ -337,11 +363,17 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
     let mut off = 40;
     let mut fragment = Fragment::Whole;
     let mut fragment_header = false;
+    let mut source_routed = false;
     for _ in 0..=MAX_EXT_HEADERS {
         match next {
             // Hop-by-hop, routing, destination options.
             0 | 43 | 60 => {
                 let h = l3.get(off..off + 2).ok_or(ParseError::BadExtension)?;
+                if next == 43 {
+                    let r = l3.get(off + 2..off + 4).ok_or(ParseError::BadExtension)?;
+                    // Routing type 0 with segments left.
+                    source_routed |= r[0] == 0 && r[1] > 0;
+                }
                 next = h[0];
                 off += (h[1] as usize + 1) * 8;
             }
@@ -379,6 +411,7 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
     let l4 = l3.get(off..end).unwrap_or(&[]);
     let (src, dst) = (ip.get_source().into(), ip.get_destination().into());
     let mut p = ip_packet((src, dst, next), fragment, l4, end, depth);
+    p.source_routed = source_routed;
     // Neighbour discovery is valid only as RFC 4861 section 6.1/7.1 says:
     // hop limit 255 (so it was sent on this link, not routed here), code 0,
     // not fragmented. Anything else of those types is ordinary ICMPv6,
@@ -570,6 +603,44 @@ mod tests {
         let later = ip(&ipv4(A, B, 17, &[0; 16], (7, false, 5)));
         assert_eq!(later.fragment, Fragment::Later { id: 7 });
         assert_eq!((later.key.src_port, later.key.dst_port), (0, 0));
+    }
+
+    #[test]
+    fn source_routes_are_marked() {
+        // IPv4 with a loose source route option (after a no-op).
+        let mut f = ipv4(
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+            17,
+            &udp(1, 2, b""),
+            (1, false, 0),
+        );
+        let opts = [1, 131, 7, 4, 192, 0, 2, 9];
+        f[14] = 0x45 + 2;
+        for (i, b) in opts.iter().enumerate() {
+            f.insert(14 + 20 + i, *b);
+        }
+        let total = (f.len() - 14) as u16;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        assert!(ip(&f).source_routed);
+        assert!(
+            !ip(&ipv4(
+                "192.0.2.1".parse().unwrap(),
+                "192.0.2.2".parse().unwrap(),
+                17,
+                &udp(1, 2, b""),
+                (1, false, 0)
+            ))
+            .source_routed
+        );
+        // IPv6 routing header type 0 with one segment left.
+        let mut l4 = vec![17, 2, 0, 1, 0, 0, 0, 0];
+        l4.extend_from_slice(&[0; 16]);
+        l4.extend_from_slice(&udp(1, 2, b""));
+        let a: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+        assert!(ip(&ipv6(a, a, 43, &l4)).source_routed);
+        l4[3] = 0;
+        assert!(!ip(&ipv6(a, a, 43, &l4)).source_routed, "no segments left");
     }
 
     #[test]
