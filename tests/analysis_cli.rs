@@ -306,6 +306,14 @@ fn export_nft_is_accepted_by_nft() {
             && ruleset.contains("ip daddr 198.51.100.10/31 "),
         "{ruleset}"
     );
+    // An expiring rule stops matching new connections at the end of its
+    // date, 2099-12-31, as in palisade (2100-01-01T00:00:00Z).
+    assert!(
+        ruleset.contains(
+            "ip saddr 192.0.2.0/24 ip daddr 198.51.100.77 meta l4proto tcp tcp dport 8080 meta time < 4102444800 counter accept comment \"temp\""
+        ),
+        "{ruleset}"
+    );
     if !(root() && have("nft")) {
         eprintln!("SKIP nft -c: needs root and nft (.ci/run installs nftables)");
         return;

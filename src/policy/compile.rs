@@ -1047,6 +1047,19 @@ mod tests {
     }
 
     #[test]
+    fn a_probe_port_out_of_range_is_pointed_at() {
+        let e = compile("expect allow tcp 192.0.2.1:99999 -> 192.0.2.2:80\ndefault deny\n")
+            .unwrap_err();
+        assert!(
+            e.contains("m.policy:1:28")
+                && e.contains("a port number from 0 to 65535, found `99999`"),
+            "{e}"
+        );
+        let e = compile("expect allow tcp [2001:db8::1]:1 -> [2001:db8::2]:70000\n").unwrap_err();
+        assert!(e.contains("m.policy:1:51"), "{e}");
+    }
+
+    #[test]
     fn http_rules_expire_in_a_running_policy() {
         use crate::policy::{HttpHost, HttpRequest, Verdict};
         let opts = Options {

@@ -358,6 +358,12 @@ pub fn nft(policy: &Policy, ports: Option<&NftPorts>) -> Result<NftExport, Expor
         } else {
             String::new()
         };
+        // A rule with an expiry date stops matching new connections when
+        // its date ends (midnight UTC), as in palisade: the kernel compares
+        // its clock with the instant in seconds since the epoch.
+        let until = r.expires.map_or(String::new(), |d| {
+            format!("meta time < {} ", (d.unix_days() + 1) * 86_400)
+        });
         let _ = writeln!(
             out,
             "\t\t# rule {} ({})",
@@ -375,7 +381,7 @@ pub fn nft(policy: &Policy, ports: Option<&NftPorts>) -> Result<NftExport, Expor
                     let sep = if svc.is_empty() { "" } else { " " };
                     let _ = writeln!(
                         out,
-                        "\t\t{addr}{svc}{sep}{log}counter {verdict} comment \"{}\"",
+                        "\t\t{addr}{svc}{sep}{until}{log}counter {verdict} comment \"{}\"",
                         nft_string(&r.name, NFT_COMMENT_MAX)
                     );
                 }

@@ -385,11 +385,7 @@ fn stmt_text(s: &Stmt, nw: usize, aw: usize) -> String {
                 let _ = write!(s, " port {}", join(&r.ports, port_text));
             }
             if !r.methods.is_empty() {
-                let _ = write!(
-                    s,
-                    " method {}",
-                    join(&r.methods, |m| m.text.to_ascii_uppercase())
-                );
+                let _ = write!(s, " method {}", join(&r.methods, |m| m.text.clone()));
             }
             if r.plain_tunnel {
                 s.push_str(" plain-tunnel");
@@ -445,7 +441,7 @@ pub fn probe_text(p: &Probe) -> String {
         } => {
             let mut s = format!("http {src} -> {url}");
             if let Some(m) = method {
-                let _ = write!(s, " method {}", m.text.to_ascii_uppercase());
+                let _ = write!(s, " method {}", m.text);
             }
             s
         }
@@ -483,6 +479,16 @@ mod tests {
             "expect deny http 10.0.1.7 -> https://a.example/ #frag by paste\n"
         );
         assert_eq!(format_text(&out).unwrap(), out);
+    }
+
+    #[test]
+    fn methods_are_written_as_they_were() {
+        // `get` is not `GET` (check refuses it): fmt must not turn a policy
+        // that fails into one that passes.
+        let text = "http h allow any -> \"x.example.com\" port 80 method get\n\
+                    expect allow http 192.0.2.1 -> http://x.example.com/ method get\n";
+        let out = format_text(text).unwrap();
+        assert_eq!(out.matches("method get").count(), 2, "{out}");
     }
 
     #[test]

@@ -962,6 +962,7 @@ impl<'s> Parser<'s> {
             return match r.strip_prefix(':') {
                 Some(after) => {
                     let (r, p) = self.number(after, "a port number")?;
+                    port_in_range(after, r, p)?;
                     Ok((r, (a, Some(p))))
                 }
                 None => Ok((r, (a, None))),
@@ -979,6 +980,7 @@ impl<'s> Parser<'s> {
             if let Ok(a) = tok[..colon].parse::<std::net::Ipv4Addr>() {
                 let after = &i[colon + 1..];
                 let (r, p) = self.number(after, "a port number after `:`")?;
+                port_in_range(after, r, p)?;
                 return Ok((r, (IpAddr::V4(a), Some(p))));
             }
         }
@@ -1079,6 +1081,19 @@ impl<'s> Parser<'s> {
             },
         ))
     }
+}
+
+/// A probe's port, read from `at` up to `rest`, must be a port: the error
+/// points at the number itself.
+fn port_in_range<'a>(at: &'a str, rest: &'a str, p: u32) -> Result<(), nom::Err<PErr<'a>>> {
+    if p <= 65535 {
+        return Ok(());
+    }
+    Err(nom::Err::Failure(PErr {
+        at,
+        expected: Cow::Borrowed("a port number from 0 to 65535"),
+        len: at.len() - rest.len(),
+    }))
 }
 
 fn is_name_boundary(r: &str) -> bool {
