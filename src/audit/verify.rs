@@ -397,44 +397,33 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
             Err(_) => continue,
         };
         if unknown_contiguous(i) {
-            if unknown_contiguous(i + 1) {
-                // Both links of this record are broken: it was changed, and
-                // so was the record before it (or this record's prev_hash,
-                // which an edit of this record alone leaves as it was).
-                let (pfile, pline, pseq) = at(i - 1);
-                findings.push(find(
+            // The record before this one no longer hashes to this record's
+            // prev_hash: it was changed. When the next link is broken too,
+            // this record was changed as well (or only its prev_hash was,
+            // which an edit of the record before leaves as it was).
+            let both = unknown_contiguous(i + 1);
+            let edited = |k: usize, next: usize, or_prev: bool| {
+                let (kfile, kline, kseq) = at(k);
+                find(
                     FindingKind::Edited,
-                    pfile,
-                    pline,
-                    pseq,
+                    kfile,
+                    kline,
+                    kseq,
                     format!(
-                        "this record was changed (or the prev_hash of the next one was): its hash no longer matches prev_hash in {}",
-                        line_ref(i)
+                        "this record was changed{}: its hash no longer matches prev_hash in {}",
+                        if or_prev {
+                            " (or the prev_hash of the next one was)"
+                        } else {
+                            ""
+                        },
+                        line_ref(next)
                     ),
-                ));
-                findings.push(find(
-                    FindingKind::Edited,
-                    file,
-                    line,
-                    seq,
-                    format!(
-                        "this record was changed: its hash no longer matches prev_hash in {}",
-                        line_ref(i + 1)
-                    ),
-                ));
+                )
+            };
+            findings.push(edited(i - 1, i, both));
+            if both {
+                findings.push(edited(i, i + 1, false));
                 explained.insert(i + 1);
-            } else {
-                let (pfile, pline, pseq) = at(i - 1);
-                findings.push(find(
-                    FindingKind::Edited,
-                    pfile,
-                    pline,
-                    pseq,
-                    format!(
-                        "this record was changed: its hash no longer matches prev_hash in {}",
-                        line_ref(i)
-                    ),
-                ));
             }
             continue;
         }

@@ -1036,6 +1036,44 @@ default deny
         Engine::new(policy, audit, config)
     }
 
+    /// An engine without new-flow limits, writing to a trail whose queue
+    /// holds `queue` records, and the trail's handle (to close it).
+    fn engine_recording(dir: &std::path::Path, policy: &str, queue: usize) -> (Engine, AuditLog) {
+        let key = dir.join("audit.key");
+        crate::audit::keys::generate_key_pair(&key, &dir.join("audit.pub")).unwrap();
+        let audit = AuditLog::open(&AuditConfig {
+            dir: dir.join("audit"),
+            signing_key: Some(key),
+            queue_capacity: queue,
+            ..AuditConfig::default()
+        })
+        .unwrap();
+        let config = EngineConfig {
+            new_flow_burst_per_source: 100_000,
+            new_flows_per_second_per_source: 100_000,
+            ..EngineConfig::default()
+        };
+        (Engine::new(compile(policy), audit.clone(), config), audit)
+    }
+
+    /// The trail's records of one `event.code`, after it was closed.
+    fn trail_records(dir: &std::path::Path, code: &str) -> Vec<serde_json::Value> {
+        let needle = format!("\"code\":\"{code}\"");
+        std::fs::read_dir(dir.join("audit"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|f| f.file_name().to_string_lossy().ends_with(".jsonl"))
+            .flat_map(|f| {
+                std::fs::read_to_string(f.path())
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.contains(&needle))
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     fn v4(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
     }
@@ -1406,30 +1444,13 @@ default deny
     #[test]
     fn a_flow_the_trail_cannot_record_does_not_pass() {
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("audit.key");
-        crate::audit::keys::generate_key_pair(&key, &dir.path().join("audit.pub")).unwrap();
-        let audit = AuditLog::open(&AuditConfig {
-            dir: dir.path().join("audit"),
-            signing_key: Some(key),
-            queue_capacity: 16,
-            ..AuditConfig::default()
-        })
-        .unwrap();
         let policy = "\
 zone edge   = 192.0.2.0/25
 zone onprem = 192.0.2.128/25
 rule dns allow 192.0.2.0/25 -> 192.0.2.200 service udp
 default deny
 ";
-        let e = Engine::new(
-            compile(policy),
-            audit.clone(),
-            EngineConfig {
-                new_flow_burst_per_source: 100_000,
-                new_flows_per_second_per_source: 100_000,
-                ..EngineConfig::default()
-            },
-        );
+        let (e, audit) = engine_recording(dir.path(), policy, 16);
         let mut passed = 0;
         for port in 0..3000u16 {
             let f = build::ipv4(
@@ -1447,18 +1468,7 @@ default deny
         assert_eq!(passed + refused, 3000);
         drop(e);
         audit.close().unwrap();
-        let starts: usize = std::fs::read_dir(dir.path().join("audit"))
-            .unwrap()
-            .filter_map(Result::ok)
-            .filter(|f| f.file_name().to_string_lossy().ends_with(".jsonl"))
-            .map(|f| {
-                std::fs::read_to_string(f.path())
-                    .unwrap()
-                    .lines()
-                    .filter(|l| l.contains("\"code\":\"flow_start\""))
-                    .count()
-            })
-            .sum();
+        let starts = trail_records(dir.path(), "flow_start").len();
         assert_eq!(starts as u64, passed, "{refused} refused");
     }
 
@@ -1468,23 +1478,7 @@ default deny
     #[test]
     fn drop_summaries_are_bounded_and_count_every_packet() {
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("audit.key");
-        crate::audit::keys::generate_key_pair(&key, &dir.path().join("audit.pub")).unwrap();
-        let audit = AuditLog::open(&AuditConfig {
-            dir: dir.path().join("audit"),
-            signing_key: Some(key),
-            ..AuditConfig::default()
-        })
-        .unwrap();
-        let e = Engine::new(
-            compile(POLICY),
-            audit.clone(),
-            EngineConfig {
-                new_flow_burst_per_source: 100_000,
-                new_flows_per_second_per_source: 100_000,
-                ..EngineConfig::default()
-            },
-        );
+        let (e, audit) = engine_recording(dir.path(), POLICY, 65_536);
         let n = 3 * MAX_DROP_KEYS as u16;
         for i in 0..n {
             // A new source port and a new destination port each time.
@@ -1503,19 +1497,7 @@ default deny
         e.flush();
         drop(e);
         audit.close().unwrap();
-        let summaries: Vec<serde_json::Value> = std::fs::read_dir(dir.path().join("audit"))
-            .unwrap()
-            .filter_map(Result::ok)
-            .filter(|f| f.file_name().to_string_lossy().ends_with(".jsonl"))
-            .flat_map(|f| {
-                std::fs::read_to_string(f.path())
-                    .unwrap()
-                    .lines()
-                    .filter(|l| l.contains("\"code\":\"drop_summary\""))
-                    .map(|l| serde_json::from_str(l).unwrap())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let summaries = trail_records(dir.path(), "drop_summary");
         assert_eq!(
             summaries.len(),
             MAX_DROP_KEYS + 1,
