@@ -1701,5 +1701,6 @@ fn a_client_that_stops_reading_is_cut_after_the_idle_timeout() {
     });
     assert!(n(&r, "/destination/bytes") < 33_554_432, "{r}");
     drop(client);
+
     p.stop_and_verify();
 }

@@ -106,8 +106,8 @@ pub struct Flow {
     pub offload_refused: bool,
     fin_original: bool,
     fin_reply: bool,
-    /// The direction a RST came from and the state it ended.
-    reset_by: Option<(Direction, TcpState)>,
+    /// The direction a RST came from, the state it ended and when.
+    reset_by: Option<(Direction, TcpState, Duration)>,
 }
 
 impl Flow {
@@ -156,6 +156,11 @@ pub struct ConnKey {
     pub pa: u16,
     pub pb: u16,
 }
+
+/// How long after a reset its claimed sender must still be sending for the
+/// reset to count as forged: longer than segments sent before it take to
+/// arrive out of order.
+const RESET_SETTLE: Duration = Duration::from_secs(1);
 
 /// `ConnKey::pb` of an echo exchange. Other ICMP messages are keyed by
 /// type and code (both below 256), so no other message can take an echo
@@ -415,22 +420,25 @@ impl ConnTable {
         use crate::packet::tcp_flags::{ACK, FIN, RST, SYN};
         flow.state = match flow.state {
             State::Tcp(s) if tcp_flags & RST != 0 => {
-                // Who reset it, and from what, in case the reset was not
-                // theirs (see below).
-                if s != TcpState::Closed {
-                    flow.reset_by = Some((dir, s));
+                // Who reset an open connection, and when, in case the reset
+                // was not theirs (see below).
+                if matches!(s, TcpState::Established | TcpState::Closing) {
+                    flow.reset_by = Some((dir, s, now));
                 }
                 State::Tcp(TcpState::Closed)
             }
-            // The side a reset came from goes on sending: that endpoint did
-            // not send the reset (a host that resets a connection sends
-            // nothing more on it), so someone else forged it, and the
-            // connection is what it was.
+            // The side a reset came from goes on sending, a second or more
+            // later (not a segment it sent before the reset, arriving
+            // late): that endpoint did not send the reset (a host that
+            // resets a connection sends nothing more on it), so someone
+            // else forged it, and the connection is what it was.
             State::Tcp(TcpState::Closed)
                 if tcp_flags & (RST | SYN) == 0
-                    && flow.reset_by.is_some_and(|(by, _)| by == dir) =>
+                    && flow.reset_by.is_some_and(|(by, _, at)| {
+                        by == dir && now.saturating_sub(at) >= RESET_SETTLE
+                    }) =>
             {
-                let (_, before) = flow.reset_by.take().unwrap_or((dir, TcpState::Established));
+                let before = flow.reset_by.take().map_or(TcpState::Established, |r| r.1);
                 State::Tcp(before)
             }
             State::Tcp(s) => State::Tcp({
@@ -667,6 +675,11 @@ mod tests {
             t.update(&ck, Direction::Original, ACK, (1, 40), s(1)),
             Some(State::Tcp(TcpState::Closed)),
             "the other side's data says nothing about the reset"
+        );
+        assert_eq!(
+            t.update(&ck.reversed(), Direction::Reply, ACK, (1, 1000), s(1)),
+            Some(State::Tcp(TcpState::Closed)),
+            "at once: a segment sent before the reset, arriving late"
         );
         assert_eq!(
             t.update(&ck.reversed(), Direction::Reply, ACK, (1, 1000), s(2)),

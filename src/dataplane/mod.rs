@@ -124,6 +124,9 @@ impl Default for EngineConfig {
 
 #[derive(Debug, Default)]
 struct DropAgg {
+    /// The first dropped packet's own key (the summary's key leaves out
+    /// the source port), to name the rule that denied it.
+    sample: Option<FlowKey>,
     packets: u64,
     bytes: u64,
     first: Option<Timestamp>,
@@ -456,6 +459,7 @@ impl Engine {
         let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
         self.counters.dropped[i].fetch_add(1, Ordering::Relaxed);
         if let (Some((k, port)), Ok(mut drops)) = (key, self.drops.lock()) {
+            let sample = *k;
             // Per destination and service: a client's new source port for
             // every attempt is not a new key (ICMP keeps its type).
             let mut flow = *k;
@@ -476,6 +480,7 @@ impl Engine {
                 None
             };
             if let Some(a) = k.map(|k| drops.entry(k).or_default()) {
+                a.sample.get_or_insert(sample);
                 a.packets += 1;
                 a.bytes += bytes as u64;
                 let now = Timestamp::now();
@@ -716,7 +721,11 @@ impl Engine {
             },
             now,
         );
-        drop(table);
+        // Under the table lock until the flow's start record is queued: the
+        // ends of the flows it replaced first, then its start. Where the
+        // trail is fail-closed, a flow it cannot record (its queue full) is
+        // taken out again before any of its packets passes, and the
+        // writer's gap record counts it as refused.
         for e in expired {
             self.record_end(e, &policy);
         }
@@ -727,19 +736,18 @@ impl Engine {
                 }
                 k
             }
-            Err(_) => return self.drop(DropReason::TableFull, Some((&key, ingress)), frame.len()),
+            Err(_) => {
+                drop(table);
+                return self.drop(DropReason::TableFull, Some((&key, ingress)), frame.len());
+            }
         };
-        // The flow's start record first: where the trail is fail-closed, a
-        // flow it cannot record (its queue full) does not pass, and the
-        // writer's gap record counts it as refused.
         let ev = AuditEvent::flow_start(Action::Allowed, &tuple(&key))
             .with_rule(policy.rule_name(d.rule), policy.sha256())
             .with_reason(&format!("arrived on {}", ingress.as_str()));
         if let Err(e) = self.audit.try_submit(&ev) {
             if e.refuses_flow() {
-                if let Ok(mut t) = self.table.lock() {
-                    t.remove(&table_key, EndReason::Revoked);
-                }
+                table.remove(&table_key, EndReason::Revoked);
+                drop(table);
                 return self.drop(
                     DropReason::AuditUnavailable,
                     Some((&key, ingress)),
@@ -747,6 +755,7 @@ impl Engine {
                 );
             }
         }
+        drop(table);
         if let Ok(mut hits) = self.counters.rule_hits.lock() {
             let i = d
                 .rule
@@ -863,7 +872,7 @@ impl Engine {
             // A rule decided only the drops the policy made; the others
             // (spoofed, no state, limits) name none.
             if matches!(why, DropReason::Denied | DropReason::Revoked) && !per_source {
-                let d = policy.decide(&k);
+                let d = policy.decide(&a.sample.unwrap_or(k));
                 ev = ev.with_rule(policy.rule_name(d.rule), policy.sha256());
             }
             let _ = self.audit.try_submit(&ev);

@@ -646,17 +646,30 @@ async fn serve_connection(
         // own header timer also runs while a kept-alive connection waits
         // for the next request, which would cut idle clients at the header
         // timeout and record them as denied.)
+        // A client that stopped reading what it was sent (a response in
+        // flight, or its last bytes still in hyper's buffer) would hold its
+        // place and an origin connection for as long as it likes: a write
+        // that has made no progress for the idle timeout ends the
+        // connection, also while a graceful close waits for that write.
+        let stalled = || {
+            let since = activity.write_stalled_since.load(Ordering::Acquire);
+            since != NO_HEAD && activity.now().saturating_sub(since) >= idle_ms
+        };
+        let mut stall_watch = std::pin::pin!(async {
+            loop {
+                tokio::time::sleep(tick).await;
+                if stalled() {
+                    return;
+                }
+            }
+        });
         let mut watchdog = std::pin::pin!(async {
             loop {
                 tokio::time::sleep(tick).await;
+                if stalled() {
+                    return Quiet::StalledWrite;
+                }
                 if activity.in_flight.load(Ordering::Acquire) > 0 {
-                    // A response in flight is waited for, but not a client
-                    // that stopped reading it (it would hold its place and
-                    // an origin connection for as long as it likes).
-                    let stalled = activity.write_stalled_since.load(Ordering::Acquire);
-                    if stalled != NO_HEAD && activity.now().saturating_sub(stalled) >= idle_ms {
-                        return Quiet::StalledWrite;
-                    }
                     continue;
                 }
                 let now = activity.now();
@@ -685,6 +698,8 @@ async fn serve_connection(
                     Poll::Ready(Quiet::StalledWrite) => return Poll::Ready((Ok(()), false)),
                     Poll::Pending => {}
                 }
+            } else if stall_watch.as_mut().poll(cx).is_ready() {
+                return Poll::Ready((Ok(()), false));
             }
             conn.as_mut().poll(cx).map(|r| (r, false))
         })
@@ -1711,6 +1726,9 @@ async fn tunnel(
             let _ = server_name.set(name.clone());
             let ev = ev.with_server_name(name);
             match crate::policy::normalize_host(name) {
+                Some(n) if n == *h && sni::offers_ech(&buf) => ev.with_reason(
+                    "allowed by rule; TLS server name matches; the ClientHello offers ECH (an inner name, if any, is not readable)",
+                ),
                 Some(n) if n == *h => ev.with_reason("allowed by rule; TLS server name matches"),
                 _ => {
                     let _ = client.shutdown().await;

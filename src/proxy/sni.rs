@@ -64,6 +64,27 @@ fn records_follow(mut rest: &[u8]) -> bool {
 
 /// Classifies the bytes read so far.
 pub fn inspect(buf: &[u8]) -> FirstBytes {
+    inspect_hello(buf).0
+}
+
+/// Whether a ClientHello offers Encrypted ClientHello (ECH, or its ESNI
+/// draft). Chromium sends a GREASE ECH extension in every ClientHello that
+/// has no ECH configuration, built to look like real ECH, so the offer
+/// alone cannot be refused: the outer server name is checked as always,
+/// and the tunnel goes to the address checked for the CONNECT host. What a
+/// real ECH offer hides is an inner name for that same server to route by;
+/// the record says the offer was there.
+pub fn offers_ech(buf: &[u8]) -> bool {
+    inspect_hello(buf).1
+}
+
+fn inspect_hello(buf: &[u8]) -> (FirstBytes, bool) {
+    let mut ech = false;
+    let first = classify(buf, &mut ech);
+    (first, ech)
+}
+
+fn classify(buf: &[u8], ech: &mut bool) -> FirstBytes {
     if buf.is_empty() {
         return FirstBytes::Incomplete { need: 5 };
     }
@@ -99,20 +120,13 @@ pub fn inspect(buf: &[u8]) -> FirstBytes {
                             };
                         }
                         for e in exts {
-                            // An encrypted ClientHello (ECH, or its ESNI
-                            // draft) carries the real server name where
-                            // the proxy cannot read it: the outer name says
-                            // nothing about where the tunnel goes.
-                            let hidden = match &e {
+                            // An Encrypted ClientHello offer: see
+                            // `offers_ech`.
+                            *ech |= match &e {
                                 TlsExtension::EncryptedServerName { .. } => true,
                                 TlsExtension::Unknown(t, _) => t.0 == ECH,
                                 _ => false,
                             };
-                            if hidden {
-                                return FirstBytes::Ambiguous {
-                                    reason: "it is an Encrypted ClientHello (ECH), which hides the server name",
-                                };
-                            }
                             if let TlsExtension::SNI(names) = e {
                                 if server_name.is_some() {
                                     return FirstBytes::Ambiguous {
@@ -196,16 +210,19 @@ mod tests {
     }
 
     #[test]
-    fn an_encrypted_client_hello_hides_the_name_and_is_refused() {
-        // encrypted_client_hello (0xfe0d) with an opaque payload: the outer
-        // name is not where the tunnel goes.
+    fn an_ech_offer_is_seen_and_the_outer_name_still_read() {
+        // encrypted_client_hello (0xfe0d) with an opaque payload, as
+        // Chromium's GREASE sends it: the outer name is read as always.
         let ech = [0xfe, 0x0d, 0, 4, 0, 1, 2, 3];
+        let hello = client_hello_with(Some(&[(0, "origin.test")]), &ech);
         assert_eq!(
-            inspect(&client_hello_with(Some(&[(0, "public.example")]), &ech)),
-            FirstBytes::Ambiguous {
-                reason: "it is an Encrypted ClientHello (ECH), which hides the server name"
+            inspect(&hello),
+            FirstBytes::ClientHello {
+                server_name: Some("origin.test".into())
             }
         );
+        assert!(offers_ech(&hello));
+        assert!(!offers_ech(&client_hello(Some(&[(0, "origin.test")]))));
     }
 
     #[test]
