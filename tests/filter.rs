@@ -81,6 +81,33 @@ impl Drop for Net {
     }
 }
 
+/// Namespaces this test file made in a run that was killed (a SIGKILL
+/// skips `Drop`): `pf{v,f,o}<pid>x<n>` whose test process is gone.
+fn remove_orphaned_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = ["pfv", "pff", "pfo"]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+        else {
+            continue;
+        };
+        let Some((pid, n)) = rest.split_once('x') else {
+            continue;
+        };
+        let ours = !pid.is_empty()
+            && pid.bytes().all(|b| b.is_ascii_digit())
+            && !n.is_empty()
+            && n.bytes().all(|b| b.is_ascii_digit());
+        if ours && !Path::new("/proc").join(pid).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
 fn probe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/filter/netprobe.py")
 }
@@ -93,6 +120,7 @@ impl Net {
     }
 
     fn with(io: &'static str) -> Net {
+        remove_orphaned_namespaces();
         let id = format!(
             "{}x{}",
             std::process::id(),
