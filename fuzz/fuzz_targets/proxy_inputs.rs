@@ -44,6 +44,7 @@ fuzz_target!(|data: &[u8]| {
     match inspect(data) {
         FirstBytes::ClientHello {
             server_name: Some(name),
+            ..
         } => {
             assert!(!name.is_empty() && name.len() <= 254, "{name:?}");
             assert!(

@@ -1720,13 +1720,14 @@ async fn tunnel(
         (
             sni::FirstBytes::ClientHello {
                 server_name: Some(name),
+                offers_ech,
             },
             Host::Name(h),
         ) => {
             let _ = server_name.set(name.clone());
             let ev = ev.with_server_name(name);
             match crate::policy::normalize_host(name) {
-                Some(n) if n == *h && sni::offers_ech(&buf) => ev.with_reason(
+                Some(n) if n == *h && *offers_ech => ev.with_reason(
                     "allowed by rule; TLS server name matches; the ClientHello offers ECH (an inner name, if any, is not readable)",
                 ),
                 Some(n) if n == *h => ev.with_reason("allowed by rule; TLS server name matches"),
@@ -1740,6 +1741,7 @@ async fn tunnel(
         (
             sni::FirstBytes::ClientHello {
                 server_name: Some(name),
+                ..
             },
             Host::Ip(ip),
         ) => {
@@ -1751,10 +1753,18 @@ async fn tunnel(
             )
             .with_bytes(buf.len() as u64, 0, start.elapsed());
         }
-        (sni::FirstBytes::ClientHello { server_name: None }, Host::Ip(_)) => {
-            ev.with_reason("allowed by rule for this address; no TLS server name")
-        }
-        (sni::FirstBytes::ClientHello { server_name: None }, Host::Name(h)) => {
+        (
+            sni::FirstBytes::ClientHello {
+                server_name: None, ..
+            },
+            Host::Ip(_),
+        ) => ev.with_reason("allowed by rule for this address; no TLS server name"),
+        (
+            sni::FirstBytes::ClientHello {
+                server_name: None, ..
+            },
+            Host::Name(h),
+        ) => {
             let _ = client.shutdown().await;
             return deny(
                 ev,

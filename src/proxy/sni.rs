@@ -9,7 +9,17 @@ use tls_parser::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirstBytes {
     /// A ClientHello, with its server name if it had one.
-    ClientHello { server_name: Option<String> },
+    ClientHello {
+        server_name: Option<String>,
+        /// It offers Encrypted ClientHello (ECH, or its ESNI draft).
+        /// Chromium sends a GREASE ECH extension in every ClientHello that
+        /// has no ECH configuration, built to look like real ECH, so the
+        /// offer alone cannot be refused: the outer server name is checked
+        /// as always, and the tunnel goes to the address checked for the
+        /// CONNECT host. What a real offer hides is an inner name for that
+        /// same server to route by; the record says the offer was there.
+        offers_ech: bool,
+    },
     /// A ClientHello whose server name cannot be read as one host name:
     /// extensions that do not parse, several server-name extensions, or a
     /// list that is not exactly one `host_name` entry (RFC 6066 allows one
@@ -64,27 +74,6 @@ fn records_follow(mut rest: &[u8]) -> bool {
 
 /// Classifies the bytes read so far.
 pub fn inspect(buf: &[u8]) -> FirstBytes {
-    inspect_hello(buf).0
-}
-
-/// Whether a ClientHello offers Encrypted ClientHello (ECH, or its ESNI
-/// draft). Chromium sends a GREASE ECH extension in every ClientHello that
-/// has no ECH configuration, built to look like real ECH, so the offer
-/// alone cannot be refused: the outer server name is checked as always,
-/// and the tunnel goes to the address checked for the CONNECT host. What a
-/// real ECH offer hides is an inner name for that same server to route by;
-/// the record says the offer was there.
-pub fn offers_ech(buf: &[u8]) -> bool {
-    inspect_hello(buf).1
-}
-
-fn inspect_hello(buf: &[u8]) -> (FirstBytes, bool) {
-    let mut ech = false;
-    let first = classify(buf, &mut ech);
-    (first, ech)
-}
-
-fn classify(buf: &[u8], ech: &mut bool) -> FirstBytes {
     if buf.is_empty() {
         return FirstBytes::Incomplete { need: 5 };
     }
@@ -108,6 +97,7 @@ fn classify(buf: &[u8], ech: &mut bool) -> FirstBytes {
             for msg in &record.msg {
                 if let TlsMessage::Handshake(TlsMessageHandshake::ClientHello(ch)) = msg {
                     let mut server_name = None;
+                    let mut offers_ech = false;
                     if let Some(ext) = ch.ext {
                         let Ok((rest, exts)) = parse_tls_extensions(ext) else {
                             return FirstBytes::Ambiguous {
@@ -120,9 +110,7 @@ fn classify(buf: &[u8], ech: &mut bool) -> FirstBytes {
                             };
                         }
                         for e in exts {
-                            // An Encrypted ClientHello offer: see
-                            // `offers_ech`.
-                            *ech |= match &e {
+                            offers_ech |= match &e {
                                 TlsExtension::EncryptedServerName { .. } => true,
                                 TlsExtension::Unknown(t, _) => t.0 == ECH,
                                 _ => false,
@@ -158,7 +146,10 @@ fn classify(buf: &[u8], ech: &mut bool) -> FirstBytes {
                             reason: "bytes that are not TLS records follow it (plain data behind a ClientHello)",
                         };
                     }
-                    return FirstBytes::ClientHello { server_name };
+                    return FirstBytes::ClientHello {
+                        server_name,
+                        offers_ech,
+                    };
                 }
             }
             FirstBytes::NotTls
@@ -218,11 +209,17 @@ mod tests {
         assert_eq!(
             inspect(&hello),
             FirstBytes::ClientHello {
-                server_name: Some("origin.test".into())
+                server_name: Some("origin.test".into()),
+                offers_ech: true
             }
         );
-        assert!(offers_ech(&hello));
-        assert!(!offers_ech(&client_hello(Some(&[(0, "origin.test")]))));
+        assert_eq!(
+            inspect(&client_hello(Some(&[(0, "origin.test")]))),
+            FirstBytes::ClientHello {
+                server_name: Some("origin.test".into()),
+                offers_ech: false
+            }
+        );
     }
 
     #[test]
@@ -238,7 +235,8 @@ mod tests {
         assert_eq!(
             inspect(&early),
             FirstBytes::ClientHello {
-                server_name: Some("origin.test".into())
+                server_name: Some("origin.test".into()),
+                offers_ech: false
             }
         );
     }
@@ -248,12 +246,16 @@ mod tests {
         assert_eq!(
             inspect(&client_hello(Some(&[(0, "origin.test")]))),
             FirstBytes::ClientHello {
-                server_name: Some("origin.test".into())
+                server_name: Some("origin.test".into()),
+                offers_ech: false
             }
         );
         assert_eq!(
             inspect(&client_hello(None)),
-            FirstBytes::ClientHello { server_name: None }
+            FirstBytes::ClientHello {
+                server_name: None,
+                offers_ech: false
+            }
         );
         let whole = client_hello(Some(&[(0, "origin.test")]));
         assert!(matches!(
