@@ -193,6 +193,15 @@ impl ConnKey {
         self.pb == ECHO && (self.proto == 1 || self.proto == 58)
     }
 
+    /// The table's key of the flow a packet with this key belongs to, the
+    /// packet travelling in `dir`.
+    pub fn original(&self, dir: Direction) -> ConnKey {
+        match dir {
+            Direction::Original => *self,
+            Direction::Reply => self.reversed(),
+        }
+    }
+
     pub fn reversed(&self) -> ConnKey {
         if self.is_echo() {
             // Echo: the identifier is the same both ways.
@@ -404,10 +413,7 @@ impl ConnTable {
         (packets, bytes): (u64, u64),
         now: Duration,
     ) -> Option<State> {
-        let key = match dir {
-            Direction::Original => *k,
-            Direction::Reply => k.reversed(),
-        };
+        let key = k.original(dir);
         let flow = self.flows.get_mut(&key)?;
         let was_embryonic = flow.embryonic();
         flow.last_seen = now;

@@ -596,10 +596,7 @@ impl Engine {
             == packet::tcp_flags::SYN;
         if key.proto == 6 && syn_only {
             let closed = match table.find(&ck, now) {
-                Some((f, dir)) if f.state == State::Tcp(TcpState::Closed) => Some(match dir {
-                    Direction::Original => ck,
-                    Direction::Reply => ck.reversed(),
-                }),
+                Some((f, dir)) if f.state == State::Tcp(TcpState::Closed) => Some(ck.original(dir)),
                 _ => None,
             };
             if let Some(ended) = closed.and_then(|k| table.remove(&k, EndReason::Closed)) {
@@ -628,10 +625,7 @@ impl Engine {
             if flow.generation != policy.generation() {
                 let original = flow.key;
                 let d = policy.decide(&original);
-                let original_ck = match dir {
-                    Direction::Original => ck,
-                    Direction::Reply => ck.reversed(),
-                };
+                let original_ck = ck.original(dir);
                 if d.verdict == Verdict::Deny {
                     if let Some(ended) = table.remove(&original_ck, EndReason::Revoked) {
                         drop(table);
@@ -648,10 +642,7 @@ impl Engine {
             }
             let state = table.update(&ck, dir, ip.tcp_flags, (packets, bytes), now);
             if self.fast.is_some() && parsed.vlan.is_none() {
-                let original_ck = match dir {
-                    Direction::Original => ck,
-                    Direction::Reply => ck.reversed(),
-                };
+                let original_ck = ck.original(dir);
                 if let Some(flow) = table.get_mut(&original_ck) {
                     if state == Some(State::Tcp(TcpState::Closed)) {
                         // What follows a close is palisade's to see.
