@@ -1,6 +1,6 @@
 //! The policy-analysis commands: `lint`, `diff`, `export`.
 
-use super::policy::{load_one, parse_date, plural, today, EXIT_ERRORS, EXIT_OK, EXIT_WARNINGS};
+use super::policy::{load_one, parse_date, plural, EXIT_ERRORS, EXIT_OK, EXIT_WARNINGS};
 use clap::{Args, Subcommand};
 use palisade::policy::analysis::{diff_http, diff_packets, diff_zones};
 use palisade::policy::lint::{lint as run_lint, LintOptions};
@@ -87,7 +87,7 @@ pub fn lint(args: LintArgs) -> ExitCode {
         let findings = run_lint(
             &c,
             LintOptions {
-                today: args.today.unwrap_or_else(today),
+                today: args.today.unwrap_or_else(Date::today),
                 warn_expiring_days: args.warn_expiring,
             },
         );

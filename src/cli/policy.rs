@@ -80,11 +80,6 @@ pub fn parse_date(s: &str) -> Result<Date, String> {
     Date::new(y, m, d).ok_or_else(bad)
 }
 
-/// Today's date (UTC) from the system clock.
-pub fn today() -> Date {
-    Date::today()
-}
-
 /// Expands directories into the policy files directly inside them, sorted.
 /// Fragments meant only for `include` belong in subdirectories.
 pub fn roots(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
@@ -140,7 +135,7 @@ fn load(path: &Path, today: Option<Date>) -> Result<Compiled, Failed> {
         path,
         &FsLoader,
         Options {
-            today: today.unwrap_or_else(self::today),
+            today: today.unwrap_or_else(Date::today),
         },
     )
 }

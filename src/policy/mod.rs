@@ -446,6 +446,11 @@ impl Policy {
     /// when no active rule has expired; otherwise the policy and the names
     /// of the rules that expired. The source (and so `sha256`) is the same.
     pub fn expired_as_of(&self, today: Date) -> Option<(Policy, Vec<String>)> {
+        // Asked every 30 s by the daemons: nothing is copied until a rule
+        // has expired.
+        if self.valid_until().is_none_or(|d| d >= today) {
+            return None;
+        }
         let mut p = self.clone();
         let mut expired = Vec::new();
         for r in &mut p.rules {
@@ -459,9 +464,6 @@ impl Policy {
                 r.active = false;
                 expired.push(r.name.clone());
             }
-        }
-        if expired.is_empty() {
-            return None;
         }
         let (v4, v6) = compile::entries(&p);
         // The entries are a subset of ones that built before.
