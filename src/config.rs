@@ -230,13 +230,18 @@ impl Config {
         // mixed-case.test resolve to instead of being passed over for DNS.
         let mut hosts = BTreeMap::new();
         for (name, addrs) in std::mem::take(&mut config.proxy.hosts) {
-            let key = crate::policy::normalize_host(&name).unwrap_or_default();
+            let invalid = |problem: String| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                field: format!("proxy.hosts.{name}"),
+                problem,
+            };
+            let Some(key) = crate::policy::normalize_host(&name) else {
+                return Err(invalid("not a valid host name".into()));
+            };
             if hosts.insert(key.clone(), addrs).is_some() {
-                return Err(ConfigError::Invalid {
-                    path: path.to_path_buf(),
-                    field: format!("proxy.hosts.{name}"),
-                    problem: format!("names the same host as another entry ({key})"),
-                });
+                return Err(invalid(format!(
+                    "names the same host as another entry ({key})"
+                )));
             }
         }
         config.proxy.hosts = hosts;
@@ -307,14 +312,6 @@ impl Config {
                 "filter.onprem",
                 "must be another interface than filter.edge",
             ));
-        }
-        for name in p.hosts.keys() {
-            if crate::policy::normalize_host(name).is_none() {
-                return Err(invalid(
-                    &format!("proxy.hosts.{name}"),
-                    "not a valid host name",
-                ));
-            }
         }
         Ok(())
     }

@@ -91,8 +91,13 @@ fn nsg_of_id(rule: &Value) -> String {
 /// `Microsoft.Network/networkSecurityGroups/securityRules` (named
 /// `NSG/RULE`), or the array `az network nsg rule list` prints. Azure's
 /// `defaultSecurityRules` are left out: [`nsg`] adds the defaults itself.
+/// The JSON pointer of `key` below `path` (RFC 6901 escapes `~` and `/`).
+fn pointer(path: &str, key: &str) -> String {
+    format!("{path}/{}", key.replace('~', "~0").replace('/', "~1"))
+}
+
 fn collect_rules<'a>(v: &'a Value, path: &str, out: &mut Vec<Found<'a>>) {
-    let child = |key: &str| format!("{path}/{}", key.replace('~', "~0").replace('/', "~1"));
+    let child = |key: &str| pointer(path, key);
     match v {
         Value::Object(m) => {
             let name = m.get("name").and_then(Value::as_str).unwrap_or("");
@@ -117,7 +122,7 @@ fn collect_rules<'a>(v: &'a Value, path: &str, out: &mut Vec<Found<'a>>) {
                 Some(r) => (Some(r), child("securityRules")),
                 None => (
                     m.get("properties").and_then(|p| p.get("securityRules")),
-                    child("properties") + "/securityRules",
+                    pointer(&child("properties"), "securityRules"),
                 ),
             };
             if let Some(Value::Array(rules)) = rules {
@@ -136,8 +141,7 @@ fn collect_rules<'a>(v: &'a Value, path: &str, out: &mut Vec<Found<'a>>) {
                 let props_path = child("properties");
                 for (k, v) in props {
                     if k != "defaultSecurityRules" && k != "securityRules" {
-                        let key = k.replace('~', "~0").replace('/', "~1");
-                        collect_rules(v, &format!("{props_path}/{key}"), out);
+                        collect_rules(v, &pointer(&props_path, k), out);
                     }
                 }
             }
@@ -190,8 +194,7 @@ fn value_offsets(text: &str) -> HashMap<String, usize> {
             Some(b'{') => {
                 if let Ok(m) = serde_json::from_str::<HashMap<String, &RawValue>>(s) {
                     for (k, v) in m {
-                        let key = k.replace('~', "~0").replace('/', "~1");
-                        walk(base, v, format!("{path}/{key}"), out);
+                        walk(base, v, pointer(&path, &k), out);
                     }
                 }
             }
