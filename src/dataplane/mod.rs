@@ -517,6 +517,8 @@ impl Engine {
             Payload::Ip(ip) => ip,
         };
         let key = ip.key;
+        // A drop of this packet, summarised under its key and port.
+        let refuse = |r: DropReason| self.drop(r, Some((&key, ingress)), frame.len());
         // A route the sender chose is not forwarded (RFC 5095; RFC 7126).
         if ip.source_routed {
             return self.drop(DropReason::Malformed, None, frame.len());
@@ -543,7 +545,7 @@ impl Engine {
             return self.forward();
         }
         if policy.zones().zone_of(key.src) != Some(ingress) {
-            return self.drop(DropReason::Spoofed, Some((&key, ingress)), frame.len());
+            return refuse(DropReason::Spoofed);
         }
         if link_control {
             return self.forward();
@@ -552,7 +554,7 @@ impl Engine {
         // section 4.5; RFC 1858 for IPv4): the ports are what the policy
         // judges, and a later fragment must not supply them.
         if matches!(ip.fragment, Fragment::First { .. }) && !ip.transport_complete {
-            return self.drop(DropReason::Fragment, Some((&key, ingress)), frame.len());
+            return refuse(DropReason::Fragment);
         }
         let now = self.now();
         let (packets, hdrs) = segments;
@@ -575,7 +577,7 @@ impl Engine {
             return if allowed {
                 self.forward()
             } else {
-                self.drop(DropReason::Fragment, Some((&key, ingress)), frame.len())
+                refuse(DropReason::Fragment)
             };
         }
 
@@ -586,7 +588,7 @@ impl Engine {
         let ck = ConnKey::of(&key, echo_id);
         let mut table = match self.table.lock() {
             Ok(t) => t,
-            Err(_) => return self.drop(DropReason::NoState, Some((&key, ingress)), frame.len()),
+            Err(_) => return refuse(DropReason::NoState),
         };
         // A SYN on the addresses and ports of a connection that closed
         // (RST or FIN both ways) and still lingers in the table opens a new
@@ -604,9 +606,7 @@ impl Engine {
                 self.record_end(ended, &policy);
                 table = match self.table.lock() {
                     Ok(t) => t,
-                    Err(_) => {
-                        return self.drop(DropReason::NoState, Some((&key, ingress)), frame.len())
-                    }
+                    Err(_) => return refuse(DropReason::NoState),
                 };
             }
         }
@@ -618,7 +618,7 @@ impl Engine {
             // told apart: the later one waits for the first to expire.)
             if let Some(IcmpKind::Echo { request, .. }) = ip.icmp {
                 if request != (dir == Direction::Original) {
-                    return self.drop(DropReason::NoState, Some((&key, ingress)), frame.len());
+                    return refuse(DropReason::NoState);
                 }
             }
             // A flow admitted under another policy is re-checked once.
@@ -631,7 +631,7 @@ impl Engine {
                         drop(table);
                         self.record_end(ended, &policy);
                     }
-                    return self.drop(DropReason::Revoked, Some((&key, ingress)), frame.len());
+                    return refuse(DropReason::Revoked);
                 }
                 table.readmit(
                     &original_ck,
@@ -664,7 +664,7 @@ impl Engine {
             if about.src == key.dst && table.find(&related, now).is_some() {
                 return self.forward();
             }
-            return self.drop(DropReason::NoState, Some((&key, ingress)), frame.len());
+            return refuse(DropReason::NoState);
         }
         // A new flow. TCP flows start with a SYN only.
         if key.proto == 6
@@ -672,30 +672,26 @@ impl Engine {
                 || ip.tcp_flags & packet::tcp_flags::SYN == 0
                 || ip.tcp_flags & packet::tcp_flags::ACK != 0)
         {
-            return self.drop(DropReason::NoState, Some((&key, ingress)), frame.len());
+            return refuse(DropReason::NoState);
         }
         if matches!(ip.icmp, Some(IcmpKind::Echo { request: false, .. })) {
-            return self.drop(DropReason::NoState, Some((&key, ingress)), frame.len());
+            return refuse(DropReason::NoState);
         }
         // Past the limiter's bound (a flood from ever new sources), new
         // flows wait for housekeeping to forget the idle sources.
         if self.limiter.len() >= MAX_LIMITER_SOURCES
             || self.limiter.check_key(&rate_key(key.src)).is_err()
         {
-            return self.drop(DropReason::RateLimited, Some((&key, ingress)), frame.len());
+            return refuse(DropReason::RateLimited);
         }
         let d = policy.decide(&key);
         if d.verdict == Verdict::Deny {
             drop(table);
             self.note_fragment(&ip.fragment, &key, false, now);
-            return self.drop(DropReason::Denied, Some((&key, ingress)), frame.len());
+            return refuse(DropReason::Denied);
         }
         if self.audit.admit().is_err() {
-            return self.drop(
-                DropReason::AuditUnavailable,
-                Some((&key, ingress)),
-                frame.len(),
-            );
+            return refuse(DropReason::AuditUnavailable);
         }
         // An expired flow in the new one's place ends first, with its record.
         let expired = table.take_expired(&ck, now);
@@ -729,7 +725,7 @@ impl Engine {
             }
             Err(_) => {
                 drop(table);
-                return self.drop(DropReason::TableFull, Some((&key, ingress)), frame.len());
+                return refuse(DropReason::TableFull);
             }
         };
         let ev = AuditEvent::flow_start(Action::Allowed, &tuple(&key))
@@ -739,11 +735,7 @@ impl Engine {
             if e.refuses_flow() {
                 table.remove(&table_key, EndReason::Revoked);
                 drop(table);
-                return self.drop(
-                    DropReason::AuditUnavailable,
-                    Some((&key, ingress)),
-                    frame.len(),
-                );
+                return refuse(DropReason::AuditUnavailable);
             }
         }
         drop(table);
