@@ -1015,31 +1015,28 @@ default deny
         .policy
     }
 
-    fn engine_for(dir: &std::path::Path, policy: &str, config: EngineConfig) -> Engine {
-        let policy = compile(policy);
+    /// A signed trail in `dir/audit` whose queue holds `queue` records.
+    fn open_trail(dir: &std::path::Path, queue: usize) -> AuditLog {
         let key = dir.join("audit.key");
         crate::audit::keys::generate_key_pair(&key, &dir.join("audit.pub")).unwrap();
-        let audit = AuditLog::open(&AuditConfig {
-            dir: dir.join("audit"),
-            signing_key: Some(key),
-            ..AuditConfig::default()
-        })
-        .unwrap();
-        Engine::new(policy, audit, config)
-    }
-
-    /// An engine without new-flow limits, writing to a trail whose queue
-    /// holds `queue` records, and the trail's handle (to close it).
-    fn engine_recording(dir: &std::path::Path, policy: &str, queue: usize) -> (Engine, AuditLog) {
-        let key = dir.join("audit.key");
-        crate::audit::keys::generate_key_pair(&key, &dir.join("audit.pub")).unwrap();
-        let audit = AuditLog::open(&AuditConfig {
+        AuditLog::open(&AuditConfig {
             dir: dir.join("audit"),
             signing_key: Some(key),
             queue_capacity: queue,
             ..AuditConfig::default()
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    fn engine_for(dir: &std::path::Path, policy: &str, config: EngineConfig) -> Engine {
+        let queue = AuditConfig::default().queue_capacity;
+        Engine::new(compile(policy), open_trail(dir, queue), config)
+    }
+
+    /// An engine without new-flow limits, writing to a trail whose queue
+    /// holds `queue` records, and the trail's handle (to close it).
+    fn engine_recording(dir: &std::path::Path, policy: &str, queue: usize) -> (Engine, AuditLog) {
+        let audit = open_trail(dir, queue);
         let config = EngineConfig {
             new_flow_burst_per_source: 100_000,
             new_flows_per_second_per_source: 100_000,
