@@ -653,7 +653,7 @@ async fn serve_connection(
         // connection, also while a graceful close waits for that write.
         let stalled = || {
             let since = activity.write_stalled_since.load(Ordering::Acquire);
-            since != NO_HEAD && activity.now().saturating_sub(since) >= idle_ms
+            since != NOT_STALLED && activity.now().saturating_sub(since) >= idle_ms
         };
         let mut stall_watch = std::pin::pin!(async {
             loop {
@@ -742,6 +742,9 @@ async fn serve_connection(
 /// `Activity::head_since` when no request head is arriving.
 const NO_HEAD: u64 = u64::MAX;
 
+/// `Activity::write_stalled_since` when no write to the client is stalled.
+const NOT_STALLED: u64 = u64::MAX;
+
 /// What a client connection is doing, shared by its socket, its service
 /// and its watchdog. Times are in ms since the connection was accepted.
 struct Activity {
@@ -757,7 +760,7 @@ struct Activity {
     /// a connection that ends so left a request unfinished.
     head_begun: AtomicBool,
     /// Since when a write to the client has found its socket full with
-    /// nothing taken since, or [`NO_HEAD`].
+    /// nothing taken since, or [`NOT_STALLED`].
     write_stalled_since: AtomicU64,
 }
 
@@ -777,7 +780,7 @@ impl Activity {
             in_flight: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             head_begun: AtomicBool::new(false),
-            write_stalled_since: AtomicU64::new(NO_HEAD),
+            write_stalled_since: AtomicU64::new(NOT_STALLED),
         }
     }
 
@@ -789,12 +792,12 @@ impl Activity {
     /// starts one (if none is running).
     fn write_polled(&self, r: &Poll<std::io::Result<usize>>) {
         match r {
-            Poll::Ready(Ok(n)) if *n > 0 => {
-                self.write_stalled_since.store(NO_HEAD, Ordering::Release)
-            }
+            Poll::Ready(Ok(n)) if *n > 0 => self
+                .write_stalled_since
+                .store(NOT_STALLED, Ordering::Release),
             Poll::Pending => {
                 let _ = self.write_stalled_since.compare_exchange(
-                    NO_HEAD,
+                    NOT_STALLED,
                     self.now(),
                     Ordering::AcqRel,
                     Ordering::Acquire,
