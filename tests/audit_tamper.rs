@@ -20,6 +20,12 @@ fn last_file(dir: &std::path::Path) -> std::path::PathBuf {
         .unwrap()
 }
 
+/// The prev_hash a record written after `line` carries.
+fn hash_of(line: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(line.as_bytes()))
+}
+
 fn trail() -> Trail {
     let tmp = tempfile::tempdir().unwrap();
     let keys = keygen(tmp.path());
@@ -263,12 +269,11 @@ fn a_boot_appended_after_the_seal_is_not_taken_for_a_crash() {
     let last_file = last_file(&t.dir);
     let mut lines = read_lines(&last_file);
     let stop: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
-    use sha2::Digest;
     let start = serde_json::json!({
         "@timestamp": stop["@timestamp"],
         "seq": 0,
         "boot_id": "forged-boot",
-        "prev_hash": hex::encode(sha2::Sha256::digest(lines.last().unwrap().as_bytes())),
+        "prev_hash": hash_of(lines.last().unwrap()),
         "event": {"dataset": "palisade.audit", "code": "lifecycle", "action": "start"},
         "palisade": {"previous_boot": {"boot_id": stop["boot_id"], "last_seq": stop["seq"], "clean": true}},
     });
@@ -277,7 +282,7 @@ fn a_boot_appended_after_the_seal_is_not_taken_for_a_crash() {
         "@timestamp": stop["@timestamp"],
         "seq": 1,
         "boot_id": "forged-boot",
-        "prev_hash": hex::encode(sha2::Sha256::digest(start.as_bytes())),
+        "prev_hash": hash_of(&start),
         "event": {"dataset": "palisade.proxy", "code": "proxy_request", "action": "allowed"},
     });
     lines.push(start);
@@ -307,8 +312,7 @@ fn rewritten_chain_is_caught_by_signatures() {
             *l = l.replacen(&old, h, 1);
             v["prev_hash"] = serde_json::Value::String(h.clone());
         }
-        use sha2::Digest;
-        prev = Some(hex::encode(sha2::Sha256::digest(l.as_bytes())));
+        prev = Some(hash_of(l));
     }
     write_lines(&path, &lines);
     let (code, out) = verify(&t.dir, &t.keys);
@@ -395,12 +399,11 @@ fn record_appended_after_the_stop_checkpoint_is_inserted() {
     let last_file = last_file(&t.dir);
     let mut lines = read_lines(&last_file);
     let stop: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
-    use sha2::Digest;
     let forged = serde_json::json!({
         "@timestamp": stop["@timestamp"],
         "seq": stop["seq"].as_u64().unwrap() + 1,
         "boot_id": stop["boot_id"],
-        "prev_hash": hex::encode(sha2::Sha256::digest(lines.last().unwrap().as_bytes())),
+        "prev_hash": hash_of(lines.last().unwrap()),
         "event": {"dataset": "palisade.proxy", "code": "proxy_request", "action": "allowed"},
     });
     lines.push(serde_json::to_string(&forged).unwrap());
