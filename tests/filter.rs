@@ -547,6 +547,14 @@ fn vlan_tags_fragments_and_icmp_errors() {
         net.run(&v, &["udp", "192.0.2.200", "5353", "big:4000"]),
         "4000 bytes"
     );
+    // Fragments sent last first wait for their first fragment, then pass.
+    for host in ["192.0.2.200", "2001:db8:1:0:8000::20"] {
+        assert_eq!(
+            net.run(&v, &["reversed", host, "5353", "4000"]),
+            "4000 bytes",
+            "{host}"
+        );
+    }
     let records = net.stop_and_verify();
     assert!(
         records.iter().any(|r| s(r, "/event/code") == "drop_summary"

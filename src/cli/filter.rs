@@ -269,7 +269,7 @@ fn print_counters(engine: &Engine, when: &str) {
         .map(|(r, n)| format!("{n} {}", r.as_str()))
         .collect();
     palisade::say!(
-        "palisade filter: {when}forwarded {} frames ({} not taken by the other port), dropped: {}; {} flows tracked, {} in the kernel fast path ({} offloaded in all, {} refused)",
+        "palisade filter: {when}forwarded {} frames ({} not taken by the other port), dropped: {}; {} flows tracked, {} in the kernel fast path ({} offloaded in all, {} refused); {} fragments held for their first fragment",
         c.forwarded.load(Ordering::Relaxed),
         c.tx_errors.load(Ordering::Relaxed),
         if dropped.is_empty() { "none".to_string() } else { dropped.join(", ") },
@@ -277,6 +277,7 @@ fn print_counters(engine: &Engine, when: &str) {
         c.offloaded_now.load(Ordering::Relaxed),
         c.offloaded.load(Ordering::Relaxed),
         c.offload_errors.load(Ordering::Relaxed),
+        c.held.load(Ordering::Relaxed),
     );
     if let Some((frames, bytes)) = engine.fast_path_totals() {
         palisade::say!(

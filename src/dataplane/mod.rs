@@ -12,7 +12,9 @@
 //!   no longer allows the flow: then it is cut here and recorded;
 //! - an ICMP error about a tracked flow passes, addressed to the sender
 //!   of the packet it quotes;
-//! - a non-first fragment follows its first fragment's verdict, or drops;
+//! - a non-first fragment follows its first fragment's verdict; one that
+//!   comes before its first fragment is held (bounded in time and bytes)
+//!   and passes or drops when the first fragment is decided;
 //! - anything else starts a flow (TCP only with a SYN): the per-source rate
 //!   limit, the policy, the audit trail's admission and the table's room all
 //!   must agree, then the flow is tracked and recorded.
@@ -97,6 +99,9 @@ impl DropReason {
 pub enum Disposition {
     Forward,
     Drop(DropReason),
+    /// A later fragment kept until its first fragment decides it (then
+    /// [`Engine::take_released`] hands it out, or it is dropped).
+    Held,
 }
 
 /// The filter's settings.
@@ -145,6 +150,8 @@ pub struct Counters {
     pub offloaded_now: AtomicU64,
     /// Flows the fast path did not take (its map full, say).
     pub offload_errors: AtomicU64,
+    /// Later fragments that came before their first one and were held.
+    pub held: AtomicU64,
     pub dropped: [AtomicU64; 11],
     /// Flows admitted per rule id (index) and by the default (last).
     pub rule_hits: Mutex<Vec<u64>>,
@@ -166,6 +173,10 @@ pub struct Engine {
     policy: ArcSwap<Policy>,
     table: Mutex<ConnTable>,
     fragments: Mutex<HashMap<FragmentKey, (bool, Duration)>>,
+    /// Later fragments waiting for their first fragment.
+    held: Mutex<Held>,
+    /// Held fragments now allowed, per arrival port (edge, onprem).
+    released: [Mutex<Vec<Vec<u8>>>; 2],
     /// New flows per source (an IPv4 address or an IPv6 /64).
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     drops: Mutex<HashMap<(FlowKey, DropReason, Zone), DropAgg>>,
@@ -215,6 +226,99 @@ fn tuple(k: &FlowKey) -> FlowTuple {
 
 const FRAGMENT_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_FRAGMENT_ENTRIES: usize = 65_536;
+/// How long a later fragment waits for its first one.
+const FRAGMENT_HOLD: Duration = Duration::from_secs(2);
+/// Bytes held in all, per source, and frames per datagram: a source that
+/// sends fragments whose first never comes fills its own share, and past
+/// the bounds early fragments are dropped as they were before holding.
+const MAX_HELD_BYTES: usize = 4 << 20;
+const MAX_HELD_BYTES_PER_SOURCE: usize = 256 << 10;
+const MAX_HELD_PER_DATAGRAM: usize = 64;
+/// What a held frame costs beyond its bytes (its vector and the map).
+const HELD_OVERHEAD: usize = 64;
+
+/// One datagram's later fragments that came before its first fragment.
+struct Waiting {
+    /// The first held fragment's key (ports zero: a later fragment has
+    /// none), for drop summaries.
+    key: FlowKey,
+    since: Duration,
+    frames: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+/// Later fragments waiting for their first fragment, bounded in bytes in
+/// all and per source, and in frames per datagram.
+#[derive(Default)]
+struct Held {
+    waiting: HashMap<(Zone, FragmentKey), Waiting>,
+    bytes: usize,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+impl Held {
+    /// Keeps a copy of `frame`, if the bounds allow.
+    fn keep(
+        &mut self,
+        ingress: Zone,
+        fk: FragmentKey,
+        key: &FlowKey,
+        frame: &[u8],
+        now: Duration,
+    ) -> bool {
+        let cost = frame.len() + HELD_OVERHEAD;
+        let source = self.per_source.get(&fk.0).copied().unwrap_or(0);
+        if self.bytes + cost > MAX_HELD_BYTES || source + cost > MAX_HELD_BYTES_PER_SOURCE {
+            return false;
+        }
+        let w = self
+            .waiting
+            .entry((ingress, fk))
+            .or_insert_with(|| Waiting {
+                key: *key,
+                since: now,
+                frames: Vec::new(),
+                bytes: 0,
+            });
+        if w.frames.len() >= MAX_HELD_PER_DATAGRAM {
+            return false;
+        }
+        w.frames.push(frame.to_vec());
+        w.bytes += cost;
+        self.bytes += cost;
+        *self.per_source.entry(fk.0).or_default() += cost;
+        true
+    }
+
+    fn take(&mut self, ingress: Zone, fk: &FragmentKey) -> Option<Waiting> {
+        let w = self.waiting.remove(&(ingress, *fk))?;
+        self.unaccount(fk.0, w.bytes);
+        Some(w)
+    }
+
+    /// Removes the datagrams that waited [`FRAGMENT_HOLD`] by `now`.
+    fn expire(&mut self, now: Duration) -> Vec<(Zone, Waiting)> {
+        let late: Vec<(Zone, FragmentKey)> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| now.saturating_sub(w.since) >= FRAGMENT_HOLD || now == Duration::MAX)
+            .map(|(k, _)| *k)
+            .collect();
+        late.into_iter()
+            .filter_map(|(z, fk)| Some((z, self.take(z, &fk)?)))
+            .collect()
+    }
+
+    fn unaccount(&mut self, src: IpAddr, bytes: usize) {
+        self.bytes -= bytes;
+        if let Some(n) = self.per_source.get_mut(&src) {
+            *n -= bytes;
+            if *n == 0 {
+                self.per_source.remove(&src);
+            }
+        }
+    }
+}
 /// Flow keys itemised in one drop summary interval, and sources
 /// summarised past them.
 const MAX_DROP_KEYS: usize = 4096;
@@ -262,6 +366,8 @@ impl Engine {
             policy: ArcSwap::from_pointee(policy),
             table: Mutex::new(ConnTable::new(config.conntrack_size, config.timeouts)),
             fragments: Mutex::new(HashMap::new()),
+            held: Mutex::new(Held::default()),
+            released: Default::default(),
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             drops: Mutex::new(HashMap::new()),
             last_drop_summary: Mutex::new(Instant::now()),
@@ -516,6 +622,28 @@ impl Engine {
             }
             Payload::Ip(ip) => ip,
         };
+        let tagged = parsed.vlan.is_some();
+        let first = match ip.fragment {
+            Fragment::First { id } => Some((ip.key.src, ip.key.dst, ip.key.proto, id)),
+            _ => None,
+        };
+        let d = self.judge(ingress, frame, ip, tagged, segments);
+        // Later fragments that came before their first one follow it now.
+        if let Some(fk) = first {
+            self.settle_held(ingress, fk, d == Disposition::Forward);
+        }
+        d
+    }
+
+    /// Decides one IP packet (the frame `frame`, 802.1Q-tagged or not).
+    fn judge(
+        &self,
+        ingress: Zone,
+        frame: &[u8],
+        ip: packet::IpPacket,
+        tagged: bool,
+        segments: (u64, usize),
+    ) -> Disposition {
         let key = ip.key;
         // A drop of this packet, summarised under its key and port.
         let refuse = |r: DropReason| self.drop(r, Some((&key, ingress)), frame.len());
@@ -566,18 +694,21 @@ impl Engine {
             ip.ip_len as u64
         };
 
-        // Later fragments follow their first fragment.
+        // Later fragments follow their first fragment; one that comes
+        // before it waits for it a moment (paths reorder, and some senders
+        // send a datagram's fragments last first).
         if let Fragment::Later { id } = ip.fragment {
-            let allowed = self
+            let fk = (key.src, key.dst, key.proto, id);
+            let known = self
                 .fragments
                 .lock()
                 .ok()
-                .and_then(|f| f.get(&(key.src, key.dst, key.proto, id)).copied())
-                .is_some_and(|(ok, exp)| ok && exp > now);
-            return if allowed {
-                self.forward()
-            } else {
-                refuse(DropReason::Fragment)
+                .and_then(|f| f.get(&fk).copied())
+                .filter(|(_, exp)| *exp > now);
+            return match known {
+                Some((true, _)) => self.forward(),
+                Some((false, _)) => refuse(DropReason::Fragment),
+                None => self.hold(ingress, fk, &key, frame, now),
             };
         }
 
@@ -641,7 +772,7 @@ impl Engine {
                 );
             }
             let state = table.update(&ck, dir, ip.tcp_flags, (packets, bytes), now);
-            if self.fast.is_some() && parsed.vlan.is_none() {
+            if self.fast.is_some() && !tagged {
                 let original_ck = ck.original(dir);
                 if let Some(flow) = table.get_mut(&original_ck) {
                     if state == Some(State::Tcp(TcpState::Closed)) {
@@ -653,7 +784,6 @@ impl Engine {
                 }
             }
             drop(table);
-            self.note_fragment(&ip.fragment, &key, true, now);
             return self.forward();
         }
         // An ICMP error about a tracked flow is related traffic.
@@ -687,7 +817,6 @@ impl Engine {
         let d = policy.decide(&key);
         if d.verdict == Verdict::Deny {
             drop(table);
-            self.note_fragment(&ip.fragment, &key, false, now);
             return refuse(DropReason::Denied);
         }
         if self.audit.admit().is_err() {
@@ -748,7 +877,6 @@ impl Engine {
                 *h += 1;
             }
         }
-        self.note_fragment(&ip.fragment, &key, true, now);
         self.forward()
     }
 
@@ -757,18 +885,77 @@ impl Engine {
         Disposition::Forward
     }
 
-    fn note_fragment(&self, f: &Fragment, key: &FlowKey, allowed: bool, now: Duration) {
-        if let Fragment::First { id } = f {
-            if let Ok(mut frags) = self.fragments.lock() {
-                if frags.len() >= MAX_FRAGMENT_ENTRIES {
-                    frags.retain(|_, (_, exp)| *exp > now);
-                }
-                if frags.len() < MAX_FRAGMENT_ENTRIES {
-                    frags.insert(
-                        (key.src, key.dst, key.proto, *id),
-                        (allowed, now + FRAGMENT_TIMEOUT),
-                    );
-                }
+    /// Keeps a later fragment whose first fragment has not come yet, for
+    /// at most [`FRAGMENT_HOLD`], within the bounds of [`Held`].
+    fn hold(
+        &self,
+        ingress: Zone,
+        fk: FragmentKey,
+        key: &FlowKey,
+        frame: &[u8],
+        now: Duration,
+    ) -> Disposition {
+        let kept = self
+            .held
+            .lock()
+            .is_ok_and(|mut h| h.keep(ingress, fk, key, frame, now));
+        if kept {
+            self.counters.held.fetch_add(1, Ordering::Relaxed);
+            Disposition::Held
+        } else {
+            self.drop(DropReason::Fragment, Some((key, ingress)), frame.len())
+        }
+    }
+
+    /// Notes the verdict on a datagram's first fragment for its later
+    /// fragments, and passes or drops those that came before it.
+    fn settle_held(&self, ingress: Zone, fk: FragmentKey, forwarded: bool) {
+        let now = self.now();
+        if let Ok(mut frags) = self.fragments.lock() {
+            if frags.len() >= MAX_FRAGMENT_ENTRIES {
+                frags.retain(|_, (_, exp)| *exp > now);
+            }
+            if frags.len() < MAX_FRAGMENT_ENTRIES {
+                frags.insert(fk, (forwarded, now + FRAGMENT_TIMEOUT));
+            }
+        }
+        let Some(waiting) = self.held.lock().ok().and_then(|mut h| h.take(ingress, &fk)) else {
+            return;
+        };
+        if forwarded {
+            let n = waiting.frames.len() as u64;
+            self.counters.forwarded.fetch_add(n, Ordering::Relaxed);
+            if let Ok(mut out) = self.released[ingress as usize].lock() {
+                out.extend(waiting.frames);
+            }
+        } else {
+            for f in waiting.frames {
+                self.drop(DropReason::Fragment, Some((&waiting.key, ingress)), f.len());
+            }
+        }
+    }
+
+    /// Held fragments that arrived on `ingress` and may now pass, in
+    /// arrival order after their first fragment: the forwarding loop sends
+    /// them after the batch that carried it.
+    pub fn take_released(&self, ingress: Zone) -> Vec<Vec<u8>> {
+        self.released[ingress as usize]
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+
+    /// Drops held fragments whose first fragment did not come in time (all
+    /// of them at `Duration::MAX`).
+    fn expire_held(&self, now: Duration) {
+        let gone = self
+            .held
+            .lock()
+            .map(|mut h| h.expire(now))
+            .unwrap_or_default();
+        for (ingress, d) in gone {
+            for f in d.frames {
+                self.drop(DropReason::Fragment, Some((&d.key, ingress)), f.len());
             }
         }
     }
@@ -819,6 +1006,7 @@ impl Engine {
         if let Ok(mut frags) = self.fragments.lock() {
             frags.retain(|_, (_, exp)| *exp > now);
         }
+        self.expire_held(now);
         self.summarise_drops(&policy, false);
     }
 
@@ -874,6 +1062,7 @@ impl Engine {
             self.record_end(e, &policy);
         }
         self.housekeeping();
+        self.expire_held(Duration::MAX);
         self.summarise_drops(&policy, true);
     }
 }
@@ -924,6 +1113,12 @@ pub fn forward_loop(
                 }
             }
         }
+        // Fragments held for a first fragment this batch carried.
+        let released = engine.take_released(ingress);
+        out.extend(released.iter().map(|data| port::Frame {
+            data,
+            offload: port::Offload::NONE,
+        }));
         if !out.is_empty() {
             let lost = tx.send(&out);
             engine
@@ -1151,6 +1346,110 @@ default deny
         assert_eq!(flow.original.bytes, 40 + 64 * 1040);
     }
 
+    /// Later fragments that come before their first fragment wait for
+    /// it: they pass right after it when it passes, and are dropped (and
+    /// counted) when it is denied or does not come.
+    #[test]
+    fn early_fragments_wait_for_their_first_fragment() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine_for(
+            dir.path(),
+            "\
+zone edge   = 192.0.2.0/25
+zone onprem = 192.0.2.128/25
+rule dns allow 192.0.2.0/25 -> 192.0.2.200 service udp/53
+default deny
+",
+            EngineConfig::default(),
+        );
+        let (vnet, peer) = (v4("192.0.2.10"), v4("192.0.2.200"));
+        // A 3,000-byte datagram in three fragments, sent last first.
+        let fragments = |id: u16, dport: u16| {
+            let udp = build::udp(40000, dport, &[0x41; 2992]);
+            let part = |from: usize, to: usize| {
+                let more = to < udp.len();
+                build::ipv4(
+                    vnet,
+                    peer,
+                    17,
+                    &udp[from..to],
+                    (id, more, (from / 8) as u16),
+                )
+            };
+            [part(0, 1480), part(1480, 2960), part(2960, udp.len())]
+        };
+        let [first, second, third] = fragments(1, 53);
+        assert_eq!(e.handle(Zone::Edge, &third), Disposition::Held);
+        assert_eq!(e.handle(Zone::Edge, &second), Disposition::Held);
+        assert!(e.take_released(Zone::Edge).is_empty());
+        assert_eq!(e.handle(Zone::Edge, &first), Disposition::Forward);
+        assert_eq!(
+            e.take_released(Zone::Edge),
+            vec![third.clone(), second.clone()],
+            "the held fragments pass after the first, in their order"
+        );
+        assert!(e.take_released(Zone::Onprem).is_empty());
+        // A duplicate later fragment now follows the known verdict.
+        assert_eq!(e.handle(Zone::Edge, &third), Disposition::Forward);
+
+        // A denied datagram's early fragments are dropped with it.
+        let [first, second, _] = fragments(2, 54);
+        assert_eq!(e.handle(Zone::Edge, &second), Disposition::Held);
+        assert_eq!(
+            e.handle(Zone::Edge, &first),
+            Disposition::Drop(DropReason::Denied)
+        );
+        assert!(e.take_released(Zone::Edge).is_empty());
+        assert_eq!(e.counters.dropped(DropReason::Fragment), 1);
+
+        // Fragments whose first never comes are dropped when their time
+        // is up; one arriving after its first fragment's verdict is not
+        // held.
+        let [_, second, third] = fragments(3, 53);
+        assert_eq!(e.handle(Zone::Edge, &second), Disposition::Held);
+        assert_eq!(e.handle(Zone::Edge, &third), Disposition::Held);
+        e.expire_held(e.now());
+        assert_eq!(e.counters.dropped(DropReason::Fragment), 1, "not yet");
+        e.expire_held(e.now() + FRAGMENT_HOLD);
+        assert_eq!(e.counters.dropped(DropReason::Fragment), 3);
+        assert_eq!(e.counters.held.load(Ordering::Relaxed), 5);
+
+        // Bounded: one datagram holds at most MAX_HELD_PER_DATAGRAM
+        // frames, one source at most its share of bytes.
+        let later = |id: u16, i: usize| {
+            build::ipv4(
+                vnet,
+                peer,
+                17,
+                &[0u8; 1480],
+                (id, true, (185 * (i + 1)) as u16),
+            )
+        };
+        let held = (0..MAX_HELD_PER_DATAGRAM + 1)
+            .filter(|i| e.handle(Zone::Edge, &later(4, *i)) == Disposition::Held)
+            .count();
+        assert_eq!(held, MAX_HELD_PER_DATAGRAM);
+        let per_frame = later(5, 0).len() + HELD_OVERHEAD;
+        let held = (5..400)
+            .filter(|id| e.handle(Zone::Edge, &later(*id, 0)) == Disposition::Held)
+            .count();
+        assert_eq!(
+            held + MAX_HELD_PER_DATAGRAM,
+            MAX_HELD_BYTES_PER_SOURCE / per_frame,
+            "a source holds no more than its share"
+        );
+        // Another source still has room.
+        let other = build::ipv4(v4("192.0.2.11"), peer, 17, &[0u8; 1480], (9, true, 185));
+        assert_eq!(e.handle(Zone::Edge, &other), Disposition::Held);
+        // A stop drops everything still held, counted.
+        let before = e.counters.dropped(DropReason::Fragment);
+        e.expire_held(Duration::MAX);
+        assert_eq!(
+            e.counters.dropped(DropReason::Fragment),
+            before + (MAX_HELD_PER_DATAGRAM + held + 1) as u64
+        );
+    }
+
     /// ICMP that the connection table must not take for related traffic:
     /// an error addressed to someone other than the quoted packet's
     /// sender, a request from the far side of a ping, a timestamp whose
@@ -1310,10 +1609,10 @@ default deny
         let mut fake = vec![17, 0, 0, 0, 0, 0, 0, 9];
         fake.extend_from_slice(&build::udp(7000, 53, b"x"));
         let later = frag(8, false, &fake);
-        assert_eq!(
-            e.handle(Zone::Edge, &later),
-            Disposition::Drop(DropReason::Fragment)
-        );
+        assert_eq!(e.handle(Zone::Edge, &later), Disposition::Held);
+        e.expire_held(Duration::MAX);
+        assert_eq!(e.counters.dropped(DropReason::Fragment), 1);
+        assert!(e.take_released(Zone::Edge).is_empty());
         // A first fragment cut before its UDP header is complete.
         let short = frag(0, true, &[0x1b, 0x58, 0, 53]);
         assert_eq!(

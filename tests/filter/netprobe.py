@@ -9,6 +9,8 @@ bulk HOST PORT N        send N bytes to an echo server while reading them
                         back; print OK N when every byte came back intact
 hold HOST PORT          connect, echo "one", print ONE, wait for a line on stdin,
                         echo "two", print TWO or CUT
+reversed HOST PORT N     send an N-byte UDP datagram to an echo server as
+                        fragments, last first (raw socket); print the echo
 Every wait is bounded (2 s per reply, 60 s for a server's life).
 """
 import socket, sys, threading, time
@@ -146,6 +148,49 @@ def tagged_udp(vid, src, dst, sport, dport):
     eth = b"\xff" * 6 + b"\x02\0\0\0\0\x0a" + b"\x81\x00" + vid.to_bytes(2, "big") + b"\x08\x00"
     return eth + bytes(ip) + udp
 
+def reversed_fragments(host, port, n):
+    """A datagram whose fragments leave last first, as some senders and
+    reordering paths deliver them. The reply comes back as the echo
+    server's kernel fragments it."""
+    import ipaddress, random
+    v6 = ":" in host
+    src = "2001:db8:1::10" if v6 else "192.0.2.10"
+    r = socket.socket(family(host), socket.SOCK_DGRAM)
+    r.settimeout(2)
+    r.bind((src, 0))
+    sport = r.getsockname()[1]
+    data = bytes(65 + i % 26 for i in range(n))
+    length = 8 + n
+    s, d = ipaddress.ip_address(src).packed, ipaddress.ip_address(host).packed
+    pseudo = s + d + (length.to_bytes(4, "big") + b"\0\0\0\x11" if v6 else b"\0\x11" + length.to_bytes(2, "big"))
+    udp = sport.to_bytes(2, "big") + port.to_bytes(2, "big") + length.to_bytes(2, "big") + b"\0\0" + data
+    c = checksum(pseudo + udp) or 0xffff
+    udp = udp[:6] + c.to_bytes(2, "big") + udp[8:]
+    ident = random.randrange(1, 1 << 16)
+    step = 1448 if v6 else 1480
+    packets = []
+    for off in range(0, len(udp), step):
+        part, more = udp[off:off + step], off + step < len(udp)
+        flags = (off // 8) << 3 | more
+        if v6:
+            frag = b"\x11\0" + flags.to_bytes(2, "big") + ident.to_bytes(4, "big")
+            hdr = b"\x60\0\0\0" + (8 + len(part)).to_bytes(2, "big") + b"\x2c\x40" + s + d
+            packets.append(hdr + frag + part)
+        else:
+            flags = (off // 8) | (more << 13)
+            hdr = bytearray(b"\x45\0" + (20 + len(part)).to_bytes(2, "big") + ident.to_bytes(2, "big")
+                            + flags.to_bytes(2, "big") + b"\x40\x11\0\0" + s + d)
+            hdr[10:12] = checksum(bytes(hdr)).to_bytes(2, "big")
+            packets.append(bytes(hdr) + part)
+    raw = socket.socket(family(host), socket.SOCK_RAW, socket.IPPROTO_RAW)
+    for p in reversed(packets):
+        raw.sendto(p, (host, 0))
+    try:
+        got = r.recv(65536)
+        print(f"{len(got)} bytes" if got == data else "CORRUPT")
+    except (socket.timeout, TimeoutError, OSError):
+        print("TIMEOUT")
+
 def inject(iface, dport):
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     s.bind((iface, 0))
@@ -191,4 +236,5 @@ if __name__ == "__main__":
     elif a[0] == "bulk": bulk(a[1], int(a[2]), int(a[3]))
     elif a[0] == "stream": stream(a[1], int(a[2]), float(a[3]), float(a[4]))
     elif a[0] == "inject": inject(a[1], int(a[2]))
+    elif a[0] == "reversed": reversed_fragments(a[1], int(a[2]), int(a[3]))
     elif a[0] == "sniff": sniff(a[1], float(a[2]))
