@@ -402,10 +402,14 @@ impl Engine {
     /// swap, so none is offloaded again under the old policy) for their
     /// next packet to reach palisade.
     pub fn set_policy(&self, p: Policy) {
+        // The count vector and the policy in force change together, under
+        // the counts' lock: a count taken under that lock is numbered as
+        // the policy then in force numbers its rules.
+        let mut hits = self.counters.rule_hits.lock();
         let old = self.policy.load_full();
         // Counts follow their rule by name (a reload may reorder rules);
         // the default's count stays the default's.
-        if let Ok(mut h) = self.counters.rule_hits.lock() {
+        if let Ok(h) = hits.as_mut() {
             let by_name: HashMap<&str, u64> = old
                 .rules()
                 .iter()
@@ -419,7 +423,7 @@ impl Engine {
                 .map(|r| by_name.get(r.name.as_str()).copied().unwrap_or(0))
                 .collect();
             counts.push(default);
-            *h = counts;
+            **h = counts;
         }
         // Flows decided under a policy that decides otherwise are decided
         // again at their next packet (a new text, or a rule that expired).
@@ -430,6 +434,7 @@ impl Engine {
             old.generation() + 1
         };
         self.policy.store(Arc::new(p.with_generation(generation)));
+        drop(hits);
         if self.fast.is_none() || unchanged {
             return;
         }
@@ -868,16 +873,30 @@ impl Engine {
             }
         }
         drop(table);
-        if let Ok(mut hits) = self.counters.rule_hits.lock() {
-            let i = d
-                .rule
-                .map(|r| r as usize)
-                .unwrap_or(hits.len().saturating_sub(1));
-            if let Some(h) = hits.get_mut(i) {
-                *h += 1;
-            }
-        }
+        self.count_hit(&policy, d.rule);
         self.forward()
+    }
+
+    /// Counts a flow admitted by `rule` (the default when `None`) of
+    /// `decided_by`. A reload between the decision and this count renumbers
+    /// the counts: then the count goes to the rule of the same name in the
+    /// policy now in force, or nowhere if it has none.
+    fn count_hit(&self, decided_by: &Policy, rule: Option<u32>) {
+        let Ok(mut hits) = self.counters.rule_hits.lock() else {
+            return;
+        };
+        let now = self.policy.load();
+        let i = match rule {
+            None => hits.len().checked_sub(1),
+            Some(r) if std::ptr::eq(&**now, decided_by) => Some(r as usize),
+            Some(r) => {
+                let name = decided_by.rule_name(Some(r));
+                now.rules().iter().position(|x| x.name == name)
+            }
+        };
+        if let Some(h) = i.and_then(|i| hits.get_mut(i)) {
+            *h += 1;
+        }
     }
 
     fn forward(&self) -> Disposition {
@@ -1693,6 +1712,17 @@ default deny
             "",
         ).replace("default deny", "rule new allow 192.0.2.0/25 -> 192.0.2.202\ndefault deny")));
         assert_eq!(hits(&e), vec![1, 0, 0], "web, new, default");
+        // A flow decided just before a reload that puts a rule in front of
+        // `web` is counted for `web`, not for the rule now at its place.
+        let before = e.policy();
+        let web = before.rules().iter().position(|r| r.name == "web").unwrap() as u32;
+        e.set_policy(compile(&policy.replace(
+            "rule temp allow 192.0.2.0/25 -> 192.0.2.200 service tcp/80 expires 2026-06-30\n",
+            "rule first allow 192.0.2.0/25 -> 192.0.2.203\n",
+        )));
+        e.count_hit(&before, Some(web));
+        e.count_hit(&before, None);
+        assert_eq!(hits(&e), vec![0, 2, 1], "first, web, default");
     }
 
     /// A client that reuses its port right after a reset opens a new
