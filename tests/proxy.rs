@@ -1256,6 +1256,14 @@ fn oversize_headers_and_slowloris_are_cut() {
         s(r, "/event/reason")
             == "the client closed the connection before its request head was complete"
     });
+    // An HTTP/2 client with prior knowledge gets no HTTP/1.1 answer (the
+    // connection is closed), and the record says why, with no status.
+    let head = raw_status(p.addr, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    assert_eq!(head, "", "nothing is answered to an HTTP/2 preface");
+    let r = p.wait_record("for the HTTP/2 preface", |r| {
+        s_contains(r, "/event/reason", "HTTP/2 connection preface")
+    });
+    assert!(r.pointer("/http/response").is_none(), "{r}");
     // A CONNECT in absolute form that is refused names its host and port.
     let head = raw_status(
         p.addr,

@@ -713,6 +713,15 @@ async fn serve_connection(
     const SLOW_HEAD: &str = "request head not received within the header read timeout";
     let refusal = match &result {
         _ if cut => Some((SLOW_HEAD, None)),
+        // hyper answers nothing to an HTTP/2 connection preface, 414 to a
+        // URI past its own limit and 431 to a head past ours.
+        Err(e) if e.is_parse_version_h2() => Some((
+            "HTTP/2 connection preface (prior knowledge): palisade serves HTTP/1.1 clients",
+            None,
+        )),
+        Err(e) if e.is_parse_too_large() && e.to_string().contains("URI too long") => {
+            Some(("request URI too long", Some(414)))
+        }
         Err(e) if e.is_parse_too_large() => Some(("request head too large", Some(431))),
         Err(e) if e.is_timeout() => Some((SLOW_HEAD, None)),
         Err(e) if e.is_parse() => Some(("malformed request", Some(400))),
