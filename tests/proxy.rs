@@ -996,7 +996,21 @@ fn an_early_answer_from_the_origin_is_forwarded_without_the_rest_of_the_body() {
     );
     let r = p.wait_record("for the early answer", |r| s(r, "/url/full") == url);
     assert_eq!(n(&r, "/http/response/status_code"), 413);
-    p.stop_and_verify();
+    // The same upload refused by the policy.
+    let denied = "http://blocked.test/upload";
+    let (code, _) = p.curl(&["--data-binary", &format!("@{}", upload.display()), denied]);
+    assert_eq!(code, 403);
+    // The rest of each body, still arriving after the answer, is not a
+    // new request the client abandoned: one refusal, the policy's.
+    let mut p = p;
+    p.stop();
+    let records = p.records();
+    let refusals: Vec<_> = records
+        .iter()
+        .filter(|r| s(r, "/event/action") == "denied")
+        .collect();
+    assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    assert_eq!(s(refusals[0], "/url/full"), denied);
 }
 
 /// Sends one request with `Connection: close` and returns the whole answer.

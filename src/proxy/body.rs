@@ -1,13 +1,17 @@
 //! Response bodies the proxy sends: its own short answers, and origin
 //! responses that count what they carry and, when they end (or the client
-//! goes away), hand the request's audit record to the writer.
+//! goes away), hand the request's audit record to the writer. And the
+//! client's request body, which tells its connection when it was read to
+//! its end.
 
 use super::upstream::OriginBody;
+use super::Activity;
 use crate::audit::{AuditEvent, AuditLog};
 use bytes::Bytes;
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -132,5 +136,64 @@ impl Drop for Recorded {
     fn drop(&mut self) {
         let complete = self.inner.is_end_stream();
         self.finish(complete);
+    }
+}
+
+/// A client's request body. Once it has been read to its end the
+/// connection is told so: bytes that arrive after a response while the
+/// request's body was left unread (a refusal, an origin's early answer) are
+/// the rest of that body, which hyper drains or closes on, not the start of
+/// another request.
+pub struct ClientBody {
+    inner: Incoming,
+    activity: Option<Arc<Activity>>,
+}
+
+impl ClientBody {
+    pub(super) fn new(inner: Incoming, activity: Arc<Activity>) -> ClientBody {
+        let mut b = ClientBody {
+            inner,
+            activity: Some(activity),
+        };
+        b.note_end();
+        b
+    }
+
+    fn note_end(&mut self) {
+        if self.inner.is_end_stream() {
+            if let Some(a) = self.activity.take() {
+                a.body_read();
+            }
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => {
+                if let Some(a) = self.activity.take() {
+                    a.body_read();
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => self.note_end(),
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -30,7 +30,6 @@ use crate::policy::{HttpHost, HttpRequest, Policy, Verdict};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -47,7 +46,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use body::ProxyBody;
+use body::{ClientBody, ProxyBody};
 
 /// Loads and compiles the policy file, for start-up and reloads.
 pub type PolicyLoader = Box<dyn Fn() -> Result<Policy, String> + Send + Sync>;
@@ -621,6 +620,7 @@ async fn serve_connection(
                     let held = held.clone();
                     async move {
                         act.request_started();
+                        let req = req.map(|b| ClientBody::new(b, act.clone()));
                         let resp = handle(st, sl, held, peer, req).await;
                         // In flight until hyper has sent the body and
                         // drops it.
@@ -768,6 +768,12 @@ struct Activity {
     /// Bytes of a request head arrived and the request has not started:
     /// a connection that ends so left a request unfinished.
     head_begun: AtomicBool,
+    /// The last request's body has not been read to its end: bytes that
+    /// arrive once its response is sent are the rest of it (which hyper
+    /// drains, or closes the connection on), not a new head. (If hyper
+    /// drains it and a new head follows, that head is not watched until
+    /// its request starts.)
+    body_left: AtomicBool,
     /// Since when a write to the client has found its socket full with
     /// nothing taken since, or [`NOT_STALLED`].
     write_stalled_since: AtomicU64,
@@ -789,6 +795,7 @@ impl Activity {
             in_flight: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             head_begun: AtomicBool::new(false),
+            body_left: AtomicBool::new(false),
             write_stalled_since: AtomicU64::new(NOT_STALLED),
         }
     }
@@ -818,6 +825,8 @@ impl Activity {
 
     fn request_started(&self) {
         self.head_begun.store(false, Ordering::Release);
+        // Until its body (if any) says it was read to its end.
+        self.body_left.store(true, Ordering::Release);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_since.store(NO_HEAD, Ordering::Release);
         self.last.store(self.now(), Ordering::Release);
@@ -828,9 +837,14 @@ impl Activity {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// The current request's body was read to its end.
+    fn body_read(&self) {
+        self.body_left.store(false, Ordering::Release);
+    }
+
     /// Bytes arrived from the client: between requests, a head begins.
     fn bytes_arrived(&self) {
-        if self.in_flight.load(Ordering::Acquire) == 0 {
+        if self.in_flight.load(Ordering::Acquire) == 0 && !self.body_left.load(Ordering::Acquire) {
             self.head_begun.store(true, Ordering::Release);
             let _ = self.head_since.compare_exchange(
                 NO_HEAD,
@@ -1220,7 +1234,7 @@ async fn handle(
     slot: Arc<upstream::Slot>,
     guard: Arc<ConnectionGuard>,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ProxyBody> {
     Box::pin(handle_request(state, slot, guard, peer, req)).await
 }
@@ -1230,7 +1244,7 @@ async fn handle_request(
     slot: Arc<upstream::Slot>,
     guard: Arc<ConnectionGuard>,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ProxyBody> {
     state.counters.requests.fetch_add(1, Ordering::Relaxed);
     let id = state.request_id();
@@ -1358,7 +1372,7 @@ async fn forward(
     slot: &Arc<upstream::Slot>,
     policy: &Arc<Policy>,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     id: &str,
     start: Instant,
 ) -> Outcome {
@@ -1541,7 +1555,7 @@ async fn connect(
     policy: &Arc<Policy>,
     guard: Arc<ConnectionGuard>,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     id: &str,
     start: Instant,
 ) -> Outcome {

@@ -17,9 +17,10 @@
 //! not ask to close; one that sent anything while idle, or closed, is
 //! dropped when it is next taken.
 
+use super::body::ClientBody;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use std::collections::HashMap;
@@ -157,7 +158,7 @@ impl Slot {
     pub async fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         connect_timeout: Duration,
         upstream_timeout: Duration,
     ) -> Result<(Response<OriginBody>, u64), (Failure, u64)> {
@@ -256,7 +257,7 @@ impl Slot {
         mut origin: Origin,
         head: &[u8],
         framing: RequestBody,
-        body: &mut Incoming,
+        body: &mut ClientBody,
         sent: &mut u64,
         head_only: bool,
         upstream_timeout: Duration,
@@ -354,7 +355,7 @@ impl Slot {
 struct Outgoing {
     head: Vec<u8>,
     framing: RequestBody,
-    body: Incoming,
+    body: ClientBody,
     head_only: bool,
     /// It may go again on another connection: the origin cannot have
     /// acted on it if it closed without answering (no body was sent and
@@ -363,7 +364,7 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(req: Request<Incoming>) -> Outgoing {
+    fn new(req: Request<ClientBody>) -> Outgoing {
         let (parts, body) = req.into_parts();
         let framing = request_framing(&parts.headers, &body);
         Outgoing {
@@ -379,7 +380,7 @@ impl Outgoing {
 
 /// How the client's request body goes to the origin: as it came if its
 /// length is known, chunked if it is not.
-fn request_framing(headers: &HeaderMap, body: &Incoming) -> RequestBody {
+fn request_framing(headers: &HeaderMap, body: &ClientBody) -> RequestBody {
     if body.is_end_stream() && !headers.contains_key(CONTENT_LENGTH) {
         RequestBody::None
     } else if headers.contains_key(CONTENT_LENGTH) {
@@ -427,7 +428,7 @@ fn request_head(parts: &hyper::http::request::Parts, framing: RequestBody) -> Ve
 /// `sent` as they are written (so that a body cut short still counts).
 async fn send_body(
     stream: &mut (impl tokio::io::AsyncWrite + Unpin),
-    body: &mut Incoming,
+    body: &mut ClientBody,
     framing: RequestBody,
     sent: &mut u64,
 ) -> Result<(), String> {
