@@ -576,3 +576,23 @@ pub mod bpf {
         super::set_int_option(sock, libc::SOL_SOCKET, SO_ATTACH_BPF, prog.as_raw_fd())
     }
 }
+
+/// Raises this process's soft limit on open files to its hard limit (a
+/// service manager's default soft limit, often 1024, is far below what a
+/// proxy with thousands of connections needs) and returns the limit now in
+/// force. `None` if the limit cannot be read.
+pub fn raise_open_file_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        let raised = rustix::process::Rlimit {
+            current: l.maximum,
+            maximum: l.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            l = raised;
+        }
+    }
+    // `None` there is "unlimited".
+    Some(l.current.unwrap_or(u64::MAX))
+}

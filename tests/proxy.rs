@@ -242,6 +242,18 @@ struct Proxy {
     dir: tempfile::TempDir,
     policy: PathBuf,
     origins: Origins,
+    /// What the proxy said on stderr up to "listening on".
+    startup: Vec<String>,
+}
+
+/// How a test starts the proxy binary.
+#[derive(Clone, Copy)]
+enum Launch<'a> {
+    Plain,
+    /// Its clock started at libfaketime's `@YYYY-MM-DD HH:MM:SS`.
+    FakeTime(&'a str),
+    /// Under `prlimit --nofile=SOFT:HARD`.
+    OpenFiles(u64, u64),
 }
 
 impl Drop for Proxy {
@@ -276,15 +288,14 @@ fn policy_text(o: &Origins) -> String {
 }
 
 fn start_proxy(extra: &str) -> Proxy {
-    start_proxy_with(extra, &policy_text, None)
+    start_proxy_with(extra, &policy_text, Launch::Plain)
 }
 
-/// A proxy with its own policy text, and with its clock started at
-/// `fake_start` (libfaketime's `@YYYY-MM-DD HH:MM:SS`) when given.
+/// A proxy with its own policy text, started as `launch` says.
 fn start_proxy_with(
     extra: &str,
     policy_text: &dyn Fn(&Origins) -> String,
-    fake_start: Option<&str>,
+    launch: Launch,
 ) -> Proxy {
     // Several serving threads whatever the machine, so every test also
     // crosses them (limits, reloads and the trail are shared by all).
@@ -326,8 +337,17 @@ fn start_proxy_with(
     .unwrap();
     // libfaketime preloaded into the proxy itself (not the `faketime`
     // wrapper, which would stand between the test's signals and the proxy).
-    let mut command = Command::new(env!("CARGO_BIN_EXE_palisade"));
-    if let Some(at) = fake_start {
+    let bin = env!("CARGO_BIN_EXE_palisade");
+    let mut command = match launch {
+        // prlimit sets the limits and execs the proxy (same process).
+        Launch::OpenFiles(soft, hard) => {
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--nofile={soft}:{hard}")).arg(bin);
+            c
+        }
+        _ => Command::new(bin),
+    };
+    if let Launch::FakeTime(at) = launch {
         command
             .env("LD_PRELOAD", libfaketime().expect("libfaketime"))
             .env("FAKETIME", at);
@@ -347,13 +367,15 @@ fn start_proxy_with(
         }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut startup = Vec::new();
     let addr = loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("proxy did not start");
+            .unwrap_or_else(|_| panic!("proxy did not start: {startup:#?}"));
         if let Some(rest) = line.split("listening on ").nth(1) {
             break rest.split(';').next().unwrap().parse().unwrap();
         }
+        startup.push(line);
     };
     Proxy {
         child: Some(child),
@@ -361,6 +383,7 @@ fn start_proxy_with(
         dir,
         policy,
         origins,
+        startup,
     }
 }
 
@@ -929,6 +952,60 @@ fn open_tunnels_count_against_the_connection_limit() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    drop(open);
+    p.stop_and_verify();
+}
+
+/// The proxy raises its soft open-file limit to the hard one; where even
+/// the hard limit cannot hold `max_connections` at their worst, it lowers
+/// `max_connections` and says so, and past it clients get a 503 and a
+/// record instead of waiting unanswered on a proxy out of files.
+#[test]
+fn the_connection_limit_fits_the_open_file_limit() {
+    let target = |p: &Proxy| format!("echo.test:{}", p.origins.echo);
+    // Plain bytes (a letter; 0x16 would start a TLS record).
+    let tunnel = |p: &Proxy, i: usize| {
+        let letter = b'a' + (i % 26) as u8;
+        let mut t = connect_tunnel(p.addr, &target(p));
+        t.write_all(&[letter]).unwrap();
+        let mut got = [0u8; 1];
+        t.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
+        assert_eq!(got[0], letter);
+        t
+    };
+    // A soft limit of 64 holds about ten tunnels; raised to 4096, 100.
+    let p = start_proxy_with(
+        "max_connections = 100\nmax_connections_per_client = 100",
+        &policy_text,
+        Launch::OpenFiles(64, 4096),
+    );
+    assert!(
+        !p.startup.iter().any(|l| l.contains("open-file limit")),
+        "{:#?}",
+        p.startup
+    );
+    let open: Vec<TcpStream> = (0..100).map(|i| tunnel(&p, i)).collect();
+    drop(open);
+    p.stop_and_verify();
+
+    // A hard limit of 300 holds (300 - 256) / 7 = 6 connections at worst.
+    let p = start_proxy_with("", &policy_text, Launch::OpenFiles(300, 300));
+    assert!(
+        p.startup.iter().any(|l| l.contains("open-file limit (300)")
+            && l.contains("max_connections lowered from 10000 to 6")),
+        "{:#?}",
+        p.startup
+    );
+    let open: Vec<TcpStream> = (0..6).map(|i| tunnel(&p, i)).collect();
+    assert!(
+        refused_at_accept(p.addr, &target(&p)),
+        "the seventh is refused"
+    );
+    let r = p.wait_record("for the refused connection", |r| {
+        s_contains(r, "/event/reason", "(max_connections)")
+    });
+    assert_eq!(n(&r, "/http/response/status_code"), 503);
     drop(open);
     p.stop_and_verify();
 }
@@ -1682,7 +1759,7 @@ fn a_rule_stops_matching_when_its_expiry_date_ends() {
             &format!("127.0.0.1 port {} expires 2027-06-30\n", o.http),
         )
     };
-    let p = start_proxy_with("", &expiring, Some("@2027-06-30 23:59:57"));
+    let p = start_proxy_with("", &expiring, Launch::FakeTime("@2027-06-30 23:59:57"));
     let url = format!("http://origin.test:{}/", p.origins.http);
     let (code, body) = p.curl(&[&url]);
     assert_eq!(code, 200, "allowed before midnight: {body}");

@@ -41,6 +41,7 @@ pub fn run(args: ProxyArgs) -> ExitCode {
     if let Some(d) = args.audit_dir {
         config.audit.dir = d;
     }
+    fit_open_file_limit(&mut config.proxy);
     let policy_path = config.policy.clone();
     let loader =
         Box::new(move || super::policy::load_for_enforcement(&policy_path).map(|c| c.policy));
@@ -109,6 +110,36 @@ pub fn run(args: ProxyArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// Open files one client connection may need at worst: its socket, its
+/// origin socket and a pipe each way for a tunnel, and a parked origin
+/// connection left by an earlier client.
+const FILES_PER_CONNECTION: u64 = 7;
+/// Open files kept for everything else: listening sockets, event loops,
+/// the audit trail, name lookups.
+const FILES_RESERVED: u64 = 256;
+
+/// Raises the open-file limit as far as allowed and, where it still cannot
+/// hold `max_connections` at their worst, lowers `max_connections` to what
+/// it can hold, saying so: past it clients get a 503 and a record, where an
+/// exhausted file table would leave them waiting unanswered.
+fn fit_open_file_limit(config: &mut palisade::config::ProxyConfig) {
+    let Some(limit) = palisade::sys::raise_open_file_limit() else {
+        return;
+    };
+    let fit = limit.saturating_sub(FILES_RESERVED) / FILES_PER_CONNECTION;
+    if (config.max_connections as u64) > fit {
+        let fit = fit.max(1) as usize;
+        palisade::say!(
+            "palisade proxy: warning: the open-file limit ({limit}) holds {fit} connections at \
+             {FILES_PER_CONNECTION} files each at worst: max_connections lowered from {} to {fit} \
+             (raise the limit, e.g. LimitNOFILE= in a systemd unit, to allow more)",
+            config.max_connections
+        );
+        config.max_connections = fit;
+        config.max_connections_per_client = config.max_connections_per_client.min(fit);
+    }
 }
 
 /// Opens the audit trail, creating the signing key on first start like an

@@ -438,11 +438,24 @@ impl Worker {
         let Some(listener) = &self.listener else {
             return std::future::pending().await;
         };
+        // Accept errors (out of files, say) are said once a minute with
+        // their count, not 20 times a second.
+        let mut accept_errors = (0u64, None::<Instant>);
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
-                    crate::say!("palisade proxy: accept: {e}");
+                    accept_errors.0 += 1;
+                    if accept_errors
+                        .1
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                    {
+                        crate::say!(
+                            "palisade proxy: cannot accept connections: {e} ({} time(s) since the last report)",
+                            accept_errors.0
+                        );
+                        accept_errors = (0, Some(Instant::now()));
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
