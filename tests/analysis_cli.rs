@@ -191,6 +191,27 @@ fn diff_texts(old: &str, new: &str) -> Output {
     palisade(&["diff", o.to_str().unwrap(), n.to_str().unwrap()])
 }
 
+/// Regions that differ in one field only are one line listing that
+/// field's values; a line is still exactly the flows it names.
+#[test]
+fn diff_lists_regions_compactly() {
+    let out = diff_texts(
+        "rule web allow 198.51.100.0/24 -> 192.0.2.0/26 service tcp/80, tcp/443\ndefault deny\n",
+        "rule web allow 198.51.100.0/24 -> 192.0.2.0/24 service tcp/80, tcp/443, tcp/8000-8999\n\
+         rule dns allow 198.51.100.0/24 -> 192.0.2.53, 192.0.2.153 service udp/53\n\
+         default deny\n",
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "newly allowed: 3 packet regions, 0 http classes\n\
+         \x20 + tcp 198.51.100.0/24 -> 192.0.2.64-192.0.2.255 dport 80, 443   now allow by `web`, was deny by `default`\n\
+         \x20 + tcp 198.51.100.0/24 -> 192.0.2.0/24 dport 8000-8999   now allow by `web`, was deny by `default`\n\
+         \x20 + udp 198.51.100.0/24 -> 192.0.2.53, 192.0.2.153 dport 53   now allow by `dns`, was deny by `default`\n\
+         newly denied: 0 packet regions, 0 http classes\n"
+    );
+}
+
 #[test]
 fn diff_sees_changes_to_ip_literal_destinations() {
     // A narrower IPv4 destination: the upper half is no longer allowed.
@@ -270,7 +291,7 @@ fn diff_sees_zones_plain_tunnels_and_reports_compact_classes() {
         "rule p allow 192.0.2.0/24 -> 198.51.100.0/24 service icmp/3\ndefault deny\n",
     );
     let got = text(&out.stdout);
-    assert!(got.contains("type 3 code 5-255 "), "{got}");
+    assert!(got.contains("type 3 code 0-3, 5-255 "), "{got}");
     assert!(!got.contains("65535"), "{got}");
 }
 

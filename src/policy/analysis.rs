@@ -172,32 +172,67 @@ pub fn coverage(
 
 /// A region of flows, in words: `tcp 10.0.0.0/8 -> 192.0.2.1 dport 443`.
 pub fn describe_box<A: Address + Scalar + Into<u128>>(f: &Fields<A>, v6: bool) -> String {
-    let addr = |iv: Interval<A>| -> String {
+    describe_sets(
+        f.proto,
+        &[f.src],
+        &[f.dst],
+        &[f.src_port],
+        &[f.dst_port],
+        v6,
+    )
+}
+
+/// The flows of one protocol range whose fields lie in the given sets
+/// (the cross product), in words: `tcp 10.0.0.0/8 -> 192.0.2.1 dport 80, 443`.
+fn describe_sets<A: Address + Scalar + Into<u128>>(
+    proto: Interval<u8>,
+    src: &[Interval<A>],
+    dst: &[Interval<A>],
+    sport: &[Interval<u16>],
+    dport: &[Interval<u16>],
+    v6: bool,
+) -> String {
+    let addr = |ivs: &[Interval<A>]| -> String {
         let mut s = AddrSet::default();
-        if v6 {
-            s.add_v6(iv.lo.into(), iv.hi.into());
-            if iv.lo.into() == 0 && iv.hi.into() == u128::MAX {
-                return "any6".into();
+        let top: u128 = if v6 { u128::MAX } else { u32::MAX as u128 };
+        if let [iv] = ivs {
+            if iv.lo.into() == 0 && iv.hi.into() == top {
+                return if v6 { "any6" } else { "any4" }.into();
             }
-        } else {
-            s.add_v4(iv.lo.into() as u32, iv.hi.into() as u32);
-            if iv.lo.into() == 0 && iv.hi.into() == u32::MAX as u128 {
-                return "any4".into();
+        }
+        for iv in ivs {
+            if v6 {
+                s.add_v6(iv.lo.into(), iv.hi.into());
+            } else {
+                s.add_v4(iv.lo.into() as u32, iv.hi.into() as u32);
             }
         }
         s.describe()
     };
-    let icmp = (f.proto.lo == 1 && f.proto.hi == 1) || (f.proto.lo == 58 && f.proto.hi == 58);
+    let icmp = (proto.lo == 1 && proto.hi == 1) || (proto.lo == 58 && proto.hi == 58);
     // ICMP type and code travel in the port fields but are 0-255.
     let top = if icmp { 255 } else { 65535 };
-    let ports = |iv: Interval<u16>| -> Option<String> {
-        match (iv.lo, iv.hi.min(top)) {
-            (0, hi) if hi == top => None,
-            (a, b) if a == b => Some(a.to_string()),
-            (a, b) => Some(format!("{a}-{b}")),
+    let ports = |ivs: &[Interval<u16>]| -> Option<String> {
+        let mut ivs: Vec<(u16, u16)> = ivs.iter().map(|iv| (iv.lo, iv.hi.min(top))).collect();
+        ivs.sort_unstable();
+        if let [(0, hi)] = ivs[..] {
+            if hi == top {
+                return None;
+            }
         }
+        let text: Vec<String> = ivs
+            .iter()
+            .map(|&(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect();
+        Some(text.join(", "))
     };
-    let proto = match (f.proto.lo, f.proto.hi) {
+    let proto = match (proto.lo, proto.hi) {
         (0, 255) => "ip".to_string(),
         (6, 6) => "tcp".into(),
         (17, 17) => "udp".into(),
@@ -207,16 +242,75 @@ pub fn describe_box<A: Address + Scalar + Into<u128>>(f: &Fields<A>, v6: bool) -
         (a, b) if a == b => format!("ip/{a}"),
         (a, b) => format!("ip/{a}-{b}"),
     };
-    let mut s = format!("{proto} {} -> {}", addr(f.src), addr(f.dst));
-    if let Some(p) = ports(f.src_port) {
+    let mut s = format!("{proto} {} -> {}", addr(src), addr(dst));
+    if let Some(p) = ports(sport) {
         s.push_str(if icmp { " type " } else { " sport " });
         s.push_str(&p);
     }
-    if let Some(p) = ports(f.dst_port) {
+    if let Some(p) = ports(dport) {
         s.push_str(if icmp { " code " } else { " dport " });
         s.push_str(&p);
     }
     s
+}
+
+/// Changed pieces as lines to read: pieces with the same rules and
+/// verdicts that differ in one field only become one line listing that
+/// field's values, joined first on the destination port, then on the
+/// destination, then on the source. Exact: a join only takes lines whose
+/// other fields are the same sets, so each line is still the cross product
+/// of its sets.
+struct Line<A> {
+    proto: Interval<u8>,
+    src: Vec<Interval<A>>,
+    dst: Vec<Interval<A>>,
+    sport: Vec<Interval<u16>>,
+    dport: Vec<Interval<u16>>,
+    how: (Option<RuleId>, Option<RuleId>, Verdict, Verdict),
+}
+
+fn join_lines<A: Address + Scalar>(pieces: Vec<Piece<A>>) -> Vec<Line<A>> {
+    let mut lines: Vec<Line<A>> = pieces
+        .into_iter()
+        .map(|(x, ro, rn, vo, vn)| Line {
+            proto: x.proto,
+            src: vec![x.src],
+            dst: vec![x.dst],
+            sport: vec![x.src_port],
+            dport: vec![x.dst_port],
+            how: (ro, rn, vo, vn),
+        })
+        .collect();
+    // Each pass joins on one field: 0 destination port, 1 destination, 2
+    // source.
+    for field in 0..3 {
+        let mut joined: Vec<Line<A>> = Vec::with_capacity(lines.len());
+        for l in lines {
+            let same_rest = |m: &Line<A>| {
+                m.proto == l.proto
+                    && m.how == l.how
+                    && m.sport == l.sport
+                    && (field == 0 || m.dport == l.dport)
+                    && (field == 1 || m.dst == l.dst)
+                    && (field == 2 || m.src == l.src)
+            };
+            match joined.iter_mut().find(|m| same_rest(m)) {
+                Some(m) => match field {
+                    0 => m.dport.extend(l.dport),
+                    1 => m.dst.extend(l.dst),
+                    _ => m.src.extend(l.src),
+                },
+                None => joined.push(l),
+            }
+        }
+        for l in &mut joined {
+            l.dport.sort_unstable();
+            l.dst.sort_unstable();
+            l.src.sort_unstable();
+        }
+        lines = joined;
+    }
+    lines
 }
 
 /// One region whose verdict differs between two policies.
@@ -272,9 +366,10 @@ fn describe_changes<A: Address + Scalar + Into<u128>>(
     v6: bool,
     out: &mut Vec<Change>,
 ) {
-    for (x, ro, rn, vo, vn) in pieces {
+    for l in join_lines(pieces) {
+        let (ro, rn, vo, vn) = l.how;
         out.push(Change {
-            region: describe_box(&x, v6),
+            region: describe_sets(l.proto, &l.src, &l.dst, &l.sport, &l.dport, v6),
             old_verdict: vo,
             old_rule: old.rule_name(ro).to_string(),
             new_verdict: vn,
@@ -941,6 +1036,73 @@ mod tests {
             hi: dport.1,
         };
         x
+    }
+
+    fn iv<T>(lo: T, hi: T) -> Interval<T> {
+        Interval { lo, hi }
+    }
+
+    proptest::proptest! {
+        /// Joined lines name exactly the flows of the pieces they join,
+        /// each with its pieces' rules and verdicts, and join where one
+        /// field alone differs.
+        #[test]
+        fn joined_lines_are_exactly_their_pieces(
+            cells in proptest::collection::btree_map((0u32..4, 0u32..4, 0u16..4), 0u8..2, 0..24)
+        ) {
+            let cells: Vec<(u32, u32, u16, u8)> =
+                cells.into_iter().map(|((s, d, p), r)| (s, d, p, r)).collect();
+            // Disjoint unit boxes on a 4 x 4 x 4 grid, with one of two
+            // rule pairs each (as changed pieces are).
+            let pieces: Vec<Piece<u32>> = cells
+                .iter()
+                .map(|&(s, d, p, r)| {
+                    let mut x = Fields::<u32>::any();
+                    x.src = iv(s, s);
+                    x.dst = iv(d, d);
+                    x.dst_port = iv(p, p);
+                    x.proto = iv(6, 6);
+                    (x, Some(u32::from(r)), None, Verdict::Allow, Verdict::Deny)
+                })
+                .collect();
+            let n = pieces.len();
+            let lines = join_lines(pieces);
+            proptest::prop_assert!(lines.len() <= n);
+            let inside = |l: &Line<u32>, s: u32, d: u32, p: u16| {
+                l.src.iter().any(|i| i.lo <= s && s <= i.hi)
+                    && l.dst.iter().any(|i| i.lo <= d && d <= i.hi)
+                    && l.dport.iter().any(|i| i.lo <= p && p <= i.hi)
+            };
+            for s in 0..4 {
+                for d in 0..4 {
+                    for p in 0..4 {
+                        let want: Vec<u32> = cells
+                            .iter()
+                            .filter(|c| (c.0, c.1, c.2) == (s, d, p))
+                            .map(|c| u32::from(c.3))
+                            .collect();
+                        let got: Vec<u32> = lines
+                            .iter()
+                            .filter(|l| inside(l, s, d, p))
+                            .map(|l| l.how.0.unwrap())
+                            .collect();
+                        proptest::prop_assert_eq!(want, got, "at {} {} {}", s, d, p);
+                    }
+                }
+            }
+            // Two cells of one rule that differ in the port only share a
+            // line.
+            for a in &cells {
+                for b in &cells {
+                    if (a.0, a.1, a.3) == (b.0, b.1, b.3) {
+                        let shared = lines
+                            .iter()
+                            .any(|l| inside(l, a.0, a.1, a.2) && inside(l, b.0, b.1, b.2));
+                        proptest::prop_assert!(shared, "{:?} {:?}", a, b);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
