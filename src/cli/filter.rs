@@ -284,8 +284,9 @@ fn print_counters(engine: &Engine, when: &str) {
             "palisade filter: the kernel fast path forwarded {frames} frames ({bytes} bytes)"
         );
     }
-    let policy = engine.policy();
     if let Ok(hits) = c.rule_hits.lock() {
+        // Under the counts' lock, the policy in force numbers them.
+        let policy = engine.policy();
         let per_rule: Vec<String> = hits
             .iter()
             .enumerate()

@@ -95,6 +95,24 @@ impl DropReason {
     }
 }
 
+impl DropReason {
+    /// Whether a packet so dropped was judged as what it says it is: its
+    /// source was its port's, its headers whole. Drops before that
+    /// (malformed, spoofed, a fragment cut short) are of packets that say
+    /// nothing trustworthy about the flow or datagram they name.
+    pub fn judges_the_datagram(self) -> bool {
+        matches!(
+            self,
+            DropReason::Denied
+                | DropReason::NoState
+                | DropReason::RateLimited
+                | DropReason::TableFull
+                | DropReason::AuditUnavailable
+                | DropReason::Revoked
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
     Forward,
@@ -164,15 +182,23 @@ impl Counters {
     }
 }
 
-/// A datagram's fragments: (src, dst, proto, id). Maps to the first
-/// fragment's verdict and when it expires.
+/// A datagram's fragments: (src, dst, proto, id), as the receiver
+/// reassembles them: the protocol for IPv4, none for IPv6 (whose fragment
+/// headers may name an extension header rather than the transport).
 type FragmentKey = (IpAddr, IpAddr, u8, u32);
+
+fn fragment_key(k: &FlowKey, id: u32) -> FragmentKey {
+    let proto = if k.src.is_ipv4() { k.proto } else { 0 };
+    (k.src, k.dst, proto, id)
+}
 
 /// The decision state the two forwarding threads share.
 pub struct Engine {
     policy: ArcSwap<Policy>,
     table: Mutex<ConnTable>,
-    fragments: Mutex<HashMap<FragmentKey, (bool, Duration)>>,
+    /// The verdicts on first fragments, per arrival port, and until when
+    /// their later fragments follow them.
+    fragments: Mutex<HashMap<(Zone, FragmentKey), (bool, Duration)>>,
     /// Later fragments waiting for their first fragment.
     held: Mutex<Held>,
     /// Held fragments now allowed, per arrival port (edge, onprem).
@@ -224,7 +250,9 @@ fn tuple(k: &FlowKey) -> FlowTuple {
     }
 }
 
-const FRAGMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long later fragments follow their first fragment's verdict (a
+/// datagram's fragments cross within milliseconds of each other).
+const FRAGMENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_FRAGMENT_ENTRIES: usize = 65_536;
 /// How long a later fragment waits for its first one.
 const FRAGMENT_HOLD: Duration = Duration::from_secs(2);
@@ -234,8 +262,10 @@ const FRAGMENT_HOLD: Duration = Duration::from_secs(2);
 const MAX_HELD_BYTES: usize = 4 << 20;
 const MAX_HELD_BYTES_PER_SOURCE: usize = 256 << 10;
 const MAX_HELD_PER_DATAGRAM: usize = 64;
-/// What a held frame costs beyond its bytes (its vector and the map).
+/// What a held frame costs beyond its bytes (its vector), and what a
+/// datagram waiting costs (its map entry and list).
 const HELD_OVERHEAD: usize = 64;
+const WAITING_OVERHEAD: usize = 192;
 
 /// One datagram's later fragments that came before its first fragment.
 struct Waiting {
@@ -266,8 +296,12 @@ impl Held {
         frame: &[u8],
         now: Duration,
     ) -> bool {
-        let cost = frame.len() + HELD_OVERHEAD;
-        let source = self.per_source.get(&fk.0).copied().unwrap_or(0);
+        let new = !self.waiting.contains_key(&(ingress, fk));
+        let cost = frame.len() + HELD_OVERHEAD + if new { WAITING_OVERHEAD } else { 0 };
+        // A source's share is its address's for IPv4 and its /64's for
+        // IPv6, as the new-flow limit counts it.
+        let src = rate_key(fk.0);
+        let source = self.per_source.get(&src).copied().unwrap_or(0);
         if self.bytes + cost > MAX_HELD_BYTES || source + cost > MAX_HELD_BYTES_PER_SOURCE {
             return false;
         }
@@ -286,7 +320,7 @@ impl Held {
         w.frames.push(frame.to_vec());
         w.bytes += cost;
         self.bytes += cost;
-        *self.per_source.entry(fk.0).or_default() += cost;
+        *self.per_source.entry(src).or_default() += cost;
         true
     }
 
@@ -310,6 +344,7 @@ impl Held {
     }
 
     fn unaccount(&mut self, src: IpAddr, bytes: usize) {
+        let src = rate_key(src);
         self.bytes -= bytes;
         if let Some(n) = self.per_source.get_mut(&src) {
             *n -= bytes;
@@ -629,13 +664,26 @@ impl Engine {
         };
         let tagged = parsed.vlan.is_some();
         let first = match ip.fragment {
-            Fragment::First { id } => Some((ip.key.src, ip.key.dst, ip.key.proto, id)),
+            Fragment::First { id } => Some(fragment_key(&ip.key, id)),
             _ => None,
         };
+        // An ICMP error passes for the header it quotes, which its first
+        // fragment holds: the rest of it, never seen, does not follow.
+        let icmp_error = matches!(ip.icmp, Some(IcmpKind::Error { .. }));
         let d = self.judge(ingress, frame, ip, tagged, segments);
-        // Later fragments that came before their first one follow it now.
+        // The verdict on a first fragment is noted for its later fragments,
+        // and those that came before it follow it now; but only once the
+        // datagram was judged: a first fragment dropped before (spoofed,
+        // malformed, cut short) says nothing about the datagram it names,
+        // whose own first fragment may still come.
         if let Some(fk) = first {
-            self.settle_held(ingress, fk, d == Disposition::Forward);
+            match d {
+                Disposition::Forward => self.settle_held(ingress, fk, !icmp_error),
+                Disposition::Drop(r) if r.judges_the_datagram() => {
+                    self.settle_held(ingress, fk, false)
+                }
+                _ => {}
+            }
         }
         d
     }
@@ -703,12 +751,12 @@ impl Engine {
         // before it waits for it a moment (paths reorder, and some senders
         // send a datagram's fragments last first).
         if let Fragment::Later { id } = ip.fragment {
-            let fk = (key.src, key.dst, key.proto, id);
+            let fk = fragment_key(&key, id);
             let known = self
                 .fragments
                 .lock()
                 .ok()
-                .and_then(|f| f.get(&fk).copied())
+                .and_then(|f| f.get(&(ingress, fk)).copied())
                 .filter(|(_, exp)| *exp > now);
             return match known {
                 Some((true, _)) => self.forward(),
@@ -930,20 +978,18 @@ impl Engine {
     /// fragments, and passes or drops those that came before it.
     fn settle_held(&self, ingress: Zone, fk: FragmentKey, forwarded: bool) {
         let now = self.now();
+        // Full (housekeeping removes the expired ones every 200 ms): the
+        // datagram's later fragments wait, then drop.
         if let Ok(mut frags) = self.fragments.lock() {
-            if frags.len() >= MAX_FRAGMENT_ENTRIES {
-                frags.retain(|_, (_, exp)| *exp > now);
-            }
-            if frags.len() < MAX_FRAGMENT_ENTRIES {
-                frags.insert(fk, (forwarded, now + FRAGMENT_TIMEOUT));
+            if frags.len() < MAX_FRAGMENT_ENTRIES || frags.contains_key(&(ingress, fk)) {
+                frags.insert((ingress, fk), (forwarded, now + FRAGMENT_TIMEOUT));
             }
         }
         let Some(waiting) = self.held.lock().ok().and_then(|mut h| h.take(ingress, &fk)) else {
             return;
         };
         if forwarded {
-            let n = waiting.frames.len() as u64;
-            self.counters.forwarded.fetch_add(n, Ordering::Relaxed);
+            // Counted as forwarded when the forwarding loop sends them.
             if let Ok(mut out) = self.released[ingress as usize].lock() {
                 out.extend(waiting.frames);
             }
@@ -1082,6 +1128,12 @@ impl Engine {
         }
         self.housekeeping();
         self.expire_held(Duration::MAX);
+        // Released but not sent: the forwarding loops have stopped.
+        for z in [Zone::Edge, Zone::Onprem] {
+            for f in self.take_released(z) {
+                self.drop(DropReason::Fragment, None, f.len());
+            }
+        }
         self.summarise_drops(&policy, true);
     }
 }
@@ -1134,6 +1186,10 @@ pub fn forward_loop(
         }
         // Fragments held for a first fragment this batch carried.
         let released = engine.take_released(ingress);
+        engine
+            .counters
+            .forwarded
+            .fetch_add(released.len() as u64, Ordering::Relaxed);
         out.extend(released.iter().map(|data| port::Frame {
             data,
             offload: port::Offload::NONE,
@@ -1452,9 +1508,10 @@ default deny
         let held = (5..400)
             .filter(|id| e.handle(Zone::Edge, &later(*id, 0)) == Disposition::Held)
             .count();
+        let first = MAX_HELD_PER_DATAGRAM * per_frame + WAITING_OVERHEAD;
         assert_eq!(
-            held + MAX_HELD_PER_DATAGRAM,
-            MAX_HELD_BYTES_PER_SOURCE / per_frame,
+            held,
+            (MAX_HELD_BYTES_PER_SOURCE - first) / (per_frame + WAITING_OVERHEAD),
             "a source holds no more than its share"
         );
         // Another source still has room.
@@ -1467,6 +1524,85 @@ default deny
             e.counters.dropped(DropReason::Fragment),
             before + (MAX_HELD_PER_DATAGRAM + held + 1) as u64
         );
+    }
+
+    /// A first fragment dropped before it was judged (spoofed, say) says
+    /// nothing about the datagram it names: it neither decides that
+    /// datagram's later fragments nor takes room in the table of verdicts.
+    /// An IPv6 source's share of held fragments is its /64's.
+    #[test]
+    fn unjudged_first_fragments_decide_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine_for(
+            dir.path(),
+            "\
+zone edge   = 192.0.2.0/25, 2001:db8:1::/48
+zone onprem = 192.0.2.128/25, 2001:db8:2::/48
+rule dns allow 192.0.2.0/25 -> 192.0.2.200 service udp/53
+default deny
+",
+            EngineConfig::default(),
+        );
+        let frags = |src: &str, id: u16| {
+            let udp = build::udp(40000, 53, &[0x41; 2000]);
+            let (s, d) = (v4(src), v4("192.0.2.200"));
+            (
+                build::ipv4(s, d, 17, &udp[..1480], (id, true, 0)),
+                build::ipv4(s, d, 17, &udp[1480..], (id, false, 185)),
+            )
+        };
+        // The datagram's own first fragment passes; the same bytes sent
+        // into the other port are spoofed there, and change nothing.
+        let (first, later) = frags("192.0.2.10", 7);
+        assert_eq!(e.handle(Zone::Edge, &first), Disposition::Forward);
+        assert_eq!(
+            e.handle(Zone::Onprem, &first),
+            Disposition::Drop(DropReason::Spoofed)
+        );
+        assert_eq!(e.handle(Zone::Edge, &later), Disposition::Forward);
+        // A spoofed first fragment before the real one: the later fragment
+        // still waits for the real one.
+        let (first, later) = frags("192.0.2.10", 8);
+        assert_eq!(
+            e.handle(Zone::Onprem, &first),
+            Disposition::Drop(DropReason::Spoofed)
+        );
+        assert_eq!(e.handle(Zone::Edge, &later), Disposition::Held);
+        assert_eq!(e.handle(Zone::Edge, &first), Disposition::Forward);
+        assert_eq!(e.take_released(Zone::Edge), vec![later]);
+        // Spoofed first fragments in any number take no room.
+        for i in 0..5000u16 {
+            let (first, _) = frags(&format!("198.51.100.{}", i % 250), i);
+            assert_eq!(
+                e.handle(Zone::Onprem, &first),
+                Disposition::Drop(DropReason::Spoofed)
+            );
+        }
+        assert_eq!(e.fragments.lock().unwrap().len(), 2);
+
+        // IPv6: every address of one /64 draws on one share.
+        let later6 = |src: u16, id: u32| {
+            // Fragment header: next header, reserved, offset 185 (in 8-byte
+            // units) without More, identification; then data.
+            let mut l4 = vec![17, 0];
+            l4.extend_from_slice(&(185u16 << 3).to_be_bytes());
+            l4.extend_from_slice(&id.to_be_bytes());
+            l4.extend_from_slice(&[0u8; 1400]);
+            let src = std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, src);
+            build::ipv6(src, "2001:db8:2::53".parse().unwrap(), 44, &l4)
+        };
+        let held = (0..400u16)
+            .filter(|i| e.handle(Zone::Edge, &later6(*i + 1, u32::from(*i))) == Disposition::Held)
+            .count();
+        let per = later6(1, 0).len() + HELD_OVERHEAD + WAITING_OVERHEAD;
+        assert_eq!(held, MAX_HELD_BYTES_PER_SOURCE / per, "one /64, one share");
+        // Another /64 has its own.
+        let other = {
+            let mut f = later6(1, 9999);
+            f[14 + 8 + 7] = 1; // source 2001:db8:1:1::1
+            f
+        };
+        assert_eq!(e.handle(Zone::Edge, &other), Disposition::Held);
     }
 
     /// ICMP that the connection table must not take for related traffic:
