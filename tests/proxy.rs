@@ -1073,6 +1073,33 @@ fn an_early_answer_from_the_origin_is_forwarded_without_the_rest_of_the_body() {
     );
     let r = p.wait_record("for the early answer", |r| s(r, "/url/full") == url);
     assert_eq!(n(&r, "/http/response/status_code"), 413);
+    // A kept-alive client whose upload the origin answered early: the
+    // connection closes after the answer (the rest of its body was not
+    // read, so nothing after it could be told from a new request).
+    let c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = format!("early.test:{}", p.origins.early);
+    let mut w = c.try_clone().unwrap();
+    let head =
+        format!("POST http://{t}/up HTTP/1.1\r\nHost: {t}\r\nContent-Length: 33554432\r\n\r\n");
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(head.as_bytes());
+        // Far more than the buffers on the way; the write fails once the
+        // proxy closes.
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..32 {
+            if w.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    let _ = (&c).take(4096).read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 413"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    drop(c);
+    let _ = writer.join();
     // The same upload refused by the policy.
     let denied = "http://blocked.test/upload";
     let (code, _) = p.curl(&["--data-binary", &format!("@{}", upload.display()), denied]);

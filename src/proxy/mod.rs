@@ -1546,6 +1546,15 @@ async fn forward(
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     add_via(&mut parts.headers, parts.version);
+    // The rest of the client's body was not read: the connection ends
+    // after this answer (hyper would otherwise drain what it holds and
+    // read on from the middle of an upload, or a next request would start
+    // unwatched; see `Activity::body_left`).
+    if parts.extensions.get::<upstream::BodyCutShort>().is_some() {
+        parts
+            .headers
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     // The client is answered in palisade's own HTTP version, whatever the
     // origin spoke (the body's framing was already read from its head).
     parts.version = hyper::Version::HTTP_11;

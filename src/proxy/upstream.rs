@@ -299,9 +299,15 @@ impl Slot {
             }
         }
         // After an early answer the request body stopped midway: the
-        // connection's framing is lost, so it is not used again.
-        self.receive(origin, head_only, !answered_early, upstream_timeout)
-            .await
+        // connection's framing is lost, so it is not used again; and the
+        // response says so, for the client's connection to close after it.
+        let mut r = self
+            .receive(origin, head_only, !answered_early, upstream_timeout)
+            .await;
+        if let (true, Ok(resp)) = (answered_early, &mut r) {
+            resp.extensions_mut().insert(BodyCutShort);
+        }
+        r
     }
 
     /// Reads the response head from `origin`; the body reads the rest. The
@@ -993,6 +999,11 @@ impl Body for OriginBody {
         }
     }
 }
+
+/// Marks a response the origin sent before it had the whole request body
+/// (which was then not sent on).
+#[derive(Clone, Copy)]
+pub struct BodyCutShort;
 
 /// Idle origin connections of clients that left, by the address they go
 /// to; the newest is handed out first.
