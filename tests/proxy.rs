@@ -1330,6 +1330,22 @@ fn oversize_headers_and_slowloris_are_cut() {
         );
         assert!(head.starts_with("HTTP/1.1 431"), "{extra}: {head}");
     }
+    // A URI past hyper's own limit (64 KiB) under a larger head limit:
+    // 414, and the record says so.
+    let u = start_proxy("max_header_bytes = 131072");
+    let head = raw_status(
+        u.addr,
+        &format!(
+            "GET http://{target}/{} HTTP/1.1\r\nHost: {target}\r\n\r\n",
+            "u".repeat(70_000)
+        ),
+    );
+    assert!(head.starts_with("HTTP/1.1 414"), "{head}");
+    let r = u.wait_record("for the long URI", |r| {
+        s(r, "/event/reason") == "request URI too long"
+    });
+    assert_eq!(n(&r, "/http/response/status_code"), 414);
+    u.stop_and_verify();
     // The same at the default limit (64 KiB).
     let d = start_proxy("");
     let target = format!("origin.test:{}", d.origins.http);
