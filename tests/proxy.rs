@@ -244,6 +244,8 @@ struct Proxy {
     origins: Origins,
     /// What the proxy said on stderr up to "listening on".
     startup: Vec<String>,
+    /// What it says after.
+    stderr: std::sync::mpsc::Receiver<String>,
 }
 
 /// How a test starts the proxy binary.
@@ -254,6 +256,8 @@ enum Launch<'a> {
     FakeTime(&'a str),
     /// Under `prlimit --nofile=SOFT:HARD`.
     OpenFiles(u64, u64),
+    /// After this is done to the test's directory.
+    Prepare(&'a dyn Fn(&Path)),
 }
 
 impl Drop for Proxy {
@@ -308,6 +312,9 @@ fn start_proxy_with(
     let origins = origins(dir.path());
     let policy = dir.path().join("test.policy");
     std::fs::write(&policy, policy_text(&origins)).unwrap();
+    if let Launch::Prepare(f) = launch {
+        f(dir.path());
+    }
     let config = dir.path().join("palisade.toml");
     std::fs::write(
         &config,
@@ -384,10 +391,27 @@ fn start_proxy_with(
         policy,
         origins,
         startup,
+        stderr: rx,
     }
 }
 
 impl Proxy {
+    /// Waits up to 10 s for a line on the proxy's stderr that contains
+    /// `text`.
+    fn wait_stderr(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self
+                .stderr
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("the proxy did not say `{text}`"),
+            }
+        }
+    }
+
     fn curl(&self, args: &[&str]) -> (u16, String) {
         let out = Command::new("curl")
             .args([
@@ -1776,6 +1800,77 @@ fn requests_and_tunnels_open_when_the_proxy_stops_are_recorded() {
     );
     assert_eq!(n(tunnel, "/source/bytes"), 4, "{tunnel:#}");
     assert_eq!(n(tunnel, "/destination/bytes"), 4, "{tunnel:#}");
+}
+
+/// Mounts a small tmpfs for a test and always takes it away again.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path) -> SmallFs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs at {}", at.display());
+        SmallFs(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// An operator hears at once, on stderr, that the audit trail cannot be
+/// written (its records cannot say so until it can), and when it can
+/// again.
+#[test]
+fn audit_write_failures_are_said_on_stderr() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIP: mounting a small filesystem needs root");
+        return;
+    }
+    let fs = std::cell::RefCell::new(None);
+    let mount = |dir: &Path| *fs.borrow_mut() = Some(SmallFs::mount(&dir.join("audit")));
+    let p = start_proxy_with("", &policy_text, Launch::Prepare(&mount));
+    let url = format!("http://origin.test:{}/", p.origins.http);
+    assert_eq!(p.curl(&[&url]).0, 200);
+    // Fill the filesystem the trail is on.
+    let filler = p.dir.path().join("audit/filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    // Fail-closed (the default): the request is refused, and stderr says
+    // why.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.curl(&[&url]).0 != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "no 503 with the trail's disk full"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let said = p.wait_stderr("audit trail: writes are failing");
+    assert!(said.contains("fail-closed"), "{said}");
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.curl(&[&url]).0 != 200 {
+        assert!(Instant::now() < deadline, "the trail did not recover");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p.wait_stderr("audit trail: writes succeed again");
+    let mut p = p;
+    p.stop();
+    // Unmounted before the test's directory is removed.
+    drop(fs.borrow_mut().take());
+    drop(p);
 }
 
 /// Debian's libfaketime (package faketime), if installed.

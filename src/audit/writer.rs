@@ -44,7 +44,7 @@ pub enum AuditError {
     Thread(std::io::Error),
     #[error("the audit writer stopped unexpectedly")]
     WriterGone,
-    #[error("the audit log was closed but its stop record could not be written (see the operational log); the trail stays open until the next start")]
+    #[error("the audit log was closed but its stop record could not be written (see the daemon's stderr); the trail stays open until the next start")]
     StopNotWritten,
     #[error("another palisade process is writing the audit trail in {dir}")]
     Locked { dir: PathBuf },
@@ -1052,9 +1052,21 @@ impl Writer {
 
     fn fail(&mut self, e: std::io::Error) {
         if self.failure.is_none() {
+            let error = format!("{}: {e}", self.path().display());
+            // The operator hears of it at once, on the daemon's stderr:
+            // the trail cannot say so until it is written again.
+            crate::say!(
+                "palisade: audit trail: writes are failing ({error}); {} until they succeed again",
+                match self.cfg.on_log_failure {
+                    OnLogFailure::FailClosed =>
+                        "fail-closed: requests and new flows are refused",
+                    OnLogFailure::FailOpen =>
+                        "fail-open: traffic goes on and the records it would have written are counted as lost",
+                }
+            );
             self.failure = Some(Failure {
                 since: Timestamp::now(),
-                error: format!("{}: {e}", self.path().display()),
+                error,
             });
         }
         self.shared.state.store(FAILING, Ordering::Release);
@@ -1089,8 +1101,12 @@ impl Writer {
             ..PalisadeFields::default()
         });
         self.stage_event(&recovered);
+        let lost = self.shared.counters.gap_lost.load(Ordering::Relaxed);
         match self.commit() {
             Ok(()) => {
+                crate::say!(
+                    "palisade: audit trail: writes succeed again; log-failed, gap ({lost} record(s) not written) and log-recovered records are in the trail"
+                );
                 self.failure = None;
                 self.shared.state.store(HEALTHY, Ordering::Release);
                 true
@@ -1108,6 +1124,11 @@ impl Writer {
     fn stop(&mut self) -> bool {
         self.shared.state.store(CLOSED, Ordering::Release);
         if self.failure.is_some() && !self.try_recover() {
+            let lost = self.shared.counters.gap_lost.load(Ordering::Relaxed);
+            crate::say!(
+                "palisade: audit trail: still failing at stop ({}); {lost} record(s) since the failure were not written, and the next start records this boot as ended uncleanly",
+                self.failure.as_ref().map_or("", |f| f.error.as_str())
+            );
             return false;
         }
         self.stage_event(&AuditEvent::lifecycle(Action::Stop));
