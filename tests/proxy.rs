@@ -1802,6 +1802,22 @@ fn requests_and_tunnels_open_when_the_proxy_stops_are_recorded() {
     assert_eq!(n(tunnel, "/destination/bytes"), 4, "{tunnel:#}");
 }
 
+/// SIGUSR1 prints the counters, as for the filter, and the proxy serves
+/// on (a signal an operator sends to both daemons must not stop one).
+#[test]
+fn sigusr1_prints_the_counters() {
+    let p = start_proxy("");
+    let url = format!("http://origin.test:{}/", p.origins.http);
+    assert_eq!(p.curl(&[&url]).0, 200);
+    assert_eq!(p.curl(&["http://blocked.test/"]).0, 403);
+    signal(p.child.as_ref().unwrap(), rustix::process::Signal::USR1);
+    let line = p.wait_stderr("requests and tunnels");
+    assert!(line.contains("2 requests and tunnels"), "{line}");
+    assert!(line.contains("1 denied"), "{line}");
+    assert_eq!(p.curl(&[&url]).0, 200, "still serving");
+    p.stop_and_verify();
+}
+
 /// Mounts a small tmpfs for a test and always takes it away again.
 struct SmallFs(PathBuf);
 

@@ -142,6 +142,9 @@ pub struct Proxy {
     /// action (ending the process) in place.
     #[cfg(unix)]
     hup: Option<tokio::signal::unix::Signal>,
+    /// SIGUSR1 prints the counters (as for the filter).
+    #[cfg(unix)]
+    usr1: Option<tokio::signal::unix::Signal>,
 }
 
 /// Listening sockets waiting for connections, per serving thread.
@@ -269,6 +272,9 @@ impl Proxy {
             local,
             #[cfg(unix)]
             hup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+            #[cfg(unix)]
+            usr1: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .ok(),
             state: Arc::new(State {
                 policy: ArcSwap::from_pointee(policy),
                 loader,
@@ -308,6 +314,8 @@ impl Proxy {
             state,
             #[cfg(unix)]
             mut hup,
+            #[cfg(unix)]
+            mut usr1,
             ..
         } = self;
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -362,8 +370,18 @@ impl Proxy {
                     None => std::future::pending::<()>().await,
                 }
             };
+            #[cfg(unix)]
+            let usr1_fut = async {
+                match usr1.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = usr1_fut => state.say_counters(""),
                 _ = hup_fut => {
                     // The compile runs beside the serving threads: clients
                     // keep being served under the policy in force meanwhile.
@@ -394,6 +412,7 @@ impl Proxy {
             }
         })
         .await;
+        state.say_counters("at stop: ");
         // The audit handle outlives the proxy: the caller closes it.
         Arc::try_unwrap(state)
             .map(|s| s.audit)
@@ -982,6 +1001,25 @@ fn client_builder(config: &ProxyConfig) -> hyper::server::conn::http1::Builder {
 }
 
 impl State {
+    /// Prints the counters (on SIGUSR1, and at stop).
+    fn say_counters(&self, when: &str) {
+        let c = &self.counters;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let audit = self.audit.stats();
+        crate::say!(
+            "palisade proxy: {when}{} connections ({} open, {} refused over the limits), {} requests and tunnels ({} tunnels), {} denied, {} rate-limited; audit: {} records written, {} lost",
+            n(&c.connections),
+            n(&self.open),
+            n(&c.refused_connections),
+            n(&c.requests),
+            n(&c.tunnels),
+            n(&c.denied),
+            n(&c.rate_limited),
+            audit.records_written,
+            audit.lost_records,
+        );
+    }
+
     fn request_id(&self) -> String {
         format!(
             "{}-{}",
