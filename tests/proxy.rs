@@ -1818,6 +1818,48 @@ fn sigusr1_prints_the_counters() {
     p.stop_and_verify();
 }
 
+/// A policy that does not compile stops the proxy at start, before it
+/// opens its audit trail (no boot is recorded that served nothing), with
+/// the diagnostic as `check` prints it. A policy put in force with
+/// warnings (here: empty, at a reload) has them said on stderr.
+#[test]
+fn policy_errors_stop_the_start_and_warnings_are_said() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.policy"),
+        "rule x allow nothere -> any\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("palisade.toml"),
+        "policy = \"bad.policy\"\n[proxy]\nlisten = \"127.0.0.1:0\"\n[audit]\ndir = \"audit\"\nsigning_key = \"keys/audit.key\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["proxy", "--config"])
+        .arg(dir.path().join("palisade.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("error[E0101]: unknown network `nothere`"),
+        "{err}"
+    );
+    assert!(!err.contains("error: error"), "{err}");
+    assert!(
+        !dir.path().join("audit").exists(),
+        "no trail for a start that failed"
+    );
+
+    let p = start_proxy("");
+    std::fs::write(&p.policy, "").unwrap();
+    signal(p.child.as_ref().unwrap(), rustix::process::Signal::HUP);
+    p.wait_stderr("warning[W0303]");
+    p.wait_stderr("has no rules: everything is denied");
+    p.stop_and_verify();
+}
+
 /// Mounts a small tmpfs for a test and always takes it away again.
 struct SmallFs(PathBuf);
 

@@ -238,6 +238,21 @@ pub fn load_for_enforcement(path: &Path) -> Result<Compiled, String> {
         items: failed_expectations(&c),
     };
     if failed.items.is_empty() {
+        // Put in force, with what `check` would warn of said to the
+        // operator (an empty file, a rule past its date, ...).
+        if !c.diagnostics.items.is_empty() {
+            palisade::say!("{}", c.diagnostics.render(&c.sources).trim_end());
+        }
+        if c.stats.rules == 0 && c.stats.http_rules == 0 {
+            palisade::say!(
+                "warning: {} has no rules: everything is {}",
+                path.display(),
+                match c.policy.default_verdict() {
+                    palisade::policy::Verdict::Allow => "allowed",
+                    palisade::policy::Verdict::Deny => "denied",
+                }
+            );
+        }
         return Ok(c);
     }
     Err(format!(

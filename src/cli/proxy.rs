@@ -42,9 +42,22 @@ pub fn run(args: ProxyArgs) -> ExitCode {
         config.audit.dir = d;
     }
     fit_open_file_limit(&mut config.proxy);
+    // The policy is compiled before the trail is opened: a start that
+    // fails on its policy leaves no boot in the trail.
     let policy_path = config.policy.clone();
-    let loader =
-        Box::new(move || super::policy::load_for_enforcement(&policy_path).map(|c| c.policy));
+    let first = match super::policy::load_for_enforcement(&policy_path) {
+        Ok(c) => std::sync::Mutex::new(Some(c.policy)),
+        Err(e) => {
+            palisade::say!("{}", e.trim_end());
+            return ExitCode::from(2);
+        }
+    };
+    let loader = Box::new(move || {
+        if let Some(p) = first.lock().ok().and_then(|mut f| f.take()) {
+            return Ok(p);
+        }
+        super::policy::load_for_enforcement(&policy_path).map(|c| c.policy)
+    });
     let audit = match open_audit(&config) {
         Ok(a) => a,
         Err(code) => return code,
