@@ -282,6 +282,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if p.request_burst_per_client == 0 {
+            return Err(invalid(
+                "proxy.request_burst_per_client",
+                "must be at least 1 (a burst of 0 would refuse every request)",
+            ));
+        }
         for (field, d) in [
             ("proxy.header_read_timeout", p.header_read_timeout),
             ("proxy.idle_timeout", p.idle_timeout),

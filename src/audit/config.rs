@@ -186,9 +186,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num.parse().map_err(|_| {
         format!("{s:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\", \"1h\"")
     })?;
+    if unit.starts_with('.') {
+        return Err(format!(
+            "{s:?}: a duration is a whole number with a unit; write a smaller unit instead of a fraction (\"1500ms\" for 1.5s)"
+        ));
+    }
     let ms = match unit.trim() {
+        "" => {
+            return Err(format!(
+                "{s:?} has no unit; write e.g. \"{n}s\" or \"{n}ms\""
+            ))
+        }
         "ms" => 1,
-        "" | "s" => 1000,
+        "s" => 1000,
         "m" | "min" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
@@ -245,9 +255,17 @@ impl fmt::Display for NumOrText {
     }
 }
 
+/// A duration must say its unit: a bare number could mean seconds or
+/// milliseconds, and a wrong guess is a timeout 1000 times off.
+fn no_unit<E: serde::de::Error>(n: u64) -> E {
+    E::custom(format!(
+        "{n} has no unit; write a duration as text with one, e.g. \"{n}s\" or \"{n}ms\""
+    ))
+}
+
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     match NumOrText::deserialize(d)? {
-        NumOrText::Num(n) => Ok(Duration::from_secs(n)),
+        NumOrText::Num(n) => Err(no_unit(n)),
         NumOrText::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
     }
 }
@@ -255,7 +273,7 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     match NumOrText::deserialize(d)? {
         NumOrText::Text(t) if t == "off" => Ok(None),
-        NumOrText::Num(n) => Ok(Some(Duration::from_secs(n))),
+        NumOrText::Num(n) => Err(no_unit(n)),
         NumOrText::Text(t) => parse_duration(&t)
             .map(Some)
             .map_err(serde::de::Error::custom),
@@ -275,6 +293,19 @@ mod tests {
 
     fn from_json(s: &str) -> Result<AuditConfig, String> {
         serde_json::from_str(s).map_err(|e| e.to_string())
+    }
+
+    /// A duration says its unit, in whole numbers.
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        let e = parse_duration("60").unwrap_err();
+        assert!(e.contains("has no unit") && e.contains("\"60s\""), "{e}");
+        let e = parse_duration("1.5s").unwrap_err();
+        assert!(e.contains("1500ms"), "{e}");
+        let e = from_json(r#"{"signing_key": "/k", "checkpoint_interval": 60}"#).unwrap_err();
+        assert!(e.contains("60 has no unit"), "{e}");
     }
 
     #[test]
