@@ -92,6 +92,14 @@ fn kill_9_under_load_loses_no_durable_record() {
     make_trail(&dir, &keys, 10);
     let (code, report) = verify(&dir, &keys);
     assert_eq!(code, 0, "{report}");
+    // Whole (a crash is not tampering), and the auditor is told where
+    // records may be missing.
+    let short: String = boot.chars().take(8).collect();
+    assert!(
+        report.contains(&format!("note: boot {short} ended at seq "))
+            && report.contains("without its stop record"),
+        "{report}"
+    );
     let o = run(&["audit", "query", dir.to_str().unwrap(), "--action", "start"]);
     let starts: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
         .lines()

@@ -84,6 +84,11 @@ pub struct VerifyReport {
     pub unsigned_tail: usize,
     pub first_timestamp: Option<String>,
     pub last_timestamp: Option<String>,
+    /// Boots that ended without their stop record (a crash, a kill, or a
+    /// trail that could not be written at stop), as the next start record
+    /// says: not tampering, but their last records may never have been
+    /// written. Each as text: the boot, its last seq, and where it is said.
+    pub unclean_ends: Vec<String>,
 }
 
 impl VerifyReport {
@@ -261,6 +266,21 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
             }
         };
         boots.insert(rec.boot_id.clone());
+        if rec.event.action == Action::Start {
+            if let Some(pb) = rec
+                .palisade
+                .as_ref()
+                .and_then(|p| p.previous_boot.as_ref())
+                .filter(|pb| !pb.clean && !pb.boot_id.is_empty())
+            {
+                let short: String = pb.boot_id.chars().take(8).collect();
+                report.unclean_ends.push(format!(
+                    "boot {short} ended at seq {} without its stop record (said by the start record at {})",
+                    pb.last_seq,
+                    line_ref(i)
+                ));
+            }
+        }
         if let Some(&k) = by_hash.get(e.hash.as_str()).filter(|&&k| k != i) {
             findings.push(find(
                 FindingKind::Inserted,

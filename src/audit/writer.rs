@@ -570,6 +570,16 @@ impl Writer {
             gap_staged: (0, 0),
             ts_text: (Timestamp(0), String::new()),
         };
+        if let Some(pb) = rec.previous_boot.as_ref().filter(|pb| !pb.clean) {
+            crate::say!(
+                "palisade: audit trail: the previous run{} ended without its stop record (a crash, a kill, or a trail it could not write at stop); the start record says so",
+                if pb.boot_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (boot {}, last seq {})", &pb.boot_id[..pb.boot_id.len().min(8)], pb.last_seq)
+                }
+            );
+        }
         let mut start = AuditEvent::lifecycle(Action::Start);
         start.palisade = Some(PalisadeFields {
             version: Some(env!("CARGO_PKG_VERSION").to_string()),

@@ -360,6 +360,11 @@ fn verify(key: &Path, dir: &Path) -> Result<ExitCode, CliError> {
         report.checkpoints_verified,
         verifier.key_id()
     );
+    // Not tampering, but an auditor must know records may be missing
+    // there: a crash loses what was not yet written.
+    for u in &report.unclean_ends {
+        println!("note: {u}: records it had not yet written are not in the trail");
+    }
     if !report.is_whole() {
         println!(
             "NOT WHOLE: {} problem(s) found in {scope}",
