@@ -269,3 +269,26 @@ fn verify_during_rotation_is_not_a_tamper_alarm() {
     let (code, report) = verify(&dir, &keys);
     assert_eq!(code, 0, "{report}");
 }
+
+/// `--until` with a date alone takes that whole day in; `keygen --out`
+/// creates the folder it is given.
+#[test]
+fn query_until_a_date_includes_that_day_and_keygen_makes_its_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("new/keys");
+    let o = run(&["audit", "keygen", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("audit.key").exists() && out.join("audit.pub").exists());
+
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    make_trail(&dir, &keys, 5);
+    let all = records(&dir);
+    let day = all[0]["@timestamp"].as_str().unwrap()[..10].to_string();
+    let count = |until: &str| {
+        let o = run(&["audit", "query", dir.to_str().unwrap(), "--until", until]);
+        String::from_utf8_lossy(&o.stdout).lines().count()
+    };
+    assert_eq!(count(&day), all.len(), "the whole of {day}");
+    assert_eq!(count(&format!("{day}T00:00:00Z")), 0, "a time is exact");
+}

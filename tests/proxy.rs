@@ -1853,6 +1853,39 @@ fn policy_errors_stop_the_start_and_warnings_are_said() {
     );
 
     let p = start_proxy("");
+    // The key the proxy created is its owner's alone: no warning.
+    assert!(
+        !p.startup
+            .iter()
+            .any(|l| l.contains("signing key") && l.contains("other users")),
+        "{:#?}",
+        p.startup
+    );
+    // A key others can read is said at start.
+    let loose = |dir: &Path| {
+        let keys = dir.join("keys");
+        let o = Command::new(env!("CARGO_BIN_EXE_palisade"))
+            .args(["audit", "keygen", "--out"])
+            .arg(&keys)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            keys.join("audit.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+    };
+    let q = start_proxy_with("", &policy_text, Launch::Prepare(&loose));
+    assert!(
+        q.startup.iter().any(|l| l.contains("signing key")
+            && l.contains("mode 644")
+            && l.contains("chmod 600")),
+        "{:#?}",
+        q.startup
+    );
+    q.stop_and_verify();
     std::fs::write(&p.policy, "").unwrap();
     signal(p.child.as_ref().unwrap(), rustix::process::Signal::HUP);
     p.wait_stderr("warning[W0303]");

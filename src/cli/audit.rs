@@ -152,6 +152,8 @@ pub fn run(cmd: AuditCommand) -> ExitCode {
 fn dispatch(cmd: AuditCommand) -> Result<ExitCode, CliError> {
     match cmd {
         AuditCommand::Keygen { out, name } => {
+            std::fs::create_dir_all(&out)
+                .map_err(|e| CliError::Argument(format!("--out {}: {e}", out.display())))?;
             let (s, v) = (
                 out.join(format!("{name}.key")),
                 out.join(format!("{name}.pub")),
@@ -268,9 +270,17 @@ impl Window {
                 })
                 .transpose()
         };
+        // `--until 2026-11-25` takes that whole day in, as it reads: a
+        // date alone ends at the next midnight (`until` is exclusive).
+        let mut until = parse("until", &self.until)?;
+        if let (Some(t), Some(s)) = (until.as_mut(), &self.until) {
+            if s.trim().len() == 10 {
+                t.0 += 86_400_000_000;
+            }
+        }
         Ok(Filter {
             since: parse("since", &self.since)?,
-            until: parse("until", &self.until)?,
+            until,
             ..Filter::default()
         })
     }

@@ -151,6 +151,10 @@ pub fn run(args: FilterArgs) -> ExitCode {
         audit.clone(),
         config.policy.clone(),
     );
+    // The signal handlers are in place before the filter says it runs: a
+    // stop sent as soon as it does must seal the trail, not find the
+    // default action.
+    let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
     let signals = std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -160,12 +164,14 @@ pub fn run(args: FilterArgs) -> ExitCode {
         };
         rt.block_on(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut hup), Ok(mut term), Ok(mut int), Ok(mut usr1)) = (
+            let handlers = (
                 signal(SignalKind::hangup()),
                 signal(SignalKind::terminate()),
                 signal(SignalKind::interrupt()),
                 signal(SignalKind::user_defined1()),
-            ) else {
+            );
+            let _ = ready_tx.send(());
+            let (Ok(mut hup), Ok(mut term), Ok(mut int), Ok(mut usr1)) = handlers else {
                 return;
             };
             // Rules that expire while the filter runs stop matching the day
@@ -208,6 +214,7 @@ pub fn run(args: FilterArgs) -> ExitCode {
             s2.store(true, Ordering::Relaxed);
         });
     });
+    let _ = ready.recv_timeout(std::time::Duration::from_secs(10));
     palisade::say!(
         "palisade filter: forwarding between {} (edge) and {} (onprem) ({} ports, kernel fast path {fast_path}); policy {}; audit trail in {}",
         f.edge,

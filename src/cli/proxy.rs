@@ -83,6 +83,32 @@ pub fn run(args: ProxyArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        // SIGTERM and SIGINT are taken before the address is announced:
+        // a stop sent as soon as it is must seal the trail, not find the
+        // default action (the process ending mid-write).
+        #[cfg(unix)]
+        let shutdown = {
+            use tokio::signal::unix::{signal, SignalKind};
+            let term = signal(SignalKind::terminate());
+            let int = signal(SignalKind::interrupt());
+            async move {
+                match (term, int) {
+                    (Ok(mut term), Ok(mut int)) => {
+                        tokio::select! {
+                            _ = int.recv() => {}
+                            _ = term.recv() => {}
+                        }
+                    }
+                    _ => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            }
+        };
+        #[cfg(not(unix))]
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
         match proxy.local_addr() {
             Ok(a) => palisade::say!(
                 "palisade proxy: listening on {a}; {} serving threads; policy {}; audit trail in {}",
@@ -92,27 +118,6 @@ pub fn run(args: ProxyArgs) -> ExitCode {
             ),
             Err(e) => palisade::say!("palisade proxy: {e}"),
         }
-        let shutdown = async {
-            #[cfg(unix)]
-            {
-                use tokio::signal::unix::{signal, SignalKind};
-                match signal(SignalKind::terminate()) {
-                    Ok(mut term) => {
-                        tokio::select! {
-                            _ = tokio::signal::ctrl_c() => {}
-                            _ = term.recv() => {}
-                        }
-                    }
-                    Err(_) => {
-                        let _ = tokio::signal::ctrl_c().await;
-                    }
-                }
-            }
-            #[cfg(not(unix))]
-            {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        };
         let log = proxy.run(shutdown).await;
         palisade::say!("palisade proxy: stopping");
         match log.close_async().await {
@@ -175,6 +180,17 @@ pub fn open_audit(config: &Config) -> Result<AuditLog, ExitCode> {
                     palisade::say!("error: cannot create the audit signing key: {e}");
                     return Err(ExitCode::from(2));
                 }
+            }
+        }
+        // Whoever can read the signing key can forge checkpoints.
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(key) {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                palisade::say!(
+                    "palisade: warning: the audit signing key {} can be read or written by other users (mode {mode:o}); whoever reads it can sign a forged trail: chmod 600 it",
+                    key.display()
+                );
             }
         }
     }
