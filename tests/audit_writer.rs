@@ -292,3 +292,68 @@ fn query_until_a_date_includes_that_day_and_keygen_makes_its_folder() {
     assert_eq!(count(&day), all.len(), "the whole of {day}");
     assert_eq!(count(&format!("{day}T00:00:00Z")), 0, "a time is exact");
 }
+
+/// Old files may be archived off the appliance: `verify --from FILE`
+/// checks the files kept, from the first of them on, and still finds any
+/// change to them; without `--from` the archived files are missing.
+#[test]
+fn verify_from_the_first_file_kept_after_archiving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    let o = run(&[
+        "audit",
+        "stress",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--key",
+        keys.signing.to_str().unwrap(),
+        "--records",
+        "2000",
+        "--rotate-size",
+        "64KiB",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let archive = tmp.path().join("archive");
+    std::fs::create_dir(&archive).unwrap();
+    for f in ["audit-00000001.jsonl", "audit-00000002.jsonl"] {
+        std::fs::rename(dir.join(f), archive.join(f)).unwrap();
+    }
+    let (code, report) = verify(&dir, &keys);
+    assert_eq!(code, 1, "{report}");
+    assert!(report.contains("missing file"), "{report}");
+    let from = |name: &str| {
+        let o = run(&[
+            "audit",
+            "verify",
+            "--key",
+            keys.verifying.to_str().unwrap(),
+            "--from",
+            name,
+            dir.to_str().unwrap(),
+        ]);
+        (o.status.code().unwrap_or(-1), text(&o))
+    };
+    let (code, report) = from("audit-00000003.jsonl");
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report.contains("from audit-00000003.jsonl on (earlier files archived"),
+        "{report}"
+    );
+    // A record taken out of a kept file is still found.
+    let f = dir.join("audit-00000004.jsonl");
+    let body = std::fs::read_to_string(&f).unwrap();
+    let lines: Vec<&str> = body.lines().collect();
+    let without: String = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3)
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    std::fs::write(&f, without).unwrap();
+    let (code, report) = from("audit-00000003.jsonl");
+    assert_eq!(code, 1, "{report}");
+    assert!(report.contains("deleted"), "{report}");
+    let (code, report) = from("nonsense");
+    assert_eq!(code, 2, "{report}");
+}

@@ -138,7 +138,23 @@ enum Link {
 
 /// Reads and checks the whole trail in `dir`.
 pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<VerifyReport> {
-    let files = list_files(dir)?;
+    verify_trail_from(dir, key, 1)
+}
+
+/// Checks the trail in `dir` from file number `from` on: the files before
+/// it were archived (and are verified with the archive). The first file's
+/// link into the one before it is taken as given, not checked; everything
+/// from there on is checked as for the whole trail.
+pub fn verify_trail_from(
+    dir: &Path,
+    key: &CheckpointVerifier,
+    from: u64,
+) -> std::io::Result<VerifyReport> {
+    let from = from.max(1);
+    let files: Vec<_> = list_files(dir)?
+        .into_iter()
+        .filter(|(i, _)| *i >= from)
+        .collect();
     let mut report = VerifyReport {
         files: files.len(),
         ..VerifyReport::default()
@@ -156,7 +172,7 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
     // Files: numbered from 1 without holes (the writer never deletes).
     let mut gap_before: HashSet<usize> = HashSet::new();
     let mut missing_ranges: Vec<std::ops::Range<u64>> = Vec::new();
-    let mut expected = 1u64;
+    let mut expected = from;
     for (pos, (index, _)) in files.iter().enumerate() {
         if *index > expected {
             let missing = if *index == expected + 1 {
@@ -230,6 +246,8 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
             };
             match prev_hash_of(i) {
                 Some(p) if p == expected => Link::Ok,
+                // The link into an archived file: taken as given.
+                Some(_) if i == 0 && from > 1 => Link::Ok,
                 _ => Link::Broken,
             }
         })
@@ -355,7 +373,7 @@ pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<Ver
             }
         }
         if links[i] == Link::Ok {
-            check_sequence(i, &entries, &mut findings, &line_ref, &names);
+            check_sequence(i, &entries, &mut findings, &line_ref, &names, from > 1);
             continue;
         }
         if explained.contains(&i) {
@@ -641,6 +659,7 @@ fn check_sequence(
     findings: &mut Vec<Finding>,
     line_ref: &dyn Fn(usize) -> String,
     names: &[String],
+    archived_before: bool,
 ) {
     let Ok(cur) = &entries[i].rec else { return };
     let here = |message: String| Finding {
@@ -652,7 +671,16 @@ fn check_sequence(
     };
     let is_start = cur.event.action == Action::Start && cur.event.code == RecordKind::Lifecycle;
     if i == 0 {
-        if !(is_start && cur.seq == 0) {
+        let rotation =
+            cur.event.action == Action::Rotation && cur.event.code == RecordKind::Lifecycle;
+        if archived_before {
+            // After archived files: a file's own beginning.
+            if !(is_start || rotation) {
+                findings.push(here(
+                    "the first file kept does not begin with a rotation or start record".into(),
+                ));
+            }
+        } else if !(is_start && cur.seq == 0) {
             findings.push(here(
                 "the trail does not begin with a start record at seq 0".into(),
             ));

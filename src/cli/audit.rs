@@ -11,7 +11,7 @@ use palisade::audit::keys::{CheckpointVerifier, KeyError};
 use palisade::audit::query::{
     for_each_record, squid_line, table_row, DomainPattern, Filter, Summary, TABLE_HEADER,
 };
-use palisade::audit::verify::verify_trail;
+use palisade::audit::verify::verify_trail_from;
 use palisade::audit::{
     generate_key_pair, Action, AuditConfig, AuditError, AuditEvent, AuditLog, Ticket, Timestamp,
 };
@@ -41,6 +41,10 @@ open: no stop checkpoint at the end (writer running or crashed, or records cut o
         /// The verifying key (NAME.pub from keygen).
         #[arg(long)]
         key: PathBuf,
+        /// Start at this file (audit-NNNNNNNN.jsonl): the files before it
+        /// were archived, and are verified with the archive.
+        #[arg(long)]
+        from: Option<String>,
         /// The trail's directory (audit.dir).
         dir: PathBuf,
     },
@@ -170,7 +174,24 @@ fn dispatch(cmd: AuditCommand) -> Result<ExitCode, CliError> {
             println!("key id:        {id}");
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Verify { key, dir } => verify(&key, &dir),
+        AuditCommand::Verify { key, from, dir } => {
+            let from = match from {
+                None => 1,
+                Some(f) => {
+                    let name = Path::new(&f)
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or(&f)
+                        .to_string();
+                    palisade::audit::trail::parse_file_name(&name).ok_or_else(|| {
+                        CliError::Argument(format!(
+                            "--from {f:?}: name a trail file, e.g. audit-00000042.jsonl"
+                        ))
+                    })?
+                }
+            };
+            verify(&key, &dir, from)
+        }
         AuditCommand::Query {
             dir,
             window,
@@ -321,9 +342,9 @@ fn warn_unreadable(bad: &[palisade::audit::query::Unreadable]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn verify(key: &Path, dir: &Path) -> Result<ExitCode, CliError> {
+fn verify(key: &Path, dir: &Path, from: u64) -> Result<ExitCode, CliError> {
     let verifier = CheckpointVerifier::load(key)?;
-    let report = verify_trail(dir, &verifier).map_err(|source| CliError::Trail {
+    let report = verify_trail_from(dir, &verifier, from).map_err(|source| CliError::Trail {
         dir: dir.to_path_buf(),
         source,
     })?;
@@ -362,8 +383,16 @@ fn verify(key: &Path, dir: &Path) -> Result<ExitCode, CliError> {
         (Some(a), Some(b)) => format!(", {a} .. {b}"),
         _ => String::new(),
     };
+    let kept = if from > 1 {
+        format!(
+            " from {} on (earlier files archived: verify them with the archive)",
+            palisade::audit::trail::file_name(from)
+        )
+    } else {
+        String::new()
+    };
     let scope = format!(
-        "{} files, {} records, {} boots, {} checkpoints verified with key {}{span}",
+        "{} files{kept}, {} records, {} boots, {} checkpoints verified with key {}{span}",
         report.files,
         report.records,
         report.boots,
