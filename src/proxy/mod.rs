@@ -147,6 +147,18 @@ pub struct Proxy {
     usr1: Option<tokio::signal::unix::Signal>,
 }
 
+/// The next delivery of a signal the proxy listens for (never, if it
+/// could not listen).
+#[cfg(unix)]
+async fn next_signal(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s.as_mut() {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
 /// Listening sockets waiting for connections, per serving thread.
 const LISTEN_BACKLOG: i32 = 1024;
 
@@ -362,23 +374,7 @@ impl Proxy {
         tokio::pin!(expiry);
         loop {
             #[cfg(unix)]
-            let hup_fut = async {
-                match hup.as_mut() {
-                    Some(h) => {
-                        h.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            #[cfg(unix)]
-            let usr1_fut = async {
-                match usr1.as_mut() {
-                    Some(s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
+            let (hup_fut, usr1_fut) = (next_signal(&mut hup), next_signal(&mut usr1));
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = usr1_fut => state.say_counters(""),
