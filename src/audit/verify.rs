@@ -138,16 +138,18 @@ enum Link {
 
 /// Reads and checks the whole trail in `dir`.
 pub fn verify_trail(dir: &Path, key: &CheckpointVerifier) -> std::io::Result<VerifyReport> {
-    verify_trail_from(dir, key, 1)
+    verify_trail_from(dir, std::slice::from_ref(key), 1)
 }
 
 /// Checks the trail in `dir` from file number `from` on: the files before
 /// it were archived (and are verified with the archive). The first file's
 /// link into the one before it is taken as given, not checked; everything
-/// from there on is checked as for the whole trail.
+/// from there on is checked as for the whole trail. Each checkpoint is
+/// checked with the key of `keys` it names (a trail signed by a key that
+/// was replaced is verified with both).
 pub fn verify_trail_from(
     dir: &Path,
-    key: &CheckpointVerifier,
+    keys: &[CheckpointVerifier],
     from: u64,
 ) -> std::io::Result<VerifyReport> {
     let from = from.max(1);
@@ -344,19 +346,21 @@ pub fn verify_trail_from(
                     next,
                     &cp.stats,
                 );
-                if cp.key_id != key.key_id() {
+                let key = keys.iter().find(|k| k.key_id() == cp.key_id);
+                if key.is_none() {
+                    let given: Vec<&str> = keys.iter().map(|k| k.key_id()).collect();
                     findings.push(find(
                         FindingKind::WrongKey,
                         file,
                         line,
                         seq,
                         format!(
-                            "checkpoint signed by key {} but the verifying key given is {}",
+                            "checkpoint signed by key {} but the verifying key(s) given are {}",
                             cp.key_id,
-                            key.key_id()
+                            given.join(", ")
                         ),
                     ));
-                } else if key.verify(&message, &cp.signature) {
+                } else if key.is_some_and(|k| k.verify(&message, &cp.signature)) {
                     report.checkpoints_verified += 1;
                     if links[i] == Link::Ok {
                         last_good_checkpoint = Some(i);

@@ -38,9 +38,10 @@ is listed with file:line); 2 could not verify (bad key, unreadable or empty dire
 open: no stop checkpoint at the end (writer running or crashed, or records cut off the end)."
     )]
     Verify {
-        /// The verifying key (NAME.pub from keygen).
-        #[arg(long)]
-        key: PathBuf,
+        /// The verifying key (NAME.pub from keygen); give it again for each
+        /// key the trail was signed with (after a key was replaced).
+        #[arg(long, required = true)]
+        key: Vec<PathBuf>,
         /// Start at this file (audit-NNNNNNNN.jsonl): the files before it
         /// were archived, and are verified with the archive.
         #[arg(long)]
@@ -342,9 +343,14 @@ fn warn_unreadable(bad: &[palisade::audit::query::Unreadable]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn verify(key: &Path, dir: &Path, from: u64) -> Result<ExitCode, CliError> {
-    let verifier = CheckpointVerifier::load(key)?;
-    let report = verify_trail_from(dir, &verifier, from).map_err(|source| CliError::Trail {
+fn verify(keys: &[PathBuf], dir: &Path, from: u64) -> Result<ExitCode, CliError> {
+    let verifiers = keys
+        .iter()
+        .map(|k| CheckpointVerifier::load(k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let key_ids: Vec<&str> = verifiers.iter().map(|v| v.key_id()).collect();
+    let key_ids = key_ids.join(", ");
+    let report = verify_trail_from(dir, &verifiers, from).map_err(|source| CliError::Trail {
         dir: dir.to_path_buf(),
         source,
     })?;
@@ -369,7 +375,7 @@ fn verify(key: &Path, dir: &Path, from: u64) -> Result<ExitCode, CliError> {
             .any(|f| f.kind == palisade::audit::verify::FindingKind::BadSignature)
     {
         eprintln!(
-            "error: could not verify {}: the key given is not the one that signed this trail ({} checkpoint(s); the first: {})",
+            "error: could not verify {}: no key given is one that signed this trail ({} checkpoint(s); the first: {})",
             dir.display(),
             wrong_key.len(),
             wrong_key[0]
@@ -393,11 +399,7 @@ fn verify(key: &Path, dir: &Path, from: u64) -> Result<ExitCode, CliError> {
     };
     let scope = format!(
         "{} files{kept}, {} records, {} boots, {} checkpoints verified with key {}{span}",
-        report.files,
-        report.records,
-        report.boots,
-        report.checkpoints_verified,
-        verifier.key_id()
+        report.files, report.records, report.boots, report.checkpoints_verified, key_ids
     );
     // Not tampering, but an auditor must know records may be missing
     // there: a crash loses what was not yet written.
