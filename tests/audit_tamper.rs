@@ -226,6 +226,23 @@ fn a_replaced_signing_key_verifies_with_both_keys() {
     );
     let dir = tmp.path().join("trail");
     make_trail(&dir, &old, 5);
+    // A run with the new key says, at its start, that the trail changes key.
+    let o = run(&[
+        "audit",
+        "stress",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--key",
+        new.signing.to_str().unwrap(),
+        "--records",
+        "5",
+    ]);
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{said}");
+    assert!(
+        said.contains("the trail so far was signed with key") && said.contains("--key NEW.pub"),
+        "{said}"
+    );
     make_trail(&dir, &new, 5);
     let both = run(&[
         "audit",
@@ -238,7 +255,7 @@ fn a_replaced_signing_key_verifies_with_both_keys() {
     ]);
     let out = text(&both);
     assert_eq!(both.status.code(), Some(0), "{out}");
-    assert!(out.contains("WHOLE: 2 files"), "{out}");
+    assert!(out.contains("WHOLE: 3 files"), "{out}");
     let (code, out) = verify(&dir, &old);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("but the verifying key(s) given are"), "{out}");

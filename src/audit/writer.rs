@@ -415,6 +415,9 @@ struct Recovered {
     last_index: u64,
     head: String,
     previous_boot: Option<PreviousBoot>,
+    /// The key that signed the trail's last record, when that is a
+    /// checkpoint (a clean stop's is).
+    last_key_id: Option<String>,
 }
 
 fn recover(dir: &Path) -> Result<Recovered, AuditError> {
@@ -459,7 +462,13 @@ fn recover(dir: &Path) -> Result<Recovered, AuditError> {
                 ),
                 None => (String::new(), 0, false),
             };
+            let last_key_id = record
+                .as_ref()
+                .and_then(|r| r.event.palisade.as_ref())
+                .and_then(|p| p.checkpoint.as_ref())
+                .map(|c| c.key_id.clone());
             return Ok(Recovered {
+                last_key_id,
                 last_index,
                 head: line_hash(last.bytes),
                 previous_boot: Some(PreviousBoot {
@@ -472,6 +481,7 @@ fn recover(dir: &Path) -> Result<Recovered, AuditError> {
         }
     }
     Ok(Recovered {
+        last_key_id: None,
         last_index,
         head: GENESIS_HASH.to_string(),
         previous_boot: torn_tail.map(|t| PreviousBoot {
@@ -537,6 +547,12 @@ impl Writer {
         })?;
         let lock = lock_dir(&dir)?;
         let rec = recover(&dir)?;
+        if let Some(old) = rec.last_key_id.as_deref().filter(|k| *k != signer.key_id()) {
+            crate::say!(
+                "palisade: audit trail: warning: the trail so far was signed with key {old}; this run signs with key {}: its auditors need both public keys (audit verify --key OLD.pub --key NEW.pub)",
+                signer.key_id()
+            );
+        }
         let index = rec.last_index + 1;
         let path = dir.join(file_name(index));
         let file = create_file(&dir, &path).map_err(|source| AuditError::Write {
