@@ -202,9 +202,18 @@ pub fn verify_trail_from(
     let mut entries: Vec<Entry> = Vec::new();
     let mut torn: HashMap<usize, (u64, u64, String)> = HashMap::new();
     let mut first_entry_of_file: HashMap<usize, usize> = HashMap::new();
-    for (pos, (_, path)) in files.iter().enumerate() {
-        let content = std::fs::read(path)?;
-        let (lines, tail) = split_lines(&content);
+    // Read newest first: a live writer appends in chain order, the files
+    // before the newest are final once anything follows them, so reading
+    // backwards sees a consistent prefix of the chain (read oldest first,
+    // a record appended to one file after it was read, ahead of the next
+    // file's, would look deleted).
+    let mut contents: Vec<Vec<u8>> = Vec::with_capacity(files.len());
+    for (_, path) in files.iter().rev() {
+        contents.push(std::fs::read(path)?);
+    }
+    contents.reverse();
+    for (pos, content) in contents.iter().enumerate() {
+        let (lines, tail) = split_lines(content);
         if let Some((offset, bytes)) = tail {
             torn.insert(pos, (offset, bytes.len() as u64, line_hash(bytes)));
         }
