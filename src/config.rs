@@ -83,6 +83,12 @@ pub struct ProxyConfig {
     /// Threads that serve clients, each with its own event loop and its
     /// own listening socket on `listen` (0: one per CPU core).
     pub workers: usize,
+    /// At a stop (SIGTERM, SIGINT) the proxy stops accepting and lets
+    /// requests and tunnels in progress finish for up to this long, then
+    /// cuts what is left (`"0s"`: cut at once). A second stop signal cuts
+    /// at once.
+    #[serde(deserialize_with = "de_duration")]
+    pub drain_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -114,6 +120,9 @@ impl Default for ProxyConfig {
             hosts: BTreeMap::new(),
             resolve_cache_ttl: Duration::from_secs(5),
             workers: 0,
+            // Within the 10 s a container runtime gives between its
+            // SIGTERM and its SIGKILL, leaving time to seal the trail.
+            drain_timeout: Duration::from_secs(5),
         }
     }
 }

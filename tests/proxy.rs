@@ -81,6 +81,17 @@ fn origins(dir: &Path) -> Origins {
                 {
                     return Ok(hyper::Response::new(Full::new(Bytes::from(vec![b'x'; n]))));
                 }
+                // `/slow/MS`: answers after MS milliseconds.
+                if let Some(ms) = uri
+                    .path()
+                    .strip_prefix("/slow/")
+                    .and_then(|n| n.parse().ok())
+                {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    return Ok(hyper::Response::new(Full::new(Bytes::from(format!(
+                        "slow answer after {ms} ms\n"
+                    )))));
+                }
                 // How many request body bytes arrived, and how they were
                 // framed on the way from the proxy.
                 let framing = if req.headers().contains_key("transfer-encoding") {
@@ -308,6 +319,12 @@ fn start_proxy_with(
     } else {
         "workers = 3"
     };
+    // Tests that stop the proxy with a tunnel open wait its drain period.
+    let drain = if extra.contains("drain_timeout") {
+        ""
+    } else {
+        "drain_timeout = \"1s\""
+    };
     let dir = tempfile::tempdir().unwrap();
     let origins = origins(dir.path());
     let policy = dir.path().join("test.policy");
@@ -325,6 +342,7 @@ fn start_proxy_with(
              header_read_timeout = \"1s\"\n\
              tunnel_first_bytes_timeout = \"2s\"\n\
              {workers}\n\
+             {drain}\n\
              {extra}\n\
              [proxy.hosts]\n\
              \"origin.test\" = [\"127.0.0.1\"]\n\
@@ -1800,6 +1818,125 @@ fn requests_and_tunnels_open_when_the_proxy_stops_are_recorded() {
     );
     assert_eq!(n(tunnel, "/source/bytes"), 4, "{tunnel:#}");
     assert_eq!(n(tunnel, "/destination/bytes"), 4, "{tunnel:#}");
+}
+
+/// A stop drains: the proxy stops accepting at once, an idle kept-alive
+/// connection is closed, a response the origin is still preparing reaches
+/// its client whole (saying `connection: close`) and is recorded as
+/// served, an open tunnel keeps carrying bytes, and a second stop signal
+/// cuts what is left at once, recorded as cut short.
+#[test]
+fn a_stop_lets_requests_in_progress_finish() {
+    let mut p = start_proxy("drain_timeout = \"30s\"");
+    let port = p.origins.http;
+    // A kept-alive connection that has been served and now idles.
+    let mut idle = TcpStream::connect(p.addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        idle,
+        "GET http://origin.test:{port}/ HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("origin saw") {
+        let n = idle.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // A tunnel that carries bytes.
+    let mut tunnel = connect_tunnel(p.addr, &format!("echo.test:{}", p.origins.echo));
+    tunnel
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    tunnel.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    tunnel.read_exact(&mut back).unwrap();
+    // A request the origin answers 1.5 s after it arrives.
+    let mut slow = TcpStream::connect(p.addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        slow,
+        "GET http://origin.test:{port}/slow/1500 HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n"
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let child = p.child.as_ref().unwrap();
+    signal(child, rustix::process::Signal::TERM);
+    let said = p.wait_stderr("stopping: no new connections");
+    assert!(said.contains("3 open may finish within 30s"), "{said}");
+    // No new clients: the listening sockets are closed.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while TcpStream::connect(p.addr).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy still accepts while draining"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The idle connection is closed at once, not at its idle timeout.
+    let started = Instant::now();
+    assert_eq!(
+        idle.read(&mut buf).unwrap_or(1),
+        0,
+        "idle connection not closed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The slow response arrives whole, and the connection closes after it.
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("slow answer after 1500 ms"), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    // The tunnel still carries bytes.
+    tunnel.write_all(b"pong").unwrap();
+    tunnel.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"pong");
+    // A second stop cuts the tunnel at once.
+    let child = p.child.as_ref().unwrap();
+    signal(child, rustix::process::Signal::TERM);
+    let said = p.wait_stderr("cutting");
+    assert!(said.contains("cutting 1 connections"), "{said}");
+    let started = Instant::now();
+    let mut child = p.child.take().unwrap();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the proxy did not stop on a second signal"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(tunnel.read(&mut back).unwrap_or(0), 0, "tunnel not closed");
+    let (code, out) = common::verify_with(
+        &p.dir.path().join("audit"),
+        &p.dir.path().join("keys/audit.pub"),
+    );
+    assert_eq!(code, 0, "verify: {out}");
+
+    let records = p.records();
+    let slow = records
+        .iter()
+        .find(|r| s(r, "/url/full").ends_with("/slow/1500"))
+        .unwrap_or_else(|| panic!("no record of the slow request:\n{records:#?}"));
+    assert_eq!(s(slow, "/event/action"), "allowed", "{slow:#}");
+    assert_eq!(n(slow, "/http/response/status_code"), 200, "{slow:#}");
+    assert!(!s(slow, "/event/reason").contains("cut short"), "{slow:#}");
+    let tunnel = records
+        .iter()
+        .find(|r| s(r, "/event/code") == "connect_tunnel")
+        .unwrap_or_else(|| panic!("no record of the tunnel:\n{records:#?}"));
+    assert!(
+        s(tunnel, "/event/reason").contains("cut short"),
+        "{tunnel:#}"
+    );
+    assert_eq!(n(tunnel, "/source/bytes"), 8, "{tunnel:#}");
+    assert_eq!(n(tunnel, "/destination/bytes"), 8, "{tunnel:#}");
 }
 
 /// SIGUSR1 prints the counters, as for the filter, and the proxy serves

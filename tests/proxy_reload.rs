@@ -127,9 +127,12 @@ fn a_slow_reload_does_not_stop_the_proxy_serving() {
     let proxy = rt.block_on(Proxy::bind(config, loader, log)).expect("bind");
     let addr = proxy.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = rt.spawn(proxy.run(async {
-        let _ = stop_rx.await;
-    }));
+    let serving = rt.spawn(proxy.run(
+        async {
+            let _ = stop_rx.await;
+        },
+        std::future::pending(),
+    ));
 
     // Served before the reload (this also shows the SIGHUP handler is in
     // place: it is installed before the first accept).

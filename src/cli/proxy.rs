@@ -85,29 +85,45 @@ pub fn run(args: ProxyArgs) -> ExitCode {
         };
         // SIGTERM and SIGINT are taken before the address is announced:
         // a stop sent as soon as it is must seal the trail, not find the
-        // default action (the process ending mid-write).
+        // default action (the process ending mid-write). The first starts
+        // the drain, a second cuts it short.
+        let stops = tokio::sync::watch::Sender::new(0u32);
+        let counter = stops.clone();
         #[cfg(unix)]
-        let shutdown = {
+        {
             use tokio::signal::unix::{signal, SignalKind};
-            let term = signal(SignalKind::terminate());
-            let int = signal(SignalKind::interrupt());
-            async move {
-                match (term, int) {
-                    (Ok(mut term), Ok(mut int)) => {
-                        tokio::select! {
-                            _ = int.recv() => {}
-                            _ = term.recv() => {}
+            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::select! {
+                                _ = int.recv() => {}
+                                _ = term.recv() => {}
+                            }
+                            counter.send_modify(|n| *n += 1);
                         }
-                    }
-                    _ => {
-                        let _ = tokio::signal::ctrl_c().await;
-                    }
+                    });
+                }
+                _ => {
+                    tokio::spawn(async move {
+                        while tokio::signal::ctrl_c().await.is_ok() {
+                            counter.send_modify(|n| *n += 1);
+                        }
+                    });
                 }
             }
-        };
+        }
         #[cfg(not(unix))]
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                counter.send_modify(|n| *n += 1);
+            }
+        });
+        let stopped = |times: u32| {
+            let mut rx = stops.subscribe();
+            async move {
+                let _ = rx.wait_for(|n| *n >= times).await;
+            }
         };
         match proxy.local_addr() {
             Ok(a) => palisade::say!(
@@ -118,8 +134,8 @@ pub fn run(args: ProxyArgs) -> ExitCode {
             ),
             Err(e) => palisade::say!("palisade proxy: {e}"),
         }
-        let log = proxy.run(shutdown).await;
-        palisade::say!("palisade proxy: stopping");
+        let log = proxy.run(stopped(1), stopped(2)).await;
+        palisade::say!("palisade proxy: sealing the audit trail");
         match log.close_async().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -79,7 +79,17 @@ struct State {
     id_prefix: String,
     counters: Counters,
     resolved: ResolveCache,
+    /// [`SERVING`], then [`DRAINING`] from a stop, then [`CUT`].
+    phase: tokio::sync::watch::Sender<u8>,
 }
+
+/// The proxy accepts and serves.
+const SERVING: u8 = 0;
+/// The proxy has stopped accepting; requests and tunnels in progress may
+/// finish, and kept-alive connections close once their response is sent.
+const DRAINING: u8 = 1;
+/// What is still open is cut (its records say so) and the proxy ends.
+const CUT: u8 = 2;
 
 /// Most names whose lookups are kept at once.
 const RESOLVE_CACHE_MAX: usize = 4096;
@@ -300,6 +310,7 @@ impl Proxy {
                 id_prefix,
                 counters: Counters::default(),
                 resolved: ResolveCache::default(),
+                phase: tokio::sync::watch::Sender::new(SERVING),
             }),
         })
     }
@@ -315,12 +326,20 @@ impl Proxy {
     }
 
     /// Serves until `shutdown` resolves: one thread per listening socket
-    /// serves clients, and this task handles reloads. At the end every
+    /// serves clients, and this task handles reloads. Then the proxy
+    /// drains: it stops accepting, lets requests and tunnels in progress
+    /// finish for up to the configured drain timeout (or until `cut`
+    /// resolves, a second stop signal), and cuts what is left. Every
     /// serving thread ends its connections (writing their records) before
     /// this returns, so the caller closes a trail nothing writes to any
     /// more.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> AuditLog {
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+        cut: impl std::future::Future<Output = ()>,
+    ) -> AuditLog {
         tokio::pin!(shutdown);
+        tokio::pin!(cut);
         let Proxy {
             listeners,
             state,
@@ -330,11 +349,10 @@ impl Proxy {
             mut usr1,
             ..
         } = self;
-        let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut threads = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let st = state.clone();
-            let mut stopped = stopped.clone();
+            let mut phase = state.phase.subscribe();
             let spawned = std::thread::Builder::new()
                 .name(format!("palisade-proxy-{i}"))
                 .spawn(move || {
@@ -351,9 +369,14 @@ impl Proxy {
                     runtime.block_on(async move {
                         let worker = Worker::new(&st, listener);
                         tokio::select! {
-                            _ = stopped.wait_for(|s| *s) => {}
+                            _ = phase.wait_for(|p| *p >= DRAINING) => {}
                             _ = worker.serve(&st) => {}
                         }
+                        // The listening socket closes: new clients are
+                        // refused (and go to another proxy) while the
+                        // connections on this thread's loop finish.
+                        drop(worker);
+                        let _ = phase.wait_for(|p| *p >= CUT).await;
                     });
                     // Dropping the runtime ends its connections; their
                     // records are written as they end.
@@ -401,7 +424,32 @@ impl Proxy {
                 }
             }
         }
-        let _ = stop.send(true);
+        state.phase.send_replace(DRAINING);
+        let drain = state.config.drain_timeout;
+        let open = || state.open.load(Ordering::Relaxed);
+        if open() > 0 && !drain.is_zero() {
+            crate::say!(
+                "palisade proxy: stopping: no new connections; {} open may finish within {drain:?} (stop again to cut them at once)",
+                open(),
+            );
+            let deadline = tokio::time::sleep(drain);
+            tokio::pin!(deadline);
+            let mut check = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                tokio::select! {
+                    _ = &mut deadline => break,
+                    _ = &mut cut => break,
+                    _ = check.tick() => if open() == 0 { break },
+                }
+            }
+        }
+        if open() > 0 {
+            crate::say!(
+                "palisade proxy: cutting {} connections still open (their records say so)",
+                open()
+            );
+        }
+        state.phase.send_replace(CUT);
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
@@ -635,6 +683,8 @@ async fn serve_connection(
         stream,
         activity: activity.clone(),
     };
+    // The proxy's stop, not the client, ended the connection.
+    let mut stopped = false;
     let (result, cut) = {
         // Built in place (`pin!` of the expression): a future moved from a
         // local into another is stored twice in this task's state.
@@ -711,9 +761,22 @@ async fn serve_connection(
                 }
             }
         });
+        // At a stop, a response in progress is finished (and says
+        // `connection: close`) and an idle connection closes at once.
+        let mut phase = state.phase.subscribe();
+        let mut draining = std::pin::pin!(async move {
+            let _ = phase.wait_for(|p| *p >= DRAINING).await;
+        });
         let mut closing = false;
+        let stopped = &mut stopped;
         std::future::poll_fn(|cx| {
             if !closing {
+                if draining.as_mut().poll(cx).is_ready() {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                    *stopped = true;
+                    return conn.as_mut().poll(cx).map(|r| (r, false));
+                }
                 match watchdog.as_mut().poll(cx) {
                     Poll::Ready(Quiet::Idle) => {
                         // Finishes a response in progress, then closes.
@@ -757,7 +820,11 @@ async fn serve_connection(
             && activity.in_flight.load(Ordering::Acquire) == 0 =>
         {
             Some((
-                "the client closed the connection before its request head was complete",
+                if stopped {
+                    "the proxy stopped while the request head was arriving"
+                } else {
+                    "the client closed the connection before its request head was complete"
+                },
                 None,
             ))
         }
