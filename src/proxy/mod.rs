@@ -504,8 +504,19 @@ impl Worker {
         // Accept errors (out of files, say) are said once a minute with
         // their count, not 20 times a second.
         let mut accept_errors = (0u64, None::<Instant>);
+        // Parked origin connections their origin has closed are closed
+        // every few seconds.
+        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let (stream, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = sweep.tick() => {
+                    self.idle.drop_closed();
+                    continue;
+                }
+            };
+            let (stream, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     accept_errors.0 += 1;

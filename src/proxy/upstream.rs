@@ -1052,6 +1052,32 @@ impl IdlePool {
         }
     }
 
+    /// Closes the parked connections their origin closed (or wrote to, or
+    /// that are past their age) and returns how many: an origin's idle
+    /// timeout would otherwise leave them in CLOSE-WAIT, holding a file
+    /// each, until a request for that origin or the next sweep by age.
+    /// Runs on the event loop the connections belong to.
+    pub fn drop_closed(&self) -> usize {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = &mut *g;
+        let max_age = self.max_age;
+        let mut dropped = 0;
+        idle.by_addr.retain(|_, list| {
+            let before = list.len();
+            list.retain(|(origin, at)| at.elapsed() < max_age && origin.still_idle());
+            dropped += before - list.len();
+            !list.is_empty()
+        });
+        idle.count -= dropped;
+        dropped
+    }
+
+    /// How many connections are parked.
+    #[cfg(test)]
+    fn parked(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).count
+    }
+
     /// Parks an idle origin connection (its last response ended cleanly).
     fn put(&self, origin: Origin) {
         if self.max == 0 {
@@ -1164,6 +1190,34 @@ mod tests {
             body,
             reused,
         }
+    }
+
+    /// Parked connections their origin closes are closed by the next
+    /// sweep; those it holds open stay.
+    #[tokio::test]
+    async fn parked_connections_closed_by_their_origin_are_swept() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = IdlePool::new(4, Duration::from_secs(90));
+        let a = TcpStream::connect(addr).await.unwrap();
+        let (a_far, _) = listener.accept().await.unwrap();
+        let b = TcpStream::connect(addr).await.unwrap();
+        let (_b_far, _) = listener.accept().await.unwrap();
+        pool.put(Origin { addr, stream: a });
+        pool.put(Origin { addr, stream: b });
+        assert_eq!(pool.drop_closed(), 0);
+        assert_eq!(pool.parked(), 2);
+        // The origin's idle timeout closes one.
+        drop(a_far);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut swept = 0;
+        while swept == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            swept = pool.drop_closed();
+        }
+        assert_eq!(swept, 1);
+        assert_eq!(pool.parked(), 1);
+        assert!(pool.take(addr).is_some_and(|o| o.still_idle()));
     }
 
     fn refused(o: &Outcome, why: &str) {
