@@ -1519,6 +1519,74 @@ fn reload_keeps_serving_through_a_broken_policy() {
     p.stop_and_verify();
 }
 
+/// SIGHUP also reads the configuration file again: limits and fixed host
+/// answers change without a restart, together with the policy, and the
+/// reload record says which settings changed. A broken configuration keeps
+/// the settings and policy in force; a new listen address is refused with
+/// a warning (it takes a restart).
+#[test]
+fn reload_applies_changed_settings_or_none() {
+    let p = start_proxy("");
+    let config = p.dir.path().join("palisade.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let pinned = format!("http://pinned.origin.test:{}/", p.origins.http);
+    let url = format!("http://origin.test:{}/", p.origins.http);
+    // Not in [proxy.hosts] yet, and not in DNS: 502.
+    assert_eq!(p.curl(&[&pinned]).0, 502);
+    let child = p.child.as_ref().unwrap();
+    // A broken configuration: refused, the old settings stay.
+    std::fs::write(
+        &config,
+        text.replace("[proxy]\n", "[proxy]\nidle_timeout = 60\n"),
+    )
+    .unwrap();
+    signal(child, rustix::process::Signal::HUP);
+    let r = p.wait_record("for the failed reload", |r| {
+        s(r, "/event/action") == "reload-failed"
+    });
+    assert!(r.to_string().contains("idle_timeout"), "{r}");
+    let said = p.wait_stderr("reload failed");
+    assert!(
+        said.contains("previous policy and settings stay in force"),
+        "{said}"
+    );
+    assert_eq!(p.curl(&[&url]).0, 200);
+    // A working one: a pinned name, a strict rate limit, a new address.
+    let changed = text
+        .replace(
+            "[proxy.hosts]\n",
+            "[proxy.hosts]\n\"pinned.origin.test\" = [\"127.0.0.1\"]\n",
+        )
+        .replace(
+            "[proxy]\n",
+            "[proxy]\nrequests_per_second_per_client = 1\nrequest_burst_per_client = 2\n",
+        )
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
+    std::fs::write(&config, changed).unwrap();
+    signal(child, rustix::process::Signal::HUP);
+    let said = p.wait_stderr("takes a restart");
+    assert!(said.contains("proxy.listen"), "{said}");
+    let said = p.wait_stderr("settings changed");
+    assert!(
+        said.contains("proxy.requests_per_second_per_client 200 -> 1"),
+        "{said}"
+    );
+    assert!(said.contains("proxy.hosts (9 names)"), "{said}");
+    let r = p.wait_record("for the reload", |r| {
+        s(r, "/event/action") == "policy-loaded"
+            && s_contains(r, "/event/reason", "settings changed")
+    });
+    assert!(
+        s(&r, "/event/reason").contains("request_burst_per_client 400 -> 2"),
+        "{r}"
+    );
+    // Still on its address; the pinned name resolves; the limit holds.
+    let codes: Vec<u16> = (0..6).map(|_| p.curl(&[&pinned]).0).collect();
+    assert_eq!(codes[0], 200, "{codes:?}");
+    assert!(codes.contains(&429), "{codes:?}");
+    p.stop_and_verify();
+}
+
 #[test]
 fn rejects_a_config_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -1862,12 +1930,25 @@ fn a_stop_lets_requests_in_progress_finish() {
         "GET http://origin.test:{port}/slow/1500 HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n"
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-
+    // All three are the proxy's before it is stopped (its counters say).
     let child = p.child.as_ref().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        signal(child, rustix::process::Signal::USR1);
+        if p.wait_stderr("requests and tunnels").contains("(3 open") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slow request never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
     signal(child, rustix::process::Signal::TERM);
     let said = p.wait_stderr("stopping: no new connections");
-    assert!(said.contains("3 open may finish within 30s"), "{said}");
+    assert!(
+        said.contains("3 open may finish within 30s"),
+        "{said}\n{:#?}",
+        p.records()
+    );
     // No new clients: the listening sockets are closed.
     let deadline = Instant::now() + Duration::from_secs(2);
     while TcpStream::connect(p.addr).is_ok() {

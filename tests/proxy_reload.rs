@@ -105,7 +105,7 @@ fn a_slow_reload_does_not_stop_the_proxy_serving() {
             // Bounded: the test releases it, or it gives up.
             let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(30));
         }
-        compile(&loader_path)
+        compile(&loader_path).map(palisade::proxy::Loaded::from)
     });
 
     let audit = AuditConfig {

@@ -3,7 +3,7 @@
 use clap::Args;
 use palisade::audit::{generate_key_pair, AuditLog};
 use palisade::config::Config;
-use palisade::proxy::Proxy;
+use palisade::proxy::{Loaded, Proxy};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,39 +24,59 @@ pub struct ProxyArgs {
     pub audit_dir: Option<PathBuf>,
 }
 
+/// Applies the command line's overrides to the configuration file's
+/// settings (at start and at every reload).
+fn with_overrides(mut config: Config, args: &ProxyArgs) -> Config {
+    if let Some(l) = args.listen {
+        config.proxy.listen = l;
+    }
+    if let Some(p) = &args.policy {
+        config.policy = p.clone();
+    }
+    if let Some(d) = &args.audit_dir {
+        config.audit.dir = d.clone();
+    }
+    fit_open_file_limit(&mut config.proxy);
+    config
+}
+
 pub fn run(args: ProxyArgs) -> ExitCode {
-    let mut config = match Config::load(&args.config) {
-        Ok(c) => c,
+    let config = match Config::load(&args.config) {
+        Ok(c) => with_overrides(c, &args),
         Err(e) => {
             palisade::say!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Some(l) = args.listen {
-        config.proxy.listen = l;
-    }
-    if let Some(p) = args.policy {
-        config.policy = p;
-    }
-    if let Some(d) = args.audit_dir {
-        config.audit.dir = d;
-    }
-    fit_open_file_limit(&mut config.proxy);
     // The policy is compiled before the trail is opened: a start that
     // fails on its policy leaves no boot in the trail.
-    let policy_path = config.policy.clone();
-    let first = match super::policy::load_for_enforcement(&policy_path) {
+    let first = match super::policy::load_for_enforcement(&config.policy) {
         Ok(c) => std::sync::Mutex::new(Some(c.policy)),
         Err(e) => {
             palisade::say!("{}", e.trim_end());
             return ExitCode::from(2);
         }
     };
+    // A reload reads the configuration file again and compiles the policy
+    // it names; the proxy puts both in force together, or neither.
+    let audit_at_start = config.audit.clone();
     let loader = Box::new(move || {
-        if let Some(p) = first.lock().ok().and_then(|mut f| f.take()) {
-            return Ok(p);
+        if let Some(policy) = first.lock().ok().and_then(|mut f| f.take()) {
+            return Ok(Loaded::from(policy));
         }
-        super::policy::load_for_enforcement(&policy_path).map(|c| c.policy)
+        let config = Config::load(&args.config)
+            .map(|c| with_overrides(c, &args))
+            .map_err(|e| e.to_string())?;
+        if config.audit != audit_at_start {
+            palisade::say!(
+                "palisade proxy: warning: [audit] changed in the configuration: that takes a restart; the running proxy keeps its trail and settings"
+            );
+        }
+        let policy = super::policy::load_for_enforcement(&config.policy)?.policy;
+        Ok(Loaded {
+            policy,
+            config: Some(config.proxy),
+        })
     });
     let audit = match open_audit(&config) {
         Ok(a) => a,

@@ -48,8 +48,77 @@ use tokio::net::{TcpListener, TcpStream};
 
 use body::{ClientBody, ProxyBody};
 
-/// Loads and compiles the policy file, for start-up and reloads.
-pub type PolicyLoader = Box<dyn Fn() -> Result<Policy, String> + Send + Sync>;
+/// Loads and compiles the policy file (and reads the settings again where
+/// they come from a file), for start-up and reloads.
+pub type PolicyLoader = Box<dyn Fn() -> Result<Loaded, String> + Send + Sync>;
+
+/// What a load gives: the compiled policy and, when the settings come from
+/// a file, the settings read again.
+pub struct Loaded {
+    pub policy: Policy,
+    pub config: Option<ProxyConfig>,
+}
+
+impl From<Policy> for Loaded {
+    fn from(policy: Policy) -> Loaded {
+        Loaded {
+            policy,
+            config: None,
+        }
+    }
+}
+
+/// The per-client request rate limiter the settings ask for.
+fn rate_limiter(config: &ProxyConfig) -> DefaultKeyedRateLimiter<IpAddr> {
+    let rate = NonZeroU32::new(config.requests_per_second_per_client).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(config.request_burst_per_client.max(1)).unwrap_or(NonZeroU32::MIN);
+    RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+}
+
+/// The settings a reload changes, as `name old -> new`, and those that
+/// only a restart can change (listening sockets and serving threads).
+fn changed_settings(old: &ProxyConfig, new: &ProxyConfig) -> (Vec<String>, Vec<&'static str>) {
+    let mut changed = Vec::new();
+    macro_rules! compare {
+        ($($field:ident),*) => {$(
+            if old.$field != new.$field {
+                changed.push(format!(
+                    "proxy.{} {:?} -> {:?}",
+                    stringify!($field),
+                    old.$field,
+                    new.$field
+                ));
+            }
+        )*};
+    }
+    compare!(
+        max_header_bytes,
+        max_headers,
+        header_read_timeout,
+        idle_timeout,
+        tunnel_idle_timeout,
+        tunnel_first_bytes_timeout,
+        connect_timeout,
+        upstream_timeout,
+        max_connections,
+        max_connections_per_client,
+        requests_per_second_per_client,
+        request_burst_per_client,
+        resolve_cache_ttl,
+        drain_timeout
+    );
+    if old.hosts != new.hosts {
+        changed.push(format!("proxy.hosts ({} names)", new.hosts.len()));
+    }
+    let mut restart = Vec::new();
+    if old.listen != new.listen {
+        restart.push("proxy.listen");
+    }
+    if old.worker_count() != new.worker_count() {
+        restart.push("proxy.workers");
+    }
+    (changed, restart)
+}
 
 /// One reload at a time, so a slow compile that finishes late never
 /// replaces the newer policy a later SIGHUP loaded.
@@ -71,8 +140,9 @@ struct State {
     loader: PolicyLoader,
     reloading: ReloadLock,
     audit: AuditLog,
-    config: ProxyConfig,
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// The settings in force; a reload swaps them with the policy.
+    config: ArcSwap<ProxyConfig>,
+    limiter: ArcSwap<DefaultKeyedRateLimiter<IpAddr>>,
     per_client: Mutex<HashMap<IpAddr, usize>>,
     open: AtomicU64,
     next_id: AtomicU64,
@@ -265,7 +335,7 @@ impl Proxy {
         loader: PolicyLoader,
         audit: AuditLog,
     ) -> std::io::Result<Proxy> {
-        let policy = loader().map_err(std::io::Error::other)?;
+        let policy = loader().map_err(std::io::Error::other)?.policy;
         let workers = config.worker_count().max(1);
         // Sockets of one user may share a port with SO_REUSEPORT; a port
         // another process holds (a second palisade, say) must still fail
@@ -281,11 +351,7 @@ impl Proxy {
         for _ in 0..workers {
             listeners.push(listen_socket(local, workers > 1).map_err(listen_error)?);
         }
-        let rate =
-            NonZeroU32::new(config.requests_per_second_per_client).unwrap_or(NonZeroU32::MIN);
-        let burst =
-            NonZeroU32::new(config.request_burst_per_client.max(1)).unwrap_or(NonZeroU32::MIN);
-        let limiter = RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst));
+        let limiter = rate_limiter(&config);
         let id_prefix = audit.boot_id().chars().take(8).collect();
         let loaded = AuditEvent::policy_loaded(policy.sha256(), "start");
         let _ = audit.submit_async(&loaded).await;
@@ -302,8 +368,8 @@ impl Proxy {
                 loader,
                 reloading: ReloadLock::default(),
                 audit,
-                config,
-                limiter,
+                config: ArcSwap::from_pointee(config),
+                limiter: ArcSwap::from_pointee(limiter),
                 per_client: Mutex::new(HashMap::new()),
                 open: AtomicU64::new(0),
                 next_id: AtomicU64::new(1),
@@ -408,13 +474,14 @@ impl Proxy {
                     tokio::spawn(async move {
                         match reload(state).await {
                             Ok(sha) => crate::say!("palisade proxy: reloaded policy (sha256 {sha})"),
-                            Err(e) => crate::say!("palisade proxy: reload failed, the previous policy stays in force:\n{e}"),
+                            Err(e) => crate::say!("palisade proxy: reload failed, the previous policy and settings stay in force:\n{e}"),
                         }
                     });
                 }
                 _ = prune.tick() => {
-                    state.limiter.retain_recent();
-                    state.limiter.shrink_to_fit();
+                    let limiter = state.limiter.load();
+                    limiter.retain_recent();
+                    limiter.shrink_to_fit();
                 }
                 _ = &mut expiry => {
                     tokio::spawn(expire(state.clone()));
@@ -424,13 +491,15 @@ impl Proxy {
                 }
             }
         }
-        state.phase.send_replace(DRAINING);
-        let drain = state.config.drain_timeout;
+        // Counted before the serving threads hear of the stop: idle
+        // connections close at once then.
         let open = || state.open.load(Ordering::Relaxed);
-        if open() > 0 && !drain.is_zero() {
+        let open_at_stop = open();
+        state.phase.send_replace(DRAINING);
+        let drain = state.config.load().drain_timeout;
+        if open_at_stop > 0 && !drain.is_zero() {
             crate::say!(
-                "palisade proxy: stopping: no new connections; {} open may finish within {drain:?} (stop again to cut them at once)",
-                open(),
+                "palisade proxy: stopping: no new connections; {open_at_stop} open may finish within {drain:?} (stop again to cut them at once)",
             );
             let deadline = tokio::time::sleep(drain);
             tokio::pin!(deadline);
@@ -479,7 +548,8 @@ impl Worker {
     /// Must run inside the thread's runtime (the socket joins its event
     /// loop).
     fn new(state: &State, listener: std::net::TcpListener) -> Worker {
-        let workers = state.config.worker_count().max(1);
+        let config = state.config.load();
+        let workers = config.worker_count().max(1);
         let listener = match TcpListener::from_std(listener) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -490,7 +560,7 @@ impl Worker {
         Worker {
             listener,
             idle: Arc::new(upstream::IdlePool::new(
-                state.config.max_connections.div_ceil(workers),
+                config.max_connections.div_ceil(workers),
                 Duration::from_secs(90),
             )),
         }
@@ -613,10 +683,41 @@ async fn reload(state: Arc<State>) -> Result<String, String> {
         .await
         .unwrap_or_else(|e| Err(format!("the policy compile did not finish: {e}")));
     let (event, result) = match loaded {
-        Ok(p) => {
-            let sha = p.sha256().to_string();
-            state.policy.store(Arc::new(p));
-            (AuditEvent::policy_loaded(&sha, "reload"), Ok(sha))
+        Ok(Loaded { policy, config }) => {
+            let sha = policy.sha256().to_string();
+            let mut changed = Vec::new();
+            // The settings and the policy go in force together.
+            if let Some(mut new) = config {
+                let old = state.config.load_full();
+                let restart;
+                (changed, restart) = changed_settings(&old, &new);
+                if !restart.is_empty() {
+                    crate::say!(
+                        "palisade proxy: warning: {} changed in the configuration: that takes a restart; the running proxy keeps its listening sockets and serving threads",
+                        restart.join(" and "),
+                    );
+                }
+                new.listen = old.listen;
+                new.workers = old.workers;
+                if (
+                    new.requests_per_second_per_client,
+                    new.request_burst_per_client,
+                ) != (
+                    old.requests_per_second_per_client,
+                    old.request_burst_per_client,
+                ) {
+                    state.limiter.store(Arc::new(rate_limiter(&new)));
+                }
+                state.config.store(Arc::new(new));
+            }
+            state.policy.store(Arc::new(policy));
+            let mut event = AuditEvent::policy_loaded(&sha, "reload");
+            if !changed.is_empty() {
+                let said = format!("settings changed: {}", changed.join(", "));
+                crate::say!("palisade proxy: {said}");
+                event.event.reason = Some(format!("loaded reload; {said}"));
+            }
+            (event, Ok(sha))
         }
         Err(e) => (AuditEvent::reload_failed(&e, Some(&in_force)), Err(e)),
     };
@@ -641,11 +742,12 @@ impl ConnectionGuard {
         let Ok(mut per) = state.per_client.lock() else {
             return Err("connection limits unavailable");
         };
-        if state.open.load(Ordering::Relaxed) as usize >= state.config.max_connections {
+        let config = state.config.load();
+        if state.open.load(Ordering::Relaxed) as usize >= config.max_connections {
             return Err("too many client connections in total (max_connections)");
         }
         let n = per.entry(ip).or_insert(0);
-        if *n >= state.config.max_connections_per_client {
+        if *n >= config.max_connections_per_client {
             return Err("too many connections from this client (max_connections_per_client)");
         }
         *n += 1;
@@ -681,6 +783,8 @@ async fn serve_connection(
     guard: ConnectionGuard,
 ) {
     let _ = stream.set_nodelay(true);
+    // The limits in force when the connection opened hold for its life.
+    let config = state.config.load_full();
     let guard = Arc::new(guard);
     let activity = Arc::new(Activity::new());
     // `slot`: the origin connection plain HTTP requests go out on, used
@@ -699,7 +803,7 @@ async fn serve_connection(
     let (result, cut) = {
         // Built in place (`pin!` of the expression): a future moved from a
         // local into another is stored twice in this task's state.
-        let mut conn = std::pin::pin!(client_builder(&state.config)
+        let mut conn = std::pin::pin!(client_builder(&config)
             .serve_connection(
                 TokioIo::new(io),
                 hyper::service::service_fn(move |req| {
@@ -721,14 +825,10 @@ async fn serve_connection(
                 }),
             )
             .with_upgrades());
-        let idle_ms = state.config.idle_timeout.as_millis() as u64;
-        let head_ms = state.config.header_read_timeout.as_millis() as u64;
-        let tick = state
-            .config
-            .idle_timeout
-            .min(state.config.header_read_timeout)
-            / 4
-            + Duration::from_millis(10);
+        let idle_ms = config.idle_timeout.as_millis() as u64;
+        let head_ms = config.header_read_timeout.as_millis() as u64;
+        let tick =
+            config.idle_timeout.min(config.header_read_timeout) / 4 + Duration::from_millis(10);
         // Between requests: a head that started arriving must complete
         // within the header read timeout (slowloris), and a connection
         // with nothing arriving is closed after the idle timeout. (hyper's
@@ -1257,11 +1357,12 @@ async fn resolve_addresses(
     host: &Host,
     port: u16,
 ) -> Result<SocketAddr, Refusal> {
-    let ttl = state.config.resolve_cache_ttl;
+    let config = state.config.load_full();
+    let ttl = config.resolve_cache_ttl;
     let looked_up: Arc<[IpAddr]>;
     let addrs: &[IpAddr] = match host {
         Host::Ip(ip) => std::slice::from_ref(ip),
-        Host::Name(name) => match state.config.hosts.get(name) {
+        Host::Name(name) => match config.hosts.get(name) {
             Some(fixed) => fixed,
             None => match state.resolved.get(name, ttl) {
                 Some(cached) => {
@@ -1269,7 +1370,7 @@ async fn resolve_addresses(
                     &looked_up
                 }
                 None => match tokio::time::timeout(
-                    state.config.connect_timeout,
+                    config.connect_timeout,
                     tokio::net::lookup_host((name.as_str(), port)),
                 )
                 .await
@@ -1401,7 +1502,7 @@ async fn handle_request(
         };
         ev.with_request_id(&id)
     };
-    if state.limiter.check_key(&peer.ip()).is_err() {
+    if state.limiter.load().check_key(&peer.ip()).is_err() {
         state.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
         let r = Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -1605,7 +1706,10 @@ async fn forward(
     }
     add_via(headers, version);
     let method = req.method().as_str().to_string();
-    let cfg = &state.config;
+    let (connect_timeout, upstream_timeout) = {
+        let c = state.config.load();
+        (c.connect_timeout, c.upstream_timeout)
+    };
     let cut = IfCut::new(|| {
         let ev = AuditEvent::proxy_request(Action::Allowed, peer, &method, &uri.to_string())
             .with_request_id(id)
@@ -1617,7 +1721,7 @@ async fn forward(
         let _ = state.audit.try_submit(&ev);
     });
     let sent = slot
-        .send(dest, req, cfg.connect_timeout, cfg.upstream_timeout)
+        .send(dest, req, connect_timeout, upstream_timeout)
         .await;
     cut.done();
     let (resp, uploaded) = match sent {
@@ -1626,7 +1730,7 @@ async fn forward(
             let (status, reason) = match f {
                 upstream::Failure::Timeout => (
                     StatusCode::GATEWAY_TIMEOUT,
-                    format!("{dest} did not answer within {:?}", cfg.upstream_timeout),
+                    format!("{dest} did not answer within {upstream_timeout:?}"),
                 ),
                 upstream::Failure::ConnectTimeout => (
                     StatusCode::GATEWAY_TIMEOUT,
@@ -1739,7 +1843,8 @@ async fn connect(
         let dest = resolve_checked(state, policy, rule, &host, port)
             .await
             .map_err(|r| (r, None))?;
-        match tokio::time::timeout(state.config.connect_timeout, TcpStream::connect(dest)).await {
+        let connect_timeout = state.config.load().connect_timeout;
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(dest)).await {
             Ok(Ok(s)) => Ok((dest, s)),
             Ok(Err(e)) => Err((
                 Refusal {
@@ -1848,7 +1953,11 @@ async fn tunnel(
 ) -> AuditEvent {
     let mut buf = Vec::with_capacity(2048);
     buf.extend_from_slice(&pre);
-    let deadline = tokio::time::Instant::now() + state.config.tunnel_first_bytes_timeout;
+    let (first_bytes_timeout, idle_timeout) = {
+        let c = state.config.load();
+        (c.tunnel_first_bytes_timeout, c.tunnel_idle_timeout)
+    };
+    let deadline = tokio::time::Instant::now() + first_bytes_timeout;
     let first = loop {
         match sni::inspect(&buf) {
             sni::FirstBytes::Incomplete { need } if need <= sni::MAX_RECORD => {
@@ -1953,13 +2062,7 @@ async fn tunnel(
     carried
         .up
         .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    tunnel::relay(
-        &mut client,
-        &mut upstream,
-        state.config.tunnel_idle_timeout,
-        carried,
-    )
-    .await;
+    tunnel::relay(&mut client, &mut upstream, idle_timeout, carried).await;
     let (up, down) = carried.get();
     ev.with_bytes(up, down, start.elapsed())
 }
