@@ -2182,6 +2182,78 @@ fn audit_write_failures_are_said_on_stderr() {
     drop(p);
 }
 
+/// Deleting the audit directory under a running proxy is noticed at the
+/// next write: the records are not written into a file no one can read.
+/// The trail goes on in a new file in a new directory whose first record
+/// names the lost file, the failure and what it cost are recorded, stderr
+/// says so, and `audit verify` reports the trail as incomplete.
+#[test]
+fn a_deleted_audit_directory_is_noticed_and_the_trail_goes_on() {
+    let mut p = start_proxy("");
+    let url = format!("http://origin.test:{}/", p.origins.http);
+    assert_eq!(p.curl(&[&url]).0, 200);
+    let audit = p.dir.path().join("audit");
+    p.wait_record("for the first request", |r| s(r, "/url/full") == url);
+    std::fs::remove_dir_all(&audit).unwrap();
+    let said = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            p.curl(&[&url]);
+            if let Ok(line) = p.stderr.recv_timeout(Duration::from_millis(200)) {
+                if line.contains("the trail goes on in") {
+                    break line;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the deleted trail was not noticed"
+            );
+        }
+    };
+    assert!(said.contains("was deleted or replaced"), "{said}");
+    let fresh = format!("http://www.origin.test:{}/after", p.origins.http);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.curl(&[&fresh]).0 != 200 {
+        assert!(Instant::now() < deadline, "the trail did not recover");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p.wait_record("for the request after the deletion", |r| {
+        s(r, "/url/full") == fresh
+    });
+    let records = p.records();
+    assert_eq!(
+        s(&records[0], "/event/action"),
+        "rotation",
+        "{:#}",
+        records[0]
+    );
+    let failed = records
+        .iter()
+        .find(|r| s(r, "/event/action") == "log-failed")
+        .unwrap_or_else(|| panic!("no log-failed record:\n{records:#?}"));
+    assert!(
+        failed.to_string().contains("deleted or replaced"),
+        "{failed:#}"
+    );
+    assert!(records
+        .iter()
+        .any(|r| s(r, "/event/action") == "log-recovered"));
+    let child = p.child.take().unwrap();
+    signal(&child, rustix::process::Signal::TERM);
+    let mut child = child;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the proxy did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, out) = common::verify_with(&audit, &p.dir.path().join("keys/audit.pub"));
+    assert_ne!(
+        code, 0,
+        "verify must not call a trail with a lost file whole: {out}"
+    );
+    assert!(out.contains("audit-00000001.jsonl"), "{out}");
+}
+
 /// Debian's libfaketime (package faketime), if installed.
 fn libfaketime() -> Option<std::path::PathBuf> {
     std::fs::read_dir("/usr/lib")

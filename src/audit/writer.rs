@@ -499,12 +499,16 @@ struct Failure {
 struct Writer {
     /// Held for the writer's life: two writers on one directory would fork
     /// the chain.
-    _lock: File,
+    lock: File,
     cfg: AuditConfig,
     signer: CheckpointSigner,
     shared: Arc<Shared>,
     boot_id: String,
     file: File,
+    /// The current file's (device, inode): a file deleted or replaced
+    /// under the writer is noticed before the next write would go where
+    /// no one can read it.
+    file_id: (u64, u64),
     file_index: u64,
     /// Bytes of the current file known to be durable.
     durable_len: u64,
@@ -559,13 +563,18 @@ impl Writer {
             path: path.clone(),
             source,
         })?;
+        let file_id = file_identity(&file).map_err(|source| AuditError::Write {
+            path: path.clone(),
+            source,
+        })?;
         let mut w = Writer {
-            _lock: lock,
+            lock,
             cfg,
             signer,
             shared,
             boot_id,
             file,
+            file_id,
             file_index: index,
             durable_len: 0,
             file_opened: Instant::now(),
@@ -730,8 +739,8 @@ impl Writer {
             return Ok(());
         }
         let result = self
-            .file
-            .write_all_at(&self.buf, self.durable_len)
+            .file_in_place()
+            .and_then(|()| self.file.write_all_at(&self.buf, self.durable_len))
             .and_then(|()| self.file.sync_data());
         match result {
             Ok(()) => {
@@ -775,6 +784,17 @@ impl Writer {
         }
     }
 }
+
+/// A file's (device, inode).
+fn file_identity(file: &File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// The message of a write refused because the current file is not where
+/// the trail says it is.
+const FILE_GONE: &str = "was deleted or replaced while the trail was writing to it";
 
 fn lock_dir(dir: &Path) -> Result<File, AuditError> {
     let path = dir.join(".lock");
@@ -945,6 +965,62 @@ impl Writer {
         }
     }
 
+    /// The current file is still the one at its path. Writes to a file
+    /// someone deleted (or moved away, or replaced) would reach no reader:
+    /// they are refused instead, the log fails, and recovery goes on in a
+    /// new file (see [`Writer::reopen`]).
+    fn file_in_place(&self) -> std::io::Result<()> {
+        match self.file_gone() {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(std::io::Error::other(FILE_GONE)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// No file is at the current file's path, or another one is.
+    fn file_gone(&self) -> std::io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(self.path()) {
+            Ok(m) => Ok((m.dev(), m.ino()) != self.file_id),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Goes on in a new file after the current one was deleted or
+    /// replaced: the directory is created again if it went too (and locked
+    /// again if its lock went with it), and the new file begins with a
+    /// `rotation` record naming the lost file, so `audit verify` reports
+    /// what is missing instead of the trail quietly starting over.
+    fn reopen(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.cfg.dir.clone();
+        std::fs::create_dir_all(&dir)?;
+        let lock_path = dir.join(".lock");
+        let held = self.lock.metadata().map(|m| (m.dev(), m.ino())).ok();
+        let at_path = std::fs::metadata(&lock_path)
+            .map(|m| (m.dev(), m.ino()))
+            .ok();
+        if held.is_none() || held != at_path {
+            self.lock = lock_dir(&dir).map_err(std::io::Error::other)?;
+        }
+        let previous = file_name(self.file_index);
+        let index = self.file_index + 1;
+        let file = create_file(&dir, &dir.join(file_name(index)))?;
+        self.file_id = file_identity(&file)?;
+        self.file = file;
+        self.file_index = index;
+        self.durable_len = 0;
+        self.records_in_file = 0;
+        self.file_opened = Instant::now();
+        crate::say!(
+            "palisade: audit trail: {previous} {FILE_GONE}; the trail goes on in {} (audit verify reports what is missing)",
+            file_name(index)
+        );
+        self.rotation_record_pending = Some(previous);
+        Ok(())
+    }
+
     fn checkpoint_done(&mut self) {
         self.last_checkpoint = Instant::now();
         self.last_checkpoint_at = self.last_timestamp;
@@ -969,10 +1045,12 @@ impl Writer {
         let previous = file_name(self.file_index);
         let next = file_name(self.file_index + 1);
         let next_file = create_file(&self.cfg.dir, &self.cfg.dir.join(&next))?;
+        let next_id = file_identity(&next_file)?;
         self.stage_checkpoint("rotation", Some(next));
         self.commit()?;
         self.checkpoint_done();
         self.file = next_file;
+        self.file_id = next_id;
         self.file_index += 1;
         self.durable_len = 0;
         self.records_in_file = 0;
@@ -1105,6 +1183,14 @@ impl Writer {
             return true;
         };
         let (since, error) = (failure.since, failure.error.clone());
+        if self.file_gone().unwrap_or(false) {
+            if let Err(e) = self.reopen() {
+                if let Some(f) = self.failure.as_mut() {
+                    f.error = format!("{error}; a new file cannot be opened: {e}");
+                }
+                return false;
+            }
+        }
         self.stage_rotation_record();
         let mode = self.cfg.on_log_failure.as_str().to_string();
         let mut failed = AuditEvent::lifecycle(Action::LogFailed);
