@@ -1357,12 +1357,20 @@ async fn resolve_addresses(
     host: &Host,
     port: u16,
 ) -> Result<SocketAddr, Refusal> {
-    let config = state.config.load_full();
-    let ttl = config.resolve_cache_ttl;
+    // What this request needs of the settings, read without holding them
+    // (a reference count shared by every serving thread) across the lookup.
+    let (ttl, connect_timeout, fixed) = {
+        let c = state.config.load();
+        let fixed = match host {
+            Host::Name(name) => c.hosts.get(name).cloned(),
+            Host::Ip(_) => None,
+        };
+        (c.resolve_cache_ttl, c.connect_timeout, fixed)
+    };
     let looked_up: Arc<[IpAddr]>;
     let addrs: &[IpAddr] = match host {
         Host::Ip(ip) => std::slice::from_ref(ip),
-        Host::Name(name) => match config.hosts.get(name) {
+        Host::Name(name) => match &fixed {
             Some(fixed) => fixed,
             None => match state.resolved.get(name, ttl) {
                 Some(cached) => {
@@ -1370,7 +1378,7 @@ async fn resolve_addresses(
                     &looked_up
                 }
                 None => match tokio::time::timeout(
-                    config.connect_timeout,
+                    connect_timeout,
                     tokio::net::lookup_host((name.as_str(), port)),
                 )
                 .await
