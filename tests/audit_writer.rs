@@ -358,3 +358,41 @@ fn verify_from_the_first_file_kept_after_archiving() {
     let (code, report) = from("nonsense");
     assert_eq!(code, 2, "{report}");
 }
+
+/// A trail folder removed while nothing is being written (an idle
+/// appliance) is noticed at the stop at the latest: the stop record goes
+/// into a new file whose first record names the lost one, the failure is
+/// recorded, and verify reports the lost file rather than a trail that
+/// begins again as if nothing came before.
+#[test]
+fn a_trail_deleted_while_idle_is_noticed_at_stop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    let log = AuditLog::open(&config(&dir, &keys)).unwrap();
+    let ev = AuditEvent::proxy_request(
+        Action::Allowed,
+        "192.0.2.10:40000".parse().unwrap(),
+        "GET",
+        "http://www.example.com/",
+    );
+    log.submit(&ev).unwrap().wait().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    log.close().expect("the stop is written in a new file");
+    let records = records(&dir);
+    let actions: Vec<&str> = records.iter().map(|r| s(r, "/event/action")).collect();
+    assert_eq!(actions.first(), Some(&"rotation"), "{actions:?}");
+    assert!(actions.contains(&"log-failed"), "{actions:?}");
+    assert!(actions.contains(&"stop"), "{actions:?}");
+    assert!(
+        records[0].to_string().contains("audit-00000001.jsonl"),
+        "{:#}",
+        records[0]
+    );
+    let (code, report) = verify(&dir, &keys);
+    assert_ne!(code, 0, "{report}");
+    assert!(
+        report.contains("audit-00000001.jsonl: missing file"),
+        "{report}"
+    );
+}

@@ -969,11 +969,13 @@ impl Writer {
     /// someone deleted (or moved away, or replaced) would reach no reader:
     /// they are refused instead, the log fails, and recovery goes on in a
     /// new file (see [`Writer::reopen`]).
+    /// A path that cannot be looked up for another reason (its folder
+    /// made unreadable, say) does not stop writes to the file, which the
+    /// writer still holds open.
     fn file_in_place(&self) -> std::io::Result<()> {
         match self.file_gone() {
-            Ok(false) => Ok(()),
             Ok(true) => Err(std::io::Error::other(FILE_GONE)),
-            Err(e) => Err(e),
+            Ok(false) | Err(_) => Ok(()),
         }
     }
 
@@ -1235,6 +1237,12 @@ impl Writer {
 
     fn stop(&mut self) -> bool {
         self.shared.state.store(CLOSED, Ordering::Release);
+        // A file deleted while nothing was written is noticed here at the
+        // latest: the stop goes in the next file, after the records that
+        // say what happened, not nowhere.
+        if self.failure.is_none() && self.file_gone().unwrap_or(false) {
+            self.fail(std::io::Error::other(FILE_GONE));
+        }
         if self.failure.is_some() && !self.try_recover() {
             let lost = self.shared.counters.gap_lost.load(Ordering::Relaxed);
             crate::say!(
