@@ -1,8 +1,9 @@
 //! A SIGHUP reload compiles the new policy beside the accept loop: while a
 //! slow compile runs, clients are still served under the policy in force.
 //!
-//! This file holds one test: it sends SIGHUP to its own process, which the
-//! proxy under test has claimed, so no other test may share the process.
+//! The reload test sends SIGHUP to its own process, which the proxy under
+//! test has claimed; the only other test here serves nothing a reload
+//! could disturb.
 
 mod common;
 
@@ -187,4 +188,49 @@ fn a_slow_reload_does_not_stop_the_proxy_serving() {
         .collect();
     assert_eq!(loaded.len(), 2, "start and reload are both audited");
     assert!(loaded[1].to_string().contains("reload"), "{}", loaded[1]);
+}
+
+/// An embedder that drops the serving future (a task aborted, a runtime
+/// shut down) ends the serving threads with it: the port is released.
+#[test]
+fn dropping_the_serving_future_releases_the_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = common::keygen(dir.path());
+    let policy = dir.path().join("p.policy");
+    std::fs::write(&policy, "default deny log\n").unwrap();
+    let log = AuditLog::open(&AuditConfig {
+        dir: dir.path().join("audit"),
+        signing_key: Some(keys.signing.clone()),
+        ..AuditConfig::default()
+    })
+    .unwrap();
+    let config = ProxyConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        workers: 2,
+        ..ProxyConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let loader = Box::new(move || compile(&policy).map(palisade::proxy::Loaded::from));
+    let proxy = rt.block_on(Proxy::bind(config, loader, log)).expect("bind");
+    let addr = proxy.local_addr().unwrap();
+    let serving = rt.spawn(proxy.run(std::future::pending(), std::future::pending()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "the proxy never served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    serving.abort();
+    drop(rt);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the serving threads outlived the dropped future"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

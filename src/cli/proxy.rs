@@ -109,6 +109,17 @@ pub fn run(args: ProxyArgs) -> ExitCode {
         // the drain, a second cuts it short.
         let stops = tokio::sync::watch::Sender::new(0u32);
         let counter = stops.clone();
+        // A stop counts as the second only a moment after the first: one
+        // Ctrl-C that a wrapper also forwards as SIGTERM is one stop.
+        let mut first: Option<std::time::Instant> = None;
+        let mut count = move || {
+            match first {
+                None => first = Some(std::time::Instant::now()),
+                Some(t) if t.elapsed() < std::time::Duration::from_millis(250) => return,
+                Some(_) => {}
+            }
+            counter.send_modify(|n| *n += 1);
+        };
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
@@ -120,14 +131,14 @@ pub fn run(args: ProxyArgs) -> ExitCode {
                                 _ = int.recv() => {}
                                 _ = term.recv() => {}
                             }
-                            counter.send_modify(|n| *n += 1);
+                            count();
                         }
                     });
                 }
                 _ => {
                     tokio::spawn(async move {
                         while tokio::signal::ctrl_c().await.is_ok() {
-                            counter.send_modify(|n| *n += 1);
+                            count();
                         }
                     });
                 }
@@ -136,7 +147,7 @@ pub fn run(args: ProxyArgs) -> ExitCode {
         #[cfg(not(unix))]
         tokio::spawn(async move {
             while tokio::signal::ctrl_c().await.is_ok() {
-                counter.send_modify(|n| *n += 1);
+                count();
             }
         });
         let stopped = |times: u32| {

@@ -149,8 +149,10 @@ struct State {
     id_prefix: String,
     counters: Counters,
     resolved: ResolveCache,
-    /// [`SERVING`], then [`DRAINING`] from a stop, then [`CUT`].
-    phase: tokio::sync::watch::Sender<u8>,
+    /// [`SERVING`], then [`DRAINING`] from a stop, then [`CUT`]; also
+    /// ended when `Proxy::run` is dropped (its sender with it), which
+    /// ends the serving threads too.
+    phase: tokio::sync::watch::Receiver<u8>,
 }
 
 /// The proxy accepts and serves.
@@ -217,6 +219,7 @@ pub struct Proxy {
     listeners: Vec<std::net::TcpListener>,
     local: SocketAddr,
     state: Arc<State>,
+    phase: tokio::sync::watch::Sender<u8>,
     /// SIGHUP asks for a reload. Taken when the sockets are bound, so a
     /// signal sent once the address is announced never finds the default
     /// action (ending the process) in place.
@@ -352,6 +355,7 @@ impl Proxy {
             listeners.push(listen_socket(local, workers > 1).map_err(listen_error)?);
         }
         let limiter = rate_limiter(&config);
+        let (phase, phase_rx) = tokio::sync::watch::channel(SERVING);
         let id_prefix = audit.boot_id().chars().take(8).collect();
         let loaded = AuditEvent::policy_loaded(policy.sha256(), "start");
         let _ = audit.submit_async(&loaded).await;
@@ -376,8 +380,9 @@ impl Proxy {
                 id_prefix,
                 counters: Counters::default(),
                 resolved: ResolveCache::default(),
-                phase: tokio::sync::watch::Sender::new(SERVING),
+                phase: phase_rx,
             }),
+            phase,
         })
     }
 
@@ -409,6 +414,7 @@ impl Proxy {
         let Proxy {
             listeners,
             state,
+            phase,
             #[cfg(unix)]
             mut hup,
             #[cfg(unix)]
@@ -418,7 +424,7 @@ impl Proxy {
         let mut threads = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let st = state.clone();
-            let mut phase = state.phase.subscribe();
+            let mut phase = state.phase.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("palisade-proxy-{i}"))
                 .spawn(move || {
@@ -444,8 +450,12 @@ impl Proxy {
                         drop(worker);
                         let _ = phase.wait_for(|p| *p >= CUT).await;
                     });
-                    // Dropping the runtime ends its connections; their
-                    // records are written as they end.
+                    // Shutting the runtime down ends its connections; their
+                    // records are written as they end. A name lookup still
+                    // running on its blocking pool (a resolver that does
+                    // not answer) is not waited for: the stop must not
+                    // outlast the drain by the resolver's timeout.
+                    runtime.shutdown_timeout(Duration::from_millis(100));
                 });
             match spawned {
                 Ok(t) => threads.push(t),
@@ -495,7 +505,7 @@ impl Proxy {
         // connections close at once then.
         let open = || state.open.load(Ordering::Relaxed);
         let open_at_stop = open();
-        state.phase.send_replace(DRAINING);
+        phase.send_replace(DRAINING);
         let drain = state.config.load().drain_timeout;
         if open_at_stop > 0 && !drain.is_zero() {
             crate::say!(
@@ -518,7 +528,7 @@ impl Proxy {
                 open()
             );
         }
-        state.phase.send_replace(CUT);
+        phase.send_replace(CUT);
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
@@ -686,7 +696,10 @@ async fn reload(state: Arc<State>) -> Result<String, String> {
         Ok(Loaded { policy, config }) => {
             let sha = policy.sha256().to_string();
             let mut changed = Vec::new();
-            // The settings and the policy go in force together.
+            // Both loaded, or neither goes in force. The settings are
+            // swapped in just before the policy: a request between the two
+            // swaps has the new settings under the old policy, which still
+            // checks every address it is given.
             if let Some(mut new) = config {
                 let old = state.config.load_full();
                 let restart;
@@ -874,7 +887,7 @@ async fn serve_connection(
         });
         // At a stop, a response in progress is finished (and says
         // `connection: close`) and an idle connection closes at once.
-        let mut phase = state.phase.subscribe();
+        let mut phase = state.phase.clone();
         let mut draining = std::pin::pin!(async move {
             let _ = phase.wait_for(|p| *p >= DRAINING).await;
         });
