@@ -396,3 +396,34 @@ fn a_trail_deleted_while_idle_is_noticed_at_stop() {
         "{report}"
     );
 }
+
+/// An idle writer notices within seconds that its folder was removed, and
+/// goes on in a new file at once (without waiting for a record or the
+/// stop), so the operator hears of it while it can still be looked into.
+#[test]
+fn an_idle_writer_notices_its_deleted_folder_within_seconds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path());
+    let dir = tmp.path().join("trail");
+    let log = AuditLog::open(&config(&dir, &keys)).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !file(&dir, 2).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deleted folder was not noticed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    log.close().unwrap();
+    let actions: Vec<String> = records(&dir)
+        .iter()
+        .map(|r| s(r, "/event/action").to_string())
+        .collect();
+    // Nothing was lost: no gap record.
+    assert_eq!(
+        actions[..3],
+        ["rotation", "log-failed", "log-recovered"],
+        "{actions:?}"
+    );
+}

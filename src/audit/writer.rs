@@ -792,6 +792,9 @@ fn file_identity(file: &File) -> std::io::Result<(u64, u64)> {
     Ok((m.dev(), m.ino()))
 }
 
+/// How often an idle writer checks that its file is still in place.
+const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The message of a write refused because the current file is not where
 /// the trail says it is.
 const FILE_GONE: &str = "was deleted or replaced while the trail was writing to it";
@@ -927,7 +930,7 @@ impl Writer {
         if self.failure.is_some() {
             return self.cfg.failure_retry;
         }
-        let mut wait = Duration::from_secs(3600);
+        let mut wait = FILE_CHECK_INTERVAL;
         if self.records_since_checkpoint > 0 {
             wait = wait.min(
                 self.cfg
@@ -945,6 +948,14 @@ impl Writer {
 
     fn on_timer(&mut self) {
         if self.failure.is_some() {
+            self.try_recover();
+            return;
+        }
+        // An idle trail's file is looked for too, so that its deletion is
+        // said (and the trail goes on in a new file) within seconds, not
+        // at the next record.
+        if self.file_gone().unwrap_or(false) {
+            self.fail(std::io::Error::other(FILE_GONE));
             self.try_recover();
             return;
         }
