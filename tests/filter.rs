@@ -67,7 +67,14 @@ struct Net {
     io: &'static str,
     /// The filter's stderr, line by line.
     lines: Option<std::sync::mpsc::Receiver<String>>,
+    /// Runs the filter as an unprivileged user holding only the
+    /// capabilities the README and the shipped systemd unit give it.
+    least_privilege: bool,
 }
+
+/// What the filter needs instead of root (README, and the shipped unit's
+/// `AmbientCapabilities`).
+const FILTER_CAPS: &str = "-all,+net_raw,+net_admin,+bpf";
 
 impl Drop for Net {
     fn drop(&mut self) {
@@ -135,6 +142,7 @@ impl Net {
             servers: Vec::new(),
             io,
             lines: None,
+            least_privilege: false,
         };
         let (v, f, o) = (&net.vnet, &net.fw, &net.onprem);
         for n in [v, f, o] {
@@ -194,8 +202,30 @@ impl Net {
             format!("policy = \"filter.policy\"\n[filter]\nedge = \"e0\"\nonprem = \"o0\"\nio = \"{}\"\n{extra}\n[audit]\ndir = \"audit\"\nsigning_key = \"keys/audit.key\"\n", self.io),
         )
         .unwrap();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.fw])
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.fw]);
+        if self.least_privilege {
+            // The test's folder becomes the user's, as a service's state
+            // directory is.
+            sh(&format!(
+                "chown -R 65534:65534 {}",
+                self.dir.path().display()
+            ));
+            command.args([
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps",
+                FILTER_CAPS,
+                "--ambient-caps",
+                FILTER_CAPS,
+                "--bounding-set",
+                FILTER_CAPS,
+                "--",
+            ]);
+        }
+        let mut child = command
             .arg(env!("CARGO_BIN_EXE_palisade"))
             .args(["filter", "--config"])
             .arg(self.dir.path().join("palisade.toml"))
@@ -203,6 +233,8 @@ impl Net {
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
+        // Held (and so killed on drop) before anything here can fail.
+        self.filter = Some(child);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -226,7 +258,6 @@ impl Net {
                 break;
             }
         }
-        self.filter = Some(child);
         self.lines = Some(rx);
     }
 
@@ -336,6 +367,19 @@ fn pnet_ports_with_offloads_off_filter_the_same() {
         return;
     }
     allowed_and_dropped(Net::with("pnet"));
+}
+
+/// The filter needs no root: as another user with only CAP_NET_RAW,
+/// CAP_NET_ADMIN and CAP_BPF (what the shipped systemd unit grants), it
+/// opens its ports, loads its kernel fast path and filters the same.
+#[test]
+fn the_filter_runs_with_three_capabilities_instead_of_root() {
+    if !ready() || !have("setpriv") {
+        return;
+    }
+    let mut net = Net::new();
+    net.least_privilege = true;
+    allowed_and_dropped(net);
 }
 
 fn allowed_and_dropped(mut net: Net) {
