@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 fn shipped(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -113,51 +112,13 @@ fn the_proxy_unit_command_serves_the_shipped_configuration() {
     let exec = moved(&unit_value("palisade-proxy.service", "ExecStart"));
     let mut words = exec.split_whitespace();
     assert_eq!(words.next(), Some("/usr/local/bin/palisade"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_palisade"))
-        .args(words)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut said = Vec::new();
-    let addr: std::net::SocketAddr = loop {
-        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
-            let _ = child.kill();
-            panic!("the proxy did not start: {said:#?}");
-        };
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split(';').next().unwrap().parse().unwrap();
-        }
-        said.push(line);
-    };
+    let started = common::start_listening(Command::new(env!("CARGO_BIN_EXE_palisade")).args(words));
+    let (child, addr) = (started.child, started.addr);
     // The seed policy sends Internet-bound HTTP through its own rules; a
     // destination it does not name is refused with its request id.
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "--max-time",
-            "10",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code}",
-            "-x",
-        ])
-        .arg(format!("http://{addr}"))
-        .arg("http://not-in-the-policy.example/")
-        .output()
-        .expect("curl (.ci/run installs it)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.ends_with("\n403"), "{text}");
-    assert!(text.contains("request id"), "{text}");
+    let (status, body) = common::curl_via(addr, &["http://not-in-the-policy.example/"]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("request id"), "{body}");
     common::stop_and_verify(
         child,
         "the proxy",

@@ -6,7 +6,7 @@
 mod common;
 use common::{records, s, signal, stop_and_verify};
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -377,39 +377,15 @@ fn start_proxy_with(
             .env("LD_PRELOAD", libfaketime().expect("libfaketime"))
             .env("FAKETIME", at);
     }
-    let mut child = command
-        .args(["proxy", "--config"])
-        .arg(&config)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut startup = Vec::new();
-    let addr = loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("proxy did not start: {startup:#?}"));
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split(';').next().unwrap().parse().unwrap();
-        }
-        startup.push(line);
-    };
+    let started = common::start_listening(command.args(["proxy", "--config"]).arg(&config));
     Proxy {
-        child: Some(child),
-        addr,
+        child: Some(started.child),
+        addr: started.addr,
         dir,
         policy,
         origins,
-        startup,
-        stderr: rx,
+        startup: started.startup,
+        stderr: started.stderr,
     }
 }
 
@@ -431,25 +407,7 @@ impl Proxy {
     }
 
     fn curl(&self, args: &[&str]) -> (u16, String) {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "-S",
-                "--max-time",
-                "10",
-                "-o",
-                "-",
-                "-w",
-                "\n%{http_code}",
-                "-x",
-            ])
-            .arg(format!("http://{}", self.addr))
-            .args(args)
-            .output()
-            .expect("curl (.ci/run installs it)");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
+        common::curl_via(self.addr, args)
     }
 
     /// Every audit record so far, as JSON.

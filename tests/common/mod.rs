@@ -3,8 +3,10 @@
 //! daemon wrote, and stop a daemon.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn palisade() -> Command {
@@ -141,4 +143,75 @@ pub fn write_lines(path: &Path, lines: &[String]) {
     let mut s = lines.join("\n");
     s.push('\n');
     std::fs::write(path, s).unwrap();
+}
+
+/// A proxy started by [`start_listening`].
+pub struct Listening {
+    pub child: Child,
+    /// The address it announced (`listening on ADDR;`).
+    pub addr: SocketAddr,
+    /// What it said on stderr before that.
+    pub startup: Vec<String>,
+    /// What it says after, line by line.
+    pub stderr: std::sync::mpsc::Receiver<String>,
+}
+
+/// Spawns `command` (a `palisade proxy` command line) and waits up to 20 s
+/// for it to announce its address; a proxy that does not is killed.
+pub fn start_listening(command: &mut Command) -> Listening {
+    let mut child = command
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut startup = Vec::new();
+    let addr = loop {
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the proxy did not start: {startup:#?}");
+        };
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split(';').next().unwrap().parse().unwrap();
+        }
+        startup.push(line);
+    };
+    Listening {
+        child,
+        addr,
+        startup,
+        stderr: rx,
+    }
+}
+
+/// curl through the proxy at `proxy` with `args` (the URL among them): the
+/// status (0 if none) and the body.
+pub fn curl_via(proxy: SocketAddr, args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-S",
+            "--max-time",
+            "10",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-x",
+        ])
+        .arg(format!("http://{proxy}"))
+        .args(args)
+        .output()
+        .expect("curl (.ci/run installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
 }
