@@ -1007,6 +1007,18 @@ fn the_connection_limit_fits_the_open_file_limit() {
     });
     assert_eq!(n(&r, "/http/response/status_code"), 503);
     drop(open);
+    // A reload does not say it again unless it says something new.
+    signal(p.child.as_ref().unwrap(), rustix::process::Signal::HUP);
+    let mut said = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !said.iter().any(|l: &String| l.contains("reloaded policy")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        said.push(p.stderr.recv_timeout(left).expect("no reload said"));
+    }
+    assert!(
+        !said.iter().any(|l| l.contains("open-file limit")),
+        "{said:#?}"
+    );
     p.stop_and_verify();
 }
 

@@ -26,7 +26,7 @@ pub struct ProxyArgs {
 
 /// Applies the command line's overrides to the configuration file's
 /// settings (at start and at every reload).
-fn with_overrides(mut config: Config, args: &ProxyArgs) -> Config {
+fn with_overrides(mut config: Config, args: &ProxyArgs) -> (Config, Option<String>) {
     if let Some(l) = args.listen {
         config.proxy.listen = l;
     }
@@ -36,18 +36,23 @@ fn with_overrides(mut config: Config, args: &ProxyArgs) -> Config {
     if let Some(d) = &args.audit_dir {
         config.audit.dir = d.clone();
     }
-    fit_open_file_limit(&mut config.proxy);
-    config
+    let warning = fit_open_file_limit(&mut config.proxy);
+    (config, warning)
 }
 
 pub fn run(args: ProxyArgs) -> ExitCode {
-    let config = match Config::load(&args.config) {
+    let (config, fit_warning) = match Config::load(&args.config) {
         Ok(c) => with_overrides(c, &args),
         Err(e) => {
             palisade::say!("error: {e}");
             return ExitCode::from(2);
         }
     };
+    if let Some(w) = &fit_warning {
+        palisade::say!("{w}");
+    }
+    // Said again at a reload only when it says something new.
+    let fit_said = std::sync::Mutex::new(fit_warning);
     // The policy is compiled before the trail is opened: a start that
     // fails on its policy leaves no boot in the trail.
     let first = match super::policy::load_for_enforcement(&config.policy) {
@@ -64,9 +69,15 @@ pub fn run(args: ProxyArgs) -> ExitCode {
         if let Some(policy) = first.lock().ok().and_then(|mut f| f.take()) {
             return Ok(Loaded::from(policy));
         }
-        let config = Config::load(&args.config)
+        let (config, fit_warning) = Config::load(&args.config)
             .map(|c| with_overrides(c, &args))
             .map_err(|e| e.to_string())?;
+        if let Ok(mut said) = fit_said.lock() {
+            if let Some(w) = fit_warning.as_ref().filter(|w| said.as_ref() != Some(*w)) {
+                palisade::say!("{w}");
+            }
+            *said = fit_warning;
+        }
         if config.audit != audit_at_start {
             palisade::say!(
                 "palisade proxy: warning: [audit] changed in the configuration: that takes a restart; the running proxy keeps its trail and settings"
@@ -187,24 +198,25 @@ const FILES_RESERVED: u64 = 256;
 
 /// Raises the open-file limit as far as allowed and, where it still cannot
 /// hold `max_connections` at their worst, lowers `max_connections` to what
-/// it can hold, saying so: past it clients get a 503 and a record, where an
-/// exhausted file table would leave them waiting unanswered.
-fn fit_open_file_limit(config: &mut palisade::config::ProxyConfig) {
-    let Some(limit) = palisade::sys::raise_open_file_limit() else {
-        return;
-    };
+/// it can hold, returning the warning to say: past it clients get a 503
+/// and a record, where an exhausted file table would leave them waiting
+/// unanswered.
+fn fit_open_file_limit(config: &mut palisade::config::ProxyConfig) -> Option<String> {
+    let limit = palisade::sys::raise_open_file_limit()?;
     let fit = limit.saturating_sub(FILES_RESERVED) / FILES_PER_CONNECTION;
-    if (config.max_connections as u64) > fit {
-        let fit = fit.max(1) as usize;
-        palisade::say!(
-            "palisade proxy: warning: the open-file limit ({limit}) holds {fit} connections at \
-             {FILES_PER_CONNECTION} files each at worst: max_connections lowered from {} to {fit} \
-             (raise the limit, e.g. LimitNOFILE= in a systemd unit, to allow more)",
-            config.max_connections
-        );
-        config.max_connections = fit;
-        config.max_connections_per_client = config.max_connections_per_client.min(fit);
+    if (config.max_connections as u64) <= fit {
+        return None;
     }
+    let fit = fit.max(1) as usize;
+    let warning = format!(
+        "palisade proxy: warning: the open-file limit ({limit}) holds {fit} connections at \
+         {FILES_PER_CONNECTION} files each at worst: max_connections lowered from {} to {fit} \
+         (raise the limit, e.g. LimitNOFILE= in a systemd unit, to allow more)",
+        config.max_connections
+    );
+    config.max_connections = fit;
+    config.max_connections_per_client = config.max_connections_per_client.min(fit);
+    Some(warning)
 }
 
 /// Opens the audit trail, creating the signing key on first start like an
