@@ -269,6 +269,9 @@ enum Launch<'a> {
     OpenFiles(u64, u64),
     /// After this is done to the test's directory.
     Prepare(&'a dyn Fn(&Path)),
+    /// In a mount namespace of its own whose `/etc/resolv.conf` (this
+    /// file) names a resolver.
+    Resolver(&'a Path),
 }
 
 impl Drop for Proxy {
@@ -368,6 +371,16 @@ fn start_proxy_with(
         Launch::OpenFiles(soft, hard) => {
             let mut c = Command::new("prlimit");
             c.arg(format!("--nofile={soft}:{hard}")).arg(bin);
+            c
+        }
+        // unshare and sh exec the proxy (same process, so it gets the
+        // test's signals).
+        Launch::Resolver(conf) => {
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
+                .arg(conf)
+                .arg(bin);
             c
         }
         _ => Command::new(bin),
@@ -1988,6 +2001,65 @@ fn a_stop_lets_requests_in_progress_finish() {
     );
     assert_eq!(n(tunnel, "/source/bytes"), 8, "{tunnel:#}");
     assert_eq!(n(tunnel, "/destination/bytes"), 8, "{tunnel:#}");
+}
+
+/// A stop is not held by a name lookup the resolver never answers: the
+/// lookup runs on a blocking thread the stop does not wait for, so a
+/// second signal ends the proxy at once, not at the resolver's timeout
+/// (past a service manager's SIGKILL).
+#[test]
+fn a_lookup_the_resolver_never_answers_does_not_hold_the_stop() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIP: a mount namespace and port 53 need root");
+        return;
+    }
+    // A resolver on loopback that takes queries and never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.153:53").expect("bind 127.0.0.153:53");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("resolv.conf");
+    std::fs::write(
+        &conf,
+        "nameserver 127.0.0.153\noptions timeout:30 attempts:1\n",
+    )
+    .unwrap();
+    let mut p = start_proxy_with("", &policy_text, Launch::Resolver(&conf));
+    // Not pinned in [proxy.hosts]: the proxy asks the resolver.
+    let url = format!("http://unpinned.origin.test:{}/", p.origins.http);
+    let proxy = p.addr;
+    let waiting = std::thread::spawn(move || common::curl_via(proxy, &[&url]));
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut query = [0u8; 512];
+    silent
+        .recv(&mut query)
+        .expect("the proxy never asked the resolver");
+    let child = p.child.as_ref().unwrap();
+    signal(child, rustix::process::Signal::TERM);
+    p.wait_stderr("stopping: no new connections");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    signal(child, rustix::process::Signal::TERM);
+    let mut child = p.child.take().unwrap();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the stop waited for the resolver"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = waiting.join();
+    let (code, out) = common::verify_with(
+        &p.dir.path().join("audit"),
+        &p.dir.path().join("keys/audit.pub"),
+    );
+    assert_eq!(code, 0, "verify: {out}");
+    let r = p
+        .records()
+        .into_iter()
+        .find(|r| s(r, "/url/full").contains("unpinned.origin.test"))
+        .expect("no record of the request");
+    assert!(s(&r, "/event/reason").contains("cut short"), "{r:#}");
 }
 
 /// SIGUSR1 prints the counters, as for the filter, and the proxy serves

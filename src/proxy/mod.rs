@@ -1697,10 +1697,26 @@ async fn forward(
     let (rule_name, _, rule) =
         decide(policy, peer.ip(), &host, port, req.method().as_str()).map_err(|r| (r, None))?;
     admit(state).await?;
+    // A stop that cuts the request while its name is looked up still
+    // leaves its record (as one waiting for its origin does, below).
+    let resolving = IfCut::new(|| {
+        let ev = AuditEvent::proxy_request(
+            Action::Allowed,
+            peer,
+            req.method().as_str(),
+            &uri.to_string(),
+        )
+        .with_request_id(id)
+        .with_rule(&rule_name, policy.sha256())
+        .with_reason(CUT_SHORT)
+        .with_domain(&host_text(&host))
+        .with_bytes(0, 0, start.elapsed());
+        let _ = state.audit.try_submit(&ev);
+    });
     // Boxed: a lookup's state is large and most requests need none.
-    let dest = Box::pin(resolve_checked(state, policy, rule, &host, port))
-        .await
-        .map_err(|r| (r, None))?;
+    let dest = Box::pin(resolve_checked(state, policy, rule, &host, port)).await;
+    resolving.done();
+    let dest = dest.map_err(|r| (r, None))?;
     // The request goes out in origin form (path and query) on a connection
     // to exactly the checked address; the Host header keeps the name.
     // An absolute URI may have an empty path (`http://host?q`); origin
