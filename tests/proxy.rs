@@ -2062,6 +2062,41 @@ fn a_lookup_the_resolver_never_answers_does_not_hold_the_stop() {
     assert!(s(&r, "/event/reason").contains("cut short"), "{r:#}");
 }
 
+/// A Ctrl-C that a wrapper also forwards as SIGTERM arrives as two
+/// signals at once: that is one stop, which drains; a stop sent later
+/// cuts.
+#[test]
+fn two_signals_at_once_are_one_stop() {
+    let mut p = start_proxy("drain_timeout = \"30s\"");
+    let mut tunnel = connect_tunnel(p.addr, &format!("echo.test:{}", p.origins.echo));
+    tunnel.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    tunnel.read_exact(&mut back).unwrap();
+    let child = p.child.as_ref().unwrap();
+    signal(child, rustix::process::Signal::INT);
+    signal(child, rustix::process::Signal::TERM);
+    p.wait_stderr("stopping: no new connections");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut child = p.child.take().unwrap();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "two signals at once cut the drain short"
+    );
+    // The tunnel still carries bytes.
+    tunnel.write_all(b"pong").unwrap();
+    tunnel.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"pong");
+    signal(&child, rustix::process::Signal::TERM);
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a later stop did not cut"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// SIGUSR1 prints the counters, as for the filter, and the proxy serves
 /// on (a signal an operator sends to both daemons must not stop one).
 #[test]
