@@ -785,11 +785,14 @@ impl Writer {
     }
 }
 
-/// A file's (device, inode).
+/// An open file's (device, inode).
 fn file_identity(file: &File) -> std::io::Result<(u64, u64)> {
+    file.metadata().map(|m| identity(&m))
+}
+
+fn identity(m: &std::fs::Metadata) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
-    let m = file.metadata()?;
-    Ok((m.dev(), m.ino()))
+    (m.dev(), m.ino())
 }
 
 /// How often an idle writer checks that its file is still in place.
@@ -954,8 +957,7 @@ impl Writer {
         // An idle trail's file is looked for too, so that its deletion is
         // said (and the trail goes on in a new file) within seconds, not
         // at the next record.
-        if self.file_gone().unwrap_or(false) {
-            self.fail(std::io::Error::other(FILE_GONE));
+        if self.fail_if_file_gone() {
             self.try_recover();
             return;
         }
@@ -992,12 +994,22 @@ impl Writer {
 
     /// No file is at the current file's path, or another one is.
     fn file_gone(&self) -> std::io::Result<bool> {
-        use std::os::unix::fs::MetadataExt;
+        // The link itself: a symbolic link put in its place is another file.
         match std::fs::symlink_metadata(self.path()) {
-            Ok(m) => Ok((m.dev(), m.ino()) != self.file_id),
+            Ok(m) => Ok(identity(&m) != self.file_id),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
             Err(e) => Err(e),
         }
+    }
+
+    /// Fails the log if the current file is gone (see
+    /// [`Writer::file_gone`]); true if it did. Recovery reopens.
+    fn fail_if_file_gone(&mut self) -> bool {
+        let gone = self.failure.is_none() && self.file_gone().unwrap_or(false);
+        if gone {
+            self.fail(std::io::Error::other(FILE_GONE));
+        }
+        gone
     }
 
     /// Goes on in a new file after the current one was deleted or
@@ -1006,15 +1018,11 @@ impl Writer {
     /// `rotation` record naming the lost file, so `audit verify` reports
     /// what is missing instead of the trail quietly starting over.
     fn reopen(&mut self) -> std::io::Result<()> {
-        use std::os::unix::fs::MetadataExt;
         let dir = self.cfg.dir.clone();
         std::fs::create_dir_all(&dir)?;
-        let lock_path = dir.join(".lock");
-        let held = self.lock.metadata().map(|m| (m.dev(), m.ino())).ok();
-        let at_path = std::fs::metadata(&lock_path)
-            .map(|m| (m.dev(), m.ino()))
-            .ok();
-        if held.is_none() || held != at_path {
+        let held = file_identity(&self.lock).ok();
+        let at_path = std::fs::metadata(dir.join(".lock")).map(|m| identity(&m));
+        if held.is_none() || held != at_path.ok() {
             self.lock = lock_dir(&dir).map_err(std::io::Error::other)?;
         }
         let previous = file_name(self.file_index);
@@ -1251,9 +1259,7 @@ impl Writer {
         // A file deleted while nothing was written is noticed here at the
         // latest: the stop goes in the next file, after the records that
         // say what happened, not nowhere.
-        if self.failure.is_none() && self.file_gone().unwrap_or(false) {
-            self.fail(std::io::Error::other(FILE_GONE));
-        }
+        self.fail_if_file_gone();
         if self.failure.is_some() && !self.try_recover() {
             let lost = self.shared.counters.gap_lost.load(Ordering::Relaxed);
             crate::say!(

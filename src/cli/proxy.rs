@@ -131,34 +131,26 @@ pub fn run(args: ProxyArgs) -> ExitCode {
             }
             counter.send_modify(|n| *n += 1);
         };
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::spawn(async move {
-                        loop {
-                            tokio::select! {
-                                _ = int.recv() => {}
-                                _ = term.recv() => {}
-                            }
-                            count();
-                        }
-                    });
-                }
-                _ => {
-                    tokio::spawn(async move {
-                        while tokio::signal::ctrl_c().await.is_ok() {
-                            count();
-                        }
-                    });
-                }
-            }
-        }
-        #[cfg(not(unix))]
+        // Registered now, not when the task below first runs.
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
         tokio::spawn(async move {
-            while tokio::signal::ctrl_c().await.is_ok() {
-                count();
+            match signals {
+                (Ok(mut term), Ok(mut int)) => loop {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                    count();
+                },
+                _ => {
+                    while tokio::signal::ctrl_c().await.is_ok() {
+                        count();
+                    }
+                }
             }
         });
         let stopped = |times: u32| {

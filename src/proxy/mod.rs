@@ -1697,22 +1697,23 @@ async fn forward(
     let (rule_name, _, rule) =
         decide(policy, peer.ip(), &host, port, req.method().as_str()).map_err(|r| (r, None))?;
     admit(state).await?;
-    // A stop that cuts the request while its name is looked up still
-    // leaves its record (as one waiting for its origin does, below).
-    let resolving = IfCut::new(|| {
-        let ev = AuditEvent::proxy_request(
-            Action::Allowed,
-            peer,
-            req.method().as_str(),
-            &uri.to_string(),
-        )
-        .with_request_id(id)
-        .with_rule(&rule_name, policy.sha256())
-        .with_reason(CUT_SHORT)
-        .with_domain(&host_text(&host))
-        .with_bytes(0, 0, start.elapsed());
+    let method = req.method().as_str().to_string();
+    // The record of a request a stop cuts while it waits: for its name's
+    // lookup, then (with the address checked) for its origin.
+    let cut_short = |dest: Option<SocketAddr>| {
+        let mut ev = AuditEvent::proxy_request(Action::Allowed, peer, &method, &uri.to_string())
+            .with_request_id(id)
+            .with_rule(&rule_name, policy.sha256())
+            .with_reason(CUT_SHORT);
+        if let Some(dest) = dest {
+            ev = ev.with_destination(dest);
+        }
+        let ev = ev
+            .with_domain(&host_text(&host))
+            .with_bytes(0, 0, start.elapsed());
         let _ = state.audit.try_submit(&ev);
-    });
+    };
+    let resolving = IfCut::new(|| cut_short(None));
     // Boxed: a lookup's state is large and most requests need none.
     let dest = Box::pin(resolve_checked(state, policy, rule, &host, port)).await;
     resolving.done();
@@ -1742,21 +1743,11 @@ async fn forward(
         }
     }
     add_via(headers, version);
-    let method = req.method().as_str().to_string();
     let (connect_timeout, upstream_timeout) = {
         let c = state.config.load();
         (c.connect_timeout, c.upstream_timeout)
     };
-    let cut = IfCut::new(|| {
-        let ev = AuditEvent::proxy_request(Action::Allowed, peer, &method, &uri.to_string())
-            .with_request_id(id)
-            .with_rule(&rule_name, policy.sha256())
-            .with_reason(CUT_SHORT)
-            .with_destination(dest)
-            .with_domain(&host_text(&host))
-            .with_bytes(0, 0, start.elapsed());
-        let _ = state.audit.try_submit(&ev);
-    });
+    let cut = IfCut::new(|| cut_short(Some(dest)));
     let sent = slot
         .send(dest, req, connect_timeout, upstream_timeout)
         .await;

@@ -1020,6 +1020,22 @@ struct Idle {
     swept: Option<Instant>,
 }
 
+impl Idle {
+    /// Keeps the parked connections `keep` accepts (given each one and
+    /// when it was parked) and returns how many it dropped.
+    fn retain(&mut self, mut keep: impl FnMut(&Origin, Instant) -> bool) -> usize {
+        let mut dropped = 0;
+        self.by_addr.retain(|_, list| {
+            let before = list.len();
+            list.retain(|(origin, at)| keep(origin, *at));
+            dropped += before - list.len();
+            !list.is_empty()
+        });
+        self.count -= dropped;
+        dropped
+    }
+}
+
 impl IdlePool {
     /// Keeps at most `max` connections, none longer than `max_age`.
     pub fn new(max: usize, max_age: Duration) -> IdlePool {
@@ -1058,18 +1074,11 @@ impl IdlePool {
     /// each, until a request for that origin or the next sweep by age.
     /// Runs on the event loop the connections belong to.
     pub fn drop_closed(&self) -> usize {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = &mut *g;
         let max_age = self.max_age;
-        let mut dropped = 0;
-        idle.by_addr.retain(|_, list| {
-            let before = list.len();
-            list.retain(|(origin, at)| at.elapsed() < max_age && origin.still_idle());
-            dropped += before - list.len();
-            !list.is_empty()
-        });
-        idle.count -= dropped;
-        dropped
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|origin, at| at.elapsed() < max_age && origin.still_idle())
     }
 
     /// How many connections are parked.
@@ -1092,14 +1101,7 @@ impl IdlePool {
         {
             idle.swept = Some(now);
             let max_age = self.max_age;
-            let mut dropped = 0;
-            idle.by_addr.retain(|_, list| {
-                let before = list.len();
-                list.retain(|(_, at)| now.duration_since(*at) < max_age);
-                dropped += before - list.len();
-                !list.is_empty()
-            });
-            idle.count -= dropped;
+            idle.retain(|_, at| now.duration_since(at) < max_age);
         }
         if idle.count >= self.max {
             return;
