@@ -1967,15 +1967,12 @@ fn a_stop_lets_requests_in_progress_finish() {
     signal(child, rustix::process::Signal::TERM);
     let said = p.wait_stderr("cutting");
     assert!(said.contains("cutting 1 connections"), "{said}");
-    let started = Instant::now();
     let mut child = p.child.take().unwrap();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the proxy did not stop on a second signal"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_exit(
+        &mut child,
+        Duration::from_secs(5),
+        "the proxy did not stop on a second signal",
+    );
     assert_eq!(tunnel.read(&mut back).unwrap_or(0), 0, "tunnel not closed");
     let (code, out) = common::verify_with(
         &p.dir.path().join("audit"),
@@ -2038,16 +2035,13 @@ fn a_lookup_the_resolver_never_answers_does_not_hold_the_stop() {
     signal(child, rustix::process::Signal::TERM);
     p.wait_stderr("stopping: no new connections");
     std::thread::sleep(Duration::from_millis(300));
-    let started = Instant::now();
     signal(child, rustix::process::Signal::TERM);
     let mut child = p.child.take().unwrap();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the stop waited for the resolver"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_exit(
+        &mut child,
+        Duration::from_secs(5),
+        "the stop waited for the resolver",
+    );
     let _ = waiting.join();
     let (code, out) = common::verify_with(
         &p.dir.path().join("audit"),
@@ -2087,14 +2081,11 @@ fn two_signals_at_once_are_one_stop() {
     tunnel.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"pong");
     signal(&child, rustix::process::Signal::TERM);
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "a later stop did not cut"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_exit(
+        &mut child,
+        Duration::from_secs(5),
+        "a later stop did not cut",
+    );
 }
 
 /// SIGUSR1 prints the counters, as for the filter, and the proxy serves
@@ -2315,14 +2306,13 @@ fn a_deleted_audit_directory_is_noticed_and_the_trail_goes_on() {
     assert!(records
         .iter()
         .any(|r| s(r, "/event/action") == "log-recovered"));
-    let child = p.child.take().unwrap();
+    let mut child = p.child.take().unwrap();
     signal(&child, rustix::process::Signal::TERM);
-    let mut child = child;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the proxy did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_exit(
+        &mut child,
+        Duration::from_secs(10),
+        "the proxy did not stop",
+    );
     let (code, out) = common::verify_with(&audit, &p.dir.path().join("keys/audit.pub"));
     assert_ne!(
         code, 0,

@@ -118,13 +118,22 @@ pub fn signal(child: &Child, sig: rustix::process::Signal) {
 /// checks that the trail it wrote in `audit` verifies with key `key`.
 pub fn stop_and_verify(mut child: Child, what: &str, audit: &Path, key: &Path) {
     signal(&child, rustix::process::Signal::TERM);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "{what} did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_exit(
+        &mut child,
+        Duration::from_secs(10),
+        &format!("{what} did not stop on SIGTERM"),
+    );
     let (code, out) = verify_with(audit, key);
     assert_eq!(code, 0, "verify: {out}");
+}
+
+/// Waits for `child` to exit, failing with `failure` past `within`.
+pub fn wait_exit(child: &mut Child, within: Duration, failure: &str) {
+    let deadline = Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{failure}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 pub fn file(dir: &Path, index: u64) -> PathBuf {
