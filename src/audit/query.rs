@@ -228,12 +228,21 @@ impl Summary {
                 self.lost_records += g.lost_records;
             }
         }
-        if e.event.code == RecordKind::Lifecycle || e.event.code == RecordKind::FlowStart {
-            // Flow starts are counted at their end (bytes), drops and
-            // requests as they are.
-            if e.event.code == RecordKind::Lifecycle {
-                return;
-            }
+        if e.event.code == RecordKind::Lifecycle {
+            return;
+        }
+        let bytes = e.source.as_ref().and_then(|s| s.bytes).unwrap_or(0)
+            + e.destination.as_ref().and_then(|d| d.bytes).unwrap_or(0);
+        if bytes > 0 && e.event.code != RecordKind::DropSummary {
+            *self
+                .bytes_by_destination
+                .entry(destination_key(r))
+                .or_default() += bytes;
+        }
+        // A filter flow is one decision, counted at its start; its end
+        // record adds only its bytes. Requests and drops count as they are.
+        if e.event.code == RecordKind::FlowEnd {
+            return;
         }
         self.records += 1;
         match e.event.action {
@@ -257,14 +266,6 @@ impl Summary {
             } else {
                 hits.0 += 1;
             }
-        }
-        let bytes = e.source.as_ref().and_then(|s| s.bytes).unwrap_or(0)
-            + e.destination.as_ref().and_then(|d| d.bytes).unwrap_or(0);
-        if bytes > 0 && e.event.code != RecordKind::DropSummary {
-            *self
-                .bytes_by_destination
-                .entry(destination_key(r))
-                .or_default() += bytes;
         }
     }
 
@@ -382,6 +383,31 @@ mod tests {
             prev_hash: "00".into(),
             event: e,
         }
+    }
+
+    #[test]
+    fn a_filter_flow_counts_once_with_its_bytes() {
+        use crate::audit::record::{FlowTuple, Traffic};
+        let flow = FlowTuple {
+            proto: 6,
+            src_ip: "192.0.2.5".parse().unwrap(),
+            src_port: 40000,
+            dst_ip: "203.0.113.9".parse().unwrap(),
+            dst_port: 443,
+        };
+        let mut s = Summary::default();
+        s.add(&record(
+            AuditEvent::flow_start(Action::Allowed, &flow).with_rule("web-out", "ab"),
+        ));
+        let t = |bytes| Traffic { packets: 1, bytes };
+        s.add(&record(
+            AuditEvent::flow_end(&flow, t(100), t(900), std::time::Duration::from_secs(1))
+                .with_rule("web-out", "ab"),
+        ));
+        assert_eq!((s.records, s.allowed, s.denied), (1, 1, 0));
+        assert_eq!(s.clients.get("192.0.2.5"), Some(&1));
+        assert_eq!(s.rule_hits.get("web-out"), Some(&(1, 0)));
+        assert_eq!(s.bytes_by_destination.get("203.0.113.9"), Some(&1000));
     }
 
     #[test]
