@@ -135,16 +135,199 @@ fn inserted_line_is_located() {
 }
 
 #[test]
-fn truncated_tail_is_located() {
+fn a_tail_cut_mid_record_leaves_the_trail_open_and_says_where() {
+    // Cut inside the stop checkpoint: what a crash mid-write leaves, so the
+    // trail is open (exit 3), as with whole lines cut off, and the
+    // incomplete record is named.
     let t = trail();
     let last = last_file(&t.dir);
     let len = std::fs::metadata(&last).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
     f.set_len(len - 20).unwrap();
     let (code, out) = verify(&t.dir, &t.keys);
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 3, "{out}");
     let name = last.file_name().unwrap().to_str().unwrap().to_string();
-    assert!(out.contains(&name) && out.contains("truncated"), "{out}");
+    assert!(
+        out.contains(&format!("note: {name}:"))
+            && out.contains("incomplete record")
+            && out.contains("INTACT BUT OPEN"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bytes_after_the_seal_are_found() {
+    let t = trail();
+    let last = last_file(&t.dir);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&last)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"seq\":").unwrap();
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("after the stop checkpoint"), "{out}");
+}
+
+/// Rewrites every line's `prev_hash` (and `seq`, per boot) so that the
+/// chain links again, as someone who edited records and cannot sign would.
+fn rechain(dir: &std::path::Path) {
+    let mut prev = "0".repeat(64);
+    let mut seq: std::collections::HashMap<String, u64> = Default::default();
+    for i in (1..).take_while(|i| file(dir, *i).exists()) {
+        let path = file(dir, i);
+        let lines: Vec<String> = read_lines(&path)
+            .iter()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let boot = v["boot_id"].as_str().unwrap().to_string();
+                let n = seq.entry(boot).or_insert(0);
+                v["seq"] = (*n).into();
+                *n += 1;
+                v["prev_hash"] = prev.clone().into();
+                let line = serde_json::to_string(&v).unwrap();
+                prev = hash_of(&line);
+                line
+            })
+            .collect();
+        write_lines(&path, &lines);
+    }
+}
+
+#[test]
+fn the_sealing_line_cannot_be_rewritten() {
+    // No later line hashes the stop checkpoint: its signature must cover
+    // all of it, or it could be turned into any record.
+    let t = trail();
+    let path = last_file(&t.dir);
+    let mut lines = read_lines(&path);
+    let stop = lines.last_mut().unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(stop).unwrap();
+    assert_eq!(v["palisade"]["checkpoint"]["reason"], "stop", "{stop}");
+    v["event"]["code"] = "proxy_request".into();
+    v["event"]["action"] = "allowed".into();
+    v["source"] = serde_json::json!({"ip": "192.0.2.66"});
+    v["url"] = serde_json::json!({"full": "http://exfil.example/"});
+    *stop = serde_json::to_string(&v).unwrap();
+    write_lines(&path, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("bad signature"), "{out}");
+}
+
+#[test]
+fn an_edit_hidden_by_rechaining_is_placed_after_the_last_checkpoint() {
+    // An edit in the middle of a file, every later line of the file but its
+    // closing checkpoint chained again: the break shows at the checkpoint,
+    // and the finding says the change may be anywhere since the one before.
+    let t = trail();
+    let path = file(&t.dir, 2);
+    let mut lines = read_lines(&path);
+    let n = lines.len();
+    assert!(n >= 5 && lines[n - 1].contains("\"reason\":\"rotation\""));
+    lines[2] = lines[2].replacen("stress://p", "stress://q", 1);
+    for i in 3..n - 1 {
+        let mut v: serde_json::Value = serde_json::from_str(&lines[i]).unwrap();
+        v["prev_hash"] = hash_of(&lines[i - 1]).into();
+        lines[i] = serde_json::to_string(&v).unwrap();
+    }
+    write_lines(&path, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("audit-00000002.jsonl:{} (seq", n - 1))
+            && out.contains("the change may be in any record from audit-00000002.jsonl:1 (seq")
+            && out.contains("the signed checkpoint at audit-00000001.jsonl:"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_checkpoint_stripped_of_its_signature_is_caught() {
+    let t = trail();
+    let path = last_file(&t.dir);
+    let mut lines = read_lines(&path);
+    let stop = lines.last_mut().unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(stop).unwrap();
+    v["palisade"].as_object_mut().unwrap().remove("checkpoint");
+    *stop = serde_json::to_string(&v).unwrap();
+    write_lines(&path, &lines);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("without its signature"), "{out}");
+}
+
+#[test]
+fn a_trail_rebuilt_without_its_checkpoints_is_not_intact() {
+    // Every record chained again from the start, every signature gone: the
+    // chain holds, but no boot has its start checkpoint and no rotated
+    // file ends with the checkpoint naming the next.
+    let t = trail();
+    for i in (1..).take_while(|i| file(&t.dir, *i).exists()) {
+        let path = file(&t.dir, i);
+        let kept: Vec<String> = read_lines(&path)
+            .into_iter()
+            .filter(|l| !l.contains("\"checkpoint\""))
+            .collect();
+        write_lines(&path, &kept);
+    }
+    rechain(&t.dir);
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("audit-00000001.jsonl:1 (seq 0): bad signature: this start record is not followed by its signed start checkpoint"),
+        "{out}"
+    );
+    assert!(
+        out.contains("audit-00000001.jsonl:")
+            && out.contains(
+                "ends without the signed rotation checkpoint naming audit-00000002.jsonl"
+            ),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_key_id_edited_in_every_checkpoint_does_not_hide_an_edit() {
+    let t = trail();
+    let path = file(&t.dir, 2);
+    let mut lines = read_lines(&path);
+    lines[4] = lines[4].replacen("stress://p", "stress://q", 1);
+    write_lines(&path, &lines);
+    for i in (1..).take_while(|i| file(&t.dir, *i).exists()) {
+        let path = file(&t.dir, i);
+        let masked: Vec<String> = read_lines(&path)
+            .into_iter()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(&l).unwrap();
+                if let Some(cp) = v["palisade"].get_mut("checkpoint") {
+                    cp["key_id"] = "0000000000000000".into();
+                    return serde_json::to_string(&v).unwrap();
+                }
+                l
+            })
+            .collect();
+        write_lines(&path, &masked);
+    }
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("audit-00000002.jsonl:5 (seq") && out.contains("edited"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_file_named_almost_like_a_trail_file_is_named() {
+    let t = trail();
+    let forged = t.dir.join("audit-000000002.jsonl");
+    std::fs::copy(file(&t.dir, 2), &forged).unwrap();
+    let (code, out) = verify(&t.dir, &t.keys);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("audit-000000002.jsonl: inserted: named like a trail file"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -266,7 +266,7 @@ pub struct Checkpoint {
     pub reason: String,
     /// First 16 hex digits of SHA-256 of the verifying key.
     pub key_id: String,
-    /// Ed25519 over [`checkpoint_message`], hex.
+    /// Ed25519 over [`checkpoint_message`] of this line, hex.
     pub signature: String,
     /// Writer counters since this boot began.
     pub stats: super::writer::AuditStats,
@@ -283,40 +283,56 @@ pub struct Gap {
     pub to: Timestamp,
 }
 
-/// The bytes a checkpoint signs: the chain head it follows, so one
-/// signature covers every earlier line, and everything the checkpoint
-/// itself states: its reason (a `stop` seals the trail, so the label must
-/// not be movable to an earlier checkpoint), the next file it names, and
-/// the writer's counters (lost records, refused admissions), so none of
-/// them can be edited without the key.
-pub fn checkpoint_message(
-    boot_id: &str,
-    seq: u64,
-    prev_hash: &str,
-    timestamp: Timestamp,
-    reason: &str,
-    next_file: Option<&str>,
-    stats: &super::writer::AuditStats,
-) -> Vec<u8> {
-    let super::writer::AuditStats {
-        records_written,
-        commits,
-        queue_full_waits,
-        queue_full_rejections,
-        refused_admissions,
-        lost_records,
-        write_failures,
-    } = stats;
-    format!(
-        "palisade-audit-checkpoint-v2\n{boot_id}\n{seq}\n{prev_hash}\n{timestamp}\n\
-         reason={reason}\nnext={}\n\
-         records_written={records_written}\ncommits={commits}\n\
-         queue_full_waits={queue_full_waits}\nqueue_full_rejections={queue_full_rejections}\n\
-         refused_admissions={refused_admissions}\nlost_records={lost_records}\n\
-         write_failures={write_failures}\n",
-        next_file.unwrap_or("")
-    )
-    .into_bytes()
+/// The bytes a checkpoint signs: the SHA-256 of its own line as written,
+/// with the signature's value left empty ([`unsigned_checkpoint_line`]).
+/// The line holds the chain head it follows (`prev_hash`), so one
+/// signature covers every earlier line, and everything else the line
+/// holds: its reason (a `stop` seals the trail), the next file it names,
+/// the writer's counters, and any field added to it. No byte of a
+/// checkpoint line can change without the key, the last line of a sealed
+/// trail (which no later line hashes) included.
+pub fn checkpoint_message(unsigned_line_hash: &str) -> Vec<u8> {
+    format!("palisade-audit-checkpoint-v3\n{unsigned_line_hash}\n").into_bytes()
+}
+
+/// Where a checkpoint's signature value goes in its line: right after this.
+const SIGNATURE_KEY: &[u8] = b"\"signature\":\"";
+
+/// A checkpoint line as it was signed: `line` with the value of its
+/// signature field (`signature_hex`) removed. `None` unless that field
+/// appears exactly once with exactly that value (anything else was not
+/// written by palisade, and fails verification).
+pub fn unsigned_checkpoint_line(line: &[u8], signature_hex: &str) -> Option<Vec<u8>> {
+    let mut field = SIGNATURE_KEY.to_vec();
+    field.extend_from_slice(signature_hex.as_bytes());
+    field.push(b'"');
+    let mut found = line
+        .windows(SIGNATURE_KEY.len())
+        .enumerate()
+        .filter(|(_, w)| *w == SIGNATURE_KEY)
+        .map(|(i, _)| i);
+    let at = found.next()?;
+    if found.next().is_some() || !line[at..].starts_with(&field) {
+        return None;
+    }
+    let value = at + SIGNATURE_KEY.len();
+    let mut out = Vec::with_capacity(line.len() - signature_hex.len());
+    out.extend_from_slice(&line[..value]);
+    out.extend_from_slice(&line[value + signature_hex.len()..]);
+    Some(out)
+}
+
+/// Where the (empty) signature value of a checkpoint line written with an
+/// empty signature goes: the offset in `line` to insert it at, if the
+/// field appears exactly once.
+pub fn signature_slot(line: &[u8]) -> Option<usize> {
+    let mut found = line
+        .windows(SIGNATURE_KEY.len())
+        .enumerate()
+        .filter(|(_, w)| *w == SIGNATURE_KEY)
+        .map(|(i, _)| i + SIGNATURE_KEY.len());
+    let at = found.next()?;
+    (found.next().is_none() && line.get(at) == Some(&b'"')).then_some(at)
 }
 
 /// A flow as the filter sees it; the audit module keeps its own copy so it

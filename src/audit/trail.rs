@@ -14,13 +14,34 @@ pub fn file_name(index: u64) -> String {
     format!("audit-{index:08}.jsonl")
 }
 
-/// The index of a trail file name, or `None` for any other file.
+/// The index of a trail file name, or `None` for any other file. Only the
+/// one name [`file_name`] gives an index counts: `audit-000000007.jsonl`
+/// is not file 7.
 pub fn parse_file_name(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("audit-")?.strip_suffix(".jsonl")?;
     if digits.len() < 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok()
+    let index = digits.parse().ok()?;
+    (file_name(index) == name).then_some(index)
+}
+
+/// Files in `dir` named like trail files (`audit-*.jsonl`) that are not
+/// one ([`parse_file_name`]): nothing reads them, so `audit verify` names
+/// them.
+pub fn stray_files(dir: &Path) -> io::Result<Vec<String>> {
+    let mut stray = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("audit-")
+            && name.ends_with(".jsonl")
+            && parse_file_name(&name).is_none()
+        {
+            stray.push(name);
+        }
+    }
+    stray.sort();
+    Ok(stray)
 }
 
 /// The trail's files, by index.
@@ -95,6 +116,8 @@ mod tests {
         assert_eq!(parse_file_name("audit-00000007.jsonl"), Some(7));
         assert_eq!(parse_file_name("audit-123456789.jsonl"), Some(123_456_789));
         assert_eq!(parse_file_name("audit-7.jsonl"), None);
+        assert_eq!(parse_file_name("audit-000000007.jsonl"), None);
+        assert_eq!(parse_file_name("audit-0123456789.jsonl"), None);
         assert_eq!(parse_file_name("audit-0000000x.jsonl"), None);
         assert_eq!(parse_file_name("notes.txt"), None);
     }

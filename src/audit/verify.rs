@@ -7,9 +7,13 @@
 //! record, a truncated tail, a missing file) with its file, line and seq.
 
 use super::keys::CheckpointVerifier;
-use super::record::{checkpoint_message, Action, PalisadeFields, RecordKind};
+use super::record::{
+    checkpoint_message, unsigned_checkpoint_line, Action, PalisadeFields, RecordKind,
+};
 use super::time::Timestamp;
-use super::trail::{file_name, line_hash, list_files, parse_file_name, split_lines, GENESIS_HASH};
+use super::trail::{
+    file_name, line_hash, list_files, parse_file_name, split_lines, stray_files, GENESIS_HASH,
+};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
@@ -89,6 +93,11 @@ pub struct VerifyReport {
     /// says: not tampering, but their last records may never have been
     /// written. Each as text: the boot, its last seq, and where it is said.
     pub unclean_ends: Vec<String>,
+    /// The newest file ends in an incomplete record that no start record
+    /// accounts for: a write cut short by a crash (the writer has not
+    /// started again since), or bytes cut off the end. Like records after
+    /// the last checkpoint, it leaves the trail open, not proven damaged.
+    pub torn_end: Option<String>,
 }
 
 impl VerifyReport {
@@ -111,6 +120,18 @@ struct ChainView {
     palisade: Option<PalisadeFields>,
 }
 
+impl ChainView {
+    /// A checkpoint record's reason (`start`, `interval`, `rotation`,
+    /// `stop`); `None` for any other record.
+    fn checkpoint_reason(&self) -> Option<&str> {
+        self.palisade
+            .as_ref()
+            .and_then(|p| p.checkpoint.as_ref())
+            .filter(|_| self.event.action == Action::Checkpoint)
+            .map(|c| c.reason.as_str())
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct EventView {
     code: RecordKind,
@@ -122,6 +143,10 @@ struct Entry {
     line: usize,
     hash: String,
     rec: Result<ChainView, String>,
+    /// For a checkpoint: the hash of its line without its signature's
+    /// value, which the signature covers (`None` if that value is not
+    /// where the writer puts it).
+    signed: Option<String>,
 }
 
 impl Entry {
@@ -170,6 +195,15 @@ pub fn verify_trail_from(
         message,
     };
     let mut findings = Vec::new();
+    for name in stray_files(dir)? {
+        findings.push(find(
+            FindingKind::Inserted,
+            &name,
+            None,
+            None,
+            "named like a trail file but not one the writer names (audit-NNNNNNNN.jsonl, numbered from 1): not part of the trail, and not read".into(),
+        ));
+    }
 
     // Files: numbered from 1 without holes (the writer never deletes).
     let mut gap_before: HashSet<usize> = HashSet::new();
@@ -221,11 +255,19 @@ pub fn verify_trail_from(
             first_entry_of_file.insert(pos, entries.len());
         }
         for l in lines {
+            let rec = serde_json::from_slice::<ChainView>(l.bytes).map_err(|e| e.to_string());
+            let signed = rec
+                .as_ref()
+                .ok()
+                .and_then(|r| r.palisade.as_ref()?.checkpoint.as_ref())
+                .and_then(|cp| unsigned_checkpoint_line(l.bytes, &cp.signature))
+                .map(|unsigned| line_hash(&unsigned));
             entries.push(Entry {
                 file: pos,
                 line: l.number,
                 hash: line_hash(l.bytes),
-                rec: serde_json::from_slice::<ChainView>(l.bytes).map_err(|e| e.to_string()),
+                rec,
+                signed,
             });
         }
     }
@@ -310,6 +352,23 @@ pub fn verify_trail_from(
                 ));
             }
         }
+        // The writer signs a checkpoint in the same write as each start
+        // record, so every record of a boot is covered by a signature from
+        // its first write on; a boot without one was not written by it.
+        if rec.event.action == Action::Start && rec.event.code == RecordKind::Lifecycle {
+            let next = entries.get(i + 1).and_then(|n| n.rec.as_ref().ok());
+            let boot_goes_on = next.is_some_and(|n| n.boot_id == rec.boot_id);
+            let signed_start = next.is_some_and(|n| n.checkpoint_reason() == Some("start"));
+            if boot_goes_on && !signed_start {
+                findings.push(find(
+                    FindingKind::BadSignature,
+                    file,
+                    line,
+                    seq,
+                    "this start record is not followed by its signed start checkpoint, which the writer writes with it: the records of this boot were not written by palisade's writer (forged, or the checkpoint removed)".into(),
+                ));
+            }
+        }
         if let Some(&k) = by_hash.get(e.hash.as_str()).filter(|&&k| k != i) {
             findings.push(find(
                 FindingKind::Inserted,
@@ -339,22 +398,37 @@ pub fn verify_trail_from(
                 ),
             ));
         }
+        // The writer writes its stop record and the stop checkpoint in one
+        // write: nothing else of the boot may follow the stop record.
+        if rec.event.action == Action::Stop && rec.event.code == RecordKind::Lifecycle {
+            if let Some(n) = entries.get(i + 1).and_then(|n| n.rec.as_ref().ok()) {
+                let stop_checkpoint = n.checkpoint_reason() == Some("stop");
+                if n.boot_id == rec.boot_id && !stop_checkpoint {
+                    findings.push(find(
+                        FindingKind::Inserted,
+                        names[entries[i + 1].file].as_str(),
+                        Some(entries[i + 1].line),
+                        Some(n.seq),
+                        format!(
+                            "this record follows the stop record at {} where the writer writes its signed stop checkpoint: the checkpoint was replaced or records were added",
+                            line_ref(i)
+                        ),
+                    ));
+                }
+            }
+        }
+        let signed_fields = rec.palisade.as_ref().and_then(|p| p.checkpoint.as_ref());
+        if rec.event.action != Action::Checkpoint && signed_fields.is_some() {
+            findings.push(find(
+                FindingKind::BadSignature,
+                file,
+                line,
+                seq,
+                "a checkpoint's signature on a record that is not a checkpoint: a checkpoint line was rewritten as another record".into(),
+            ));
+        }
         if rec.event.action == Action::Checkpoint {
             if let Some(cp) = rec.palisade.as_ref().and_then(|p| p.checkpoint.as_ref()) {
-                let next = rec
-                    .palisade
-                    .as_ref()
-                    .and_then(|p| p.file.as_ref())
-                    .and_then(|f| f.next.as_deref());
-                let message = checkpoint_message(
-                    &rec.boot_id,
-                    rec.seq,
-                    &rec.prev_hash,
-                    rec.timestamp,
-                    &cp.reason,
-                    next,
-                    &cp.stats,
-                );
                 let key = keys.iter().find(|k| k.key_id() == cp.key_id);
                 if key.is_none() {
                     let given: Vec<&str> = keys.iter().map(|k| k.key_id()).collect();
@@ -369,7 +443,11 @@ pub fn verify_trail_from(
                             given.join(", ")
                         ),
                     ));
-                } else if key.is_some_and(|k| k.verify(&message, &cp.signature)) {
+                } else if key.is_some_and(|k| {
+                    e.signed
+                        .as_deref()
+                        .is_some_and(|d| k.verify(&checkpoint_message(d), &cp.signature))
+                }) {
                     report.checkpoints_verified += 1;
                     if links[i] == Link::Ok {
                         last_good_checkpoint = Some(i);
@@ -380,9 +458,17 @@ pub fn verify_trail_from(
                         file,
                         line,
                         seq,
-                        "checkpoint signature does not match the chain it follows or what the checkpoint states (records before it were changed, its reason, next file or counters were edited, or it was forged)".into(),
+                        "checkpoint signature does not match the chain it follows or the checkpoint's own line (records before it were changed, the line itself was edited, or it was forged)".into(),
                     ));
                 }
+            } else {
+                findings.push(find(
+                    FindingKind::BadSignature,
+                    file,
+                    line,
+                    seq,
+                    "a checkpoint record without its signature: the writer signs every checkpoint, so this one was stripped or forged".into(),
+                ));
             }
         }
         if links[i] == Link::Ok {
@@ -453,6 +539,20 @@ pub fn verify_trail_from(
             // this record was changed as well (or only its prev_hash was,
             // which an edit of the record before leaves as it was).
             let both = unknown_contiguous(i + 1);
+            // Someone who chained the records again after an edit moves the
+            // break to the last record they rechained: the edit is then
+            // anywhere after the last signed checkpoint, which vouches for
+            // everything before it.
+            let since = last_good_checkpoint.filter(|&c| c + 1 < i - 1).map_or(
+                String::new(),
+                |c| {
+                    format!(
+                        "; if the records before it were chained again to hide a change, the change may be in any record from {} on (the signed checkpoint at {} vouches for the records up to it)",
+                        line_ref(c + 1),
+                        line_ref(c)
+                    )
+                },
+            );
             let edited = |k: usize, next: usize, or_prev: bool| {
                 let (kfile, kline, kseq) = at(k);
                 find(
@@ -461,7 +561,7 @@ pub fn verify_trail_from(
                     kline,
                     kseq,
                     format!(
-                        "this record was changed{}: its hash no longer matches prev_hash in {}",
+                        "this record was changed{}: its hash no longer matches prev_hash in {}{since}",
                         if or_prev {
                             " (or the prev_hash of the next one was)"
                         } else {
@@ -563,18 +663,32 @@ pub fn verify_trail_from(
                 });
             if !declared {
                 let line = last.map_or(1, |l| entries[l].line + 1);
-                let why = if pos + 1 == files.len() {
-                    "the trail ends in an incomplete record: the file was truncated, or its writer crashed mid-write and has not restarted"
+                let sealed_before = last.is_some_and(|l| {
+                    last_good_checkpoint == Some(l)
+                        && entries[l]
+                            .rec
+                            .as_ref()
+                            .is_ok_and(|r| r.checkpoint_reason() == Some("stop"))
+                });
+                if pos + 1 == files.len() && !sealed_before {
+                    report.torn_end = Some(format!(
+                        "{}:{line}: the trail ends in an incomplete record ({length} bytes at byte offset {offset}): its writer crashed mid-write and has not started again, or the end of the file was cut off",
+                        names[pos]
+                    ));
                 } else {
-                    "the file ends in an incomplete record that the next boot's start record does not account for: truncated or damaged"
-                };
-                findings.push(find(
-                    FindingKind::Truncated,
-                    &names[pos],
-                    Some(line),
-                    None,
-                    format!("{why} ({length} bytes at byte offset {offset})"),
-                ));
+                    let why = if pos + 1 == files.len() {
+                        "bytes after the stop checkpoint that sealed the trail: added after it was sealed"
+                    } else {
+                        "the file ends in an incomplete record that the next boot's start record does not account for: truncated or damaged"
+                    };
+                    findings.push(find(
+                        FindingKind::Truncated,
+                        &names[pos],
+                        Some(line),
+                        None,
+                        format!("{why} ({length} bytes at byte offset {offset})"),
+                    ));
+                }
             }
         }
         let Some(last) = last else { continue };
@@ -587,7 +701,7 @@ pub fn verify_trail_from(
             .filter(|_| rec.event.action == Action::Checkpoint)
             .and_then(|p| p.file.as_ref())
             .and_then(|f| f.next.clone());
-        if let Some(next) = rotation_next {
+        if let Some(next) = rotation_next.clone() {
             let present = names.get(pos + 1) == Some(&next);
             let already = parse_file_name(&next)
                 .is_some_and(|n| missing_ranges.iter().any(|r| r.contains(&n)));
@@ -617,6 +731,27 @@ pub fn verify_trail_from(
                     .and_then(|f| f.previous.clone());
                 let is_boundary = n.event.code == RecordKind::Lifecycle
                     && matches!(n.event.action, Action::Rotation | Action::Start);
+                // Within a boot, a file ends with the signed checkpoint that
+                // names the next one: without it, the records after the
+                // file's last checkpoint were cut, or the file was forged.
+                let rotated = n.event.code == RecordKind::Lifecycle
+                    && n.event.action == Action::Rotation
+                    && n.boot_id == rec.boot_id;
+                if rotated
+                    && !gap_before.contains(&(pos + 1))
+                    && rotation_next.as_deref() != Some(names[pos + 1].as_str())
+                {
+                    findings.push(find(
+                        FindingKind::Rotation,
+                        &names[pos],
+                        Some(entries[last].line),
+                        Some(rec.seq),
+                        format!(
+                            "the file ends without the signed rotation checkpoint naming {}, which its writer writes last: records after its last checkpoint were cut off, or the file was forged",
+                            names[pos + 1]
+                        ),
+                    ));
+                }
                 if (!is_boundary || claims_previous.as_deref() != Some(names[pos].as_str()))
                     && !gap_before.contains(&(pos + 1))
                 {
@@ -638,12 +773,10 @@ pub fn verify_trail_from(
     report.boots = boots.len();
     if let Some(last) = entries.last() {
         report.sealed = last_good_checkpoint == Some(entries.len() - 1)
-            && last.rec.as_ref().is_ok_and(|r| {
-                r.palisade
-                    .as_ref()
-                    .and_then(|p| p.checkpoint.as_ref())
-                    .is_some_and(|c| c.reason == "stop")
-            });
+            && last
+                .rec
+                .as_ref()
+                .is_ok_and(|r| r.checkpoint_reason() == Some("stop"));
         report.unsigned_tail = match last_good_checkpoint {
             Some(c) => entries.len() - 1 - c,
             None => entries.len(),
@@ -704,12 +837,7 @@ fn check_sequence(
         return;
     };
     if prev.boot_id == cur.boot_id {
-        let after_stop = prev.event.action == Action::Checkpoint
-            && prev
-                .palisade
-                .as_ref()
-                .and_then(|p| p.checkpoint.as_ref())
-                .is_some_and(|c| c.reason == "stop");
+        let after_stop = prev.checkpoint_reason() == Some("stop");
         if after_stop {
             // The stop checkpoint is the boot's last record (its reason is
             // signed); only a new boot's start may follow it.

@@ -6,8 +6,8 @@
 use super::config::{AuditConfig, OnLogFailure};
 use super::keys::{random_bytes, CheckpointSigner, KeyError};
 use super::record::{
-    checkpoint_message, Action, AuditEvent, AuditRecord, Checkpoint, FileLink, Gap, PalisadeFields,
-    PreviousBoot, TornTail,
+    checkpoint_message, signature_slot, Action, AuditEvent, AuditRecord, Checkpoint, FileLink, Gap,
+    PalisadeFields, PreviousBoot, TornTail,
 };
 use super::time::Timestamp;
 use super::trail::{
@@ -617,8 +617,13 @@ impl Writer {
             ..PalisadeFields::default()
         });
         w.stage_event(&start);
+        // Signed in the same write as the start record, so that every
+        // record of a boot is covered by a signature from its first write
+        // on (`audit verify` rejects a boot without one).
+        w.stage_signed_checkpoint("start", None);
         w.commit()
             .map_err(|source| AuditError::Write { path, source })?;
+        w.checkpoint_done();
         Ok(w)
     }
 
@@ -667,23 +672,22 @@ impl Writer {
 
     fn stage_checkpoint(&mut self, reason: &str, next: Option<String>) {
         self.stage_pending_gap();
+        self.stage_signed_checkpoint(reason, next);
+    }
+
+    /// A checkpoint with no gap record before it: the start and stop
+    /// checkpoints directly follow their start and stop records (`audit
+    /// verify` requires it).
+    fn stage_signed_checkpoint(&mut self, reason: &str, next: Option<String>) {
         let ts = self.timestamp();
         let stats = self.shared.counters.snapshot();
-        let message = checkpoint_message(
-            &self.boot_id,
-            self.staged_seq,
-            &self.staged_head,
-            ts,
-            reason,
-            next.as_deref(),
-            &stats,
-        );
         let mut ev = AuditEvent::lifecycle(Action::Checkpoint);
         ev.palisade = Some(PalisadeFields {
             checkpoint: Some(Checkpoint {
                 reason: reason.to_string(),
                 key_id: self.signer.key_id().to_string(),
-                signature: self.signer.sign(&message),
+                // Filled in below, once the rest of the line is known.
+                signature: String::new(),
                 stats,
             }),
             file: next.map(|n| FileLink {
@@ -693,7 +697,27 @@ impl Writer {
             ..PalisadeFields::default()
         });
         let body = serde_json::to_vec(&ev).unwrap_or_else(|_| b"{}".to_vec());
+        // The line is staged with an empty signature, signed whole, and
+        // the signature put in its place; the chain then hashes the line
+        // as written.
+        let start = self.buf.len();
         self.stage_body(ts, &body);
+        let end = self.buf.len() - 1; // before the newline
+        let Some(slot) = signature_slot(&self.buf[start..end]) else {
+            // The event above always holds the one signature field.
+            return;
+        };
+        let signature = self
+            .signer
+            .sign(&checkpoint_message(&line_hash(&self.buf[start..end])));
+        let slot = start + slot;
+        self.buf
+            .splice(slot..slot, signature.bytes())
+            .for_each(drop);
+        line_hash_into(
+            &self.buf[start..end + signature.len()],
+            &mut self.staged_head,
+        );
     }
 
     // Losses and refusals not yet written down (e.g. counted just as the
@@ -702,7 +726,10 @@ impl Writer {
         let c = &self.shared.counters;
         let lost = c.gap_lost.load(Ordering::Relaxed);
         let refused = c.gap_refused.load(Ordering::Relaxed);
-        if lost == 0 && refused == 0 {
+        // One gap record per write: what is counted after it is staged goes
+        // in the next one (the counters drop by what it reports only once
+        // it is durable).
+        if lost == 0 && refused == 0 || self.gap_staged != (0, 0) {
             return;
         }
         let now = Timestamp::now();
@@ -1268,8 +1295,9 @@ impl Writer {
             );
             return false;
         }
+        self.stage_pending_gap();
         self.stage_event(&AuditEvent::lifecycle(Action::Stop));
-        self.stage_checkpoint("stop", None);
+        self.stage_signed_checkpoint("stop", None);
         self.commit().is_ok()
     }
 }

@@ -359,8 +359,11 @@ fn verify(keys: &[PathBuf], dir: &Path, from: u64) -> Result<ExitCode, CliError>
             dir: dir.to_path_buf(),
         });
     }
-    // No checkpoint verifies and every signed one names another key: the
-    // key given is not this trail's, which says nothing about the trail.
+    // No checkpoint verifies, every signed one names another key, and the
+    // chain itself is unbroken: the key given is not this trail's, which
+    // says nothing about the trail. Anything else found is reported (the
+    // chain needs no key), so that a key id edited in every checkpoint
+    // does not hide an edit behind "wrong key".
     let wrong_key: Vec<&str> = report
         .findings
         .iter()
@@ -369,10 +372,10 @@ fn verify(keys: &[PathBuf], dir: &Path, from: u64) -> Result<ExitCode, CliError>
         .collect();
     if report.checkpoints_verified == 0
         && !wrong_key.is_empty()
-        && !report
+        && report
             .findings
             .iter()
-            .any(|f| f.kind == palisade::audit::verify::FindingKind::BadSignature)
+            .all(|f| f.kind == palisade::audit::verify::FindingKind::WrongKey)
     {
         eprintln!(
             "error: could not verify {}: no key given is one that signed this trail ({} checkpoint(s); the first: {})",
@@ -406,6 +409,9 @@ fn verify(keys: &[PathBuf], dir: &Path, from: u64) -> Result<ExitCode, CliError>
     for u in &report.unclean_ends {
         println!("note: {u}: records it had not yet written are not in the trail");
     }
+    if let Some(t) = &report.torn_end {
+        println!("note: {t}");
+    }
     if !report.is_whole() {
         println!(
             "NOT WHOLE: {} problem(s) found in {scope}",
@@ -414,10 +420,17 @@ fn verify(keys: &[PathBuf], dir: &Path, from: u64) -> Result<ExitCode, CliError>
         return Ok(ExitCode::from(1));
     }
     if !report.sealed {
+        let unsigned = if report.unsigned_tail == 0 {
+            "every record is covered by a signed checkpoint".to_string()
+        } else {
+            format!(
+                "the last {} record(s) follow the last signed checkpoint, and only the chain vouches for them",
+                report.unsigned_tail
+            )
+        };
         println!(
-            "INTACT BUT OPEN: {scope}; the last {} record(s) follow the last signed checkpoint and the trail has no stop record \
-             (the writer is running or crashed, or records were cut off the end)",
-            report.unsigned_tail
+            "INTACT BUT OPEN: {scope}; {unsigned}; the trail has no stop record \
+             (the writer is running or crashed, or records were cut off the end)"
         );
         return Ok(ExitCode::from(3));
     }
