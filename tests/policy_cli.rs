@@ -193,6 +193,35 @@ fn explain_names_the_rule_and_the_near_misses() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("expected a destination with a port"));
 }
 
+/// `explain` reads a URL's host the way the proxy does: the decimal,
+/// trailing-dot and IPv4-mapped spellings of an address are that address.
+#[test]
+fn explain_reads_ip_literals_as_the_proxy_does() {
+    for url in [
+        "https://198.51.100.7/",
+        "https://[::ffff:198.51.100.7]/",
+        "https://3325256711/",
+        "https://198.51.100.7./",
+    ] {
+        let out = palisade(&[
+            "explain",
+            "--policy",
+            "tests/golden/expect-ip-spellings.policy",
+            "http",
+            "192.0.2.1",
+            "->",
+            url,
+        ]);
+        assert!(out.status.success(), "{url}: {}", transcript(&out));
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(s.starts_with("deny "), "{url}: {s}");
+        assert!(
+            s.contains("decided by: rule `blocked-ip` (deny)"),
+            "{url}: {s}"
+        );
+    }
+}
+
 #[test]
 fn fmt_check_and_rewrite() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,11 +6,10 @@
 
 use super::ast::{self, Action, Probe};
 use super::diag::Diagnostic;
-use super::host::normalize_host;
 use super::source::{SourceMap, Span};
+use super::target::parse_host;
 use super::{HttpHost, HttpRequest, Policy, Verdict};
 use crate::classify::FlowKey;
-use std::net::IpAddr;
 
 /// Source port used when an expectation gives none.
 pub const DEFAULT_SOURCE_PORT: u16 = 49152;
@@ -56,38 +55,32 @@ pub fn parse_url(url: &str) -> Result<(HttpHost, u16, bool), String> {
     if authority.contains('@') {
         return Err("user information in a URL (`user@host`) is not allowed".into());
     }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (addr, after) = v6
-            .split_once(']')
+    // The host as the proxy sees it in a request target or CONNECT
+    // authority: brackets kept around an IPv6 literal.
+    let (h, port) = if authority.starts_with('[') {
+        let close = authority
+            .find(']')
             .ok_or_else(|| "missing `]` after an IPv6 address".to_string())?;
-        let ip: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("`{addr}` is not an IPv6 address"))?;
-        if !ip.is_ipv6() {
-            return Err(format!("`{addr}` in brackets must be IPv6"));
-        }
+        let (h, after) = authority.split_at(close + 1);
         let port = match after.strip_prefix(':') {
             Some(p) => Some(p),
             None if after.is_empty() => None,
             None => return Err(format!("unexpected `{after}` after `]`")),
         };
-        (HttpHost::Ip(ip), port)
+        (h, port)
     } else {
-        let (h, p) = match authority.rsplit_once(':') {
+        match authority.rsplit_once(':') {
             Some((h, p)) => (h, Some(p)),
             None => (authority, None),
-        };
-        if h.is_empty() {
-            return Err("the URL has no host".into());
         }
-        let host = match h.parse::<std::net::Ipv4Addr>() {
-            Ok(ip) => HttpHost::Ip(IpAddr::V4(ip)),
-            Err(_) => HttpHost::Name(
-                normalize_host(h).ok_or_else(|| format!("`{h}` is not a valid host name"))?,
-            ),
-        };
-        (host, p)
     };
+    if h.is_empty() {
+        return Err("the URL has no host".into());
+    }
+    // Read exactly as the proxy reads it, so that every spelling of an
+    // address (`3325256711`, `198.51.100.7.`, `[::ffff:198.51.100.7]`) is
+    // decided as that address.
+    let host = parse_host(h).map_err(|e| e.to_string())?.to_http_host();
     let port = match port {
         Some(p) => p
             .parse::<u16>()
@@ -217,7 +210,7 @@ pub fn query_of(probe: &Probe, span: Span) -> Result<Query, Diagnostic> {
                 (None, false) => "GET".to_string(),
             };
             Ok(Query::Http(HttpRequest {
-                src: *src,
+                src: super::target::canonical(*src),
                 host,
                 port,
                 method,
@@ -306,5 +299,36 @@ mod tests {
         assert!(parse_url("ftp://x/").is_err());
         assert!(parse_url("http://a@b/").is_err());
         assert!(parse_url("http://x:99999/").is_err());
+    }
+
+    /// Every spelling the proxy reads as 198.51.100.7 is that address here.
+    #[test]
+    fn ip_literals_read_as_the_proxy_reads_them() {
+        let want = HttpHost::Ip("198.51.100.7".parse().unwrap());
+        for url in [
+            "https://198.51.100.7/",
+            "https://[::ffff:198.51.100.7]/",
+            "https://[::ffff:c633:6407]:443/",
+            "https://[64:ff9b::198.51.100.7]/",
+            "https://3325256711/",
+            "https://198.51.100.7./",
+            "https://0xc6.0x33.0x64.0x07/",
+            "https://0306.063.0144.07/",
+            "https://198.51.25607/",
+            "http://198.3367943:8080/x",
+        ] {
+            let (h, _, _) = parse_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(h, want, "{url}");
+        }
+        let (h, _, _) = parse_url("https://[2001:db8::1]/").unwrap();
+        assert_eq!(h, HttpHost::Ip("2001:db8::1".parse().unwrap()));
+        for bad in [
+            "https://256.1.2.3/",
+            "https://[::1/",
+            "https://[::1]x/",
+            "https://1.2.3.4.5/",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -31,6 +31,7 @@ pub mod load;
 pub mod parse;
 pub mod source;
 mod suggest;
+pub mod target;
 
 pub use addrset::AddrSet;
 pub use compile::{compile, entries};

@@ -26,7 +26,7 @@ pub use addr::{canonical, internal_range, parse_host, parse_ipv4_loose, Host};
 
 use crate::audit::{Action, AuditEvent, AuditLog, Timestamp};
 use crate::config::ProxyConfig;
-use crate::policy::{HttpHost, HttpRequest, Policy, Verdict};
+use crate::policy::{HttpRequest, Policy, Verdict};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -1299,13 +1299,6 @@ fn authority_port(a: &hyper::http::uri::Authority) -> Result<Option<u16>, String
     }
 }
 
-fn http_host(h: &Host) -> HttpHost {
-    match h {
-        Host::Name(n) => HttpHost::Name(n.clone()),
-        Host::Ip(ip) => HttpHost::Ip(canonical(*ip)),
-    }
-}
-
 fn host_text(h: &Host) -> String {
     match h {
         Host::Name(n) => n.clone(),
@@ -1324,7 +1317,7 @@ fn decide(
 ) -> Result<(String, bool, Option<usize>), Refusal> {
     let req = HttpRequest {
         src: canonical(client),
-        host: http_host(host),
+        host: host.to_http_host(),
         port,
         method: method.to_string(),
     };
