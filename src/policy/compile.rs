@@ -10,7 +10,7 @@ use super::addrset::{normalize, prefix_interval, AddrSet};
 use super::ast::{self, Family, NetItem, SvcItem};
 use super::diag::{Diagnostic, Diagnostics};
 use super::expect::{self, Expectation};
-use super::host::HostPattern;
+use super::host::{HostPattern, HostPatternError};
 use super::source::{SourceMap, Span};
 use super::suggest::closest;
 use super::{
@@ -816,6 +816,17 @@ impl<'a> Resolver<'a> {
             match d {
                 ast::HttpDest::Host { pattern, span } => match HostPattern::parse(pattern) {
                     Ok(p) => hosts.push(p),
+                    Err(HostPatternError::IpLiteral(ip)) => {
+                        self.err(
+                            Diagnostic::error(
+                                "E0208",
+                                format!("\"{pattern}\" is an IP address in quotes, which makes it a host name"),
+                            )
+                            .at(*span, "never matches: requests to an address are matched against addresses only")
+                            .help(format!("write the address unquoted: `-> {ip}`")),
+                        );
+                        ok = false;
+                    }
                     Err(e) => {
                         self.err(
                             Diagnostic::error("E0208", format!("invalid host pattern \"{pattern}\": {e}"))

@@ -6,7 +6,9 @@
 //! ignored. Internationalised names are compared in their punycode (`xn--`)
 //! form: a pattern must be written in ASCII, and names are never converted.
 
+use super::target::{canonical, looks_numeric, parse_host, Host};
 use std::fmt;
+use std::net::IpAddr;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum HostPattern {
@@ -35,6 +37,14 @@ pub enum HostPatternError {
     LongLabel,
     #[error("host name longer than 253 characters")]
     LongName,
+    /// The proxy reads this host as an address, and matches requests to
+    /// an address against a rule's addresses only, never its names.
+    #[error("{0} is an IP address, and a quoted destination is a host name that requests to an address never match")]
+    IpLiteral(IpAddr),
+    /// Shaped like an IPv4 literal but not one: the proxy refuses such a
+    /// host outright.
+    #[error("`{0}` is shaped like an IP address but is not one, and the proxy refuses such hosts")]
+    NotAnAddress(String),
 }
 
 /// Lowercases and removes one trailing dot. Returns `None` when the name is
@@ -78,6 +88,18 @@ fn check_name(n: &str) -> Result<(), HostPatternError> {
 
 impl HostPattern {
     pub fn parse(text: &str) -> Result<Self, HostPatternError> {
+        // Read as the proxy reads a request's host: what it takes for an
+        // address (in any spelling) is never compared with host names.
+        match parse_host(text) {
+            Ok(Host::Ip(ip)) => return Err(HostPatternError::IpLiteral(canonical(ip))),
+            Ok(Host::Name(_)) => {}
+            Err(_) => {
+                let t = text.strip_suffix('.').unwrap_or(text);
+                if looks_numeric(t) {
+                    return Err(HostPatternError::NotAnAddress(t.to_string()));
+                }
+            }
+        }
         let t = text.strip_suffix('.').unwrap_or(text);
         if t == "*" {
             return Ok(HostPattern::Any);
@@ -181,6 +203,38 @@ mod tests {
             Err(HostPatternError::BadChar('/'))
         );
         assert!(normalize_host("bücher.example").is_none());
+    }
+
+    #[test]
+    fn addresses_are_not_host_patterns() {
+        let v4: IpAddr = "203.0.113.5".parse().unwrap();
+        for p in [
+            "203.0.113.5",
+            "203.0.113.5.",
+            "3405803781",
+            "0xcb.0.0x71.5",
+            "203.0.28933",
+            "[::ffff:203.0.113.5]",
+            "::ffff:203.0.113.5",
+        ] {
+            assert_eq!(
+                HostPattern::parse(p),
+                Err(HostPatternError::IpLiteral(v4)),
+                "{p}"
+            );
+        }
+        assert_eq!(
+            HostPattern::parse("2001:db8::1"),
+            Err(HostPatternError::IpLiteral("2001:db8::1".parse().unwrap()))
+        );
+        assert_eq!(
+            HostPattern::parse("256.1.2.3"),
+            Err(HostPatternError::NotAnAddress("256.1.2.3".into()))
+        );
+        // Names with digits, and wildcards over numeric labels, stay names.
+        for p in ["1.2.3.example", "x1.2.3.4", "*.0.113.5", "deadbeef", "*"] {
+            assert!(HostPattern::parse(p).is_ok(), "{p}");
+        }
     }
 
     #[test]

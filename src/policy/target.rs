@@ -66,7 +66,7 @@ pub fn parse_ipv4_loose(s: &str) -> Option<Ipv4Addr> {
 
 /// Whether `s` is shaped like an IPv4 literal (digits, dots, 0x-hex parts):
 /// such a host is never sent to DNS.
-fn looks_numeric(s: &str) -> bool {
+pub(crate) fn looks_numeric(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|p| {
             let b = p.as_bytes();
