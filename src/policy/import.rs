@@ -353,8 +353,13 @@ impl Ctx<'_> {
         let single = format!("{side}PortRange");
         let plural = format!("{side}PortRanges");
         let items = self.strings(rule, &single, &plural)?;
+        // Azure requires a port range on both sides; reading a rule without
+        // one as every port would let through what its author never allowed.
         if items.is_empty() {
-            return Ok(vec![None]);
+            return Err(self.err(
+                &single,
+                format!("no port range given (Azure requires `{single}` or `{plural}`; \"*\" means every port)"),
+            ));
         }
         let mut out = Vec::new();
         for item in items {
@@ -663,9 +668,18 @@ pub fn nsg(
             "deny" => "deny",
             _ => return Err(ctx.err("access", format!("`{access}` is not Allow or Deny"))),
         };
-        let protocol = field(rule, "protocol")
-            .and_then(|v| v.as_str())
-            .unwrap_or("*");
+        // Azure requires the protocol; only an explicit "*" means any.
+        let protocol = match field(rule, "protocol") {
+            None => {
+                return Err(ctx.err(
+                    "protocol",
+                    "missing (Azure requires one of Tcp, Udp, Icmp, Esp, Ah or *)",
+                ))
+            }
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| ctx.err("protocol", "expected a string"))?,
+        };
         let protos: Vec<&str> = match protocol.to_ascii_lowercase().as_str() {
             "tcp" => vec!["tcp"],
             "udp" => vec!["udp"],
@@ -1150,6 +1164,67 @@ mod tests {
         assert!(
             err.contains("field `priority`: `[parameters('p')]` is an ARM template expression"),
             "{err}"
+        );
+    }
+
+    /// A rule without ports or protocol is refused, naming the rule and the
+    /// field, instead of being read as every port or every protocol.
+    #[test]
+    fn missing_ports_or_protocol_are_errors_not_any() {
+        let none = BTreeMap::new();
+        let base = r#"[ {"name": "R1", "priority": 100, "direction": "Inbound", "access": "Allow", "protocol": "Tcp",
+   "sourceAddressPrefix": "192.0.2.0/24", "sourcePortRange": "*",
+   "destinationAddressPrefix": "198.51.100.1"DPORT} ]"#;
+        let err = |doc: &str| nsg(doc, &none, None).unwrap_err().in_file("nsg.json");
+        // No destination port field at all: the error points at the rule.
+        let e = err(&base.replace("DPORT", ""));
+        assert!(
+            e.starts_with(
+                "nsg.json:1:3: rule `R1`: field `destinationPortRange`: no port range given"
+            ),
+            "{e}"
+        );
+        // Present but empty, in either form or both: it points at the field.
+        for empty in [
+            r#", "destinationPortRange": """#,
+            r#", "destinationPortRanges": []"#,
+            r#", "destinationPortRange": "", "destinationPortRanges": []"#,
+        ] {
+            let e = err(&base.replace("DPORT", empty));
+            assert!(
+                e.contains("rule `R1`: field `destinationPortRange`: no port range given"),
+                "{empty}: {e}"
+            );
+        }
+        // No source port.
+        let e = err(&base
+            .replace(r#", "sourcePortRange": "*""#, "")
+            .replace("DPORT", r#", "destinationPortRange": "22""#));
+        assert!(
+            e.contains("rule `R1`: field `sourcePortRange`: no port range given"),
+            "{e}"
+        );
+        // No protocol, or one that is not a string.
+        let with_port = base.replace("DPORT", r#", "destinationPortRange": "22""#);
+        let e = err(&with_port.replace(r#" "protocol": "Tcp","#, ""));
+        assert!(e.contains("rule `R1`: field `protocol`: missing"), "{e}");
+        let e = err(&with_port.replace(r#""protocol": "Tcp""#, r#""protocol": 6"#));
+        assert!(
+            e.contains("rule `R1`: field `protocol`: expected a string"),
+            "{e}"
+        );
+        // An explicit "*" is still every port and every protocol.
+        let any = with_port
+            .replace(r#""protocol": "Tcp""#, r#""protocol": "*""#)
+            .replace(
+                r#""destinationPortRange": "22""#,
+                r#""destinationPortRange": "*""#,
+            );
+        let out = nsg(&any, &none, None).unwrap().text;
+        assert_eq!(
+            rule_lines(&out),
+            ["rule r1 allow 192.0.2.0/24 -> 198.51.100.1 comment \"Inbound priority 100\""],
+            "{out}"
         );
     }
 
