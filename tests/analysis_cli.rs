@@ -157,6 +157,66 @@ fn lint_finds_http_rules_covered_by_several_earlier_ones() {
     );
 }
 
+/// A rule is covered only by earlier rules in force for at least as long:
+/// when a shorter-lived rule expires, the later rule decides again.
+#[test]
+fn lint_counts_only_rules_that_live_as_long_as_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("exp.policy");
+    std::fs::write(
+        &path,
+        "net lan = 192.0.2.0/24\n\
+         net srv = 198.51.100.0/24\n\
+         rule temp allow lan -> srv service tcp/22 expires 2027-01-10\n\
+         rule perm allow lan -> srv service tcp/22\n\
+         rule tempdeny deny lan -> srv service tcp/23 expires 2027-01-20\n\
+         rule telnet allow lan -> srv service tcp/23\n\
+         rule long allow lan -> srv service tcp/24 expires 2027-06-01\n\
+         rule short allow lan -> srv service tcp/24 expires 2027-03-01\n\
+         rule always deny lan -> srv service tcp/25\n\
+         rule brief allow lan -> srv service tcp/25 expires 2027-03-01\n\
+         http tmp allow lan -> \"y.example.com\" expires 2030-01-01\n\
+         http hperm allow lan -> \"y.example.com\"\n\
+         http t1 allow 192.0.2.0/25 -> \"z.example.com\" expires 2027-01-10\n\
+         http p2 allow 192.0.2.128/25 -> \"z.example.com\"\n\
+         http zall allow lan -> \"z.example.com\"\n\
+         http hlong deny lan -> \"w.example.com\" expires 2030-01-01\n\
+         http hshort allow lan -> \"w.example.com\" expires 2029-01-01\n\
+         default deny\n",
+    )
+    .unwrap();
+    let out = palisade(&[
+        "lint",
+        "--today",
+        TODAY,
+        "--warn-expiring",
+        "0",
+        path.to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    // Covered by shorter-lived rules only: not findings.
+    for rule in ["perm", "telnet", "hperm", "zall"] {
+        assert!(!err.contains(&format!("`{rule}` is")), "{rule}: {err}");
+    }
+    // Covered by rules that outlive them: still findings.
+    assert!(
+        err.contains("rule `short` is redundant") && err.contains("`long` already allows"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rule `brief` is shadowed") && err.contains("decided first by `always`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("http rule `hshort` is shadowed by `hlong`"),
+        "{err}"
+    );
+    assert_eq!(
+        text(&out.stdout),
+        format!("{}: 3 findings\n", path.display())
+    );
+}
+
 #[test]
 fn diff_shows_what_traffic_changes() {
     let out = palisade(&[

@@ -9,7 +9,7 @@
 //! Box subtraction can fragment; every analysis runs under a piece budget
 //! and says so when it gives up instead of running unbounded.
 
-use super::{AddrSet, HttpHost, HttpRequest, PacketRule, Policy, Verdict};
+use super::{AddrSet, Date, HttpHost, HttpRequest, PacketRule, Policy, Verdict};
 use crate::classify::{Address, Entry, Fields, Interval, RuleId};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -118,9 +118,21 @@ pub enum Coverage {
     Covered(Vec<RuleId>),
 }
 
+/// Whether a rule that expires on `earlier` is in force for as long as one
+/// that expires on `rule` (`None`: never expires). Only such a rule can
+/// cover another: once a shorter-lived one expires, the later rule decides.
+pub fn lives_as_long(earlier: Option<Date>, rule: Option<Date>) -> bool {
+    match (earlier, rule) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(e), Some(r)) => e >= r,
+    }
+}
+
 fn coverage_family<A: Address + Scalar>(
     entries: &[Entry<A>],
     rule: RuleId,
+    covers: &dyn Fn(RuleId) -> bool,
     budget: &mut usize,
     contributors: &mut Vec<RuleId>,
 ) -> Result<bool, TooComplex> {
@@ -129,7 +141,7 @@ fn coverage_family<A: Address + Scalar>(
         .filter(|e| e.rule == rule)
         .map(|e| e.fields)
         .collect();
-    for e in entries.iter().filter(|e| e.rule < rule) {
+    for e in entries.iter().filter(|e| e.rule < rule && covers(e.rule)) {
         if pieces.is_empty() {
             break;
         }
@@ -152,16 +164,18 @@ fn coverage_family<A: Address + Scalar>(
     Ok(pieces.is_empty())
 }
 
-/// Whether earlier rules cover `rule` completely, in both families.
+/// Whether earlier rules cover `rule` completely, in both families. Only
+/// the earlier rules `covers` accepts are counted.
 pub fn coverage(
     v4: &[Entry<u32>],
     v6: &[Entry<u128>],
     rule: RuleId,
+    covers: &dyn Fn(RuleId) -> bool,
     budget: &mut usize,
 ) -> Result<Coverage, TooComplex> {
     let mut contributors = Vec::new();
-    let c4 = coverage_family(v4, rule, budget, &mut contributors)?;
-    let c6 = coverage_family(v6, rule, budget, &mut contributors)?;
+    let c4 = coverage_family(v4, rule, covers, budget, &mut contributors)?;
+    let c6 = coverage_family(v6, rule, covers, budget, &mut contributors)?;
     if c4 && c6 {
         contributors.sort_unstable();
         Ok(Coverage::Covered(contributors))
@@ -776,10 +790,10 @@ fn http_classes(rules: &[&super::HttpRule]) -> HttpClasses {
 }
 
 /// For each HTTP rule, which earlier HTTP rules decide every request it
-/// matches: `None` when the rule decides some request itself (or matches
-/// none). Exact, over the classes of all the policy's HTTP rules (built
-/// once), so a rule covered only by several earlier rules together is
-/// found too.
+/// matches for as long as it is in force: `None` when the rule decides some
+/// request itself, now or once an earlier rule expires (or matches none).
+/// Exact, over the classes of all the policy's HTTP rules (built once), so
+/// a rule covered only by several earlier rules together is found too.
 pub fn http_coverage(policy: &Policy) -> Result<Vec<Option<Vec<usize>>>, TooComplex> {
     let rules: Vec<&super::HttpRule> = policy.http_rules().iter().collect();
     let c = http_classes(&rules);
@@ -818,13 +832,17 @@ fn http_covered_in(
                         continue;
                     }
                     matched = true;
-                    match policy.decide_http(&req).rule {
-                        Some(j) if j < i => {
+                    // The first earlier rule that matches and outlives it.
+                    let earlier = policy.http_rules()[..i]
+                        .iter()
+                        .position(|e| lives_as_long(e.expires, rule.expires) && e.matches(&req));
+                    match earlier {
+                        Some(j) => {
                             if !by.contains(&j) {
                                 by.push(j);
                             }
                         }
-                        _ => return None,
+                        None => return None,
                     }
                 }
             }
@@ -985,7 +1003,8 @@ pub fn diff_zones(old: &Policy, new: &Policy) -> Vec<ZoneChange> {
     out
 }
 
-/// Whether an HTTP rule is wholly covered by a single earlier rule.
+/// Whether an HTTP rule is wholly covered by a single earlier rule, one in
+/// force for at least as long.
 pub fn http_covered_by(rule: &super::HttpRule, earlier: &super::HttpRule) -> bool {
     let ports_covered = earlier.ports.is_empty()
         || (!rule.ports.is_empty()
@@ -1000,6 +1019,7 @@ pub fn http_covered_by(rule: &super::HttpRule, earlier: &super::HttpRule) -> boo
         .iter()
         .all(|h| earlier.hosts.iter().any(|e| h.is_covered_by(e)));
     earlier.active
+        && lives_as_long(earlier.expires, rule.expires)
         && earlier.src.covers(&rule.src)
         && earlier.addrs.covers(&rule.addrs)
         && hosts_covered

@@ -14,7 +14,8 @@
 //! | L0199 | the shadowing analysis gave up on a policy too fragmented to analyse |
 
 use super::analysis::{
-    any_to_any_families, coverage, http_coverage, http_covered_by, Coverage, PIECE_BUDGET,
+    any_to_any_families, coverage, http_coverage, http_covered_by, lives_as_long, Coverage,
+    PIECE_BUDGET,
 };
 use super::ast::{HttpDest, NetItem, Stmt, SvcItem};
 use super::diag::{Diagnostic, Diagnostics};
@@ -108,7 +109,14 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
         if gave_up {
             continue;
         }
-        match coverage(&v4, &v6, r.id, &mut budget) {
+        // Only rules in force for at least as long as this one cover it:
+        // once a shorter-lived rule expires, this one decides its flows.
+        let outlives = |id| {
+            policy
+                .rule(id)
+                .is_some_and(|e| lives_as_long(e.expires, r.expires))
+        };
+        match coverage(&v4, &v6, r.id, &outlives, &mut budget) {
             Ok(Coverage::Effective) => {}
             Ok(Coverage::Covered(by)) => {
                 let covering: Vec<_> = by.iter().filter_map(|id| policy.rule(*id)).collect();
