@@ -272,6 +272,55 @@ fn diff_lists_regions_compactly() {
     );
 }
 
+/// The classes of requests `diff` and `lint` decide are represented by
+/// stand-in names and methods that no pattern of the policies matches: a
+/// rule on `"*.invalid"`, on a name like the stand-in's, or on a method
+/// `OTHER` decides only what it names.
+#[test]
+fn diff_and_lint_stand_ins_match_no_real_pattern() {
+    let web = "net lan = 192.0.2.0/24\nhttp web allow lan -> \"*\" port 443\ndefault deny\n";
+    let invalid = "net lan = 192.0.2.0/24\nhttp no-invalid deny lan -> \"*.invalid\"\n\
+                   http web allow lan -> \"*\" port 443\ndefault deny\n";
+    let out = diff_texts(web, invalid);
+    assert_eq!(
+        text(&out.stdout),
+        "newly allowed: 0 packet regions, 0 http classes\n\
+         newly denied: 0 packet regions, 1 http class\n\
+         \x20 - http 192.0.2.0/24 -> *.invalid port 443 any method   now deny by `no-invalid`, was allow by `web`\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inv.policy");
+    std::fs::write(&path, invalid).unwrap();
+    let lint = palisade(&["lint", path.to_str().unwrap()]);
+    assert!(lint.status.success(), "{}", text(&lint.stderr));
+
+    let out = diff_texts(
+        "net lan = 192.0.2.0/24\nhttp a allow lan -> \"*.example.com\"\ndefault deny\n",
+        "net lan = 192.0.2.0/24\n\
+         http x deny lan -> \"any-name.example.com\", \"other-host\", \"other-host.example.com\"\n\
+         http a allow lan -> \"*.example.com\"\ndefault deny\n",
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "newly allowed: 0 packet regions, 0 http classes\n\
+         newly denied: 0 packet regions, 2 http classes\n\
+         \x20 - http 192.0.2.0/24 -> any-name.example.com any port any method   now deny by `x`, was allow by `a`\n\
+         \x20 - http 192.0.2.0/24 -> other-host.example.com any port any method   now deny by `x`, was allow by `a`\n"
+    );
+
+    let out = diff_texts(
+        "net lan = 192.0.2.0/24\nhttp m allow lan -> \"*\"\ndefault deny\n",
+        "net lan = 192.0.2.0/24\nhttp d deny lan -> \"*\" port 80 method OTHER\n\
+         http m allow lan -> \"*\"\ndefault deny\n",
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "newly allowed: 0 packet regions, 0 http classes\n\
+         newly denied: 0 packet regions, 1 http class\n\
+         \x20 - http 192.0.2.0/24 -> any other host port 80 OTHER   now deny by `d`, was allow by `m`\n"
+    );
+}
+
 #[test]
 fn diff_sees_changes_to_ip_literal_destinations() {
     // A narrower IPv4 destination: the upper half is no longer allowed.

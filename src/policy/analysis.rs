@@ -686,8 +686,10 @@ struct HttpClasses {
     /// A representative host and the class in words.
     hosts: Vec<(HttpHost, String)>,
     ports: Vec<Interval<u16>>,
-    /// `CONNECT`, `GET`, every method a rule names, and `OTHER`.
+    /// `CONNECT`, `GET`, every method a rule names, and `other_method`.
     methods: Vec<String>,
+    /// The stand-in for every method no rule names: one no rule names.
+    other_method: String,
 }
 
 impl HttpClasses {
@@ -696,7 +698,54 @@ impl HttpClasses {
     }
 }
 
+/// A label for the stand-in host names of [`http_classes`]: the label
+/// alone stands for "any other host", and `LABEL.suffix` for the names of
+/// `*.suffix` that no more specific pattern names. The label is in no
+/// pattern's text, and each stand-in is checked against every pattern: it
+/// must be matched by exactly the patterns that cover its class (for
+/// "any other host", by `*` only), or a real pattern such as `"*.invalid"`
+/// would decide the stand-in and so, wrongly, the whole class.
+fn stand_in_label(rules: &[&super::HttpRule]) -> String {
+    use super::HostPattern;
+    let patterns: Vec<&HostPattern> = rules.iter().flat_map(|r| &r.hosts).collect();
+    let text = |p: &HostPattern| match p {
+        HostPattern::Any => String::new(),
+        HostPattern::Exact(n) => n.clone(),
+        HostPattern::Subdomains(s) => s.clone(),
+    };
+    let fits = |label: &str| {
+        patterns.iter().all(|p| !text(p).contains(label))
+            && patterns
+                .iter()
+                .all(|p| (**p == HostPattern::Any) == p.matches(label))
+            && patterns.iter().all(|w| {
+                let HostPattern::Subdomains(s) = w else {
+                    return true;
+                };
+                let rep = format!("{label}.{s}");
+                patterns
+                    .iter()
+                    .all(|p| p.matches(&rep) == w.is_covered_by(p))
+            })
+    };
+    std::iter::once("other-host".to_string())
+        .chain((1u64..).map(|n| format!("other-host-{n}")))
+        .find(|l| fits(l))
+        .expect("a label in no pattern exists")
+}
+
+/// A method for "every method no rule names": `OTHER`, or longer while a
+/// rule names it (a method is any upper-case word).
+fn stand_in_method(rules: &[&super::HttpRule]) -> String {
+    let mut m = String::from("OTHER");
+    while rules.iter().any(|r| r.methods.contains(&m)) {
+        m.push('X');
+    }
+    m
+}
+
 fn http_classes(rules: &[&super::HttpRule]) -> HttpClasses {
+    let other = stand_in_label(rules);
     let v4sets: Vec<&[Interval<u32>]> = rules.iter().map(|r| r.src.v4.as_slice()).collect();
     let v6sets: Vec<&[Interval<u128>]> = rules.iter().map(|r| r.src.v6.as_slice()).collect();
     let mut sources: Vec<(IpAddr, AddrSet)> = Vec::new();
@@ -716,7 +765,7 @@ fn http_classes(rules: &[&super::HttpRule]) -> HttpClasses {
             let (rep, label) = match h {
                 super::HostPattern::Any => continue,
                 super::HostPattern::Exact(n) => (n.clone(), n.clone()),
-                super::HostPattern::Subdomains(s) => (format!("any-name.{s}"), format!("*.{s}")),
+                super::HostPattern::Subdomains(s) => (format!("{other}.{s}"), format!("*.{s}")),
             };
             if !hosts.iter().any(|(_, l)| *l == label) {
                 hosts.push((HttpHost::Name(rep), label));
@@ -745,10 +794,7 @@ fn http_classes(rules: &[&super::HttpRule]) -> HttpClasses {
             hosts.push((HttpHost::Ip(ip), s.describe()));
         }
     }
-    hosts.push((
-        HttpHost::Name("other-host.invalid".into()),
-        "any other host".into(),
-    ));
+    hosts.push((HttpHost::Name(other), "any other host".into()));
     // A wildcard class holds the names no more specific host names:
     // `*.debian.org except deb.debian.org`.
     let names: Vec<String> = hosts
@@ -780,12 +826,14 @@ fn http_classes(rules: &[&super::HttpRule]) -> HttpClasses {
             }
         }
     }
-    methods.push("OTHER".into());
+    let other_method = stand_in_method(rules);
+    methods.push(other_method.clone());
     HttpClasses {
         sources,
         hosts,
         ports,
         methods,
+        other_method,
     }
 }
 
@@ -859,6 +907,7 @@ pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooCompl
         hosts,
         ports,
         mut methods,
+        other_method,
     } = http_classes(&rules);
     // A CONNECT is two classes here: TLS tunnels, and the non-TLS ones a
     // rule must allow (`plain-tunnel`).
@@ -956,7 +1005,7 @@ pub fn diff_http(old: &Policy, new: &Policy) -> Result<Vec<HttpChange>, TooCompl
                 } else {
                     format!("{}-{}", p.lo, p.hi)
                 },
-                method: if method == "OTHER" {
+                method: if method == other_method {
                     "other methods".into()
                 } else {
                     method
