@@ -247,6 +247,16 @@ fn fmt_check_and_rewrite() {
     let broken = palisade(&["fmt", p]);
     assert_eq!(broken.status.code(), Some(2));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "net a = \n");
+    // A comment inside a multi-line list moves above its statement, and
+    // what fmt wrote passes `fmt --check`.
+    std::fs::write(
+        &path,
+        "net a-long-name = 192.0.2.1\nnet b = 192.0.2.2, # why\n        192.0.2.3\n",
+    )
+    .unwrap();
+    assert!(palisade(&["fmt", p]).status.success());
+    let check = palisade(&["fmt", "--check", p]);
+    assert!(check.status.success(), "{}", transcript(&check));
     // The shipped policies are formatted.
     assert!(palisade(&["fmt", "--check", "policies/"]).status.success());
 }

@@ -83,8 +83,18 @@ fn render(file: &File, src: &SourceFile) -> String {
         pieces.push((l, l, Piece::Comment(c)));
     }
 
-    // Groups for alignment: consecutive statements of one kind on
-    // consecutive lines.
+    // Groups for alignment: consecutive statements of one kind that are on
+    // consecutive lines of the output, so that formatting the output again
+    // finds the same groups. A statement starts a group of its own when a
+    // blank line is kept above it, or when comments from inside it are
+    // written above it.
+    let joins_previous = |j: usize| match &pieces[j].2 {
+        Piece::Stmt(_, attached) => {
+            pieces[j].0 <= pieces[j - 1].1 + 1
+                && moved_above(attached, pieces[j].1, src).next().is_none()
+        }
+        Piece::Comment(_) => false,
+    };
     let mut widths: Vec<(usize, usize)> = vec![(0, 0); pieces.len()];
     let mut i = 0;
     while i < pieces.len() {
@@ -96,7 +106,7 @@ fn render(file: &File, src: &SourceFile) -> String {
         let mut j = i + 1;
         while j < pieces.len() {
             match &pieces[j].2 {
-                Piece::Stmt(t, _) if kind(t) == k && pieces[j].0 == pieces[j - 1].1 + 1 => j += 1,
+                Piece::Stmt(t, _) if kind(t) == k && joins_previous(j) => j += 1,
                 _ => break,
             }
         }
@@ -136,17 +146,11 @@ fn render(file: &File, src: &SourceFile) -> String {
                 out.push('\n');
             }
             Piece::Stmt(s, attached) => {
-                // Comments inside a multi-line statement go above it; one on
-                // its last line stays at the end.
-                let mut trailing = None;
-                for c in attached {
-                    if src.line_col(c.span.start).line == *last && trailing.is_none() {
-                        trailing = Some(c);
-                    } else {
-                        out.push_str(c.text.trim_end());
-                        out.push('\n');
-                    }
+                for c in moved_above(attached, *last, src) {
+                    out.push_str(c.text.trim_end());
+                    out.push('\n');
                 }
+                let trailing = trailing_comment(attached, *last, src);
                 let (nw, aw) = widths[idx];
                 out.push_str(&stmt_text(s, nw, aw));
                 if let Some(c) = trailing {
@@ -159,6 +163,33 @@ fn render(file: &File, src: &SourceFile) -> String {
         prev_last = Some(*last);
     }
     out
+}
+
+/// The comment that stays at the end of a statement: the first one on its
+/// last line.
+fn trailing_comment<'a>(
+    attached: &[&'a Comment],
+    last: usize,
+    src: &SourceFile,
+) -> Option<&'a Comment> {
+    attached
+        .iter()
+        .copied()
+        .find(|c| src.line_col(c.span.start).line == last)
+}
+
+/// Comments inside a multi-line statement other than its trailing one: fmt
+/// writes them above the statement.
+fn moved_above<'a, 'b>(
+    attached: &'b [&'a Comment],
+    last: usize,
+    src: &'b SourceFile,
+) -> impl Iterator<Item = &'a Comment> + 'b {
+    let trailing = trailing_comment(attached, last, src);
+    attached
+        .iter()
+        .copied()
+        .filter(move |c| !trailing.is_some_and(|t| std::ptr::eq(t, *c)))
 }
 
 fn name_of(s: &Stmt) -> Option<&str> {
@@ -520,5 +551,107 @@ mod tests {
     #[test]
     fn refuses_broken_files() {
         assert!(format_text("net = \n").is_err());
+    }
+
+    /// Formatting formatted text changes nothing, also when comments inside
+    /// a multi-line list move above their statement: the statement is no
+    /// longer next to the one before it, so it is aligned on its own.
+    #[test]
+    fn comments_moved_out_of_a_list_keep_fmt_idempotent() {
+        let text = "net a-long-name = 192.0.2.1\nnet b = 192.0.2.2, # why\n        192.0.2.3\n";
+        let out = format_text(text).unwrap();
+        assert_eq!(
+            out,
+            "net a-long-name = 192.0.2.1\n# why\nnet b = 192.0.2.2, 192.0.2.3\n"
+        );
+        assert_eq!(format_text(&out).unwrap(), out);
+        let text = "rule long-rule-name allow any -> 192.0.2.1\n\
+                    rule multi allow 192.0.2.8, # first src\n   192.0.2.9 -> 192.0.2.1 service tcp/22, # ssh\n   tcp/23 # telnet\n\
+                    rule r3 deny any -> any\n";
+        let out = format_text(text).unwrap();
+        assert_eq!(
+            out,
+            "rule long-rule-name allow any -> 192.0.2.1\n# first src\n# ssh\n\
+             rule multi allow 192.0.2.8, 192.0.2.9 -> 192.0.2.1 service tcp/22, tcp/23 # telnet\n\
+             rule r3    deny  any -> any\n"
+        );
+        assert_eq!(format_text(&out).unwrap(), out);
+    }
+
+    /// fmt(fmt(x)) == fmt(x) for every policy shipped or used as a golden
+    /// case that parses.
+    #[test]
+    fn formatting_twice_is_formatting_once_for_the_shipped_policies() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut seen = 0;
+        for dir in [
+            "policies",
+            "tests/golden",
+            "tests/golden/include",
+            "tests/analysis",
+        ] {
+            for e in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = e.unwrap().path();
+                if path.extension().is_none_or(|x| x != "policy") {
+                    continue;
+                }
+                let Ok(text) = std::fs::read_to_string(&path) else {
+                    continue;
+                };
+                let Ok(once) = format_text(&text) else {
+                    continue;
+                };
+                let twice = format_text(&once).unwrap();
+                assert_eq!(twice, once, "{}", path.display());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 20, "only {seen} policies formatted");
+    }
+
+    /// One statement as a user might write it: lists broken over lines
+    /// after commas, comments inside and after, names of several lengths.
+    fn stmt() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let name = prop::sample::select(vec!["a", "bb", "a-long-name", "srv"]);
+        let sep = prop::sample::select(vec![", ", ",", ",\n   ", ", # why\n   ", ", #\n"]);
+        let items = prop::collection::vec((1u8..250, sep), 1..4).prop_map(|v| {
+            let mut s = String::new();
+            for (i, (n, sep)) in v.iter().enumerate() {
+                if i > 0 {
+                    s.push_str(sep);
+                }
+                s.push_str(&format!("192.0.2.{n}"));
+            }
+            s
+        });
+        let end = prop::sample::select(vec!["", " # trailing"]);
+        (0u8..3, name, items, any::<bool>(), end).prop_map(|(kind, name, items, allow, end)| {
+            let verdict = if allow { "allow" } else { "deny" };
+            let body = match kind {
+                0 => format!("net {name} = {items}"),
+                1 => format!("rule {name} {verdict} {items} -> any service tcp/22"),
+                _ => format!("http {name} {verdict} {items} -> \"x.example.com\""),
+            };
+            format!("{body}{end}\n")
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+        #[test]
+        fn fmt_is_idempotent(
+            lines in proptest::collection::vec(
+                (stmt(), proptest::sample::select(vec!["", "\n", "# note\n"])),
+                1..8,
+            )
+        ) {
+            let text: String = lines.iter().map(|(s, after)| format!("{s}{after}")).collect();
+            let once = format_text(&text).map_err(|d| {
+                proptest::test_runner::TestCaseError::fail(format!("{text}: {d:?}"))
+            })?;
+            let twice = format_text(&once).unwrap();
+            proptest::prop_assert_eq!(twice, once, "from:\n{}", text);
+        }
     }
 }
