@@ -193,6 +193,48 @@ fn explain_names_the_rule_and_the_near_misses() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("expected a destination with a port"));
 }
 
+/// A near miss names everything the rule's destination names, its
+/// addresses too, never an empty list.
+#[test]
+fn explain_near_misses_name_the_rules_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("y.policy");
+    std::fs::write(
+        &path,
+        "net lan = 192.0.2.0/24\n\
+         http h allow lan -> 198.51.100.0/24 port 443\n\
+         http h6 allow lan -> 2001:db8::/32 port 443\n\
+         http both allow lan -> \"x.example.com\", 198.51.100.7 port 443\n\
+         default deny\n",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let explain = |url: &str| {
+        let out = palisade(&["explain", "--policy", p, "http", "192.0.2.1", "->", url]);
+        assert!(out.status.success(), "{}", transcript(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let s = explain("https://203.0.113.1/");
+    assert!(
+        s.contains("- host 203.0.113.1 does not match 198.51.100.0/24\n"),
+        "{s}"
+    );
+    assert!(
+        s.contains("- host 203.0.113.1 does not match 2001:db8::/32\n"),
+        "{s}"
+    );
+    assert!(
+        s.contains("- host 203.0.113.1 does not match \"x.example.com\", 198.51.100.7\n"),
+        "{s}"
+    );
+    let s = explain("https://y.example.com/");
+    assert!(
+        s.contains("- host y.example.com does not match 198.51.100.0/24\n"),
+        "{s}"
+    );
+    assert!(!s.contains("does not match \n"), "{s}");
+}
+
 /// `explain` reads a URL's host the way the proxy does: the decimal,
 /// trailing-dot and IPv4-mapped spellings of an address are that address.
 #[test]

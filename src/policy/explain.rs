@@ -98,10 +98,16 @@ pub fn explain(policy: &Policy, query: &Query) -> Explanation {
                     super::HttpHost::Ip(ip) => ip.to_string(),
                 };
                 if !host_ok {
-                    let pats: Vec<String> = r.hosts.iter().map(|h| format!("\"{h}\"")).collect();
+                    // Everything the rule's destination names: its host
+                    // patterns, then its addresses.
+                    let mut dests: Vec<String> =
+                        r.hosts.iter().map(|h| format!("\"{h}\"")).collect();
+                    if !r.addrs.is_empty() {
+                        dests.push(r.addrs.describe());
+                    }
                     miss.push(format!(
                         "host {host_text} does not match {}",
-                        pats.join(", ")
+                        dests.join(", ")
                     ));
                 }
                 if !(r.ports.is_empty() || r.ports.iter().any(|p| p.contains(req.port))) {
