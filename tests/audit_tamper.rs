@@ -48,6 +48,18 @@ fn untouched_trail_is_whole() {
     let (code, out) = verify(&t.dir, &t.keys);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("WHOLE"), "{out}");
+    // Each checkpoint counts the records of its boot before it: its seq.
+    let mut checkpoints = 0;
+    for i in (1..).take_while(|i| file(&t.dir, *i).exists()) {
+        for l in read_lines(&file(&t.dir, i)) {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            if let Some(cp) = v["palisade"].get("checkpoint") {
+                assert_eq!(cp["stats"]["records_written"], v["seq"], "{l}");
+                checkpoints += 1;
+            }
+        }
+    }
+    assert!(checkpoints > 3);
 }
 
 #[test]

@@ -680,7 +680,11 @@ impl Writer {
     /// verify` requires it).
     fn stage_signed_checkpoint(&mut self, reason: &str, next: Option<String>) {
         let ts = self.timestamp();
-        let stats = self.shared.counters.snapshot();
+        let mut stats = self.shared.counters.snapshot();
+        // The records before it in this write count too: a checkpoint's
+        // `records_written` is the number of records of its boot before
+        // it, which is its own `seq`.
+        stats.records_written += self.staged_records;
         let mut ev = AuditEvent::lifecycle(Action::Checkpoint);
         ev.palisade = Some(PalisadeFields {
             checkpoint: Some(Checkpoint {
