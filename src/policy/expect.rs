@@ -7,7 +7,7 @@
 use super::ast::{self, Action, Probe};
 use super::diag::Diagnostic;
 use super::source::{SourceMap, Span};
-use super::target::parse_host;
+use super::target::{parse_host, parse_port};
 use super::{HttpHost, HttpRequest, Policy, Verdict};
 use crate::classify::FlowKey;
 
@@ -81,10 +81,9 @@ pub fn parse_url(url: &str) -> Result<(HttpHost, u16, bool), String> {
     // address (`3325256711`, `198.51.100.7.`, `[::ffff:198.51.100.7]`) is
     // decided as that address.
     let host = parse_host(h).map_err(|e| e.to_string())?.to_http_host();
-    let port = match port {
-        Some(p) => p
-            .parse::<u16>()
-            .map_err(|_| format!("`{p}` is not a port number (0-65535)"))?,
+    // The port as the proxy reads it too.
+    let port = match port.map(parse_port).transpose()?.flatten() {
+        Some(p) => p,
         None if https => 443,
         None => 80,
     };
@@ -299,6 +298,17 @@ mod tests {
         assert!(parse_url("ftp://x/").is_err());
         assert!(parse_url("http://a@b/").is_err());
         assert!(parse_url("http://x:99999/").is_err());
+        // Ports the proxy refuses are refused here too, not read as 80.
+        for bad in [
+            "http://x:0/",
+            "http://x:+80/",
+            "http://x:0x50/",
+            "http://x:8o/",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_url("http://x:/").unwrap().1, 80);
+        assert_eq!(parse_url("http://x:8080/").unwrap().1, 8080);
     }
 
     /// Every spelling the proxy reads as 198.51.100.7 is that address here.

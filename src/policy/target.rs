@@ -85,6 +85,20 @@ pub enum HostError {
     Invalid(String),
 }
 
+/// The port after a host's `:` in a request target or CONNECT authority:
+/// `None` for an empty one (the scheme's default), else 1-65535 written in
+/// decimal digits only (`+80`, `0` and `0x50` are refused, never read as
+/// some other port).
+pub fn parse_port(p: &str) -> Result<Option<u16>, String> {
+    if p.is_empty() {
+        return Ok(None);
+    }
+    match p.parse::<u16>() {
+        Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(n)),
+        _ => Err(format!("port {p} is not a port number (1-65535)")),
+    }
+}
+
 /// Reads the host of a request target or CONNECT authority.
 pub fn parse_host(raw: &str) -> Result<Host, HostError> {
     let bad = || HostError::Invalid(raw.chars().take(100).collect());

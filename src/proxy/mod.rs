@@ -1291,11 +1291,8 @@ fn authority_port(a: &hyper::http::uri::Authority) -> Result<Option<u16>, String
     let s = a.as_str();
     let after_host = s.rfind(']').map_or(s, |i| &s[i + 1..]);
     match after_host.rsplit_once(':') {
-        None | Some((_, "")) => Ok(None),
-        Some((_, p)) => match p.parse::<u16>() {
-            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(n)),
-            _ => Err(format!("port {p} is not a port number (1-65535)")),
-        },
+        None => Ok(None),
+        Some((_, p)) => crate::policy::target::parse_port(p),
     }
 }
 
