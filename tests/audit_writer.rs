@@ -357,6 +357,13 @@ fn verify_from_the_first_file_kept_after_archiving() {
     assert!(report.contains("deleted"), "{report}");
     let (code, report) = from("nonsense");
     assert_eq!(code, 2, "{report}");
+    // Past the newest file: says which is the newest.
+    let (code, report) = from("audit-00000099.jsonl");
+    assert_eq!(code, 2, "{report}");
+    assert!(
+        report.contains("no audit files from audit-00000099.jsonl on: its newest is audit-0000000"),
+        "{report}"
+    );
 }
 
 /// A trail folder removed while nothing is being written (an idle

@@ -355,8 +355,19 @@ fn verify(keys: &[PathBuf], dir: &Path, from: u64) -> Result<ExitCode, CliError>
         source,
     })?;
     if report.files == 0 {
-        return Err(CliError::Empty {
-            dir: dir.to_path_buf(),
+        let last = palisade::audit::trail::list_files(dir)
+            .ok()
+            .and_then(|f| f.last().map(|(i, _)| *i));
+        return Err(match last {
+            Some(last) if from > 1 => CliError::Argument(format!(
+                "{} holds no audit files from {} on: its newest is {}",
+                dir.display(),
+                palisade::audit::trail::file_name(from),
+                palisade::audit::trail::file_name(last)
+            )),
+            _ => CliError::Empty {
+                dir: dir.to_path_buf(),
+            },
         });
     }
     // No checkpoint verifies, every signed one names another key, and the
