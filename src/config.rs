@@ -61,7 +61,9 @@ pub struct ProxyConfig {
     /// Connecting to an origin gives up after this long (504).
     #[serde(deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
-    /// An origin must answer a forwarded request within this time (504).
+    /// An origin must take each part of a forwarded request's body, and
+    /// then answer, within this time of the last bytes it took (504): an
+    /// upload may take as long as it keeps moving.
     #[serde(deserialize_with = "de_duration")]
     pub upstream_timeout: Duration,
     /// Client connections open at once, in total.

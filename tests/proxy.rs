@@ -1760,6 +1760,36 @@ fn an_upload_to_an_origin_that_never_answers_is_504_with_its_bytes_recorded() {
 }
 
 #[test]
+fn an_upload_that_keeps_moving_may_take_longer_than_the_upstream_timeout() {
+    // upstream_timeout bounds the origin's silence, not the upload: a body
+    // that arrives a byte every 400 ms for 2 s goes through under a 1 s
+    // timeout, and the origin's answer comes back.
+    use std::io::{Read, Write};
+    let p = start_proxy("upstream_timeout = \"1s\"");
+    let mut c = std::net::TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let url = format!("http://origin.test:{}/upload", p.origins.http);
+    write!(
+        c,
+        "POST {url} HTTP/1.1\r\nHost: origin.test:{}\r\nContent-Length: 6\r\nConnection: close\r\n\r\n",
+        p.origins.http
+    )
+    .unwrap();
+    for b in b"upload" {
+        std::thread::sleep(Duration::from_millis(400));
+        c.write_all(&[*b]).unwrap();
+    }
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("sent=6/length"), "{answer}");
+    let r = p.wait_record("for the upload", |r| s(r, "/url/full") == url);
+    assert_eq!(n(&r, "/http/response/status_code"), 200);
+    assert_eq!(n(&r, "/source/bytes"), 6);
+    p.stop_and_verify();
+}
+
+#[test]
 fn a_port_already_taken_is_refused_not_shared() {
     let p = start_proxy("");
     // A second proxy on the first one's address must fail as a single

@@ -28,6 +28,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -171,8 +172,11 @@ impl Slot {
             head_only,
             repeatable,
         } = Outgoing::new(req);
-        let mut sent = 0u64;
-        let attempt = tokio::time::timeout(upstream_timeout, async {
+        let sent = Sent::new();
+        // The origin has `upstream_timeout` to take each part of the
+        // request body and, once it has all of it, to answer: an upload
+        // may take as long as it keeps moving.
+        let attempt = within_progress(upstream_timeout, &sent, async {
             // At most two tries on connections that already carried a
             // request (the origin may close one at any moment), then one
             // on a new connection.
@@ -198,7 +202,7 @@ impl Slot {
                         &head,
                         framing,
                         &mut body,
-                        &mut sent,
+                        &sent,
                         head_only,
                         upstream_timeout,
                     )
@@ -230,7 +234,7 @@ impl Slot {
                     &head,
                     framing,
                     &mut body,
-                    &mut sent,
+                    &sent,
                     head_only,
                     upstream_timeout,
                 )
@@ -243,6 +247,7 @@ impl Slot {
         })
         .await;
         // A connection a request was in flight on is never put back.
+        let sent = sent.bytes();
         match attempt {
             Ok(Ok(resp)) => Ok((resp, sent)),
             Ok(Err(f)) => Err((f, sent)),
@@ -258,7 +263,7 @@ impl Slot {
         head: &[u8],
         framing: RequestBody,
         body: &mut ClientBody,
-        sent: &mut u64,
+        sent: &Sent,
         head_only: bool,
         upstream_timeout: Duration,
     ) -> Result<Response<OriginBody>, TryFailure> {
@@ -430,13 +435,67 @@ fn request_head(parts: &hyper::http::request::Parts, framing: RequestBody) -> Ve
     out
 }
 
+/// Request body bytes written to an origin, and when the last of them went
+/// (which keeps [`within_progress`] waiting).
+struct Sent {
+    bytes: AtomicU64,
+    start: Instant,
+    /// Milliseconds from `start` to the last write.
+    last: AtomicU64,
+}
+
+impl Sent {
+    fn new() -> Sent {
+        Sent {
+            bytes: AtomicU64::new(0),
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn add(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn last_write(&self) -> Instant {
+        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
+}
+
+/// Runs `f` until it ends, or until `limit` has passed since it began
+/// and since the last request body bytes `sent` to the origin (`Err`).
+async fn within_progress<F: Future>(limit: Duration, sent: &Sent, f: F) -> Result<F::Output, ()> {
+    let mut f = std::pin::pin!(f);
+    let sleep = tokio::time::sleep(limit);
+    let mut sleep = std::pin::pin!(sleep);
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut f => return Ok(r),
+            () = &mut sleep => {
+                let until = sent.last_write() + limit;
+                if until <= Instant::now() {
+                    return Err(());
+                }
+                sleep.as_mut().reset(until.into());
+            }
+        }
+    }
+}
+
 /// Copies the client's request body to the origin, counting its bytes in
 /// `sent` as they are written (so that a body cut short still counts).
 async fn send_body(
     stream: &mut (impl tokio::io::AsyncWrite + Unpin),
     body: &mut ClientBody,
     framing: RequestBody,
-    sent: &mut u64,
+    sent: &Sent,
 ) -> Result<(), String> {
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("reading the request body: {e}"))?;
@@ -459,7 +518,7 @@ async fn send_body(
             stream.write_all(&data).await
         };
         w.map_err(|e| format!("writing the request body: {e}"))?;
-        *sent += data.len() as u64;
+        sent.add(data.len() as u64);
     }
     if framing == RequestBody::Chunked {
         stream
