@@ -1502,6 +1502,60 @@ fn reload_keeps_serving_through_a_broken_policy() {
     p.stop_and_verify();
 }
 
+/// A tunnel is decided when it opens; a reload whose policy no longer
+/// allows it cuts it (an emergency deny must not wait for the tunnel to go
+/// idle), records it denied with what it carried, and leaves the tunnels
+/// the new policy still allows open.
+#[test]
+fn a_reload_cuts_open_tunnels_the_new_policy_denies() {
+    let p = start_proxy("");
+    let echo = p.origins.echo;
+    let mut doomed = connect_tunnel(p.addr, &format!("echo.test:{echo}"));
+    let mut kept = connect_tunnel(p.addr, &format!("127.0.0.1:{echo}"));
+    let echoed = |t: &mut TcpStream, msg: &[u8]| {
+        t.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        t.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+    };
+    echoed(&mut doomed, b"ping\n");
+    echoed(&mut kept, b"ping\n");
+    // The echo rule keeps its address and loses the name.
+    let text = policy_text(&p.origins);
+    let narrowed = text.replace("\"echo.test\", 127.0.0.1 port", "127.0.0.1 port");
+    assert_ne!(text, narrowed);
+    std::fs::write(&p.policy, narrowed).unwrap();
+    signal(p.child.as_ref().unwrap(), rustix::process::Signal::HUP);
+    let r = p.wait_record("for the cut tunnel", |r| {
+        s(r, "/event/code") == "connect_tunnel" && s(r, "/event/action") == "denied"
+    });
+    assert!(
+        s_contains(&r, "/event/reason", "no longer allows it")
+            && s_contains(&r, "/event/reason", "echo.test"),
+        "{r}"
+    );
+    assert_eq!(n(&r, "/source/bytes"), 5, "{r}");
+    assert_eq!(n(&r, "/http/response/status_code"), 200, "{r}");
+    // Its sockets are closed: the client reads the end.
+    doomed
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut b = [0u8; 16];
+    match doomed.read(&mut b) {
+        Ok(0) => {}
+        Err(e)
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("the cut tunnel is still open: {other:?}"),
+    }
+    // The other one goes on.
+    echoed(&mut kept, b"still here\n");
+    drop(kept);
+    p.stop_and_verify();
+}
+
 /// SIGHUP also reads the configuration file again: limits and fixed host
 /// answers change without a restart, together with the policy, and the
 /// reload record says which settings changed. A broken configuration keeps

@@ -149,6 +149,8 @@ struct State {
     id_prefix: String,
     counters: Counters,
     resolved: ResolveCache,
+    /// The tunnels open now, checked again when the policy changes.
+    tunnels: Arc<tunnel::OpenTunnels>,
     /// [`SERVING`], then [`DRAINING`] from a stop, then [`CUT`]; also
     /// ended when `Proxy::run` is dropped (its sender with it), which
     /// ends the serving threads too.
@@ -380,6 +382,7 @@ impl Proxy {
                 id_prefix,
                 counters: Counters::default(),
                 resolved: ResolveCache::default(),
+                tunnels: Arc::default(),
                 phase: phase_rx,
             }),
             phase,
@@ -672,7 +675,8 @@ async fn expire(state: Arc<State>) {
         return;
     };
     let sha = p.sha256().to_string();
-    state.policy.store(Arc::new(p));
+    let p = Arc::new(p);
+    state.policy.store(p.clone());
     if let Err(e) = state
         .audit
         .submit_async(&AuditEvent::policy_loaded(&sha, &why))
@@ -681,6 +685,38 @@ async fn expire(state: Arc<State>) {
         crate::say!("palisade proxy: the expiry's audit record was not written: {e}");
     }
     crate::say!("palisade proxy: policy in force {why}");
+    cut_revoked_tunnels(&state, &p);
+}
+
+/// Checks every open tunnel against `policy`, now in force, and cuts the
+/// ones it does not allow (each then writes its record, `denied`).
+fn cut_revoked_tunnels(state: &State, policy: &Policy) {
+    let cut = state.tunnels.revoke_where(|t| tunnel_refusal(policy, t));
+    if cut > 0 {
+        crate::say!(
+            "palisade proxy: {cut} open tunnel(s) cut: the policy now in force does not allow them"
+        );
+    }
+}
+
+/// Why `policy` does not allow the open tunnel `t` (decided under an
+/// earlier policy), if it does not: its target, its source, a plain tunnel
+/// where the rule now wants TLS, or an internal address the rule no longer
+/// names.
+fn tunnel_refusal(policy: &Policy, t: &tunnel::OpenTunnel) -> Option<String> {
+    match decide(policy, t.peer, &t.host, t.port, "CONNECT") {
+        Err(r) => Some(r.reason),
+        Ok((name, plain_ok, rule)) => {
+            if t.plain.load(Ordering::Acquire) && !plain_ok {
+                return Some(format!(
+                    "rule {name} allows TLS tunnels to {}:{} only, and this one is plain",
+                    host_text(&t.host),
+                    t.port
+                ));
+            }
+            address_refusal(policy, rule, &t.host, t.dest.ip())
+        }
+    }
 }
 
 async fn reload(state: Arc<State>) -> Result<String, String> {
@@ -723,7 +759,9 @@ async fn reload(state: Arc<State>) -> Result<String, String> {
                 }
                 state.config.store(Arc::new(new));
             }
-            state.policy.store(Arc::new(policy));
+            let policy = Arc::new(policy);
+            state.policy.store(policy.clone());
+            cut_revoked_tunnels(&state, &policy);
             let mut event = AuditEvent::policy_loaded(&sha, "reload");
             if !changed.is_empty() {
                 let said = format!("settings changed: {}", changed.join(", "));
@@ -1413,24 +1451,28 @@ async fn resolve_addresses(
             format!("{} has no addresses", host_text(host)),
         ));
     }
-    let named = rule
-        .and_then(|i| policy.http_rules().get(i))
-        .map(|r| &r.addrs);
     for a in addrs {
-        let c = canonical(*a);
-        if let Some(why) = internal_range(c) {
-            if !named.is_some_and(|s| s.contains(c)) {
-                return Err(Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "{} resolves to {c}, which is {why} and not allowed by the policy",
-                        host_text(host)
-                    ),
-                ));
-            }
+        if let Some(why) = address_refusal(policy, rule, host, *a) {
+            return Err(Refusal::new(StatusCode::FORBIDDEN, why));
         }
     }
     Ok(SocketAddr::new(canonical(addrs[0]), port))
+}
+
+/// Why `host`'s address `a` may not be dialled under `rule`, if it may
+/// not: an internal range the rule does not name.
+fn address_refusal(policy: &Policy, rule: Option<usize>, host: &Host, a: IpAddr) -> Option<String> {
+    let c = canonical(a);
+    let why = internal_range(c)?;
+    let named = rule
+        .and_then(|i| policy.http_rules().get(i))
+        .is_some_and(|r| r.addrs.contains(c));
+    (!named).then(|| {
+        format!(
+            "{} resolves to {c}, which is {why} and not allowed by the policy",
+            host_text(host)
+        )
+    })
 }
 
 /// The record of an allowed request or tunnel whose future is dropped
@@ -1894,10 +1936,14 @@ async fn connect(
     let sha = policy.sha256().to_string();
     let id = id.to_string();
     let host_t = host_text(&host);
+    let decided = policy.clone();
     tokio::spawn(async move {
         // The tunnel is the client's connection from here on: it counts
         // against the limits until it closes.
         let _guard = guard;
+        // Open tunnels are checked again when the policy changes.
+        let open = st.tunnels.add(peer.ip(), host.clone(), port, dest);
+        recheck_if_stale(&st, &decided, &open.tunnel);
         // The client is answered 200 as this task starts: the tunnel opens.
         let ev = AuditEvent::connect_tunnel(Action::Allowed, peer, &host_t, port)
             .with_request_id(&id)
@@ -1910,6 +1956,7 @@ async fn connect(
         let carried = tunnel::Carried::default();
         let server_name = std::sync::OnceLock::<String>::new();
         let base = ev.clone();
+        let revoked_base = ev.clone();
         let cut = IfCut::new(|| {
             let (up, down) = carried.get();
             let mut ev = base
@@ -1921,30 +1968,53 @@ async fn connect(
             }
             let _ = st.audit.try_submit(&ev);
         });
-        let ev = match on_upgrade.await.map(|u| u.downcast::<TokioIo<ClientIo>>()) {
-            Ok(Ok(parts)) => {
-                // The client's socket itself, and what hyper had already read.
-                let client = parts.io.into_inner().stream;
-                tunnel(
-                    &st,
-                    client,
-                    parts.read_buf,
-                    upstream,
-                    &host,
-                    plain_tunnel,
-                    ev,
-                    start,
-                    &carried,
-                    &server_name,
-                )
-                .await
+        let opened = async {
+            match on_upgrade.await.map(|u| u.downcast::<TokioIo<ClientIo>>()) {
+                Ok(Ok(parts)) => {
+                    // The client's socket itself, and what hyper had already read.
+                    let client = parts.io.into_inner().stream;
+                    let seen = Seen {
+                        carried: &carried,
+                        server_name: &server_name,
+                        open: &open.tunnel,
+                        decided: &decided,
+                    };
+                    tunnel(
+                        &st,
+                        client,
+                        parts.read_buf,
+                        upstream,
+                        &host,
+                        plain_tunnel,
+                        ev,
+                        start,
+                        seen,
+                    )
+                    .await
+                }
+                Ok(Err(_)) => ev
+                    .with_reason("internal error: the upgraded connection is not a TCP socket")
+                    .with_bytes(0, 0, start.elapsed()),
+                Err(e) => ev
+                    .with_reason(&format!("the client left before the tunnel opened: {e}"))
+                    .with_bytes(0, 0, start.elapsed()),
             }
-            Ok(Err(_)) => ev
-                .with_reason("internal error: the upgraded connection is not a TCP socket")
-                .with_bytes(0, 0, start.elapsed()),
-            Err(e) => ev
-                .with_reason(&format!("the client left before the tunnel opened: {e}"))
-                .with_bytes(0, 0, start.elapsed()),
+        };
+        // A policy that no longer allows the tunnel ends it: its sockets
+        // close with the relay, and its record says why.
+        let ev = tokio::select! {
+            ev = opened => ev,
+            why = open.tunnel.revoked() => {
+                let (up, down) = carried.get();
+                let mut ev = revoked_base
+                    .with_reason(&format!("cut: the policy now in force no longer allows it: {why}"))
+                    .with_bytes(up, down, start.elapsed());
+                ev.event.action = Action::Denied;
+                if let Some(name) = server_name.get() {
+                    ev = ev.with_server_name(name);
+                }
+                ev
+            }
         };
         cut.done();
         let _ = st.audit.submit_async(&ev.with_end(Timestamp::now())).await;
@@ -1952,6 +2022,28 @@ async fn connect(
     let mut resp = Response::new(ProxyBody::full(Bytes::new()));
     add_via(resp.headers_mut(), hyper::Version::HTTP_11);
     Ok(resp)
+}
+
+/// A tunnel decided under `decided`: if another policy is in force by now
+/// (a reload between its decision and this), it is checked against that
+/// one, since the reload's own check of open tunnels may have missed it.
+fn recheck_if_stale(state: &State, decided: &Arc<Policy>, t: &tunnel::OpenTunnel) {
+    let now = state.policy.load();
+    if !Arc::ptr_eq(&now, decided) {
+        if let Some(why) = tunnel_refusal(&now, t) {
+            t.revoke(why);
+        }
+    }
+}
+
+/// What an open tunnel's task sees of it while it runs: bytes carried and
+/// the server name (for its record if it is cut), its place among the open
+/// tunnels, and the policy it was decided under.
+struct Seen<'a> {
+    carried: &'a tunnel::Carried,
+    server_name: &'a std::sync::OnceLock<String>,
+    open: &'a tunnel::OpenTunnel,
+    decided: &'a Arc<Policy>,
 }
 
 /// Checks the tunnel's first bytes, then relays until either side closes or
@@ -1966,9 +2058,14 @@ async fn tunnel(
     plain_tunnel: bool,
     ev: AuditEvent,
     start: Instant,
-    carried: &tunnel::Carried,
-    server_name: &std::sync::OnceLock<String>,
+    seen: Seen<'_>,
 ) -> AuditEvent {
+    let Seen {
+        carried,
+        server_name,
+        open,
+        decided,
+    } = seen;
     let mut buf = Vec::with_capacity(2048);
     buf.extend_from_slice(&pre);
     let (first_bytes_timeout, idle_timeout) = {
@@ -2067,7 +2164,11 @@ async fn tunnel(
             )
             .with_bytes(buf.len() as u64, 0, start.elapsed());
         }
-        (_, _) if plain_tunnel => ev.with_reason("allowed by rule; plain tunnel"),
+        (_, _) if plain_tunnel => {
+            open.plain.store(true, Ordering::Release);
+            recheck_if_stale(state, decided, open);
+            ev.with_reason("allowed by rule; plain tunnel")
+        }
         (_, _) => {
             let _ = client.shutdown().await;
             return deny(ev, "the tunnel does not start with a TLS ClientHello and the rule does not allow plain tunnels".to_string())

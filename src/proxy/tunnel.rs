@@ -1,8 +1,116 @@
-//! The byte relay of an admitted CONNECT tunnel.
+//! The byte relay of an admitted CONNECT tunnel, and the register of open
+//! tunnels that a policy change checks again.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use super::Host;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+
+/// The tunnels open now. A tunnel is decided when it opens, and may then
+/// carry bytes for as long as it keeps moving; when the policy in force
+/// changes (a reload, a rule's expiry), each is checked again and the ones
+/// it no longer allows are cut, as the filter cuts its tracked flows.
+#[derive(Default)]
+pub(super) struct OpenTunnels {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<OpenTunnel>>>,
+}
+
+/// What a tunnel was decided on, and its cut signal.
+pub(super) struct OpenTunnel {
+    pub peer: IpAddr,
+    pub host: Host,
+    pub port: u16,
+    /// The address it connected to (checked when it opened).
+    pub dest: SocketAddr,
+    /// Its first bytes were not a TLS ClientHello: a plain tunnel.
+    pub plain: AtomicBool,
+    /// Why the policy in force no longer allows it, once it does not.
+    revoked: OnceLock<String>,
+    cut: tokio::sync::Notify,
+}
+
+/// A tunnel's place in [`OpenTunnels`], given up when dropped.
+pub(super) struct Registered {
+    tunnels: Arc<OpenTunnels>,
+    id: u64,
+    pub tunnel: Arc<OpenTunnel>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.tunnels.open.lock() {
+            open.remove(&self.id);
+        }
+    }
+}
+
+impl OpenTunnels {
+    pub fn add(
+        self: &Arc<Self>,
+        peer: IpAddr,
+        host: Host,
+        port: u16,
+        dest: SocketAddr,
+    ) -> Registered {
+        let tunnel = Arc::new(OpenTunnel {
+            peer,
+            host,
+            port,
+            dest,
+            plain: AtomicBool::new(false),
+            revoked: OnceLock::new(),
+            cut: tokio::sync::Notify::new(),
+        });
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(id, tunnel.clone());
+        }
+        Registered {
+            tunnels: self.clone(),
+            id,
+            tunnel,
+        }
+    }
+
+    /// Cuts every open tunnel for which `denied` gives a reason; returns
+    /// how many.
+    pub fn revoke_where(&self, denied: impl Fn(&OpenTunnel) -> Option<String>) -> usize {
+        let open: Vec<Arc<OpenTunnel>> = match self.open.lock() {
+            Ok(open) => open.values().cloned().collect(),
+            Err(_) => return 0,
+        };
+        open.iter()
+            .filter_map(|t| denied(t).map(|why| t.revoke(why)))
+            .filter(|&cut| cut)
+            .count()
+    }
+}
+
+impl OpenTunnel {
+    /// Cuts the tunnel for `why`; false if it was already cut.
+    pub fn revoke(&self, why: String) -> bool {
+        let first = self.revoked.set(why).is_ok();
+        if first {
+            // A permit is kept if the tunnel is not waiting yet.
+            self.cut.notify_one();
+        }
+        first
+    }
+
+    /// Waits until the tunnel is cut; returns why.
+    pub async fn revoked(&self) -> &str {
+        loop {
+            if let Some(why) = self.revoked.get() {
+                return why;
+            }
+            self.cut.notified().await;
+        }
+    }
+}
 
 /// Bytes a tunnel has carried so far, each way; readable while it runs
 /// (for the record of a tunnel the proxy's stop cuts short).
