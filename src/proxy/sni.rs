@@ -56,17 +56,30 @@ const ECH: u16 = 0xfe0d;
 pub const MAX_RECORD: usize = 5 + 16_384 + 2048;
 
 /// Whether `rest`, what the client sent right after its ClientHello, is
-/// TLS records (change_cipher_spec, alert, handshake or application data
-/// such as 0-RTT early data), as far as it goes.
-fn records_follow(mut rest: &[u8]) -> bool {
+/// what a TLS client may send before the server answers, as far as it
+/// goes: the 1-byte change_cipher_spec of TLS 1.3's middlebox
+/// compatibility, a 2-byte alert, and application data (0-RTT early data)
+/// only if the hello offered it (`early_data`). Another handshake record,
+/// or application data the hello did not announce, is refused: a record
+/// header is five bytes anyone can write in front of plain data.
+fn records_follow(mut rest: &[u8], early_data: bool) -> bool {
     while let Some(&kind) = rest.first() {
-        if !(20..=23).contains(&kind) || rest.get(1).is_some_and(|&major| major != 3) {
+        if rest.get(1).is_some_and(|&major| major != 3) {
             return false;
         }
         let Some(len) = rest.get(3..5) else {
-            return true;
+            return matches!(kind, 20 | 21) || kind == 23 && early_data;
         };
         let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+        let fits = match kind {
+            20 => len == 1 && rest.get(5).is_none_or(|&b| b == 1),
+            21 => len == 2,
+            23 => early_data && len <= 16_384 + 256,
+            _ => false,
+        };
+        if !fits {
+            return false;
+        }
         rest = rest.get(5 + len..).unwrap_or(&[]);
     }
     true
@@ -98,6 +111,7 @@ pub fn inspect(buf: &[u8]) -> FirstBytes {
                 if let TlsMessage::Handshake(TlsMessageHandshake::ClientHello(ch)) = msg {
                     let mut server_name = None;
                     let mut offers_ech = false;
+                    let mut early_data = false;
                     if let Some(ext) = ch.ext {
                         let Ok((rest, exts)) = parse_tls_extensions(ext) else {
                             return FirstBytes::Ambiguous {
@@ -110,6 +124,7 @@ pub fn inspect(buf: &[u8]) -> FirstBytes {
                             };
                         }
                         for e in exts {
+                            early_data |= matches!(e, TlsExtension::EarlyData(_));
                             offers_ech |= match &e {
                                 TlsExtension::EncryptedServerName { .. } => true,
                                 TlsExtension::Unknown(t, _) => t.0 == ECH,
@@ -141,7 +156,7 @@ pub fn inspect(buf: &[u8]) -> FirstBytes {
                             }
                         }
                     }
-                    if !records_follow(&buf[5 + len..]) {
+                    if !records_follow(&buf[5 + len..], early_data) {
                         return FirstBytes::Ambiguous {
                             reason: "bytes that are not TLS records follow it (plain data behind a ClientHello)",
                         };
@@ -228,9 +243,10 @@ mod tests {
         let mut smuggled = hello.clone();
         smuggled.extend_from_slice(b"GET /after-hello HTTP/1.1\r\n\r\n");
         assert!(matches!(inspect(&smuggled), FirstBytes::Ambiguous { .. }));
-        // Early data (application_data records) and a change_cipher_spec
-        // may follow, whole or in part.
-        let mut early = hello.clone();
+        // A change_cipher_spec may follow; early data (application_data
+        // records) too, whole or in part, from a hello that offers it.
+        let early_hello = client_hello_with(Some(&[(0, "origin.test")]), &[0, 42, 0, 0]);
+        let mut early = early_hello.clone();
         early.extend_from_slice(&[20, 3, 3, 0, 1, 1, 23, 3, 3, 0, 4, 9, 9]);
         assert_eq!(
             inspect(&early),
@@ -239,6 +255,27 @@ mod tests {
                 offers_ech: false
             }
         );
+        let mut ccs = hello.clone();
+        ccs.extend_from_slice(&[20, 3, 3, 0, 1, 1]);
+        assert!(matches!(inspect(&ccs), FirstBytes::ClientHello { .. }));
+        // A record header in front of plain data does not make it TLS: not
+        // an application_data record the hello did not announce, nor one
+        // after a hello that did but announcing more than a record holds,
+        // nor a second handshake record, nor an oversized change_cipher_spec.
+        for (base, tail) in [
+            (&hello, &b"\x17\x03\x03\xff\xffPLAIN DATA"[..]),
+            (&hello, &b"\x17\x03\x03"[..]),
+            (&early_hello, &b"\x17\x03\x03\xff\xffPLAIN DATA"[..]),
+            (&hello, &b"\x16\x03\x03\x00\x05PLAIN"[..]),
+            (&hello, &b"\x14\x03\x03\x00\x20PLAIN DATA"[..]),
+        ] {
+            let mut smuggled = base.clone();
+            smuggled.extend_from_slice(tail);
+            assert!(
+                matches!(inspect(&smuggled), FirstBytes::Ambiguous { .. }),
+                "{tail:?}"
+            );
+        }
     }
 
     #[test]
