@@ -361,7 +361,7 @@ fn verify_from_the_first_file_kept_after_archiving() {
     let (code, report) = from("audit-00000099.jsonl");
     assert_eq!(code, 2, "{report}");
     assert!(
-        report.contains("no audit files from audit-00000099.jsonl on: its newest is audit-0000000"),
+        report.contains("no audit files from audit-00000099.jsonl on: its newest is audit-000000"),
         "{report}"
     );
 }

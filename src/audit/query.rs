@@ -176,18 +176,23 @@ pub fn table_row(r: &AuditRecord) -> String {
 }
 
 /// `s` with every control character (a newline, an escape sequence, a
-/// NUL) written as an escape, so text a client chose (a server name, a
-/// URL) cannot forge table rows or drive the auditor's terminal.
+/// NUL) and every character outside ASCII written as an escape, so text a
+/// client chose (a server name, a Host header, a URL) cannot forge table
+/// rows, drive the auditor's terminal, reorder what it shows (bidirectional
+/// controls), or pass off one name as another (look-alike letters: a
+/// Cyrillic `а` shows as `\u{430}`). Names on the wire are ASCII (IDNs
+/// travel as punycode), so nothing a well-behaved client sends changes.
 pub fn printable(s: &str) -> String {
-    if !s.chars().any(char::is_control) {
+    let plain = |c: char| c.is_ascii() && !c.is_ascii_control();
+    if s.chars().all(plain) {
         return s.to_string();
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
+        if plain(c) {
             out.push(c);
+        } else {
+            out.extend(c.escape_default());
         }
     }
     out
@@ -479,6 +484,17 @@ mod tests {
             row.contains("x\\n2026") && row.contains("\\u{1b}[2K"),
             "{row}"
         );
+        // Look-alike letters and a bidirectional override show as escapes.
+        let spoof = AuditEvent::proxy_request(
+            Action::Denied,
+            "192.0.2.7:4000".parse().unwrap(),
+            "GET",
+            "http://a.example/",
+        )
+        .with_reason("Host header \"ex\u{430}mple.com\u{202e}moc\" does not match");
+        let row = table_row(&record(spoof));
+        assert!(row.is_ascii(), "{row}");
+        assert!(row.contains("ex\\u{430}mple.com\\u{202e}moc"), "{row}");
     }
 
     #[test]
