@@ -71,7 +71,12 @@ pub fn run(args: FilterArgs) -> ExitCode {
     let policy = match load(&config.policy) {
         Ok(p) => p,
         Err(e) => {
-            palisade::say!("error: {e}");
+            // Compile diagnostics already begin `error[E....]`.
+            if e.starts_with("error") {
+                palisade::say!("{e}");
+            } else {
+                palisade::say!("error: {e}");
+            }
             return ExitCode::from(2);
         }
     };

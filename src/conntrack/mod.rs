@@ -89,6 +89,9 @@ pub struct Flow {
     pub state: State,
     /// The rule that admitted it.
     pub rule: Option<RuleId>,
+    /// That rule's name in the policy that admitted it, for its records
+    /// (a later policy may number its rules otherwise).
+    pub rule_name: std::sync::Arc<str>,
     /// The policy (sha256) that admitted it, for its records.
     pub policy: std::sync::Arc<str>,
     /// The generation of that policy ([`crate::policy::Policy::generation`]),
@@ -229,6 +232,8 @@ pub struct NewFlow {
     /// The ICMP echo identifier, for echo flows.
     pub echo_id: Option<u16>,
     pub rule: Option<RuleId>,
+    /// That rule's name in the policy that admitted it.
+    pub rule_name: std::sync::Arc<str>,
     /// The policy (sha256) that admitted it, and its generation.
     pub policy: std::sync::Arc<str>,
     pub generation: u64,
@@ -260,6 +265,8 @@ pub enum EndReason {
     Evicted,
     /// A reload's policy no longer allows it.
     Revoked,
+    /// The filter stopped while it was open.
+    Stopped,
 }
 
 /// The bounded connection table.
@@ -340,6 +347,7 @@ impl ConnTable {
             key,
             echo_id,
             rule,
+            rule_name,
             policy,
             generation,
             tcp_flags,
@@ -382,6 +390,7 @@ impl ConnTable {
             key,
             state,
             rule,
+            rule_name,
             policy,
             generation,
             created: now,
@@ -492,11 +501,13 @@ impl ConnTable {
         policy: std::sync::Arc<str>,
         generation: u64,
         rule: Option<RuleId>,
+        rule_name: std::sync::Arc<str>,
     ) {
         if let Some(f) = self.flows.get_mut(k) {
             f.policy = policy;
             f.generation = generation;
             f.rule = rule;
+            f.rule_name = rule_name;
         }
     }
 
@@ -514,6 +525,14 @@ impl ConnTable {
 
     /// Removes every flow whose time is up; returns them for their records.
     /// Work is bounded by `max` flows per call.
+    /// Removes every flow, as ended by the filter's stop.
+    pub fn drain(&mut self) -> Vec<Ended> {
+        let all: Vec<ConnKey> = self.flows.keys().copied().collect();
+        all.iter()
+            .filter_map(|k| self.remove(k, EndReason::Stopped))
+            .collect()
+    }
+
     pub fn expire(&mut self, now: Duration, max: usize) -> Vec<Ended> {
         self.expire_with(now, max, |_| None)
     }
@@ -600,6 +619,7 @@ mod tests {
             key,
             echo_id,
             rule,
+            rule_name: "r".into(),
             policy: "sha".into(),
             generation: 0,
             tcp_flags,

@@ -61,10 +61,12 @@ pub enum DropReason {
     AuditUnavailable,
     Revoked,
     Oversize,
+    SourceRouted,
+    IncompleteFirstFragment,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Malformed,
         DropReason::NonIp,
         DropReason::Spoofed,
@@ -76,6 +78,8 @@ impl DropReason {
         DropReason::AuditUnavailable,
         DropReason::Revoked,
         DropReason::Oversize,
+        DropReason::SourceRouted,
+        DropReason::IncompleteFirstFragment,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +95,12 @@ impl DropReason {
             DropReason::AuditUnavailable => "the audit trail cannot be written",
             DropReason::Revoked => "the reloaded policy no longer allows this flow",
             DropReason::Oversize => "frame larger than the port's buffers",
+            DropReason::SourceRouted => {
+                "source-routed: the sender chose its route (IPv4 source route option, IPv6 type 0 routing header)"
+            }
+            DropReason::IncompleteFirstFragment => {
+                "first fragment without its whole transport header"
+            }
         }
     }
 }
@@ -170,7 +180,7 @@ pub struct Counters {
     pub offload_errors: AtomicU64,
     /// Later fragments that came before their first one and were held.
     pub held: AtomicU64,
-    pub dropped: [AtomicU64; 11],
+    pub dropped: [AtomicU64; 13],
     /// Flows admitted per rule id (index) and by the default (last).
     pub rule_hits: Mutex<Vec<u64>>,
 }
@@ -702,7 +712,7 @@ impl Engine {
         let refuse = |r: DropReason| self.drop(r, Some((&key, ingress)), frame.len());
         // A route the sender chose is not forwarded (RFC 5095; RFC 7126).
         if ip.source_routed {
-            return self.drop(DropReason::Malformed, None, frame.len());
+            return refuse(DropReason::SourceRouted);
         }
         let policy = self.policy.load();
         // Neighbour discovery and multicast listener discovery (valid per
@@ -735,7 +745,7 @@ impl Engine {
         // section 4.5; RFC 1858 for IPv4): the ports are what the policy
         // judges, and a later fragment must not supply them.
         if matches!(ip.fragment, Fragment::First { .. }) && !ip.transport_complete {
-            return refuse(DropReason::Fragment);
+            return refuse(DropReason::IncompleteFirstFragment);
         }
         let now = self.now();
         let (packets, hdrs) = segments;
@@ -787,7 +797,7 @@ impl Engine {
             };
             if let Some(ended) = closed.and_then(|k| table.remove(&k, EndReason::Closed)) {
                 drop(table);
-                self.record_end(ended, &policy);
+                self.record_end(ended);
                 table = match self.table.lock() {
                     Ok(t) => t,
                     Err(_) => return refuse(DropReason::NoState),
@@ -813,7 +823,7 @@ impl Engine {
                 if d.verdict == Verdict::Deny {
                     if let Some(ended) = table.remove(&original_ck, EndReason::Revoked) {
                         drop(table);
-                        self.record_end(ended, &policy);
+                        self.record_end(ended);
                     }
                     return refuse(DropReason::Revoked);
                 }
@@ -822,6 +832,7 @@ impl Engine {
                     policy.sha256().into(),
                     policy.generation(),
                     d.rule,
+                    policy.rule_name(d.rule).into(),
                 );
             }
             let state = table.update(&ck, dir, ip.tcp_flags, (packets, bytes), now);
@@ -882,6 +893,7 @@ impl Engine {
                 key,
                 echo_id,
                 rule: d.rule,
+                rule_name: policy.rule_name(d.rule).into(),
                 policy: policy.sha256().into(),
                 generation: policy.generation(),
                 tcp_flags: ip.tcp_flags,
@@ -896,12 +908,12 @@ impl Engine {
         // taken out again before any of its packets passes, and the
         // writer's gap record counts it as refused.
         for e in expired {
-            self.record_end(e, &policy);
+            self.record_end(e);
         }
         let table_key = match inserted {
             Ok((k, evicted)) => {
                 if let Some(e) = evicted {
-                    self.record_end(e, &policy);
+                    self.record_end(e);
                 }
                 k
             }
@@ -1025,7 +1037,7 @@ impl Engine {
         }
     }
 
-    fn record_end(&self, mut e: Ended, policy: &Policy) {
+    fn record_end(&self, mut e: Ended) {
         self.withdraw(&mut e.flow);
         let f = &e.flow;
         let mut ev = AuditEvent::flow_end(
@@ -1040,12 +1052,13 @@ impl Engine {
             },
             f.last_seen.saturating_sub(f.created),
         )
-        .with_rule(policy.rule_name(f.rule), &f.policy)
+        .with_rule(&f.rule_name, &f.policy)
         .with_reason(match e.why {
             EndReason::Timeout => "timed out",
             EndReason::Closed => "closed",
             EndReason::Evicted => "evicted from a full connection table",
             EndReason::Revoked => "cut: the reloaded policy no longer allows it",
+            EndReason::Stopped => "the filter stopped",
         });
         if e.why == EndReason::Revoked {
             ev.event.action = Action::Denied;
@@ -1066,7 +1079,7 @@ impl Engine {
             .unwrap_or_default();
         let policy = self.policy.load();
         for e in ended {
-            self.record_end(e, &policy);
+            self.record_end(e);
         }
         if let Ok(mut frags) = self.fragments.lock() {
             frags.retain(|_, (_, exp)| *exp > now);
@@ -1117,14 +1130,10 @@ impl Engine {
 
     /// Ends every tracked flow (at shutdown) with its record.
     pub fn flush(&self) {
-        let ended = self
-            .table
-            .lock()
-            .map(|mut t| t.expire(Duration::MAX, usize::MAX))
-            .unwrap_or_default();
+        let ended = self.table.lock().map(|mut t| t.drain()).unwrap_or_default();
         let policy = self.policy.load();
         for e in ended {
-            self.record_end(e, &policy);
+            self.record_end(e);
         }
         self.housekeeping();
         self.expire_held(Duration::MAX);
@@ -1772,7 +1781,7 @@ default deny
         let short = frag(0, true, &[0x1b, 0x58, 0, 53]);
         assert_eq!(
             e.handle(Zone::Edge, &short),
-            Disposition::Drop(DropReason::Fragment)
+            Disposition::Drop(DropReason::IncompleteFirstFragment)
         );
         // IPv4: a first fragment of 4 bytes (ports but no UDP length).
         let v4 = build::ipv4(
@@ -1784,7 +1793,7 @@ default deny
         );
         assert_eq!(
             e.handle(Zone::Edge, &v4),
-            Disposition::Drop(DropReason::Fragment)
+            Disposition::Drop(DropReason::IncompleteFirstFragment)
         );
         // A whole datagram with its UDP header passes.
         let whole = build::ipv6(
@@ -1924,6 +1933,101 @@ default deny
         audit.close().unwrap();
         let starts = trail_records(dir.path(), "flow_start").len();
         assert_eq!(starts as u64, passed, "{refused} refused");
+    }
+
+    /// A packet whose sender chose its route is dropped for that, and
+    /// summarised in the trail like other drops (not as a malformed frame).
+    #[test]
+    fn source_routed_packets_are_dropped_and_recorded_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, audit) = engine_recording(dir.path(), POLICY, 1024);
+        let mut f = build::ipv4(
+            v4("192.0.2.10"),
+            v4("192.0.2.200"),
+            6,
+            &build::tcp(40000, 80, 0x02),
+            (1, false, 0),
+        );
+        // A loose source route option (after a no-op).
+        f[14] = 0x45 + 2;
+        for (i, b) in [1, 131, 7, 4, 192, 0, 2, 9].iter().enumerate() {
+            f.insert(14 + 20 + i, *b);
+        }
+        let total = (f.len() - 14) as u16;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        assert_eq!(
+            e.handle(Zone::Edge, &f),
+            Disposition::Drop(DropReason::SourceRouted)
+        );
+        e.flush();
+        drop(e);
+        audit.close().unwrap();
+        let drops = trail_records(dir.path(), "drop_summary");
+        assert!(
+            drops
+                .iter()
+                .any(|r| r.to_string().contains("source-routed")),
+            "{drops:#?}"
+        );
+    }
+
+    /// A flow's end names the rule that admitted it, also when a reload
+    /// renumbered the rules; flows still open at the stop end as stopped,
+    /// not as timed out.
+    #[test]
+    fn flow_ends_name_their_own_rule_and_the_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = "\
+zone edge   = 192.0.2.0/25
+zone onprem = 192.0.2.128/25
+rule web  allow 192.0.2.0/25 -> 192.0.2.200 service tcp/80
+rule dns  allow 192.0.2.0/25 -> 192.0.2.200 service udp/53
+rule ping allow 192.0.2.0/25 -> 192.0.2.128/25 service tcp/22
+default deny
+";
+        let (e, audit) = engine_recording(dir.path(), policy, 1024);
+        let syn = |sport| {
+            build::ipv4(
+                v4("192.0.2.10"),
+                v4("192.0.2.200"),
+                6,
+                &build::tcp(sport, 80, 0x02),
+                (1, false, 0),
+            )
+        };
+        let dns = build::ipv4(
+            v4("192.0.2.10"),
+            v4("192.0.2.200"),
+            17,
+            &build::udp(5000, 53, b"q"),
+            (1, false, 0),
+        );
+        assert_eq!(e.handle(Zone::Edge, &syn(40000)), Disposition::Forward);
+        assert_eq!(e.handle(Zone::Edge, &dns), Disposition::Forward);
+        // Without `web`, rule 0 is `dns` and rule 1 `ping`.
+        e.set_policy(compile(&policy.replace(
+            "rule web  allow 192.0.2.0/25 -> 192.0.2.200 service tcp/80\n",
+            "",
+        )));
+        assert_ne!(e.handle(Zone::Edge, &syn(40000)), Disposition::Forward);
+        e.flush();
+        drop(e);
+        audit.close().unwrap();
+        let ends = trail_records(dir.path(), "flow_end");
+        let end = |port: u64| {
+            ends.iter()
+                .find(|r| r.pointer("/destination/port").and_then(|p| p.as_u64()) == Some(port))
+                .unwrap_or_else(|| panic!("{ends:#?}"))
+        };
+        let web = end(80);
+        assert_eq!(web["rule"]["name"], "web", "{web:#}");
+        assert_eq!(
+            web["event"]["reason"],
+            "cut: the reloaded policy no longer allows it"
+        );
+        let dns = end(53);
+        assert_eq!(dns["rule"]["name"], "dns", "{dns:#}");
+        assert_eq!(dns["event"]["reason"], "the filter stopped", "{dns:#}");
     }
 
     /// Denied traffic to ever new ports cannot write a record per packet:
