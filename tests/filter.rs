@@ -67,6 +67,8 @@ struct Net {
     io: &'static str,
     /// The filter's stderr, line by line.
     lines: Option<std::sync::mpsc::Receiver<String>>,
+    /// What it said on stderr before it started forwarding.
+    startup: Vec<String>,
     /// Runs the filter as an unprivileged user holding only the
     /// capabilities the README and the shipped systemd unit give it.
     least_privilege: bool,
@@ -142,6 +144,7 @@ impl Net {
             servers: Vec::new(),
             io,
             lines: None,
+            startup: Vec::new(),
             least_privilege: false,
         };
         let (v, f, o) = (&net.vnet, &net.fw, &net.onprem);
@@ -257,6 +260,7 @@ impl Net {
                 assert!(line.contains(expect), "{line}");
                 break;
             }
+            self.startup.push(line);
         }
         self.lines = Some(rx);
     }
@@ -380,6 +384,79 @@ fn the_filter_runs_with_three_capabilities_instead_of_root() {
     let mut net = Net::new();
     net.least_privilege = true;
     allowed_and_dropped(net);
+}
+
+/// An operator who starts the filter without its capabilities is told
+/// which it needs, not only "Operation not permitted".
+#[test]
+fn without_its_capabilities_the_filter_says_which_it_needs() {
+    if !ready() || !have("setpriv") {
+        return;
+    }
+    let net = Net::new();
+    std::fs::write(net.dir.path().join("filter.policy"), POLICY).unwrap();
+    let config = net.dir.path().join("palisade.toml");
+    std::fs::write(
+        &config,
+        "policy = \"filter.policy\"\n[filter]\nedge = \"e0\"\nonprem = \"o0\"\n[audit]\ndir = \"audit\"\nsigning_key = \"keys/audit.key\"\n",
+    )
+    .unwrap();
+    sh(&format!(
+        "chown -R 65534:65534 {}",
+        net.dir.path().display()
+    ));
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.fw,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+        ])
+        .args([
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_palisade"))
+        .args(["filter", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("error: port e0:") && said.contains("needs CAP_NET_RAW and CAP_NET_ADMIN"),
+        "{said}"
+    );
+}
+
+/// A port that is down at start is warned of, and traffic flows once it
+/// is up.
+#[test]
+fn a_port_down_at_start_is_warned_of() {
+    if !ready() {
+        return;
+    }
+    let mut net = Net::new();
+    sh(&format!("ip -n {} link set o0 down", net.fw));
+    net.start_filter();
+    assert!(
+        net.startup
+            .iter()
+            .any(|l| l.contains("warning: port o0 is down")),
+        "{:?}",
+        net.startup
+    );
+    sh(&format!("ip -n {} link set o0 up", net.fw));
+    let v = net.vnet.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !net.ping(&v, "192.0.2.200") {
+        assert!(Instant::now() < deadline, "no traffic once o0 is up");
+    }
+    net.stop_and_verify();
 }
 
 fn allowed_and_dropped(mut net: Net) {

@@ -97,17 +97,34 @@ pub fn run(args: FilterArgs) -> ExitCode {
             }
         })
     };
+    // What an operator needs to know to fix a port that does not open.
+    let port_error = |name: &str, e: &std::io::Error| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                ": the filter needs CAP_NET_RAW and CAP_NET_ADMIN (and CAP_BPF for the kernel fast path), or root"
+            }
+            _ => "",
+        };
+        palisade::say!("error: port {name}: {e}{hint}");
+    };
     let (edge, onprem) = match (open(&f.edge), open(&f.onprem)) {
         (Ok(e), Ok(o)) => (e, o),
         (Err(e), _) => {
-            palisade::say!("error: port {}: {e}", f.edge);
+            port_error(&f.edge, &e);
             return ExitCode::from(2);
         }
         (_, Err(e)) => {
-            palisade::say!("error: port {}: {e}", f.onprem);
+            port_error(&f.onprem, &e);
             return ExitCode::from(2);
         }
     };
+    for name in [&f.edge, &f.onprem] {
+        if port::is_up(name) == Some(false) {
+            palisade::say!(
+                "palisade filter: warning: port {name} is down: nothing passes on it until it is up (`ip link set {name} up`)"
+            );
+        }
+    }
     let audit = match open_audit(&config) {
         Ok(a) => a,
         Err(code) => return code,

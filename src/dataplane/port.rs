@@ -193,6 +193,12 @@ const PACKET_OUTGOING: u32 = 4;
 const SKF_AD_PKTTYPE: u32 = 0xffff_f000 + 4;
 const ETH_P_ALL: u16 = 0x0003;
 
+/// Whether the interface `name` is administratively up; `None` if there
+/// is no such interface.
+pub fn is_up(name: &str) -> Option<bool> {
+    interface(name).ok().map(|i| i.is_up())
+}
+
 fn interface(name: &str) -> io::Result<pnet_datalink::NetworkInterface> {
     pnet_datalink::interfaces()
         .into_iter()
