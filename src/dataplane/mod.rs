@@ -1649,6 +1649,15 @@ default deny
             Disposition::Drop(DropReason::NoState),
             "an error must go to the sender of the packet it quotes"
         );
+        // A redirect quoting the same query is route advice, not the
+        // flow's error: the policy judges it, and no rule allows it.
+        let mut redirect = vec![5, 1, 0, 0, 192, 0, 2, 99];
+        redirect.extend_from_slice(&query[14..14 + 28]);
+        let redirect = build::ipv4(peer, vnet, 1, &redirect, (5, false, 0));
+        assert_eq!(
+            e.handle(Zone::Onprem, &redirect),
+            Disposition::Drop(DropReason::Denied)
+        );
         // A ping with identifier 13, then its reply.
         let echo =
             |src, dst, ty, id| build::ipv4(src, dst, 1, &build::icmp_echo(ty, id), (3, false, 0));

@@ -213,7 +213,11 @@ fn transport(
                     match ty {
                         8 => IcmpKind::Echo { id, request: true },
                         0 => IcmpKind::Echo { id, request: false },
-                        3 | 4 | 5 | 11 | 12 => inner_key(&l4[8..], false, depth)
+                        // Not 5 (redirect): a redirect is advice on routes
+                        // that no router beyond this boundary may give the
+                        // VNet (RFC 1812 5.2.7.2), not a flow's error; the
+                        // policy judges it like any other ICMP.
+                        3 | 4 | 11 | 12 => inner_key(&l4[8..], false, depth)
                             .map(|about| IcmpKind::Error { about })
                             .unwrap_or(IcmpKind::Other),
                         _ => IcmpKind::Other,

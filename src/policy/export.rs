@@ -336,7 +336,12 @@ pub fn nft(policy: &Policy, ports: Option<&NftPorts>) -> Result<NftExport, Expor
             }
         }
     }
-    let _ = writeln!(out, "\t\tct state established,related accept");
+    // As the filter: an ICMP redirect is route advice, not a flow's
+    // error, though the kernel counts it related; it falls through to the
+    // policy's rules below, like other ICMP.
+    let _ = writeln!(out, "\t\tct state established accept");
+    let _ = writeln!(out, "\t\tct state related meta l4proto != icmp accept");
+    let _ = writeln!(out, "\t\tct state related icmp type != redirect accept");
     let _ = writeln!(out, "\t\tct state invalid drop");
     // As the filter: a TCP flow starts with a SYN without ACK, never with a
     // packet picked up mid-stream.
