@@ -141,6 +141,13 @@ fn torn_last_line_is_recorded_by_the_next_start() {
         "nothing deleted"
     );
     let o = run(&["audit", "query", dir.to_str().unwrap(), "--action", "start"]);
+    // The incomplete line is named, but a crash's residue is not damage.
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("audit-00000001.jsonl:") && text(&o).contains("incomplete last line"),
+        "{}",
+        text(&o)
+    );
     let second: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().nth(1).unwrap()).unwrap();
     let torn = &second["palisade"]["previous_boot"]["torn_tail"];

@@ -117,6 +117,39 @@ fn async_and_thread_producers_share_one_chain() {
             .all(|l| l.contains(" TCP_DENIED/403 0 CONNECT blocked.example.com:443 ")),
         "{squid}"
     );
+    assert_eq!(o.status.code(), Some(0));
+    // A damaged line: the readers go on, name it, and exit 1 so that a
+    // script knows their output left something out.
+    let first = dir.join("audit-00000001.jsonl");
+    let mut lines = read_lines(&first);
+    lines[1] = "{not json".into();
+    write_lines(&first, &lines);
+    for args in [
+        vec![
+            "audit",
+            "query",
+            dir.to_str().unwrap(),
+            "--action",
+            "denied",
+        ],
+        vec!["audit", "summary", dir.to_str().unwrap()],
+        vec![
+            "audit",
+            "export",
+            "--format",
+            "squid",
+            dir.to_str().unwrap(),
+        ],
+    ] {
+        let o = run(&args);
+        let said = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("audit-00000001.jsonl:2: skipped")
+                && said.contains("1 line(s) of the trail could not be read"),
+            "{args:?}: {said}"
+        );
+    }
 }
 
 #[test]

@@ -88,6 +88,10 @@ pub struct Unreadable {
     pub file: String,
     pub line: usize,
     pub why: String,
+    /// The bytes after a file's last newline: a write a crash cut short
+    /// (which the writer leaves in place and the next start record
+    /// declares), not a damaged record.
+    pub incomplete: bool,
 }
 
 /// Calls `each` with every record of the trail in order, and its exact
@@ -111,6 +115,7 @@ pub fn for_each_record(
                     file: file.clone(),
                     line: l.number,
                     why: e.to_string(),
+                    incomplete: false,
                 }),
             }
         }
@@ -119,6 +124,7 @@ pub fn for_each_record(
                 file,
                 line: lines.len() + 1,
                 why: "incomplete last line".into(),
+                incomplete: true,
             });
         }
     }

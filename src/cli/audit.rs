@@ -1,6 +1,7 @@
 //! `palisade audit ...`: key generation and the auditor's commands over a
 //! trail directory. Exit codes: 0 success (for `verify`: the trail is whole
-//! and sealed); 1 `verify` found damage; 2 the command could not do its job
+//! and sealed); 1 `verify` found damage, or `query`, `summary` or `export`
+//! skipped lines they could not read (named on stderr); 2 the command could not do its job
 //! (bad arguments, unreadable directory or key); 3 `verify`: every link and
 //! signature holds but the trail does not end with a `stop` checkpoint (a
 //! running or crashed writer, or records cut off the end).
@@ -333,6 +334,10 @@ fn read(
     for_each_record(dir, each).map_err(trail_err)
 }
 
+/// Names the lines a reading command skipped. A damaged record leaves the
+/// output incomplete, which a script must be able to tell: exit 1. The
+/// incomplete last line a crash leaves (kept, and declared by the next
+/// start) is named but is not damage.
 fn warn_unreadable(bad: &[palisade::audit::query::Unreadable]) -> ExitCode {
     for b in bad {
         eprintln!(
@@ -340,7 +345,14 @@ fn warn_unreadable(bad: &[palisade::audit::query::Unreadable]) -> ExitCode {
             b.file, b.line, b.why
         );
     }
-    ExitCode::SUCCESS
+    let damaged = bad.iter().filter(|b| !b.incomplete).count();
+    if damaged == 0 {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!(
+        "warning: {damaged} line(s) of the trail could not be read; the output covers the rest"
+    );
+    ExitCode::from(1)
 }
 
 fn verify(keys: &[PathBuf], dir: &Path, from: u64) -> Result<ExitCode, CliError> {
