@@ -298,41 +298,38 @@ pub fn checkpoint_message(unsigned_line_hash: &str) -> Vec<u8> {
 /// Where a checkpoint's signature value goes in its line: right after this.
 const SIGNATURE_KEY: &[u8] = b"\"signature\":\"";
 
-/// A checkpoint line as it was signed: `line` with the value of its
-/// signature field (`signature_hex`) removed. `None` unless that field
-/// appears exactly once with exactly that value (anything else was not
-/// written by palisade, and fails verification).
-pub fn unsigned_checkpoint_line(line: &[u8], signature_hex: &str) -> Option<Vec<u8>> {
-    let mut field = SIGNATURE_KEY.to_vec();
-    field.extend_from_slice(signature_hex.as_bytes());
-    field.push(b'"');
-    let mut found = line
-        .windows(SIGNATURE_KEY.len())
-        .enumerate()
-        .filter(|(_, w)| *w == SIGNATURE_KEY)
-        .map(|(i, _)| i);
-    let at = found.next()?;
-    if found.next().is_some() || !line[at..].starts_with(&field) {
-        return None;
-    }
-    let value = at + SIGNATURE_KEY.len();
-    let mut out = Vec::with_capacity(line.len() - signature_hex.len());
-    out.extend_from_slice(&line[..value]);
-    out.extend_from_slice(&line[value + signature_hex.len()..]);
-    Some(out)
-}
-
-/// Where the (empty) signature value of a checkpoint line written with an
-/// empty signature goes: the offset in `line` to insert it at, if the
-/// field appears exactly once.
-pub fn signature_slot(line: &[u8]) -> Option<usize> {
+/// The offset of the signature's value in a checkpoint line, if the field
+/// appears exactly once (anything else was not written by palisade).
+fn signature_value_at(line: &[u8]) -> Option<usize> {
     let mut found = line
         .windows(SIGNATURE_KEY.len())
         .enumerate()
         .filter(|(_, w)| *w == SIGNATURE_KEY)
         .map(|(i, _)| i + SIGNATURE_KEY.len());
     let at = found.next()?;
-    (found.next().is_none() && line.get(at) == Some(&b'"')).then_some(at)
+    found.next().is_none().then_some(at)
+}
+
+/// A checkpoint line as it was signed: `line` with the value of its
+/// signature field (`signature_hex`) removed. `None` unless that field
+/// appears exactly once with exactly that value (anything else was not
+/// written by palisade, and fails verification).
+pub fn unsigned_checkpoint_line(line: &[u8], signature_hex: &str) -> Option<Vec<u8>> {
+    let at = signature_value_at(line)?;
+    let rest = line[at..].strip_prefix(signature_hex.as_bytes())?;
+    if rest.first() != Some(&b'"') {
+        return None;
+    }
+    let mut out = Vec::with_capacity(line.len() - signature_hex.len());
+    out.extend_from_slice(&line[..at]);
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
+/// Where the signature goes in a checkpoint line written with an empty
+/// one: the offset to insert it at.
+pub fn signature_slot(line: &[u8]) -> Option<usize> {
+    signature_value_at(line).filter(|&at| line.get(at) == Some(&b'"'))
 }
 
 /// A flow as the filter sees it; the audit module keeps its own copy so it

@@ -121,6 +121,12 @@ struct ChainView {
 }
 
 impl ChainView {
+    /// Whether this is the writer's own `action` record (start, stop,
+    /// rotation, ...), not traffic.
+    fn is_lifecycle(&self, action: Action) -> bool {
+        self.event.code == RecordKind::Lifecycle && self.event.action == action
+    }
+
     /// A checkpoint record's reason (`start`, `interval`, `rotation`,
     /// `stop`); `None` for any other record.
     fn checkpoint_reason(&self) -> Option<&str> {
@@ -355,7 +361,7 @@ pub fn verify_trail_from(
         // The writer signs a checkpoint in the same write as each start
         // record, so every record of a boot is covered by a signature from
         // its first write on; a boot without one was not written by it.
-        if rec.event.action == Action::Start && rec.event.code == RecordKind::Lifecycle {
+        if rec.is_lifecycle(Action::Start) {
             let next = entries.get(i + 1).and_then(|n| n.rec.as_ref().ok());
             let boot_goes_on = next.is_some_and(|n| n.boot_id == rec.boot_id);
             let signed_start = next.is_some_and(|n| n.checkpoint_reason() == Some("start"));
@@ -383,10 +389,7 @@ pub fn verify_trail_from(
         }
         // Every boot starts a new file: a start record anywhere else was
         // put there (a boot appended after the trail was sealed, say).
-        if rec.event.action == Action::Start
-            && rec.event.code == RecordKind::Lifecycle
-            && first_entry_of_file.get(&e.file) != Some(&i)
-        {
+        if rec.is_lifecycle(Action::Start) && first_entry_of_file.get(&e.file) != Some(&i) {
             findings.push(find(
                 FindingKind::Inserted,
                 file,
@@ -400,7 +403,7 @@ pub fn verify_trail_from(
         }
         // The writer writes its stop record and the stop checkpoint in one
         // write: nothing else of the boot may follow the stop record.
-        if rec.event.action == Action::Stop && rec.event.code == RecordKind::Lifecycle {
+        if rec.is_lifecycle(Action::Stop) {
             if let Some(n) = entries.get(i + 1).and_then(|n| n.rec.as_ref().ok()) {
                 let stop_checkpoint = n.checkpoint_reason() == Some("stop");
                 if n.boot_id == rec.boot_id && !stop_checkpoint {
@@ -428,7 +431,7 @@ pub fn verify_trail_from(
             ));
         }
         if rec.event.action == Action::Checkpoint {
-            if let Some(cp) = rec.palisade.as_ref().and_then(|p| p.checkpoint.as_ref()) {
+            if let Some(cp) = signed_fields {
                 let key = keys.iter().find(|k| k.key_id() == cp.key_id);
                 if key.is_none() {
                     let given: Vec<&str> = keys.iter().map(|k| k.key_id()).collect();
@@ -701,18 +704,18 @@ pub fn verify_trail_from(
             .filter(|_| rec.event.action == Action::Checkpoint)
             .and_then(|p| p.file.as_ref())
             .and_then(|f| f.next.clone());
-        if let Some(next) = rotation_next.clone() {
-            let present = names.get(pos + 1) == Some(&next);
-            let already = parse_file_name(&next)
+        if let Some(next) = &rotation_next {
+            let present = names.get(pos + 1) == Some(next);
+            let already = parse_file_name(next)
                 .is_some_and(|n| missing_ranges.iter().any(|r| r.contains(&n)));
             // A live writer may have created the next file after the
             // directory was listed: then it is there now, and the trail
             // simply goes on past what this run read (it ends open).
-            let created_since = pos + 1 == names.len() && dir.join(&next).exists();
-            if !present && !names.contains(&next) && !already && !created_since {
+            let created_since = pos + 1 == names.len() && dir.join(next).exists();
+            if !present && !names.contains(next) && !already && !created_since {
                 findings.push(find(
                     FindingKind::MissingFile,
-                    &next,
+                    next,
                     None,
                     None,
                     format!(
@@ -729,14 +732,11 @@ pub fn verify_trail_from(
                     .as_ref()
                     .and_then(|p| p.file.as_ref())
                     .and_then(|f| f.previous.clone());
-                let is_boundary = n.event.code == RecordKind::Lifecycle
-                    && matches!(n.event.action, Action::Rotation | Action::Start);
+                let is_boundary = n.is_lifecycle(Action::Rotation) || n.is_lifecycle(Action::Start);
                 // Within a boot, a file ends with the signed checkpoint that
                 // names the next one: without it, the records after the
                 // file's last checkpoint were cut, or the file was forged.
-                let rotated = n.event.code == RecordKind::Lifecycle
-                    && n.event.action == Action::Rotation
-                    && n.boot_id == rec.boot_id;
+                let rotated = n.is_lifecycle(Action::Rotation) && n.boot_id == rec.boot_id;
                 if rotated
                     && !gap_before.contains(&(pos + 1))
                     && rotation_next.as_deref() != Some(names[pos + 1].as_str())
@@ -815,10 +815,9 @@ fn check_sequence(
         seq: Some(cur.seq),
         message,
     };
-    let is_start = cur.event.action == Action::Start && cur.event.code == RecordKind::Lifecycle;
+    let is_start = cur.is_lifecycle(Action::Start);
     if i == 0 {
-        let rotation =
-            cur.event.action == Action::Rotation && cur.event.code == RecordKind::Lifecycle;
+        let rotation = cur.is_lifecycle(Action::Rotation);
         if archived_before {
             // After archived files: a file's own beginning.
             if !(is_start || rotation) {

@@ -711,9 +711,8 @@ impl Writer {
             // The event above always holds the one signature field.
             return;
         };
-        let signature = self
-            .signer
-            .sign(&checkpoint_message(&line_hash(&self.buf[start..end])));
+        // `stage_body` has just hashed the line as signed, for the chain.
+        let signature = self.signer.sign(&checkpoint_message(&self.staged_head));
         let slot = start + slot;
         self.buf
             .splice(slot..slot, signature.bytes())

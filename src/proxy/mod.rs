@@ -1952,20 +1952,24 @@ async fn connect(
             .with_status(200)
             .with_start(Timestamp::now());
         // What the tunnel carried and the server name it saw, for its
-        // record if the proxy stops while it is open.
+        // record if it is ended from outside while open (the proxy
+        // stopping, a policy that no longer allows it).
         let carried = tunnel::Carried::default();
         let server_name = std::sync::OnceLock::<String>::new();
         let base = ev.clone();
-        let revoked_base = ev.clone();
-        let cut = IfCut::new(|| {
+        let ended_from_outside = |reason: &str| {
             let (up, down) = carried.get();
-            let mut ev = base
-                .with_reason(CUT_SHORT)
-                .with_bytes(up, down, start.elapsed())
-                .with_end(Timestamp::now());
-            if let Some(name) = server_name.get() {
-                ev = ev.with_server_name(name);
+            let ev = base
+                .clone()
+                .with_reason(reason)
+                .with_bytes(up, down, start.elapsed());
+            match server_name.get() {
+                Some(name) => ev.with_server_name(name),
+                None => ev,
             }
+        };
+        let cut = IfCut::new(|| {
+            let ev = ended_from_outside(CUT_SHORT).with_end(Timestamp::now());
             let _ = st.audit.try_submit(&ev);
         });
         let opened = async {
@@ -2005,14 +2009,10 @@ async fn connect(
         let ev = tokio::select! {
             ev = opened => ev,
             why = open.tunnel.revoked() => {
-                let (up, down) = carried.get();
-                let mut ev = revoked_base
-                    .with_reason(&format!("cut: the policy now in force no longer allows it: {why}"))
-                    .with_bytes(up, down, start.elapsed());
+                let mut ev = ended_from_outside(&format!(
+                    "cut: the policy now in force no longer allows it: {why}"
+                ));
                 ev.event.action = Action::Denied;
-                if let Some(name) = server_name.get() {
-                    ev = ev.with_server_name(name);
-                }
                 ev
             }
         };
