@@ -36,7 +36,7 @@ fn load(path: &Path) -> Result<Policy, String> {
     let z = c.policy.zones();
     if z.edge.is_none() || z.onprem.is_none() {
         return Err(format!(
-            "{}: the filter needs both `zone edge = ...` and `zone onprem = ...` (the addresses that may appear on each port)",
+            "error: {}: the filter needs both `zone edge = ...` and `zone onprem = ...` (the addresses that may appear on each port)",
             path.display()
         ));
     }
@@ -71,12 +71,9 @@ pub fn run(args: FilterArgs) -> ExitCode {
     let policy = match load(&config.policy) {
         Ok(p) => p,
         Err(e) => {
-            // Compile diagnostics already begin `error[E....]`.
-            if e.starts_with("error") {
-                palisade::say!("{e}");
-            } else {
-                palisade::say!("error: {e}");
-            }
+            // Whole messages, as the proxy prints them: compile
+            // diagnostics begin `error[E....]`.
+            palisade::say!("{}", e.trim_end());
             return ExitCode::from(2);
         }
     };
