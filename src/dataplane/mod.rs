@@ -63,10 +63,11 @@ pub enum DropReason {
     Oversize,
     SourceRouted,
     IncompleteFirstFragment,
+    OverlappingFragment,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::NonIp,
         DropReason::Spoofed,
@@ -80,6 +81,7 @@ impl DropReason {
         DropReason::Oversize,
         DropReason::SourceRouted,
         DropReason::IncompleteFirstFragment,
+        DropReason::OverlappingFragment,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -100,6 +102,9 @@ impl DropReason {
             }
             DropReason::IncompleteFirstFragment => {
                 "first fragment without its whole transport header"
+            }
+            DropReason::OverlappingFragment => {
+                "later fragment overlapping the transport header its first fragment carried"
             }
         }
     }
@@ -180,7 +185,7 @@ pub struct Counters {
     pub offload_errors: AtomicU64,
     /// Later fragments that came before their first one and were held.
     pub held: AtomicU64,
-    pub dropped: [AtomicU64; 13],
+    pub dropped: [AtomicU64; 14],
     /// Flows admitted per rule id (index) and by the default (last).
     pub rule_hits: Mutex<Vec<u64>>,
 }
@@ -760,7 +765,12 @@ impl Engine {
         // Later fragments follow their first fragment; one that comes
         // before it waits for it a moment (paths reorder, and some senders
         // send a datagram's fragments last first).
-        if let Fragment::Later { id } = ip.fragment {
+        if let Fragment::Later { id, .. } = ip.fragment {
+            // One that would rewrite the transport header the first
+            // fragment's verdict was on never passes (RFC 1858).
+            if ip.fragment.overlaps_transport_header(key.proto) {
+                return refuse(DropReason::OverlappingFragment);
+            }
             let fk = fragment_key(&key, id);
             let known = self
                 .fragments
@@ -1812,6 +1822,42 @@ default deny
             &build::udp(7000, 53, b"q"),
         );
         assert_eq!(e.handle(Zone::Edge, &whole), Disposition::Forward);
+    }
+
+    /// A later fragment that would rewrite the TCP header its admitted
+    /// first fragment carried (its flags, at offset 8) is dropped; the
+    /// datagram's fragments after the header still follow the verdict.
+    #[test]
+    fn fragments_cannot_rewrite_the_judged_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = "\
+zone edge   = 192.0.2.0/25
+zone onprem = 192.0.2.128/25
+rule web allow 192.0.2.0/25 -> 192.0.2.200 service tcp/443
+default deny
+";
+        let e = engine_for(dir.path(), policy, EngineConfig::default());
+        let (a, b) = (v4("192.0.2.10"), v4("192.0.2.200"));
+        let mut first = build::tcp(40000, 443, packet::tcp_flags::SYN);
+        first.extend_from_slice(&[0; 16]);
+        let first = build::ipv4(a, b, 6, &first, (21, true, 0));
+        assert_eq!(e.handle(Zone::Edge, &first), Disposition::Forward);
+        // Offset 8: acknowledgement, data offset, flags and window anew.
+        let rewrite = build::ipv4(a, b, 6, &[0; 16], (21, true, 1));
+        assert_eq!(
+            e.handle(Zone::Edge, &rewrite),
+            Disposition::Drop(DropReason::OverlappingFragment)
+        );
+        // Offset 16 still lands in the 20-byte header.
+        let rewrite = build::ipv4(a, b, 6, &[0; 16], (21, true, 2));
+        assert_eq!(
+            e.handle(Zone::Edge, &rewrite),
+            Disposition::Drop(DropReason::OverlappingFragment)
+        );
+        // Offset 24 and on is data: it follows the first fragment.
+        let rest = build::ipv4(a, b, 6, &[0; 16], (21, false, 3));
+        assert_eq!(e.handle(Zone::Edge, &rest), Disposition::Forward);
+        assert_eq!(e.counters.dropped(DropReason::OverlappingFragment), 2);
     }
 
     /// A rule that expires while the filter runs: the policy without it

@@ -45,8 +45,10 @@ pub enum Fragment {
     Whole,
     /// The first fragment: it carries the transport header.
     First { id: u32 },
-    /// A later fragment: no transport header; it follows the first's verdict.
-    Later { id: u32 },
+    /// A later fragment: no transport header; it follows the first's
+    /// verdict. `offset` is where its data starts in the datagram's
+    /// fragmentable part, in bytes.
+    Later { id: u32, offset: u16 },
 }
 
 impl Fragment {
@@ -56,8 +58,26 @@ impl Fragment {
         match (offset, more) {
             (0, false) => Fragment::Whole,
             (0, true) => Fragment::First { id },
-            _ => Fragment::Later { id },
+            _ => Fragment::Later {
+                id,
+                offset: offset << 3,
+            },
         }
+    }
+
+    /// Whether this is a later fragment whose data starts inside the
+    /// shortest transport header of `proto`: it would overwrite, at the
+    /// receiver, header bytes the first fragment carried and the filter
+    /// judged (RFC 1858's overlapping fragment attack: a TCP fragment at
+    /// offset 8 rewrites the flags). No fragmenting router makes one,
+    /// since fragments split on 8-byte units after the whole header.
+    pub fn overlaps_transport_header(self, proto: u8) -> bool {
+        let header = match proto {
+            6 => 20,   // TCP
+            132 => 12, // SCTP
+            _ => 8,    // UDP, ICMP, ICMPv6, and at least the ports of others
+        };
+        matches!(self, Fragment::Later { offset, .. } if offset < header)
     }
 }
 
@@ -605,8 +625,16 @@ mod tests {
         assert_eq!(first.fragment, Fragment::First { id: 7 });
         assert_eq!(first.key.dst_port, 2);
         let later = ip(&ipv4(A, B, 17, &[0; 16], (7, false, 5)));
-        assert_eq!(later.fragment, Fragment::Later { id: 7 });
+        assert_eq!(later.fragment, Fragment::Later { id: 7, offset: 40 });
         assert_eq!((later.key.src_port, later.key.dst_port), (0, 0));
+        // A TCP fragment at offset 8 or 16 lands inside the TCP header;
+        // one at 24, and any UDP one, does not.
+        let at = |units| ip(&ipv4(A, B, 6, &[0; 16], (7, false, units))).fragment;
+        assert!(at(1).overlaps_transport_header(6));
+        assert!(at(2).overlaps_transport_header(6));
+        assert!(!at(3).overlaps_transport_header(6));
+        assert!(!at(1).overlaps_transport_header(17));
+        assert!(!first.fragment.overlaps_transport_header(6));
     }
 
     #[test]
