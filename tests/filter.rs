@@ -433,6 +433,61 @@ fn without_its_capabilities_the_filter_says_which_it_needs() {
     );
 }
 
+/// A second filter started on a port the first one holds (another
+/// config, another audit trail) refuses to start and names the holder;
+/// the first one goes on filtering alone.
+#[test]
+fn a_second_filter_on_the_same_port_refuses_to_start() {
+    if !ready() {
+        return;
+    }
+    let mut net = Net::new();
+    net.start_filter();
+    let holder = net.filter.as_ref().unwrap().id();
+    let other = net.dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("filter.policy"), POLICY).unwrap();
+    // Only the onprem port is shared: either one is enough to refuse.
+    sh(&format!(
+        "ip -n {} link add x0 type veth peer name x1 && ip -n {} link set x0 up",
+        net.fw, net.fw
+    ));
+    let config = other.join("palisade.toml");
+    std::fs::write(
+        &config,
+        "policy = \"filter.policy\"\n[filter]\nedge = \"x0\"\nonprem = \"o0\"\n[audit]\ndir = \"audit\"\nsigning_key = \"keys/audit.key\"\n",
+    )
+    .unwrap();
+    let out = Command::new("timeout")
+        .args(["20", "ip", "netns", "exec", &net.fw])
+        .arg(env!("CARGO_BIN_EXE_palisade"))
+        .args(["filter", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("error: port o0: already in use by another palisade filter")
+            && said.contains(&format!("(pid {holder})")),
+        "{said}"
+    );
+    assert!(
+        !other.join("audit").exists(),
+        "the refused filter opened no audit trail"
+    );
+    // The first filter still forwards.
+    let v = net.vnet.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !net.ping(&v, "192.0.2.200") {
+        assert!(
+            Instant::now() < deadline,
+            "the first filter stopped forwarding"
+        );
+    }
+    net.stop_and_verify();
+}
+
 /// A port that is down at start is warned of, and traffic flows once it
 /// is up.
 #[test]

@@ -104,6 +104,19 @@ pub fn run(args: FilterArgs) -> ExitCode {
         };
         palisade::say!("error: port {name}: {e}{hint}");
     };
+    // Both ports are claimed before either is opened, and held until
+    // the filter exits.
+    let _claims = match (port::claim(&f.edge), port::claim(&f.onprem)) {
+        (Ok(e), Ok(o)) => (e, o),
+        (Err(e), _) => {
+            port_error(&f.edge, &e);
+            return ExitCode::from(2);
+        }
+        (_, Err(e)) => {
+            port_error(&f.onprem, &e);
+            return ExitCode::from(2);
+        }
+    };
     let (edge, onprem) = match (open(&f.edge), open(&f.onprem)) {
         (Ok(e), Ok(o)) => (e, o),
         (Err(e), _) => {

@@ -265,6 +265,47 @@ pub struct PacketRx {
     n: usize,
 }
 
+/// A port held by this filter for as long as the value lives: a second
+/// filter on the same interface would forward every frame again, and what
+/// this one drops the other (an older policy, say) could pass.
+///
+/// The claim is an abstract Unix socket named after the interface's index.
+/// Abstract names belong to the network namespace, as interfaces do, and
+/// vanish with the process however it ends, so nothing is left behind to
+/// clean up and no runtime directory is needed.
+pub struct PortClaim {
+    _listener: std::os::unix::net::UnixListener,
+}
+
+/// Claims interface `name` for this filter, or says which process holds it.
+pub fn claim(name: &str) -> io::Result<PortClaim> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+    let index = ifindex(name)?;
+    let address = SocketAddr::from_abstract_name(format!("palisade-filter-port-{index}"))?;
+    match UnixListener::bind_addr(&address) {
+        Ok(listener) => Ok(PortClaim {
+            _listener: listener,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            // The holder's process id, from the listening socket's
+            // credentials.
+            let holder = UnixStream::connect_addr(&address)
+                .and_then(|s| Ok(rustix::net::sockopt::socket_peercred(&s)?))
+                .map(|c| format!(" (pid {})", c.pid.as_raw_nonzero()))
+                .unwrap_or_default();
+            Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "already in use by another palisade filter{holder}: two filters on one port \
+                     would each forward what the other drops"
+                ),
+            ))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The interface index of port `name`.
 pub fn ifindex(name: &str) -> io::Result<u32> {
     Ok(interface(name)?.index)
