@@ -907,12 +907,50 @@ fn plain_bytes_in_a_tunnel_need_plain_tunnel() {
     let mut got = [0u8; 23];
     t.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"ping through the tunnel");
+    // While it is open, the trail already holds it: who, where, by which
+    // rule, and why it passed; and the summary counts it as open.
+    let opened = p.wait_record("for the open tunnel", |r| {
+        s(r, "/event/code") == "tunnel_open" && s(r, "/rule/name") == "echo"
+    });
+    assert_eq!(s(&opened, "/event/action"), "allowed");
+    assert_eq!(s(&opened, "/destination/domain"), "echo.test");
+    assert_eq!(s(&opened, "/event/reason"), "allowed by rule; plain tunnel");
+    assert!(opened.pointer("/event/duration").is_none(), "{opened}");
+    let id = s(&opened, "/http/request/id");
+    assert!(!id.is_empty(), "{opened}");
+    let summary = |p: &Proxy| {
+        let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
+            .args(["audit", "summary"])
+            .arg(p.dir.path().join("audit"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let open_now = summary(&p);
+    assert!(
+        open_now.contains("tunnels opened with no end record")
+            && open_now.contains(&format!("  {id}  127.0.0.1 -> echo.test:")),
+        "{open_now}"
+    );
     drop(t);
     let r = p.wait_record("for the plain tunnel", |r| {
-        s(r, "/rule/name") == "echo" && s(r, "/event/action") == "allowed"
+        s(r, "/event/code") == "connect_tunnel" && s(r, "/rule/name") == "echo"
     });
+    assert_eq!(s(&r, "/event/action"), "allowed");
+    assert_eq!(
+        s(&r, "/http/request/id"),
+        id,
+        "one id pairs the two records"
+    );
     assert_eq!(n(&r, "/source/bytes"), 23);
     assert_eq!(n(&r, "/destination/bytes"), 23);
+    let closed = summary(&p);
+    assert!(!closed.contains("no end record"), "{closed}");
+    assert!(
+        closed.contains("records: 2 (allowed 1, denied 1)"),
+        "{closed}"
+    );
     p.stop_and_verify();
 }
 
@@ -1070,7 +1108,9 @@ fn a_tunnel_carries_bulk_both_ways_in_order() {
     assert_eq!(got, LEN, "the end came before every byte was back");
     drop(r);
     let rec = p.wait_record("for the bulk tunnel", |r| {
-        s(r, "/rule/name") == "echo" && s(r, "/event/action") == "allowed"
+        s(r, "/event/code") == "connect_tunnel"
+            && s(r, "/rule/name") == "echo"
+            && s(r, "/event/action") == "allowed"
     });
     assert_eq!(n(&rec, "/source/bytes"), LEN as u64);
     assert_eq!(n(&rec, "/destination/bytes"), LEN as u64);

@@ -216,6 +216,9 @@ pub struct Summary {
     pub bytes_by_destination: HashMap<String, u64>,
     pub gaps: u64,
     pub lost_records: u64,
+    /// Tunnels opened in the window with no end record in it, by request
+    /// id: still open at the window's end, or cut by a crash.
+    pub open_tunnels: std::collections::BTreeMap<String, String>,
 }
 
 fn destination_key(r: &AuditRecord) -> String {
@@ -241,6 +244,32 @@ impl Summary {
         }
         if e.event.code == RecordKind::Lifecycle {
             return;
+        }
+        let request_id = e
+            .http
+            .as_ref()
+            .and_then(|h| h.request.as_ref())
+            .and_then(|r| r.id.clone());
+        // A tunnel is one decision, counted at its end record (which says
+        // whether it passed its checks, and what it carried); its opening
+        // record marks it open until then.
+        if e.event.code == RecordKind::TunnelOpen {
+            if let Some(id) = request_id {
+                let client = e
+                    .source
+                    .as_ref()
+                    .and_then(|s| s.ip)
+                    .map_or_else(|| "-".into(), |ip| ip.to_string());
+                let port = e.destination.as_ref().and_then(|d| d.port).unwrap_or(0);
+                self.open_tunnels
+                    .insert(id, format!("{client} -> {}:{port}", destination_key(r)));
+            }
+            return;
+        }
+        if e.event.code == RecordKind::ConnectTunnel {
+            if let Some(id) = &request_id {
+                self.open_tunnels.remove(id);
+            }
         }
         let bytes = e.source.as_ref().and_then(|s| s.bytes).unwrap_or(0)
             + e.destination.as_ref().and_then(|d| d.bytes).unwrap_or(0);
@@ -296,6 +325,15 @@ impl Summary {
                 "gaps: {} ({} records lost while the log could not be written)\n",
                 self.gaps, self.lost_records
             );
+        }
+        if !self.open_tunnels.is_empty() {
+            out += &format!(
+                "tunnels opened with no end record (still open at the window's end, or cut by a crash): {}\n",
+                self.open_tunnels.len()
+            );
+            for (id, what) in self.open_tunnels.iter().take(top) {
+                out += &format!("  {id}  {what}\n");
+            }
         }
         out += "\ntop denied destinations:\n";
         for (k, v) in top_n(&self.denied_destinations, top) {
@@ -419,6 +457,37 @@ mod tests {
         assert_eq!(s.clients.get("192.0.2.5"), Some(&1));
         assert_eq!(s.rule_hits.get("web-out"), Some(&(1, 0)));
         assert_eq!(s.bytes_by_destination.get("203.0.113.9"), Some(&1000));
+    }
+
+    #[test]
+    fn a_tunnel_counts_once_and_is_open_until_its_end_record() {
+        let client = "192.0.2.10:40000".parse().unwrap();
+        let tunnel = || {
+            AuditEvent::connect_tunnel(Action::Allowed, client, "example.com", 443)
+                .with_request_id("r1")
+                .with_rule("web", "ab")
+        };
+        let mut opening = tunnel();
+        opening.event.code = RecordKind::TunnelOpen;
+        let mut s = Summary::default();
+        s.add(&record(opening.clone()));
+        assert_eq!(s.records, 0);
+        assert_eq!(
+            s.open_tunnels.get("r1").map(String::as_str),
+            Some("192.0.2.10 -> example.com:443")
+        );
+        assert!(s.render(10).contains("no end record"));
+        // Its squid line is written at its end only.
+        assert_eq!(squid_line(&record(opening)), None);
+        s.add(&record(tunnel().with_bytes(
+            10,
+            20,
+            std::time::Duration::from_secs(1),
+        )));
+        assert!(s.open_tunnels.is_empty());
+        assert_eq!((s.records, s.allowed), (1, 1));
+        assert_eq!(s.rule_hits.get("web"), Some(&(1, 0)));
+        assert!(!s.render(10).contains("no end record"));
     }
 
     #[test]

@@ -55,8 +55,14 @@ pub struct AuditEvent {
 pub enum RecordKind {
     /// One plain-HTTP request through the proxy.
     ProxyRequest,
-    /// One CONNECT tunnel, written when it ends.
+    /// One CONNECT tunnel, written when it ends (or is refused), with what
+    /// it carried.
     ConnectTunnel,
+    /// A CONNECT tunnel that passed its checks and starts relaying,
+    /// written then, so that a tunnel is in the trail while it is open (and
+    /// if the proxy dies before it ends). Its `connect_tunnel` record, with
+    /// the same `http.request.id`, follows at its end.
+    TunnelOpen,
     FlowStart,
     FlowEnd,
     /// Packets dropped by the filter, summarised per flow key and interval.

@@ -24,7 +24,7 @@ mod upstream;
 
 pub use addr::{canonical, internal_range, parse_host, parse_ipv4_loose, Host};
 
-use crate::audit::{Action, AuditEvent, AuditLog, Timestamp};
+use crate::audit::{Action, AuditEvent, AuditLog, RecordKind, Timestamp};
 use crate::config::ProxyConfig;
 use crate::policy::{HttpRequest, Policy, Verdict};
 use arc_swap::ArcSwap;
@@ -2175,6 +2175,20 @@ async fn tunnel(
                 .with_bytes(buf.len() as u64, 0, start.elapsed());
         }
     };
+    // The tunnel opens: a record of it goes into the trail now, so that
+    // it is there while the tunnel is open, however long that is, and if
+    // the proxy dies before it ends. One the trail cannot take (it is
+    // failing, fail-closed) means the tunnel does not open.
+    let mut opening = ev.clone();
+    opening.event.code = RecordKind::TunnelOpen;
+    if let Err(e) = state.audit.submit_async(&opening).await {
+        let _ = client.shutdown().await;
+        return deny(
+            ev,
+            format!("the audit trail cannot take the tunnel's opening record ({e})"),
+        )
+        .with_bytes(buf.len() as u64, 0, start.elapsed());
+    }
     if upstream.write_all(&buf).await.is_err() {
         return ev.with_bytes(buf.len() as u64, 0, start.elapsed());
     }
