@@ -97,6 +97,42 @@ fn async_and_thread_producers_share_one_chain() {
         "{}",
         text(&o)
     );
+    // By destination address: the filter flow's two records, which have
+    // no name to match with --domain.
+    let o = run(&[
+        "audit",
+        "query",
+        dir.to_str().unwrap(),
+        "--destination",
+        "203.0.113.0/28",
+    ]);
+    let found = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(found.lines().count(), 2, "{}", text(&o));
+    assert!(
+        found.contains("\"code\":\"flow_start\"") && found.contains("\"code\":\"flow_end\""),
+        "{found}"
+    );
+    let o = run(&[
+        "audit",
+        "query",
+        dir.to_str().unwrap(),
+        "--destination",
+        "203.0.113.16/28",
+    ]);
+    assert_eq!(o.stdout.len(), 0, "{}", text(&o));
+    let o = run(&[
+        "audit",
+        "query",
+        dir.to_str().unwrap(),
+        "--destination",
+        "203.0.113.999",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("--destination \"203.0.113.999\": not an address or CIDR range"),
+        "{}",
+        text(&o)
+    );
     let o = run(&["audit", "summary", dir.to_str().unwrap()]);
     let summary = text(&o);
     assert!(summary.contains("20  blocked.example.com"), "{summary}");

@@ -44,6 +44,9 @@ pub struct Filter {
     pub until: Option<Timestamp>,
     pub action: Option<Action>,
     pub source: Option<IpNet>,
+    /// The destination address a record names (the filter's flows, the
+    /// address a proxy request or tunnel was sent to).
+    pub destination: Option<IpNet>,
     pub domain: Option<DomainPattern>,
     pub rule: Option<String>,
 }
@@ -61,6 +64,12 @@ impl Filter {
                 e.source
                     .as_ref()
                     .and_then(|s| s.ip)
+                    .is_some_and(|ip| net.contains(&ip))
+            })
+            && self.destination.is_none_or(|net| {
+                e.destination
+                    .as_ref()
+                    .and_then(|d| d.ip)
                     .is_some_and(|ip| net.contains(&ip))
             })
             && self.domain.as_ref().is_none_or(|p| {

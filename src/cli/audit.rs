@@ -62,6 +62,11 @@ open: no stop checkpoint at the end (writer running or crashed, or records cut o
         /// Client address range, e.g. 10.0.1.0/24.
         #[arg(long)]
         source: Option<String>,
+        /// Destination address range, e.g. 203.0.113.0/24: the filter's
+        /// flows and drops, and the address the proxy sent a request or
+        /// tunnel to.
+        #[arg(long)]
+        destination: Option<String>,
         /// Destination host: example.com or *.example.com.
         #[arg(long)]
         domain: Option<String>,
@@ -199,6 +204,7 @@ fn dispatch(cmd: AuditCommand) -> Result<ExitCode, CliError> {
             window,
             action,
             source,
+            destination,
             domain,
             rule,
             format,
@@ -213,15 +219,18 @@ fn dispatch(cmd: AuditCommand) -> Result<ExitCode, CliError> {
                     })
                 })
                 .transpose()?;
-            filter.source = source
-                .map(|s| {
+            let net = |flag: &str, s: Option<String>| {
+                s.map(|s| {
                     parse_net(&s).ok_or_else(|| {
                         CliError::Argument(format!(
-                            "--source {s:?}: not an address or CIDR range (e.g. 10.0.1.0/24)"
+                            "--{flag} {s:?}: not an address or CIDR range (e.g. 10.0.1.0/24)"
                         ))
                     })
                 })
-                .transpose()?;
+                .transpose()
+            };
+            filter.source = net("source", source)?;
+            filter.destination = net("destination", destination)?;
             filter.domain = domain
                 .map(|d| {
                     DomainPattern::parse(&d)
