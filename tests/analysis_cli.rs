@@ -44,7 +44,9 @@ fn lint_reports_each_finding_where_it_is() {
     );
     assert!(has("L0101", "rule `ssh-b` is shadowed"), "{err}");
     assert!(
-        has("L0105", "rule `temp` expires on 2026-12-10, in 15 days"),
+        has("L0105", "rule `temp` expires on 2026-12-10, in 15 days")
+            && has("L0105", "lint.policy:25:1")
+            && has("L0105", "fails from the day after"),
         "{err}"
     );
     assert!(has("L0103", "rule `gone` can never match"), "{err}");

@@ -2300,6 +2300,28 @@ fn policy_errors_stop_the_start_and_warnings_are_said() {
     signal(p.child.as_ref().unwrap(), rustix::process::Signal::HUP);
     p.wait_stderr("warning[W0303]");
     p.wait_stderr("has no rules: everything is denied");
+    // An expectation that relied on a rule past its date is said, and the
+    // policy still goes in force: a restart or reload must not refuse what
+    // a running proxy did by itself at the rule's last midnight.
+    std::fs::write(
+        &p.policy,
+        "net here = 127.0.0.1\nhttp old allow here -> \"old.test\" expires 2020-01-01\ndefault deny\nexpect allow http 127.0.0.1 -> http://old.test/\n",
+    )
+    .unwrap();
+    signal(p.child.as_ref().unwrap(), rustix::process::Signal::HUP);
+    p.wait_stderr(
+        "warning[W0404]: expectation no longer holds: rule `old`, which it relies on, expired on 2020-01-01",
+    );
+    p.wait_stderr("palisade proxy: reloaded policy");
+    // One the rules contradict still keeps the policy out.
+    std::fs::write(
+        &p.policy,
+        "net here = 127.0.0.1\ndefault deny\nexpect allow http 127.0.0.1 -> http://old.test/\n",
+    )
+    .unwrap();
+    signal(p.child.as_ref().unwrap(), rustix::process::Signal::HUP);
+    p.wait_stderr("reload failed, the previous policy and settings stay in force");
+    p.wait_stderr("error[E0400]: expectation failed");
     p.stop_and_verify();
 }
 

@@ -233,13 +233,19 @@ pub fn check(args: CheckArgs) -> ExitCode {
 /// compile, and its own expectations must hold, or it is refused with the
 /// diagnostics, and a running daemon keeps the policy it has.
 pub fn load_for_enforcement(path: &Path) -> Result<Compiled, String> {
-    let c = load(path, None).map_err(|f| render_failed(&f))?;
-    let failed = Diagnostics {
-        items: failed_expectations(&c),
-    };
+    let mut c = load(path, None).map_err(|f| render_failed(&f))?;
+    let (failed, stale): (Vec<_>, Vec<_>) = failed_expectations(&c)
+        .into_iter()
+        .partition(|d| d.severity == palisade::policy::Severity::Error);
+    let failed = Diagnostics { items: failed };
     if failed.items.is_empty() {
         // Put in force, with what `check` would warn of said to the
-        // operator (an empty file, a rule past its date, ...).
+        // operator (an empty file, a rule past its date, an expectation
+        // that relied on it, ...).
+        for d in stale {
+            c.diagnostics.push(d);
+        }
+        c.diagnostics.sort();
         if !c.diagnostics.items.is_empty() {
             palisade::say!("{}", c.diagnostics.render(&c.sources).trim_end());
         }
@@ -263,23 +269,75 @@ pub fn load_for_enforcement(path: &Path) -> Result<Compiled, String> {
     ))
 }
 
-/// An E0400 diagnostic for each of the policy's expectations that fails.
+/// A diagnostic for each of the policy's expectations that fails: E0400,
+/// or the warning W0404 when it fails only because a rule it relies on
+/// expired. Such a policy is still put in force: a daemon already running
+/// stops matching the rule at its date without being asked, and one
+/// started (or reloaded) later must not refuse what it was running.
 fn failed_expectations(c: &Compiled) -> Vec<Diagnostic> {
+    let before = c.policy.before_expiry();
     c.expectations
         .iter()
         .filter_map(|e| {
             let o = expect::run(&c.policy, e);
-            (!o.passed).then(|| expectation_failure(c, e, &o))
+            (!o.passed).then(|| expectation_failure(c, e, &o, expired_reliance(c, e, &before)))
         })
         .collect()
 }
 
-fn expectation_failure(c: &Compiled, e: &expect::Expectation, o: &expect::Outcome) -> Diagnostic {
+/// The expired rule an expectation relies on, and its date, if the
+/// expectation held with every rule in force and that rule decided it.
+fn expired_reliance(
+    c: &Compiled,
+    e: &expect::Expectation,
+    before: &Option<palisade::policy::Policy>,
+) -> Option<(String, palisade::policy::Date, palisade::policy::Span)> {
+    let o = expect::run(before.as_ref()?, e);
+    if !o.passed {
+        return None;
+    }
+    let expired = |name: &str, active: bool, expires, span| {
+        (name == o.rule && !active)
+            .then_some(())
+            .and(expires)
+            .map(|d| (o.rule.clone(), d, span))
+    };
+    match &e.query {
+        Query::Packet(_) => c
+            .policy
+            .rules()
+            .iter()
+            .find_map(|r| expired(&r.name, r.active, r.expires, r.span)),
+        Query::Http(_) => c
+            .policy
+            .http_rules()
+            .iter()
+            .find_map(|r| expired(&r.name, r.active, r.expires, r.span)),
+    }
+}
+
+fn expectation_failure(
+    c: &Compiled,
+    e: &expect::Expectation,
+    o: &expect::Outcome,
+    expired: Option<(String, palisade::policy::Date, palisade::policy::Span)>,
+) -> Diagnostic {
     let wanted = match &e.by {
         Some(b) => format!("{} by `{b}`", e.verdict.as_str()),
         None => e.verdict.as_str().to_string(),
     };
     let got = format!("{} by `{}`", o.verdict.as_str(), o.rule);
+    if let Some((rule, date, span)) = expired {
+        return Diagnostic::warning(
+            "W0404",
+            format!(
+                "expectation no longer holds: rule `{rule}`, which it relies on, expired on {date} (wanted {wanted}, got {got})"
+            ),
+        )
+        .at(e.span, format!("held until rule `{rule}` expired"))
+        .also(span, "expired")
+        .help("remove the expectation with the rule, or extend the rule's `expires` if the access is still needed");
+    }
     let mut d = Diagnostic::error(
         "E0400",
         format!("expectation failed: wanted {wanted}, got {got}"),
@@ -328,6 +386,7 @@ pub fn test(args: TestArgs) -> ExitCode {
                 continue;
             }
         };
+        let before = c.policy.before_expiry();
         for e in &c.expectations {
             total += 1;
             let o = expect::run(&c.policy, e);
@@ -353,6 +412,9 @@ pub fn test(args: TestArgs) -> ExitCode {
                 o.verdict.as_str(),
                 o.rule
             );
+            if let Some((rule, date, _)) = expired_reliance(&c, e, &before) {
+                println!("     it held until rule `{rule}` expired on {date}");
+            }
         }
     }
     println!(

@@ -224,33 +224,55 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
             }
         }
     }
-    // Expiry.
+    // Expiry. The expectations that stop holding when a rule expires (the
+    // daemons then warn, W0404) are named with it.
     let today = opts.today.unix_days();
-    let check_expiry =
-        |name: &str, expires: Option<Date>, active: bool, span, out: &mut Diagnostics| {
-            if let Some(d) = expires {
-                let left = d.unix_days() - today;
-                if active && left <= i64::from(opts.warn_expiring_days) {
-                    out.push(
-                        Diagnostic::warning(
-                            "L0105",
-                            format!(
-                                "rule `{name}` expires on {d}, {}",
-                                match left {
-                                    0 => "today".to_string(),
-                                    1 => "tomorrow".to_string(),
-                                    n => format!("in {n} days"),
-                                }
-                            ),
-                        )
-                        .at(span, "expires soon")
-                        .help(
-                            "extend `expires` if the access is still needed, or plan its removal",
-                        ),
+    let failing_after = |d: Date| -> Vec<super::Span> {
+        let Some((after, _)) = policy.expired_as_of(Date::from_unix_days(d.unix_days() + 1)) else {
+            return Vec::new();
+        };
+        c.expectations
+            .iter()
+            .filter(|e| {
+                super::expect::run(policy, e).passed && !super::expect::run(&after, e).passed
+            })
+            .map(|e| e.span)
+            .collect()
+    };
+    let check_expiry = |name: &str,
+                        expires: Option<Date>,
+                        active: bool,
+                        span,
+                        out: &mut Diagnostics| {
+        if let Some(d) = expires {
+            let left = d.unix_days() - today;
+            if active && left <= i64::from(opts.warn_expiring_days) {
+                let mut finding = Diagnostic::warning(
+                    "L0105",
+                    format!(
+                        "rule `{name}` expires on {d}, {}",
+                        match left {
+                            0 => "today".to_string(),
+                            1 => "tomorrow".to_string(),
+                            n => format!("in {n} days"),
+                        }
+                    ),
+                )
+                .at(span, "expires soon")
+                .help("extend `expires` if the access is still needed, or plan its removal");
+                let relying = failing_after(d);
+                for e in &relying {
+                    finding = finding.also(*e, "fails from the day after");
+                }
+                if !relying.is_empty() {
+                    finding = finding.help(
+                        "extend `expires` if the access is still needed, or plan its removal with the expectations that rely on it",
                     );
                 }
+                out.push(finding);
             }
-        };
+        }
+    };
     for r in policy.rules() {
         check_expiry(&r.name, r.expires, r.active, r.span, &mut out);
     }

@@ -472,6 +472,30 @@ impl Policy {
         Some((p, expired))
     }
 
+    /// The policy as it stood before any of its rules expired: every rule
+    /// in force again. `None` when none has expired (or, past the
+    /// classifier's limits, it cannot be built). Used to tell an
+    /// expectation that fails because a rule it relies on expired from one
+    /// the policy's rules contradict.
+    pub fn before_expiry(&self) -> Option<Policy> {
+        let expired = |active: bool, expires: Option<Date>| !active && expires.is_some();
+        if !self.rules.iter().any(|r| expired(r.active, r.expires))
+            && !self.http.iter().any(|r| expired(r.active, r.expires))
+        {
+            return None;
+        }
+        let mut p = self.clone();
+        for r in &mut p.rules {
+            r.active |= r.expires.is_some();
+        }
+        for r in &mut p.http {
+            r.active |= r.expires.is_some();
+        }
+        let (v4, v6) = compile::entries(&p);
+        p.classifier = PacketClassifier::build(v4, v6).ok()?;
+        Some(p)
+    }
+
     /// [`Policy::expired_as_of`] for an enforcement point: the policy as it
     /// stands today, and a line for the trail and the operator saying which
     /// rules expired, or `None` when none did.
