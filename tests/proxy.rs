@@ -2220,10 +2220,27 @@ fn sigusr1_prints_the_counters() {
     let url = format!("http://origin.test:{}/", p.origins.http);
     assert_eq!(p.curl(&[&url]).0, 200);
     assert_eq!(p.curl(&["http://blocked.test/"]).0, 403);
+    // Refused after its CONNECT: not TLS where the rule wants it.
+    let mut t = connect_tunnel(p.addr, &format!("secure.test:{}", p.origins.tls));
+    t.write_all(b"not tls\n").unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(t.read(&mut buf).unwrap_or(0), 0);
+    p.wait_record("for the refused tunnel", |r| {
+        s_contains(r, "/event/reason", "does not start with a TLS ClientHello")
+    });
+    // Refused before it could be read.
+    assert!(raw_status(p.addr, "NOT HTTP\r\n\r\n").contains(" 400 "));
+    p.wait_record("for the malformed request", |r| {
+        s(r, "/event/reason") == "malformed request"
+    });
     signal(p.child.as_ref().unwrap(), rustix::process::Signal::USR1);
     let line = p.wait_stderr("requests and tunnels");
-    assert!(line.contains("2 requests and tunnels"), "{line}");
-    assert!(line.contains("1 denied"), "{line}");
+    // As the trail counts them.
+    assert!(
+        line.contains("4 requests and tunnels (1 tunnels)"),
+        "{line}"
+    );
+    assert!(line.contains("3 denied"), "{line}");
     assert_eq!(p.curl(&[&url]).0, 200, "still serving");
     p.stop_and_verify();
 }

@@ -993,6 +993,8 @@ async fn serve_connection(
         _ => None,
     };
     if let Some((reason, status)) = refusal {
+        // A request, refused: counted as both, as its record is.
+        state.counters.requests.fetch_add(1, Ordering::Relaxed);
         state.counters.denied.fetch_add(1, Ordering::Relaxed);
         let mut ev = AuditEvent::proxy_refusal(peer)
             .with_request_id(&state.request_id())
@@ -2017,6 +2019,11 @@ async fn connect(
             }
         };
         cut.done();
+        // A tunnel refused after its CONNECT (what it sent first, or a
+        // policy that no longer allows it) is a denial like any other.
+        if ev.event.action == Action::Denied {
+            st.counters.denied.fetch_add(1, Ordering::Relaxed);
+        }
         let _ = st.audit.submit_async(&ev.with_end(Timestamp::now())).await;
     });
     let mut resp = Response::new(ProxyBody::full(Bytes::new()));
