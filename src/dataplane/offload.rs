@@ -306,14 +306,17 @@ fn program(kind: Kind, map: BorrowedFd<'_>, totals: BorrowedFd<'_>) -> Vec<[u8; 
     a.jmp_imm(JEQ, R0, i32::from(u16::from_ne_bytes([0x86, 0xdd])), v6);
     a.ja(miss);
 
-    // IPv4: version 4, not a fragment; R7 = transport offset.
+    // IPv4: version 4, no options, not a fragment; R7 = transport offset.
+    // Options stay with palisade, which refuses source routes (a sender
+    // choosing the route past the receiver) and malformed option lists:
+    // no established flow needs options.
     a.bind(v4);
     load_bytes(&mut a, Some(14), SCRATCH4, 20, miss);
     a.ldx(Size::B, R0, FP, SCRATCH4);
     a.mov(R7, R0);
     a.alu_imm(AND, R7, 0x0f);
     a.alu_imm(LSH, R7, 2);
-    a.jmp_imm(JLT, R7, 20, miss);
+    a.jmp_imm(JNE, R7, 20, miss);
     a.alu_imm(RSH, R0, 4);
     a.jmp_imm(JNE, R0, 4, miss);
     a.ldx(Size::H, R0, FP, SCRATCH4 + 6);
@@ -322,6 +325,8 @@ fn program(kind: Kind, map: BorrowedFd<'_>, totals: BorrowedFd<'_>) -> Vec<[u8; 
     a.ldx(Size::B, R8, FP, SCRATCH4 + 9);
     a.ldx(Size::H, R0, FP, SCRATCH4 + 2);
     a.be16(R0);
+    // A total length shorter than the header: malformed, palisade's.
+    a.jmp_imm(JLT, R0, 20, miss);
     a.stx(Size::Dw, FP, IP_LEN, R0);
     a.ldx(Size::W, R0, FP, SCRATCH4 + 12);
     a.stx(Size::W, FP, KEY_SRC, R0);
@@ -786,6 +791,20 @@ mod tests {
             fp.test_ingress(&whole[..14 + 20 + 2]).unwrap(),
             VERDICT_NEXT
         );
+        // A frame of the flow with IPv4 options (a loose source route
+        // naming another host) stays with palisade, which refuses it.
+        let routed = odd_frame(&k4, 0, 2, 0, false);
+        let mut lsrr = routed.clone();
+        lsrr[14 + 20..14 + 28].copy_from_slice(&[1, 0x83, 7, 4, 198, 51, 100, 7]);
+        assert_eq!(fp.test_ingress(&lsrr).unwrap(), VERDICT_NEXT);
+        assert!(matches!(
+            crate::packet::parse(&lsrr).map(|f| f.payload),
+            Ok(crate::packet::Payload::Ip(ip)) if ip.source_routed
+        ));
+        // So does one whose total length is shorter than its header.
+        let mut short = whole.clone();
+        short[14 + 2..14 + 4].copy_from_slice(&16u16.to_be_bytes());
+        assert_eq!(fp.test_ingress(&short).unwrap(), VERDICT_NEXT);
     }
 
     /// A frame from its parts, for the property test: IPv4 with `options`
@@ -882,6 +901,7 @@ mod tests {
                         && ip.fragment == crate::packet::Fragment::Whole
                         && (proto == 17 || (proto == 6 && ip.tcp_flags & 0x07 == 0))
                         && !(ipv6 && hop_by_hop)
+                        && (ipv6 || options == 0)
                 }
                 _ => false,
             };
