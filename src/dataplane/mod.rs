@@ -98,7 +98,7 @@ impl DropReason {
             DropReason::Revoked => "the reloaded policy no longer allows this flow",
             DropReason::Oversize => "frame larger than the port's buffers",
             DropReason::SourceRouted => {
-                "source-routed: the sender chose its route (IPv4 source route option, IPv6 type 0 routing header)"
+                "source-routed: the sender chose its route (IPv4 source route option, IPv6 routing header with segments left)"
             }
             DropReason::IncompleteFirstFragment => {
                 "first fragment without its whole transport header"
@@ -768,7 +768,11 @@ impl Engine {
         if let Fragment::Later { id, .. } = ip.fragment {
             // One that would rewrite the transport header the first
             // fragment's verdict was on never passes (RFC 1858).
-            if ip.fragment.overlaps_transport_header(key.proto) {
+            // An IPv6 datagram's fragments may each name another next
+            // header (RFC 8200 section 4.5) and the receiver takes the
+            // first's, so every IPv6 one is held to TCP's bound.
+            let proto = if key.src.is_ipv6() { 6 } else { key.proto };
+            if ip.fragment.overlaps_transport_header(proto) {
                 return refuse(DropReason::OverlappingFragment);
             }
             let fk = fragment_key(&key, id);
@@ -870,11 +874,12 @@ impl Engine {
             }
             return refuse(DropReason::NoState);
         }
-        // A new flow. TCP flows start with a SYN only.
+        // A new flow. TCP flows start with a SYN only: not with SYN and
+        // FIN or RST together, which no connection sends and stacks read
+        // differently (a scanner's and an evader's combination).
+        use packet::tcp_flags::{ACK, FIN, RST, SYN};
         if key.proto == 6
-            && (!ip.transport_complete
-                || ip.tcp_flags & packet::tcp_flags::SYN == 0
-                || ip.tcp_flags & packet::tcp_flags::ACK != 0)
+            && (!ip.transport_complete || ip.tcp_flags & (SYN | ACK | FIN | RST) != SYN)
         {
             return refuse(DropReason::NoState);
         }
@@ -1796,6 +1801,12 @@ default deny
         e.expire_held(Duration::MAX);
         assert_eq!(e.counters.dropped(DropReason::Fragment), 1);
         assert!(e.take_released(Zone::Edge).is_empty());
+        // A later fragment at offset 8 lands in the header its first
+        // fragment carried, whatever next header it names itself.
+        assert_eq!(
+            e.handle(Zone::Edge, &frag(1, true, &[0; 16])),
+            Disposition::Drop(DropReason::OverlappingFragment)
+        );
         // A first fragment cut before its UDP header is complete.
         let short = frag(0, true, &[0x1b, 0x58, 0, 53]);
         assert_eq!(
@@ -1934,6 +1945,14 @@ default deny
         let e = engine(dir.path());
         let c = |flags, payload| tcp("192.0.2.10", "192.0.2.200", 42000, 80, flags, payload);
         let s = |flags| tcp("192.0.2.200", "192.0.2.10", 80, 42000, flags, 0);
+        // SYN with FIN or RST starts nothing.
+        for odd in [SYN | crate::packet::tcp_flags::FIN, SYN | RST] {
+            assert_eq!(
+                e.handle(Zone::Edge, &c(odd, 0)),
+                Disposition::Drop(DropReason::NoState),
+                "flags {odd:#x}"
+            );
+        }
         assert_eq!(e.handle(Zone::Edge, &c(SYN, 0)), Disposition::Forward);
         assert_eq!(e.handle(Zone::Onprem, &s(SYN | ACK)), Disposition::Forward);
         assert_eq!(e.handle(Zone::Edge, &c(ACK, 0)), Disposition::Forward);

@@ -93,8 +93,10 @@ pub enum IcmpKind {
     Error {
         about: FlowKey,
     },
-    /// IPv6 neighbour discovery (router/neighbour solicitation and
-    /// advertisement, redirect): passes like ARP.
+    /// IPv6 neighbour solicitation and advertisement, and multicast
+    /// listener discovery: link control that passes like ARP. Router
+    /// solicitations and advertisements and redirects are not: route
+    /// advice does not cross the boundary (they are `Other`).
     NeighborDiscovery,
     Other,
 }
@@ -251,8 +253,11 @@ fn transport(
                             .unwrap_or(IcmpKind::Other),
                         // Multicast listener discovery (MLDv1 query,
                         // report, done; MLDv2 report) and neighbour
-                        // discovery: link-scope control, checked below.
-                        130..=132 | 143 | 133..=137 => IcmpKind::NeighborDiscovery,
+                        // solicitation and advertisement: link-scope
+                        // control, checked below. Router solicitation and
+                        // advertisement (133, 134) and redirect (137) are
+                        // route advice, for the policy to judge.
+                        130..=132 | 143 | 135 | 136 => IcmpKind::NeighborDiscovery,
                         _ => IcmpKind::Other,
                     }
                 };
@@ -277,23 +282,31 @@ fn inner_key(quoted: &[u8], v6: bool, depth: usize) -> Option<FlowKey> {
     Some(p.key)
 }
 
-/// Whether IPv4 options hold a loose (131) or strict (137) source route.
-fn ipv4_source_routed(mut options: &[u8]) -> bool {
+/// The longest neighbour solicitation or advertisement that passes as link
+/// control: 24 bytes and three 8-byte options.
+const NEIGHBOR_MESSAGE_MAX: usize = 48;
+
+/// Whether IPv4 options hold a loose (131) or strict (137) source route;
+/// `None` when the list is malformed (an option's length under 2 or past
+/// the header), which receivers read differently.
+fn ipv4_source_routed(mut options: &[u8]) -> Option<bool> {
     while let Some(&kind) = options.first() {
         match kind {
-            0 => return false,
+            0 => return Some(false),
             1 => options = &options[1..],
-            131 | 137 => return true,
             _ => {
                 let len = options.get(1).copied().unwrap_or(0) as usize;
-                if len < 2 {
-                    return false;
+                if len < 2 || len > options.len() {
+                    return None;
                 }
-                options = options.get(len..).unwrap_or(&[]);
+                if matches!(kind, 131 | 137) {
+                    return Some(true);
+                }
+                options = &options[len..];
             }
         }
     }
-    false
+    Some(false)
 }
 
 fn ipv4_inner(l3: &[u8], depth: usize) -> Option<IpPacket> {
@@ -337,7 +350,12 @@ fn parse_ipv4_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
     let l4 = &l3[ihl..end.max(ihl)];
     let (src, dst) = (ip.get_source().into(), ip.get_destination().into());
     let mut p = ip_packet((src, dst, proto), fragment, l4, end, depth);
-    p.source_routed = ipv4_source_routed(&l3[20..ihl]);
+    p.source_routed = match ipv4_source_routed(&l3[20..ihl]) {
+        Some(routed) => routed,
+        // A quoted header is only read for its flow.
+        None if quoted => false,
+        None => return Err(ParseError::BadIpv4),
+    };
     Ok(p)
 }
 
@@ -395,8 +413,11 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
                 let h = l3.get(off..off + 2).ok_or(ParseError::BadExtension)?;
                 if next == 43 {
                     let r = l3.get(off + 2..off + 4).ok_or(ParseError::BadExtension)?;
-                    // Routing type 0 with segments left.
-                    source_routed |= r[0] == 0 && r[1] > 0;
+                    // A routing header of any type (0, Mobile IPv6's 2,
+                    // RPL's 3, segment routing's 4) with segments left:
+                    // the sender chose where the packet goes after its
+                    // destination.
+                    source_routed |= r[1] > 0;
                 }
                 next = h[0];
                 off += (h[1] as usize + 1) * 8;
@@ -446,10 +467,15 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
         130..=132 | 143 => 1,
         _ => 255,
     };
+    // A solicitation or advertisement is its 24 bytes and a few 8-byte
+    // options (link-layer address, nonce): one longer would carry data
+    // past the policy.
+    let long = hops == 255 && l4.len() > NEIGHBOR_MESSAGE_MAX;
     if p.icmp == Some(IcmpKind::NeighborDiscovery)
         && (ip.get_hop_limit() != hops
             || (hops == 255 && p.key.dst_port != 0)
-            || p.fragment != Fragment::Whole)
+            || p.fragment != Fragment::Whole
+            || long)
     {
         p.icmp = Some(IcmpKind::Other);
     }
@@ -673,6 +699,45 @@ mod tests {
         assert!(ip(&ipv6(a, a, 43, &l4)).source_routed);
         l4[3] = 0;
         assert!(!ip(&ipv6(a, a, 43, &l4)).source_routed, "no segments left");
+        // Any other routing type with segments left routes too (segment
+        // routing's type 4, Mobile IPv6's 2, RPL's 3).
+        for routing_type in [2, 3, 4] {
+            l4[2] = routing_type;
+            l4[3] = 1;
+            assert!(
+                ip(&ipv6(a, a, 43, &l4)).source_routed,
+                "type {routing_type}"
+            );
+        }
+        // An option list receivers would read differently (a length of 1
+        // before a source route; a length past the header) is malformed.
+        for opts in [[130, 1, 131, 7, 4, 192, 0, 2], [1, 1, 1, 1, 7, 12, 0, 0]] {
+            let mut g = f.clone();
+            g[14 + 20..14 + 28].copy_from_slice(&opts);
+            assert_eq!(parse(&g).unwrap_err(), ParseError::BadIpv4, "{opts:?}");
+        }
+    }
+
+    /// Router advertisements, router solicitations and redirects are route
+    /// advice, not link control; nor is a solicitation long enough to carry
+    /// data.
+    #[test]
+    fn only_neighbour_and_listener_messages_are_link_control() {
+        let a: Ipv6Addr = "fe80::1".parse().unwrap();
+        let all: Ipv6Addr = "ff02::1".parse().unwrap();
+        let message = |ty: u8, len: usize| {
+            let mut m = vec![ty, 0, 0, 0];
+            m.resize(len, 0);
+            let mut f = ipv6(a, all, 58, &m);
+            f[14 + 7] = 255;
+            ip(&f).icmp
+        };
+        assert_eq!(message(135, 32), Some(IcmpKind::NeighborDiscovery));
+        assert_eq!(message(136, 32), Some(IcmpKind::NeighborDiscovery));
+        for ty in [133, 134, 137] {
+            assert_eq!(message(ty, 64), Some(IcmpKind::Other), "type {ty}");
+        }
+        assert_eq!(message(135, 24 + 128), Some(IcmpKind::Other));
     }
 
     #[test]
