@@ -160,11 +160,27 @@ impl Default for EngineConfig {
     }
 }
 
+/// What a drop summary sums over: one destination and service from one
+/// source; past the flows one interval itemises, everything from one
+/// source; past the sources too (and for frames that name no flow: a
+/// malformed frame, another EtherType), everything that arrived on the port
+/// for that reason. No drop goes unrecorded, and the map stays bounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum DropKey {
+    Flow(FlowKey),
+    Source(IpAddr),
+    All,
+}
+
 #[derive(Debug, Default)]
 struct DropAgg {
     /// The first dropped packet's own key (the summary's key leaves out
-    /// the source port), to name the rule that denied it.
+    /// the source port).
     sample: Option<FlowKey>,
+    /// For drops the policy decided: the rule and policy that decided the
+    /// first, taken when it was dropped (a reload before the summary is
+    /// written must not rename it).
+    rule: Option<(String, String)>,
     packets: u64,
     bytes: u64,
     first: Option<Timestamp>,
@@ -220,7 +236,7 @@ pub struct Engine {
     released: [Mutex<Vec<Vec<u8>>>; 2],
     /// New flows per source (an IPv4 address or an IPv6 /64).
     limiter: DefaultKeyedRateLimiter<IpAddr>,
-    drops: Mutex<HashMap<(FlowKey, DropReason, Zone), DropAgg>>,
+    drops: Mutex<HashMap<(DropKey, DropReason, Zone), DropAgg>>,
     last_drop_summary: Mutex<Instant>,
     audit: AuditLog,
     config: EngineConfig,
@@ -616,38 +632,55 @@ impl Engine {
 
     /// Counts a drop, and summarises it in the trail per flow key, reason
     /// and arrival port.
-    fn drop(&self, r: DropReason, key: Option<(&FlowKey, Zone)>, bytes: usize) -> Disposition {
+    fn drop(&self, r: DropReason, port: Zone, key: Option<&FlowKey>, bytes: usize) -> Disposition {
         let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
         self.counters.dropped[i].fetch_add(1, Ordering::Relaxed);
-        if let (Some((k, port)), Ok(mut drops)) = (key, self.drops.lock()) {
-            let sample = *k;
-            // Per destination and service: a client's new source port for
-            // every attempt is not a new key (ICMP keeps its type).
-            let mut flow = *k;
-            if !matches!(flow.proto, 1 | 58) {
-                flow.src_port = 0;
-            }
-            let itemised = (flow, r, port);
-            // Past the keys one interval itemises (a scan of ports or
-            // addresses), drops are summarised per source.
-            let per_source = (per_source_key(k.src), r, port);
-            let k = if drops.len() < MAX_DROP_KEYS || drops.contains_key(&itemised) {
-                Some(itemised)
-            } else if drops.len() < MAX_DROP_KEYS + MAX_DROP_SOURCES
-                || drops.contains_key(&per_source)
-            {
-                Some(per_source)
-            } else {
-                None
+        if let Ok(mut drops) = self.drops.lock() {
+            let k = match key {
+                Some(k) => {
+                    // Per destination and service: a client's new source
+                    // port for every attempt is not a new key (ICMP keeps
+                    // its type).
+                    let mut flow = *k;
+                    if !matches!(flow.proto, 1 | 58) {
+                        flow.src_port = 0;
+                    }
+                    let itemised = (DropKey::Flow(flow), r, port);
+                    // Past the keys one interval itemises (a scan of ports
+                    // or addresses), drops are summarised per source; past
+                    // the sources (a flood from ever new ones), for all.
+                    let per_source = (DropKey::Source(rate_key(k.src)), r, port);
+                    if drops.len() < MAX_DROP_KEYS || drops.contains_key(&itemised) {
+                        itemised
+                    } else if drops.len() < MAX_DROP_KEYS + MAX_DROP_SOURCES
+                        || drops.contains_key(&per_source)
+                    {
+                        per_source
+                    } else {
+                        (DropKey::All, r, port)
+                    }
+                }
+                None => (DropKey::All, r, port),
             };
-            if let Some(a) = k.map(|k| drops.entry(k).or_default()) {
-                a.sample.get_or_insert(sample);
-                a.packets += 1;
-                a.bytes += bytes as u64;
-                let now = Timestamp::now();
-                a.first.get_or_insert(now);
-                a.last = Some(now);
+            let itemised = matches!(k.0, DropKey::Flow(_));
+            let a = drops.entry(k).or_default();
+            if a.sample.is_none() {
+                a.sample = key.copied();
+                // A rule decided only the drops the policy made; the others
+                // (spoofed, no state, limits) name none.
+                if let (true, Some(k), DropReason::Denied | DropReason::Revoked) =
+                    (itemised, key, r)
+                {
+                    let policy = self.policy.load();
+                    let d = policy.decide(k);
+                    a.rule = Some((policy.rule_name(d.rule).to_string(), policy.sha256().into()));
+                }
             }
+            a.packets += 1;
+            a.bytes += bytes as u64;
+            let now = Timestamp::now();
+            a.first.get_or_insert(now);
+            a.last = Some(now);
         }
         Disposition::Drop(r)
     }
@@ -664,7 +697,7 @@ impl Engine {
     pub fn handle_frame(&self, ingress: Zone, frame: &[u8], segments: (u64, usize)) -> Disposition {
         let parsed = match packet::parse(frame) {
             Ok(f) => f,
-            Err(_) => return self.drop(DropReason::Malformed, None, frame.len()),
+            Err(_) => return self.drop(DropReason::Malformed, ingress, None, frame.len()),
         };
         let ip = match parsed.payload {
             Payload::Arp => return self.forward(),
@@ -672,7 +705,7 @@ impl Engine {
                 return if self.config.allow_ethertypes.contains(&parsed.ethertype) {
                     self.forward()
                 } else {
-                    self.drop(DropReason::NonIp, None, frame.len())
+                    self.drop(DropReason::NonIp, ingress, None, frame.len())
                 }
             }
             Payload::Ip(ip) => ip,
@@ -714,7 +747,7 @@ impl Engine {
     ) -> Disposition {
         let key = ip.key;
         // A drop of this packet, summarised under its key and port.
-        let refuse = |r: DropReason| self.drop(r, Some((&key, ingress)), frame.len());
+        let refuse = |r: DropReason| self.drop(r, ingress, Some(&key), frame.len());
         // A route the sender chose is not forwarded (RFC 5095; RFC 7126).
         if ip.source_routed {
             return refuse(DropReason::SourceRouted);
@@ -997,7 +1030,7 @@ impl Engine {
             self.counters.held.fetch_add(1, Ordering::Relaxed);
             Disposition::Held
         } else {
-            self.drop(DropReason::Fragment, Some((key, ingress)), frame.len())
+            self.drop(DropReason::Fragment, ingress, Some(key), frame.len())
         }
     }
 
@@ -1022,7 +1055,7 @@ impl Engine {
             }
         } else {
             for f in waiting.frames {
-                self.drop(DropReason::Fragment, Some((&waiting.key, ingress)), f.len());
+                self.drop(DropReason::Fragment, ingress, Some(&waiting.key), f.len());
             }
         }
     }
@@ -1047,7 +1080,7 @@ impl Engine {
             .unwrap_or_default();
         for (ingress, d) in gone {
             for f in d.frames {
-                self.drop(DropReason::Fragment, Some((&d.key, ingress)), f.len());
+                self.drop(DropReason::Fragment, ingress, Some(&d.key), f.len());
             }
         }
     }
@@ -1092,7 +1125,6 @@ impl Engine {
             .lock()
             .map(|mut t| t.expire_with(now, 10_000, |f| self.kernel_last_seen(f)))
             .unwrap_or_default();
-        let policy = self.policy.load();
         for e in ended {
             self.record_end(e);
         }
@@ -1100,19 +1132,19 @@ impl Engine {
             frags.retain(|_, (_, exp)| *exp > now);
         }
         self.expire_held(now);
-        self.summarise_drops(&policy, false);
+        self.summarise_drops(false);
     }
 
     /// Writes the drop summaries of the interval that ended (all of them
     /// when `now`).
-    fn summarise_drops(&self, policy: &Policy, now: bool) {
+    fn summarise_drops(&self, now: bool) {
         if let Ok(mut last) = self.last_drop_summary.lock() {
             if !now && last.elapsed() < DROP_SUMMARY_INTERVAL {
                 return;
             }
             *last = Instant::now();
         }
-        let drops: HashMap<(FlowKey, DropReason, Zone), DropAgg> = self
+        let drops: HashMap<(DropKey, DropReason, Zone), DropAgg> = self
             .drops
             .lock()
             .map(|mut d| std::mem::take(&mut *d))
@@ -1121,23 +1153,28 @@ impl Engine {
             let (Some(first), Some(last)) = (a.first, a.last) else {
                 continue;
             };
-            let per_source = k == per_source_key(k.src);
-            let reason = if per_source {
-                format!(
-                    "{}; to more destinations and ports than one summary itemises, summed for the source",
-                    why.as_str()
-                )
-            } else {
-                why.as_str().to_string()
+            let (k, reason) = match k {
+                DropKey::Flow(f) => (f, why.as_str().to_string()),
+                DropKey::Source(src) => (
+                    per_source_key(src),
+                    format!(
+                        "{}; to more destinations and ports than one summary itemises, summed for the source (its /64 for IPv6)",
+                        why.as_str()
+                    ),
+                ),
+                DropKey::All => (
+                    per_source_key(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                    format!(
+                        "{}; from more sources than one summary itemises, or in frames that name no flow: summed for all",
+                        why.as_str()
+                    ),
+                ),
             };
             let mut ev = AuditEvent::drop_summary(&tuple(&k), a.packets, a.bytes, first, last)
                 .with_reason(&reason)
                 .with_ingress(port.as_str());
-            // A rule decided only the drops the policy made; the others
-            // (spoofed, no state, limits) name none.
-            if matches!(why, DropReason::Denied | DropReason::Revoked) && !per_source {
-                let d = policy.decide(&a.sample.unwrap_or(k));
-                ev = ev.with_rule(policy.rule_name(d.rule), policy.sha256());
+            if let Some((rule, sha)) = &a.rule {
+                ev = ev.with_rule(rule, sha);
             }
             let _ = self.audit.try_submit(&ev);
         }
@@ -1146,7 +1183,6 @@ impl Engine {
     /// Ends every tracked flow (at shutdown) with its record.
     pub fn flush(&self) {
         let ended = self.table.lock().map(|mut t| t.drain()).unwrap_or_default();
-        let policy = self.policy.load();
         for e in ended {
             self.record_end(e);
         }
@@ -1155,10 +1191,10 @@ impl Engine {
         // Released but not sent: the forwarding loops have stopped.
         for z in [Zone::Edge, Zone::Onprem] {
             for f in self.take_released(z) {
-                self.drop(DropReason::Fragment, None, f.len());
+                self.drop(DropReason::Fragment, z, None, f.len());
             }
         }
-        self.summarise_drops(&policy, true);
+        self.summarise_drops(true);
     }
 }
 
@@ -1199,7 +1235,7 @@ pub fn forward_loop(
         for i in 0..n {
             match rx.frame(i) {
                 None => {
-                    engine.drop(DropReason::Oversize, None, 0);
+                    engine.drop(DropReason::Oversize, ingress, None, 0);
                 }
                 Some(f) => {
                     if engine.handle_frame(ingress, f.data, f.segments()) == Disposition::Forward {
@@ -2126,28 +2162,124 @@ default deny
                 Disposition::Drop(DropReason::Denied)
             );
         }
+        // Then a flood from ever new sources (spoofed, each its own /64),
+        // and frames that name no flow: summed for all, never left out.
+        let sources = 2 * MAX_DROP_SOURCES as u16;
+        for i in 0..sources {
+            let src = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0xff, i, 0, 0, 0, 1);
+            let f = build::ipv6(
+                src,
+                "2001:db8:2::53".parse().unwrap(),
+                17,
+                &build::udp(1, 53, b"x"),
+            );
+            assert_eq!(
+                e.handle(Zone::Edge, &f),
+                Disposition::Drop(DropReason::Spoofed)
+            );
+        }
+        assert_eq!(
+            e.handle(Zone::Onprem, &[0u8; 10]),
+            Disposition::Drop(DropReason::Malformed)
+        );
         e.flush();
         drop(e);
         audit.close().unwrap();
         let summaries = trail_records(dir.path(), "drop_summary");
+        let reason = |r: &serde_json::Value| {
+            r.pointer("/event/reason")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let packets = |rs: &[&serde_json::Value]| -> u64 {
+            rs.iter()
+                .map(|r| {
+                    r.pointer("/source/packets")
+                        .and_then(|p| p.as_u64())
+                        .unwrap()
+                })
+                .sum()
+        };
+        let denied: Vec<_> = summaries
+            .iter()
+            .filter(|r| reason(r).starts_with("denied by the policy"))
+            .collect();
         assert_eq!(
-            summaries.len(),
+            denied.len(),
             MAX_DROP_KEYS + 1,
             "itemised keys and one per source"
         );
-        let packets: u64 = summaries
+        assert_eq!(packets(&denied), u64::from(n));
+        assert!(denied
             .iter()
-            .map(|r| {
-                r.pointer("/source/packets")
-                    .and_then(|p| p.as_u64())
-                    .unwrap()
-            })
-            .sum();
-        assert_eq!(packets, u64::from(n));
-        assert!(summaries.iter().any(|r| r
-            .pointer("/event/reason")
-            .and_then(|v| v.as_str())
-            .is_some_and(|s| s.ends_with("summed for the source"))));
+            .any(|r| reason(r).ends_with("summed for the source (its /64 for IPv6)")));
+        // The spoofed flood: per source while there is room, then for all.
+        let spoofed: Vec<_> = summaries
+            .iter()
+            .filter(|r| reason(r).starts_with("source address not in"))
+            .collect();
+        assert_eq!(packets(&spoofed), u64::from(sources));
+        let all: Vec<_> = spoofed
+            .iter()
+            .copied()
+            .filter(|r| reason(r).ends_with("summed for all"))
+            .collect();
+        assert_eq!(all.len(), 1, "one record for the rest");
+        assert!(packets(&all) >= u64::from(sources) - MAX_DROP_SOURCES as u64);
+        let malformed: Vec<_> = summaries
+            .iter()
+            .filter(|r| reason(r).starts_with("malformed frame"))
+            .collect();
+        assert_eq!(packets(&malformed), 1, "{malformed:?}");
+        assert_eq!(
+            malformed[0]
+                .pointer("/palisade/ingress")
+                .and_then(|v| v.as_str()),
+            Some("onprem")
+        );
+        assert!(summaries.len() <= MAX_DROP_KEYS + MAX_DROP_SOURCES + 2 * DropReason::ALL.len());
+    }
+
+    /// A drop summary names the rule that denied its packets when they were
+    /// dropped, not the one a reload put in force before it was written.
+    #[test]
+    fn a_drop_summary_names_the_rule_that_denied_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, audit) = engine_recording(dir.path(), POLICY, 65_536);
+        let f = build::ipv4(
+            v4("192.0.2.10"),
+            v4("192.0.2.200"),
+            17,
+            &build::udp(20_000, 7777, b"x"),
+            (1, false, 0),
+        );
+        assert_eq!(
+            e.handle(Zone::Edge, &f),
+            Disposition::Drop(DropReason::Denied)
+        );
+        let before = e.policy.load().sha256().to_string();
+        let allowing = format!(
+            "{POLICY}\nrule newly-allowed allow 192.0.2.0/25 -> 192.0.2.200 service udp/7777\n"
+        );
+        e.set_policy(compile(&allowing));
+        assert_eq!(e.handle(Zone::Edge, &f), Disposition::Forward);
+        e.flush();
+        drop(e);
+        audit.close().unwrap();
+        let denied: Vec<_> = trail_records(dir.path(), "drop_summary")
+            .into_iter()
+            .filter(|r| r.pointer("/destination/port").and_then(|p| p.as_u64()) == Some(7777))
+            .collect();
+        assert_eq!(denied.len(), 1, "{denied:?}");
+        assert_eq!(
+            denied[0].pointer("/rule/name").and_then(|v| v.as_str()),
+            Some("default")
+        );
+        assert_eq!(
+            denied[0].pointer("/rule/ruleset").and_then(|v| v.as_str()),
+            Some(before.as_str())
+        );
     }
 
     #[test]
