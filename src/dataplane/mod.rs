@@ -229,7 +229,7 @@ pub struct Engine {
     table: Mutex<ConnTable>,
     /// The verdicts on first fragments, per arrival port, and until when
     /// their later fragments follow them.
-    fragments: Mutex<HashMap<(Zone, FragmentKey), (bool, Duration)>>,
+    fragments: Mutex<Verdicts>,
     /// Later fragments waiting for their first fragment.
     held: Mutex<Held>,
     /// Held fragments now allowed, per arrival port (edge, onprem).
@@ -282,9 +282,71 @@ fn tuple(k: &FlowKey) -> FlowTuple {
 }
 
 /// How long later fragments follow their first fragment's verdict (a
-/// datagram's fragments cross within milliseconds of each other).
-const FRAGMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// datagram's fragments cross within milliseconds of each other; as long
+/// as a later fragment waits for its first, for reordering either way).
+const FRAGMENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Verdicts kept at once, in all and per source (its /64 for IPv6): one
+/// host that sends first fragments in a flood fills its own share, not the
+/// table every other host's fragments need (8 192 per source lets a host
+/// send about 4 000 fragmented datagrams a second).
 const MAX_FRAGMENT_ENTRIES: usize = 65_536;
+const MAX_FRAGMENT_ENTRIES_PER_SOURCE: usize = 8_192;
+
+/// The verdicts on first fragments, per arrival port, and until when their
+/// later fragments follow them; bounded in all and per source.
+#[derive(Default)]
+struct Verdicts {
+    map: HashMap<(Zone, FragmentKey), (bool, Duration)>,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+impl Verdicts {
+    /// The verdict on a datagram still in force at `now`.
+    fn get(&self, k: &(Zone, FragmentKey), now: Duration) -> Option<bool> {
+        self.map
+            .get(k)
+            .filter(|(_, until)| *until > now)
+            .map(|(v, _)| *v)
+    }
+
+    /// Notes a verdict, unless the table or the source's share is full
+    /// (then the datagram's later fragments wait, and drop).
+    fn note(&mut self, k: (Zone, FragmentKey), forwarded: bool, until: Duration) {
+        if let Some(v) = self.map.get_mut(&k) {
+            *v = (forwarded, until);
+            return;
+        }
+        let source = rate_key(k.1 .0);
+        let share = self.per_source.get(&source).copied().unwrap_or(0);
+        if self.map.len() < MAX_FRAGMENT_ENTRIES && share < MAX_FRAGMENT_ENTRIES_PER_SOURCE {
+            self.map.insert(k, (forwarded, until));
+            self.per_source.insert(source, share + 1);
+        }
+    }
+
+    /// Forgets the verdicts whose time is up by `now`.
+    fn expire(&mut self, now: Duration) {
+        let per_source = &mut self.per_source;
+        self.map.retain(|(_, fk), (_, until)| {
+            let keep = *until > now;
+            if !keep {
+                let source = rate_key(fk.0);
+                if let Some(n) = per_source.get_mut(&source) {
+                    *n -= 1;
+                    if *n == 0 {
+                        per_source.remove(&source);
+                    }
+                }
+            }
+            keep
+        });
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
 /// How long a later fragment waits for its first one.
 const FRAGMENT_HOLD: Duration = Duration::from_secs(2);
 /// Bytes held in all, per source, and frames per datagram: a source that
@@ -431,7 +493,7 @@ impl Engine {
         Engine {
             policy: ArcSwap::from_pointee(policy),
             table: Mutex::new(ConnTable::new(config.conntrack_size, config.timeouts)),
-            fragments: Mutex::new(HashMap::new()),
+            fragments: Mutex::new(Verdicts::default()),
             held: Mutex::new(Held::default()),
             released: Default::default(),
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
@@ -813,11 +875,10 @@ impl Engine {
                 .fragments
                 .lock()
                 .ok()
-                .and_then(|f| f.get(&(ingress, fk)).copied())
-                .filter(|(_, exp)| *exp > now);
+                .and_then(|f| f.get(&(ingress, fk), now));
             return match known {
-                Some((true, _)) => self.forward(),
-                Some((false, _)) => refuse(DropReason::Fragment),
+                Some(true) => self.forward(),
+                Some(false) => refuse(DropReason::Fragment),
                 None => self.hold(ingress, fk, &key, frame, now),
             };
         }
@@ -1041,9 +1102,7 @@ impl Engine {
         // Full (housekeeping removes the expired ones every 200 ms): the
         // datagram's later fragments wait, then drop.
         if let Ok(mut frags) = self.fragments.lock() {
-            if frags.len() < MAX_FRAGMENT_ENTRIES || frags.contains_key(&(ingress, fk)) {
-                frags.insert((ingress, fk), (forwarded, now + FRAGMENT_TIMEOUT));
-            }
+            frags.note((ingress, fk), forwarded, now + FRAGMENT_TIMEOUT);
         }
         let Some(waiting) = self.held.lock().ok().and_then(|mut h| h.take(ingress, &fk)) else {
             return;
@@ -1129,7 +1188,7 @@ impl Engine {
             self.record_end(e);
         }
         if let Ok(mut frags) = self.fragments.lock() {
-            frags.retain(|_, (_, exp)| *exp > now);
+            frags.expire(now);
         }
         self.expire_held(now);
         self.summarise_drops(false);
@@ -1584,6 +1643,71 @@ default deny
             e.counters.dropped(DropReason::Fragment),
             before + (MAX_HELD_PER_DATAGRAM + held + 1) as u64
         );
+    }
+
+    /// One host flooding first fragments (denied ones: no allowed service
+    /// needed) fills only its own share of the verdicts; another host's
+    /// fragmented datagram still crosses whole.
+    #[test]
+    fn a_fragment_flood_from_one_host_does_not_block_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _audit) = engine_recording(
+            dir.path(),
+            "\
+zone edge   = 192.0.2.0/25
+zone onprem = 192.0.2.128/25
+rule dns allow 192.0.2.0/25 -> 192.0.2.200 service udp/53
+default deny
+",
+            65_536,
+        );
+        let peer = v4("192.0.2.200");
+        let part = |src: &str, id: u16, dport: u16, later: bool| {
+            let udp = build::udp(40000, dport, &[0x41; 1600]);
+            let (from, to) = if later { (1480, udp.len()) } else { (0, 1480) };
+            build::ipv4(
+                v4(src),
+                peer,
+                17,
+                &udp[from..to],
+                (id, !later, (from / 8) as u16),
+            )
+        };
+        for i in 0..(MAX_FRAGMENT_ENTRIES_PER_SOURCE as u16 + 2_000) {
+            assert_eq!(
+                e.handle(Zone::Edge, &part("192.0.2.10", i, 9999, false)),
+                Disposition::Drop(DropReason::Denied)
+            );
+        }
+        assert_eq!(
+            e.fragments.lock().unwrap().len(),
+            MAX_FRAGMENT_ENTRIES_PER_SOURCE
+        );
+        assert_eq!(
+            e.handle(Zone::Edge, &part("192.0.2.11", 1, 53, false)),
+            Disposition::Forward
+        );
+        assert_eq!(
+            e.handle(Zone::Edge, &part("192.0.2.11", 1, 53, true)),
+            Disposition::Forward,
+            "the other host's later fragment follows its first"
+        );
+        // The flooding host's own datagrams past its share wait, then drop.
+        assert_eq!(
+            e.handle(Zone::Edge, &part("192.0.2.10", 60_000, 53, false)),
+            Disposition::Forward
+        );
+        assert_eq!(
+            e.handle(Zone::Edge, &part("192.0.2.10", 60_000, 53, true)),
+            Disposition::Held
+        );
+        // Its verdicts expire, and its share with them.
+        e.fragments
+            .lock()
+            .unwrap()
+            .expire(e.now() + FRAGMENT_TIMEOUT);
+        assert_eq!(e.fragments.lock().unwrap().len(), 0);
+        assert!(e.fragments.lock().unwrap().per_source.is_empty());
     }
 
     /// A first fragment dropped before it was judged (spoofed, say) says
