@@ -671,9 +671,11 @@ fn a_reload_that_removes_a_rule_cuts_the_flow() {
     let records = net.stop_and_verify();
     assert!(
         records.iter().any(|r| s(r, "/event/code") == "flow_end"
+            && s(r, "/event/action") == "denied"
             && s(r, "/event/reason").contains("no longer allows")
-            && s(r, "/rule/name") == "web"),
-        "the cut is recorded, under the rule that admitted the flow"
+            && s(r, "/event/reason").contains("admitted by rule web")
+            && s(r, "/rule/name") == "default"),
+        "the cut is recorded, under the rule that denied it, naming the one that admitted it: {records:#?}"
     );
 }
 

@@ -1571,9 +1571,17 @@ fn a_reload_cuts_open_tunnels_the_new_policy_denies() {
     });
     assert!(
         s_contains(&r, "/event/reason", "no longer allows it")
-            && s_contains(&r, "/event/reason", "echo.test"),
+            && s_contains(&r, "/event/reason", "echo.test")
+            && s_contains(&r, "/event/reason", "admitted by rule echo of ruleset"),
         "{r}"
     );
+    // It names the rule and policy that denied it, as any denial does.
+    assert_eq!(s(&r, "/rule/name"), "default", "{r}");
+    let opened = p.wait_record("for its opening", |o| {
+        s(o, "/event/code") == "tunnel_open"
+            && s(o, "/http/request/id") == s(&r, "/http/request/id")
+    });
+    assert_ne!(s(&r, "/rule/ruleset"), s(&opened, "/rule/ruleset"), "{r}");
     assert_eq!(n(&r, "/source/bytes"), 5, "{r}");
     assert_eq!(n(&r, "/http/response/status_code"), 200, "{r}");
     // Its sockets are closed: the client reads the end.

@@ -1160,6 +1160,8 @@ impl Engine {
             f.last_seen.saturating_sub(f.created),
         )
         .with_rule(&f.rule_name, &f.policy)
+        .with_start(self.wall_clock(f.created))
+        .with_end(self.wall_clock(f.last_seen))
         .with_reason(match e.why {
             EndReason::Timeout => "timed out",
             EndReason::Closed => "closed",
@@ -1168,9 +1170,26 @@ impl Engine {
             EndReason::Stopped => "the filter stopped",
         });
         if e.why == EndReason::Revoked {
+            // A denial names the rule and policy that denied it; the rule
+            // that admitted the flow is in the reason.
             ev.event.action = Action::Denied;
+            let policy = self.policy.load();
+            let d = policy.decide(&f.key);
+            ev = ev
+                .with_reason(&format!(
+                    "cut: the reloaded policy no longer allows it; admitted by rule {} of ruleset {}",
+                    f.rule_name,
+                    &f.policy[..f.policy.len().min(16)]
+                ))
+                .with_rule(policy.rule_name(d.rule), policy.sha256());
         }
         let _ = self.audit.try_submit(&ev);
+    }
+
+    /// The wall-clock time of `at` (a time on the engine's own clock).
+    fn wall_clock(&self, at: Duration) -> Timestamp {
+        let ago = self.now().saturating_sub(at);
+        Timestamp::from_system(std::time::SystemTime::now() - ago)
     }
 
     /// Periodic work: expire flows and fragments, forget sources whose
@@ -2254,11 +2273,19 @@ default deny
                 .unwrap_or_else(|| panic!("{ends:#?}"))
         };
         let web = end(80);
-        assert_eq!(web["rule"]["name"], "web", "{web:#}");
-        assert_eq!(
-            web["event"]["reason"],
-            "cut: the reloaded policy no longer allows it"
+        // Cut: named by the rule of the new policy that denies it, with
+        // the rule that admitted it in the reason.
+        assert_eq!(web["rule"]["name"], "default", "{web:#}");
+        assert!(
+            web["event"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with(
+                    "cut: the reloaded policy no longer allows it; admitted by rule web of ruleset"
+                )),
+            "{web:#}"
         );
+        assert!(web["event"]["start"].as_str() <= web["event"]["end"].as_str());
+        assert!(web["event"]["start"].is_string(), "{web:#}");
         let dns = end(53);
         assert_eq!(dns["rule"]["name"], "dns", "{dns:#}");
         assert_eq!(dns["event"]["reason"], "the filter stopped", "{dns:#}");

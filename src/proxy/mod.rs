@@ -703,18 +703,24 @@ fn cut_revoked_tunnels(state: &State, policy: &Policy) {
 /// earlier policy), if it does not: its target, its source, a plain tunnel
 /// where the rule now wants TLS, or an internal address the rule no longer
 /// names.
-fn tunnel_refusal(policy: &Policy, t: &tunnel::OpenTunnel) -> Option<String> {
+fn tunnel_refusal(policy: &Policy, t: &tunnel::OpenTunnel) -> Option<tunnel::Revocation> {
+    let revocation = |why: String, rule: Option<String>| tunnel::Revocation {
+        why,
+        rule,
+        ruleset: policy.sha256().to_string(),
+    };
     match decide(policy, t.peer, &t.host, t.port, "CONNECT") {
-        Err(r) => Some(r.reason),
+        Err(r) => Some(revocation(r.reason, r.rule)),
         Ok((name, plain_ok, rule)) => {
             if t.plain.load(Ordering::Acquire) && !plain_ok {
-                return Some(format!(
+                let why = format!(
                     "rule {name} allows TLS tunnels to {}:{} only, and this one is plain",
                     host_text(&t.host),
                     t.port
-                ));
+                );
+                return Some(revocation(why, Some(name)));
             }
-            address_refusal(policy, rule, &t.host, t.dest.ip())
+            address_refusal(policy, rule, &t.host, t.dest.ip()).map(|why| revocation(why, None))
         }
     }
 }
@@ -2010,11 +2016,18 @@ async fn connect(
         // close with the relay, and its record says why.
         let ev = tokio::select! {
             ev = opened => ev,
-            why = open.tunnel.revoked() => {
+            revocation = open.tunnel.revoked() => {
+                // A denial names the rule and policy that denied it; the
+                // rule that admitted the tunnel is in the reason.
                 let mut ev = ended_from_outside(&format!(
-                    "cut: the policy now in force no longer allows it: {why}"
+                    "cut: the policy now in force no longer allows it: {}; admitted by rule {rule_name} of ruleset {}",
+                    revocation.why,
+                    &sha[..sha.len().min(16)],
                 ));
                 ev.event.action = Action::Denied;
+                let rule = ev.rule.get_or_insert_with(Default::default);
+                rule.name = revocation.rule.clone();
+                rule.ruleset = Some(revocation.ruleset.clone());
                 ev
             }
         };

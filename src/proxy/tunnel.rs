@@ -19,6 +19,15 @@ pub(super) struct OpenTunnels {
     open: Mutex<HashMap<u64, Arc<OpenTunnel>>>,
 }
 
+/// Why the policy now in force no longer allows an open tunnel: the
+/// reason, and the rule of that policy that decided so (none when no rule
+/// did: an internal address no rule names) with the policy's sha256.
+pub(super) struct Revocation {
+    pub why: String,
+    pub rule: Option<String>,
+    pub ruleset: String,
+}
+
 /// What a tunnel was decided on, and its cut signal.
 pub(super) struct OpenTunnel {
     pub peer: IpAddr,
@@ -29,7 +38,7 @@ pub(super) struct OpenTunnel {
     /// Its first bytes were not a TLS ClientHello: a plain tunnel.
     pub plain: AtomicBool,
     /// Why the policy in force no longer allows it, once it does not.
-    revoked: OnceLock<String>,
+    revoked: OnceLock<Revocation>,
     cut: tokio::sync::Notify,
 }
 
@@ -78,7 +87,7 @@ impl OpenTunnels {
 
     /// Cuts every open tunnel for which `denied` gives a reason; returns
     /// how many.
-    pub fn revoke_where(&self, denied: impl Fn(&OpenTunnel) -> Option<String>) -> usize {
+    pub fn revoke_where(&self, denied: impl Fn(&OpenTunnel) -> Option<Revocation>) -> usize {
         let open: Vec<Arc<OpenTunnel>> = match self.open.lock() {
             Ok(open) => open.values().cloned().collect(),
             Err(_) => return 0,
@@ -92,7 +101,7 @@ impl OpenTunnels {
 
 impl OpenTunnel {
     /// Cuts the tunnel for `why`; false if it was already cut.
-    pub fn revoke(&self, why: String) -> bool {
+    pub fn revoke(&self, why: Revocation) -> bool {
         let first = self.revoked.set(why).is_ok();
         if first {
             // A permit is kept if the tunnel is not waiting yet.
@@ -102,7 +111,7 @@ impl OpenTunnel {
     }
 
     /// Waits until the tunnel is cut; returns why.
-    pub async fn revoked(&self) -> &str {
+    pub async fn revoked(&self) -> &Revocation {
         loop {
             if let Some(why) = self.revoked.get() {
                 return why;
