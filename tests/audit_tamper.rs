@@ -165,6 +165,12 @@ fn a_tail_cut_mid_record_leaves_the_trail_open_and_says_where() {
             && out.contains("INTACT BUT OPEN"),
         "{out}"
     );
+    // The stop record is there; what is missing is its seal.
+    assert!(
+        out.contains("stop record is not followed by its signed stop checkpoint")
+            && !out.contains("no stop record"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -454,6 +460,41 @@ fn a_replaced_signing_key_verifies_with_both_keys() {
     let (code, out) = verify(&dir, &old);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("but the verifying key(s) given are"), "{out}");
+    // A key given that signed nothing here is not named as verifying.
+    let other = keygen(&tmp.path().join("other"));
+    let extra = run(&[
+        "audit",
+        "verify",
+        "--key",
+        new.verifying.to_str().unwrap(),
+        "--key",
+        other.verifying.to_str().unwrap(),
+        "--from",
+        "audit-00000003.jsonl",
+        dir.to_str().unwrap(),
+    ]);
+    let out = text(&extra);
+    assert_eq!(extra.status.code(), Some(0), "{out}");
+    // `verified with key NEW (key OTHER given, but signed none of them)`.
+    let used = out
+        .split("verified with key ")
+        .nth(1)
+        .map(|s| s.chars().take(16).collect::<String>())
+        .unwrap_or_default();
+    let unused = out
+        .split(" (key ")
+        .nth(1)
+        .map(|s| s.chars().take(16).collect::<String>())
+        .unwrap_or_default();
+    assert!(
+        used.len() == 16
+            && unused.len() == 16
+            && used != unused
+            && out.contains(&format!(
+                "verified with key {used} (key {unused} given, but signed none of them)"
+            )),
+        "{out}"
+    );
 }
 
 #[test]

@@ -81,9 +81,15 @@ pub struct VerifyReport {
     pub records: usize,
     pub boots: usize,
     pub checkpoints_verified: usize,
+    /// The ids of the keys that verified at least one checkpoint, in the
+    /// order first used.
+    pub keys_used: Vec<String>,
     pub findings: Vec<Finding>,
     /// The trail ends with a valid `stop` checkpoint.
     pub sealed: bool,
+    /// Not sealed, but its last readable record is the `stop` record: the
+    /// checkpoint that seals it is missing or incomplete.
+    pub stopped_unsealed: bool,
     /// Records after the last valid checkpoint (covered only by the chain).
     pub unsigned_tail: usize,
     pub first_timestamp: Option<String>,
@@ -452,6 +458,9 @@ pub fn verify_trail_from(
                         .is_some_and(|d| k.verify(&checkpoint_message(d), &cp.signature))
                 }) {
                     report.checkpoints_verified += 1;
+                    if !report.keys_used.contains(&cp.key_id) {
+                        report.keys_used.push(cp.key_id.to_string());
+                    }
                     if links[i] == Link::Ok {
                         last_good_checkpoint = Some(i);
                     }
@@ -777,6 +786,12 @@ pub fn verify_trail_from(
                 .rec
                 .as_ref()
                 .is_ok_and(|r| r.checkpoint_reason() == Some("stop"));
+        report.stopped_unsealed = !report.sealed
+            && entries
+                .iter()
+                .rev()
+                .find_map(|e| e.rec.as_ref().ok())
+                .is_some_and(|r| r.is_lifecycle(Action::Stop));
         report.unsigned_tail = match last_good_checkpoint {
             Some(c) => entries.len() - 1 - c,
             None => entries.len(),

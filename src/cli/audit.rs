@@ -369,8 +369,6 @@ fn verify(keys: &[PathBuf], dir: &Path, from: u64) -> Result<ExitCode, CliError>
         .iter()
         .map(|k| CheckpointVerifier::load(k))
         .collect::<Result<Vec<_>, _>>()?;
-    let key_ids: Vec<&str> = verifiers.iter().map(|v| v.key_id()).collect();
-    let key_ids = key_ids.join(", ");
     let report = verify_trail_from(dir, &verifiers, from).map_err(|source| CliError::Trail {
         dir: dir.to_path_buf(),
         source,
@@ -432,9 +430,24 @@ fn verify(keys: &[PathBuf], dir: &Path, from: u64) -> Result<ExitCode, CliError>
     } else {
         String::new()
     };
+    // Only the keys that verified a checkpoint are named as having done
+    // so: an auditor compares them with the ones on record.
+    let unused: Vec<&str> = verifiers
+        .iter()
+        .map(|v| v.key_id())
+        .filter(|id| !report.keys_used.iter().any(|u| u == id))
+        .collect();
+    let used = match report.keys_used.as_slice() {
+        [] => "no key".to_string(),
+        ids => format!("key {}", ids.join(", ")),
+    };
+    let unused = match unused.as_slice() {
+        [] => String::new(),
+        ids => format!(" (key {} given, but signed none of them)", ids.join(", ")),
+    };
     let scope = format!(
-        "{} files{kept}, {} records, {} boots, {} checkpoints verified with key {}{span}",
-        report.files, report.records, report.boots, report.checkpoints_verified, key_ids
+        "{} files{kept}, {} records, {} boots, {} checkpoints verified with {used}{unused}{span}",
+        report.files, report.records, report.boots, report.checkpoints_verified
     );
     // Not tampering, but an auditor must know records may be missing
     // there: a crash loses what was not yet written.
@@ -460,10 +473,14 @@ fn verify(keys: &[PathBuf], dir: &Path, from: u64) -> Result<ExitCode, CliError>
                 report.unsigned_tail
             )
         };
-        println!(
-            "INTACT BUT OPEN: {scope}; {unsigned}; the trail has no stop record \
+        let ending = if report.stopped_unsealed {
+            "the trail's stop record is not followed by its signed stop checkpoint \
+             (the writer was cut off while sealing it, or the checkpoint was cut off the end)"
+        } else {
+            "the trail has no stop record \
              (the writer is running or crashed, or records were cut off the end)"
-        );
+        };
+        println!("INTACT BUT OPEN: {scope}; {unsigned}; {ending}");
         return Ok(ExitCode::from(3));
     }
     println!("WHOLE: {scope}");
