@@ -107,7 +107,16 @@ pub fn run(args: FilterArgs) -> ExitCode {
     // Both ports are claimed before either is opened, and held until
     // the filter exits.
     let _claims = match (port::claim(&f.edge), port::claim(&f.onprem)) {
-        (Ok(e), Ok(o)) => (e, o),
+        (Ok(e), Ok(o)) => {
+            for (name, c) in [(&f.edge, &e), (&f.onprem, &o)] {
+                if let port::Claimed::Squatted { pid, uid } = c {
+                    palisade::say!(
+                        "palisade filter: warning: port {name}: its claim is held by pid {pid} of user {uid}, which is neither root nor this filter's user, so not a filter's: starting without it"
+                    );
+                }
+            }
+            (e, o)
+        }
         (Err(e), _) => {
             port_error(&f.edge, &e);
             return ExitCode::from(2);

@@ -272,38 +272,83 @@ pub struct PacketRx {
 /// The claim is an abstract Unix socket named after the interface's index.
 /// Abstract names belong to the network namespace, as interfaces do, and
 /// vanish with the process however it ends, so nothing is left behind to
-/// clean up and no runtime directory is needed.
+/// clean up and no runtime directory is needed. They carry no permissions,
+/// so a name held by another user (not root, not this process's user) is
+/// not taken for a filter's: any local user could otherwise keep the
+/// filter from starting.
 pub struct PortClaim {
     _listener: std::os::unix::net::UnixListener,
 }
 
+/// What [`claim`] found.
+pub enum Claimed {
+    /// The port is this filter's.
+    Held(PortClaim),
+    /// The name is held by a process of another user, which cannot be a
+    /// filter this host runs: ignored, and said.
+    Squatted { pid: i32, uid: u32 },
+}
+
 /// Claims interface `name` for this filter, or says which process holds it.
-pub fn claim(name: &str) -> io::Result<PortClaim> {
+pub fn claim(name: &str) -> io::Result<Claimed> {
     use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+    use std::os::unix::net::{SocketAddr, UnixListener};
     let index = ifindex(name)?;
     let address = SocketAddr::from_abstract_name(format!("palisade-filter-port-{index}"))?;
-    match UnixListener::bind_addr(&address) {
-        Ok(listener) => Ok(PortClaim {
-            _listener: listener,
-        }),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            // The holder's process id, from the listening socket's
-            // credentials.
-            let holder = UnixStream::connect_addr(&address)
-                .and_then(|s| Ok(rustix::net::sockopt::socket_peercred(&s)?))
-                .map(|c| format!(" (pid {})", c.pid.as_raw_nonzero()))
-                .unwrap_or_default();
+    let e = match UnixListener::bind_addr(&address) {
+        Ok(listener) => {
+            return Ok(Claimed::Held(PortClaim {
+                _listener: listener,
+            }))
+        }
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => e,
+        Err(e) => return Err(e),
+    };
+    // The holder, from the listening socket's credentials. The connection
+    // is made without blocking: a holder that never accepts (and a queue
+    // others filled) must not hang this start.
+    let holder = holder_of(&format!("palisade-filter-port-{index}"));
+    let euid = rustix::process::geteuid().as_raw();
+    match holder {
+        Some((pid, uid)) if uid != 0 && uid != euid => Ok(Claimed::Squatted { pid, uid }),
+        Some((pid, _)) => {
+            let who = if pid > 0 {
+                format!(" (pid {pid})")
+            } else {
+                " (in a PID namespace this one cannot see)".to_string()
+            };
             Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!(
-                    "already in use by another palisade filter{holder}: two filters on one port \
+                    "already in use by another palisade filter{who}: two filters on one port \
                      would each forward what the other drops"
                 ),
             ))
         }
-        Err(e) => Err(e),
+        None => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "already in use by another palisade filter (its process could not be asked: {e})"
+            ),
+        )),
     }
+}
+
+/// The pid and uid of the process listening on the abstract name `name`.
+fn holder_of(name: &str) -> Option<(i32, u32)> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    use std::os::unix::ffi::OsStrExt;
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None).ok()?;
+    socket.set_nonblocking(true).ok()?;
+    let mut path = vec![0u8];
+    path.extend_from_slice(name.as_bytes());
+    let address = SockAddr::unix(std::ffi::OsStr::from_bytes(&path)).ok()?;
+    match socket.connect(&address) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(_) => return None,
+    }
+    crate::sys::peer_credentials(socket.as_fd()).ok()
 }
 
 /// The interface index of port `name`.
