@@ -227,14 +227,20 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
     // Expiry. The expectations that stop holding when a rule expires (the
     // daemons then warn, W0404) are named with it.
     let today = opts.today.unix_days();
+    // On day `d` against the day after: rules that expire earlier are
+    // gone from both, so each expectation is named with the rule whose
+    // expiry breaks it.
+    let as_of = |day: Date| policy.expired_as_of(day).map(|(p, _)| p);
     let failing_after = |d: Date| -> Vec<super::Span> {
-        let Some((after, _)) = policy.expired_as_of(Date::from_unix_days(d.unix_days() + 1)) else {
+        let Some(after) = as_of(Date::from_unix_days(d.unix_days() + 1)) else {
             return Vec::new();
         };
+        let on_the_day = as_of(d);
+        let on_the_day = on_the_day.as_ref().unwrap_or(policy);
         c.expectations
             .iter()
             .filter(|e| {
-                super::expect::run(policy, e).passed && !super::expect::run(&after, e).passed
+                super::expect::run(on_the_day, e).passed && !super::expect::run(&after, e).passed
             })
             .map(|e| e.span)
             .collect()
