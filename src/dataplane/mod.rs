@@ -31,7 +31,7 @@ pub mod offload;
 pub mod port;
 
 use crate::audit::{Action, AuditEvent, AuditLog, FlowTuple, Timestamp, Traffic};
-use crate::classify::FlowKey;
+use crate::classify::{FlowKey, RuleId};
 use crate::conntrack::{
     ConnKey, ConnTable, Direction, EndReason, Ended, Flow, NewFlow, State, TcpState, Timeouts,
 };
@@ -285,19 +285,35 @@ fn tuple(k: &FlowKey) -> FlowTuple {
 /// datagram's fragments cross within milliseconds of each other; as long
 /// as a later fragment waits for its first, for reordering either way).
 const FRAGMENT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Verdicts kept at once, in all and per source (its /64 for IPv6): one
-/// host that sends first fragments in a flood fills its own share, not the
-/// table every other host's fragments need (8 192 per source lets a host
-/// send about 4 000 fragmented datagrams a second).
+/// Verdicts kept at once, in all, per source address, and per IPv6 /64:
+/// one host that sends first fragments in a flood fills its own share, not
+/// the table every other host's fragments need (8 192 per source lets a
+/// host send about 4 000 fragmented datagrams a second), and one that hops
+/// between the addresses of its /64 fills the /64's larger share. A /64 is
+/// a whole LAN as often as a host, so the per-address share is the one
+/// that keeps one host from the others.
 const MAX_FRAGMENT_ENTRIES: usize = 65_536;
 const MAX_FRAGMENT_ENTRIES_PER_SOURCE: usize = 8_192;
+const MAX_FRAGMENT_ENTRIES_PER_NET: usize = 32_768;
+
+/// Takes one from a share count, forgetting it at zero.
+fn release_share(shares: &mut HashMap<IpAddr, usize>, key: &IpAddr) {
+    if let Some(n) = shares.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            shares.remove(key);
+        }
+    }
+}
 
 /// The verdicts on first fragments, per arrival port, and until when their
 /// later fragments follow them; bounded in all and per source.
 #[derive(Default)]
 struct Verdicts {
     map: HashMap<(Zone, FragmentKey), (bool, Duration)>,
+    /// Verdicts held per source address, and per IPv6 /64.
     per_source: HashMap<IpAddr, usize>,
+    per_net: HashMap<IpAddr, usize>,
 }
 
 impl Verdicts {
@@ -316,26 +332,30 @@ impl Verdicts {
             *v = (forwarded, until);
             return;
         }
-        let source = rate_key(k.1 .0);
-        let share = self.per_source.get(&source).copied().unwrap_or(0);
-        if self.map.len() < MAX_FRAGMENT_ENTRIES && share < MAX_FRAGMENT_ENTRIES_PER_SOURCE {
+        let source = k.1 .0;
+        let net = source.is_ipv6().then(|| rate_key(source));
+        let held =
+            |shares: &HashMap<IpAddr, usize>, key: &IpAddr| shares.get(key).copied().unwrap_or(0);
+        let room = held(&self.per_source, &source) < MAX_FRAGMENT_ENTRIES_PER_SOURCE
+            && net.is_none_or(|n| held(&self.per_net, &n) < MAX_FRAGMENT_ENTRIES_PER_NET);
+        if self.map.len() < MAX_FRAGMENT_ENTRIES && room {
             self.map.insert(k, (forwarded, until));
-            self.per_source.insert(source, share + 1);
+            *self.per_source.entry(source).or_default() += 1;
+            if let Some(n) = net {
+                *self.per_net.entry(n).or_default() += 1;
+            }
         }
     }
 
     /// Forgets the verdicts whose time is up by `now`.
     fn expire(&mut self, now: Duration) {
-        let per_source = &mut self.per_source;
+        let (per_source, per_net) = (&mut self.per_source, &mut self.per_net);
         self.map.retain(|(_, fk), (_, until)| {
             let keep = *until > now;
             if !keep {
-                let source = rate_key(fk.0);
-                if let Some(n) = per_source.get_mut(&source) {
-                    *n -= 1;
-                    if *n == 0 {
-                        per_source.remove(&source);
-                    }
+                release_share(per_source, &fk.0);
+                if fk.0.is_ipv6() {
+                    release_share(per_net, &rate_key(fk.0));
                 }
             }
             keep
@@ -695,6 +715,20 @@ impl Engine {
     /// Counts a drop, and summarises it in the trail per flow key, reason
     /// and arrival port.
     fn drop(&self, r: DropReason, port: Zone, key: Option<&FlowKey>, bytes: usize) -> Disposition {
+        self.drop_decided(r, port, key, None, bytes)
+    }
+
+    /// [`Engine::drop`], for a drop the policy decided: `denied_by` is the
+    /// deciding rule's name and its policy's sha256, as decided (a reload
+    /// after the decision must not rename it).
+    fn drop_decided(
+        &self,
+        r: DropReason,
+        port: Zone,
+        key: Option<&FlowKey>,
+        denied_by: Option<(&str, &str)>,
+        bytes: usize,
+    ) -> Disposition {
         let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
         self.counters.dropped[i].fetch_add(1, Ordering::Relaxed);
         if let Ok(mut drops) = self.drops.lock() {
@@ -730,12 +764,8 @@ impl Engine {
                 a.sample = key.copied();
                 // A rule decided only the drops the policy made; the others
                 // (spoofed, no state, limits) name none.
-                if let (true, Some(k), DropReason::Denied | DropReason::Revoked) =
-                    (itemised, key, r)
-                {
-                    let policy = self.policy.load();
-                    let d = policy.decide(k);
-                    a.rule = Some((policy.rule_name(d.rule).to_string(), policy.sha256().into()));
+                if itemised {
+                    a.rule = denied_by.map(|(rule, sha)| (rule.to_string(), sha.to_string()));
                 }
             }
             a.packets += 1;
@@ -810,6 +840,10 @@ impl Engine {
         let key = ip.key;
         // A drop of this packet, summarised under its key and port.
         let refuse = |r: DropReason| self.drop(r, ingress, Some(&key), frame.len());
+        let refuse_by = |r: DropReason, policy: &Policy, rule: Option<RuleId>| {
+            let denied_by = (policy.rule_name(rule), policy.sha256());
+            self.drop_decided(r, ingress, Some(&key), Some(denied_by), frame.len())
+        };
         // A route the sender chose is not forwarded (RFC 5095; RFC 7126).
         if ip.source_routed {
             return refuse(DropReason::SourceRouted);
@@ -896,8 +930,11 @@ impl Engine {
         // (RST or FIN both ways) and still lingers in the table opens a new
         // connection: the old one ends here with its record, and the new
         // one is decided and recorded like any other.
-        let syn_only = ip.tcp_flags & (packet::tcp_flags::SYN | packet::tcp_flags::ACK)
-            == packet::tcp_flags::SYN;
+        // (SYN with FIN or RST opens nothing: see the flow start below.)
+        let syn_only = {
+            use packet::tcp_flags::{ACK, FIN, RST, SYN};
+            ip.tcp_flags & (SYN | ACK | FIN | RST) == SYN
+        };
         if key.proto == 6 && syn_only {
             let closed = match table.find(&ck, now) {
                 Some((f, dir)) if f.state == State::Tcp(TcpState::Closed) => Some(ck.original(dir)),
@@ -931,9 +968,9 @@ impl Engine {
                 if d.verdict == Verdict::Deny {
                     if let Some(ended) = table.remove(&original_ck, EndReason::Revoked) {
                         drop(table);
-                        self.record_end(ended);
+                        self.record_cut(ended, &policy, d.rule);
                     }
-                    return refuse(DropReason::Revoked);
+                    return refuse_by(DropReason::Revoked, &policy, d.rule);
                 }
                 table.readmit(
                     &original_ck,
@@ -990,7 +1027,7 @@ impl Engine {
         let d = policy.decide(&key);
         if d.verdict == Verdict::Deny {
             drop(table);
-            return refuse(DropReason::Denied);
+            return refuse_by(DropReason::Denied, &policy, d.rule);
         }
         if self.audit.admit().is_err() {
             return refuse(DropReason::AuditUnavailable);
@@ -1144,7 +1181,19 @@ impl Engine {
         }
     }
 
-    fn record_end(&self, mut e: Ended) {
+    fn record_end(&self, e: Ended) {
+        self.record_end_by(e, None);
+    }
+
+    /// The record of a flow that `policy`'s `rule` cut (it no longer
+    /// allows the flow), named by that decision.
+    fn record_cut(&self, e: Ended, policy: &Policy, rule: Option<RuleId>) {
+        self.record_end_by(e, Some((policy.rule_name(rule), policy.sha256())));
+    }
+
+    /// A flow's `flow_end` record; a cut one is `denied` under the rule
+    /// and policy in `cut_by`.
+    fn record_end_by(&self, mut e: Ended, cut_by: Option<(&str, &str)>) {
         self.withdraw(&mut e.flow);
         let f = &e.flow;
         let mut ev = AuditEvent::flow_end(
@@ -1169,19 +1218,17 @@ impl Engine {
             EndReason::Revoked => "cut: the reloaded policy no longer allows it",
             EndReason::Stopped => "the filter stopped",
         });
-        if e.why == EndReason::Revoked {
+        if let (EndReason::Revoked, Some((rule, sha))) = (e.why, cut_by) {
             // A denial names the rule and policy that denied it; the rule
             // that admitted the flow is in the reason.
             ev.event.action = Action::Denied;
-            let policy = self.policy.load();
-            let d = policy.decide(&f.key);
             ev = ev
                 .with_reason(&format!(
                     "cut: the reloaded policy no longer allows it; admitted by rule {} of ruleset {}",
                     f.rule_name,
                     &f.policy[..f.policy.len().min(16)]
                 ))
-                .with_rule(policy.rule_name(d.rule), policy.sha256());
+                .with_rule(rule, sha);
         }
         let _ = self.audit.try_submit(&ev);
     }
@@ -1673,9 +1720,10 @@ default deny
         let (e, _audit) = engine_recording(
             dir.path(),
             "\
-zone edge   = 192.0.2.0/25
-zone onprem = 192.0.2.128/25
+zone edge   = 192.0.2.0/25, 2001:db8:1::/64
+zone onprem = 192.0.2.128/25, 2001:db8:2::/64
 rule dns allow 192.0.2.0/25 -> 192.0.2.200 service udp/53
+rule dns6 allow 2001:db8:1::/64 -> 2001:db8:2::53 service udp/53
 default deny
 ",
             65_536,
@@ -1727,6 +1775,43 @@ default deny
             .expire(e.now() + FRAGMENT_TIMEOUT);
         assert_eq!(e.fragments.lock().unwrap().len(), 0);
         assert!(e.fragments.lock().unwrap().per_source.is_empty());
+
+        // IPv6: a /64 is often a whole LAN, so the share that keeps one
+        // host from the others is its address's.
+        let part6 = |src: &str, id: u32, dport: u16, later: bool| {
+            let udp = build::udp(40000, dport, &[0x41; 1600]);
+            let (from, to) = if later { (1232, udp.len()) } else { (0, 1232) };
+            let mut l4 = vec![17, 0];
+            l4.extend_from_slice(&(((from / 8) as u16) << 3 | u16::from(!later)).to_be_bytes());
+            l4.extend_from_slice(&id.to_be_bytes());
+            l4.extend_from_slice(&udp[from..to]);
+            build::ipv6(
+                src.parse().unwrap(),
+                "2001:db8:2::53".parse().unwrap(),
+                44,
+                &l4,
+            )
+        };
+        for i in 0..(MAX_FRAGMENT_ENTRIES_PER_SOURCE as u32 + 100) {
+            assert_eq!(
+                e.handle(Zone::Edge, &part6("2001:db8:1::10", i, 9999, false)),
+                Disposition::Drop(DropReason::Denied)
+            );
+        }
+        assert_eq!(
+            e.handle(Zone::Edge, &part6("2001:db8:1::11", 1, 53, false)),
+            Disposition::Forward
+        );
+        assert_eq!(
+            e.handle(Zone::Edge, &part6("2001:db8:1::11", 1, 53, true)),
+            Disposition::Forward,
+            "a neighbour in the same /64 is not held to the flooder's share"
+        );
+        let v = e.fragments.lock().unwrap();
+        assert_eq!(
+            v.per_net.values().copied().max(),
+            Some(MAX_FRAGMENT_ENTRIES_PER_SOURCE + 1)
+        );
     }
 
     /// A first fragment dropped before it was judged (spoofed, say) says
@@ -1882,7 +1967,7 @@ default deny
                 src.parse().unwrap(),
                 "ff02::1:ff00:20".parse().unwrap(),
                 58,
-                &[135, 0, 0, 0, 0, 0, 0, 0],
+                &[[135, 0, 0, 0].as_slice(), &[0; 20]].concat(),
             );
             f[14 + 7] = hops;
             f
@@ -1915,7 +2000,7 @@ default deny
             "2001:db8:1::5".parse().unwrap(),
             "2001:db8:ffff::1".parse().unwrap(),
             58,
-            &[136, 0, 0, 0, 0, 0, 0, 0],
+            &[[136, 0, 0, 0].as_slice(), &[0; 20]].concat(),
         );
         off_link[14 + 7] = 255;
         off_link.extend_from_slice(&[0x45; 1200]);

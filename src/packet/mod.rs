@@ -286,6 +286,24 @@ fn inner_key(quoted: &[u8], v6: bool, depth: usize) -> Option<FlowKey> {
 /// control: 24 bytes and three 8-byte options.
 const NEIGHBOR_MESSAGE_MAX: usize = 48;
 
+/// Whether a neighbour solicitation or advertisement (`m`, from its ICMPv6
+/// type on) holds only what neighbour discovery puts there: reserved bits
+/// clear (an advertisement's router, solicited and override flags aside),
+/// and options that are each a source or target link-layer address or a
+/// nonce, 8 bytes long, at most [`NEIGHBOR_MESSAGE_MAX`] in all.
+fn plain_neighbor_message(m: &[u8]) -> bool {
+    if m.len() < 24 || m.len() > NEIGHBOR_MESSAGE_MAX || (m.len() - 24) % 8 != 0 {
+        return false;
+    }
+    let flags_mask = if m[0] == 136 { 0x1f } else { 0xff };
+    if m[4] & flags_mask != 0 || m[5..8] != [0, 0, 0] {
+        return false;
+    }
+    m[24..]
+        .chunks(8)
+        .all(|o| matches!(o[0], 1 | 2 | 14) && o[1] == 1)
+}
+
 /// Whether IPv4 options hold a loose (131) or strict (137) source route;
 /// `None` when the list is malformed (an option's length under 2 or past
 /// the header), which receivers read differently.
@@ -468,14 +486,15 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
         _ => 255,
     };
     // A solicitation or advertisement is its 24 bytes and a few 8-byte
-    // options (link-layer address, nonce): one longer would carry data
-    // past the policy.
-    let long = hops == 255 && l4.len() > NEIGHBOR_MESSAGE_MAX;
+    // options (link-layer address, nonce): anything else in it (a longer
+    // one, reserved bits set, other options) would carry data past the
+    // policy.
+    let odd = hops == 255 && !plain_neighbor_message(l4);
     if p.icmp == Some(IcmpKind::NeighborDiscovery)
         && (ip.get_hop_limit() != hops
             || (hops == 255 && p.key.dst_port != 0)
             || p.fragment != Fragment::Whole
-            || long)
+            || odd)
     {
         p.icmp = Some(IcmpKind::Other);
     }
@@ -732,8 +751,26 @@ mod tests {
             f[14 + 7] = 255;
             ip(&f).icmp
         };
-        assert_eq!(message(135, 32), Some(IcmpKind::NeighborDiscovery));
-        assert_eq!(message(136, 32), Some(IcmpKind::NeighborDiscovery));
+        // With a source link-layer address option: neighbour discovery.
+        let with_option = |ty: u8, option: u8, len: u8| {
+            let mut m = vec![ty, 0, 0, 0];
+            m.resize(24, 0);
+            m.extend_from_slice(&[option, len, 2, 0, 0, 0, 0, 1]);
+            let mut f = ipv6(a, all, 58, &m);
+            f[14 + 7] = 255;
+            ip(&f).icmp
+        };
+        assert_eq!(with_option(135, 1, 1), Some(IcmpKind::NeighborDiscovery));
+        assert_eq!(with_option(136, 2, 1), Some(IcmpKind::NeighborDiscovery));
+        assert_eq!(message(135, 24), Some(IcmpKind::NeighborDiscovery));
+        // An unknown option, a long one, or reserved bits set: not.
+        assert_eq!(with_option(135, 200, 1), Some(IcmpKind::Other));
+        assert_eq!(with_option(135, 1, 0), Some(IcmpKind::Other));
+        let mut reserved = vec![135, 0, 0, 0, 0, 0, 0, 9];
+        reserved.resize(24, 0);
+        let mut f = ipv6(a, all, 58, &reserved);
+        f[14 + 7] = 255;
+        assert_eq!(ip(&f).icmp, Some(IcmpKind::Other));
         for ty in [133, 134, 137] {
             assert_eq!(message(ty, 64), Some(IcmpKind::Other), "type {ty}");
         }
@@ -753,7 +790,7 @@ mod tests {
         assert!(matches!(fr.payload, Payload::Ip(_)));
         // Neighbour solicitation is neighbour discovery only as sent on
         // the link: hop limit 255 and code 0.
-        let mut ns = ipv6(a6, b6, 58, &[135, 0, 0, 0, 0, 0, 0, 0]);
+        let mut ns = ipv6(a6, b6, 58, &[[135, 0, 0, 0].as_slice(), &[0; 20]].concat());
         assert_eq!(ip(&ns).icmp, Some(IcmpKind::Other), "hop limit 64");
         ns[14 + 7] = 255;
         assert_eq!(ip(&ns).icmp, Some(IcmpKind::NeighborDiscovery));
