@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The floor under the proxy's keep-alive and new-connection targets: runs
-# the smallest forward proxy on palisade's stack (benches/floor: hyper on
-# tokio, one event loop per core, no policy, no audit, no limits) in the
-# same harness, on the same origin and load as benches/proxy.sh, beside
-# Squid and the direct baseline, and prints its ratios to Squid. Whatever
-# this reaches, palisade (which also parses, decides and audits every
-# request) cannot exceed on this machine.
+# A reference point for the proxy's keep-alive target: runs the smallest
+# forward proxy on palisade's stack (benches/floor: hyper on tokio, one
+# event loop per core, no policy, no audit, no limits) in the same harness,
+# on the same origin and load as benches/proxy.sh, beside Squid and the
+# direct baseline, and prints its ratios to Squid. palisade does all the
+# floor does per kept-alive request and more (it decides, rewrites
+# hop-by-hop headers and audits every request), so the floor's keep-alive
+# rate is what palisade could at best approach on the machine. It is no
+# ceiling for new connections: the floor opens an origin connection per
+# client connection, where palisade reuses idle ones.
 #
 #   benches/floor.sh                        # REPS=1 DURATION=5
 #   REPS=2 DURATION=10 benches/floor.sh
