@@ -382,6 +382,10 @@ fn program(kind: Kind, map: BorrowedFd<'_>, totals: BorrowedFd<'_>) -> Vec<[u8; 
     // R8 = headers per segment, from the IP header on.
     a.alu(ADD, R8, R7);
     a.alu_imm(SUB, R8, 14);
+    // An IP length that cuts the transport header short: palisade's (it
+    // reads the packet only as far as its length says).
+    a.ldx(Size::Dw, R0, FP, IP_LEN);
+    a.jmp_reg(JLT, R0, R8, miss);
     a.mov(R2, R7);
     load_bytes(&mut a, None, KEY_PORTS, 4, miss);
     a.ld_map(R1, map);
@@ -801,10 +805,23 @@ mod tests {
             crate::packet::parse(&lsrr).map(|f| f.payload),
             Ok(crate::packet::Payload::Ip(ip)) if ip.source_routed
         ));
-        // So does one whose total length is shorter than its header.
-        let mut short = whole.clone();
-        short[14 + 2..14 + 4].copy_from_slice(&16u16.to_be_bytes());
-        assert_eq!(fp.test_ingress(&short).unwrap(), VERDICT_NEXT);
+        // So does one whose total length is shorter than its header, or
+        // than its header and the UDP header.
+        for total in [16u16, 20 + 6] {
+            let mut short = whole.clone();
+            short[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
+            assert_eq!(fp.test_ingress(&short).unwrap(), VERDICT_NEXT, "{total}");
+        }
+        // A TCP header cut short by the IPv4 length, and by the IPv6 one.
+        let t4 = key("192.0.2.10", "198.51.100.20", 6, 1000, 2000);
+        fp.insert(LO, &t4, 9).unwrap();
+        let mut cut = frame(&t4, ACK, 10);
+        assert_eq!(fp.test_ingress(&cut).unwrap(), TC_ACT_REDIRECT);
+        cut[14 + 2..14 + 4].copy_from_slice(&(20u16 + 12).to_be_bytes());
+        assert_eq!(fp.test_ingress(&cut).unwrap(), VERDICT_NEXT);
+        let mut cut6 = frame(&k6, 0, 30);
+        cut6[14 + 4..14 + 6].copy_from_slice(&4u16.to_be_bytes());
+        assert_eq!(fp.test_ingress(&cut6).unwrap(), VERDICT_NEXT);
     }
 
     /// A frame from its parts, for the property test: IPv4 with `options`
