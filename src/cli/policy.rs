@@ -287,16 +287,20 @@ fn failed_expectations(c: &Compiled) -> Vec<Diagnostic> {
 
 /// The expired rule an expectation relies on, and its date, if the
 /// expectation held with every rule in force and that rule decided it.
-/// Only for an expectation that something is allowed: an expiry that
-/// narrows access is what the rule's author asked for, but one that
-/// widens it (a deny rule expired, and a broader allow now decides) is
-/// the policy failing its own test, and stays an error.
+/// Not when the expiry widened access (a deny expected, and a broader
+/// allow decides now that a deny rule expired): that is the policy failing
+/// its own test, and stays an error. An expiry that narrows access, or
+/// leaves a flow denied by another rule, is what the rule's author asked
+/// for.
 fn expired_reliance(
     c: &Compiled,
     e: &expect::Expectation,
     before: &Option<palisade::policy::Policy>,
 ) -> Option<(String, palisade::policy::Date, palisade::policy::Span)> {
-    if e.verdict != palisade::policy::Verdict::Allow {
+    // Access widened (a deny expected, an allow now): not this warning.
+    if e.verdict == palisade::policy::Verdict::Deny
+        && expect::run(&c.policy, e).verdict == palisade::policy::Verdict::Allow
+    {
         return None;
     }
     let o = expect::run(before.as_ref()?, e);

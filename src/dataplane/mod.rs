@@ -950,6 +950,14 @@ impl Engine {
             }
         }
         if let Some((flow, dir)) = table.find(&ck, now) {
+            // SYN with FIN or RST belongs to no connection, and some stacks
+            // read it as a SYN: it must not ride a lingering flow.
+            {
+                use packet::tcp_flags::{FIN, RST, SYN};
+                if key.proto == 6 && ip.tcp_flags & SYN != 0 && ip.tcp_flags & (FIN | RST) != 0 {
+                    return refuse(DropReason::NoState);
+                }
+            }
             // An echo flow carries requests one way and replies the other:
             // a request from the far side (or a reply from the near one)
             // is not part of it. (Two pings that pick one identifier
@@ -2209,7 +2217,7 @@ default deny
         let e = engine(dir.path());
         let c = |flags, payload| tcp("192.0.2.10", "192.0.2.200", 42000, 80, flags, payload);
         let s = |flags| tcp("192.0.2.200", "192.0.2.10", 80, 42000, flags, 0);
-        // SYN with FIN or RST starts nothing.
+        // SYN with FIN or RST starts nothing, and rides no flow.
         for odd in [SYN | crate::packet::tcp_flags::FIN, SYN | RST] {
             assert_eq!(
                 e.handle(Zone::Edge, &c(odd, 0)),
@@ -2221,6 +2229,14 @@ default deny
         assert_eq!(e.handle(Zone::Onprem, &s(SYN | ACK)), Disposition::Forward);
         assert_eq!(e.handle(Zone::Edge, &c(ACK, 0)), Disposition::Forward);
         assert_eq!(e.handle(Zone::Edge, &c(RST, 0)), Disposition::Forward);
+        // Nor on the closed connection lingering in the table.
+        for odd in [SYN | crate::packet::tcp_flags::FIN, SYN | RST] {
+            assert_eq!(
+                e.handle(Zone::Edge, &c(odd, 0)),
+                Disposition::Drop(DropReason::NoState),
+                "flags {odd:#x} on a closed flow"
+            );
+        }
         // The same four-tuple again at once.
         assert_eq!(e.handle(Zone::Edge, &c(SYN, 0)), Disposition::Forward);
         assert_eq!(e.handle(Zone::Onprem, &s(SYN | ACK)), Disposition::Forward);

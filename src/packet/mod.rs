@@ -299,9 +299,20 @@ fn plain_neighbor_message(m: &[u8]) -> bool {
     if m[4] & flags_mask != 0 || m[5..8] != [0, 0, 0] {
         return false;
     }
-    m[24..]
-        .chunks(8)
-        .all(|o| matches!(o[0], 1 | 2 | 14) && o[1] == 1)
+    // Each option at most once: a source address in a solicitation, a
+    // target address in an advertisement, a nonce.
+    let mut seen = 0u8;
+    m[24..].chunks(8).all(|o| {
+        let bit = match (o[0], m[0]) {
+            (1, 135) => 1,
+            (2, 136) => 2,
+            (14, _) => 4,
+            _ => return false,
+        };
+        let first = seen & bit == 0;
+        seen |= bit;
+        first && o[1] == 1
+    })
 }
 
 /// Whether IPv4 options hold a loose (131) or strict (137) source route;
@@ -765,6 +776,26 @@ mod tests {
         assert_eq!(message(135, 24), Some(IcmpKind::NeighborDiscovery));
         // An unknown option, a long one, or reserved bits set: not.
         assert_eq!(with_option(135, 200, 1), Some(IcmpKind::Other));
+        assert_eq!(
+            with_option(135, 14, 1),
+            Some(IcmpKind::NeighborDiscovery),
+            "nonce"
+        );
+        assert_eq!(with_option(135, 2, 1), Some(IcmpKind::Other), "TLLA in NS");
+        assert_eq!(with_option(136, 1, 1), Some(IcmpKind::Other), "SLLA in NA");
+        // The same option twice: room for data.
+        let mut twice = vec![135, 0, 0, 0];
+        twice.resize(24, 0);
+        twice.extend_from_slice(&[14, 1, 1, 2, 3, 4, 5, 6, 14, 1, 7, 8, 9, 10, 11, 12]);
+        let mut f = ipv6(a, all, 58, &twice);
+        f[14 + 7] = 255;
+        assert_eq!(ip(&f).icmp, Some(IcmpKind::Other));
+        // An advertisement with the router, solicited and override flags.
+        let mut na = vec![136, 0, 0, 0, 0xe0, 0, 0, 0];
+        na.resize(24, 0);
+        let mut f = ipv6(a, all, 58, &na);
+        f[14 + 7] = 255;
+        assert_eq!(ip(&f).icmp, Some(IcmpKind::NeighborDiscovery));
         assert_eq!(with_option(135, 1, 0), Some(IcmpKind::Other));
         let mut reserved = vec![135, 0, 0, 0, 0, 0, 0, 9];
         reserved.resize(24, 0);

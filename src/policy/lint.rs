@@ -268,7 +268,10 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
                 .help("extend `expires` if the access is still needed, or plan its removal");
                 let relying = failing_after(d);
                 for e in &relying {
-                    finding = finding.also(*e, "fails from the day after");
+                    finding = finding.also(
+                        *e,
+                        "fails from the day after, without the rules that expire on that day",
+                    );
                 }
                 if !relying.is_empty() {
                     finding = finding.help(
