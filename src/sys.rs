@@ -12,9 +12,6 @@
 //!   such a socket up.
 //! - [`lean_allocator`]: two of mimalloc's process-wide options, set
 //!   through its C interface.
-//! - [`peer_credentials`]: who holds a filter port's claim
-//!   (`SO_PEERCRED`, read into plain integers: a pid the caller cannot see
-//!   is 0, which a non-zero pid type must not hold).
 //! - [`bpf`]: the `bpf(2)` calls behind the filter's kernel fast path
 //!   (maps, program loading, attaching to a port and to a packet socket,
 //!   test runs), which no kept crate offers without a C toolchain.
@@ -80,34 +77,6 @@ pub fn enable_auxdata(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// `PACKET_VNET_HDR`: frames carry a `virtio_net_hdr` in front, which lets
 /// segmentation and checksum offloads cross the socket.
 pub const PACKET_VNET_HDR: libc::c_int = 15;
-
-/// The process id and user id a Unix socket's peer had when it connected
-/// or listened (`SO_PEERCRED`). The pid is 0 when that process is in a PID
-/// namespace this one cannot see.
-pub fn peer_credentials(fd: BorrowedFd<'_>) -> io::Result<(i32, u32)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `fd` is a live socket for the duration of the call; `cred` and
-    // `len` are valid for writes of the sizes given, and any bit pattern is
-    // a valid `ucred` (three plain integers).
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((cred.pid, cred.uid))
-}
 
 /// Sets an integer `SOL_PACKET` option.
 pub fn set_packet_option(fd: BorrowedFd<'_>, option: libc::c_int, value: i32) -> io::Result<()> {

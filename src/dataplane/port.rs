@@ -265,90 +265,150 @@ pub struct PacketRx {
     n: usize,
 }
 
+/// Where the filter's port claims live: a directory only root and the
+/// filter's own user can write (the shipped unit's `RuntimeDirectory=`).
+pub const CLAIM_DIR: &str = "/run/palisade-filter";
+
 /// A port held by this filter for as long as the value lives: a second
 /// filter on the same interface would forward every frame again, and what
 /// this one drops the other (an older policy, say) could pass.
 ///
-/// The claim is an abstract Unix socket named after the interface's index.
-/// Abstract names belong to the network namespace, as interfaces do, and
-/// vanish with the process however it ends, so nothing is left behind to
-/// clean up and no runtime directory is needed. They carry no permissions,
-/// so a name held by another user (not root, not this process's user) is
-/// not taken for a filter's: any local user could otherwise keep the
-/// filter from starting.
+/// The claim is an exclusive `flock` on `CLAIM_DIR/port-NETNS-IFINDEX.lock`
+/// (the network namespace's inode and the interface's index: names belong
+/// to a namespace). The lock goes with the process however it ends. The
+/// file is created readable and writable by its owner alone, in a
+/// directory only root and the filter's user can write, so no other user
+/// can take (or hold) a port's claim.
 pub struct PortClaim {
-    _listener: std::os::unix::net::UnixListener,
+    path: std::path::PathBuf,
+    file: std::fs::File,
 }
 
-/// What [`claim`] found.
-pub enum Claimed {
-    /// The port is this filter's.
-    Held(PortClaim),
-    /// The name is held by a process of another user, which cannot be a
-    /// filter this host runs: ignored, and said.
-    Squatted { pid: i32, uid: u32 },
+impl Drop for PortClaim {
+    fn drop(&mut self) {
+        // Removed while still locked: a filter that opened the old file
+        // finds it replaced and tries again (see `claim`).
+        let _ = std::fs::remove_file(&self.path);
+        let _ = &self.file;
+    }
 }
 
 /// Claims interface `name` for this filter, or says which process holds it.
-pub fn claim(name: &str) -> io::Result<Claimed> {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixListener};
-    let index = ifindex(name)?;
-    let address = SocketAddr::from_abstract_name(format!("palisade-filter-port-{index}"))?;
-    let e = match UnixListener::bind_addr(&address) {
-        Ok(listener) => {
-            return Ok(Claimed::Held(PortClaim {
-                _listener: listener,
-            }))
-        }
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => e,
-        Err(e) => return Err(e),
-    };
-    // The holder, from the listening socket's credentials. The connection
-    // is made without blocking: a holder that never accepts (and a queue
-    // others filled) must not hang this start.
-    let holder = holder_of(&format!("palisade-filter-port-{index}"));
-    let euid = rustix::process::geteuid().as_raw();
-    match holder {
-        Some((pid, uid)) if uid != 0 && uid != euid => Ok(Claimed::Squatted { pid, uid }),
-        Some((pid, _)) => {
-            let who = if pid > 0 {
-                format!(" (pid {pid})")
-            } else {
-                " (in a PID namespace this one cannot see)".to_string()
-            };
-            Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!(
-                    "already in use by another palisade filter{who}: two filters on one port \
-                     would each forward what the other drops"
-                ),
-            ))
-        }
-        None => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!(
-                "already in use by another palisade filter (its process could not be asked: {e})"
-            ),
-        )),
-    }
+pub fn claim(name: &str) -> io::Result<PortClaim> {
+    claim_in(std::path::Path::new(CLAIM_DIR), name)
 }
 
-/// The pid and uid of the process listening on the abstract name `name`.
-fn holder_of(name: &str) -> Option<(i32, u32)> {
-    use socket2::{Domain, SockAddr, Socket, Type};
-    use std::os::unix::ffi::OsStrExt;
-    let socket = Socket::new(Domain::UNIX, Type::STREAM, None).ok()?;
-    socket.set_nonblocking(true).ok()?;
-    let mut path = vec![0u8];
-    path.extend_from_slice(name.as_bytes());
-    let address = SockAddr::unix(std::ffi::OsStr::from_bytes(&path)).ok()?;
-    match socket.connect(&address) {
+fn claim_in(dir: &std::path::Path, name: &str) -> io::Result<PortClaim> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+    let index = ifindex(name)?;
+    let netns = std::fs::metadata("/proc/self/ns/net")?.ino();
+    let denied = |what: String| io::Error::new(io::ErrorKind::PermissionDenied, what);
+    match std::fs::DirBuilder::new().mode(0o755).create(dir) {
         Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(_) => return None,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(denied(format!(
+                "cannot create {} for the ports' claims ({e}): create it for the filter's user (the shipped unit's RuntimeDirectory=palisade-filter does)",
+                dir.display()
+            )))
+        }
     }
-    crate::sys::peer_credentials(socket.as_fd()).ok()
+    let meta = std::fs::metadata(dir)?;
+    if meta.mode() & 0o022 != 0 {
+        return Err(denied(format!(
+            "{} is writable by others (mode {:o}): anyone could hold a port's claim; make it writable by its owner alone",
+            dir.display(),
+            meta.mode() & 0o7777
+        )));
+    }
+    let path = dir.join(format!("port-{netns}-{index}.lock"));
+    // A few rounds: the file may be replaced under us by a filter that
+    // stops, or be a stale one of another user that no filter holds.
+    for _ in 0..4 {
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied && !path.exists() => {
+                return Err(denied(format!(
+                    "cannot create a claim in {} ({e}): it must be writable by the filter's user (the shipped unit's RuntimeDirectory=palisade-filter is)",
+                    dir.display()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                // Another user's file: held by a filter of that user, or
+                // left by one that crashed.
+                if let Some(pid) = lock_holder(&path) {
+                    return Err(in_use(Some(pid)));
+                }
+                std::fs::remove_file(&path).map_err(|r| {
+                    denied(format!(
+                        "{} belongs to another user and no filter holds it, but it cannot be removed ({r}): remove it",
+                        path.display()
+                    ))
+                })?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(in_use(lock_holder(&path)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        // Still the file the path names (not one a stopping filter removed
+        // after this one opened it): the claim is this filter's.
+        let here = file.metadata()?;
+        match std::fs::metadata(&path) {
+            Ok(now) if now.ino() == here.ino() && now.dev() == here.dev() => {
+                return Ok(PortClaim { path, file });
+            }
+            _ => continue,
+        }
+    }
+    Err(io::Error::other(format!(
+        "{} kept changing while it was being claimed",
+        path.display()
+    )))
+}
+
+fn in_use(pid: Option<u32>) -> io::Error {
+    let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+    io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!(
+            "already in use by another palisade filter{who}: two filters on one port would each forward what the other drops"
+        ),
+    )
+}
+
+/// The process holding a lock on the file at `path`, from `/proc/locks`
+/// (its lines name the holder's pid and the file's device and inode);
+/// `None` when no lock is held (or the holder is in a PID namespace this
+/// one cannot see).
+fn lock_holder(path: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let dev = rustix::fs::Dev::from(meta.dev());
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev),
+        meta.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let at = fields.iter().position(|f| *f == id)?;
+        fields.get(at.checked_sub(1)?)?.parse().ok()
+    })
 }
 
 /// The interface index of port `name`.
@@ -548,5 +608,33 @@ impl TxPort for PnetTx {
                 f.offload.gso_type() != 0 || !matches!(self.tx.send_to(f.data, None), Some(Ok(())))
             })
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// One claim per port: a second is refused and names the holder; the
+    /// claim ends with its holder; a directory others can write is
+    /// refused, since anyone could hold a claim in it.
+    #[test]
+    fn a_port_is_claimed_once() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let claims = dir.path().join("claims");
+        let first = super::claim_in(&claims, "lo").unwrap();
+        let again = super::claim_in(&claims, "lo").err().expect("held");
+        assert!(
+            again.to_string().contains(&format!(
+                "already in use by another palisade filter (pid {})",
+                std::process::id()
+            )),
+            "{again}"
+        );
+        drop(first);
+        let second = super::claim_in(&claims, "lo").unwrap();
+        drop(second);
+        std::fs::set_permissions(&claims, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let open = super::claim_in(&claims, "lo").err().expect("refused");
+        assert!(open.to_string().contains("is writable by others"), "{open}");
     }
 }
