@@ -167,7 +167,10 @@ impl Default for EngineConfig {
 /// for that reason. No drop goes unrecorded, and the map stays bounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum DropKey {
-    Flow(FlowKey),
+    /// A flow key, and for drops the policy decided, the generation of the
+    /// policy that decided them (`u64::MAX` for others): drops before and
+    /// after a reload are summed apart, each under its own rule.
+    Flow(FlowKey, u64),
     Source(IpAddr),
     All,
 }
@@ -719,14 +722,14 @@ impl Engine {
     }
 
     /// [`Engine::drop`], for a drop the policy decided: `denied_by` is the
-    /// deciding rule's name and its policy's sha256, as decided (a reload
-    /// after the decision must not rename it).
+    /// deciding rule's name, its policy's sha256 and generation, as decided
+    /// (a reload after the decision must not rename it).
     fn drop_decided(
         &self,
         r: DropReason,
         port: Zone,
         key: Option<&FlowKey>,
-        denied_by: Option<(&str, &str)>,
+        denied_by: Option<(&str, &str, u64)>,
         bytes: usize,
     ) -> Disposition {
         let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
@@ -741,7 +744,8 @@ impl Engine {
                     if !matches!(flow.proto, 1 | 58) {
                         flow.src_port = 0;
                     }
-                    let itemised = (DropKey::Flow(flow), r, port);
+                    let decided_in = denied_by.map_or(u64::MAX, |(_, _, g)| g);
+                    let itemised = (DropKey::Flow(flow, decided_in), r, port);
                     // Past the keys one interval itemises (a scan of ports
                     // or addresses), drops are summarised per source; past
                     // the sources (a flood from ever new ones), for all.
@@ -758,14 +762,14 @@ impl Engine {
                 }
                 None => (DropKey::All, r, port),
             };
-            let itemised = matches!(k.0, DropKey::Flow(_));
+            let itemised = matches!(k.0, DropKey::Flow(..));
             let a = drops.entry(k).or_default();
             if a.sample.is_none() {
                 a.sample = key.copied();
                 // A rule decided only the drops the policy made; the others
                 // (spoofed, no state, limits) name none.
                 if itemised {
-                    a.rule = denied_by.map(|(rule, sha)| (rule.to_string(), sha.to_string()));
+                    a.rule = denied_by.map(|(rule, sha, _)| (rule.to_string(), sha.to_string()));
                 }
             }
             a.packets += 1;
@@ -841,7 +845,7 @@ impl Engine {
         // A drop of this packet, summarised under its key and port.
         let refuse = |r: DropReason| self.drop(r, ingress, Some(&key), frame.len());
         let refuse_by = |r: DropReason, policy: &Policy, rule: Option<RuleId>| {
-            let denied_by = (policy.rule_name(rule), policy.sha256());
+            let denied_by = (policy.rule_name(rule), policy.sha256(), policy.generation());
             self.drop_decided(r, ingress, Some(&key), Some(denied_by), frame.len())
         };
         // A route the sender chose is not forwarded (RFC 5095; RFC 7126).
@@ -1287,7 +1291,7 @@ impl Engine {
                 continue;
             };
             let (k, reason) = match k {
-                DropKey::Flow(f) => (f, why.as_str().to_string()),
+                DropKey::Flow(f, _) => (f, why.as_str().to_string()),
                 DropKey::Source(src) => (
                     per_source_key(src),
                     format!(
@@ -2494,7 +2498,8 @@ default deny
     }
 
     /// A drop summary names the rule that denied its packets when they were
-    /// dropped, not the one a reload put in force before it was written.
+    /// dropped, not the one a reload put in force before it was written;
+    /// drops of one key before and after a reload are summed apart.
     #[test]
     fn a_drop_summary_names_the_rule_that_denied_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -2506,11 +2511,16 @@ default deny
             &build::udp(20_000, 7777, b"x"),
             (1, false, 0),
         );
-        assert_eq!(
-            e.handle(Zone::Edge, &f),
-            Disposition::Drop(DropReason::Denied)
-        );
+        let denied = Disposition::Drop(DropReason::Denied);
+        assert_eq!(e.handle(Zone::Edge, &f), denied);
         let before = e.policy.load().sha256().to_string();
+        // A reload whose own rule denies it, then one that allows it.
+        let denying = format!(
+            "rule newly-denied deny 192.0.2.0/25 -> 192.0.2.200 service udp/7777\n{POLICY}"
+        );
+        e.set_policy(compile(&denying));
+        let after = e.policy.load().sha256().to_string();
+        assert_eq!(e.handle(Zone::Edge, &f), denied);
         let allowing = format!(
             "{POLICY}\nrule newly-allowed allow 192.0.2.0/25 -> 192.0.2.200 service udp/7777\n"
         );
@@ -2519,18 +2529,26 @@ default deny
         e.flush();
         drop(e);
         audit.close().unwrap();
-        let denied: Vec<_> = trail_records(dir.path(), "drop_summary")
+        let mut named: Vec<(String, String)> = trail_records(dir.path(), "drop_summary")
             .into_iter()
             .filter(|r| r.pointer("/destination/port").and_then(|p| p.as_u64()) == Some(7777))
+            .map(|r| {
+                let s = |p: &str| {
+                    r.pointer(p)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                (s("/rule/name"), s("/rule/ruleset"))
+            })
             .collect();
-        assert_eq!(denied.len(), 1, "{denied:?}");
+        named.sort();
         assert_eq!(
-            denied[0].pointer("/rule/name").and_then(|v| v.as_str()),
-            Some("default")
-        );
-        assert_eq!(
-            denied[0].pointer("/rule/ruleset").and_then(|v| v.as_str()),
-            Some(before.as_str())
+            named,
+            vec![
+                ("default".to_string(), before),
+                ("newly-denied".to_string(), after)
+            ]
         );
     }
 
