@@ -280,7 +280,7 @@ fn failed_expectations(c: &Compiled) -> Vec<Diagnostic> {
         .iter()
         .filter_map(|e| {
             let o = expect::run(&c.policy, e);
-            (!o.passed).then(|| expectation_failure(c, e, &o, expired_reliance(c, e, &before)))
+            (!o.passed).then(|| expectation_failure(c, e, &o, expired_reliance(c, e, &o, &before)))
         })
         .collect()
 }
@@ -295,11 +295,12 @@ fn failed_expectations(c: &Compiled) -> Vec<Diagnostic> {
 fn expired_reliance(
     c: &Compiled,
     e: &expect::Expectation,
+    now: &expect::Outcome,
     before: &Option<palisade::policy::Policy>,
 ) -> Option<(String, palisade::policy::Date, palisade::policy::Span)> {
     // Access widened (a deny expected, an allow now): not this warning.
     if e.verdict == palisade::policy::Verdict::Deny
-        && expect::run(&c.policy, e).verdict == palisade::policy::Verdict::Allow
+        && now.verdict == palisade::policy::Verdict::Allow
     {
         return None;
     }
@@ -307,23 +308,9 @@ fn expired_reliance(
     if !o.passed {
         return None;
     }
-    let expired = |name: &str, active: bool, expires, span| {
-        (name == o.rule && !active)
-            .then_some(())
-            .and(expires)
-            .map(|d| (o.rule.clone(), d, span))
-    };
-    match &e.query {
-        Query::Packet(_) => c
-            .policy
-            .rules()
-            .iter()
-            .find_map(|r| expired(&r.name, r.active, r.expires, r.span)),
-        Query::Http(_) => c
-            .policy
-            .http_rules()
-            .iter()
-            .find_map(|r| expired(&r.name, r.active, r.expires, r.span)),
+    match rule_of(c, &e.query, &o.rule)? {
+        (span, false, Some(expired)) => Some((o.rule, expired, span)),
+        _ => None,
     }
 }
 
@@ -361,19 +348,29 @@ fn expectation_failure(
 }
 
 fn rule_span(c: &Compiled, q: &Query, name: &str) -> Option<palisade::policy::Span> {
+    rule_of(c, q, name).map(|(span, _, _)| span)
+}
+
+/// The rule named `name` of the kind `q` asks about: its place, whether it
+/// is in force, and its `expires` date.
+fn rule_of(
+    c: &Compiled,
+    q: &Query,
+    name: &str,
+) -> Option<(palisade::policy::Span, bool, Option<palisade::policy::Date>)> {
     match q {
         Query::Packet(_) => c
             .policy
             .rules()
             .iter()
             .find(|r| r.name == name)
-            .map(|r| r.span),
+            .map(|r| (r.span, r.active, r.expires)),
         Query::Http(_) => c
             .policy
             .http_rules()
             .iter()
             .find(|r| r.name == name)
-            .map(|r| r.span),
+            .map(|r| (r.span, r.active, r.expires)),
     }
 }
 
@@ -423,7 +420,7 @@ pub fn test(args: TestArgs) -> ExitCode {
                 o.verdict.as_str(),
                 o.rule
             );
-            if let Some((rule, date, _)) = expired_reliance(&c, e, &before) {
+            if let Some((rule, date, _)) = expired_reliance(&c, e, &o, &before) {
                 println!("     it held until rule `{rule}` expired on {date}");
             }
         }
