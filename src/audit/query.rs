@@ -38,6 +38,16 @@ impl DomainPattern {
     }
 }
 
+/// Whether an endpoint's address is in `net` (true when there is no `net`
+/// to match).
+fn in_net(net: Option<IpNet>, end: &Option<super::record::Endpoint>) -> bool {
+    net.is_none_or(|net| {
+        end.as_ref()
+            .and_then(|e| e.ip)
+            .is_some_and(|ip| net.contains(&ip))
+    })
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
     pub since: Option<Timestamp>,
@@ -60,18 +70,8 @@ impl Filter {
         let e = &r.event;
         self.in_window(r)
             && self.action.is_none_or(|a| e.event.action == a)
-            && self.source.is_none_or(|net| {
-                e.source
-                    .as_ref()
-                    .and_then(|s| s.ip)
-                    .is_some_and(|ip| net.contains(&ip))
-            })
-            && self.destination.is_none_or(|net| {
-                e.destination
-                    .as_ref()
-                    .and_then(|d| d.ip)
-                    .is_some_and(|ip| net.contains(&ip))
-            })
+            && in_net(self.source, &e.source)
+            && in_net(self.destination, &e.destination)
             && self.domain.as_ref().is_none_or(|p| {
                 let mut names = Vec::new();
                 if let Some(d) = e.destination.as_ref().and_then(|d| d.domain.as_deref()) {

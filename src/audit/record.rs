@@ -560,6 +560,27 @@ impl AuditEvent {
         self
     }
 
+    /// A flow or tunnel this event's rule admitted, cut by a new policy
+    /// (`why`): recorded `denied` under the rule and policy that denied it
+    /// (`rule` none when no rule did), with the admitting rule and the
+    /// first 16 hex digits of its ruleset in the reason.
+    pub fn cut(mut self, why: &str, rule: Option<&str>, policy_sha256: &str) -> AuditEvent {
+        let admitted = self.rule.take().unwrap_or_default();
+        let ruleset = admitted.ruleset.unwrap_or_default();
+        self.event.reason = Some(format!(
+            "cut: {why}; admitted by rule {} of ruleset {}",
+            admitted.name.as_deref().unwrap_or("-"),
+            &ruleset[..ruleset.len().min(16)]
+        ));
+        self.event.action = Action::Denied;
+        self.rule = Some(RuleFields {
+            name: rule.map(str::to_string),
+            ruleset: Some(policy_sha256.to_string()),
+            ..RuleFields::default()
+        });
+        self
+    }
+
     /// The proxy's request id (`http.request.id`).
     pub fn with_request_id(mut self, id: &str) -> AuditEvent {
         self.http

@@ -177,9 +177,6 @@ enum DropKey {
 
 #[derive(Debug, Default)]
 struct DropAgg {
-    /// The first dropped packet's own key (the summary's key leaves out
-    /// the source port).
-    sample: Option<FlowKey>,
     /// For drops the policy decided: the rule and policy that decided the
     /// first, taken when it was dropped (a reload before the summary is
     /// written must not rename it).
@@ -764,13 +761,10 @@ impl Engine {
             };
             let itemised = matches!(k.0, DropKey::Flow(..));
             let a = drops.entry(k).or_default();
-            if a.sample.is_none() {
-                a.sample = key.copied();
-                // A rule decided only the drops the policy made; the others
-                // (spoofed, no state, limits) name none.
-                if itemised {
-                    a.rule = denied_by.map(|(rule, sha, _)| (rule.to_string(), sha.to_string()));
-                }
+            // A rule decided only the drops the policy made; the others
+            // (spoofed, no state, limits) name none.
+            if a.packets == 0 && itemised {
+                a.rule = denied_by.map(|(rule, sha, _)| (rule.to_string(), sha.to_string()));
             }
             a.packets += 1;
             a.bytes += bytes as u64;
@@ -934,11 +928,7 @@ impl Engine {
         // (RST or FIN both ways) and still lingers in the table opens a new
         // connection: the old one ends here with its record, and the new
         // one is decided and recorded like any other.
-        // (SYN with FIN or RST opens nothing: see the flow start below.)
-        let syn_only = {
-            use packet::tcp_flags::{ACK, FIN, RST, SYN};
-            ip.tcp_flags & (SYN | ACK | FIN | RST) == SYN
-        };
+        let syn_only = packet::tcp_flags::opens(ip.tcp_flags);
         if key.proto == 6 && syn_only {
             let closed = match table.find(&ck, now) {
                 Some((f, dir)) if f.state == State::Tcp(TcpState::Closed) => Some(ck.original(dir)),
@@ -956,11 +946,8 @@ impl Engine {
         if let Some((flow, dir)) = table.find(&ck, now) {
             // SYN with FIN or RST belongs to no connection, and some stacks
             // read it as a SYN: it must not ride a lingering flow.
-            {
-                use packet::tcp_flags::{FIN, RST, SYN};
-                if key.proto == 6 && ip.tcp_flags & SYN != 0 && ip.tcp_flags & (FIN | RST) != 0 {
-                    return refuse(DropReason::NoState);
-                }
+            if key.proto == 6 && packet::tcp_flags::contradictory(ip.tcp_flags) {
+                return refuse(DropReason::NoState);
             }
             // An echo flow carries requests one way and replies the other:
             // a request from the far side (or a reply from the near one)
@@ -1017,13 +1004,9 @@ impl Engine {
             }
             return refuse(DropReason::NoState);
         }
-        // A new flow. TCP flows start with a SYN only: not with SYN and
-        // FIN or RST together, which no connection sends and stacks read
-        // differently (a scanner's and an evader's combination).
-        use packet::tcp_flags::{ACK, FIN, RST, SYN};
-        if key.proto == 6
-            && (!ip.transport_complete || ip.tcp_flags & (SYN | ACK | FIN | RST) != SYN)
-        {
+        // A new flow. TCP flows start with their opening segment only
+        // (SYN, not with FIN or RST).
+        if key.proto == 6 && (!ip.transport_complete || !syn_only) {
             return refuse(DropReason::NoState);
         }
         if matches!(ip.icmp, Some(IcmpKind::Echo { request: false, .. })) {
@@ -1231,16 +1214,7 @@ impl Engine {
             EndReason::Stopped => "the filter stopped",
         });
         if let (EndReason::Revoked, Some((rule, sha))) = (e.why, cut_by) {
-            // A denial names the rule and policy that denied it; the rule
-            // that admitted the flow is in the reason.
-            ev.event.action = Action::Denied;
-            ev = ev
-                .with_reason(&format!(
-                    "cut: the reloaded policy no longer allows it; admitted by rule {} of ruleset {}",
-                    f.rule_name,
-                    &f.policy[..f.policy.len().min(16)]
-                ))
-                .with_rule(rule, sha);
+            ev = ev.cut("the reloaded policy no longer allows it", Some(rule), sha);
         }
         let _ = self.audit.try_submit(&ev);
     }

@@ -281,7 +281,8 @@ pub const CLAIM_DIR: &str = "/run/palisade-filter";
 /// can take (or hold) a port's claim.
 pub struct PortClaim {
     path: std::path::PathBuf,
-    file: std::fs::File,
+    /// Holds the lock; closed (unlocked) after `drop` removed the file.
+    _lock: std::fs::File,
 }
 
 impl Drop for PortClaim {
@@ -289,7 +290,6 @@ impl Drop for PortClaim {
         // Removed while still locked: a filter that opened the old file
         // finds it replaced and tries again (see `claim`).
         let _ = std::fs::remove_file(&self.path);
-        let _ = &self.file;
     }
 }
 
@@ -368,7 +368,7 @@ fn claim_in(dir: &std::path::Path, name: &str) -> io::Result<PortClaim> {
         let here = file.metadata()?;
         match std::fs::metadata(&path) {
             Ok(now) if now.ino() == here.ino() && now.dev() == here.dev() => {
-                return Ok(PortClaim { path, file });
+                return Ok(PortClaim { path, _lock: file });
             }
             _ => continue,
         }

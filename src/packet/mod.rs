@@ -144,6 +144,17 @@ pub mod tcp_flags {
     pub const SYN: u8 = 0x02;
     pub const RST: u8 = 0x04;
     pub const ACK: u8 = 0x10;
+
+    /// A connection's opening segment: SYN, without ACK, FIN or RST.
+    pub fn opens(flags: u8) -> bool {
+        flags & (SYN | ACK | FIN | RST) == SYN
+    }
+
+    /// SYN with FIN or RST: a segment no connection sends, which stacks
+    /// read differently (a scanner's and an evader's combination).
+    pub fn contradictory(flags: u8) -> bool {
+        flags & SYN != 0 && flags & (FIN | RST) != 0
+    }
 }
 
 /// Parses a frame as a port delivered it.

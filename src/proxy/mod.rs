@@ -1965,19 +1965,18 @@ async fn connect(
         let carried = tunnel::Carried::default();
         let server_name = std::sync::OnceLock::<String>::new();
         let base = ev.clone();
-        let ended_from_outside = |reason: &str| {
+        let ended_from_outside = || {
             let (up, down) = carried.get();
-            let ev = base
-                .clone()
-                .with_reason(reason)
-                .with_bytes(up, down, start.elapsed());
+            let ev = base.clone().with_bytes(up, down, start.elapsed());
             match server_name.get() {
                 Some(name) => ev.with_server_name(name),
                 None => ev,
             }
         };
         let cut = IfCut::new(|| {
-            let ev = ended_from_outside(CUT_SHORT).with_end(Timestamp::now());
+            let ev = ended_from_outside()
+                .with_reason(CUT_SHORT)
+                .with_end(Timestamp::now());
             let _ = st.audit.try_submit(&ev);
         });
         let opened = async {
@@ -2016,20 +2015,11 @@ async fn connect(
         // close with the relay, and its record says why.
         let ev = tokio::select! {
             ev = opened => ev,
-            revocation = open.tunnel.revoked() => {
-                // A denial names the rule and policy that denied it; the
-                // rule that admitted the tunnel is in the reason.
-                let mut ev = ended_from_outside(&format!(
-                    "cut: the policy now in force no longer allows it: {}; admitted by rule {rule_name} of ruleset {}",
-                    revocation.why,
-                    &sha[..sha.len().min(16)],
-                ));
-                ev.event.action = Action::Denied;
-                let rule = ev.rule.get_or_insert_with(Default::default);
-                rule.name = revocation.rule.clone();
-                rule.ruleset = Some(revocation.ruleset.clone());
-                ev
-            }
+            revocation = open.tunnel.revoked() => ended_from_outside().cut(
+                &format!("the policy now in force no longer allows it: {}", revocation.why),
+                revocation.rule.as_deref(),
+                &revocation.ruleset,
+            ),
         };
         cut.done();
         // A tunnel refused after its CONNECT (what it sent first, or a
