@@ -1191,6 +1191,10 @@ impl Engine {
     fn record_end_by(&self, mut e: Ended, cut_by: Option<(&str, &str)>) {
         self.withdraw(&mut e.flow);
         let f = &e.flow;
+        // The engine's clock to wall-clock time, from one reading of each,
+        // so that a flow's start is never after its end.
+        let (wall, engine) = (std::time::SystemTime::now(), self.now());
+        let wall_clock = |at: Duration| Timestamp::from_system(wall - engine.saturating_sub(at));
         let mut ev = AuditEvent::flow_end(
             &tuple(&f.key),
             Traffic {
@@ -1204,8 +1208,8 @@ impl Engine {
             f.last_seen.saturating_sub(f.created),
         )
         .with_rule(&f.rule_name, &f.policy)
-        .with_start(self.wall_clock(f.created))
-        .with_end(self.wall_clock(f.last_seen))
+        .with_start(wall_clock(f.created))
+        .with_end(wall_clock(f.last_seen))
         .with_reason(match e.why {
             EndReason::Timeout => "timed out",
             EndReason::Closed => "closed",
@@ -1217,12 +1221,6 @@ impl Engine {
             ev = ev.cut("the reloaded policy no longer allows it", Some(rule), sha);
         }
         let _ = self.audit.try_submit(&ev);
-    }
-
-    /// The wall-clock time of `at` (a time on the engine's own clock).
-    fn wall_clock(&self, at: Duration) -> Timestamp {
-        let ago = self.now().saturating_sub(at);
-        Timestamp::from_system(std::time::SystemTime::now() - ago)
     }
 
     /// Periodic work: expire flows and fragments, forget sources whose
