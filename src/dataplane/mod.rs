@@ -310,26 +310,30 @@ fn release_share(shares: &mut HashMap<IpAddr, usize>, key: &IpAddr) {
 /// later fragments follow them; bounded in all and per source.
 #[derive(Default)]
 struct Verdicts {
-    map: HashMap<(Zone, FragmentKey), (bool, Duration)>,
+    /// Forwarded or not, until when, and the offset below which a later
+    /// fragment overlaps the first (IPv6; 0 for IPv4).
+    map: HashMap<(Zone, FragmentKey), (bool, Duration, u16)>,
     /// Verdicts held per source address, and per IPv6 /64.
     per_source: HashMap<IpAddr, usize>,
     per_net: HashMap<IpAddr, usize>,
 }
 
 impl Verdicts {
-    /// The verdict on a datagram still in force at `now`.
-    fn get(&self, k: &(Zone, FragmentKey), now: Duration) -> Option<bool> {
+    /// The verdict on a datagram still in force at `now`: forwarded or
+    /// not, and the offset below which a later fragment overlaps.
+    fn get(&self, k: &(Zone, FragmentKey), now: Duration) -> Option<(bool, u16)> {
         self.map
             .get(k)
-            .filter(|(_, until)| *until > now)
-            .map(|(v, _)| *v)
+            .filter(|(_, until, _)| *until > now)
+            .map(|(v, _, bound)| (*v, *bound))
     }
 
     /// Notes a verdict, unless the table or the source's share is full
-    /// (then the datagram's later fragments wait, and drop).
-    fn note(&mut self, k: (Zone, FragmentKey), forwarded: bool, until: Duration) {
+    /// (then the datagram's later fragments wait, and drop). Later
+    /// fragments that start below `bound` overlap the first one.
+    fn note(&mut self, k: (Zone, FragmentKey), forwarded: bool, until: Duration, bound: u16) {
         if let Some(v) = self.map.get_mut(&k) {
-            *v = (forwarded, until);
+            *v = (forwarded, until, bound);
             return;
         }
         let source = k.1 .0;
@@ -339,7 +343,7 @@ impl Verdicts {
         let room = held(&self.per_source, &source) < MAX_FRAGMENT_ENTRIES_PER_SOURCE
             && net.is_none_or(|n| held(&self.per_net, &n) < MAX_FRAGMENT_ENTRIES_PER_NET);
         if self.map.len() < MAX_FRAGMENT_ENTRIES && room {
-            self.map.insert(k, (forwarded, until));
+            self.map.insert(k, (forwarded, until, bound));
             *self.per_source.entry(source).or_default() += 1;
             if let Some(n) = net {
                 *self.per_net.entry(n).or_default() += 1;
@@ -350,7 +354,7 @@ impl Verdicts {
     /// Forgets the verdicts whose time is up by `now`.
     fn expire(&mut self, now: Duration) {
         let (per_source, per_net) = (&mut self.per_source, &mut self.per_net);
-        self.map.retain(|(_, fk), (_, until)| {
+        self.map.retain(|(_, fk), (_, until, _)| {
             let keep = *until > now;
             if !keep {
                 release_share(per_source, &fk.0);
@@ -386,7 +390,8 @@ struct Waiting {
     /// none), for drop summaries.
     key: FlowKey,
     since: Duration,
-    frames: Vec<Vec<u8>>,
+    /// Each frame with its offset in the datagram's fragmentable part.
+    frames: Vec<(Vec<u8>, u16)>,
     bytes: usize,
 }
 
@@ -400,13 +405,14 @@ struct Held {
 }
 
 impl Held {
-    /// Keeps a copy of `frame`, if the bounds allow.
+    /// Keeps a copy of `frame` (a later fragment starting at `offset`), if
+    /// the bounds allow.
     fn keep(
         &mut self,
         ingress: Zone,
         fk: FragmentKey,
         key: &FlowKey,
-        frame: &[u8],
+        (frame, offset): (&[u8], u16),
         now: Duration,
     ) -> bool {
         let new = !self.waiting.contains_key(&(ingress, fk));
@@ -430,7 +436,7 @@ impl Held {
         if w.frames.len() >= MAX_HELD_PER_DATAGRAM {
             return false;
         }
-        w.frames.push(frame.to_vec());
+        w.frames.push((frame.to_vec(), offset));
         w.bytes += cost;
         self.bytes += cost;
         *self.per_source.entry(src).or_default() += cost;
@@ -801,8 +807,14 @@ impl Engine {
             Payload::Ip(ip) => ip,
         };
         let tagged = parsed.vlan.is_some();
+        // An IPv6 datagram's fragments must not overlap (RFC 5722): its
+        // later fragments start where the first one's data ends, or after.
+        // (IPv4 ones may overlap past the transport header; see below.)
         let first = match ip.fragment {
-            Fragment::First { id } => Some(fragment_key(&ip.key, id)),
+            Fragment::First { id, end } => Some((
+                fragment_key(&ip.key, id),
+                if ip.key.src.is_ipv6() { end } else { 0 },
+            )),
             _ => None,
         };
         // An ICMP error passes for the header it quotes, which its first
@@ -814,11 +826,11 @@ impl Engine {
         // datagram was judged: a first fragment dropped before (spoofed,
         // malformed, cut short) says nothing about the datagram it names,
         // whose own first fragment may still come.
-        if let Some(fk) = first {
+        if let Some((fk, bound)) = first {
             match d {
-                Disposition::Forward => self.settle_held(ingress, fk, !icmp_error),
+                Disposition::Forward => self.settle_held(ingress, fk, !icmp_error, bound),
                 Disposition::Drop(r) if r.judges_the_datagram() => {
-                    self.settle_held(ingress, fk, false)
+                    self.settle_held(ingress, fk, false, bound)
                 }
                 _ => {}
             }
@@ -892,12 +904,16 @@ impl Engine {
         // Later fragments follow their first fragment; one that comes
         // before it waits for it a moment (paths reorder, and some senders
         // send a datagram's fragments last first).
-        if let Fragment::Later { id, .. } = ip.fragment {
+        if let Fragment::Later { id, offset } = ip.fragment {
             // One that would rewrite the transport header the first
             // fragment's verdict was on never passes (RFC 1858).
             // An IPv6 datagram's fragments may each name another next
             // header (RFC 8200 section 4.5) and the receiver takes the
-            // first's, so every IPv6 one is held to TCP's bound.
+            // first's, so every IPv6 one is held to TCP's bound; and an
+            // IPv6 one that starts inside the first fragment's data (where
+            // extension headers after the Fragment header put the
+            // transport header further in) overlaps it (RFC 5722), checked
+            // once the first fragment's length is known.
             let proto = if key.src.is_ipv6() { 6 } else { key.proto };
             if ip.fragment.overlaps_transport_header(proto) {
                 return refuse(DropReason::OverlappingFragment);
@@ -909,9 +925,10 @@ impl Engine {
                 .ok()
                 .and_then(|f| f.get(&(ingress, fk), now));
             return match known {
-                Some(true) => self.forward(),
-                Some(false) => refuse(DropReason::Fragment),
-                None => self.hold(ingress, fk, &key, frame, now),
+                Some((_, bound)) if offset < bound => refuse(DropReason::OverlappingFragment),
+                Some((true, _)) => self.forward(),
+                Some((false, _)) => refuse(DropReason::Fragment),
+                None => self.hold(ingress, fk, &key, (frame, offset), now),
             };
         }
 
@@ -1112,13 +1129,13 @@ impl Engine {
         ingress: Zone,
         fk: FragmentKey,
         key: &FlowKey,
-        frame: &[u8],
+        (frame, offset): (&[u8], u16),
         now: Duration,
     ) -> Disposition {
         let kept = self
             .held
             .lock()
-            .is_ok_and(|mut h| h.keep(ingress, fk, key, frame, now));
+            .is_ok_and(|mut h| h.keep(ingress, fk, key, (frame, offset), now));
         if kept {
             self.counters.held.fetch_add(1, Ordering::Relaxed);
             Disposition::Held
@@ -1128,25 +1145,34 @@ impl Engine {
     }
 
     /// Notes the verdict on a datagram's first fragment for its later
-    /// fragments, and passes or drops those that came before it.
-    fn settle_held(&self, ingress: Zone, fk: FragmentKey, forwarded: bool) {
+    /// fragments, and passes or drops those that came before it. Later
+    /// fragments that start below `bound` overlap the first and never pass.
+    fn settle_held(&self, ingress: Zone, fk: FragmentKey, forwarded: bool, bound: u16) {
         let now = self.now();
         // Full (housekeeping removes the expired ones every 200 ms): the
         // datagram's later fragments wait, then drop.
         if let Ok(mut frags) = self.fragments.lock() {
-            frags.note((ingress, fk), forwarded, now + FRAGMENT_TIMEOUT);
+            frags.note((ingress, fk), forwarded, now + FRAGMENT_TIMEOUT, bound);
         }
         let Some(waiting) = self.held.lock().ok().and_then(|mut h| h.take(ingress, &fk)) else {
             return;
         };
-        if forwarded {
+        let mut pass = Vec::new();
+        for (f, offset) in waiting.frames {
+            let reason = if offset < bound {
+                DropReason::OverlappingFragment
+            } else if forwarded {
+                pass.push(f);
+                continue;
+            } else {
+                DropReason::Fragment
+            };
+            self.drop(reason, ingress, Some(&waiting.key), f.len());
+        }
+        if !pass.is_empty() {
             // Counted as forwarded when the forwarding loop sends them.
             if let Ok(mut out) = self.released[ingress as usize].lock() {
-                out.extend(waiting.frames);
-            }
-        } else {
-            for f in waiting.frames {
-                self.drop(DropReason::Fragment, ingress, Some(&waiting.key), f.len());
+                out.extend(pass);
             }
         }
     }
@@ -1170,7 +1196,7 @@ impl Engine {
             .map(|mut h| h.expire(now))
             .unwrap_or_default();
         for (ingress, d) in gone {
-            for f in d.frames {
+            for (f, _) in d.frames {
                 self.drop(DropReason::Fragment, ingress, Some(&d.key), f.len());
             }
         }
@@ -2116,6 +2142,59 @@ default deny
         // Offset 24 and on is data: it follows the first fragment.
         let rest = build::ipv4(a, b, 6, &[0; 16], (21, false, 3));
         assert_eq!(e.handle(Zone::Edge, &rest), Disposition::Forward);
+        assert_eq!(e.counters.dropped(DropReason::OverlappingFragment), 2);
+    }
+
+    /// IPv6 fragments must not overlap (RFC 5722): with a Destination
+    /// Options header after the Fragment header, the TCP header sits past
+    /// byte 20 of the fragmentable part, and a later fragment at 24 would
+    /// rewrite its flags. Dropped whether it comes after its first
+    /// fragment or before it (held, then settled).
+    #[test]
+    fn ipv6_fragments_cannot_overlap_their_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = "\
+zone edge   = 2001:db8:1::/64
+zone onprem = 2001:db8:2::/64
+rule web allow 2001:db8:1::/64 -> 2001:db8:2::443 service tcp/443
+default deny
+";
+        let e = engine_for(dir.path(), policy, EngineConfig::default());
+        let (a, b) = ("2001:db8:1::10", "2001:db8:2::443");
+        // Fragment header (next: Destination Options), then what follows.
+        let frag = |id: u8, offset: u16, more: bool, data: &[u8]| {
+            let mut l4 = vec![60, 0];
+            l4.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+            l4.extend_from_slice(&[0, 0, 0, id]);
+            l4.extend_from_slice(data);
+            build::ipv6(a.parse().unwrap(), b.parse().unwrap(), 44, &l4)
+        };
+        // Destination Options (next: TCP; PadN), a SYN and 20 bytes: the
+        // first fragment carries 48 bytes of the datagram.
+        let mut first = vec![6, 0, 1, 4, 0, 0, 0, 0];
+        first.extend_from_slice(&build::tcp(40000, 443, packet::tcp_flags::SYN));
+        first.extend_from_slice(&[0; 20]);
+        let rewrite = frag(1, 3, true, &[0; 16]);
+        let rest = frag(1, 6, false, &[0; 16]);
+        assert_eq!(
+            e.handle(Zone::Edge, &frag(1, 0, true, &first)),
+            Disposition::Forward
+        );
+        assert_eq!(
+            e.handle(Zone::Edge, &rewrite),
+            Disposition::Drop(DropReason::OverlappingFragment)
+        );
+        assert_eq!(e.handle(Zone::Edge, &rest), Disposition::Forward);
+        // The same datagram sent last first: both later fragments wait;
+        // the first passes, the one after it too, the overlapping one not.
+        let (rewrite, rest) = (frag(2, 3, true, &[0; 16]), frag(2, 6, false, &[0; 16]));
+        assert_eq!(e.handle(Zone::Edge, &rest), Disposition::Held);
+        assert_eq!(e.handle(Zone::Edge, &rewrite), Disposition::Held);
+        assert_eq!(
+            e.handle(Zone::Edge, &frag(2, 0, true, &first)),
+            Disposition::Forward
+        );
+        assert_eq!(e.take_released(Zone::Edge), vec![rest]);
         assert_eq!(e.counters.dropped(DropReason::OverlappingFragment), 2);
     }
 

@@ -43,8 +43,11 @@ pub enum ParseError {
 pub enum Fragment {
     /// Not fragmented.
     Whole,
-    /// The first fragment: it carries the transport header.
-    First { id: u32 },
+    /// The first fragment: it carries the transport header. `end` is how
+    /// many bytes of the datagram's fragmentable part it carries (for IPv6,
+    /// the extension headers after the Fragment header and the transport
+    /// header come first among them).
+    First { id: u32, end: u16 },
     /// A later fragment: no transport header; it follows the first's
     /// verdict. `offset` is where its data starts in the datagram's
     /// fragmentable part, in bytes.
@@ -53,11 +56,15 @@ pub enum Fragment {
 
 impl Fragment {
     /// A datagram's place from its header's fragment offset and
-    /// more-fragments flag.
-    fn of(offset: u16, more: bool, id: u32) -> Fragment {
+    /// more-fragments flag; `carried` is the length of the data after the
+    /// IP header (IPv4) or the Fragment header (IPv6).
+    fn of(offset: u16, more: bool, id: u32, carried: usize) -> Fragment {
         match (offset, more) {
             (0, false) => Fragment::Whole,
-            (0, true) => Fragment::First { id },
+            (0, true) => Fragment::First {
+                id,
+                end: carried.min(usize::from(u16::MAX)) as u16,
+            },
             _ => Fragment::Later {
                 id,
                 offset: offset << 3,
@@ -386,7 +393,7 @@ fn parse_ipv4_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
     let frag_offset = ip.get_fragment_offset();
     let more = ip.get_flags() & 0b001 != 0;
     let id = u32::from(ip.get_identification());
-    let fragment = Fragment::of(frag_offset, more, id);
+    let fragment = Fragment::of(frag_offset, more, id, end.saturating_sub(ihl));
     let l4 = &l3[ihl..end.max(ihl)];
     let (src, dst) = (ip.get_source().into(), ip.get_destination().into());
     let mut p = ip_packet((src, dst, proto), fragment, l4, end, depth);
@@ -474,8 +481,8 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
                 let offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
                 let more = h[3] & 1 != 0;
                 let id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-                fragment = Fragment::of(offset, more, id);
                 off += 8;
+                fragment = Fragment::of(offset, more, id, end.saturating_sub(off));
                 // What follows the fragment header of a later fragment is
                 // the datagram's data, not headers (RFC 8200 section 4.5):
                 // it is never read as a header, nor as a second fragment
@@ -689,7 +696,8 @@ mod tests {
     #[test]
     fn fragments() {
         let first = ip(&ipv4(A, B, 17, &udp(1, 2, &[0; 32]), (7, true, 0)));
-        assert_eq!(first.fragment, Fragment::First { id: 7 });
+        // It carries the 8-byte UDP header and 32 bytes of data.
+        assert_eq!(first.fragment, Fragment::First { id: 7, end: 40 });
         assert_eq!(first.key.dst_port, 2);
         let later = ip(&ipv4(A, B, 17, &[0; 16], (7, false, 5)));
         assert_eq!(later.fragment, Fragment::Later { id: 7, offset: 40 });
