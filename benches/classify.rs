@@ -10,7 +10,11 @@
 //! work skews them less; criterion's figures that follow are wall time.
 //!
 //! `cargo bench --bench classify` runs everything;
-//! `cargo bench --bench classify -- --summary` prints the summary only.
+//! `cargo bench --bench classify -- --summary` prints the summary only;
+//! `cargo bench --bench classify -- --write-traces DIR` writes the keys of
+//! each set, in ClassBench trace format, to `DIR/<set>_trace` and exits, so
+//! that another classifier can be timed on the same keys
+//! (`benches/classify-peers.sh` does so with DPDK's ACL library).
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -259,14 +263,52 @@ fn criterion_groups(c: &mut Criterion, sets: &[Set]) {
     }
 }
 
+/// Writes each set's keys as a ClassBench trace (`src dst sport dport
+/// proto`, one key a line) to `dir/<set>_trace`.
+fn write_traces(sets: &[Set], dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    for set in sets {
+        let path = dir.join(format!("{}_trace", set.name));
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        for k in &set.keys {
+            writeln!(
+                out,
+                "{}\t{}\t{}\t{}\t{}",
+                k.src, k.dst, k.src_port, k.dst_port, k.proto
+            )?;
+        }
+        out.flush()?;
+        println!(
+            "{} keys ({}) -> {}",
+            set.keys.len(),
+            set.keys_from,
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 fn main() {
-    let summary_only = std::env::args().any(|a| a == "--summary");
+    let args: Vec<String> = std::env::args().collect();
+    let summary_only = args.iter().any(|a| a == "--summary");
     let sets = load_sets();
     if sets.is_empty() {
         eprintln!(
             "no ClassBench sets found in {}; this benchmark needs them",
             data_dir().display()
         );
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--write-traces") {
+        let Some(dir) = args.get(i + 1) else {
+            eprintln!("--write-traces needs a directory");
+            std::process::exit(2);
+        };
+        if let Err(e) = write_traces(&sets, std::path::Path::new(dir)) {
+            eprintln!("writing traces to {dir}: {e}");
+            std::process::exit(1);
+        }
         return;
     }
     summary(&sets);
