@@ -2535,6 +2535,43 @@ fn a_rule_stops_matching_when_its_expiry_date_ends() {
     p.stop_and_verify();
 }
 
+/// A deny rule whose expiry would let through what the policy's own
+/// `expect ... deny` holds it to deny stays in force at its midnight (a
+/// restart would refuse the file as it stands), and the trail and the
+/// operator are told which rule and which expectation.
+#[test]
+fn a_deny_rule_an_expectation_needs_outlives_its_date() {
+    if libfaketime().is_none() {
+        eprintln!("SKIP: this test needs libfaketime (.ci/run installs package faketime)");
+        return;
+    }
+    let held = |o: &Origins| {
+        policy_text(o).replace(
+            "http origin ",
+            "http legacy deny local -> \"legacy.origin.test\" expires 2027-06-30\nhttp origin ",
+        ) + &format!(
+            "expect deny http 127.0.0.1 -> http://legacy.origin.test:{}/\n",
+            o.http
+        )
+    };
+    let p = start_proxy_with("", &held, Launch::FakeTime("@2027-06-30 23:59:57"));
+    let r = p.wait_record("for the expiry", |r| {
+        s(r, "/event/action") == "policy-loaded" && s(r, "/event/reason").contains("expired")
+    });
+    let why = s(&r, "/event/reason");
+    assert!(
+        why.contains("again on 2027-07-01: deny rule(s) `legacy` expired but stay in force")
+            && why.contains("expect deny http 127.0.0.1 -> http://legacy.origin.test"),
+        "{r}"
+    );
+    let (code, body) = p.curl(&[&format!("http://legacy.origin.test:{}/", p.origins.http)]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("rule: legacy"), "{body}");
+    let (code, body) = p.curl(&[&format!("http://origin.test:{}/", p.origins.http)]);
+    assert_eq!(code, 200, "{body}");
+    p.stop_and_verify();
+}
+
 /// A client that asks for a large response and never reads it does not keep
 /// its connection (and an origin connection) past the idle timeout: the
 /// proxy cuts it and the record says the response did not complete.

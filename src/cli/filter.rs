@@ -220,7 +220,9 @@ pub fn run(args: FilterArgs) -> ExitCode {
                         if let Some((p, why)) = e2.policy().expired_today() {
                             let sha = p.sha256().to_string();
                             e2.set_policy(p);
-                            let _ = a2.submit_async(&AuditEvent::policy_loaded(&sha, &why)).await;
+                            if let Err(e) = a2.submit_async(&AuditEvent::policy_loaded(&sha, &why)).await {
+                                palisade::say!("palisade filter: the expiry's audit record was not written: {e}");
+                            }
                             palisade::say!("palisade filter: policy in force {why}");
                         }
                     }
@@ -230,11 +232,15 @@ pub fn run(args: FilterArgs) -> ExitCode {
                             Ok(p) => {
                                 let sha = p.sha256().to_string();
                                 e2.set_policy(p);
-                                let _ = a2.submit_async(&AuditEvent::policy_loaded(&sha, "reload")).await;
+                                if let Err(e) = a2.submit_async(&AuditEvent::policy_loaded(&sha, "reload")).await {
+                                    palisade::say!("palisade filter: the reload's audit record was not written: {e}");
+                                }
                                 palisade::say!("palisade filter: reloaded policy (sha256 {sha})");
                             }
                             Err(e) => {
-                                let _ = a2.submit_async(&AuditEvent::reload_failed(&e, Some(&in_force))).await;
+                                if let Err(w) = a2.submit_async(&AuditEvent::reload_failed(&e, Some(&in_force))).await {
+                                    palisade::say!("palisade filter: the failed reload's audit record was not written: {w}");
+                                }
                                 palisade::say!("palisade filter: reload failed, the previous policy stays in force:\n{e}");
                             }
                         }

@@ -355,6 +355,7 @@ impl<'a> Resolver<'a> {
             zones,
             sha256: sha256_of(self.sources),
             generation: 0,
+            expectations: Default::default(),
         };
 
         // Expectations, resolved against the compiled policy.
@@ -372,6 +373,13 @@ impl<'a> Resolver<'a> {
         if self.diags.has_errors() {
             return None;
         }
+        let mut policy = policy;
+        policy.expectations = std::sync::Arc::new(
+            expectations
+                .iter()
+                .map(|e: &expect::Expectation| (e.clone(), self.location(e.span)))
+                .collect(),
+        );
         Some((policy, expectations, stats))
     }
 
@@ -1094,6 +1102,61 @@ mod tests {
         assert_eq!(q.decide_http(&req("b.example")).verdict, Verdict::Allow);
         assert_eq!(q.valid_until(), None);
         assert!(q.expired_as_of(Date::new(2030, 1, 1).unwrap()).is_none());
+    }
+
+    /// A deny rule that expires above a broader allow would let through
+    /// what an `expect ... deny` holds the policy to deny: in a running
+    /// daemon it stays in force past its date (and is said once), while
+    /// the allow rules of the same day expire.
+    #[test]
+    fn a_deny_rule_an_expectation_needs_stays_in_force_past_its_date() {
+        use crate::classify::FlowKey;
+        use crate::policy::Verdict;
+        let opts = Options {
+            today: Date::new(2026, 1, 1).unwrap(),
+        };
+        let text = "net vnet = 192.0.2.0/24\n\
+                    rule block-db deny vnet -> 198.51.100.10 service tcp/5432 expires 2026-03-31\n\
+                    rule temp-web allow vnet -> 198.51.100.20 service tcp/443 expires 2026-03-31\n\
+                    rule db allow vnet -> 198.51.100.0/24 service tcp/5432\n\
+                    default deny\n\
+                    expect deny tcp 192.0.2.5:40000 -> 198.51.100.10:5432\n";
+        let p = compile_str("e.policy", text, opts).unwrap().policy;
+        let flow = |dst: &str, port: u16| FlowKey {
+            src: "192.0.2.5".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto: 6,
+            src_port: 40000,
+            dst_port: port,
+        };
+        let (q, why) = p.expired_in_force(Date::new(2026, 4, 1).unwrap()).unwrap();
+        let d = q.decide(&flow("198.51.100.10", 5432));
+        assert_eq!(
+            (d.verdict, q.rule_name(d.rule)),
+            (Verdict::Deny, "block-db")
+        );
+        let d = q.decide(&flow("198.51.100.20", 443));
+        assert_eq!((d.verdict, q.rule_name(d.rule)), (Verdict::Deny, "default"));
+        assert_eq!(
+            why,
+            "again on 2026-04-01: rule(s) `temp-web` expired and no longer match; deny rule(s) \
+             `block-db` expired but stay in force: without them the policy fails its \
+             expectation(s) `expect deny tcp 192.0.2.5:40000 -> 198.51.100.10:5432` \
+             (e.policy:6:1) (access widened); fix the policy and reload"
+        );
+        // Said once: the held rule has no date left in the policy in force.
+        assert!(q.expired_in_force(Date::new(2026, 4, 2).unwrap()).is_none());
+        // Without the expectation, the deny rule expires with the allow.
+        let p = compile_str("e.policy", text.rsplit_once("expect").unwrap().0, opts)
+            .unwrap()
+            .policy;
+        let (q, why) = p.expired_in_force(Date::new(2026, 4, 1).unwrap()).unwrap();
+        let d = q.decide(&flow("198.51.100.10", 5432));
+        assert_eq!((d.verdict, q.rule_name(d.rule)), (Verdict::Allow, "db"));
+        assert_eq!(
+            why,
+            "again on 2026-04-01: rule(s) `block-db`, `temp-web` expired and no longer match"
+        );
     }
 
     #[test]

@@ -331,6 +331,10 @@ pub struct Policy {
     /// Counts the changes of decisions an enforcement point made while
     /// holding policies (see [`Policy::with_generation`]).
     generation: u64,
+    /// The policy's own `expect` statements and where they are: a policy
+    /// in force is held to them when its rules expire (see
+    /// [`Policy::expired_today`]).
+    expectations: std::sync::Arc<Vec<(expect::Expectation, Location)>>,
 }
 
 impl Policy {
@@ -499,17 +503,90 @@ impl Policy {
     /// [`Policy::expired_as_of`] for an enforcement point: the policy as it
     /// stands today, and a line for the trail and the operator saying which
     /// rules expired, or `None` when none did.
+    ///
+    /// One exception keeps the policy in force from failing its own tests:
+    /// when the expiry would let through a flow or request that one of the
+    /// policy's `expect ... deny` statements holds it to deny (a deny rule
+    /// expired above a broader allow), the deny rules that expired stay in
+    /// force, and the line says so and names the expectations. (The allow
+    /// rules still expire: taking allow rules away never lets anything
+    /// through that was denied.) Started or reloaded with the file as it
+    /// stands, a daemon would refuse it (E0400); until the file is fixed,
+    /// the running one denies as the expectations say. A rule so held has
+    /// its date cleared in the policy returned, so it is not reported again.
     pub fn expired_today(&self) -> Option<(Policy, String)> {
-        let today = Date::today();
-        let (p, names) = self.expired_as_of(today)?;
-        let names: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
-        Some((
-            p,
-            format!(
-                "again on {today}: rule(s) {} expired and no longer match",
-                names.join(", ")
-            ),
-        ))
+        self.expired_in_force(Date::today())
+    }
+
+    /// [`Policy::expired_today`] on `today`.
+    pub fn expired_in_force(&self, today: Date) -> Option<(Policy, String)> {
+        let (mut p, _) = self.expired_as_of(today)?;
+        let widened: Vec<&(expect::Expectation, Location)> = self
+            .expectations
+            .iter()
+            .filter(|(e, _)| {
+                e.verdict == Verdict::Deny
+                    && expect::run(self, e).passed
+                    && expect::run(&p, e).verdict == Verdict::Allow
+            })
+            .collect();
+        let mut held = Vec::new();
+        if !widened.is_empty() {
+            for (r, was) in p.rules.iter_mut().zip(&self.rules) {
+                if was.active && !r.active && r.verdict == Verdict::Deny {
+                    (r.active, r.expires) = (true, None);
+                    held.push(r.name.clone());
+                }
+            }
+            for (r, was) in p.http.iter_mut().zip(&self.http) {
+                if was.active && !r.active && r.verdict == Verdict::Deny {
+                    (r.active, r.expires) = (true, None);
+                    held.push(r.name.clone());
+                }
+            }
+            let (v4, v6) = compile::entries(&p);
+            // The entries are a subset of the ones `self` was built with.
+            p.classifier = PacketClassifier::build(v4, v6).ok()?;
+        }
+        let quoted = |names: &[String]| {
+            names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let expired: Vec<String> = p
+            .rules
+            .iter()
+            .zip(&self.rules)
+            .filter(|(r, was)| was.active && !r.active)
+            .map(|(r, _)| r.name.clone())
+            .chain(
+                p.http
+                    .iter()
+                    .zip(&self.http)
+                    .filter(|(r, was)| was.active && !r.active)
+                    .map(|(r, _)| r.name.clone()),
+            )
+            .collect();
+        let mut why = format!("again on {today}: ");
+        if !expired.is_empty() {
+            why += &format!("rule(s) {} expired and no longer match", quoted(&expired));
+        }
+        if !held.is_empty() {
+            let tests: Vec<String> = widened
+                .iter()
+                .map(|(e, at)| format!("`{}` ({at})", e.text))
+                .collect();
+            why += &format!(
+                "{}deny rule(s) {} expired but stay in force: without them the policy fails its \
+                 expectation(s) {} (access widened); fix the policy and reload",
+                if expired.is_empty() { "" } else { "; " },
+                quoted(&held),
+                tests.join(", ")
+            );
+        }
+        Some((p, why))
     }
 
     /// Whether two policies decide every flow and request alike: the same
