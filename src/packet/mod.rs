@@ -314,7 +314,8 @@ fn plain_neighbor_message(m: &[u8]) -> bool {
         return false;
     }
     let flags_mask = if m[0] == 136 { 0x1f } else { 0xff };
-    if m[4] & flags_mask != 0 || m[5..8] != [0, 0, 0] {
+    // The target is a unicast address (RFC 4861 sections 7.1.1, 7.1.2).
+    if m[4] & flags_mask != 0 || m[5..8] != [0, 0, 0] || m[8] == 0xff {
         return false;
     }
     // Each option at most once: a source address in a solicitation, a
@@ -331,6 +332,64 @@ fn plain_neighbor_message(m: &[u8]) -> bool {
         seen |= bit;
         first && o[1] == 1
     })
+}
+
+/// Whether a multicast listener discovery message (RFC 2710, RFC 3810) is
+/// only what the protocol carries: its fixed part, reserved fields zero,
+/// multicast addresses where they belong, and for MLDv2 exactly the
+/// sources and records its counts announce, with no auxiliary data (none
+/// is defined). Anything else in it would carry data past the policy.
+fn plain_listener_message(m: &[u8]) -> bool {
+    let multicast = |a: &[u8]| a[0] == 0xff;
+    let unspecified = |a: &[u8]| a.iter().all(|&b| b == 0);
+    let sources_unicast = |list: &[u8]| list.chunks(16).all(|a| !multicast(a));
+    if m.len() < 8 || m[1] != 0 {
+        return false;
+    }
+    let group = m.get(8..24).unwrap_or(&[0]);
+    match m[0] {
+        // Query: the group, or none for a general query; MLDv2 adds a
+        // source list.
+        130 => {
+            let group_ok = m.len() >= 24 && (multicast(group) || unspecified(group));
+            if m.len() == 24 {
+                return group_ok && m[6..8] == [0, 0];
+            }
+            let Some(&[_, _, n0, n1]) = m.get(24..28) else {
+                return false;
+            };
+            let n = usize::from(u16::from_be_bytes([n0, n1]));
+            m.len() == 28 + 16 * n && group_ok && m[6..8] == [0, 0] && sources_unicast(&m[28..])
+        }
+        // MLDv1 report and done: the group only.
+        131 | 132 => m.len() == 24 && m[4..8] == [0; 4] && multicast(group),
+        // MLDv2 report: records of a group and its sources.
+        143 => {
+            if m[4..6] != [0, 0] {
+                return false;
+            }
+            let records = u16::from_be_bytes([m[6], m[7]]);
+            let mut rest = &m[8..];
+            for _ in 0..records {
+                let Some(r) = rest.get(..20) else {
+                    return false;
+                };
+                let n = usize::from(u16::from_be_bytes([r[2], r[3]]));
+                let Some(sources) = rest.get(20..20 + 16 * n) else {
+                    return false;
+                };
+                if !(1..=6).contains(&r[0]) || r[1] != 0 || !multicast(&r[4..20]) {
+                    return false;
+                }
+                if !sources_unicast(sources) {
+                    return false;
+                }
+                rest = &rest[20 + 16 * n..];
+            }
+            rest.is_empty()
+        }
+        _ => false,
+    }
 }
 
 /// Whether IPv4 options hold a loose (131) or strict (137) source route;
@@ -515,10 +574,14 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
         _ => 255,
     };
     // A solicitation or advertisement is its 24 bytes and a few 8-byte
-    // options (link-layer address, nonce): anything else in it (a longer
-    // one, reserved bits set, other options) would carry data past the
-    // policy.
-    let odd = hops == 255 && !plain_neighbor_message(l4);
+    // options (link-layer address, nonce), and MLD what its counts say:
+    // anything else in them (a longer one, reserved bits set, other
+    // options) would carry data past the policy.
+    let odd = if hops == 255 {
+        !plain_neighbor_message(l4)
+    } else {
+        !plain_listener_message(l4)
+    };
     if p.icmp == Some(IcmpKind::NeighborDiscovery)
         && (ip.get_hop_limit() != hops
             || (hops == 255 && p.key.dst_port != 0)
@@ -640,6 +703,67 @@ mod tests {
     use super::build::*;
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    /// MLD passes as link control only as the protocol's own messages:
+    /// nothing past what their counts announce, no auxiliary data, groups
+    /// that are multicast and sources that are not.
+    #[test]
+    fn listener_discovery_carries_only_what_its_counts_say() {
+        let group = |last: u8| {
+            let mut g = [0u8; 16];
+            (g[0], g[1], g[15]) = (0xff, 2, last);
+            g
+        };
+        let host: [u8; 16] = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
+        let plain = plain_listener_message;
+        // MLDv1 report and done; more after them, or a unicast "group", no.
+        let v1 = |t: u8| [[t, 0, 0, 0, 0, 0, 0, 0].as_slice(), &group(0x16)].concat();
+        assert!(plain(&v1(131)) && plain(&v1(132)));
+        assert!(!plain(&[v1(131).as_slice(), &[0; 8]].concat()));
+        let mut unicast_group = v1(132);
+        unicast_group[8] = 0x20;
+        assert!(!plain(&unicast_group));
+        // A general query (MLDv1), and an MLDv2 one with one source; the
+        // count and the list must agree.
+        let q1 = [[130, 0, 0, 0, 0, 10, 0, 0].as_slice(), &[0; 16]].concat();
+        assert!(plain(&q1));
+        let q2 = [q1.as_slice(), &[0, 125, 0, 1], &host].concat();
+        assert!(plain(&q2));
+        assert!(!plain(&q2[..q2.len() - 8]));
+        assert!(!plain(&[q2.as_slice(), &host].concat()));
+        // An MLDv2 report of two records, the second with a source.
+        let record = |sources: &[[u8; 16]]| {
+            let mut r = vec![1, 0];
+            r.extend((sources.len() as u16).to_be_bytes());
+            r.extend(group(0xfb));
+            sources.iter().for_each(|s| r.extend(s));
+            r
+        };
+        let report = [
+            [143, 0, 0, 0, 0, 0, 0, 2].as_slice(),
+            &record(&[]),
+            &record(&[host]),
+        ]
+        .concat();
+        assert!(plain(&report));
+        assert!(plain(&[143, 0, 0, 0, 0, 0, 0, 0]));
+        // A byte too many, auxiliary data, a record count past the end, a
+        // multicast source, a code.
+        assert!(!plain(&[report.as_slice(), &[0]].concat()));
+        let changed = |at: usize, v: u8| {
+            let mut r = report.clone();
+            r[at] = v;
+            r
+        };
+        assert!(!plain(&changed(9, 1)));
+        assert!(!plain(&changed(7, 3)));
+        assert!(!plain(&changed(48, 0xff)));
+        assert!(!plain(&changed(1, 1)));
+        // A neighbour solicitation for a multicast target is not one.
+        let ns = |target: [u8; 16]| [[135, 0, 0, 0, 0, 0, 0, 0].as_slice(), &target].concat();
+        assert!(plain_neighbor_message(&ns(host)));
+        assert!(!plain_neighbor_message(&ns(group(1))));
+    }
 
     const A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
     const B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
