@@ -32,9 +32,30 @@ struct Origins {
     _rt: tokio::runtime::Runtime,
 }
 
+/// A response body sent in chunks as they come down a channel (a body
+/// that streams for a while).
+struct Drip(tokio::sync::mpsc::Receiver<hyper::body::Bytes>);
+
+impl hyper::body::Body for Drip {
+    type Data = hyper::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|c| c.map(|c| Ok(hyper::body::Frame::data(c))))
+    }
+}
+
 fn origins(dir: &Path) -> Origins {
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
     use hyper::body::Bytes;
+    fn full(b: Bytes) -> http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible> {
+        Full::new(b).boxed()
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -79,7 +100,26 @@ fn origins(dir: &Path) -> Origins {
                     .strip_prefix("/big/")
                     .and_then(|n| n.parse().ok())
                 {
-                    return Ok(hyper::Response::new(Full::new(Bytes::from(vec![b'x'; n]))));
+                    return Ok(hyper::Response::new(full(Bytes::from(vec![b'x'; n]))));
+                }
+                // `/drip/N/MS`: N chunks of 1000 bytes, one every MS
+                // milliseconds.
+                if let Some((n, ms)) = uri
+                    .path()
+                    .strip_prefix("/drip/")
+                    .and_then(|r| r.split_once('/'))
+                    .and_then(|(n, ms)| Some((n.parse::<u32>().ok()?, ms.parse().ok()?)))
+                {
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    tokio::spawn(async move {
+                        for _ in 0..n {
+                            if tx.send(Bytes::from(vec![b'd'; 1000])).await.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                    });
+                    return Ok(hyper::Response::new(Drip(rx).boxed()));
                 }
                 // `/slow/MS`: answers after MS milliseconds.
                 if let Some(ms) = uri
@@ -88,7 +128,7 @@ fn origins(dir: &Path) -> Origins {
                     .and_then(|n| n.parse().ok())
                 {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
-                    return Ok(hyper::Response::new(Full::new(Bytes::from(format!(
+                    return Ok(hyper::Response::new(full(Bytes::from(format!(
                         "slow answer after {ms} ms\n"
                     )))));
                 }
@@ -101,16 +141,16 @@ fn origins(dir: &Path) -> Origins {
                 } else {
                     "none"
                 };
-                let sent = http_body_util::BodyExt::collect(req.into_body())
+                let sent = req
+                    .into_body()
+                    .collect()
                     .await
                     .map(|b| b.to_bytes().len())
                     .unwrap_or(usize::MAX);
                 let body = format!(
                     "origin saw {method} {uri} host={host} via={via} sent={sent}/{framing} from={from}\n",
                 );
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
-                    body,
-                ))))
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(full(Bytes::from(body))))
             },
         )
     };
@@ -2569,6 +2609,38 @@ fn a_deny_rule_an_expectation_needs_outlives_its_date() {
     assert!(body.contains("rule: legacy"), "{body}");
     let (code, body) = p.curl(&[&format!("http://origin.test:{}/", p.origins.http)]);
     assert_eq!(code, 200, "{body}");
+    p.stop_and_verify();
+}
+
+/// A response that streams for longer than a few seconds is in the trail
+/// while it streams (`response_open`, with the bytes so far), and its
+/// `proxy_request` record follows at its end with the same request id.
+#[test]
+fn a_long_response_is_in_the_trail_while_it_streams() {
+    let p = start_proxy("");
+    // 30 chunks of 1000 bytes, one every 200 ms: about 6 s.
+    let url = format!("http://origin.test:{}/drip/30/200", p.origins.http);
+    let (code, body) = p.curl(&[&url]);
+    assert_eq!((code, body.len()), (200, 30_000));
+    let end = p.wait_record("for the request's record", |r| {
+        s(r, "/event/code") == "proxy_request" && s(r, "/url/full") == url
+    });
+    assert_eq!(n(&end, "/destination/bytes"), 30_000, "{end}");
+    let id = s(&end, "/http/request/id");
+    let opening = p.wait_record("for the response's opening record", |r| {
+        s(r, "/event/code") == "response_open"
+    });
+    assert_eq!(s(&opening, "/http/request/id"), id, "{opening}");
+    assert_eq!(
+        s(&opening, "/event/reason"),
+        "allowed by rule; the response is still streaming"
+    );
+    let so_far = n(&opening, "/destination/bytes");
+    assert!(so_far > 0 && so_far < 30_000, "{opening}");
+    assert!(
+        opening["seq"].as_u64() < end["seq"].as_u64(),
+        "{opening} {end}"
+    );
     p.stop_and_verify();
 }
 

@@ -228,6 +228,9 @@ pub struct Summary {
     /// Tunnels opened in the window with no end record in it, by request
     /// id: still open at the window's end, or cut by a crash.
     pub open_tunnels: std::collections::BTreeMap<String, String>,
+    /// Responses still streaming after their `response_open` record, with
+    /// no `proxy_request` record in the window, by request id.
+    pub open_responses: std::collections::BTreeMap<String, String>,
 }
 
 fn destination_key(r: &AuditRecord) -> String {
@@ -278,6 +281,28 @@ impl Summary {
         if e.event.code == RecordKind::ConnectTunnel {
             if let Some(id) = &request_id {
                 self.open_tunnels.remove(id);
+            }
+        }
+        // Likewise a long response: its opening record marks it streaming
+        // until its request's record.
+        if e.event.code == RecordKind::ResponseOpen {
+            if let Some(id) = request_id {
+                let client = e
+                    .source
+                    .as_ref()
+                    .and_then(|s| s.ip)
+                    .map_or_else(|| "-".into(), |ip| ip.to_string());
+                let url = e
+                    .url
+                    .as_ref()
+                    .map_or_else(|| destination_key(r), |u| u.full.clone());
+                self.open_responses.insert(id, format!("{client} -> {url}"));
+            }
+            return;
+        }
+        if e.event.code == RecordKind::ProxyRequest {
+            if let Some(id) = &request_id {
+                self.open_responses.remove(id);
             }
         }
         let bytes = e.source.as_ref().and_then(|s| s.bytes).unwrap_or(0)
@@ -334,6 +359,15 @@ impl Summary {
                 "gaps: {} ({} records lost while the log could not be written)\n",
                 self.gaps, self.lost_records
             );
+        }
+        if !self.open_responses.is_empty() {
+            out += &format!(
+                "responses still streaming with no end record (at the window's end, or cut by a crash): {}\n",
+                self.open_responses.len()
+            );
+            for (id, what) in self.open_responses.iter().take(top) {
+                out += &format!("  {id}  {what}\n");
+            }
         }
         if !self.open_tunnels.is_empty() {
             out += &format!(
@@ -466,6 +500,33 @@ mod tests {
         assert_eq!(s.clients.get("192.0.2.5"), Some(&1));
         assert_eq!(s.rule_hits.get("web-out"), Some(&(1, 0)));
         assert_eq!(s.bytes_by_destination.get("203.0.113.9"), Some(&1000));
+    }
+
+    #[test]
+    fn a_long_response_counts_once_and_streams_until_its_end_record() {
+        let client = "192.0.2.10:40000".parse().unwrap();
+        let request = || {
+            AuditEvent::proxy_request(Action::Allowed, client, "GET", "http://example.com/iso")
+                .with_request_id("r2")
+                .with_rule("web", "ab")
+        };
+        let mut opening = request();
+        opening.event.code = RecordKind::ResponseOpen;
+        let mut s = Summary::default();
+        s.add(&record(opening.clone()));
+        assert_eq!(s.records, 0);
+        assert_eq!(
+            s.open_responses.get("r2").map(String::as_str),
+            Some("192.0.2.10 -> http://example.com/iso")
+        );
+        assert!(s
+            .render(10)
+            .contains("responses still streaming with no end record"));
+        assert_eq!(squid_line(&record(opening)), None);
+        s.add(&record(request()));
+        assert!(s.open_responses.is_empty());
+        assert_eq!((s.records, s.allowed), (1, 1));
+        assert!(!s.render(10).contains("still streaming"));
     }
 
     #[test]

@@ -63,6 +63,12 @@ pub enum RecordKind {
     /// if the proxy dies before it ends). Its `connect_tunnel` record, with
     /// the same `http.request.id`, follows at its end.
     TunnelOpen,
+    /// A plain-HTTP response still streaming [`RESPONSE_OPEN_AFTER`] after
+    /// its request came, written then, so that a long download is in the
+    /// trail while it streams (and if the proxy dies before it ends). Its
+    /// `proxy_request` record, with the same `http.request.id`, follows at
+    /// its end.
+    ResponseOpen,
     FlowStart,
     FlowEnd,
     /// Packets dropped by the filter, summarised per flow key and interval.
@@ -71,6 +77,10 @@ pub enum RecordKind {
     #[default]
     Lifecycle,
 }
+
+/// How long a plain-HTTP response may stream before its request gets a
+/// `response_open` record ahead of its `proxy_request` one.
+pub const RESPONSE_OPEN_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `event.action`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 
 use super::upstream::OriginBody;
 use super::Activity;
+use crate::audit::record::{RecordKind, RESPONSE_OPEN_AFTER};
 use crate::audit::{AuditEvent, AuditLog};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -64,6 +65,8 @@ pub struct Recorded {
     /// Request body bytes the origin was sent.
     uploaded: u64,
     record: Option<(AuditEvent, AuditLog, Instant)>,
+    /// Whether the `response_open` record was written.
+    announced: bool,
 }
 
 impl Recorded {
@@ -79,7 +82,32 @@ impl Recorded {
             bytes: 0,
             uploaded,
             record: Some((event, log, start)),
+            announced: false,
         }
+    }
+
+    /// A response still streaming [`RESPONSE_OPEN_AFTER`] after its request
+    /// came gets its `response_open` record now (checked as its data
+    /// arrives): a long download is then in the trail while it streams,
+    /// and if the proxy dies before it ends. Its `proxy_request` record
+    /// follows at its end.
+    fn announce_if_long(&mut self) {
+        let Some((ev, log, start)) = &self.record else {
+            return;
+        };
+        let elapsed = start.elapsed();
+        if elapsed < RESPONSE_OPEN_AFTER {
+            return;
+        }
+        self.announced = true;
+        let mut opening = ev
+            .clone()
+            .with_bytes(self.uploaded, self.bytes, elapsed)
+            .with_reason("allowed by rule; the response is still streaming");
+        opening.event.code = RecordKind::ResponseOpen;
+        // As the end record: never blocks; a refusal is counted by the
+        // writer and recorded in a gap record.
+        let _ = log.try_submit(&opening);
     }
 
     fn finish(&mut self, complete: bool) {
@@ -108,6 +136,9 @@ impl Body for Recorded {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
+                }
+                if !this.announced {
+                    this.announce_if_long();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
