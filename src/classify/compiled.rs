@@ -217,6 +217,37 @@
 //!   instructions, which a shared core makes the scarce part: likely why
 //!   batches gain nothing here.
 //!
+//! ## On an AMD EPYC VM, beside DPDK's ACL (2026-12-04)
+//!
+//! 2 vCPUs at 2.45 GHz, 1 MiB L2 per core; a pointer chase takes 2.7 ns
+//! within 16 KiB, 10 ns at 256 KiB, 19 ns at 1-2 MiB, 67 ns at 4 MiB and
+//! 180-215 ns from 16 MiB on (the 32 MiB L3 the VM reports does not show).
+//! `benches/classify-peers.sh` (REPS=3, best of each, 21:29-21:35 UTC)
+//! runs DPDK 22.11's `rte_acl` (`dpdk-test-acl`, scalar, SSE and AVX2,
+//! bursts of 256) on the same rules and keys. Single / batched lookups per
+//! second against DPDK's best: acl1_10k 19.0M / 26.0M against 11.9M
+//! (AVX2; 2.2x), acl2_10k 28.6M / 26.1M against 3.2M (9.0x), fw1_10k
+//! 40.3M / 45.2M against 3.7M (12.1x), ipc1_10k 22.6M / 22.6M against
+//! 8.3M (2.7x); the 1k sets acl1 1.45x, fw1 1.32x, ipc1 0.95x (DPDK's SSE
+//! path, 28.9M, is 5% ahead there). DPDK's tries for the 10k firewall
+//! sets take over a gigabyte of memory (the tool's resident size while
+//! classifying fw1_10k: 1.2 GB), where these trees take 0.85-3.14 MB.
+//! Other runs the same evening gave palisade 12-20M single on acl1_10k and
+//! 15-21M on ipc1_10k: the host's load moves every figure by up to 40%.
+//! Two more attempts, measured in one process against the code above
+//! (median of 5 rounds) and not kept: a batched lookup as a software
+//! pipeline over the key stream (the first tree's root slot prefetched 24
+//! keys ahead, read and the node or leaf it names prefetched 16 ahead, one
+//! more step taken and prefetched 8 ahead; and an earlier variant that
+//! prefetched the slot 16 ahead and read it 8 ahead), as ratios to single lookups in the same
+//! rounds: acl2 0.75-0.99, fw1 0.86-0.92, ipc1 0.92-1.16, the 1k sets
+//! 0.77-0.96. A profile of single ipc1 lookups puts 45% of the
+//! samples on the loads of the root slot, the nodes and the leaf's first
+//! entry, yet loading the first two ahead of time does not pay: the
+//! misses that remain and the mispredicted branches of the leaf scan keep
+//! a lookup at 45-55 ns. Building for the host CPU (`-C
+//! target-cpu=native`: BMI, AVX2): within the run-to-run noise.
+//!
 //! Measured and dropped (each against the code it would have changed, same
 //! session):
 //!
