@@ -141,7 +141,9 @@ pub fn run(args: FilterArgs) -> ExitCode {
         Err(code) => return code,
     };
     let sha = policy.sha256().to_string();
-    let _ = audit.submit(&AuditEvent::policy_loaded(&sha, "start"));
+    if let Err(e) = audit.submit(&AuditEvent::policy_loaded(&sha, "start")) {
+        palisade::say!("palisade filter: the start's policy-loaded record was not written: {e}");
+    }
     let timeouts = Timeouts {
         tcp_established: f.tcp_established_timeout,
         udp_replied: f.udp_timeout,

@@ -333,7 +333,9 @@ impl Verdicts {
     /// fragments that start below `bound` overlap the first one.
     fn note(&mut self, k: (Zone, FragmentKey), forwarded: bool, until: Duration, bound: u16) {
         if let Some(v) = self.map.get_mut(&k) {
-            *v = (forwarded, until, bound);
+            // A bound is never lowered: a later fragment allowed past it
+            // could land in the header an earlier first fragment carried.
+            *v = (forwarded, until, v.2.max(bound));
             return;
         }
         let source = k.1 .0;
@@ -892,6 +894,22 @@ impl Engine {
             return refuse(DropReason::IncompleteFirstFragment);
         }
         let now = self.now();
+        // A second first fragment of an IPv6 datagram overlaps the first
+        // (RFC 5722), and one that carried less would lower the bound the
+        // later fragments are held to.
+        if let Fragment::First { id, .. } = ip.fragment {
+            let fk = fragment_key(&key, id);
+            if key.src.is_ipv6()
+                && self
+                    .fragments
+                    .lock()
+                    .ok()
+                    .and_then(|f| f.get(&(ingress, fk), now))
+                    .is_some()
+            {
+                return refuse(DropReason::OverlappingFragment);
+            }
+        }
         let (packets, hdrs) = segments;
         let bytes = if packets > 1 {
             // Each further segment repeats the IP and transport headers.
@@ -2195,7 +2213,26 @@ default deny
             Disposition::Forward
         );
         assert_eq!(e.take_released(Zone::Edge), vec![rest]);
-        assert_eq!(e.counters.dropped(DropReason::OverlappingFragment), 2);
+        // A second first fragment that carries less (no Destination
+        // Options: 24 bytes) would let a fragment at 24 rewrite the flags
+        // the first one carried at 29: it is dropped, and the bound stays.
+        let mut short = build::tcp(40000, 443, packet::tcp_flags::SYN);
+        short.extend_from_slice(&[0; 4]);
+        let mut short = frag(3, 0, true, &short);
+        short[14 + 40] = 6;
+        assert_eq!(
+            e.handle(Zone::Edge, &frag(3, 0, true, &first)),
+            Disposition::Forward
+        );
+        assert_eq!(
+            e.handle(Zone::Edge, &short),
+            Disposition::Drop(DropReason::OverlappingFragment)
+        );
+        assert_eq!(
+            e.handle(Zone::Edge, &frag(3, 3, false, &[0; 16])),
+            Disposition::Drop(DropReason::OverlappingFragment)
+        );
+        assert_eq!(e.counters.dropped(DropReason::OverlappingFragment), 4);
     }
 
     /// A rule that expires while the filter runs: the policy without it

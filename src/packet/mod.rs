@@ -334,15 +334,19 @@ fn plain_neighbor_message(m: &[u8]) -> bool {
     })
 }
 
+/// Most records an MLDv2 report may hold to pass as link control (a
+/// router or host on the circuit listens to a handful of groups).
+const MLD_RECORDS_MAX: u16 = 32;
+
 /// Whether a multicast listener discovery message (RFC 2710, RFC 3810) is
 /// only what the protocol carries: its fixed part, reserved fields zero,
-/// multicast addresses where they belong, and for MLDv2 exactly the
-/// sources and records its counts announce, with no auxiliary data (none
-/// is defined). Anything else in it would carry data past the policy.
+/// multicast groups, and for MLDv2 exactly the records its count
+/// announces (at most [`MLD_RECORDS_MAX`]), with no sources and no
+/// auxiliary data (none is defined). Anything else in it would carry data
+/// past the policy; source-specific listening is left to the policy.
 fn plain_listener_message(m: &[u8]) -> bool {
     let multicast = |a: &[u8]| a[0] == 0xff;
     let unspecified = |a: &[u8]| a.iter().all(|&b| b == 0);
-    let sources_unicast = |list: &[u8]| list.chunks(16).all(|a| !multicast(a));
     if m.len() < 8 || m[1] != 0 {
         return false;
     }
@@ -358,8 +362,12 @@ fn plain_listener_message(m: &[u8]) -> bool {
             let Some(&[_, _, n0, n1]) = m.get(24..28) else {
                 return false;
             };
-            let n = usize::from(u16::from_be_bytes([n0, n1]));
-            m.len() == 28 + 16 * n && group_ok && m[6..8] == [0, 0] && sources_unicast(&m[28..])
+            // No sources: a source-specific query is ordinary ICMPv6.
+            m.len() == 28
+                && [n0, n1] == [0, 0]
+                && m[24] & 0xf0 == 0
+                && group_ok
+                && m[6..8] == [0, 0]
         }
         // MLDv1 report and done: the group only.
         131 | 132 => m.len() == 24 && m[4..8] == [0; 4] && multicast(group),
@@ -369,27 +377,55 @@ fn plain_listener_message(m: &[u8]) -> bool {
                 return false;
             }
             let records = u16::from_be_bytes([m[6], m[7]]);
+            if records > MLD_RECORDS_MAX {
+                return false;
+            }
             let mut rest = &m[8..];
             for _ in 0..records {
                 let Some(r) = rest.get(..20) else {
                     return false;
                 };
-                let n = usize::from(u16::from_be_bytes([r[2], r[3]]));
-                let Some(sources) = rest.get(20..20 + 16 * n) else {
-                    return false;
-                };
-                if !(1..=6).contains(&r[0]) || r[1] != 0 || !multicast(&r[4..20]) {
+                // No sources: source-specific listening is ordinary ICMPv6.
+                if !(1..=6).contains(&r[0]) || r[1..4] != [0, 0, 0] || !multicast(&r[4..20]) {
                     return false;
                 }
-                if !sources_unicast(sources) {
-                    return false;
-                }
-                rest = &rest[20 + 16 * n..];
+                rest = &rest[20..];
             }
             rest.is_empty()
         }
         _ => false,
     }
+}
+
+/// Whether hop-by-hop options are one Router Alert for MLD (RFC 2711 value
+/// 0) and padding of zero bytes, as MLD messages are sent (RFC 3810
+/// section 5).
+fn plain_router_alert(mut options: &[u8]) -> bool {
+    let mut alert = false;
+    while let Some(&kind) = options.first() {
+        match kind {
+            0 => options = &options[1..],
+            1 | 5 => {
+                let Some(len) = options.get(1).map(|&l| usize::from(l)) else {
+                    return false;
+                };
+                let Some(value) = options.get(2..2 + len) else {
+                    return false;
+                };
+                if kind == 5 {
+                    if alert || value != [0, 0] {
+                        return false;
+                    }
+                    alert = true;
+                } else if value.iter().any(|&b| b != 0) {
+                    return false;
+                }
+                options = &options[2 + len..];
+            }
+            _ => return false,
+        }
+    }
+    alert
 }
 
 /// Whether IPv4 options hold a loose (131) or strict (137) source route;
@@ -512,11 +548,22 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
     let mut fragment = Fragment::Whole;
     let mut fragment_header = false;
     let mut source_routed = false;
+    // Extension headers seen, and whether the only one is a hop-by-hop
+    // header that holds a Router Alert and padding (as MLD is sent).
+    let mut extensions = 0;
+    let mut router_alert_only = false;
     for _ in 0..=MAX_EXT_HEADERS {
+        if matches!(next, 0 | 43 | 60 | 44) {
+            extensions += 1;
+        }
         match next {
             // Hop-by-hop, routing, destination options.
             0 | 43 | 60 => {
                 let h = l3.get(off..off + 2).ok_or(ParseError::BadExtension)?;
+                if next == 0 && extensions == 1 {
+                    let len = (h[1] as usize + 1) * 8;
+                    router_alert_only = l3.get(off + 2..off + len).is_some_and(plain_router_alert);
+                }
                 if next == 43 {
                     let r = l3.get(off + 2..off + 4).ok_or(ParseError::BadExtension)?;
                     // A routing header of any type (0, Mobile IPv6's 2,
@@ -577,11 +624,13 @@ fn parse_ipv6_at(l3: &[u8], depth: usize, quoted: bool) -> Result<IpPacket, Pars
     // options (link-layer address, nonce), and MLD what its counts say:
     // anything else in them (a longer one, reserved bits set, other
     // options) would carry data past the policy.
+    // Nothing rides along either: no extension header (but MLD's
+    // hop-by-hop Router Alert), no bytes past the IPv6 payload length.
     let odd = if hops == 255 {
-        !plain_neighbor_message(l4)
+        !plain_neighbor_message(l4) || extensions != 0
     } else {
-        !plain_listener_message(l4)
-    };
+        !plain_listener_message(l4) || !(extensions == 0 || extensions == 1 && router_alert_only)
+    } || end != l3.len();
     if p.icmp == Some(IcmpKind::NeighborDiscovery)
         && (ip.get_hop_limit() != hops
             || (hops == 255 && p.key.dst_port != 0)
@@ -705,8 +754,8 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     /// MLD passes as link control only as the protocol's own messages:
-    /// nothing past what their counts announce, no auxiliary data, groups
-    /// that are multicast and sources that are not.
+    /// nothing past what their counts announce, no sources, no auxiliary
+    /// data, groups that are multicast, a bounded number of records.
     #[test]
     fn listener_discovery_carries_only_what_its_counts_say() {
         let group = |last: u8| {
@@ -723,15 +772,15 @@ mod tests {
         let mut unicast_group = v1(132);
         unicast_group[8] = 0x20;
         assert!(!plain(&unicast_group));
-        // A general query (MLDv1), and an MLDv2 one with one source; the
-        // count and the list must agree.
+        // A general query (MLDv1), and an MLDv2 one; with a source, or a
+        // reserved bit set, it is not link control.
         let q1 = [[130, 0, 0, 0, 0, 10, 0, 0].as_slice(), &[0; 16]].concat();
         assert!(plain(&q1));
-        let q2 = [q1.as_slice(), &[0, 125, 0, 1], &host].concat();
+        let q2 = [q1.as_slice(), &[0x02, 125, 0, 0]].concat();
         assert!(plain(&q2));
-        assert!(!plain(&q2[..q2.len() - 8]));
-        assert!(!plain(&[q2.as_slice(), &host].concat()));
-        // An MLDv2 report of two records, the second with a source.
+        assert!(!plain(&[q1.as_slice(), &[0x02, 125, 0, 1], &host].concat()));
+        assert!(!plain(&[q1.as_slice(), &[0x12, 125, 0, 0]].concat()));
+        // An MLDv2 report of two records.
         let record = |sources: &[[u8; 16]]| {
             let mut r = vec![1, 0];
             r.extend((sources.len() as u16).to_be_bytes());
@@ -739,30 +788,85 @@ mod tests {
             sources.iter().for_each(|s| r.extend(s));
             r
         };
-        let report = [
-            [143, 0, 0, 0, 0, 0, 0, 2].as_slice(),
-            &record(&[]),
-            &record(&[host]),
-        ]
-        .concat();
-        assert!(plain(&report));
-        assert!(plain(&[143, 0, 0, 0, 0, 0, 0, 0]));
+        let report = |records: &[Vec<u8>]| {
+            let mut r = vec![143, 0, 0, 0, 0, 0];
+            r.extend((records.len() as u16).to_be_bytes());
+            records.iter().for_each(|x| r.extend(x));
+            r
+        };
+        let two = report(&[record(&[]), record(&[])]);
+        assert!(plain(&two));
+        assert!(plain(&report(&[])));
         // A byte too many, auxiliary data, a record count past the end, a
-        // multicast source, a code.
-        assert!(!plain(&[report.as_slice(), &[0]].concat()));
+        // unicast group, a code, a source, too many records.
+        assert!(!plain(&[two.as_slice(), &[0]].concat()));
         let changed = |at: usize, v: u8| {
-            let mut r = report.clone();
+            let mut r = two.clone();
             r[at] = v;
             r
         };
         assert!(!plain(&changed(9, 1)));
         assert!(!plain(&changed(7, 3)));
-        assert!(!plain(&changed(48, 0xff)));
+        assert!(!plain(&changed(32, 0x20)));
         assert!(!plain(&changed(1, 1)));
+        assert!(!plain(&report(&[record(&[]), record(&[host])])));
+        let many = vec![record(&[]); usize::from(MLD_RECORDS_MAX)];
+        assert!(plain(&report(&many)));
+        let more = vec![record(&[]); usize::from(MLD_RECORDS_MAX) + 1];
+        assert!(!plain(&report(&more)));
         // A neighbour solicitation for a multicast target is not one.
         let ns = |target: [u8; 16]| [[135, 0, 0, 0, 0, 0, 0, 0].as_slice(), &target].concat();
         assert!(plain_neighbor_message(&ns(host)));
         assert!(!plain_neighbor_message(&ns(group(1))));
+    }
+
+    /// Link control carries nothing beside its message: no extension
+    /// header but MLD's hop-by-hop Router Alert, no bytes past the IPv6
+    /// payload length.
+    #[test]
+    fn link_control_carries_no_extension_headers_or_trailing_bytes() {
+        let (ll, nodes) = ("fe80::1".parse().unwrap(), "ff02::1".parse().unwrap());
+        let frame = |next: u8, l4: &[u8], hops: u8| {
+            let mut f = ipv6(ll, nodes, next, l4);
+            f[14 + 7] = hops;
+            f
+        };
+        let kind = |f: &[u8]| ip(f).icmp;
+        let nd = Some(IcmpKind::NeighborDiscovery);
+        let na = [
+            [136, 0, 0, 0, 0, 0, 0, 0].as_slice(),
+            &[0x20, 1, 0xd, 0xb8],
+            &[0; 12],
+        ]
+        .concat();
+        assert_eq!(kind(&frame(58, &na, 255)), nd);
+        // Behind a Destination Options header with 1 KB in a PadN-like
+        // unknown option, or with 1 KB after the payload: ordinary ICMPv6.
+        let mut opts = vec![58, 127, 0x3e, 254];
+        opts.resize(1024, 0x41);
+        assert_eq!(
+            kind(&frame(60, &[opts.as_slice(), &na].concat(), 255)),
+            Some(IcmpKind::Other)
+        );
+        let mut trailing = frame(58, &na, 255);
+        trailing.extend_from_slice(&[0x41; 1024]);
+        assert_eq!(kind(&trailing), Some(IcmpKind::Other));
+        // MLD with its Router Alert passes; with any other option, no.
+        let report = [143, 0, 0, 0, 0, 0, 0, 0];
+        let hop_by_hop = |opt: &[u8]| [&[58, 0], opt, &report].concat();
+        assert_eq!(kind(&frame(58, &report, 1)), nd);
+        assert_eq!(kind(&frame(0, &hop_by_hop(&[5, 2, 0, 0, 1, 0]), 1)), nd);
+        assert_eq!(
+            kind(&frame(0, &hop_by_hop(&[5, 2, 0, 0, 1, 0x41]), 1)),
+            Some(IcmpKind::Other)
+        );
+        assert_eq!(
+            kind(&frame(0, &hop_by_hop(&[0x3e, 4, 1, 2, 3, 4]), 1)),
+            Some(IcmpKind::Other)
+        );
+        assert!(!plain_router_alert(&[1, 0, 1, 0, 0, 0]));
+        assert!(plain_router_alert(&[5, 2, 0, 0, 0, 0]));
+        assert!(!plain_router_alert(&[5, 2, 0, 0, 5, 2]));
     }
 
     const A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);

@@ -1157,6 +1157,28 @@ mod tests {
             why,
             "again on 2026-04-01: rule(s) `block-db`, `temp-web` expired and no longer match"
         );
+        // An expectation that names the rule (`by`) and already failed
+        // for it (another deny rule decides since it expired, W0404) still
+        // holds the last deny rule when that one expires.
+        let text = "net vnet = 192.0.2.0/24\n\
+                    rule a deny vnet -> 198.51.100.10 service tcp/5432 expires 2026-03-31\n\
+                    rule b deny vnet -> 198.51.100.10 service tcp/5432 expires 2026-04-30\n\
+                    rule db allow vnet -> 198.51.100.0/24 service tcp/5432\n\
+                    default deny\n\
+                    expect deny tcp 192.0.2.5:40000 -> 198.51.100.10:5432 by a\n";
+        let p = compile_str("e.policy", text, opts).unwrap().policy;
+        let (q, why) = p.expired_in_force(Date::new(2026, 4, 1).unwrap()).unwrap();
+        assert_eq!(
+            why,
+            "again on 2026-04-01: rule(s) `a` expired and no longer match"
+        );
+        let (r, why) = q.expired_in_force(Date::new(2026, 5, 1).unwrap()).unwrap();
+        let d = r.decide(&flow("198.51.100.10", 5432));
+        assert_eq!((d.verdict, r.rule_name(d.rule)), (Verdict::Deny, "b"));
+        assert!(
+            why.contains("deny rule(s) `b` expired but stay in force"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -360,7 +360,9 @@ impl Proxy {
         let (phase, phase_rx) = tokio::sync::watch::channel(SERVING);
         let id_prefix = audit.boot_id().chars().take(8).collect();
         let loaded = AuditEvent::policy_loaded(policy.sha256(), "start");
-        let _ = audit.submit_async(&loaded).await;
+        if let Err(e) = audit.submit_async(&loaded).await {
+            crate::say!("palisade proxy: the start's policy-loaded record was not written: {e}");
+        }
         Ok(Proxy {
             listeners,
             local,
