@@ -10,6 +10,7 @@ use crate::audit::record::{RecordKind, RESPONSE_OPEN_AFTER};
 use crate::audit::{AuditEvent, AuditLog};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -67,6 +68,9 @@ pub struct Recorded {
     record: Option<(AuditEvent, AuditLog, Instant)>,
     /// Whether the `response_open` record was written.
     announced: bool,
+    /// When it is due if no data comes first: armed the first time the
+    /// origin has nothing ready (a response already whole never arms it).
+    due: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Recorded {
@@ -83,14 +87,16 @@ impl Recorded {
             uploaded,
             record: Some((event, log, start)),
             announced: false,
+            due: None,
         }
     }
 
     /// A response still streaming [`RESPONSE_OPEN_AFTER`] after its request
     /// came gets its `response_open` record now (checked as its data
-    /// arrives): a long download is then in the trail while it streams,
-    /// and if the proxy dies before it ends. Its `proxy_request` record
-    /// follows at its end.
+    /// arrives, and by a timer while none does): a long download, or a
+    /// response that stalls, is then in the trail while it lasts, and if
+    /// the proxy dies before it ends. Its `proxy_request` record follows at
+    /// its end.
     fn announce_if_long(&mut self) {
         let Some((ev, log, start)) = &self.record else {
             return;
@@ -137,7 +143,8 @@ impl Body for Recorded {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
                 }
-                if !this.announced {
+                // Not for the last frame: its request's record follows now.
+                if !this.announced && !this.inner.is_end_stream() {
                     this.announce_if_long();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -150,7 +157,20 @@ impl Body for Recorded {
                 this.finish(false);
                 Poll::Ready(Some(Err(e)))
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if !this.announced {
+                    if let Some((_, _, start)) = &this.record {
+                        let at = tokio::time::Instant::from_std(*start + RESPONSE_OPEN_AFTER);
+                        let due = this
+                            .due
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                        if due.as_mut().poll(cx).is_ready() {
+                            this.announce_if_long();
+                        }
+                    }
+                }
+                Poll::Pending
+            }
         }
     }
 
