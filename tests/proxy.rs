@@ -2648,6 +2648,42 @@ fn a_long_response_is_in_the_trail_while_it_streams() {
     p.stop_and_verify();
 }
 
+/// A response whose client stopped reading is in the trail too: the
+/// proxy polls nothing of it then, but its `response_open` record is due
+/// all the same.
+#[test]
+fn a_response_the_client_stopped_reading_is_in_the_trail() {
+    let p = start_proxy("");
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&p.addr.into()).unwrap();
+    let mut client: TcpStream = sock.into();
+    let target = format!("origin.test:{}", p.origins.http);
+    client
+        .write_all(
+            format!("GET http://{target}/big/33554432 HTTP/1.1\r\nHost: {target}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let opening = p.wait_record("for the opening record of the unread response", |r| {
+        s(r, "/event/code") == "response_open"
+    });
+    assert!(
+        s(&opening, "/url/full").ends_with("/big/33554432"),
+        "{opening}"
+    );
+    assert!(n(&opening, "/destination/bytes") < 33_554_432, "{opening}");
+    drop(client);
+    let end = p.wait_record("for the request's record", |r| {
+        s(r, "/event/code") == "proxy_request" && s(r, "/url/full").ends_with("/big/33554432")
+    });
+    assert_eq!(
+        s(&end, "/event/reason"),
+        "allowed by rule; the response did not complete"
+    );
+    p.stop_and_verify();
+}
+
 /// A client that asks for a large response and never reads it does not keep
 /// its connection (and an origin connection) past the idle timeout: the
 /// proxy cuts it and the record says the response did not complete.

@@ -92,7 +92,9 @@ impl DropReason {
             DropReason::Denied => "denied by the policy",
             DropReason::NoState => "not part of a tracked flow and not a flow start",
             DropReason::RateLimited => "new-flow rate limit for this source exceeded",
-            DropReason::TableFull => "connection table full",
+            DropReason::TableFull => {
+                "connection table full (or, for an IPv6 first fragment, its source's share of fragment verdicts)"
+            }
             DropReason::Fragment => "fragment without an admitted first fragment",
             DropReason::AuditUnavailable => "the audit trail cannot be written",
             DropReason::Revoked => "the reloaded policy no longer allows this flow",
@@ -104,7 +106,7 @@ impl DropReason {
                 "first fragment without its whole transport header"
             }
             DropReason::OverlappingFragment => {
-                "later fragment overlapping the transport header its first fragment carried"
+                "fragment overlapping the transport header or (IPv6) the data its first fragment carried"
             }
         }
     }
@@ -340,17 +342,24 @@ impl Verdicts {
         }
         let source = k.1 .0;
         let net = source.is_ipv6().then(|| rate_key(source));
-        let held =
-            |shares: &HashMap<IpAddr, usize>, key: &IpAddr| shares.get(key).copied().unwrap_or(0);
-        let room = held(&self.per_source, &source) < MAX_FRAGMENT_ENTRIES_PER_SOURCE
-            && net.is_none_or(|n| held(&self.per_net, &n) < MAX_FRAGMENT_ENTRIES_PER_NET);
-        if self.map.len() < MAX_FRAGMENT_ENTRIES && room {
+        if self.has_room(source) {
             self.map.insert(k, (forwarded, until, bound));
             *self.per_source.entry(source).or_default() += 1;
             if let Some(n) = net {
                 *self.per_net.entry(n).or_default() += 1;
             }
         }
+    }
+
+    /// Whether a new verdict from `source` would be noted: the table and
+    /// the source's shares have room.
+    fn has_room(&self, source: IpAddr) -> bool {
+        let held =
+            |shares: &HashMap<IpAddr, usize>, key: &IpAddr| shares.get(key).copied().unwrap_or(0);
+        self.map.len() < MAX_FRAGMENT_ENTRIES
+            && held(&self.per_source, &source) < MAX_FRAGMENT_ENTRIES_PER_SOURCE
+            && (!source.is_ipv6()
+                || held(&self.per_net, &rate_key(source)) < MAX_FRAGMENT_ENTRIES_PER_NET)
     }
 
     /// Forgets the verdicts whose time is up by `now`.
@@ -896,18 +905,23 @@ impl Engine {
         let now = self.now();
         // A second first fragment of an IPv6 datagram overlaps the first
         // (RFC 5722), and one that carried less would lower the bound the
-        // later fragments are held to.
+        // later fragments are held to; so an IPv6 first fragment passes
+        // only if its verdict can be noted (else a second one would find
+        // none: a source that filled its share sends no more first
+        // fragments until its verdicts expire).
         if let Fragment::First { id, .. } = ip.fragment {
-            let fk = fragment_key(&key, id);
-            if key.src.is_ipv6()
-                && self
-                    .fragments
-                    .lock()
-                    .ok()
-                    .and_then(|f| f.get(&(ingress, fk), now))
-                    .is_some()
-            {
-                return refuse(DropReason::OverlappingFragment);
+            if key.src.is_ipv6() {
+                let fk = fragment_key(&key, id);
+                let (seen, room) = match self.fragments.lock() {
+                    Ok(f) => (f.get(&(ingress, fk), now).is_some(), f.has_room(key.src)),
+                    Err(_) => (false, false),
+                };
+                if seen {
+                    return refuse(DropReason::OverlappingFragment);
+                }
+                if !room {
+                    return refuse(DropReason::TableFull);
+                }
             }
         }
         let (packets, hdrs) = segments;
@@ -1820,10 +1834,18 @@ default deny
                 &l4,
             )
         };
+        // Past its share, an IPv6 host's first fragments are not judged at
+        // all: one whose verdict is not kept could be followed by a second
+        // first fragment that lowers the overlap bound.
         for i in 0..(MAX_FRAGMENT_ENTRIES_PER_SOURCE as u32 + 100) {
+            let want = if i < MAX_FRAGMENT_ENTRIES_PER_SOURCE as u32 {
+                DropReason::Denied
+            } else {
+                DropReason::TableFull
+            };
             assert_eq!(
                 e.handle(Zone::Edge, &part6("2001:db8:1::10", i, 9999, false)),
-                Disposition::Drop(DropReason::Denied)
+                Disposition::Drop(want)
             );
         }
         assert_eq!(
@@ -2233,6 +2255,24 @@ default deny
             Disposition::Drop(DropReason::OverlappingFragment)
         );
         assert_eq!(e.counters.dropped(DropReason::OverlappingFragment), 4);
+    }
+
+    /// A verdict noted again keeps the larger overlap bound.
+    #[test]
+    fn a_fragment_verdicts_bound_is_never_lowered() {
+        let mut v = Verdicts::default();
+        let key = FlowKey {
+            src: "2001:db8:1::10".parse().unwrap(),
+            dst: "2001:db8:2::443".parse().unwrap(),
+            proto: 6,
+            src_port: 0,
+            dst_port: 0,
+        };
+        let k = (Zone::Edge, fragment_key(&key, 9));
+        let until = Duration::from_secs(2);
+        v.note(k, true, until, 48);
+        v.note(k, true, until, 24);
+        assert_eq!(v.get(&k, Duration::ZERO), Some((true, 48)));
     }
 
     /// A rule that expires while the filter runs: the policy without it

@@ -857,16 +857,22 @@ mod tests {
         assert_eq!(kind(&frame(58, &report, 1)), nd);
         assert_eq!(kind(&frame(0, &hop_by_hop(&[5, 2, 0, 0, 1, 0]), 1)), nd);
         assert_eq!(
-            kind(&frame(0, &hop_by_hop(&[5, 2, 0, 0, 1, 0x41]), 1)),
-            Some(IcmpKind::Other)
+            kind(&frame(0, &hop_by_hop(&[5, 2, 0, 0, 1, 0]), 1)),
+            nd,
+            "a zero-length PadN"
         );
         assert_eq!(
             kind(&frame(0, &hop_by_hop(&[0x3e, 4, 1, 2, 3, 4]), 1)),
             Some(IcmpKind::Other)
         );
+        // Padding only, padding that carries a byte, two alerts, an
+        // alert for another protocol.
         assert!(!plain_router_alert(&[1, 0, 1, 0, 0, 0]));
         assert!(plain_router_alert(&[5, 2, 0, 0, 0, 0]));
-        assert!(!plain_router_alert(&[5, 2, 0, 0, 5, 2]));
+        assert!(plain_router_alert(&[5, 2, 0, 0, 1, 0]));
+        assert!(!plain_router_alert(&[5, 2, 0, 0, 1, 1, 0x41]));
+        assert!(!plain_router_alert(&[5, 2, 0, 0, 5, 2, 0, 0]));
+        assert!(!plain_router_alert(&[5, 2, 0, 1, 1, 0]));
     }
 
     const A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);

@@ -10,10 +10,10 @@ use crate::audit::record::{RecordKind, RESPONSE_OPEN_AFTER};
 use crate::audit::{AuditEvent, AuditLog};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -60,17 +60,36 @@ impl Body for ProxyBody {
     }
 }
 
+/// The request's record, kept until the response ends.
+type HeldRecord = (AuditEvent, AuditLog, Instant);
+
 pub struct Recorded {
     inner: OriginBody,
     bytes: u64,
     /// Request body bytes the origin was sent.
     uploaded: u64,
-    record: Option<(AuditEvent, AuditLog, Instant)>,
-    /// Whether the `response_open` record was written.
-    announced: bool,
-    /// When it is due if no data comes first: armed the first time the
-    /// origin has nothing ready (a response already whole never arms it).
-    due: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The request's record, here until the `response_open` timer is armed,
+    /// then in the timer's shared state.
+    record: Option<HeldRecord>,
+    opening: Option<Opening>,
+}
+
+/// The `response_open` timer of a response not whole at its first poll: a
+/// task, so that the record is due at [`RESPONSE_OPEN_AFTER`] whether or
+/// not the body is polled then (the origin may stall, or the client stop
+/// reading, and hyper then polls nothing).
+struct Opening {
+    shared: Arc<OpenShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct OpenShared {
+    /// Response bytes so far.
+    bytes: AtomicU64,
+    /// The request's record until the response ends. The timer writes the
+    /// opening record holding this lock, and the end takes the record under
+    /// it, so the opening, if any, is always queued first.
+    record: Mutex<Option<HeldRecord>>,
 }
 
 impl Recorded {
@@ -86,38 +105,55 @@ impl Recorded {
             bytes: 0,
             uploaded,
             record: Some((event, log, start)),
-            announced: false,
-            due: None,
+            opening: None,
         }
     }
 
-    /// A response still streaming [`RESPONSE_OPEN_AFTER`] after its request
-    /// came gets its `response_open` record now (checked as its data
-    /// arrives, and by a timer while none does): a long download, or a
-    /// response that stalls, is then in the trail while it lasts, and if
-    /// the proxy dies before it ends. Its `proxy_request` record follows at
-    /// its end.
-    fn announce_if_long(&mut self) {
-        let Some((ev, log, start)) = &self.record else {
+    /// Arms the `response_open` timer: a response not yet ended
+    /// [`RESPONSE_OPEN_AFTER`] after its request came gets that record
+    /// then, so that a long download, or a response that stalls, is in the
+    /// trail while it lasts, and if the proxy dies before it ends. Its
+    /// `proxy_request` record follows at its end. Armed only for a response
+    /// that is not whole at its first poll.
+    fn arm(&mut self) {
+        let Some(record) = self.record.take() else {
             return;
         };
-        let elapsed = start.elapsed();
-        if elapsed < RESPONSE_OPEN_AFTER {
-            return;
-        }
-        self.announced = true;
-        let mut opening = ev
-            .clone()
-            .with_bytes(self.uploaded, self.bytes, elapsed)
-            .with_reason("allowed by rule; the response is still streaming");
-        opening.event.code = RecordKind::ResponseOpen;
-        // As the end record: never blocks; a refusal is counted by the
-        // writer and recorded in a gap record.
-        let _ = log.try_submit(&opening);
+        let due = tokio::time::Instant::from_std(record.2 + RESPONSE_OPEN_AFTER);
+        let shared = Arc::new(OpenShared {
+            bytes: AtomicU64::new(self.bytes),
+            record: Mutex::new(Some(record)),
+        });
+        let (state, uploaded) = (shared.clone(), self.uploaded);
+        let task = tokio::spawn(async move {
+            tokio::time::sleep_until(due).await;
+            let Ok(record) = state.record.lock() else {
+                return;
+            };
+            if let Some((ev, log, start)) = record.as_ref() {
+                let bytes = state.bytes.load(Ordering::Relaxed);
+                let mut opening = ev
+                    .clone()
+                    .with_bytes(uploaded, bytes, start.elapsed())
+                    .with_reason("allowed by rule; the response is still streaming");
+                opening.event.code = RecordKind::ResponseOpen;
+                // As the end record: never blocks; a refusal is counted by
+                // the writer and recorded in a gap record.
+                let _ = log.try_submit(&opening);
+            }
+        });
+        self.opening = Some(Opening { shared, task });
     }
 
     fn finish(&mut self, complete: bool) {
-        if let Some((ev, log, start)) = self.record.take() {
+        let record = match self.opening.take() {
+            Some(o) => {
+                o.task.abort();
+                o.shared.record.lock().ok().and_then(|mut r| r.take())
+            }
+            None => self.record.take(),
+        };
+        if let Some((ev, log, start)) = record {
             let mut ev = ev.with_bytes(self.uploaded, self.bytes, start.elapsed());
             if !complete {
                 ev = ev.with_reason("allowed by rule; the response did not complete");
@@ -143,9 +179,10 @@ impl Body for Recorded {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
                 }
-                // Not for the last frame: its request's record follows now.
-                if !this.announced && !this.inner.is_end_stream() {
-                    this.announce_if_long();
+                match &this.opening {
+                    Some(o) => o.shared.bytes.store(this.bytes, Ordering::Relaxed),
+                    None if !this.inner.is_end_stream() => this.arm(),
+                    None => {}
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -158,16 +195,8 @@ impl Body for Recorded {
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => {
-                if !this.announced {
-                    if let Some((_, _, start)) = &this.record {
-                        let at = tokio::time::Instant::from_std(*start + RESPONSE_OPEN_AFTER);
-                        let due = this
-                            .due
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-                        if due.as_mut().poll(cx).is_ready() {
-                            this.announce_if_long();
-                        }
-                    }
+                if this.opening.is_none() {
+                    this.arm();
                 }
                 Poll::Pending
             }
