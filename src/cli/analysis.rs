@@ -361,10 +361,10 @@ pub fn classify(args: ClassifyArgs) -> ExitCode {
             (names, verdicts, default, policy.classifier().v4().clone())
         };
     let mut results = vec![None; trace.len()];
+    // Batched, as a burst of packets is classified: the same answers as
+    // one lookup at a time.
     let start = std::time::Instant::now();
-    for (k, r) in trace.iter().zip(results.iter_mut()) {
-        *r = classifier.lookup(k);
-    }
+    classifier.lookup_batch(&trace, &mut results);
     let elapsed = start.elapsed();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
