@@ -2648,12 +2648,9 @@ fn a_long_response_is_in_the_trail_while_it_streams() {
     p.stop_and_verify();
 }
 
-/// A response whose client stopped reading is in the trail too: the
-/// proxy polls nothing of it then, but its `response_open` record is due
-/// all the same.
-#[test]
-fn a_response_the_client_stopped_reading_is_in_the_trail() {
-    let p = start_proxy("");
+/// A client that sends `GET path` to the origin through the proxy with a
+/// 4 kB receive buffer and reads nothing of the answer.
+fn ask_without_reading(p: &Proxy, path: &str) -> TcpStream {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     sock.connect(&p.addr.into()).unwrap();
@@ -2661,10 +2658,19 @@ fn a_response_the_client_stopped_reading_is_in_the_trail() {
     let target = format!("origin.test:{}", p.origins.http);
     client
         .write_all(
-            format!("GET http://{target}/big/33554432 HTTP/1.1\r\nHost: {target}\r\n\r\n")
-                .as_bytes(),
+            format!("GET http://{target}{path} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
         )
         .unwrap();
+    client
+}
+
+/// A response whose client stopped reading is in the trail too: the
+/// proxy polls nothing of it then, but its `response_open` record is due
+/// all the same.
+#[test]
+fn a_response_the_client_stopped_reading_is_in_the_trail() {
+    let p = start_proxy("");
+    let client = ask_without_reading(&p, "/big/33554432");
     let opening = p.wait_record("for the opening record of the unread response", |r| {
         s(r, "/event/code") == "response_open"
     });
@@ -2690,17 +2696,7 @@ fn a_response_the_client_stopped_reading_is_in_the_trail() {
 #[test]
 fn a_client_that_stops_reading_is_cut_after_the_idle_timeout() {
     let p = start_proxy("idle_timeout = \"2s\"");
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&p.addr.into()).unwrap();
-    let mut client: TcpStream = sock.into();
-    let target = format!("origin.test:{}", p.origins.http);
-    client
-        .write_all(
-            format!("GET http://{target}/big/33554432 HTTP/1.1\r\nHost: {target}\r\n\r\n")
-                .as_bytes(),
-        )
-        .unwrap();
+    let client = ask_without_reading(&p, "/big/33554432");
     let r = p.wait_record("for the response the client never read", |r| {
         s(r, "/event/reason") == "allowed by rule; the response did not complete"
     });

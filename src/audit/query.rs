@@ -264,46 +264,41 @@ impl Summary {
             .and_then(|r| r.id.clone());
         // A tunnel is one decision, counted at its end record (which says
         // whether it passed its checks, and what it carried); its opening
-        // record marks it open until then.
-        if e.event.code == RecordKind::TunnelOpen {
-            if let Some(id) = request_id {
-                let client = e
-                    .source
-                    .as_ref()
-                    .and_then(|s| s.ip)
-                    .map_or_else(|| "-".into(), |ip| ip.to_string());
-                let port = e.destination.as_ref().and_then(|d| d.port).unwrap_or(0);
-                self.open_tunnels
-                    .insert(id, format!("{client} -> {}:{port}", destination_key(r)));
+        // record marks it open until then. Likewise a long response: its
+        // opening record marks it streaming until its request's record.
+        match e.event.code {
+            RecordKind::TunnelOpen | RecordKind::ResponseOpen => {
+                if let Some(id) = request_id {
+                    let client = e
+                        .source
+                        .as_ref()
+                        .and_then(|s| s.ip)
+                        .map_or_else(|| "-".into(), |ip| ip.to_string());
+                    if e.event.code == RecordKind::TunnelOpen {
+                        let port = e.destination.as_ref().and_then(|d| d.port).unwrap_or(0);
+                        let to = format!("{client} -> {}:{port}", destination_key(r));
+                        self.open_tunnels.insert(id, to);
+                    } else {
+                        let url = e
+                            .url
+                            .as_ref()
+                            .map_or_else(|| destination_key(r), |u| u.full.clone());
+                        self.open_responses.insert(id, format!("{client} -> {url}"));
+                    }
+                }
+                return;
             }
-            return;
-        }
-        if e.event.code == RecordKind::ConnectTunnel {
-            if let Some(id) = &request_id {
-                self.open_tunnels.remove(id);
+            RecordKind::ConnectTunnel => {
+                if let Some(id) = &request_id {
+                    self.open_tunnels.remove(id);
+                }
             }
-        }
-        // Likewise a long response: its opening record marks it streaming
-        // until its request's record.
-        if e.event.code == RecordKind::ResponseOpen {
-            if let Some(id) = request_id {
-                let client = e
-                    .source
-                    .as_ref()
-                    .and_then(|s| s.ip)
-                    .map_or_else(|| "-".into(), |ip| ip.to_string());
-                let url = e
-                    .url
-                    .as_ref()
-                    .map_or_else(|| destination_key(r), |u| u.full.clone());
-                self.open_responses.insert(id, format!("{client} -> {url}"));
+            RecordKind::ProxyRequest => {
+                if let Some(id) = &request_id {
+                    self.open_responses.remove(id);
+                }
             }
-            return;
-        }
-        if e.event.code == RecordKind::ProxyRequest {
-            if let Some(id) = &request_id {
-                self.open_responses.remove(id);
-            }
+            _ => {}
         }
         let bytes = e.source.as_ref().and_then(|s| s.bytes).unwrap_or(0)
             + e.destination.as_ref().and_then(|d| d.bytes).unwrap_or(0);
