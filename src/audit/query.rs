@@ -269,11 +269,7 @@ impl Summary {
         match e.event.code {
             RecordKind::TunnelOpen | RecordKind::ResponseOpen => {
                 if let Some(id) = request_id {
-                    let client = e
-                        .source
-                        .as_ref()
-                        .and_then(|s| s.ip)
-                        .map_or_else(|| "-".into(), |ip| ip.to_string());
+                    let client = dash(e.source.as_ref().and_then(|s| s.ip));
                     if e.event.code == RecordKind::TunnelOpen {
                         let port = e.destination.as_ref().and_then(|d| d.port).unwrap_or(0);
                         let to = format!("{client} -> {}:{port}", destination_key(r));
@@ -355,21 +351,19 @@ impl Summary {
                 self.gaps, self.lost_records
             );
         }
-        if !self.open_responses.is_empty() {
-            out += &format!(
-                "responses still streaming with no end record (at the window's end, or cut by a crash): {}\n",
-                self.open_responses.len()
-            );
-            for (id, what) in self.open_responses.iter().take(top) {
-                out += &format!("  {id}  {what}\n");
-            }
-        }
-        if !self.open_tunnels.is_empty() {
-            out += &format!(
-                "tunnels opened with no end record (still open at the window's end, or cut by a crash): {}\n",
-                self.open_tunnels.len()
-            );
-            for (id, what) in self.open_tunnels.iter().take(top) {
+        let open = [
+            (
+                "responses still streaming with no end record (at the window's end, or cut by a crash)",
+                &self.open_responses,
+            ),
+            (
+                "tunnels opened with no end record (still open at the window's end, or cut by a crash)",
+                &self.open_tunnels,
+            ),
+        ];
+        for (heading, items) in open.into_iter().filter(|(_, m)| !m.is_empty()) {
+            out += &format!("{heading}: {}\n", items.len());
+            for (id, what) in items.iter().take(top) {
                 out += &format!("  {id}  {what}\n");
             }
         }
