@@ -336,7 +336,7 @@ fn plain_neighbor_message(m: &[u8]) -> bool {
 
 /// Most records an MLDv2 report may hold to pass as link control (a
 /// router or host on the circuit listens to a handful of groups).
-const MLD_RECORDS_MAX: u16 = 32;
+const MLD_RECORDS_MAX: usize = 32;
 
 /// Whether a multicast listener discovery message (RFC 2710, RFC 3810) is
 /// only what the protocol carries: its fixed part, reserved fields zero,
@@ -346,52 +346,33 @@ const MLD_RECORDS_MAX: u16 = 32;
 /// past the policy; source-specific listening is left to the policy.
 fn plain_listener_message(m: &[u8]) -> bool {
     let multicast = |a: &[u8]| a[0] == 0xff;
-    let unspecified = |a: &[u8]| a.iter().all(|&b| b == 0);
     if m.len() < 8 || m[1] != 0 {
         return false;
     }
-    let group = m.get(8..24).unwrap_or(&[0]);
-    match m[0] {
-        // Query: the group, or none for a general query; MLDv2 adds a
-        // source list.
-        130 => {
-            let group_ok = m.len() >= 24 && (multicast(group) || unspecified(group));
-            if m.len() == 24 {
-                return group_ok && m[6..8] == [0, 0];
-            }
-            let Some(&[_, _, n0, n1]) = m.get(24..28) else {
-                return false;
+    match (m[0], m.get(8..24)) {
+        // Query: a group, or none for a general query; MLDv2 adds the
+        // querier's flags and interval, and no sources (a source-specific
+        // query is ordinary ICMPv6).
+        (130, Some(group)) => {
+            let v2_ok = match &m[24..] {
+                [] => true,
+                [flags, _, 0, 0] => flags & 0xf0 == 0,
+                _ => false,
             };
-            // No sources: a source-specific query is ordinary ICMPv6.
-            m.len() == 28
-                && [n0, n1] == [0, 0]
-                && m[24] & 0xf0 == 0
-                && group_ok
-                && m[6..8] == [0, 0]
+            v2_ok && m[6..8] == [0, 0] && (multicast(group) || group.iter().all(|&b| b == 0))
         }
         // MLDv1 report and done: the group only.
-        131 | 132 => m.len() == 24 && m[4..8] == [0; 4] && multicast(group),
-        // MLDv2 report: records of a group and its sources.
-        143 => {
-            if m[4..6] != [0, 0] {
-                return false;
-            }
-            let records = u16::from_be_bytes([m[6], m[7]]);
-            if records > MLD_RECORDS_MAX {
-                return false;
-            }
-            let mut rest = &m[8..];
-            for _ in 0..records {
-                let Some(r) = rest.get(..20) else {
-                    return false;
-                };
-                // No sources: source-specific listening is ordinary ICMPv6.
-                if !(1..=6).contains(&r[0]) || r[1..4] != [0, 0, 0] || !multicast(&r[4..20]) {
-                    return false;
-                }
-                rest = &rest[20..];
-            }
-            rest.is_empty()
+        (131 | 132, Some(group)) => m.len() == 24 && m[4..8] == [0; 4] && multicast(group),
+        // MLDv2 report: records of a group each, 20 bytes with no sources
+        // (source-specific listening is ordinary ICMPv6).
+        (143, _) => {
+            let records = usize::from(u16::from_be_bytes([m[6], m[7]]));
+            m[4..6] == [0, 0]
+                && records <= MLD_RECORDS_MAX
+                && m.len() == 8 + 20 * records
+                && m[8..].chunks(20).all(|r| {
+                    (1..=6).contains(&r[0]) && r[1..4] == [0, 0, 0] && multicast(&r[4..20])
+                })
         }
         _ => false,
     }
@@ -810,9 +791,9 @@ mod tests {
         assert!(!plain(&changed(32, 0x20)));
         assert!(!plain(&changed(1, 1)));
         assert!(!plain(&report(&[record(&[]), record(&[host])])));
-        let many = vec![record(&[]); usize::from(MLD_RECORDS_MAX)];
+        let many = vec![record(&[]); MLD_RECORDS_MAX];
         assert!(plain(&report(&many)));
-        let more = vec![record(&[]); usize::from(MLD_RECORDS_MAX) + 1];
+        let more = vec![record(&[]); MLD_RECORDS_MAX + 1];
         assert!(!plain(&report(&more)));
         // A neighbour solicitation for a multicast target is not one.
         let ns = |target: [u8; 16]| [[135, 0, 0, 0, 0, 0, 0, 0].as_slice(), &target].concat();
