@@ -520,7 +520,7 @@ impl Policy {
 
     /// [`Policy::expired_today`] on `today`.
     pub fn expired_in_force(&self, today: Date) -> Option<(Policy, String)> {
-        let (mut p, _) = self.expired_as_of(today)?;
+        let (mut p, mut expired) = self.expired_as_of(today)?;
         let widened: Vec<&(expect::Expectation, Location)> = self
             .expectations
             .iter()
@@ -558,20 +558,8 @@ impl Policy {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let expired: Vec<String> = p
-            .rules
-            .iter()
-            .zip(&self.rules)
-            .filter(|(r, was)| was.active && !r.active)
-            .map(|(r, _)| r.name.clone())
-            .chain(
-                p.http
-                    .iter()
-                    .zip(&self.http)
-                    .filter(|(r, was)| was.active && !r.active)
-                    .map(|(r, _)| r.name.clone()),
-            )
-            .collect();
+        // Rule names are one namespace for packet and HTTP rules.
+        expired.retain(|n| !held.contains(n));
         let mut why = format!("again on {today}: ");
         if !expired.is_empty() {
             why += &format!("rule(s) {} expired and no longer match", quoted(&expired));
