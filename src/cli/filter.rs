@@ -31,6 +31,14 @@ pub struct FilterArgs {
     pub audit_dir: Option<PathBuf>,
 }
 
+/// Queues `event`; one the trail cannot take (counted as lost there, and
+/// shown as a gap) is also told to the operator.
+async fn record_or_say(audit: &palisade::audit::AuditLog, event: &AuditEvent, what: &str) {
+    if let Err(e) = audit.submit_async(event).await {
+        palisade::say!("palisade filter: the {what}'s audit record was not written: {e}");
+    }
+}
+
 fn load(path: &Path) -> Result<Policy, String> {
     let c = super::policy::load_for_enforcement(path)?;
     let z = c.policy.zones();
@@ -222,9 +230,7 @@ pub fn run(args: FilterArgs) -> ExitCode {
                         if let Some((p, why)) = e2.policy().expired_today() {
                             let sha = p.sha256().to_string();
                             e2.set_policy(p);
-                            if let Err(e) = a2.submit_async(&AuditEvent::policy_loaded(&sha, &why)).await {
-                                palisade::say!("palisade filter: the expiry's audit record was not written: {e}");
-                            }
+                            record_or_say(&a2, &AuditEvent::policy_loaded(&sha, &why), "expiry").await;
                             palisade::say!("palisade filter: policy in force {why}");
                         }
                     }
@@ -234,15 +240,11 @@ pub fn run(args: FilterArgs) -> ExitCode {
                             Ok(p) => {
                                 let sha = p.sha256().to_string();
                                 e2.set_policy(p);
-                                if let Err(e) = a2.submit_async(&AuditEvent::policy_loaded(&sha, "reload")).await {
-                                    palisade::say!("palisade filter: the reload's audit record was not written: {e}");
-                                }
+                                record_or_say(&a2, &AuditEvent::policy_loaded(&sha, "reload"), "reload").await;
                                 palisade::say!("palisade filter: reloaded policy (sha256 {sha})");
                             }
                             Err(e) => {
-                                if let Err(w) = a2.submit_async(&AuditEvent::reload_failed(&e, Some(&in_force))).await {
-                                    palisade::say!("palisade filter: the failed reload's audit record was not written: {w}");
-                                }
+                                record_or_say(&a2, &AuditEvent::reload_failed(&e, Some(&in_force)), "failed reload").await;
                                 palisade::say!("palisade filter: reload failed, the previous policy stays in force:\n{e}");
                             }
                         }
