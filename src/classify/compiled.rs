@@ -252,6 +252,40 @@
 //! a lookup at 45-55 ns. Building for the host CPU (`-C
 //! target-cpu=native`: BMI, AVX2): within the run-to-run noise.
 //!
+//! Where an ipc1 lookup goes, counted over its trace (2026-12-05): every
+//! key enters the first tree (small sources) and walks 1.62 nodes and
+//! tests 2.08 leaf entries there; 86% find their match in it. Of the 14%
+//! that do not, four in five reach an empty leaf (no entry of that tree
+//! covers the region: the walk, no scan) and go on to the second tree.
+//! Of the keys that match in the first tree, 11% still enter a later
+//! tree their entry names, and 4 of those 9,309 find a better match
+//! there. cachegrind: 219 instructions, 28.5 conditional branches per
+//! single lookup (1.75 mispredicted in its model), 257 and 32 (2.9) per
+//! batched key. So the time is the first tree's chain of loads and its
+//! leaf scan, not the later trees. Three attempts, each measured in one
+//! process against the code it would change (median ratio of 5 to 9
+//! interleaved rounds, single / batched):
+//!
+//! - Follow lists: each leaf entry with later trees to enter got the
+//!   list of those trees' better entries that overlap its clipped box (at
+//!   most 8, covered ones dropped, identical lists shared), scanned
+//!   instead of walking the trees: acl2_10k 0.99 / 0.98, fw1_10k 0.96 /
+//!   0.97, ipc1_10k 0.99 / 0.99, the 1k sets 0.95-1.00. A later tree's
+//!   walk mostly stops at its first node (no better entry below), so a
+//!   list saves little; lists existed for a third of those keys. Dropped.
+//! - Merging later trees' entries into the first tree's leaves, so that a
+//!   key's match there is final: the merged, pruned leaves would hold over
+//!   12 entries for most ipc1 keys, and more than 256 for a quarter of
+//!   them (the second tree's entries have wide sources, the first tree's
+//!   leaves are cut by source). Not built.
+//! - Kept: a batched lookup loads each lane's first leaf entry before any
+//!   lane's scan, where a tree's leaves exceed 256 KiB: acl1_10k batched
+//!   1.05, 1.11, 1.02 in three runs, ipc1_10k 1.02 in each, the others
+//!   0.99-1.02 (their first trees' leaves are smaller and skip it); for
+//!   every tree it cost fw1_10k 0.91 and fw1_1k 0.95 (leaves of 0-1
+//!   entries that stay in the cache). Loading the second entry as well:
+//!   no better (0.98-1.01).
+//!
 //! Measured and dropped (each against the code it would have changed, same
 //! session):
 //!
@@ -480,6 +514,9 @@ const DIMS: usize = 5;
 const FANOUT: usize = 7;
 /// Keys a batched lookup walks in lockstep.
 const BATCH: usize = 8;
+/// Leaf entries (256 KiB of them for IPv4) from which a batched lookup
+/// loads its lanes' first leaf entries ahead of their scans.
+const TOUCH_LEAVES_MIN: usize = 8192;
 /// A set of trees, bit `t` for tree `t` in lookup order.
 type TreeMask = u16;
 /// Every tree.
@@ -1121,6 +1158,21 @@ impl<A: Address> Lanes<'_, A> {
             if !moving {
                 break;
             }
+        }
+        // Where the leaves are too large to stay in the core's caches,
+        // load every lane's first leaf entry before any lane's scan, so
+        // that those misses overlap instead of each waiting on the scan
+        // before it (whose exit is a mispredicted branch). Where they fit,
+        // the extra loads are pure cost (see the module docs).
+        if tree.leaves.len() >= TOUCH_LEAVES_MIN {
+            let mut touched = 0;
+            for &leaf in &at[..n] {
+                touched ^= tree
+                    .leaves
+                    .get(leaf_range(leaf).0)
+                    .map_or(0, |e| e.priority);
+            }
+            std::hint::black_box(touched);
         }
         for (j, &leaf) in at[..n].iter().enumerate() {
             let (start, end) = leaf_range(leaf);
