@@ -270,8 +270,8 @@ fn diff_lists_regions_compactly() {
     assert_eq!(
         text(&out.stdout),
         "newly allowed: 3 packet regions, 0 http classes\n\
-         \x20 + tcp 198.51.100.0/24 -> 192.0.2.64-192.0.2.255 dport 80, 443   now allow by `web`, was deny by `default`\n\
          \x20 + tcp 198.51.100.0/24 -> 192.0.2.0/24 dport 8000-8999   now allow by `web`, was deny by `default`\n\
+         \x20 + tcp 198.51.100.0/24 -> 192.0.2.64-192.0.2.255 dport 80, 443   now allow by `web`, was deny by `default`\n\
          \x20 + udp 198.51.100.0/24 -> 192.0.2.53, 192.0.2.153 dport 53   now allow by `dns`, was deny by `default`\n\
          newly denied: 0 packet regions, 0 http classes\n"
     );
@@ -1012,4 +1012,135 @@ fn classify_names_rules_by_line_across_blank_lines() {
     ]);
     assert!(via_policy.status.success(), "{}", text(&via_policy.stderr));
     assert_eq!(via_policy.stdout, direct.stdout);
+}
+
+/// `diff` on ClassBench 10k policies with mixed verdicts (every third rule
+/// a deny): a broad rule removed is analysed (the subtraction `diff` used
+/// to do gave up on both as "too fragmented"), and what it reports is
+/// exactly the flows whose verdict changed, with the rules that decide
+/// them, on flows drawn across the space and inside the removed rule.
+#[test]
+fn diff_analyses_broad_changes_to_classbench_10k_policies() {
+    use palisade::classify::{FamilyKey, FlowKey};
+    let Some(dir) = classbench_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // (set, the rule to remove, counted from the end, whether the change
+    // alters any verdict)
+    for (set, from_end, changes) in [("acl1_10k", 1, true), ("ipc1_10k", 234, true)] {
+        let out = palisade(&["import", "classbench", dir.join(set).to_str().unwrap()]);
+        assert!(out.status.success(), "{set}: {}", text(&out.stderr));
+        let mut n = 0;
+        let mixed: Vec<String> = text(&out.stdout)
+            .lines()
+            .map(|l| {
+                if l.starts_with("rule ") {
+                    n += 1;
+                    if n % 3 == 0 {
+                        return l.replacen(" allow ", " deny ", 1);
+                    }
+                }
+                l.to_string()
+            })
+            .collect();
+        let gone = n + 1 - from_end;
+        let mut k = 0;
+        let edited: Vec<&str> = mixed
+            .iter()
+            .filter(|l| {
+                if l.starts_with("rule ") {
+                    k += 1;
+                    return k != gone;
+                }
+                true
+            })
+            .map(String::as_str)
+            .collect();
+        let removed = mixed
+            .iter()
+            .filter(|l| l.starts_with("rule "))
+            .nth(gone - 1)
+            .unwrap();
+        let (old_path, new_path) = (tmp.path().join("old.policy"), tmp.path().join("new.policy"));
+        std::fs::write(&old_path, mixed.join("\n") + "\n").unwrap();
+        std::fs::write(&new_path, edited.join("\n") + "\n").unwrap();
+
+        let out = palisade(&[
+            "diff",
+            old_path.to_str().unwrap(),
+            new_path.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(if changes { 1 } else { 0 }),
+            "{set} without `{removed}`: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+
+        let load = |p: &Path| {
+            load_policy(
+                p,
+                &FsLoader,
+                Options {
+                    today: Date::new(2026, 12, 1).unwrap(),
+                },
+            )
+            .unwrap()
+            .policy
+        };
+        let (old, new) = (load(&old_path), load(&new_path));
+        let (p4, _) = palisade::policy::analysis::changed_regions(&old, &new).unwrap();
+        assert_eq!(!p4.is_empty(), changes, "{set}");
+        // The removed rule's box, to draw flows inside it.
+        let (entries, _) = palisade::policy::entries(&old);
+        let boxed = entries
+            .iter()
+            .find(|e| old.rule_name(Some(e.rule)) == removed.split(' ').nth(1).unwrap())
+            .unwrap()
+            .fields;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let within = |r: u64, lo: u32, hi: u32| lo + (r % (u64::from(hi - lo) + 1)) as u32;
+        for i in 0..4000 {
+            let r = next();
+            let key = if i % 2 == 0 {
+                FlowKey {
+                    src: std::net::IpAddr::from(std::net::Ipv4Addr::from(r as u32)),
+                    dst: std::net::IpAddr::from(std::net::Ipv4Addr::from((r >> 32) as u32)),
+                    proto: [6, 17, 1, next() as u8][(next() % 4) as usize],
+                    src_port: next() as u16,
+                    dst_port: [53, 80, 443, next() as u16][(next() % 4) as usize],
+                }
+            } else {
+                let f = &boxed;
+                FlowKey {
+                    src: std::net::Ipv4Addr::from(within(r, f.src.lo, f.src.hi)).into(),
+                    dst: std::net::Ipv4Addr::from(within(next(), f.dst.lo, f.dst.hi)).into(),
+                    proto: within(next(), f.proto.lo.into(), f.proto.hi.into()) as u8,
+                    src_port: within(next(), f.src_port.lo.into(), f.src_port.hi.into()) as u16,
+                    dst_port: within(next(), f.dst_port.lo.into(), f.dst_port.hi.into()) as u16,
+                }
+            };
+            let Some(FamilyKey::V4(k4)) = key.family_key() else {
+                unreachable!()
+            };
+            let (was, now) = (old.decide(&key), new.decide(&key));
+            let hits: Vec<_> = p4
+                .iter()
+                .filter(|x| x.0.matches(&k4))
+                .map(|x| (x.1, x.2, x.3, x.4))
+                .collect();
+            let expected: Vec<_> = if was.verdict != now.verdict {
+                vec![(was.rule, now.rule, was.verdict, now.verdict)]
+            } else {
+                Vec::new()
+            };
+            assert_eq!(hits, expected, "{set} without `{removed}`: {key:?}");
+        }
+    }
 }
