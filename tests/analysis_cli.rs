@@ -1144,3 +1144,24 @@ fn diff_analyses_broad_changes_to_classbench_10k_policies() {
         }
     }
 }
+
+/// `lint` checks every rule of the ClassBench acl1 10k set for shadowing
+/// (the subtraction it used to do stopped at rule 9,735 of 9,761), and
+/// finds the set's redundant rules.
+#[test]
+fn lint_analyses_every_rule_of_a_classbench_10k_policy() {
+    let Some(dir) = classbench_dir() else { return };
+    let out = palisade(&[
+        "import",
+        "classbench",
+        dir.join("acl1_10k").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("acl1_10k.policy");
+    std::fs::write(&path, &out.stdout).unwrap();
+    let out = palisade(&["lint", path.to_str().unwrap()]);
+    let report = text(&out.stderr);
+    assert!(!report.contains("L0199"), "{report}");
+    assert!(report.contains("warning[L0102]"), "{report}");
+}

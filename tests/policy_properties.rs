@@ -482,3 +482,73 @@ proptest! {
         check_diff(&spec, &edits, &probes)?;
     }
 }
+
+/// Whether the earlier entries `covers` accepts cover `rule`, and the rules
+/// that are the first match for a part of it: the plain way, subtracting
+/// each earlier entry in order from what is left of the rule's boxes.
+fn coverage_by_subtraction<A: palisade::classify::Address + palisade::policy::analysis::Scalar>(
+    entries: &[palisade::classify::Entry<A>],
+    rule: u32,
+    covers: &dyn Fn(u32) -> bool,
+    contributors: &mut Vec<u32>,
+) -> bool {
+    use palisade::policy::analysis::{overlaps, subtract};
+    let mut pieces: Vec<_> = entries
+        .iter()
+        .filter(|e| e.rule == rule)
+        .map(|e| e.fields)
+        .collect();
+    for e in entries.iter().filter(|e| e.rule < rule && covers(e.rule)) {
+        if !pieces.iter().any(|p| overlaps(p, &e.fields)) {
+            continue;
+        }
+        let mut next = Vec::new();
+        for p in &pieces {
+            subtract(p, &e.fields, &mut next);
+        }
+        if !contributors.contains(&e.rule) {
+            contributors.push(e.rule);
+        }
+        pieces = next;
+    }
+    pieces.is_empty()
+}
+
+/// `lint`'s shadowing analysis (the rules that cover a rule, found by
+/// cutting boxes depth first) agrees with plain subtraction on every rule.
+fn check_coverage(spec: &Spec) -> Result<(), TestCaseError> {
+    use palisade::policy::analysis::{coverage, Coverage};
+    let policy = compile_lenient(&render(spec))?;
+    let (v4, v6) = entries(&policy);
+    for r in policy.rules() {
+        let all = |_: u32| true;
+        let mut by = Vec::new();
+        let covered = coverage_by_subtraction(&v4, r.id, &all, &mut by)
+            && coverage_by_subtraction(&v6, r.id, &all, &mut by);
+        by.sort_unstable();
+        let expected = if covered {
+            Coverage::Covered(by)
+        } else {
+            Coverage::Effective
+        };
+        let mut budget = usize::MAX;
+        let got = coverage(&v4, &v6, r.id, &all, &mut budget)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(got, expected, "rule {}\n{}", r.name, render(spec));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn shadowing_analysis_agrees_with_subtraction(spec in spec()) {
+        check_coverage(&spec)?;
+    }
+
+    #[test]
+    fn shadowing_analysis_agrees_with_subtraction_on_larger_policies(spec in network_spec_of(30..80)) {
+        check_coverage(&spec)?;
+    }
+}

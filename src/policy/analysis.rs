@@ -1,18 +1,19 @@
 //! Policy analysis: what rules really do, as regions of the 5-tuple space.
 //!
-//! A region is a set of disjoint boxes (one interval per field). Walking
-//! the rules in order and subtracting each rule's boxes from what is still
-//! unclaimed gives every rule its *effective* region: the flows it decides.
-//! `lint` uses this to find rules that never decide anything (shadowed or
-//! redundant). `diff` instead cuts the space for both policies at once, as
-//! a decision tree is built, and stops wherever the two behave the same
-//! (see [`changed_regions`]).
+//! A region is a set of disjoint boxes (one interval per field). A rule's
+//! *effective* region is the part of its boxes no earlier rule claims: the
+//! flows it decides. `lint` looks for rules whose effective region is
+//! empty (shadowed or redundant), cutting each rule's boxes as a decision
+//! tree is built until every part has a first earlier match or one part
+//! has none (see `coverage_family`). `diff` cuts the space for both
+//! policies at once the same way, and stops wherever the two behave the
+//! same (see [`changed_regions`]).
 //!
 //! Box subtraction can fragment; every analysis runs under a piece budget
 //! and says so when it gives up instead of running unbounded.
 
 use super::{AddrSet, Date, HttpHost, HttpRequest, PacketRule, Policy, Verdict};
-use crate::classify::{Address, Entry, Fields, Interval, RuleId};
+use crate::classify::{Address, Entry, Fields, Interval, Key, RuleId};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Most boxes an analysis keeps at once.
@@ -132,6 +133,29 @@ pub fn lives_as_long(earlier: Option<Date>, rule: Option<Date>) -> bool {
     }
 }
 
+/// The entries of `list` (indices into `entries`, in order) that overlap
+/// `b`, up to the first that covers it: the candidates for `b`'s first
+/// match.
+fn within<A: Address>(entries: &[Entry<A>], list: &[u32], b: &Fields<A>) -> Vec<u32> {
+    let mut out = Vec::new();
+    for &i in list {
+        let f = &entries[i as usize].fields;
+        if overlaps(f, b) {
+            out.push(i);
+            if f.covers(b) {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Whether the earlier entries `covers` accepts cover every box of `rule`,
+/// adding to `contributors` each rule that is the first match for a part
+/// of it. The boxes are cut as a decision tree is built (long candidate
+/// lists halved, short ones cut along their first entry), depth first, so
+/// an uncovered part ends the search as soon as it is found instead of
+/// after every earlier rule has been subtracted; `budget` counts boxes.
 fn coverage_family<A: Address + Scalar>(
     entries: &[Entry<A>],
     rule: RuleId,
@@ -139,32 +163,81 @@ fn coverage_family<A: Address + Scalar>(
     budget: &mut usize,
     contributors: &mut Vec<RuleId>,
 ) -> Result<bool, TooComplex> {
-    let mut pieces: Vec<Fields<A>> = entries
+    let earlier: Vec<u32> = (0..entries.len() as u32)
+        .filter(|&i| {
+            let e = &entries[i as usize];
+            e.rule < rule && covers(e.rule)
+        })
+        .collect();
+    let mut stack: Vec<(Fields<A>, Vec<u32>)> = entries
         .iter()
         .filter(|e| e.rule == rule)
-        .map(|e| e.fields)
+        .map(|e| (e.fields, earlier.clone()))
         .collect();
-    for e in entries.iter().filter(|e| e.rule < rule && covers(e.rule)) {
-        if pieces.is_empty() {
-            break;
+    while let Some((b, list)) = stack.pop() {
+        *budget = budget.checked_sub(1).ok_or(TooComplex)?;
+        let list = within(entries, &list, &b);
+        let Some(&first) = list.first() else {
+            return Ok(false);
+        };
+        let e = &entries[first as usize];
+        // A point of the box that no candidate holds proves the rule
+        // decides some flow: the usual answer, found without cutting.
+        if list.len() > PEEL_MAX
+            && witnesses(&b)
+                .iter()
+                .any(|k| list.iter().all(|&i| !entries[i as usize].fields.matches(k)))
+        {
+            return Ok(false);
         }
-        if !pieces.iter().any(|p| overlaps(p, &e.fields)) {
+        if e.fields.covers(&b) {
+            if !contributors.contains(&e.rule) {
+                contributors.push(e.rule);
+            }
             continue;
         }
-        let mut next = Vec::with_capacity(pieces.len());
-        for p in &pieces {
-            subtract(p, &e.fields, &mut next);
+        if list.len() > PEEL_MAX {
+            if let Some(halves) = balanced_cut(&b, [(entries, &list), (entries, &[])]) {
+                stack.extend(halves.map(|h| (h, list.clone())));
+                continue;
+            }
         }
-        if !contributors.contains(&e.rule) {
-            contributors.push(e.rule);
-        }
-        *budget = budget.saturating_sub(next.len() + 1);
-        if *budget == 0 || next.len() > PIECE_BUDGET {
+        stack.extend(intersect(&b, &e.fields).map(|x| (x, list.clone())));
+        let mut outside = Vec::new();
+        subtract(&b, &e.fields, &mut outside);
+        stack.extend(outside.into_iter().map(|x| (x, list.clone())));
+        if stack.len() > PIECE_BUDGET {
             return Err(TooComplex);
         }
-        pieces = next;
     }
-    Ok(pieces.is_empty())
+    Ok(true)
+}
+
+/// Three points of a box: its lowest and highest corners and its middle.
+fn witnesses<A: Address>(b: &Fields<A>) -> [Key<A>; 3] {
+    let corner = |hi: bool| {
+        let pick = |iv: Interval<A>| if hi { iv.hi } else { iv.lo };
+        Key {
+            src: pick(b.src),
+            dst: pick(b.dst),
+            src_port: if hi { b.src_port.hi } else { b.src_port.lo },
+            dst_port: if hi { b.dst_port.hi } else { b.dst_port.lo },
+            proto: if hi { b.proto.hi } else { b.proto.lo },
+        }
+    };
+    let mid = |iv: Interval<A>| iv.lo + ((iv.hi - iv.lo) >> 1);
+    let mid16 = |iv: Interval<u16>| iv.lo + (iv.hi - iv.lo) / 2;
+    [
+        corner(false),
+        corner(true),
+        Key {
+            src: mid(b.src),
+            dst: mid(b.dst),
+            src_port: mid16(b.src_port),
+            dst_port: mid16(b.dst_port),
+            proto: b.proto.lo + (b.proto.hi - b.proto.lo) / 2,
+        },
+    ]
 }
 
 /// Whether earlier rules cover `rule` completely, in both families. Only
@@ -177,9 +250,9 @@ pub fn coverage(
     budget: &mut usize,
 ) -> Result<Coverage, TooComplex> {
     let mut contributors = Vec::new();
-    let c4 = coverage_family(v4, rule, covers, budget, &mut contributors)?;
-    let c6 = coverage_family(v6, rule, covers, budget, &mut contributors)?;
-    if c4 && c6 {
+    if coverage_family(v4, rule, covers, budget, &mut contributors)?
+        && coverage_family(v6, rule, covers, budget, &mut contributors)?
+    {
         contributors.sort_unstable();
         Ok(Coverage::Covered(contributors))
     } else {
@@ -367,20 +440,6 @@ fn changed_pieces<A: Address + Scalar + Into<u128>>(
             .map(|r| r.verdict)
             .unwrap_or(p.default_verdict())
     };
-    // The entries of `list` that overlap `b`, up to the first covering it.
-    fn within<A: Address + Scalar>(entries: &[Entry<A>], list: &[u32], b: &Fields<A>) -> Vec<u32> {
-        let mut out = Vec::new();
-        for &i in list {
-            let f = &entries[i as usize].fields;
-            if overlaps(f, b) {
-                out.push(i);
-                if f.covers(b) {
-                    break;
-                }
-            }
-        }
-        out
-    }
     // What a policy does within `b`, comparable across policies: its
     // candidates' boxes clipped to `b` with their verdicts, in order, and
     // the verdict of the rest (the covering candidate's, or the default's).
