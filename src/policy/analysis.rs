@@ -197,7 +197,7 @@ fn coverage_family<A: Address + Scalar>(
             continue;
         }
         if list.len() > PEEL_MAX {
-            if let Some(halves) = balanced_cut(&b, [(entries, &list), (entries, &[])]) {
+            if let Some(halves) = balanced_cut(&b, &[(entries, &list)]) {
                 stack.extend(halves.map(|h| (h, list.clone())));
                 continue;
             }
@@ -419,15 +419,17 @@ pub struct Change {
 ///
 /// The space is cut jointly for both policies, as a decision tree is
 /// built: a box keeps the entries of each policy that overlap it, in
-/// order, up to the first that covers it. A box where each policy's
-/// candidate entries (and the default, when none covers the box) all give
-/// one verdict, the same in both, is dropped whatever rules decide inside
-/// it; a box where both first candidates cover it is decided; any other
-/// box is cut along the edges of the first candidate that does not cover
-/// it (inside, that entry decides; outside, it drops out). The work thus
-/// follows the boundary between changed and unchanged verdicts, not the
-/// fragments that subtracting every earlier rule would make (a broad
-/// rule removed from a ClassBench 10k policy is decided at once).
+/// order, up to the first that covers it. A box where both policies do
+/// the same (the same candidates clipped to it with the same verdicts,
+/// see `conduct`) is dropped whatever rules decide inside it; a box where
+/// both first candidates cover it is decided; any other box is cut, first
+/// along a domain box it is not yet inside, then in two by
+/// [`balanced_cut`] while the lists are long, else along the edges of the
+/// first candidate that does not cover it (inside, that entry decides;
+/// outside, it drops out). The work thus follows the boundary between
+/// changed and unchanged verdicts, not the fragments that subtracting
+/// every earlier rule would make (a broad rule removed from a ClassBench
+/// 10k policy is decided at once).
 fn changed_pieces<A: Address + Scalar + Into<u128>>(
     old: &Policy,
     old_entries: &[Entry<A>],
@@ -520,18 +522,18 @@ fn changed_pieces<A: Address + Scalar + Into<u128>>(
         let edge = if let Some(x) = d.first() {
             *x
         } else {
-            let undecided =
-                decided(old_entries, &o, &b).is_none() || decided(new_entries, &n, &b).is_none();
+            let deciders = (decided(old_entries, &o, &b), decided(new_entries, &n, &b));
+            let undecided = deciders.0.is_none() || deciders.1.is_none();
             // Long lists are halved first, as a decision tree's cuts do;
             // cutting along one entry at a time would copy them once per
             // entry.
             if undecided && o.len() + n.len() > PEEL_MAX {
-                if let Some(halves) = balanced_cut(&b, [(old_entries, &o), (new_entries, &n)]) {
+                if let Some(halves) = balanced_cut(&b, &[(old_entries, &o), (new_entries, &n)]) {
                     stack.extend(halves.map(|b| Part::of(b, &o, &n, &d)));
                     continue;
                 }
             }
-            match (decided(old_entries, &o, &b), decided(new_entries, &n, &b)) {
+            match deciders {
                 (Some(ro), Some(rn)) => {
                     let (vo, vn) = (verdict(old, ro), verdict(new, rn));
                     if vo != vn {
@@ -576,16 +578,17 @@ impl<A: Copy> Part<A> {
     }
 }
 
-/// Candidate lists longer than this (both policies together) are halved
-/// by [`balanced_cut`] before a box is cut along one entry.
+/// Candidate lists longer than this (both policies together, for `diff`)
+/// are halved by [`balanced_cut`] before a box is cut along one entry.
 const PEEL_MAX: usize = 32;
 
-/// `b` cut in two at an endpoint of the candidates' boxes, in the field
-/// and at the median endpoint that leave the fewest candidates in the
-/// fuller half; `None` when no candidate has an edge inside `b`.
+/// `b` cut in two at an endpoint of the candidates' boxes (entries and
+/// the indices of the candidates among them, per list), in the field and
+/// at the median endpoint that leave the fewest candidates in the fuller
+/// half; `None` when no candidate has an edge inside `b`.
 fn balanced_cut<A: Address + Scalar>(
     b: &Fields<A>,
-    lists: [(&[Entry<A>], &[u32]); 2],
+    lists: &[(&[Entry<A>], &[u32])],
 ) -> Option<[Fields<A>; 2]> {
     let mut best: Option<(usize, [Fields<A>; 2])> = None;
     macro_rules! try_field {
@@ -593,7 +596,7 @@ fn balanced_cut<A: Address + Scalar>(
             // Where a candidate starts or ends inside the box: the first
             // value of an upper half.
             let mut cuts = Vec::new();
-            for (entries, list) in lists {
+            for &(entries, list) in lists {
                 for &i in list {
                     let iv = entries[i as usize].fields.$f;
                     if iv.lo > b.$f.lo {
@@ -722,14 +725,17 @@ fn merge_adjacent<A: Address + Scalar + Into<u128>>(v: &mut Vec<Piece<A>>) {
                 field(pb, f),
             ))
         });
+        // The key of `v`'s last piece (a join leaves it unchanged).
+        let mut last_key: Option<Piece<A>> = None;
         for (k, p) in keyed {
-            if let Some((lk, last)) = v.last_mut().map(|l| (blank(l, f), l)) {
-                if lk == k && field(last, f).1.checked_add(1) == Some(field(&p, f).0) {
+            if let Some(last) = v.last_mut() {
+                if last_key == Some(k) && field(last, f).1.checked_add(1) == Some(field(&p, f).0) {
                     extend(last, &p, f);
                     continue;
                 }
             }
             v.push(p);
+            last_key = Some(k);
         }
         quiet = if v.len() < before { 0 } else { quiet + 1 };
         f = (f + 1) % 5;
