@@ -1014,6 +1014,36 @@ fn classify_names_rules_by_line_across_blank_lines() {
     assert_eq!(via_policy.stdout, direct.stdout);
 }
 
+/// A ClassBench set imported, with every third rule made a deny: a policy
+/// of mixed verdicts.
+fn mixed_classbench(dir: &Path, set: &str) -> Vec<String> {
+    let out = palisade(&["import", "classbench", dir.join(set).to_str().unwrap()]);
+    assert!(out.status.success(), "{set}: {}", text(&out.stderr));
+    let mut n = 0;
+    text(&out.stdout)
+        .lines()
+        .map(|l| {
+            if l.starts_with("rule ") {
+                n += 1;
+                if n % 3 == 0 {
+                    return l.replacen(" allow ", " deny ", 1);
+                }
+            }
+            l.to_string()
+        })
+        .collect()
+}
+
+/// A xorshift generator: flows drawn the same way on every run.
+fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 /// `diff` on ClassBench 10k policies with mixed verdicts (every third rule
 /// a deny): a broad rule removed is analysed (the subtraction `diff` used
 /// to do gave up on both as "too fragmented"), and what it reports is
@@ -1027,21 +1057,8 @@ fn diff_analyses_broad_changes_to_classbench_10k_policies() {
     // (set, the rule to remove, counted from the end, whether the change
     // alters any verdict)
     for (set, from_end, changes) in [("acl1_10k", 1, true), ("ipc1_10k", 234, true)] {
-        let out = palisade(&["import", "classbench", dir.join(set).to_str().unwrap()]);
-        assert!(out.status.success(), "{set}: {}", text(&out.stderr));
-        let mut n = 0;
-        let mixed: Vec<String> = text(&out.stdout)
-            .lines()
-            .map(|l| {
-                if l.starts_with("rule ") {
-                    n += 1;
-                    if n % 3 == 0 {
-                        return l.replacen(" allow ", " deny ", 1);
-                    }
-                }
-                l.to_string()
-            })
-            .collect();
+        let mixed = mixed_classbench(&dir, set);
+        let n = mixed.iter().filter(|l| l.starts_with("rule ")).count();
         let gone = n + 1 - from_end;
         let mut k = 0;
         let edited: Vec<&str> = mixed
@@ -1098,13 +1115,7 @@ fn diff_analyses_broad_changes_to_classbench_10k_policies() {
             .find(|e| old.rule_name(Some(e.rule)) == removed.split(' ').nth(1).unwrap())
             .unwrap()
             .fields;
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let within = |r: u64, lo: u32, hi: u32| lo + (r % (u64::from(hi - lo) + 1)) as u32;
         for i in 0..4000 {
             let r = next();
@@ -1141,6 +1152,79 @@ fn diff_analyses_broad_changes_to_classbench_10k_policies() {
                 Vec::new()
             };
             assert_eq!(hits, expected, "{set} without `{removed}`: {key:?}");
+        }
+    }
+}
+
+/// `lint` checks every rule of the ClassBench ipc1 10k set with mixed
+/// verdicts, the broad rules at its end too (thousands of earlier rules
+/// cover them, in more parts than the analysis attributes one by one),
+/// and what each finding claims holds for flows drawn inside the rule: an
+/// earlier rule decides every one, with the rule's own verdict where the
+/// finding says removing it changes nothing.
+#[test]
+fn lint_findings_on_the_broad_rules_of_a_classbench_10k_policy_hold() {
+    use palisade::classify::FlowKey;
+    let Some(dir) = classbench_dir() else { return };
+    let mixed = mixed_classbench(&dir, "ipc1_10k");
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("ipc1_10k.policy");
+    std::fs::write(&path, mixed.join("\n") + "\n").unwrap();
+    let out = palisade(&["lint", path.to_str().unwrap()]);
+    let report = text(&out.stderr);
+    assert!(!report.contains("L0199"), "{report}");
+    assert!(
+        report.contains("too many parts to name each one"),
+        "{report}"
+    );
+    // Each finding: its code and rule.
+    let findings: Vec<(&str, &str)> = report
+        .lines()
+        .filter_map(|l| {
+            let code = l.strip_prefix("warning[")?.get(..5)?;
+            let name = l.split('`').nth(1)?;
+            (code == "L0101" || code == "L0102").then_some((code, name))
+        })
+        .collect();
+    let names: Vec<&str> = findings.iter().map(|f| f.1).collect();
+    // The set's last rule, `any4 -> any4`, and the broad ones before it.
+    for name in ["cb8738", "cb8737", "cb8734"] {
+        assert!(names.contains(&name), "{name}: {report}");
+    }
+    assert!(findings.len() >= 30, "{report}");
+
+    let policy = load_policy(
+        &path,
+        &FsLoader,
+        Options {
+            today: Date::new(2026, 12, 1).unwrap(),
+        },
+    )
+    .unwrap()
+    .policy;
+    let (entries, _) = palisade::policy::entries(&policy);
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+    let within = |r: u64, lo: u32, hi: u32| lo + (r % (u64::from(hi - lo) + 1)) as u32;
+    for (code, name) in findings {
+        let rule = policy.rules().iter().find(|r| r.name == name).unwrap();
+        let boxes: Vec<_> = entries.iter().filter(|e| e.rule == rule.id).collect();
+        for _ in 0..200 {
+            let f = &boxes[(next() % boxes.len() as u64) as usize].fields;
+            let key = FlowKey {
+                src: std::net::Ipv4Addr::from(within(next(), f.src.lo, f.src.hi)).into(),
+                dst: std::net::Ipv4Addr::from(within(next(), f.dst.lo, f.dst.hi)).into(),
+                proto: within(next(), f.proto.lo.into(), f.proto.hi.into()) as u8,
+                src_port: within(next(), f.src_port.lo.into(), f.src_port.hi.into()) as u16,
+                dst_port: within(next(), f.dst_port.lo.into(), f.dst_port.hi.into()) as u16,
+            };
+            let d = policy.decide(&key);
+            assert!(
+                d.rule.is_some_and(|id| id < rule.id),
+                "{code} {name}: {key:?} {d:?}"
+            );
+            if code == "L0102" {
+                assert_eq!(d.verdict, rule.verdict, "{code} {name}: {key:?}");
+            }
         }
     }
 }

@@ -517,7 +517,7 @@ fn coverage_by_subtraction<A: palisade::classify::Address + palisade::policy::an
 /// `lint`'s shadowing analysis (the rules that cover a rule, found by
 /// cutting boxes depth first) agrees with plain subtraction on every rule.
 fn check_coverage(spec: &Spec) -> Result<(), TestCaseError> {
-    use palisade::policy::analysis::{coverage, Coverage};
+    use palisade::policy::analysis::{coverage, coverage_in_bulk, Coverage};
     let policy = compile_lenient(&render(spec))?;
     let (v4, v6) = entries(&policy);
     for r in policy.rules() {
@@ -527,7 +527,7 @@ fn check_coverage(spec: &Spec) -> Result<(), TestCaseError> {
             && coverage_by_subtraction(&v6, r.id, &all, &mut by);
         by.sort_unstable();
         let expected = if covered {
-            Coverage::Covered(by)
+            Coverage::Covered(by.clone())
         } else {
             Coverage::Effective
         };
@@ -535,6 +535,48 @@ fn check_coverage(spec: &Spec) -> Result<(), TestCaseError> {
         let got = coverage(&v4, &v6, r.id, &all, &mut budget)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(got, expected, "rule {}\n{}", r.name, render(spec));
+        // The analysis for rules in too many parts to attribute one by
+        // one: covered or not, whether a rule of the other verdict decides
+        // a part, and only rules that take a part named.
+        let differs = |id: u32| policy.rule(id).is_some_and(|e| e.verdict != r.verdict);
+        let mut budget = usize::MAX;
+        let bulk = coverage_in_bulk(&v4, &v6, r.id, &all, &differs, &mut budget)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        match bulk {
+            Coverage::Effective => prop_assert!(!covered, "rule {}\n{}", r.name, render(spec)),
+            Coverage::CoveredInBulk {
+                named,
+                other_verdict,
+            } => {
+                prop_assert!(covered, "rule {}\n{}", r.name, render(spec));
+                prop_assert_eq!(
+                    other_verdict,
+                    Some(by.iter().any(|&id| differs(id))),
+                    "rule {}\n{}",
+                    r.name,
+                    render(spec)
+                );
+                // Up to 24 rules are tried, in order of the flows shared.
+                prop_assert!(
+                    (policy.rules().len() > 24 || !named.is_empty()) && named.len() <= 6,
+                    "rule {}: {:?}\n{}",
+                    r.name,
+                    named,
+                    render(spec)
+                );
+                for id in &named {
+                    prop_assert!(
+                        by.contains(id),
+                        "rule {}: {:?} of {:?}\n{}",
+                        r.name,
+                        named,
+                        by,
+                        render(spec)
+                    );
+                }
+            }
+            Coverage::Covered(_) => prop_assert!(false, "exact answer from the bulk analysis"),
+        }
     }
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! flows it decides. `lint` looks for rules whose effective region is
 //! empty (shadowed or redundant), cutting each rule's boxes as a decision
 //! tree is built until every part has a first earlier match or one part
-//! has none (see `coverage_family`). `diff` cuts the space for both
+//! has none (see `coverage_family`); for a rule in too many parts to
+//! attribute, a part is done once any earlier rule covers it (see
+//! [`coverage_in_bulk`]). `diff` cuts the space for both
 //! policies at once the same way, and stops wherever the two behave the
 //! same (see [`changed_regions`]).
 //!
@@ -120,6 +122,15 @@ pub enum Coverage {
     /// Earlier rules decide every flow of this rule; these are the rules
     /// that took a part of it.
     Covered(Vec<RuleId>),
+    /// Earlier rules decide every flow of this rule, in more parts than
+    /// the analysis attributes one by one (see [`coverage_in_bulk`]):
+    /// `named` take a part each (those that share most flows with it, a
+    /// few at most), and `other_verdict` says whether a rule `differs`
+    /// accepts takes one (`None`: that too was out of reach).
+    CoveredInBulk {
+        named: Vec<RuleId>,
+        other_verdict: Option<bool>,
+    },
 }
 
 /// Whether a rule that expires on `earlier` is in force for as long as one
@@ -184,9 +195,10 @@ fn coverage_family<A: Address + Scalar>(
         // A point of the box that no candidate holds proves the rule
         // decides some flow: the usual answer, found without cutting.
         if list.len() > PEEL_MAX
-            && witnesses(&b)
+            && (witnesses(&b)
                 .iter()
                 .any(|k| list.iter().all(|&i| !entries[i as usize].fields.matches(k)))
+                || sparse_point(entries, &list, &b))
         {
             return Ok(false);
         }
@@ -211,6 +223,335 @@ fn coverage_family<A: Address + Scalar>(
         }
     }
     Ok(true)
+}
+
+/// Whether a point of `b` that no candidate of `list` holds turns up when
+/// its fields are fixed one at a time, each to a value the fewest
+/// remaining candidates hold (the protocol and ports first, where gaps
+/// between services are, then the addresses): once no candidate is left,
+/// any value of the other fields completes such a point. It finds the
+/// gaps the corners and middle miss, as a protocol no earlier rule names.
+fn sparse_point<A: Address + Scalar>(entries: &[Entry<A>], list: &[u32], b: &Fields<A>) -> bool {
+    /// The value of `within` that the fewest intervals hold, and which
+    /// intervals (by position) hold it.
+    fn fewest<T: Copy + Ord + Scalar>(ivs: &[Interval<T>], within: Interval<T>) -> (T, Vec<usize>) {
+        // Coverage only changes at a start or just past an end.
+        let mut starts: Vec<T> = ivs.iter().map(|iv| iv.lo.max(within.lo)).collect();
+        let mut ends: Vec<T> = ivs.iter().map(|iv| iv.hi.min(within.hi)).collect();
+        starts.sort_unstable();
+        ends.sort_unstable();
+        let mut at = vec![within.lo];
+        at.extend(ends.iter().filter(|&&e| e < within.hi).map(|&e| e.succ()));
+        at.sort_unstable();
+        at.dedup();
+        let (mut s, mut e) = (0, 0);
+        let mut best = (usize::MAX, within.lo);
+        for &p in &at {
+            while s < starts.len() && starts[s] <= p {
+                s += 1;
+            }
+            while e < ends.len() && ends[e] < p {
+                e += 1;
+            }
+            if s - e < best.0 {
+                best = (s - e, p);
+            }
+        }
+        let v = best.1;
+        let held = (0..ivs.len())
+            .filter(|&i| ivs[i].lo <= v && v <= ivs[i].hi)
+            .collect();
+        (v, held)
+    }
+    let mut left: Vec<&Fields<A>> = list.iter().map(|&i| &entries[i as usize].fields).collect();
+    macro_rules! fix {
+        ($f:ident) => {{
+            let ivs: Vec<_> = left.iter().map(|f| f.$f).collect();
+            let (_, held) = fewest(&ivs, b.$f);
+            left = held.into_iter().map(|i| left[i]).collect();
+            if left.is_empty() {
+                return true;
+            }
+        }};
+    }
+    fix!(proto);
+    fix!(dst_port);
+    fix!(src_port);
+    fix!(dst);
+    fix!(src);
+    false
+}
+
+/// What [`search`] does with a box, given its candidates.
+enum Step {
+    /// The search is over, with this answer.
+    Answer(bool),
+    /// Nothing more to find in this box.
+    Settled,
+    /// Cut it, past its first candidate's part.
+    Cut,
+}
+
+/// Goes through `boxes` depth first, each with the entries of `list`
+/// (indices into `entries`, in order) that overlap it up to the first that
+/// covers it: `step` settles a box, cuts it, or ends the search; `done` is
+/// the answer once every box is settled. A long list is halved at a
+/// median endpoint; a short one leaves the parts of the box outside its
+/// first candidate to the others (`step` has settled that part).
+fn search<A: Address + Scalar>(
+    entries: &[Entry<A>],
+    boxes: Vec<Fields<A>>,
+    list: &[u32],
+    budget: &mut usize,
+    done: bool,
+    mut step: impl FnMut(&Fields<A>, &[u32]) -> Step,
+) -> Result<bool, TooComplex> {
+    let mut stack: Vec<(Fields<A>, Vec<u32>)> =
+        boxes.into_iter().map(|b| (b, list.to_vec())).collect();
+    while let Some((b, list)) = stack.pop() {
+        *budget = budget.checked_sub(1).ok_or(TooComplex)?;
+        let list = within(entries, &list, &b);
+        match step(&b, &list) {
+            Step::Answer(a) => return Ok(a),
+            Step::Settled => continue,
+            Step::Cut => {}
+        }
+        let halves = if list.len() > PEEL_MAX {
+            balanced_cut(&b, &[(entries, &list)])
+        } else {
+            None
+        };
+        match halves {
+            Some(halves) => stack.extend(halves.map(|h| (h, list.clone()))),
+            None => {
+                let mut outside = Vec::new();
+                subtract(&b, &entries[list[0] as usize].fields, &mut outside);
+                stack.extend(outside.into_iter().map(|x| (x, list[1..].to_vec())));
+            }
+        }
+        if stack.len() > PIECE_BUDGET {
+            return Err(TooComplex);
+        }
+    }
+    Ok(done)
+}
+
+/// Whether the entries of `list` (indices into `entries`, in order) cover
+/// every box of `boxes`. Cut as [`coverage_family`] cuts, but a box is done
+/// as soon as any candidate covers it, not only the first: this answers
+/// whether, not which rules take which part, and is far cheaper where
+/// thousands of small earlier rules sit inside a broad one.
+fn covered_by<A: Address + Scalar>(
+    entries: &[Entry<A>],
+    boxes: Vec<Fields<A>>,
+    list: &[u32],
+    budget: &mut usize,
+) -> Result<bool, TooComplex> {
+    search(entries, boxes, list, budget, true, |b, list| {
+        // The list ends at the first candidate that covers the box.
+        let Some(&last) = list.last() else {
+            return Step::Answer(false);
+        };
+        if entries[last as usize].fields.covers(b) {
+            return Step::Settled;
+        }
+        let uncovered = list.len() > PEEL_MAX
+            && (witnesses(b)
+                .iter()
+                .any(|k| list.iter().all(|&i| !entries[i as usize].fields.matches(k)))
+                || sparse_point(entries, list, b));
+        if uncovered {
+            Step::Answer(false)
+        } else {
+            Step::Cut
+        }
+    })
+}
+
+/// Whether an entry of `list` whose rule `differs` accepts is the first
+/// match of `list` for some flow in `boxes`. A box is dropped as soon as
+/// its candidates hold no such entry, so proving that none does is cheap
+/// where the other verdict is rare.
+fn decided_by<A: Address + Scalar>(
+    entries: &[Entry<A>],
+    boxes: Vec<Fields<A>>,
+    list: &[u32],
+    differs: &dyn Fn(RuleId) -> bool,
+    budget: &mut usize,
+) -> Result<bool, TooComplex> {
+    search(entries, boxes, list, budget, false, |_, list| {
+        if !list.iter().any(|&i| differs(entries[i as usize].rule)) {
+            Step::Settled
+        } else if differs(entries[list[0] as usize].rule) {
+            // The first candidate overlaps the box: it decides that part.
+            Step::Answer(true)
+        } else {
+            Step::Cut
+        }
+    })
+}
+
+/// The flows (a count, as a floating-point number) that the boxes of `a`
+/// and of `b` share.
+fn shared_flows<A: Address + Scalar + Into<u128>>(a: &[&Entry<A>], b: &[&Entry<A>]) -> f64 {
+    let width = |lo: u128, hi: u128| (hi - lo) as f64 + 1.0;
+    let mut v = 0.0;
+    for x in a {
+        for y in b {
+            if let Some(f) = intersect(&x.fields, &y.fields) {
+                v += width(f.src.lo.into(), f.src.hi.into())
+                    * width(f.dst.lo.into(), f.dst.hi.into())
+                    * width(f.src_port.lo.into(), f.src_port.hi.into())
+                    * width(f.dst_port.lo.into(), f.dst_port.hi.into())
+                    * width(f.proto.lo.into(), f.proto.hi.into());
+            }
+        }
+    }
+    v
+}
+
+/// `others` ordered by how much of `rule` each could take: the share of
+/// the rule's flows their boxes hold (IPv4 and IPv6 each as a fraction of
+/// their family's space), largest first, ties in rule order.
+pub fn by_shared_flows(
+    v4: &[Entry<u32>],
+    v6: &[Entry<u128>],
+    rule: RuleId,
+    others: &[RuleId],
+) -> Vec<RuleId> {
+    // Entries come in rule order.
+    fn of_rule<A: Address>(entries: &[Entry<A>], id: RuleId) -> Vec<&Entry<A>> {
+        let start = entries.partition_point(|e| e.rule < id);
+        entries[start..]
+            .iter()
+            .take_while(|e| e.rule == id)
+            .collect()
+    }
+    let of = |id: RuleId| (of_rule(v4, id), of_rule(v6, id));
+    let own = of(rule);
+    let mut shares: Vec<(f64, RuleId)> = others
+        .iter()
+        .map(|&id| {
+            let theirs = of(id);
+            let f4 = shared_flows(&own.0, &theirs.0) / 2f64.powi(2 * 32 + 40);
+            let f6 = shared_flows(&own.1, &theirs.1) / 2f64.powi(2 * 128 + 40);
+            (f4 + f6, id)
+        })
+        .collect();
+    shares.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    shares.into_iter().map(|(_, id)| id).collect()
+}
+
+/// Rules named at most by [`coverage_in_bulk`], and candidates it tries.
+const BULK_NAMED: usize = 6;
+const BULK_TRIED: usize = 24;
+
+/// Whether earlier rules cover `rule` completely, for a rule [`coverage`]
+/// cannot attribute within its budget: whether at all (a box is done once
+/// any earlier rule covers it), whether a rule `differs` accepts decides a
+/// part, and a few of the rules that take a part, tried in order of the
+/// flows they share with the rule. Only earlier rules `covers` accepts
+/// count.
+pub fn coverage_in_bulk(
+    v4: &[Entry<u32>],
+    v6: &[Entry<u128>],
+    rule: RuleId,
+    covers: &dyn Fn(RuleId) -> bool,
+    differs: &dyn Fn(RuleId) -> bool,
+    budget: &mut usize,
+) -> Result<Coverage, TooComplex> {
+    fn earlier<A: Address>(
+        entries: &[Entry<A>],
+        rule: RuleId,
+        covers: &dyn Fn(RuleId) -> bool,
+    ) -> Vec<u32> {
+        (0..entries.len() as u32)
+            .filter(|&i| {
+                let e = &entries[i as usize];
+                e.rule < rule && covers(e.rule)
+            })
+            .collect()
+    }
+    fn own<A: Address>(entries: &[Entry<A>], rule: RuleId) -> Vec<Fields<A>> {
+        entries
+            .iter()
+            .filter(|e| e.rule == rule)
+            .map(|e| e.fields)
+            .collect()
+    }
+    let (e4, e6) = (earlier(v4, rule, covers), earlier(v6, rule, covers));
+    if !covered_by(v4, own(v4, rule), &e4, budget)? || !covered_by(v6, own(v6, rule), &e6, budget)?
+    {
+        return Ok(Coverage::Effective);
+    }
+    // Half of what is left to the verdicts, the rest to naming rules.
+    let mut half = *budget / 2;
+    *budget -= half;
+    let other_verdict = (|| -> Result<bool, TooComplex> {
+        Ok(decided_by(v4, own(v4, rule), &e4, differs, &mut half)?
+            || decided_by(v6, own(v6, rule), &e6, differs, &mut half)?)
+    })()
+    .ok();
+    *budget += half;
+    // Earlier rules that overlap it; one takes a part where the rules
+    // before it leave some of their shared boxes uncovered.
+    let mut overlapping: Vec<RuleId> = Vec::new();
+    let (b4, b6) = (own(v4, rule), own(v6, rule));
+    for &i in &e4 {
+        let e = &v4[i as usize];
+        if b4.iter().any(|b| overlaps(b, &e.fields)) {
+            overlapping.push(e.rule);
+        }
+    }
+    for &i in &e6 {
+        let e = &v6[i as usize];
+        if b6.iter().any(|b| overlaps(b, &e.fields)) {
+            overlapping.push(e.rule);
+        }
+    }
+    overlapping.sort_unstable();
+    overlapping.dedup();
+    fn takes_part<A: Address + Scalar>(
+        entries: &[Entry<A>],
+        rule: &[Fields<A>],
+        earlier: &[u32],
+        by: RuleId,
+        budget: &mut usize,
+    ) -> Result<bool, TooComplex> {
+        let shared: Vec<Fields<A>> = entries
+            .iter()
+            .filter(|e| e.rule == by)
+            .flat_map(|e| rule.iter().filter_map(|b| intersect(b, &e.fields)))
+            .collect();
+        let before: Vec<u32> = earlier
+            .iter()
+            .copied()
+            .filter(|&i| entries[i as usize].rule < by)
+            .collect();
+        Ok(!covered_by(entries, shared, &before, budget)?)
+    }
+    let mut named = Vec::new();
+    for id in by_shared_flows(v4, v6, rule, &overlapping)
+        .into_iter()
+        .take(BULK_TRIED)
+    {
+        let takes = (|| -> Result<bool, TooComplex> {
+            Ok(takes_part(v4, &b4, &e4, id, budget)? || takes_part(v6, &b6, &e6, id, budget)?)
+        })();
+        match takes {
+            Ok(true) => named.push(id),
+            Ok(false) => {}
+            Err(_) => break,
+        }
+        if named.len() == BULK_NAMED {
+            break;
+        }
+    }
+    named.sort_unstable();
+    Ok(Coverage::CoveredInBulk {
+        named,
+        other_verdict,
+    })
 }
 
 /// Three points of a box: its lowest and highest corners and its middle.
