@@ -286,6 +286,26 @@
 //!   entries that stay in the cache). Loading the second entry as well:
 //!   no better (0.98-1.01).
 //!
+//! Later the same day, two more, measured the same way (9 rounds):
+//!
+//! - A root table indexed by protocol class instead of the protocol's top
+//!   bits (the one or three protocols most entries name each a class,
+//!   the rest one more; the class found by comparing, not by a table
+//!   load, in every tree): the first trees of ipc1 and acl1 then take
+//!   15 source bits and 1 class bit (ipc1: 12 and 4 before), 14% (ipc1)
+//!   smaller, yet ipc1 walks the same 1.63 nodes per key. Against the
+//!   same slot code without class shapes: ipc1_10k 0.98 / 0.96, acl1_10k
+//!   1.03 / 1.03, acl2 and fw1 0.99-1.01; with the class read from a
+//!   256-byte table instead: ipc1 0.98 / 0.96, acl1 1.03 / 1.04. Not
+//!   kept: the set short of the target loses what the other gains.
+//! - The first tree's leaf scan in a batch done without branches over
+//!   each lane's whole leaf (every entry's five fields combined with
+//!   `&`, the first match kept by a conditional move): ipc1_10k 0.87,
+//!   acl1_10k 0.90 batched. cachegrind counts about 3 mispredicted branches
+//!   per batched ipc1 key in its model (the lanes' walk loop 0.5, the
+//!   leaf scans about 2), but removing them costs more instructions than
+//!   the mispredictions do here.
+//!
 //! Measured and dropped (each against the code it would have changed, same
 //! session):
 //!
