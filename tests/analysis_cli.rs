@@ -1034,6 +1034,19 @@ fn mixed_classbench(dir: &Path, set: &str) -> Vec<String> {
         .collect()
 }
 
+/// The policy at `path`, loaded as on 2026-12-01.
+fn load_dated(path: &Path) -> palisade::policy::Policy {
+    load_policy(
+        path,
+        &FsLoader,
+        Options {
+            today: Date::new(2026, 12, 1).unwrap(),
+        },
+    )
+    .unwrap()
+    .policy
+}
+
 /// A xorshift generator: flows drawn the same way on every run.
 fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
     move || {
@@ -1094,18 +1107,7 @@ fn diff_analyses_broad_changes_to_classbench_10k_policies() {
             text(&out.stderr)
         );
 
-        let load = |p: &Path| {
-            load_policy(
-                p,
-                &FsLoader,
-                Options {
-                    today: Date::new(2026, 12, 1).unwrap(),
-                },
-            )
-            .unwrap()
-            .policy
-        };
-        let (old, new) = (load(&old_path), load(&new_path));
+        let (old, new) = (load_dated(&old_path), load_dated(&new_path));
         let (p4, _) = palisade::policy::analysis::changed_regions(&old, &new).unwrap();
         assert_eq!(!p4.is_empty(), changes, "{set}");
         // The removed rule's box, to draw flows inside it.
@@ -1156,6 +1158,80 @@ fn diff_analyses_broad_changes_to_classbench_10k_policies() {
     }
 }
 
+/// A catch-all appended to, or removed from, the end of a large policy
+/// whose earlier rules leave thousands of gaps: the flows that change are
+/// the complement of those rules, too many regions to list, so `diff`
+/// names them by rule (every flow of the catch-all no earlier rule
+/// matches) instead of refusing. Flows drawn across the space check the
+/// claim: exactly those the catch-all decides change verdict.
+#[test]
+fn diff_names_a_catch_all_at_the_end_by_rule() {
+    use palisade::classify::FlowKey;
+    let Some(dir) = classbench_dir() else { return };
+    // fw1_10k with mixed verdicts, without its rules on any address.
+    let narrow: Vec<String> = mixed_classbench(&dir, "fw1_10k")
+        .into_iter()
+        .filter(|l| !l.contains("any4") && !l.starts_with("default"))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let (without, with) = (
+        tmp.path().join("without.policy"),
+        tmp.path().join("with.policy"),
+    );
+    std::fs::write(&without, narrow.join("\n") + "\ndefault deny\n").unwrap();
+    std::fs::write(
+        &with,
+        narrow.join("\n") + "\nrule catchall allow any4 -> any4\ndefault deny\n",
+    )
+    .unwrap();
+    let region =
+        "ip any4 -> any4 where no earlier rule matches (too many regions to list one by one)";
+    for (old, new, expected) in [
+        (
+            &with,
+            &without,
+            format!("newly allowed: 0 packet regions, 0 http classes\nnewly denied: 1 packet region, 0 http classes\n  - {region}   now deny by `default`, was allow by `catchall`\n"),
+        ),
+        (
+            &without,
+            &with,
+            format!("newly allowed: 1 packet region, 0 http classes\n  + {region}   now allow by `catchall`, was deny by `default`\nnewly denied: 0 packet regions, 0 http classes\n"),
+        ),
+    ] {
+        let out = palisade(&["diff", old.to_str().unwrap(), new.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), expected);
+    }
+    let (old, new) = (load_dated(&with), load_dated(&without));
+    let catchall = old
+        .rules()
+        .iter()
+        .find(|r| r.name == "catchall")
+        .unwrap()
+        .id;
+    let mut next = xorshift(0x1234_5678_9abc_def1);
+    let (mut decided, mut others) = (0, 0);
+    for _ in 0..4000 {
+        let r = next();
+        let key = FlowKey {
+            src: std::net::IpAddr::from(std::net::Ipv4Addr::from(r as u32)),
+            dst: std::net::IpAddr::from(std::net::Ipv4Addr::from((r >> 32) as u32)),
+            proto: [6, 17, 1, next() as u8][(next() % 4) as usize],
+            src_port: next() as u16,
+            dst_port: [53, 80, 443, next() as u16][(next() % 4) as usize],
+        };
+        let (was, now) = (old.decide(&key), new.decide(&key));
+        let by_catchall = was.rule == Some(catchall);
+        assert_eq!(was.verdict != now.verdict, by_catchall, "{key:?}");
+        if by_catchall {
+            decided += 1;
+        } else {
+            others += 1;
+        }
+    }
+    assert!(decided > 0 && others > 0, "{decided} {others}");
+}
+
 /// `lint` checks every rule of the ClassBench ipc1 10k set with mixed
 /// verdicts, the broad rules at its end too (thousands of earlier rules
 /// cover them, in more parts than the analysis attributes one by one),
@@ -1193,15 +1269,7 @@ fn lint_findings_on_the_broad_rules_of_a_classbench_10k_policy_hold() {
     }
     assert!(findings.len() >= 30, "{report}");
 
-    let policy = load_policy(
-        &path,
-        &FsLoader,
-        Options {
-            today: Date::new(2026, 12, 1).unwrap(),
-        },
-    )
-    .unwrap()
-    .policy;
+    let policy = load_dated(&path);
     let (entries, _) = palisade::policy::entries(&policy);
     let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     let within = |r: u64, lo: u32, hi: u32| lo + (r % (u64::from(hi - lo) + 1)) as u32;

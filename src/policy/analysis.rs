@@ -1185,11 +1185,107 @@ fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bo
 /// where verdicts change (see `changed_pieces`). A changed default makes
 /// every flow a candidate.
 pub fn diff_packets(old: &Policy, new: &Policy) -> Result<Vec<Change>, TooComplex> {
-    let (p4, p6) = changed_regions(old, new)?;
+    let (p4, p6) = match changed_regions(old, new) {
+        Ok(p) => p,
+        Err(e) => return last_rule_change(old, new).unwrap_or(Err(e)),
+    };
     let mut out = Vec::new();
     describe_changes(old, new, p4, false, &mut out);
     describe_changes(old, new, p6, true, &mut out);
     Ok(out)
+}
+
+/// A change [`changed_regions`] cannot list region by region, described
+/// by rule where its shape allows: one rule, the last with any flows,
+/// removed from the old policy or appended to the new one, every other
+/// rule unchanged and in order, and the same default. Then exactly the
+/// flows that rule decides (its matches no earlier rule matches) change,
+/// between its verdict and the default's: the answer is one region, the
+/// rule's boxes less every earlier rule's, however many boxes that takes
+/// to list (the complement of thousands of rules, when a catch-all at the
+/// end of a large policy is removed). `None` for a change of any other
+/// shape.
+fn last_rule_change(old: &Policy, new: &Policy) -> Option<Result<Vec<Change>, TooComplex>> {
+    if old.default_verdict() != new.default_verdict() {
+        return None;
+    }
+    let (o4, o6) = super::entries(old);
+    let (n4, n6) = super::entries(new);
+    let (old_fx, new_fx) = (rule_effects(old, &o4, &o6), rule_effects(new, &n4, &n6));
+    let (old_same, new_same) = unchanged_rules(&old_fx, &new_fx);
+    let changed = |same: &[bool]| -> Vec<usize> { (0..same.len()).filter(|&i| !same[i]).collect() };
+    let (policy, fx, v4, v6, at, removed) = match (&changed(&old_same)[..], &changed(&new_same)[..])
+    {
+        ([i], []) => (old, &old_fx, &o4, &o6, *i, true),
+        ([], [j]) => (new, &new_fx, &n4, &n6, *j, false),
+        _ => return None,
+    };
+    if fx[at + 1..]
+        .iter()
+        .any(|e| !e.1.is_empty() || !e.2.is_empty())
+    {
+        return None;
+    }
+    let rule = policy.rule(at as RuleId)?;
+    let default = old.default_verdict();
+    if rule.verdict == default {
+        return Some(Ok(Vec::new()));
+    }
+    fn decides<A: Address + Scalar + Into<u128>>(
+        entries: &[Entry<A>],
+        rule: RuleId,
+        v6: bool,
+        budget: &mut usize,
+    ) -> Result<Option<String>, TooComplex> {
+        let own: Vec<Fields<A>> = entries
+            .iter()
+            .filter(|e| e.rule == rule)
+            .map(|e| e.fields)
+            .collect();
+        let earlier: Vec<u32> = (0..entries.len() as u32)
+            .filter(|&i| entries[i as usize].rule < rule)
+            .collect();
+        if covered_by(entries, own.clone(), &earlier, budget)? {
+            return Ok(None);
+        }
+        let boxes: Vec<String> = own.iter().map(|b| describe_box(b, v6)).collect();
+        Ok(Some(boxes.join("; ")))
+    }
+    let mut budget = PIECE_BUDGET * 15;
+    let regions = (|| -> Result<Vec<String>, TooComplex> {
+        Ok([
+            decides(v4, rule.id, false, &mut budget)?,
+            decides(v6, rule.id, true, &mut budget)?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect())
+    })();
+    let regions = match regions {
+        Ok(r) => r,
+        Err(e) => return Some(Err(e)),
+    };
+    let name = rule.name.clone();
+    Some(Ok(regions
+        .into_iter()
+        .map(|r| {
+            let (by_rule, by_default) = ((rule.verdict, name.clone()), (default, "default".into()));
+            let ((old_verdict, old_rule), (new_verdict, new_rule)) = if removed {
+                (by_rule, by_default)
+            } else {
+                (by_default, by_rule)
+            };
+            Change {
+                region: format!(
+                    "{r} where no earlier rule matches (too many regions to list one by one)"
+                ),
+                old_verdict,
+                old_rule,
+                new_verdict,
+                new_rule,
+            }
+        })
+        .collect()))
 }
 
 /// The boxes of flows whose verdict differs, with the rules and verdicts
