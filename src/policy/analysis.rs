@@ -161,6 +161,41 @@ fn within<A: Address>(entries: &[Entry<A>], list: &[u32], b: &Fields<A>) -> Vec<
     out
 }
 
+/// The boxes of `rule` (entries come in rule order, as
+/// [`entries`](super::entries) gives them).
+fn boxes_of<A: Address>(entries: &[Entry<A>], rule: RuleId) -> Vec<Fields<A>> {
+    let start = entries.partition_point(|e| e.rule < rule);
+    entries[start..]
+        .iter()
+        .take_while(|e| e.rule == rule)
+        .map(|e| e.fields)
+        .collect()
+}
+
+/// The entries (indices, in order) of the rules before `rule` that
+/// `counts` accepts: the candidates for the first match of its flows.
+fn entries_before<A: Address>(
+    entries: &[Entry<A>],
+    rule: RuleId,
+    counts: &dyn Fn(RuleId) -> bool,
+) -> Vec<u32> {
+    (0..entries.len() as u32)
+        .filter(|&i| {
+            let e = &entries[i as usize];
+            e.rule < rule && counts(e.rule)
+        })
+        .collect()
+}
+
+/// Whether a point of `b` that no candidate of `list` holds is found
+/// without cutting: a corner, the middle, or the sparse point.
+fn uncovered_point<A: Address + Scalar>(entries: &[Entry<A>], list: &[u32], b: &Fields<A>) -> bool {
+    witnesses(b)
+        .iter()
+        .any(|k| list.iter().all(|&i| !entries[i as usize].fields.matches(k)))
+        || sparse_point(entries, list, b)
+}
+
 /// Whether the earlier entries `covers` accepts cover every box of `rule`,
 /// adding to `contributors` each rule that is the first match for a part
 /// of it. The boxes are cut as a decision tree is built (long candidate
@@ -174,16 +209,10 @@ fn coverage_family<A: Address + Scalar>(
     budget: &mut usize,
     contributors: &mut Vec<RuleId>,
 ) -> Result<bool, TooComplex> {
-    let earlier: Vec<u32> = (0..entries.len() as u32)
-        .filter(|&i| {
-            let e = &entries[i as usize];
-            e.rule < rule && covers(e.rule)
-        })
-        .collect();
-    let mut stack: Vec<(Fields<A>, Vec<u32>)> = entries
-        .iter()
-        .filter(|e| e.rule == rule)
-        .map(|e| (e.fields, earlier.clone()))
+    let earlier = entries_before(entries, rule, covers);
+    let mut stack: Vec<(Fields<A>, Vec<u32>)> = boxes_of(entries, rule)
+        .into_iter()
+        .map(|b| (b, earlier.clone()))
         .collect();
     while let Some((b, list)) = stack.pop() {
         *budget = budget.checked_sub(1).ok_or(TooComplex)?;
@@ -194,12 +223,7 @@ fn coverage_family<A: Address + Scalar>(
         let e = &entries[first as usize];
         // A point of the box that no candidate holds proves the rule
         // decides some flow: the usual answer, found without cutting.
-        if list.len() > PEEL_MAX
-            && (witnesses(&b)
-                .iter()
-                .any(|k| list.iter().all(|&i| !entries[i as usize].fields.matches(k)))
-                || sparse_point(entries, &list, &b))
-        {
+        if list.len() > PEEL_MAX && uncovered_point(entries, &list, &b) {
             return Ok(false);
         }
         if e.fields.covers(&b) {
@@ -232,17 +256,17 @@ fn coverage_family<A: Address + Scalar>(
 /// any value of the other fields completes such a point. It finds the
 /// gaps the corners and middle miss, as a protocol no earlier rule names.
 fn sparse_point<A: Address + Scalar>(entries: &[Entry<A>], list: &[u32], b: &Fields<A>) -> bool {
-    /// The value of `within` that the fewest intervals hold, and which
-    /// intervals (by position) hold it.
-    fn fewest<T: Copy + Ord + Scalar>(ivs: &[Interval<T>], within: Interval<T>) -> (T, Vec<usize>) {
+    /// The intervals (by position) that hold the value of `within` the
+    /// fewest of them hold.
+    fn fewest<T: Copy + Ord + Scalar>(ivs: &[Interval<T>], within: Interval<T>) -> Vec<usize> {
         // Coverage only changes at a start or just past an end.
         let mut starts: Vec<T> = ivs.iter().map(|iv| iv.lo.max(within.lo)).collect();
         let mut ends: Vec<T> = ivs.iter().map(|iv| iv.hi.min(within.hi)).collect();
         starts.sort_unstable();
         ends.sort_unstable();
+        // Ascending, since the ends are and each is at least `within.lo`.
         let mut at = vec![within.lo];
         at.extend(ends.iter().filter(|&&e| e < within.hi).map(|&e| e.succ()));
-        at.sort_unstable();
         at.dedup();
         let (mut s, mut e) = (0, 0);
         let mut best = (usize::MAX, within.lo);
@@ -258,17 +282,15 @@ fn sparse_point<A: Address + Scalar>(entries: &[Entry<A>], list: &[u32], b: &Fie
             }
         }
         let v = best.1;
-        let held = (0..ivs.len())
+        (0..ivs.len())
             .filter(|&i| ivs[i].lo <= v && v <= ivs[i].hi)
-            .collect();
-        (v, held)
+            .collect()
     }
     let mut left: Vec<&Fields<A>> = list.iter().map(|&i| &entries[i as usize].fields).collect();
     macro_rules! fix {
         ($f:ident) => {{
             let ivs: Vec<_> = left.iter().map(|f| f.$f).collect();
-            let (_, held) = fewest(&ivs, b.$f);
-            left = held.into_iter().map(|i| left[i]).collect();
+            left = fewest(&ivs, b.$f).into_iter().map(|i| left[i]).collect();
             if left.is_empty() {
                 return true;
             }
@@ -355,12 +377,7 @@ fn covered_by<A: Address + Scalar>(
         if entries[last as usize].fields.covers(b) {
             return Step::Settled;
         }
-        let uncovered = list.len() > PEEL_MAX
-            && (witnesses(b)
-                .iter()
-                .any(|k| list.iter().all(|&i| !entries[i as usize].fields.matches(k)))
-                || sparse_point(entries, list, b));
-        if uncovered {
+        if list.len() > PEEL_MAX && uncovered_point(entries, list, b) {
             Step::Answer(false)
         } else {
             Step::Cut
@@ -393,12 +410,12 @@ fn decided_by<A: Address + Scalar>(
 
 /// The flows (a count, as a floating-point number) that the boxes of `a`
 /// and of `b` share.
-fn shared_flows<A: Address + Scalar + Into<u128>>(a: &[&Entry<A>], b: &[&Entry<A>]) -> f64 {
+fn shared_flows<A: Address + Scalar + Into<u128>>(a: &[Fields<A>], b: &[Fields<A>]) -> f64 {
     let width = |lo: u128, hi: u128| (hi - lo) as f64 + 1.0;
     let mut v = 0.0;
     for x in a {
         for y in b {
-            if let Some(f) = intersect(&x.fields, &y.fields) {
+            if let Some(f) = intersect(x, y) {
                 v += width(f.src.lo.into(), f.src.hi.into())
                     * width(f.dst.lo.into(), f.dst.hi.into())
                     * width(f.src_port.lo.into(), f.src_port.hi.into())
@@ -419,15 +436,7 @@ pub fn by_shared_flows(
     rule: RuleId,
     others: &[RuleId],
 ) -> Vec<RuleId> {
-    // Entries come in rule order.
-    fn of_rule<A: Address>(entries: &[Entry<A>], id: RuleId) -> Vec<&Entry<A>> {
-        let start = entries.partition_point(|e| e.rule < id);
-        entries[start..]
-            .iter()
-            .take_while(|e| e.rule == id)
-            .collect()
-    }
-    let of = |id: RuleId| (of_rule(v4, id), of_rule(v6, id));
+    let of = |id: RuleId| (boxes_of(v4, id), boxes_of(v6, id));
     let own = of(rule);
     let mut shares: Vec<(f64, RuleId)> = others
         .iter()
@@ -460,55 +469,39 @@ pub fn coverage_in_bulk(
     differs: &dyn Fn(RuleId) -> bool,
     budget: &mut usize,
 ) -> Result<Coverage, TooComplex> {
-    fn earlier<A: Address>(
-        entries: &[Entry<A>],
-        rule: RuleId,
-        covers: &dyn Fn(RuleId) -> bool,
-    ) -> Vec<u32> {
-        (0..entries.len() as u32)
-            .filter(|&i| {
-                let e = &entries[i as usize];
-                e.rule < rule && covers(e.rule)
-            })
-            .collect()
-    }
-    fn own<A: Address>(entries: &[Entry<A>], rule: RuleId) -> Vec<Fields<A>> {
-        entries
-            .iter()
-            .filter(|e| e.rule == rule)
-            .map(|e| e.fields)
-            .collect()
-    }
-    let (e4, e6) = (earlier(v4, rule, covers), earlier(v6, rule, covers));
-    if !covered_by(v4, own(v4, rule), &e4, budget)? || !covered_by(v6, own(v6, rule), &e6, budget)?
-    {
+    let (e4, e6) = (
+        entries_before(v4, rule, covers),
+        entries_before(v6, rule, covers),
+    );
+    let (b4, b6) = (boxes_of(v4, rule), boxes_of(v6, rule));
+    if !covered_by(v4, b4.clone(), &e4, budget)? || !covered_by(v6, b6.clone(), &e6, budget)? {
         return Ok(Coverage::Effective);
     }
     // Half of what is left to the verdicts, the rest to naming rules.
     let mut half = *budget / 2;
     *budget -= half;
     let other_verdict = (|| -> Result<bool, TooComplex> {
-        Ok(decided_by(v4, own(v4, rule), &e4, differs, &mut half)?
-            || decided_by(v6, own(v6, rule), &e6, differs, &mut half)?)
+        Ok(decided_by(v4, b4.clone(), &e4, differs, &mut half)?
+            || decided_by(v6, b6.clone(), &e6, differs, &mut half)?)
     })()
     .ok();
     *budget += half;
     // Earlier rules that overlap it; one takes a part where the rules
     // before it leave some of their shared boxes uncovered.
-    let mut overlapping: Vec<RuleId> = Vec::new();
-    let (b4, b6) = (own(v4, rule), own(v6, rule));
-    for &i in &e4 {
-        let e = &v4[i as usize];
-        if b4.iter().any(|b| overlaps(b, &e.fields)) {
-            overlapping.push(e.rule);
-        }
+    fn overlapping_rules<A: Address>(
+        entries: &[Entry<A>],
+        earlier: &[u32],
+        boxes: &[Fields<A>],
+    ) -> Vec<RuleId> {
+        earlier
+            .iter()
+            .map(|&i| &entries[i as usize])
+            .filter(|e| boxes.iter().any(|b| overlaps(b, &e.fields)))
+            .map(|e| e.rule)
+            .collect()
     }
-    for &i in &e6 {
-        let e = &v6[i as usize];
-        if b6.iter().any(|b| overlaps(b, &e.fields)) {
-            overlapping.push(e.rule);
-        }
-    }
+    let mut overlapping = overlapping_rules(v4, &e4, &b4);
+    overlapping.extend(overlapping_rules(v6, &e6, &b6));
     overlapping.sort_unstable();
     overlapping.dedup();
     fn takes_part<A: Address + Scalar>(
@@ -518,10 +511,9 @@ pub fn coverage_in_bulk(
         by: RuleId,
         budget: &mut usize,
     ) -> Result<bool, TooComplex> {
-        let shared: Vec<Fields<A>> = entries
+        let shared: Vec<Fields<A>> = boxes_of(entries, by)
             .iter()
-            .filter(|e| e.rule == by)
-            .flat_map(|e| rule.iter().filter_map(|b| intersect(b, &e.fields)))
+            .flat_map(|e| rule.iter().filter_map(|b| intersect(b, e)))
             .collect();
         let before: Vec<u32> = earlier
             .iter()
@@ -1185,9 +1177,10 @@ fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bo
 /// where verdicts change (see `changed_pieces`). A changed default makes
 /// every flow a candidate.
 pub fn diff_packets(old: &Policy, new: &Policy) -> Result<Vec<Change>, TooComplex> {
-    let (p4, p6) = match changed_regions(old, new) {
+    let sides = Sides::of(old, new);
+    let (p4, p6) = match regions_of(old, new, &sides) {
         Ok(p) => p,
-        Err(e) => return last_rule_change(old, new).unwrap_or(Err(e)),
+        Err(e) => return last_rule_change(old, new, &sides).unwrap_or(Err(e)),
     };
     let mut out = Vec::new();
     describe_changes(old, new, p4, false, &mut out);
@@ -1205,19 +1198,28 @@ pub fn diff_packets(old: &Policy, new: &Policy) -> Result<Vec<Change>, TooComple
 /// to list (the complement of thousands of rules, when a catch-all at the
 /// end of a large policy is removed). `None` for a change of any other
 /// shape.
-fn last_rule_change(old: &Policy, new: &Policy) -> Option<Result<Vec<Change>, TooComplex>> {
+fn last_rule_change(
+    old: &Policy,
+    new: &Policy,
+    sides: &Sides,
+) -> Option<Result<Vec<Change>, TooComplex>> {
     if old.default_verdict() != new.default_verdict() {
         return None;
     }
-    let (o4, o6) = super::entries(old);
-    let (n4, n6) = super::entries(new);
-    let (old_fx, new_fx) = (rule_effects(old, &o4, &o6), rule_effects(new, &n4, &n6));
-    let (old_same, new_same) = unchanged_rules(&old_fx, &new_fx);
     let changed = |same: &[bool]| -> Vec<usize> { (0..same.len()).filter(|&i| !same[i]).collect() };
-    let (policy, fx, v4, v6, at, removed) = match (&changed(&old_same)[..], &changed(&new_same)[..])
-    {
-        ([i], []) => (old, &old_fx, &o4, &o6, *i, true),
-        ([], [j]) => (new, &new_fx, &n4, &n6, *j, false),
+    let Sides {
+        o4,
+        o6,
+        n4,
+        n6,
+        old_fx,
+        new_fx,
+        old_same,
+        new_same,
+    } = sides;
+    let (policy, fx, v4, v6, at, removed) = match (&changed(old_same)[..], &changed(new_same)[..]) {
+        ([i], []) => (old, old_fx, o4, o6, *i, true),
+        ([], [j]) => (new, new_fx, n4, n6, *j, false),
         _ => return None,
     };
     if fx[at + 1..]
@@ -1234,18 +1236,12 @@ fn last_rule_change(old: &Policy, new: &Policy) -> Option<Result<Vec<Change>, To
     fn decides<A: Address + Scalar + Into<u128>>(
         entries: &[Entry<A>],
         rule: RuleId,
+        own: &[Fields<A>],
         v6: bool,
         budget: &mut usize,
     ) -> Result<Option<String>, TooComplex> {
-        let own: Vec<Fields<A>> = entries
-            .iter()
-            .filter(|e| e.rule == rule)
-            .map(|e| e.fields)
-            .collect();
-        let earlier: Vec<u32> = (0..entries.len() as u32)
-            .filter(|&i| entries[i as usize].rule < rule)
-            .collect();
-        if covered_by(entries, own.clone(), &earlier, budget)? {
+        let earlier = entries_before(entries, rule, &|_| true);
+        if covered_by(entries, own.to_vec(), &earlier, budget)? {
             return Ok(None);
         }
         let boxes: Vec<String> = own.iter().map(|b| describe_box(b, v6)).collect();
@@ -1254,8 +1250,8 @@ fn last_rule_change(old: &Policy, new: &Policy) -> Option<Result<Vec<Change>, To
     let mut budget = PIECE_BUDGET * 15;
     let regions = (|| -> Result<Vec<String>, TooComplex> {
         Ok([
-            decides(v4, rule.id, false, &mut budget)?,
-            decides(v6, rule.id, true, &mut budget)?,
+            decides(v4, rule.id, &fx[at].1, false, &mut budget)?,
+            decides(v6, rule.id, &fx[at].2, true, &mut budget)?,
         ]
         .into_iter()
         .flatten()
@@ -1291,15 +1287,57 @@ fn last_rule_change(old: &Policy, new: &Policy) -> Option<Result<Vec<Change>, To
 /// The boxes of flows whose verdict differs, with the rules and verdicts
 /// before and after, per family (see [`diff_packets`]).
 pub fn changed_regions(old: &Policy, new: &Policy) -> Result<ChangedRegions, TooComplex> {
-    let (o4, o6) = super::entries(old);
-    let (n4, n6) = super::entries(new);
-    let (old_fx, new_fx) = (rule_effects(old, &o4, &o6), rule_effects(new, &n4, &n6));
+    regions_of(old, new, &Sides::of(old, new))
+}
+
+/// Both policies' entries and rule effects, and which of their rules are
+/// unchanged: what [`changed_regions`] and `last_rule_change` start from.
+struct Sides {
+    o4: Vec<Entry<u32>>,
+    o6: Vec<Entry<u128>>,
+    n4: Vec<Entry<u32>>,
+    n6: Vec<Entry<u128>>,
+    old_fx: Vec<RuleEffect>,
+    new_fx: Vec<RuleEffect>,
+    old_same: Vec<bool>,
+    new_same: Vec<bool>,
+}
+
+impl Sides {
+    fn of(old: &Policy, new: &Policy) -> Self {
+        let (o4, o6) = super::entries(old);
+        let (n4, n6) = super::entries(new);
+        let (old_fx, new_fx) = (rule_effects(old, &o4, &o6), rule_effects(new, &n4, &n6));
+        let (old_same, new_same) = unchanged_rules(&old_fx, &new_fx);
+        Sides {
+            o4,
+            o6,
+            n4,
+            n6,
+            old_fx,
+            new_fx,
+            old_same,
+            new_same,
+        }
+    }
+}
+
+fn regions_of(old: &Policy, new: &Policy, sides: &Sides) -> Result<ChangedRegions, TooComplex> {
+    let Sides {
+        o4,
+        o6,
+        n4,
+        n6,
+        old_fx,
+        new_fx,
+        old_same,
+        new_same,
+    } = sides;
     let (domain4, domain6) = if old.default_verdict() != new.default_verdict() {
         (vec![Fields::<u32>::any()], vec![Fields::<u128>::any()])
     } else {
-        let (old_same, new_same) = unchanged_rules(&old_fx, &new_fx);
         let (mut d4, mut d6) = (Vec::new(), Vec::new());
-        for (fx, same) in [(&old_fx, &old_same), (&new_fx, &new_same)] {
+        for (fx, same) in [(old_fx, old_same), (new_fx, new_same)] {
             for (e, _) in fx.iter().zip(same.iter()).filter(|(_, s)| !**s) {
                 d4.extend_from_slice(&e.1);
                 d6.extend_from_slice(&e.2);
@@ -1308,8 +1346,8 @@ pub fn changed_regions(old: &Policy, new: &Policy) -> Result<ChangedRegions, Too
         (d4, d6)
     };
     Ok((
-        changed_pieces(old, &o4, new, &n4, &domain4)?,
-        changed_pieces(old, &o6, new, &n6, &domain6)?,
+        changed_pieces(old, o4, new, n4, &domain4)?,
+        changed_pieces(old, o6, new, n6, &domain6)?,
     ))
 }
 

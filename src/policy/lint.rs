@@ -39,6 +39,15 @@ const EXACT_BOXES: usize = PIECE_BUDGET * 2;
 const RULE_BOXES: usize = PIECE_BUDGET * 15;
 const POLICY_BOXES: usize = PIECE_BUDGET * 150;
 
+/// Runs `f` with at most `cap` of `budget`, taking what it spent.
+fn with_share<R>(budget: &mut usize, cap: usize, f: impl FnOnce(&mut usize) -> R) -> R {
+    let given = cap.min(*budget);
+    let mut share = given;
+    let r = f(&mut share);
+    *budget -= given - share;
+    r
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct LintOptions {
     pub today: Date,
@@ -209,16 +218,16 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
                 .rule(id)
                 .is_some_and(|e| lives_as_long(e.expires, r.expires))
         };
-        let mut share = EXACT_BOXES.min(budget);
-        let mut checked = coverage(&v4, &v6, r.id, &outlives, &mut share);
-        budget -= EXACT_BOXES.min(budget) - share;
+        let mut checked = with_share(&mut budget, EXACT_BOXES, |share| {
+            coverage(&v4, &v6, r.id, &outlives, share)
+        });
         if checked.is_err() {
             // Too many parts to attribute each: whether it is covered at
             // all is far cheaper to find out.
             let differs = |id| policy.rule(id).is_some_and(|e| e.verdict != r.verdict);
-            let mut share = RULE_BOXES.min(budget);
-            checked = coverage_in_bulk(&v4, &v6, r.id, &outlives, &differs, &mut share);
-            budget -= RULE_BOXES.min(budget) - share;
+            checked = with_share(&mut budget, RULE_BOXES, |share| {
+                coverage_in_bulk(&v4, &v6, r.id, &outlives, &differs, share)
+            });
         }
         let rules = |ids: &[RuleId]| -> Vec<&PacketRule> {
             ids.iter().filter_map(|id| policy.rule(*id)).collect()
