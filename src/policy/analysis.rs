@@ -1207,21 +1207,12 @@ fn last_rule_change(
         return None;
     }
     let changed = |same: &[bool]| -> Vec<usize> { (0..same.len()).filter(|&i| !same[i]).collect() };
-    let Sides {
-        o4,
-        o6,
-        n4,
-        n6,
-        old_fx,
-        new_fx,
-        old_same,
-        new_same,
-    } = sides;
-    let (policy, fx, v4, v6, at, removed) = match (&changed(old_same)[..], &changed(new_same)[..]) {
-        ([i], []) => (old, old_fx, o4, o6, *i, true),
-        ([], [j]) => (new, new_fx, n4, n6, *j, false),
-        _ => return None,
-    };
+    let (policy, fx, v4, v6, at, removed) =
+        match (&changed(&sides.old_same)[..], &changed(&sides.new_same)[..]) {
+            ([i], []) => (old, &sides.old_fx, &sides.o4, &sides.o6, *i, true),
+            ([], [j]) => (new, &sides.new_fx, &sides.n4, &sides.n6, *j, false),
+            _ => return None,
+        };
     if fx[at + 1..]
         .iter()
         .any(|e| !e.1.is_empty() || !e.2.is_empty())
@@ -1323,21 +1314,14 @@ impl Sides {
 }
 
 fn regions_of(old: &Policy, new: &Policy, sides: &Sides) -> Result<ChangedRegions, TooComplex> {
-    let Sides {
-        o4,
-        o6,
-        n4,
-        n6,
-        old_fx,
-        new_fx,
-        old_same,
-        new_same,
-    } = sides;
     let (domain4, domain6) = if old.default_verdict() != new.default_verdict() {
         (vec![Fields::<u32>::any()], vec![Fields::<u128>::any()])
     } else {
         let (mut d4, mut d6) = (Vec::new(), Vec::new());
-        for (fx, same) in [(old_fx, old_same), (new_fx, new_same)] {
+        for (fx, same) in [
+            (&sides.old_fx, &sides.old_same),
+            (&sides.new_fx, &sides.new_same),
+        ] {
             for (e, _) in fx.iter().zip(same.iter()).filter(|(_, s)| !**s) {
                 d4.extend_from_slice(&e.1);
                 d6.extend_from_slice(&e.2);
@@ -1346,8 +1330,8 @@ fn regions_of(old: &Policy, new: &Policy, sides: &Sides) -> Result<ChangedRegion
         (d4, d6)
     };
     Ok((
-        changed_pieces(old, o4, new, n4, &domain4)?,
-        changed_pieces(old, o6, new, n6, &domain6)?,
+        changed_pieces(old, &sides.o4, new, &sides.n4, &domain4)?,
+        changed_pieces(old, &sides.o6, new, &sides.n6, &domain6)?,
     ))
 }
 
