@@ -1048,6 +1048,24 @@ fn load_dated(path: &Path) -> palisade::policy::Policy {
 }
 
 /// A xorshift generator: flows drawn the same way on every run.
+/// An IPv4 flow anywhere in the space: a protocol and a destination port
+/// each one of three given (three draws in four) or any.
+fn random_flow(
+    next: &mut impl FnMut() -> u64,
+    protos: [u8; 3],
+    dports: [u16; 3],
+) -> palisade::classify::FlowKey {
+    let r = next();
+    let pick = |r: u64| (r % 4) as usize;
+    palisade::classify::FlowKey {
+        src: std::net::IpAddr::from(std::net::Ipv4Addr::from(r as u32)),
+        dst: std::net::IpAddr::from(std::net::Ipv4Addr::from((r >> 32) as u32)),
+        proto: [protos[0], protos[1], protos[2], next() as u8][pick(next())],
+        src_port: next() as u16,
+        dst_port: [dports[0], dports[1], dports[2], next() as u16][pick(next())],
+    }
+}
+
 fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
     move || {
         seed ^= seed << 13;
@@ -1166,7 +1184,6 @@ fn diff_analyses_broad_changes_to_classbench_10k_policies() {
 /// claim: exactly those the catch-all decides change verdict.
 #[test]
 fn diff_names_a_catch_all_at_the_end_by_rule() {
-    use palisade::classify::FlowKey;
     let Some(dir) = classbench_dir() else { return };
     // fw1_10k with mixed verdicts, without its rules on any address.
     let narrow: Vec<String> = mixed_classbench(&dir, "fw1_10k")
@@ -1212,14 +1229,7 @@ fn diff_names_a_catch_all_at_the_end_by_rule() {
     let mut next = xorshift(0x1234_5678_9abc_def1);
     let (mut decided, mut others) = (0, 0);
     for _ in 0..4000 {
-        let r = next();
-        let key = FlowKey {
-            src: std::net::IpAddr::from(std::net::Ipv4Addr::from(r as u32)),
-            dst: std::net::IpAddr::from(std::net::Ipv4Addr::from((r >> 32) as u32)),
-            proto: [6, 17, 1, next() as u8][(next() % 4) as usize],
-            src_port: next() as u16,
-            dst_port: [53, 80, 443, next() as u16][(next() % 4) as usize],
-        };
+        let key = random_flow(&mut next, [6, 17, 1], [53, 80, 443]);
         let (was, now) = (old.decide(&key), new.decide(&key));
         let by_catchall = was.rule == Some(catchall);
         assert_eq!(was.verdict != now.verdict, by_catchall, "{key:?}");
@@ -1230,6 +1240,110 @@ fn diff_names_a_catch_all_at_the_end_by_rule() {
         }
     }
     assert!(decided > 0 && others > 0, "{decided} {others}");
+}
+
+/// A broad deny inserted in the middle of a large policy with mixed
+/// verdicts, and removed again: the flows it decides that the rules after
+/// it allowed fall into every gap between thousands of earlier rules, too
+/// many regions to list, so `diff` names them by rule, with the later
+/// rules that allowed them. Flows drawn across the space check the claim:
+/// exactly those the inserted rule decides and the old policy allowed
+/// change verdict, and every later rule named decides some of them.
+#[test]
+fn diff_names_a_rule_inserted_in_the_middle_by_rule() {
+    let Some(dir) = classbench_dir() else { return };
+    let mut lines = mixed_classbench(&dir, "fw1_10k");
+    let tmp = tempfile::tempdir().unwrap();
+    let (without, with) = (
+        tmp.path().join("without.policy"),
+        tmp.path().join("with.policy"),
+    );
+    std::fs::write(&without, lines.join("\n") + "\n").unwrap();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("rule cb4000 "))
+        .unwrap();
+    lines.insert(at, "rule no_ssh deny any4 -> any4 service tcp/22".into());
+    std::fs::write(&with, lines.join("\n") + "\n").unwrap();
+    let region = "tcp any4 -> any4 dport 22 where no earlier rule matches and the later rules or the default allow them (too many regions to list one by one)";
+    let mut named: Vec<String> = Vec::new();
+    for (old, new, inserted) in [(&without, &with, true), (&with, &without, false)] {
+        let out = palisade(&["diff", old.to_str().unwrap(), new.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        let report = text(&out.stdout);
+        let lines: Vec<&str> = report.lines().collect();
+        let (summary, sign, ours, theirs) = if inserted {
+            (
+                "newly allowed: 0 packet regions, 0 http classes",
+                "  - ",
+                "now deny by `no_ssh`, was allow by ",
+                1,
+            )
+        } else {
+            (
+                "newly allowed: 1 packet region, 0 http classes",
+                "  + ",
+                "was deny by `no_ssh`",
+                0,
+            )
+        };
+        assert_eq!(lines.len(), 3, "{report}");
+        let change = lines.iter().find(|l| l.starts_with(sign)).unwrap();
+        assert!(lines.contains(&summary), "{report}");
+        assert!(
+            change.starts_with(&format!("{sign}{region}   ")),
+            "{report}"
+        );
+        assert!(change.contains(ours), "{report}");
+        // The later rules named on the other side, the same both ways.
+        let side = change.split("   ").nth(1).unwrap();
+        let others = side.split(", was ").nth(theirs).unwrap();
+        let names: Vec<String> = others
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(String::from)
+            .collect();
+        assert!(!names.is_empty() && names.len() <= 6, "{report}");
+        assert!(!names.contains(&"no_ssh".to_string()), "{report}");
+        if inserted {
+            named = names;
+        } else {
+            assert_eq!(names, named, "{report}");
+        }
+    }
+    let (old, new) = (load_dated(&without), load_dated(&with));
+    let no_ssh = new.rules().iter().find(|r| r.name == "no_ssh").unwrap().id;
+    let mut next = xorshift(0x0bad_cafe_dead_beef);
+    let mut decided_by_named: Vec<String> = Vec::new();
+    let (mut changed, mut unchanged) = (0, 0);
+    for _ in 0..4000 {
+        let key = random_flow(&mut next, [6, 6, 17], [22, 22, 22]);
+        let (was, now) = (old.decide(&key), new.decide(&key));
+        let expected = now.rule == Some(no_ssh) && was.verdict == Verdict::Allow;
+        assert_eq!(was.verdict != now.verdict, expected, "{key:?}");
+        if expected {
+            changed += 1;
+            let by = old.rule_name(was.rule).to_string();
+            if named.contains(&by) && !decided_by_named.contains(&by) {
+                decided_by_named.push(by);
+            }
+        } else {
+            unchanged += 1;
+        }
+    }
+    assert!(changed > 0 && unchanged > 0, "{changed} {unchanged}");
+    // Each named rule is a later allow rule sharing flows with `no_ssh`,
+    // and the sample hits at least one of them deciding a changed flow.
+    for name in &named {
+        let r = old.rules().iter().find(|r| &r.name == name).unwrap();
+        assert_eq!(r.verdict, Verdict::Allow, "{name}");
+        assert!(
+            new.rules().iter().position(|x| &x.name == name) > Some(no_ssh as usize),
+            "{name}"
+        );
+    }
+    assert!(!decided_by_named.is_empty(), "{named:?}");
 }
 
 /// `lint` checks every rule of the ClassBench ipc1 10k set with mixed

@@ -594,3 +594,112 @@ proptest! {
         check_coverage(&spec)?;
     }
 }
+
+/// An edit that inserts or removes one rule.
+fn one_rule_edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        any::<Index>().prop_map(Edit::Remove),
+        (any::<Index>(), rule()).prop_map(|(i, r)| Edit::Insert(i, r)),
+    ]
+}
+
+/// What `diff` says by rule when a change is too fragmented to list
+/// (one rule inserted or removed), against the exact regions: a change
+/// per family exactly where some flow of that family changes verdict, on
+/// the right sides, and of the rules named on the other side, every one
+/// decides some changed flow; all of them do when the list is not cut
+/// short.
+fn check_diff_by_rule(spec: &Spec, edit: &Edit) -> Result<(), TestCaseError> {
+    use palisade::policy::analysis::{changed_regions, diff_by_rule};
+    let edited = apply(spec, std::slice::from_ref(edit));
+    let (old_text, new_text) = (render(spec), render(&edited));
+    let old = compile_lenient(&old_text)?;
+    let new = compile_lenient(&new_text)?;
+    let (p4, p6) = changed_regions(&old, &new).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let Some(summary) = diff_by_rule(&old, &new) else {
+        // Not one rule's change (the edited rule matches nothing, say),
+        // or one whose rule another identical rule stands in for.
+        return Ok(());
+    };
+    let summary = summary.map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let why = || format!("{edit:?}\nold:\n{old_text}\nnew:\n{new_text}\n{summary:#?}");
+    // Per family with changes: the rule on its own side, and the set of
+    // rules on the other.
+    fn sides<A>(
+        pieces: &[palisade::policy::analysis::Piece<A>],
+        old: &palisade::policy::Policy,
+        new: &palisade::policy::Policy,
+    ) -> Option<(Vec<String>, Vec<String>, Verdict, Verdict)> {
+        let first = pieces.first()?;
+        let names = |v: Vec<Option<u32>>, p: &palisade::policy::Policy| {
+            let mut n: Vec<String> = v.into_iter().map(|r| p.rule_name(r).to_string()).collect();
+            n.sort();
+            n.dedup();
+            n
+        };
+        Some((
+            names(pieces.iter().map(|x| x.1).collect(), old),
+            names(pieces.iter().map(|x| x.2).collect(), new),
+            first.3,
+            first.4,
+        ))
+    }
+    let expected: Vec<_> = [sides(&p4, &old, &new), sides(&p6, &old, &new)]
+        .into_iter()
+        .flatten()
+        .collect();
+    prop_assert_eq!(summary.len(), expected.len(), "{}", why());
+    let removed = matches!(edit, Edit::Remove(_));
+    for (c, (was, now, vo, vn)) in summary.iter().zip(&expected) {
+        prop_assert_eq!((c.old_verdict, c.new_verdict), (*vo, *vn), "{}", why());
+        // The edited rule decides every changed flow on its side.
+        let (own, rest, others) = if removed {
+            (&c.old_rules, &c.new_rules, now)
+        } else {
+            (&c.new_rules, &c.old_rules, was)
+        };
+        prop_assert_eq!(own.names.len(), 1, "{}", why());
+        prop_assert!(!own.more, "{}", why());
+        prop_assert_eq!(
+            &if removed { was } else { now }[..],
+            &own.names[..],
+            "{}",
+            why()
+        );
+        for n in &rest.names {
+            prop_assert!(
+                others.contains(n),
+                "{} not among {:?}\n{}",
+                n,
+                others,
+                why()
+            );
+        }
+        if rest.more {
+            // Cut short (six named, or 24 tried): at least one named.
+            prop_assert!(!rest.names.is_empty(), "{}", why());
+        } else {
+            let mut named = rest.names.clone();
+            named.sort();
+            prop_assert_eq!(&named, others, "{}", why());
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn diff_by_rule_agrees_with_the_exact_regions(spec in spec(), edit in one_rule_edit()) {
+        check_diff_by_rule(&spec, &edit)?;
+    }
+
+    #[test]
+    fn diff_by_rule_agrees_with_the_exact_regions_on_larger_policies(
+        spec in network_spec_of(30..80),
+        edit in one_rule_edit(),
+    ) {
+        check_diff_by_rule(&spec, &edit)?;
+    }
+}

@@ -139,12 +139,12 @@ pub fn diff(args: DiffArgs) -> ExitCode {
         let sign = if want == Allow { '+' } else { '-' };
         for c in p {
             println!(
-                "  {sign} {}   now {} by `{}`, was {} by `{}`",
+                "  {sign} {}   now {} by {}, was {} by {}",
                 c.region,
                 c.new_verdict.as_str(),
-                c.new_rule,
+                c.new_rules,
                 c.old_verdict.as_str(),
-                c.old_rule
+                c.old_rules
             );
         }
         for c in h {

@@ -396,11 +396,24 @@ fn decided_by<A: Address + Scalar>(
     differs: &dyn Fn(RuleId) -> bool,
     budget: &mut usize,
 ) -> Result<bool, TooComplex> {
-    search(entries, boxes, list, budget, false, |_, list| {
+    search(entries, boxes, list, budget, false, |b, list| {
+        let first_match = |k: &Key<A>| {
+            list.iter()
+                .map(|&i| &entries[i as usize])
+                .find(|e| e.fields.matches(k))
+        };
         if !list.iter().any(|&i| differs(entries[i as usize].rule)) {
             Step::Settled
         } else if differs(entries[list[0] as usize].rule) {
             // The first candidate overlaps the box: it decides that part.
+            Step::Answer(true)
+        } else if list.len() > PEEL_MAX
+            && witnesses(b)
+                .iter()
+                .any(|k| first_match(k).is_some_and(|e| differs(e.rule)))
+        {
+            // A point of the box such a rule decides: the usual answer
+            // where one does, found without cutting.
             Step::Answer(true)
         } else {
             Step::Cut
@@ -504,24 +517,6 @@ pub fn coverage_in_bulk(
     overlapping.extend(overlapping_rules(v6, &e6, &b6));
     overlapping.sort_unstable();
     overlapping.dedup();
-    fn takes_part<A: Address + Scalar>(
-        entries: &[Entry<A>],
-        rule: &[Fields<A>],
-        earlier: &[u32],
-        by: RuleId,
-        budget: &mut usize,
-    ) -> Result<bool, TooComplex> {
-        let shared: Vec<Fields<A>> = boxes_of(entries, by)
-            .iter()
-            .flat_map(|e| rule.iter().filter_map(|b| intersect(b, e)))
-            .collect();
-        let before: Vec<u32> = earlier
-            .iter()
-            .copied()
-            .filter(|&i| entries[i as usize].rule < by)
-            .collect();
-        Ok(!covered_by(entries, shared, &before, budget)?)
-    }
     let mut named = Vec::new();
     for id in by_shared_flows(v4, v6, rule, &overlapping)
         .into_iter()
@@ -544,6 +539,28 @@ pub fn coverage_in_bulk(
         named,
         other_verdict,
     })
+}
+
+/// Whether `by` is the first match of the entries of `earlier` (indices,
+/// in order) for some flow of the boxes `rule`: the entries of rules
+/// before `by` leave some of what the two share uncovered.
+fn takes_part<A: Address + Scalar>(
+    entries: &[Entry<A>],
+    rule: &[Fields<A>],
+    earlier: &[u32],
+    by: RuleId,
+    budget: &mut usize,
+) -> Result<bool, TooComplex> {
+    let shared: Vec<Fields<A>> = boxes_of(entries, by)
+        .iter()
+        .flat_map(|e| rule.iter().filter_map(|b| intersect(b, e)))
+        .collect();
+    let before: Vec<u32> = earlier
+        .iter()
+        .copied()
+        .filter(|&i| entries[i as usize].rule < by)
+        .collect();
+    Ok(!covered_by(entries, shared, &before, budget)?)
 }
 
 /// Three points of a box: its lowest and highest corners and its middle.
@@ -741,9 +758,42 @@ fn join_lines<A: Address + Scalar>(pieces: Vec<Piece<A>>) -> Vec<Line<A>> {
 pub struct Change {
     pub region: String,
     pub old_verdict: Verdict,
-    pub old_rule: String,
+    pub old_rules: Deciders,
     pub new_verdict: Verdict,
-    pub new_rule: String,
+    pub new_rules: Deciders,
+}
+
+/// The rules that decide a changed region on one side of a change: one
+/// rule (or the default) for a region listed box by box; for a region
+/// described by rule (see `one_rule_change`), the rules found to decide a
+/// part of it, with `more` when others may too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deciders {
+    pub names: Vec<String>,
+    pub more: bool,
+}
+
+impl Deciders {
+    pub fn one(name: impl Into<String>) -> Self {
+        Deciders {
+            names: vec![name.into()],
+            more: false,
+        }
+    }
+}
+
+/// `` `a` ``, `` `a` and `b` ``, `` `a`, `b` and `c` ``, or
+/// `` `a`, `b` and other rules ``.
+impl std::fmt::Display for Deciders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let quoted: Vec<String> = self.names.iter().map(|n| format!("`{n}`")).collect();
+        match (quoted.split_last(), self.more) {
+            (None, _) => f.write_str("other rules"),
+            (Some(_), true) => write!(f, "{} and other rules", quoted.join(", ")),
+            (Some((last, [])), false) => f.write_str(last),
+            (Some((last, rest)), false) => write!(f, "{} and {last}", rest.join(", ")),
+        }
+    }
 }
 
 /// The boxes of `domain` (a union of boxes, possibly overlapping) where
@@ -986,9 +1036,9 @@ fn describe_changes<A: Address + Scalar + Into<u128>>(
         out.push(Change {
             region: describe_sets(l.proto, &l.src, &l.dst, &l.sport, &l.dport, v6),
             old_verdict: vo,
-            old_rule: old.rule_name(ro).to_string(),
+            old_rules: Deciders::one(old.rule_name(ro)),
             new_verdict: vn,
-            new_rule: new.rule_name(rn).to_string(),
+            new_rules: Deciders::one(new.rule_name(rn)),
         });
     }
 }
@@ -1112,37 +1162,50 @@ fn rule_effects(p: &Policy, v4: &[Entry<u32>], v6: &[Entry<u128>]) -> Vec<RuleEf
 }
 
 /// Which rules of each policy are unchanged: present in both with the same
-/// effect, and in the same order relative to each other (the longest such
+/// effect, and in the same order relative to each other (a longest such
 /// sequence). Rules that match nothing count as unchanged wherever they
-/// are.
-fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bool>) {
+/// are. Also, for each old rule with flows that is unchanged, its
+/// counterpart in the new policy.
+fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> Unchanged {
     use std::collections::HashMap;
-    // The k-th rule with an effect in one policy pairs with the k-th rule
-    // with the same effect in the other (identical rules repeated, as
-    // ClassBench sets have, pair up in order).
-    fn numbered(rules: &[RuleEffect]) -> Vec<(&RuleEffect, usize)> {
-        let mut seen: HashMap<&RuleEffect, usize> = HashMap::new();
-        rules
-            .iter()
-            .map(|e| {
-                let k = seen.entry(e).or_insert(0);
-                *k += 1;
-                (e, *k)
+    let empty = |e: &RuleEffect| e.1.is_empty() && e.2.is_empty();
+    // Where each effect is in the new policy, in order.
+    let mut at: HashMap<&RuleEffect, Vec<usize>> = HashMap::new();
+    for (j, e) in new.iter().enumerate().filter(|(_, e)| !empty(e)) {
+        at.entry(e).or_default().push(j);
+    }
+    let candidates = |e: &RuleEffect| at.get(e).map_or(0, Vec::len);
+    // Every old rule with each new rule of the same effect, the new ones
+    // in descending order per old rule (Hunt and Szymanski): a strictly
+    // increasing run of new positions then takes at most one pair per old
+    // rule, and the longest is a longest common subsequence. A rule
+    // inserted before an identical later one (a broad deny that the
+    // policy already has at its end) pairs with the right one. Where
+    // identical rules repeat so much that the pairs would be too many,
+    // the k-th of an effect in one policy pairs with the k-th in the
+    // other instead.
+    let pairs: Vec<(usize, usize)> = if old.iter().map(candidates).sum::<usize>() <= PAIRS_MAX {
+        old.iter()
+            .enumerate()
+            .flat_map(|(i, e)| {
+                at.get(e)
+                    .into_iter()
+                    .flat_map(move |js| js.iter().rev().map(move |&j| (i, j)))
             })
             .collect()
-    }
-    let new_pos: HashMap<(&RuleEffect, usize), usize> = numbered(new)
-        .into_iter()
-        .enumerate()
-        .map(|(j, key)| (key, j))
-        .collect();
-    // Old rules with a counterpart, in old order, with its new position.
-    let pairs: Vec<(usize, usize)> = numbered(old)
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, key)| new_pos.get(&key).map(|&j| (i, j)))
-        .collect();
-    // Longest increasing subsequence of the new positions (patience).
+    } else {
+        let mut seen: HashMap<&RuleEffect, usize> = HashMap::new();
+        old.iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let k = seen.entry(e).or_insert(0);
+                *k += 1;
+                Some((i, *at.get(e)?.get(*k - 1)?))
+            })
+            .collect()
+    };
+    // Longest strictly increasing subsequence of the new positions
+    // (patience).
     let mut tails: Vec<usize> = Vec::new(); // index into pairs
     let mut prev: Vec<Option<usize>> = vec![None; pairs.len()];
     for k in 0..pairs.len() {
@@ -1155,17 +1218,27 @@ fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bo
             tails[at] = k;
         }
     }
-    let empty = |e: &RuleEffect| e.1.is_empty() && e.2.is_empty();
     let mut old_same: Vec<bool> = old.iter().map(empty).collect();
     let mut new_same: Vec<bool> = new.iter().map(empty).collect();
+    let mut counterpart = vec![None; old.len()];
     let mut k = tails.last().copied();
     while let Some(x) = k {
-        old_same[pairs[x].0] = true;
-        new_same[pairs[x].1] = true;
+        let (i, j) = pairs[x];
+        old_same[i] = true;
+        new_same[j] = true;
+        counterpart[i] = Some(j);
         k = prev[x];
     }
-    (old_same, new_same)
+    (old_same, new_same, counterpart)
 }
+
+/// What [`unchanged_rules`] finds: which old rules and which new rules are
+/// unchanged, and each unchanged old rule's new index.
+type Unchanged = (Vec<bool>, Vec<bool>, Vec<Option<usize>>);
+
+/// Most (old rule, new rule) pairs of equal effect [`unchanged_rules`]
+/// matches exactly (about 16 bytes each).
+const PAIRS_MAX: usize = 4 << 20;
 
 /// Flows whose verdict differs between two policies, as regions.
 ///
@@ -1175,12 +1248,14 @@ fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bo
 /// neither. So the comparison runs within those boxes only (identical
 /// policies cost one pass over their rules), and within them it follows
 /// where verdicts change (see `changed_pieces`). A changed default makes
-/// every flow a candidate.
+/// every flow a candidate. Where the regions are too many to list, a
+/// change of one rule is described by rule instead (see
+/// `one_rule_change`).
 pub fn diff_packets(old: &Policy, new: &Policy) -> Result<Vec<Change>, TooComplex> {
     let sides = Sides::of(old, new);
     let (p4, p6) = match regions_of(old, new, &sides) {
         Ok(p) => p,
-        Err(e) => return last_rule_change(old, new, &sides).unwrap_or(Err(e)),
+        Err(e) => return one_rule_change(old, new, &sides).unwrap_or(Err(e)),
     };
     let mut out = Vec::new();
     describe_changes(old, new, p4, false, &mut out);
@@ -1188,17 +1263,26 @@ pub fn diff_packets(old: &Policy, new: &Policy) -> Result<Vec<Change>, TooComple
     Ok(out)
 }
 
+/// What [`diff_packets`] answers when [`changed_regions`] gives up: the
+/// change described by rule where its shape allows (see
+/// `one_rule_change`), `None` where it does not.
+pub fn diff_by_rule(old: &Policy, new: &Policy) -> Option<Result<Vec<Change>, TooComplex>> {
+    one_rule_change(old, new, &Sides::of(old, new))
+}
+
 /// A change [`changed_regions`] cannot list region by region, described
-/// by rule where its shape allows: one rule, the last with any flows,
-/// removed from the old policy or appended to the new one, every other
-/// rule unchanged and in order, and the same default. Then exactly the
-/// flows that rule decides (its matches no earlier rule matches) change,
-/// between its verdict and the default's: the answer is one region, the
-/// rule's boxes less every earlier rule's, however many boxes that takes
-/// to list (the complement of thousands of rules, when a catch-all at the
-/// end of a large policy is removed). `None` for a change of any other
-/// shape.
-fn last_rule_change(
+/// by rule where its shape allows: one rule removed from the old policy or
+/// inserted into the new one, anywhere, every other rule unchanged and in
+/// order, and the same default. Then the flows that change are those the
+/// rule decides (its matches no earlier rule matches) where the rest of
+/// its policy (the later rules, then the default) decides otherwise: per
+/// family, one region, the rule's boxes with that condition, however many
+/// boxes it would take to list (the complement of thousands of rules, when
+/// a catch-all at the end of a large policy is removed, or every gap a
+/// broad deny inserted in the middle falls into), with the later rules
+/// that decide a part of it on the other side. `None` for a change of any
+/// other shape.
+fn one_rule_change(
     old: &Policy,
     new: &Policy,
     sides: &Sides,
@@ -1213,66 +1297,183 @@ fn last_rule_change(
             ([], [j]) => (new, &sides.new_fx, &sides.n4, &sides.n6, *j, false),
             _ => return None,
         };
-    if fx[at + 1..]
-        .iter()
-        .any(|e| !e.1.is_empty() || !e.2.is_empty())
-    {
-        return None;
-    }
     let rule = policy.rule(at as RuleId)?;
-    let default = old.default_verdict();
-    if rule.verdict == default {
-        return Some(Ok(Vec::new()));
-    }
-    fn decides<A: Address + Scalar + Into<u128>>(
-        entries: &[Entry<A>],
-        rule: RuleId,
-        own: &[Fields<A>],
-        v6: bool,
-        budget: &mut usize,
-    ) -> Result<Option<String>, TooComplex> {
-        let earlier = entries_before(entries, rule, &|_| true);
-        if covered_by(entries, own.to_vec(), &earlier, budget)? {
-            return Ok(None);
-        }
-        let boxes: Vec<String> = own.iter().map(|b| describe_box(b, v6)).collect();
-        Ok(Some(boxes.join("; ")))
-    }
     let mut budget = PIECE_BUDGET * 15;
-    let regions = (|| -> Result<Vec<String>, TooComplex> {
+    let summaries = (|| -> Result<Vec<Otherwise>, TooComplex> {
         Ok([
-            decides(v4, rule.id, &fx[at].1, false, &mut budget)?,
-            decides(v6, rule.id, &fx[at].2, true, &mut budget)?,
+            decided_otherwise(policy, v4, rule, &fx[at].1, false, &mut budget)?,
+            decided_otherwise(policy, v6, rule, &fx[at].2, true, &mut budget)?,
         ]
         .into_iter()
         .flatten()
         .collect())
     })();
-    let regions = match regions {
-        Ok(r) => r,
+    let summaries = match summaries {
+        Ok(s) => s,
         Err(e) => return Some(Err(e)),
     };
-    let name = rule.name.clone();
-    Some(Ok(regions
+    // The rules on the other side are named as that policy names them.
+    let counterpart = |id: RuleId| -> Option<RuleId> {
+        let id = id as usize;
+        let found = if removed {
+            sides.counterpart.get(id).copied().flatten()
+        } else {
+            sides.counterpart.iter().position(|&j| j == Some(id))
+        };
+        found.map(|i| i as RuleId)
+    };
+    let other_side = if removed { new } else { old };
+    let other = rule.verdict.opposite();
+    Some(Ok(summaries
         .into_iter()
-        .map(|r| {
-            let (by_rule, by_default) = ((rule.verdict, name.clone()), (default, "default".into()));
-            let ((old_verdict, old_rule), (new_verdict, new_rule)) = if removed {
-                (by_rule, by_default)
-            } else {
-                (by_default, by_rule)
-            };
-            Change {
-                region: format!(
-                    "{r} where no earlier rule matches (too many regions to list one by one)"
-                ),
-                old_verdict,
-                old_rule,
-                new_verdict,
-                new_rule,
-            }
-        })
+        .map(
+            |Otherwise {
+                 region,
+                 named,
+                 more,
+             }| {
+                let rest = Deciders {
+                    names: named
+                        .into_iter()
+                        .map(|id| other_side.rule_name(id.and_then(counterpart)).to_string())
+                        .collect(),
+                    more,
+                };
+                let by_rule = (rule.verdict, Deciders::one(rule.name.clone()));
+                let ((old_verdict, old_rules), (new_verdict, new_rules)) = if removed {
+                    (by_rule, (other, rest))
+                } else {
+                    ((other, rest), by_rule)
+                };
+                Change {
+                    region,
+                    old_verdict,
+                    old_rules,
+                    new_verdict,
+                    new_rules,
+                }
+            },
+        )
         .collect()))
+}
+
+/// What [`decided_otherwise`] finds for one family.
+struct Otherwise {
+    /// The flows, in words.
+    region: String,
+    /// Rules of the policy that decide a part of them without the rule
+    /// (`None` for the default).
+    named: Vec<Option<RuleId>>,
+    /// Whether others may too.
+    more: bool,
+}
+
+/// The flows of one family that `rule` (with boxes `own`) decides in
+/// `policy` and that the policy without it decides otherwise, with the
+/// rules after it that decide a part of them: `None` when there are
+/// none. Exact: a part is dropped once its
+/// first-match candidates hold no later rule (nor default) of the other
+/// verdict, and answered once the first does; naming is tried on the
+/// later rules that share the most flows with it.
+fn decided_otherwise<A: Address + Scalar + Into<u128>>(
+    policy: &Policy,
+    entries: &[Entry<A>],
+    rule: &PacketRule,
+    own: &[Fields<A>],
+    v6: bool,
+    budget: &mut usize,
+) -> Result<Option<Otherwise>, TooComplex> {
+    if own.is_empty() {
+        return Ok(None);
+    }
+    // The default, as one more rule after every other, matching all.
+    let default = policy.rules().len() as RuleId;
+    let mut all = entries.to_vec();
+    all.push(Entry {
+        fields: Fields::any(),
+        rule: default,
+    });
+    let verdict = |id: RuleId| {
+        policy
+            .rule(id)
+            .map_or(policy.default_verdict(), |r| r.verdict)
+    };
+    let otherwise = |id: RuleId| id > rule.id && verdict(id) != rule.verdict;
+    let rest: Vec<u32> = (0..all.len() as u32)
+        .filter(|&i| all[i as usize].rule != rule.id)
+        .collect();
+    if !decided_by(&all, own.to_vec(), &rest, &otherwise, budget)? {
+        return Ok(None);
+    }
+    // The later rules that could decide a part otherwise, the most
+    // shared flows first (the default, sharing all, last), up to the
+    // first later rule that covers all of it: none after that can.
+    let mut later: Vec<RuleId> = all
+        .iter()
+        .filter(|e| e.rule > rule.id && own.iter().any(|b| overlaps(b, &e.fields)))
+        .map(|e| e.rule)
+        .collect();
+    later.dedup();
+    let covers_all = |id: RuleId| {
+        own.iter()
+            .all(|b| boxes_of(&all, id).iter().any(|f| f.covers(b)))
+    };
+    if let Some(last) = later.iter().position(|&id| covers_all(id)) {
+        later.truncate(last + 1);
+    }
+    let overlapped = later.iter().any(|&id| id != default);
+    let reaches_default = later.last() == Some(&default);
+    let mut candidates: Vec<(f64, RuleId)> = later
+        .into_iter()
+        .filter(|&id| otherwise(id) && id != default)
+        .map(|id| (shared_flows(own, &boxes_of(&all, id)), id))
+        .collect();
+    candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    if otherwise(default) && reaches_default {
+        candidates.push((0.0, default));
+    }
+    // Naming gets half of what is left; the other family needs the rest.
+    let mut naming = *budget / 2;
+    *budget -= naming;
+    let mut named = Vec::new();
+    let mut more = false;
+    for (k, &(_, id)) in candidates.iter().enumerate() {
+        if named.len() == BULK_NAMED || k == BULK_TRIED {
+            more = true;
+            break;
+        }
+        match takes_part(&all, own, &rest, id, &mut naming) {
+            Ok(true) => named.push(id),
+            Ok(false) => {}
+            Err(_) => {
+                more = true;
+                break;
+            }
+        }
+    }
+    *budget += naming;
+    named.sort_unstable();
+    let named = named
+        .into_iter()
+        .map(|id| (id != default).then_some(id))
+        .collect();
+    let boxes: Vec<String> = own.iter().map(|b| describe_box(b, v6)).collect();
+    let condition = if overlapped {
+        // Later rules decide some of its flows, with either verdict.
+        let other = rule.verdict.opposite().as_str();
+        format!(" and the later rules or the default {other} them")
+    } else {
+        // The default decides all of them, otherwise.
+        String::new()
+    };
+    Ok(Some(Otherwise {
+        region: format!(
+            "{} where no earlier rule matches{condition} (too many regions to list one by one)",
+            boxes.join("; ")
+        ),
+        named,
+        more,
+    }))
 }
 
 /// The boxes of flows whose verdict differs, with the rules and verdicts
@@ -1282,7 +1483,7 @@ pub fn changed_regions(old: &Policy, new: &Policy) -> Result<ChangedRegions, Too
 }
 
 /// Both policies' entries and rule effects, and which of their rules are
-/// unchanged: what [`changed_regions`] and `last_rule_change` start from.
+/// unchanged: what [`changed_regions`] and `one_rule_change` start from.
 struct Sides {
     o4: Vec<Entry<u32>>,
     o6: Vec<Entry<u128>>,
@@ -1292,6 +1493,8 @@ struct Sides {
     new_fx: Vec<RuleEffect>,
     old_same: Vec<bool>,
     new_same: Vec<bool>,
+    /// Each unchanged old rule's index in the new policy.
+    counterpart: Vec<Option<usize>>,
 }
 
 impl Sides {
@@ -1299,7 +1502,7 @@ impl Sides {
         let (o4, o6) = super::entries(old);
         let (n4, n6) = super::entries(new);
         let (old_fx, new_fx) = (rule_effects(old, &o4, &o6), rule_effects(new, &n4, &n6));
-        let (old_same, new_same) = unchanged_rules(&old_fx, &new_fx);
+        let (old_same, new_same, counterpart) = unchanged_rules(&old_fx, &new_fx);
         Sides {
             o4,
             o6,
@@ -1309,6 +1512,7 @@ impl Sides {
             new_fx,
             old_same,
             new_same,
+            counterpart,
         }
     }
 }
@@ -1873,6 +2077,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn deciders_read_as_a_list() {
+        let d = |names: &[&str], more| Deciders {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            more,
+        };
+        assert_eq!(d(&["a"], false).to_string(), "`a`");
+        assert_eq!(d(&["a", "b"], false).to_string(), "`a` and `b`");
+        assert_eq!(d(&["a", "b", "c"], false).to_string(), "`a`, `b` and `c`");
+        assert_eq!(d(&["a", "b"], true).to_string(), "`a`, `b` and other rules");
+        assert_eq!(d(&[], true).to_string(), "other rules");
     }
 
     #[test]

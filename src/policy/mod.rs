@@ -59,6 +59,14 @@ impl Verdict {
             Verdict::Deny => "deny",
         }
     }
+
+    /// The other verdict.
+    pub fn opposite(self) -> Self {
+        match self {
+            Verdict::Allow => Verdict::Deny,
+            Verdict::Deny => Verdict::Allow,
+        }
+    }
 }
 
 impl From<ast::Action> for Verdict {
