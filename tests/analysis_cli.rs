@@ -1346,6 +1346,57 @@ fn diff_names_a_rule_inserted_in_the_middle_by_rule() {
     assert!(!decided_by_named.is_empty(), "{named:?}");
 }
 
+/// The verdict of a broad rule near the end of a large policy flipped in
+/// place (ipc1_10k's `deny any4 -> any4 service tcp`): exactly the flows it
+/// decides change, the complement of thousands of earlier rules, so
+/// `diff` names them by rule.
+#[test]
+fn diff_names_a_rule_flipped_in_place_by_rule() {
+    let Some(dir) = classbench_dir() else { return };
+    let lines = mixed_classbench(&dir, "ipc1_10k");
+    let tmp = tempfile::tempdir().unwrap();
+    let (before, after) = (
+        tmp.path().join("before.policy"),
+        tmp.path().join("after.policy"),
+    );
+    let text_of = |lines: &[String]| lines.join("\n") + "\n";
+    std::fs::write(&before, text_of(&lines)).unwrap();
+    let rule = "rule cb8729 deny any4 -> any4 service tcp";
+    assert!(lines.iter().any(|l| l == rule));
+    let flipped: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            if l == rule {
+                l.replace(" deny ", " allow ")
+            } else {
+                l.clone()
+            }
+        })
+        .collect();
+    std::fs::write(&after, text_of(&flipped)).unwrap();
+    let out = palisade(&["diff", before.to_str().unwrap(), after.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "newly allowed: 1 packet region, 0 http classes\n  + tcp any4 -> any4 where no earlier rule matches (too many regions to list one by one)   now allow by `cb8729`, was deny by `cb8729`\nnewly denied: 0 packet regions, 0 http classes\n"
+    );
+    let (old, new) = (load_dated(&before), load_dated(&after));
+    let id = old.rules().iter().find(|r| r.name == "cb8729").unwrap().id;
+    let mut next = xorshift(0x5eed_0ff1_0000_0001);
+    let (mut by_it, mut others) = (0, 0);
+    for _ in 0..4000 {
+        let key = random_flow(&mut next, [6, 6, 17], [22, 80, 443]);
+        let (was, now) = (old.decide(&key), new.decide(&key));
+        assert_eq!(was.verdict != now.verdict, was.rule == Some(id), "{key:?}");
+        if was.rule == Some(id) {
+            by_it += 1;
+        } else {
+            others += 1;
+        }
+    }
+    assert!(by_it > 0 && others > 0, "{by_it} {others}");
+}
+
 /// `lint` checks every rule of the ClassBench ipc1 10k set with mixed
 /// verdicts, the broad rules at its end too (thousands of earlier rules
 /// cover them, in more parts than the analysis attributes one by one),

@@ -337,6 +337,7 @@ enum Edit {
     Swap(Index, Index),
     Flip(Index),
     Insert(Index, Rule),
+    Replace(Index, Rule),
     FlipDefault,
 }
 
@@ -346,6 +347,7 @@ fn edit() -> impl Strategy<Value = Edit> {
         2 => (any::<Index>(), any::<Index>()).prop_map(|(a, b)| Edit::Swap(a, b)),
         2 => any::<Index>().prop_map(Edit::Flip),
         3 => (any::<Index>(), rule()).prop_map(|(i, r)| Edit::Insert(i, r)),
+        2 => (any::<Index>(), rule()).prop_map(|(i, r)| Edit::Replace(i, r)),
         1 => Just(Edit::FlipDefault),
     ]
 }
@@ -361,6 +363,7 @@ fn apply(spec: &Spec, edits: &[Edit]) -> Spec {
             Edit::Swap(a, b) if n > 0 => s.rules.swap(a.index(n), b.index(n)),
             Edit::Flip(i) if n > 0 => s.rules[i.index(n)].allow ^= true,
             Edit::Insert(i, r) => s.rules.insert(i.index(n + 1), r.clone()),
+            Edit::Replace(i, r) if n > 0 => s.rules[i.index(n)] = r.clone(),
             Edit::FlipDefault => s.default_allow ^= true,
             _ => {}
         }
@@ -595,93 +598,112 @@ proptest! {
     }
 }
 
-/// An edit that inserts or removes one rule.
+/// An edit of one rule: inserted, removed, its verdict flipped, or
+/// replaced in place.
 fn one_rule_edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
         any::<Index>().prop_map(Edit::Remove),
         (any::<Index>(), rule()).prop_map(|(i, r)| Edit::Insert(i, r)),
+        any::<Index>().prop_map(Edit::Flip),
+        (any::<Index>(), rule()).prop_map(|(i, r)| Edit::Replace(i, r)),
     ]
 }
 
-/// What `diff` says by rule when a change is too fragmented to list
-/// (one rule inserted or removed), against the exact regions: a change
-/// per family exactly where some flow of that family changes verdict, on
-/// the right sides, and of the rules named on the other side, every one
-/// decides some changed flow; all of them do when the list is not cut
+/// One change as the exact regions give it: old and new verdicts, the
+/// rules deciding it before and after.
+type Expected = (Verdict, Verdict, Vec<String>, Vec<String>);
+
+/// What `diff` says by rule when a change is too fragmented to list (one
+/// rule inserted, removed or replaced), against the exact regions. Every
+/// changed flow involves the edited rules; per family, in order: where
+/// both rules match, a change naming both; where only the old one does,
+/// a change from it to the later rules named; where only the new one
+/// does, the reverse. Of the later rules named, every one decides some
+/// changed flow, and all of them are named when the list is not cut
 /// short.
 fn check_diff_by_rule(spec: &Spec, edit: &Edit) -> Result<(), TestCaseError> {
-    use palisade::policy::analysis::{changed_regions, diff_by_rule};
+    use palisade::policy::analysis::{changed_regions, diff_by_rule, Piece};
     let edited = apply(spec, std::slice::from_ref(edit));
     let (old_text, new_text) = (render(spec), render(&edited));
     let old = compile_lenient(&old_text)?;
     let new = compile_lenient(&new_text)?;
     let (p4, p6) = changed_regions(&old, &new).map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let Some(summary) = diff_by_rule(&old, &new) else {
-        // Not one rule's change (the edited rule matches nothing, say),
-        // or one whose rule another identical rule stands in for.
+    let Some(by_rule) = diff_by_rule(&old, &new) else {
+        // Not one rule's change (the edited rule matches nothing, or is
+        // another rule's twin).
         return Ok(());
     };
-    let summary = summary.map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let why = || format!("{edit:?}\nold:\n{old_text}\nnew:\n{new_text}\n{summary:#?}");
-    // Per family with changes: the rule on its own side, and the set of
-    // rules on the other.
-    fn sides<A>(
-        pieces: &[palisade::policy::analysis::Piece<A>],
-        old: &palisade::policy::Policy,
-        new: &palisade::policy::Policy,
-    ) -> Option<(Vec<String>, Vec<String>, Verdict, Verdict)> {
-        let first = pieces.first()?;
-        let names = |v: Vec<Option<u32>>, p: &palisade::policy::Policy| {
-            let mut n: Vec<String> = v.into_iter().map(|r| p.rule_name(r).to_string()).collect();
-            n.sort();
-            n.dedup();
-            n
-        };
-        Some((
-            names(pieces.iter().map(|x| x.1).collect(), old),
-            names(pieces.iter().map(|x| x.2).collect(), new),
-            first.3,
-            first.4,
-        ))
-    }
-    let expected: Vec<_> = [sides(&p4, &old, &new), sides(&p6, &old, &new)]
-        .into_iter()
-        .flatten()
-        .collect();
-    prop_assert_eq!(summary.len(), expected.len(), "{}", why());
-    let removed = matches!(edit, Edit::Remove(_));
-    for (c, (was, now, vo, vn)) in summary.iter().zip(&expected) {
-        prop_assert_eq!((c.old_verdict, c.new_verdict), (*vo, *vn), "{}", why());
-        // The edited rule decides every changed flow on its side.
-        let (own, rest, others) = if removed {
-            (&c.old_rules, &c.new_rules, now)
-        } else {
-            (&c.new_rules, &c.old_rules, was)
-        };
-        prop_assert_eq!(own.names.len(), 1, "{}", why());
-        prop_assert!(!own.more, "{}", why());
-        prop_assert_eq!(
-            &if removed { was } else { now }[..],
-            &own.names[..],
-            "{}",
-            why()
-        );
-        for n in &rest.names {
-            prop_assert!(
-                others.contains(n),
-                "{} not among {:?}\n{}",
-                n,
-                others,
-                why()
-            );
+    let by_rule = by_rule.map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let why = || format!("{edit:?}\nold:\n{old_text}\nnew:\n{new_text}\n{by_rule:#?}");
+    let (gone, came) = (by_rule.removed, by_rule.added);
+    prop_assert!(gone.is_some() || came.is_some(), "{}", why());
+    let name = |p: &palisade::policy::Policy, r: Option<u32>| p.rule_name(r).to_string();
+    // Expected, per family: (old verdict, new verdict, old rules, new
+    // rules), the edited rule's side a single name.
+    fn expected<A>(
+        pieces: &[Piece<A>],
+        gone: Option<u32>,
+        came: Option<u32>,
+        name_old: &dyn Fn(Option<u32>) -> String,
+        name_new: &dyn Fn(Option<u32>) -> String,
+    ) -> Result<Vec<Expected>, String> {
+        let mut kinds: [Vec<&Piece<A>>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        for p in pieces {
+            let (o, n) = (gone.is_some() && p.1 == gone, came.is_some() && p.2 == came);
+            let kind = match (o, n) {
+                (true, true) => 0,
+                (true, false) => 1,
+                (false, true) => 2,
+                (false, false) => {
+                    return Err(format!("a change by neither rule: {:?} {:?}", p.1, p.2))
+                }
+            };
+            kinds[kind].push(p);
         }
-        if rest.more {
-            // Cut short (six named, or 24 tried): at least one named.
-            prop_assert!(!rest.names.is_empty(), "{}", why());
-        } else {
-            let mut named = rest.names.clone();
-            named.sort();
-            prop_assert_eq!(&named, others, "{}", why());
+        Ok(kinds
+            .iter()
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                let set = |f: &dyn Fn(&Piece<A>) -> String| {
+                    let mut v: Vec<String> = k.iter().map(|p| f(p)).collect();
+                    v.sort();
+                    v.dedup();
+                    v
+                };
+                (
+                    k[0].3,
+                    k[0].4,
+                    set(&|p| name_old(p.1)),
+                    set(&|p| name_new(p.2)),
+                )
+            })
+            .collect())
+    }
+    let (name_old, name_new) = (|r| name(&old, r), |r| name(&new, r));
+    let mut want = Vec::new();
+    for family in [
+        expected(&p4, gone, came, &name_old, &name_new),
+        expected(&p6, gone, came, &name_old, &name_new),
+    ] {
+        want.extend(family.map_err(|e| TestCaseError::fail(format!("{e}\n{}", why())))?);
+    }
+    let got = &by_rule.changes;
+    prop_assert_eq!(got.len(), want.len(), "{:#?}\n{}", want, why());
+    for (c, (vo, vn, was, now)) in got.iter().zip(&want) {
+        prop_assert_eq!((c.old_verdict, c.new_verdict), (*vo, *vn), "{}", why());
+        for (d, exact) in [(&c.old_rules, was), (&c.new_rules, now)] {
+            // The edited rule's side, or every rule named decides some of
+            // it, all of them unless cut short.
+            for n in &d.names {
+                prop_assert!(exact.contains(n), "{} not among {:?}\n{}", n, exact, why());
+            }
+            if d.more {
+                prop_assert!(!d.names.is_empty(), "{}", why());
+            } else {
+                let mut named = d.names.clone();
+                named.sort();
+                prop_assert_eq!(&named, exact, "{}", why());
+            }
         }
     }
     Ok(())

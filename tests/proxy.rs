@@ -2136,8 +2136,21 @@ fn a_stop_lets_requests_in_progress_finish() {
     tunnel.write_all(b"pong").unwrap();
     tunnel.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"pong");
-    // A second stop cuts the tunnel at once.
+    // The proxy counts the finished ones out (its counters, which it still
+    // prints while draining, say so) ...
     let child = p.child.as_ref().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        signal(child, rustix::process::Signal::USR1);
+        let said = p.wait_stderr("requests and tunnels");
+        assert!(said.contains("draining: "), "{said}");
+        if said.contains("(1 open") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still open: {said}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ... and a second stop cuts the tunnel at once.
     signal(child, rustix::process::Signal::TERM);
     let said = p.wait_stderr("cutting");
     assert!(said.contains("cutting 1 connections"), "{said}");

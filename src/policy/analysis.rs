@@ -1255,7 +1255,11 @@ pub fn diff_packets(old: &Policy, new: &Policy) -> Result<Vec<Change>, TooComple
     let sides = Sides::of(old, new);
     let (p4, p6) = match regions_of(old, new, &sides) {
         Ok(p) => p,
-        Err(e) => return one_rule_change(old, new, &sides).unwrap_or(Err(e)),
+        Err(e) => {
+            return one_rule_change(old, new, &sides)
+                .map(|by_rule| by_rule.map(|b| b.changes))
+                .unwrap_or(Err(e))
+        }
     };
     let mut out = Vec::new();
     describe_changes(old, new, p4, false, &mut out);
@@ -1266,17 +1270,34 @@ pub fn diff_packets(old: &Policy, new: &Policy) -> Result<Vec<Change>, TooComple
 /// What [`diff_packets`] answers when [`changed_regions`] gives up: the
 /// change described by rule where its shape allows (see
 /// `one_rule_change`), `None` where it does not.
-pub fn diff_by_rule(old: &Policy, new: &Policy) -> Option<Result<Vec<Change>, TooComplex>> {
+pub fn diff_by_rule(old: &Policy, new: &Policy) -> Option<Result<ByRule, TooComplex>> {
     one_rule_change(old, new, &Sides::of(old, new))
 }
 
+/// A change described by rule: the rule it removed from the old policy
+/// and the one it added to the new (one or both), and the changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ByRule {
+    pub removed: Option<RuleId>,
+    pub added: Option<RuleId>,
+    pub changes: Vec<Change>,
+}
+
 /// A change [`changed_regions`] cannot list region by region, described
-/// by rule where its shape allows: one rule removed from the old policy or
-/// inserted into the new one, anywhere, every other rule unchanged and in
-/// order, and the same default. Then the flows that change are those the
-/// rule decides (its matches no earlier rule matches) where the rest of
-/// its policy (the later rules, then the default) decides otherwise: per
-/// family, one region, the rule's boxes with that condition, however many
+/// by rule where its shape allows: one rule removed from the old policy,
+/// inserted into the new one, or replaced in place (its verdict or its
+/// flows edited), every other rule unchanged and in order, and the same
+/// default. Then the flows that change are, per family:
+///
+/// - those the removed (or old) rule decides, outside the new one, where
+///   the rest of the policy (the later rules, then the default) decides
+///   otherwise;
+/// - those the inserted (or new) rule decides, outside the old one, where
+///   the rest decides otherwise;
+/// - where both match and no earlier rule does, all of them if the
+///   verdict changed.
+///
+/// Each is one region, the rule's boxes with that condition, however many
 /// boxes it would take to list (the complement of thousands of rules, when
 /// a catch-all at the end of a large policy is removed, or every gap a
 /// broad deny inserted in the middle falls into), with the later rules
@@ -1286,75 +1307,173 @@ fn one_rule_change(
     old: &Policy,
     new: &Policy,
     sides: &Sides,
-) -> Option<Result<Vec<Change>, TooComplex>> {
+) -> Option<Result<ByRule, TooComplex>> {
     if old.default_verdict() != new.default_verdict() {
         return None;
     }
     let changed = |same: &[bool]| -> Vec<usize> { (0..same.len()).filter(|&i| !same[i]).collect() };
-    let (policy, fx, v4, v6, at, removed) =
-        match (&changed(&sides.old_same)[..], &changed(&sides.new_same)[..]) {
-            ([i], []) => (old, &sides.old_fx, &sides.o4, &sides.o6, *i, true),
-            ([], [j]) => (new, &sides.new_fx, &sides.n4, &sides.n6, *j, false),
-            _ => return None,
-        };
-    let rule = policy.rule(at as RuleId)?;
+    // The unchanged rules around the old rule's place pair with rules
+    // around the new one's, in order: the same place.
+    let same_place = |i: usize, j: usize| {
+        let before = sides.counterpart[..i].iter().rev().flatten().next();
+        let after = sides.counterpart[i + 1..].iter().flatten().next();
+        before.is_none_or(|&b| b < j) && after.is_none_or(|&a| a > j)
+    };
+    let (gone, came) = match (&changed(&sides.old_same)[..], &changed(&sides.new_same)[..]) {
+        ([i], []) => (Some(*i), None),
+        ([], [j]) => (None, Some(*j)),
+        ([i], [j]) if same_place(*i, *j) => (Some(*i), Some(*j)),
+        _ => return None,
+    };
+    let gone = gone.map(|i| (old.rule(i as RuleId), &sides.old_fx[i]));
+    let came = came.map(|j| (new.rule(j as RuleId), &sides.new_fx[j]));
+    let gone = match gone {
+        Some((Some(r), fx)) => Some((r, fx)),
+        Some((None, _)) => return None,
+        None => None,
+    };
+    let came = match came {
+        Some((Some(r), fx)) => Some((r, fx)),
+        Some((None, _)) => return None,
+        None => None,
+    };
     let mut budget = PIECE_BUDGET * 15;
-    let summaries = (|| -> Result<Vec<Otherwise>, TooComplex> {
-        Ok([
-            decided_otherwise(policy, v4, rule, &fx[at].1, false, &mut budget)?,
-            decided_otherwise(policy, v6, rule, &fx[at].2, true, &mut budget)?,
-        ]
-        .into_iter()
-        .flatten()
-        .collect())
-    })();
-    let summaries = match summaries {
-        Ok(s) => s,
-        Err(e) => return Some(Err(e)),
-    };
-    // The rules on the other side are named as that policy names them.
-    let counterpart = |id: RuleId| -> Option<RuleId> {
-        let id = id as usize;
-        let found = if removed {
-            sides.counterpart.get(id).copied().flatten()
-        } else {
-            sides.counterpart.iter().position(|&j| j == Some(id))
-        };
-        found.map(|i| i as RuleId)
-    };
-    let other_side = if removed { new } else { old };
-    let other = rule.verdict.opposite();
-    Some(Ok(summaries
-        .into_iter()
-        .map(
-            |Otherwise {
-                 region,
-                 named,
-                 more,
-             }| {
-                let rest = Deciders {
-                    names: named
-                        .into_iter()
-                        .map(|id| other_side.rule_name(id.and_then(counterpart)).to_string())
-                        .collect(),
-                    more,
-                };
-                let by_rule = (rule.verdict, Deciders::one(rule.name.clone()));
-                let ((old_verdict, old_rules), (new_verdict, new_rules)) = if removed {
-                    (by_rule, (other, rest))
-                } else {
-                    ((other, rest), by_rule)
-                };
-                Change {
-                    region,
-                    old_verdict,
-                    old_rules,
-                    new_verdict,
-                    new_rules,
-                }
-            },
+    let mut out = Vec::new();
+    let done = changes_by_rule(
+        (old, &sides.o4, gone.map(|(r, fx)| (r, &fx.1[..]))),
+        (new, &sides.n4, came.map(|(r, fx)| (r, &fx.1[..]))),
+        sides,
+        false,
+        &mut budget,
+        &mut out,
+    )
+    .and_then(|()| {
+        changes_by_rule(
+            (old, &sides.o6, gone.map(|(r, fx)| (r, &fx.2[..]))),
+            (new, &sides.n6, came.map(|(r, fx)| (r, &fx.2[..]))),
+            sides,
+            true,
+            &mut budget,
+            &mut out,
         )
-        .collect()))
+    });
+    Some(done.map(|()| ByRule {
+        removed: gone.map(|(r, _)| r.id),
+        added: came.map(|(r, _)| r.id),
+        changes: out,
+    }))
+}
+
+/// One side of a change described by rule: the policy, its entries of one
+/// family, and the rule the change removed from it or added to it, with
+/// that rule's boxes.
+type RuleSide<'a, A> = (
+    &'a Policy,
+    &'a [Entry<A>],
+    Option<(&'a PacketRule, &'a [Fields<A>])>,
+);
+
+/// The changes of one family [`one_rule_change`] describes.
+fn changes_by_rule<A: Address + Scalar + Into<u128>>(
+    (old, o, gone): RuleSide<'_, A>,
+    (new, n, came): RuleSide<'_, A>,
+    sides: &Sides,
+    v6: bool,
+    budget: &mut usize,
+    out: &mut Vec<Change>,
+) -> Result<(), TooComplex> {
+    // The boxes of `a` outside every box of `b`.
+    let outside = |a: &[Fields<A>], b: &[Fields<A>]| -> Result<Vec<Fields<A>>, TooComplex> {
+        let mut left = a.to_vec();
+        for x in b {
+            let mut next = Vec::new();
+            for p in &left {
+                subtract(p, x, &mut next);
+            }
+            if next.len() > PIECE_BUDGET {
+                return Err(TooComplex);
+            }
+            left = next;
+        }
+        Ok(left)
+    };
+    // Where the two rules both match and no earlier rule does, the
+    // verdict is theirs on each side.
+    if let (Some((r, rb)), Some((q, qb))) = (gone, came) {
+        let both: Vec<Fields<A>> = rb
+            .iter()
+            .flat_map(|x| qb.iter().filter_map(|y| intersect(x, y)))
+            .collect();
+        let earlier = entries_before(o, r.id, &|_| true);
+        if r.verdict != q.verdict
+            && !both.is_empty()
+            && !covered_by(o, both.clone(), &earlier, budget)?
+        {
+            let listed: Vec<String> = both.iter().map(|b| describe_box(b, v6)).collect();
+            out.push(Change {
+                region: format!(
+                    "{} where no earlier rule matches (too many regions to list one by one)",
+                    listed.join("; ")
+                ),
+                old_verdict: r.verdict,
+                old_rules: Deciders::one(r.name.clone()),
+                new_verdict: q.verdict,
+                new_rules: Deciders::one(q.name.clone()),
+            });
+        }
+    }
+    // The rules on the other side are named as that policy names them.
+    let in_new = |id: RuleId| sides.counterpart.get(id as usize).copied().flatten();
+    let in_old = |id: RuleId| {
+        sides
+            .counterpart
+            .iter()
+            .position(|&j| j == Some(id as usize))
+    };
+    for (policy, entries, side, others, removed) in
+        [(old, o, gone, came, true), (new, n, came, gone, false)]
+    {
+        let Some((rule, own)) = side else { continue };
+        let own = outside(own, others.map_or(&[][..], |s| s.1))?;
+        let Some(Otherwise {
+            region,
+            named,
+            more,
+        }) = decided_otherwise(policy, entries, rule, &own, v6, budget)?
+        else {
+            continue;
+        };
+        let (other_side, counterpart): (&Policy, &dyn Fn(RuleId) -> Option<usize>) = if removed {
+            (new, &in_new)
+        } else {
+            (old, &in_old)
+        };
+        let rest = Deciders {
+            names: named
+                .into_iter()
+                .map(|id| {
+                    let there = id.and_then(counterpart).map(|i| i as RuleId);
+                    other_side.rule_name(there).to_string()
+                })
+                .collect(),
+            more,
+        };
+        let by_rule = (rule.verdict, Deciders::one(rule.name.clone()));
+        let by_rest = (rule.verdict.opposite(), rest);
+        let ((old_verdict, old_rules), (new_verdict, new_rules)) = if removed {
+            (by_rule, by_rest)
+        } else {
+            (by_rest, by_rule)
+        };
+        out.push(Change {
+            region,
+            old_verdict,
+            old_rules,
+            new_verdict,
+            new_rules,
+        });
+    }
+    Ok(())
 }
 
 /// What [`decided_otherwise`] finds for one family.

@@ -520,10 +520,16 @@ impl Proxy {
             tokio::pin!(deadline);
             let mut check = tokio::time::interval(Duration::from_millis(20));
             loop {
+                // The counters still answer SIGUSR1 while the rest finish.
+                #[cfg(unix)]
+                let usr1_fut = next_signal(&mut usr1);
+                #[cfg(not(unix))]
+                let usr1_fut = std::future::pending::<()>();
                 tokio::select! {
                     _ = &mut deadline => break,
                     _ = &mut cut => break,
                     _ = check.tick() => if open() == 0 { break },
+                    _ = usr1_fut => state.say_counters("draining: "),
                 }
             }
         }
