@@ -1181,7 +1181,8 @@ fn diff_analyses_broad_changes_to_classbench_10k_policies() {
 /// the complement of those rules, too many regions to list, so `diff`
 /// names them by rule (every flow of the catch-all no earlier rule
 /// matches) instead of refusing. Flows drawn across the space check the
-/// claim: exactly those the catch-all decides change verdict.
+/// claim: exactly those the catch-all decides change verdict. The same
+/// for the default flipped instead.
 #[test]
 fn diff_names_a_catch_all_at_the_end_by_rule() {
     let Some(dir) = classbench_dir() else { return };
@@ -1240,6 +1241,31 @@ fn diff_names_a_catch_all_at_the_end_by_rule() {
         }
     }
     assert!(decided > 0 && others > 0, "{decided} {others}");
+
+    // Only the default flipped: exactly the flows no rule matches change,
+    // the same complement.
+    let allowing = tmp.path().join("allowing.policy");
+    std::fs::write(&allowing, narrow.join("\n") + "\ndefault allow\n").unwrap();
+    let out = palisade(&[
+        "diff",
+        without.to_str().unwrap(),
+        allowing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "newly allowed: 2 packet regions, 1 http class\n  \
+         + ip any4 -> any4 where no rule matches (too many regions to list one by one)   now allow by `default`, was deny by `default`\n  \
+         + ip any6 -> any6   now allow by `default`, was deny by `default`\n  \
+         + http any -> any other host any port any method   now allow by `default`, was deny by `default`\n\
+         newly denied: 0 packet regions, 0 http classes\n"
+    );
+    let (old, new) = (load_dated(&without), load_dated(&allowing));
+    for _ in 0..2000 {
+        let key = random_flow(&mut next, [6, 17, 1], [53, 80, 443]);
+        let (was, now) = (old.decide(&key), new.decide(&key));
+        assert_eq!(was.verdict != now.verdict, was.rule.is_none(), "{key:?}");
+    }
 }
 
 /// A broad deny inserted in the middle of a large policy with mixed

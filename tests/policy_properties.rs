@@ -598,14 +598,15 @@ proptest! {
     }
 }
 
-/// An edit of one rule: inserted, removed, its verdict flipped, or
-/// replaced in place.
+/// An edit of one rule (inserted, removed, its verdict flipped, or
+/// replaced in place) or of the default.
 fn one_rule_edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
         any::<Index>().prop_map(Edit::Remove),
         (any::<Index>(), rule()).prop_map(|(i, r)| Edit::Insert(i, r)),
         any::<Index>().prop_map(Edit::Flip),
         (any::<Index>(), rule()).prop_map(|(i, r)| Edit::Replace(i, r)),
+        Just(Edit::FlipDefault),
     ]
 }
 
@@ -614,8 +615,9 @@ fn one_rule_edit() -> impl Strategy<Value = Edit> {
 type Expected = (Verdict, Verdict, Vec<String>, Vec<String>);
 
 /// What `diff` says by rule when a change is too fragmented to list (one
-/// rule inserted, removed or replaced), against the exact regions. Every
-/// changed flow involves the edited rules; per family, in order: where
+/// rule inserted, removed or replaced, or the default changed), against
+/// the exact regions. Every changed flow involves the edited rules (or
+/// only the default); per family, in order: where
 /// both rules match, a change naming both; where only the old one does,
 /// a change from it to the later rules named; where only the new one
 /// does, the reverse. Of the later rules named, every one decides some
@@ -636,7 +638,11 @@ fn check_diff_by_rule(spec: &Spec, edit: &Edit) -> Result<(), TestCaseError> {
     let by_rule = by_rule.map_err(|e| TestCaseError::fail(e.to_string()))?;
     let why = || format!("{edit:?}\nold:\n{old_text}\nnew:\n{new_text}\n{by_rule:#?}");
     let (gone, came) = (by_rule.removed, by_rule.added);
-    prop_assert!(gone.is_some() || came.is_some(), "{}", why());
+    prop_assert!(
+        gone.is_some() || came.is_some() || matches!(edit, Edit::FlipDefault),
+        "{}",
+        why()
+    );
     let name = |p: &palisade::policy::Policy, r: Option<u32>| p.rule_name(r).to_string();
     // Expected, per family: (old verdict, new verdict, old rules, new
     // rules), the edited rule's side a single name.
@@ -647,13 +653,16 @@ fn check_diff_by_rule(spec: &Spec, edit: &Edit) -> Result<(), TestCaseError> {
         name_old: &dyn Fn(Option<u32>) -> String,
         name_new: &dyn Fn(Option<u32>) -> String,
     ) -> Result<Vec<Expected>, String> {
-        let mut kinds: [Vec<&Piece<A>>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        let mut kinds: [Vec<&Piece<A>>; 4] = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        let default_only = gone.is_none() && came.is_none();
         for p in pieces {
             let (o, n) = (gone.is_some() && p.1 == gone, came.is_some() && p.2 == came);
             let kind = match (o, n) {
                 (true, true) => 0,
                 (true, false) => 1,
                 (false, true) => 2,
+                // Only the default changed: flows no rule matches.
+                (false, false) if default_only && p.1.is_none() && p.2.is_none() => 3,
                 (false, false) => {
                     return Err(format!("a change by neither rule: {:?} {:?}", p.1, p.2))
                 }

@@ -1284,7 +1284,8 @@ pub struct ByRule {
 }
 
 /// A change [`changed_regions`] cannot list region by region, described
-/// by rule where its shape allows: one rule removed from the old policy,
+/// by rule where its shape allows: the default alone changed (then the
+/// flows no rule matches change), or one rule removed from the old policy,
 /// inserted into the new one, or replaced in place (its verdict or its
 /// flows edited), every other rule unchanged and in order, and the same
 /// default. Then the flows that change are, per family:
@@ -1308,10 +1309,11 @@ fn one_rule_change(
     new: &Policy,
     sides: &Sides,
 ) -> Option<Result<ByRule, TooComplex>> {
-    if old.default_verdict() != new.default_verdict() {
-        return None;
-    }
     let changed = |same: &[bool]| -> Vec<usize> { (0..same.len()).filter(|&i| !same[i]).collect() };
+    if old.default_verdict() != new.default_verdict() {
+        let unchanged = changed(&sides.old_same).is_empty() && changed(&sides.new_same).is_empty();
+        return unchanged.then(|| default_change(old, new, sides));
+    }
     // The unchanged rules around the old rule's place pair with rules
     // around the new one's, in order: the same place.
     let same_place = |i: usize, j: usize| {
@@ -1362,6 +1364,47 @@ fn one_rule_change(
         added: came.map(|(r, _)| r.id),
         changes: out,
     }))
+}
+
+/// Only the default changed: exactly the flows no rule matches change, in
+/// each family where there are any.
+fn default_change(old: &Policy, new: &Policy, sides: &Sides) -> Result<ByRule, TooComplex> {
+    let mut budget = PIECE_BUDGET * 15;
+    fn unmatched<A: Address + Scalar>(
+        entries: &[Entry<A>],
+        budget: &mut usize,
+    ) -> Result<bool, TooComplex> {
+        let all: Vec<u32> = (0..entries.len() as u32).collect();
+        Ok(!covered_by(entries, vec![Fields::any()], &all, budget)?)
+    }
+    // Each family's region: all of it where it has no rules.
+    let region = |any: String, rules: bool| match rules {
+        true => format!("{any} where no rule matches (too many regions to list one by one)"),
+        false => any,
+    };
+    let mut families = Vec::new();
+    if unmatched(&sides.o4, &mut budget)? {
+        let any = describe_box(&Fields::<u32>::any(), false);
+        families.push(region(any, !sides.o4.is_empty()));
+    }
+    if unmatched(&sides.o6, &mut budget)? {
+        let any = describe_box(&Fields::<u128>::any(), true);
+        families.push(region(any, !sides.o6.is_empty()));
+    }
+    Ok(ByRule {
+        removed: None,
+        added: None,
+        changes: families
+            .into_iter()
+            .map(|region| Change {
+                region,
+                old_verdict: old.default_verdict(),
+                old_rules: Deciders::one("default"),
+                new_verdict: new.default_verdict(),
+                new_rules: Deciders::one("default"),
+            })
+            .collect(),
+    })
 }
 
 /// One side of a change described by rule: the policy, its entries of one
