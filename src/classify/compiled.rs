@@ -312,6 +312,18 @@
 //!   1.02, fw1_10k 1.07 and 1.08). Holding the node array the same way
 //!   for the walk: 0.98-1.02, not kept.
 //!
+//! 2026-12-05, later, the same way (9 rounds, single / batched):
+//!
+//! - The batch's walk over a packed list of the lanes still at an
+//!   internal node (one loop-end branch per round instead of a branch per
+//!   lane; about a sixth of a batched ipc1 key's mispredictions are those
+//!   per-lane branches): batched ipc1_10k 0.95, acl1_10k 0.90, fw1_10k
+//!   0.96, acl2_10k 1.01. The packing costs more than the mispredictions.
+//! - Before the later trees are walked lane by lane, loading each lane's
+//!   first slot and node (or leaf entry) of its next tree, so that those
+//!   misses overlap across lanes: batched 0.85 (fw1_10k) to 0.96
+//!   (acl1_10k), ipc1_10k 0.89. Not kept.
+//!
 //! Measured and dropped (each against the code it would have changed, same
 //! session):
 //!
