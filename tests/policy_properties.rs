@@ -734,3 +734,45 @@ proptest! {
         check_diff_by_rule(&spec, &edit)?;
     }
 }
+
+/// A rule edited in place right before an identical twin: the edit is
+/// taken as one rule replaced (not the twin paired with the edited rule
+/// and two rules changed), and described by rule.
+#[test]
+fn diff_by_rule_takes_an_edit_beside_an_identical_rule_as_one() {
+    use palisade::policy::analysis::diff_by_rule;
+    let old = compile_lenient(
+        "rule web allow 10.0.0.0/16 -> 10.1.0.0/16 service tcp/80\n\
+         rule web-again allow 10.0.0.0/16 -> 10.1.0.0/16 service tcp/80\n\
+         rule rest deny 10.0.0.0/8 -> any4\n\
+         default allow\n",
+    )
+    .unwrap();
+    let new = compile_lenient(
+        "rule web deny 10.0.0.0/16 -> 10.1.0.0/16 service tcp/80\n\
+         rule web-again allow 10.0.0.0/16 -> 10.1.0.0/16 service tcp/80\n\
+         rule rest deny 10.0.0.0/8 -> any4\n\
+         default allow\n",
+    )
+    .unwrap();
+    let by_rule = diff_by_rule(&old, &new).expect("one rule edited").unwrap();
+    assert_eq!((by_rule.removed, by_rule.added), (Some(0), Some(0)));
+    let lines: Vec<String> = by_rule
+        .changes
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {} {} -> {} {}",
+                c.region,
+                c.old_verdict.as_str(),
+                c.old_rules,
+                c.new_verdict.as_str(),
+                c.new_rules
+            )
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        ["tcp 10.0.0.0/16 -> 10.1.0.0/16 dport 80 where no earlier rule matches (too many regions to list one by one) allow `web` -> deny `web`"]
+    );
+}

@@ -1164,9 +1164,8 @@ fn rule_effects(p: &Policy, v4: &[Entry<u32>], v6: &[Entry<u128>]) -> Vec<RuleEf
 /// Which rules of each policy are unchanged: present in both with the same
 /// effect, and in the same order relative to each other (a longest such
 /// sequence). Rules that match nothing count as unchanged wherever they
-/// are. Also, for each old rule with flows that is unchanged, its
-/// counterpart in the new policy.
-fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> Unchanged {
+/// are.
+fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bool>) {
     use std::collections::HashMap;
     let empty = |e: &RuleEffect| e.1.is_empty() && e.2.is_empty();
     // Where each effect is in the new policy, in order.
@@ -1220,24 +1219,18 @@ fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> Unchanged {
     }
     let mut old_same: Vec<bool> = old.iter().map(empty).collect();
     let mut new_same: Vec<bool> = new.iter().map(empty).collect();
-    let mut counterpart = vec![None; old.len()];
     let mut k = tails.last().copied();
     while let Some(x) = k {
         let (i, j) = pairs[x];
         old_same[i] = true;
         new_same[j] = true;
-        counterpart[i] = Some(j);
         k = prev[x];
     }
-    (old_same, new_same, counterpart)
+    (old_same, new_same)
 }
 
-/// What [`unchanged_rules`] finds: which old rules and which new rules are
-/// unchanged, and each unchanged old rule's new index.
-type Unchanged = (Vec<bool>, Vec<bool>, Vec<Option<usize>>);
-
 /// Most (old rule, new rule) pairs of equal effect [`unchanged_rules`]
-/// matches exactly (about 16 bytes each).
+/// matches exactly (about 32 bytes each, with the subsequence's links).
 const PAIRS_MAX: usize = 4 << 20;
 
 /// Flows whose verdict differs between two policies, as regions.
@@ -1309,34 +1302,43 @@ fn one_rule_change(
     new: &Policy,
     sides: &Sides,
 ) -> Option<Result<ByRule, TooComplex>> {
-    let changed = |same: &[bool]| -> Vec<usize> { (0..same.len()).filter(|&i| !same[i]).collect() };
+    // The rules with flows, old = P R S and new = P Q S with P and S as
+    // long as they go: R and Q are what changed (taken this way, not from
+    // the longest common subsequence, which may pair an edited rule's
+    // identical neighbour with it and the edit then looks like two).
+    let with_flows = |fx: &[RuleEffect]| -> Vec<usize> {
+        (0..fx.len())
+            .filter(|&i| !fx[i].1.is_empty() || !fx[i].2.is_empty())
+            .collect()
+    };
+    let (o, n) = (with_flows(&sides.old_fx), with_flows(&sides.new_fx));
+    let same = |i: usize, j: usize| sides.old_fx[i] == sides.new_fx[j];
+    let prefix = o.iter().zip(&n).take_while(|(&i, &j)| same(i, j)).count();
+    let suffix = o[prefix..]
+        .iter()
+        .rev()
+        .zip(n[prefix..].iter().rev())
+        .take_while(|(&i, &j)| same(i, j))
+        .count();
+    let (r, q) = (&o[prefix..o.len() - suffix], &n[prefix..n.len() - suffix]);
     if old.default_verdict() != new.default_verdict() {
-        let unchanged = changed(&sides.old_same).is_empty() && changed(&sides.new_same).is_empty();
-        return unchanged.then(|| default_change(old, new, sides));
+        return (r.is_empty() && q.is_empty()).then(|| default_change(old, new, sides));
     }
-    // The unchanged rules around the old rule's place pair with rules
-    // around the new one's, in order: the same place.
-    let same_place = |i: usize, j: usize| {
-        let before = sides.counterpart[..i].iter().rev().flatten().next();
-        let after = sides.counterpart[i + 1..].iter().flatten().next();
-        before.is_none_or(|&b| b < j) && after.is_none_or(|&a| a > j)
-    };
-    let (gone, came) = match (&changed(&sides.old_same)[..], &changed(&sides.new_same)[..]) {
-        ([i], []) => (Some(*i), None),
-        ([], [j]) => (None, Some(*j)),
-        ([i], [j]) if same_place(*i, *j) => (Some(*i), Some(*j)),
-        _ => return None,
-    };
-    let gone = gone.map(|i| (old.rule(i as RuleId), &sides.old_fx[i]));
-    let came = came.map(|j| (new.rule(j as RuleId), &sides.new_fx[j]));
-    let gone = match gone {
-        Some((Some(r), fx)) => Some((r, fx)),
-        Some((None, _)) => return None,
+    if r.len() > 1 || q.len() > 1 || (r.is_empty() && q.is_empty()) {
+        return None;
+    }
+    // Each old rule of P and S as the new policy numbers it, and back.
+    let mut in_new = vec![None; sides.old_fx.len()];
+    let pairs = o[..prefix].iter().zip(&n[..prefix]);
+    for (&i, &j) in pairs.chain(o[o.len() - suffix..].iter().zip(&n[n.len() - suffix..])) {
+        in_new[i] = Some(j);
+    }
+    let gone = match r.first() {
+        Some(&i) => Some((old.rule(i as RuleId)?, &sides.old_fx[i])),
         None => None,
     };
-    let came = match came {
-        Some((Some(r), fx)) => Some((r, fx)),
-        Some((None, _)) => return None,
+    let came = match q.first() {
+        Some(&j) => Some((new.rule(j as RuleId)?, &sides.new_fx[j])),
         None => None,
     };
     let mut budget = PIECE_BUDGET * 15;
@@ -1344,7 +1346,7 @@ fn one_rule_change(
     let done = changes_by_rule(
         (old, &sides.o4, gone.map(|(r, fx)| (r, &fx.1[..]))),
         (new, &sides.n4, came.map(|(r, fx)| (r, &fx.1[..]))),
-        sides,
+        &in_new,
         false,
         &mut budget,
         &mut out,
@@ -1353,7 +1355,7 @@ fn one_rule_change(
         changes_by_rule(
             (old, &sides.o6, gone.map(|(r, fx)| (r, &fx.2[..]))),
             (new, &sides.n6, came.map(|(r, fx)| (r, &fx.2[..]))),
-            sides,
+            &in_new,
             true,
             &mut budget,
             &mut out,
@@ -1420,7 +1422,7 @@ type RuleSide<'a, A> = (
 fn changes_by_rule<A: Address + Scalar + Into<u128>>(
     (old, o, gone): RuleSide<'_, A>,
     (new, n, came): RuleSide<'_, A>,
-    sides: &Sides,
+    in_new: &[Option<usize>],
     v6: bool,
     budget: &mut usize,
     out: &mut Vec<Change>,
@@ -1440,6 +1442,19 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
         }
         Ok(left)
     };
+    let listed = |boxes: &[Fields<A>]| -> String {
+        let each: Vec<String> = boxes.iter().map(|b| describe_box(b, v6)).collect();
+        each.join("; ")
+    };
+    // A region cut from a rule's boxes by the other version's is named
+    // by the two rules once it takes more than a few boxes to list.
+    let cut = |own: &[Fields<A>], pieces: &[Fields<A>], how: &str| -> String {
+        if pieces.len() <= SHOWN_BOXES || pieces == own {
+            listed(pieces)
+        } else {
+            format!("{} {how}", listed(own))
+        }
+    };
     // Where the two rules both match and no earlier rule does, the
     // verdict is theirs on each side.
     if let (Some((r, rb)), Some((q, qb))) = (gone, came) {
@@ -1452,11 +1467,10 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
             && !both.is_empty()
             && !covered_by(o, both.clone(), &earlier, budget)?
         {
-            let listed: Vec<String> = both.iter().map(|b| describe_box(b, v6)).collect();
             out.push(Change {
                 region: format!(
                     "{} where no earlier rule matches (too many regions to list one by one)",
-                    listed.join("; ")
+                    cut(rb, &both, &format!("that the new `{}` matches too", q.name))
                 ),
                 old_verdict: r.verdict,
                 old_rules: Deciders::one(r.name.clone()),
@@ -1465,51 +1479,73 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
             });
         }
     }
-    // The rules on the other side are named as that policy names them.
-    let in_new = |id: RuleId| sides.counterpart.get(id as usize).copied().flatten();
-    let in_old = |id: RuleId| {
-        sides
-            .counterpart
-            .iter()
-            .position(|&j| j == Some(id as usize))
-    };
+    // The rules on the other side are named as that policy names them:
+    // the later rules are all in S (see `one_rule_change`).
+    let in_old = |id: usize| in_new.iter().position(|&j| j == Some(id));
     for (policy, entries, side, others, removed) in
         [(old, o, gone, came, true), (new, n, came, gone, false)]
     {
         let Some((rule, own)) = side else { continue };
-        let own = outside(own, others.map_or(&[][..], |s| s.1))?;
-        let Some(Otherwise {
-            region,
-            named,
-            more,
-        }) = decided_otherwise(policy, entries, rule, &own, v6, budget)?
-        else {
+        let pieces = outside(own, others.map_or(&[][..], |s| s.1))?;
+        let Some(rest) = decided_otherwise(policy, entries, rule, &pieces, budget)? else {
             continue;
         };
-        let (other_side, counterpart): (&Policy, &dyn Fn(RuleId) -> Option<usize>) = if removed {
-            (new, &in_new)
-        } else {
-            (old, &in_old)
+        let other_side = if removed { new } else { old };
+        let names = rest
+            .named
+            .iter()
+            .map(|&id| {
+                let there = match id {
+                    Some(id) if removed => in_new.get(id as usize).copied().flatten(),
+                    Some(id) => in_old(id as usize),
+                    None => None,
+                };
+                match (id, there) {
+                    (Some(_), Some(i)) => other_side.rule_name(Some(i as RuleId)),
+                    // Not paired (never for a later rule): its own name.
+                    (Some(_), None) => policy.rule_name(id),
+                    (None, _) => "default",
+                }
+                .to_string()
+            })
+            .collect();
+        let shown = match others {
+            Some((q, _)) if removed => cut(
+                own,
+                &pieces,
+                &format!("that the new `{}` does not match", q.name),
+            ),
+            Some((q, _)) => cut(
+                own,
+                &pieces,
+                &format!("that the old `{}` does not match", q.name),
+            ),
+            None => listed(&pieces),
         };
-        let rest = Deciders {
-            names: named
-                .into_iter()
-                .map(|id| {
-                    let there = id.and_then(counterpart).map(|i| i as RuleId);
-                    other_side.rule_name(there).to_string()
-                })
-                .collect(),
-            more,
+        let other = rule.verdict.opposite().as_str();
+        let condition = match (rest.overlapped, rest.reaches_default) {
+            // The default decides all of them, otherwise.
+            (false, _) => String::new(),
+            (true, true) => format!(" and the later rules or the default {other} them"),
+            (true, false) => format!(" and the later rules {other} them"),
         };
         let by_rule = (rule.verdict, Deciders::one(rule.name.clone()));
-        let by_rest = (rule.verdict.opposite(), rest);
+        let by_rest = (
+            rule.verdict.opposite(),
+            Deciders {
+                names,
+                more: rest.more,
+            },
+        );
         let ((old_verdict, old_rules), (new_verdict, new_rules)) = if removed {
             (by_rule, by_rest)
         } else {
             (by_rest, by_rule)
         };
         out.push(Change {
-            region,
+            region: format!(
+                "{shown} where no earlier rule matches{condition} (too many regions to list one by one)"
+            ),
             old_verdict,
             old_rules,
             new_verdict,
@@ -1519,15 +1555,22 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
     Ok(())
 }
 
+/// Most boxes a region described by rule lists one by one.
+const SHOWN_BOXES: usize = 8;
+
 /// What [`decided_otherwise`] finds for one family.
 struct Otherwise {
-    /// The flows, in words.
-    region: String,
     /// Rules of the policy that decide a part of them without the rule
     /// (`None` for the default).
     named: Vec<Option<RuleId>>,
     /// Whether others may too.
     more: bool,
+    /// Whether any later rule overlaps the rule's boxes (else the default
+    /// decides all of its flows without it).
+    overlapped: bool,
+    /// Whether the default decides any of them without it (no later rule
+    /// covers all of its boxes).
+    reaches_default: bool,
 }
 
 /// The flows of one family that `rule` (with boxes `own`) decides in
@@ -1542,7 +1585,6 @@ fn decided_otherwise<A: Address + Scalar + Into<u128>>(
     entries: &[Entry<A>],
     rule: &PacketRule,
     own: &[Fields<A>],
-    v6: bool,
     budget: &mut usize,
 ) -> Result<Option<Otherwise>, TooComplex> {
     if own.is_empty() {
@@ -1619,22 +1661,11 @@ fn decided_otherwise<A: Address + Scalar + Into<u128>>(
         .into_iter()
         .map(|id| (id != default).then_some(id))
         .collect();
-    let boxes: Vec<String> = own.iter().map(|b| describe_box(b, v6)).collect();
-    let condition = if overlapped {
-        // Later rules decide some of its flows, with either verdict.
-        let other = rule.verdict.opposite().as_str();
-        format!(" and the later rules or the default {other} them")
-    } else {
-        // The default decides all of them, otherwise.
-        String::new()
-    };
     Ok(Some(Otherwise {
-        region: format!(
-            "{} where no earlier rule matches{condition} (too many regions to list one by one)",
-            boxes.join("; ")
-        ),
         named,
         more,
+        overlapped,
+        reaches_default,
     }))
 }
 
@@ -1655,8 +1686,6 @@ struct Sides {
     new_fx: Vec<RuleEffect>,
     old_same: Vec<bool>,
     new_same: Vec<bool>,
-    /// Each unchanged old rule's index in the new policy.
-    counterpart: Vec<Option<usize>>,
 }
 
 impl Sides {
@@ -1664,7 +1693,7 @@ impl Sides {
         let (o4, o6) = super::entries(old);
         let (n4, n6) = super::entries(new);
         let (old_fx, new_fx) = (rule_effects(old, &o4, &o6), rule_effects(new, &n4, &n6));
-        let (old_same, new_same, counterpart) = unchanged_rules(&old_fx, &new_fx);
+        let (old_same, new_same) = unchanged_rules(&old_fx, &new_fx);
         Sides {
             o4,
             o6,
@@ -1674,7 +1703,6 @@ impl Sides {
             new_fx,
             old_same,
             new_same,
-            counterpart,
         }
     }
 }
