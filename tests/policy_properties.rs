@@ -741,20 +741,12 @@ proptest! {
 #[test]
 fn diff_by_rule_takes_an_edit_beside_an_identical_rule_as_one() {
     use palisade::policy::analysis::diff_by_rule;
-    let old = compile_lenient(
-        "rule web allow 10.0.0.0/16 -> 10.1.0.0/16 service tcp/80\n\
-         rule web-again allow 10.0.0.0/16 -> 10.1.0.0/16 service tcp/80\n\
-         rule rest deny 10.0.0.0/8 -> any4\n\
-         default allow\n",
-    )
-    .unwrap();
-    let new = compile_lenient(
-        "rule web deny 10.0.0.0/16 -> 10.1.0.0/16 service tcp/80\n\
-         rule web-again allow 10.0.0.0/16 -> 10.1.0.0/16 service tcp/80\n\
-         rule rest deny 10.0.0.0/8 -> any4\n\
-         default allow\n",
-    )
-    .unwrap();
+    let text = "rule web allow 10.0.0.0/16 -> 10.1.0.0/16 service tcp/80\n\
+                rule web-again allow 10.0.0.0/16 -> 10.1.0.0/16 service tcp/80\n\
+                rule rest deny 10.0.0.0/8 -> any4\n\
+                default allow\n";
+    let old = compile_lenient(text).unwrap();
+    let new = compile_lenient(&text.replacen("web allow", "web deny", 1)).unwrap();
     let by_rule = diff_by_rule(&old, &new).expect("one rule edited").unwrap();
     assert_eq!((by_rule.removed, by_rule.added), (Some(0), Some(0)));
     let lines: Vec<String> = by_rule
