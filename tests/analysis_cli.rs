@@ -247,6 +247,79 @@ fn diff_shows_what_traffic_changes() {
     assert!(text(&same.stdout).contains("decide every flow and request the same way"));
 }
 
+/// `diff --json` says the same as the text, a JSON object per line for
+/// tools, with the same exit codes.
+#[test]
+fn diff_json_says_the_same_for_tools() {
+    let out = palisade(&[
+        "diff",
+        "--json",
+        "tests/analysis/old.policy",
+        "tests/analysis/new.policy",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let side = |verdict: &str, rule: &str| serde_json::json!({ "verdict": verdict, "rules": [rule], "more": false });
+    assert_eq!(
+        lines,
+        [
+            serde_json::json!({
+                "kind": "packet",
+                "change": "newly_allowed",
+                "region": "tcp 192.0.2.0/24 -> 198.51.100.0/24 dport 80",
+                "old": side("deny", "default"),
+                "new": side("allow", "web"),
+            }),
+            serde_json::json!({
+                "kind": "packet",
+                "change": "newly_denied",
+                "region": "udp 192.0.2.128/25 -> 198.51.100.53 dport 53",
+                "old": side("allow", "dns"),
+                "new": side("deny", "default"),
+            }),
+            serde_json::json!({
+                "kind": "http",
+                "change": "newly_allowed",
+                "sources": "192.0.2.0/24",
+                "host": "*.debian.org except deb.debian.org",
+                "ports": "443",
+                "method": "any method",
+                "old": side("deny", "default"),
+                "new": side("allow", "pkgs"),
+            }),
+        ]
+    );
+    let same = palisade(&[
+        "diff",
+        "--json",
+        "tests/analysis/old.policy",
+        "tests/analysis/old.policy",
+    ]);
+    assert!(same.status.success());
+    assert_eq!(text(&same.stdout), "");
+    // A zone narrowed.
+    let dir = tempfile::tempdir().unwrap();
+    let (o, n) = (dir.path().join("old.policy"), dir.path().join("new.policy"));
+    let rules = "rule web allow 192.0.2.0/24 -> 198.51.100.0/24 service tcp/443\ndefault deny\n";
+    std::fs::write(&o, format!("zone edge = 192.0.2.0/24\n{rules}")).unwrap();
+    std::fs::write(&n, format!("zone edge = 192.0.2.0/25\n{rules}")).unwrap();
+    let out = palisade(&["diff", "--json", o.to_str().unwrap(), n.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let line: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(
+        line,
+        serde_json::json!({
+            "kind": "zone",
+            "zone": "edge",
+            "accepts": null,
+            "drops": "192.0.2.128/25",
+        })
+    );
+}
+
 /// `palisade diff` on two policies given as text.
 fn diff_texts(old: &str, new: &str) -> Output {
     let dir = tempfile::tempdir().unwrap();
@@ -1338,6 +1411,23 @@ fn diff_names_a_rule_inserted_in_the_middle_by_rule() {
             assert_eq!(names, named, "{report}");
         }
     }
+    // The same for tools: the rules named, and that there may be more.
+    let out = palisade(&[
+        "diff",
+        "--json",
+        without.to_str().unwrap(),
+        with.to_str().unwrap(),
+    ]);
+    let line: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(line["change"], "newly_denied", "{line}");
+    assert_eq!(line["region"], region, "{line}");
+    assert_eq!(
+        line["new"]["rules"],
+        serde_json::json!(["no_ssh"]),
+        "{line}"
+    );
+    assert_eq!(line["old"]["rules"], serde_json::json!(named), "{line}");
+    assert_eq!(line["old"]["more"], true, "{line}");
     let (old, new) = (load_dated(&without), load_dated(&with));
     let no_ssh = new.rules().iter().find(|r| r.name == "no_ssh").unwrap().id;
     let mut next = xorshift(0x0bad_cafe_dead_beef);
