@@ -21,6 +21,71 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// `lint --json` gives tools the findings the text gives people: the same
+/// codes at the same places, with the same exit codes; a policy that does
+/// not compile gives its compiler errors the same way.
+#[test]
+fn lint_json_gives_the_same_findings_as_the_text() {
+    let args = ["--today", TODAY, "tests/analysis/lint.policy"];
+    let human = palisade(&[&["lint"][..], &args].concat());
+    let tools = palisade(&[&["lint", "--json"][..], &args].concat());
+    assert_eq!(tools.status.code(), human.status.code());
+    assert_eq!(tools.status.code(), Some(1));
+    // The text: `warning[CODE]: ...` then ` --> file:line:col`.
+    let mut from_text: Vec<(String, String)> = Vec::new();
+    let mut code = None;
+    for l in text(&human.stderr).lines() {
+        if let Some(rest) = l
+            .split_once('[')
+            .filter(|(k, _)| *k == "warning" || *k == "error")
+        {
+            code = rest.1.get(..5).map(String::from);
+        } else if let Some(at) = l.trim_start().strip_prefix("--> ") {
+            if let Some(c) = code.take() {
+                from_text.push((c, at.to_string()));
+            }
+        }
+    }
+    let mut from_json: Vec<(String, String)> = text(&tools.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+            assert!(
+                ["warning", "error"].contains(&v["severity"].as_str().unwrap()),
+                "{v}"
+            );
+            (
+                v["code"].as_str().unwrap().to_string(),
+                format!(
+                    "{}:{}:{}",
+                    v["file"].as_str().unwrap(),
+                    v["line"],
+                    v["column"]
+                ),
+            )
+        })
+        .collect();
+    from_text.sort();
+    from_json.sort();
+    assert!(from_json.len() >= 8, "{from_json:?}");
+    assert_eq!(from_json, from_text);
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.policy");
+    std::fs::write(&bad, "rule x allow 192.0.2.0/24 -> nowhere\n").unwrap();
+    let out = palisade(&["lint", "--json", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(v["code"], "E0101", "{v}");
+    assert_eq!(v["severity"], "error", "{v}");
+    assert_eq!(
+        (v["line"].as_u64(), v["column"].as_u64()),
+        (Some(1), Some(30)),
+        "{v}"
+    );
+}
+
 #[test]
 fn lint_reports_each_finding_where_it_is() {
     let out = palisade(&[

@@ -19,6 +19,10 @@ pub struct LintArgs {
     /// Judge rule expiry as of this date (YYYY-MM-DD) instead of today.
     #[arg(long, value_parser = parse_date)]
     pub today: Option<Date>,
+    /// One JSON object per finding on stdout, a line each, for tools (CI
+    /// annotations, review bots) instead of the text for people.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -83,8 +87,31 @@ pub fn lint(args: LintArgs) -> ExitCode {
     for root in &roots {
         // An expired rule is lint's L0103; the compiler's W0311 would say
         // it twice.
-        let Some(c) = super::policy::load_one_except(root, args.today, &["W0311"]) else {
-            println!("{}: failed to compile", root.display());
+        const SKIP: &[&str] = &["W0311"];
+        let loaded = if args.json {
+            // The compiler's own diagnostics as JSON too.
+            match super::policy::load(root, args.today) {
+                Ok(mut c) => {
+                    c.diagnostics.items.retain(|d| !SKIP.contains(&d.code));
+                    for d in &c.diagnostics.items {
+                        println!("{}", d.to_json(&c.sources));
+                    }
+                    Some(c)
+                }
+                Err(f) => {
+                    for d in &f.diagnostics.items {
+                        println!("{}", d.to_json(&f.sources));
+                    }
+                    None
+                }
+            }
+        } else {
+            super::policy::load_one_except(root, args.today, SKIP)
+        };
+        let Some(c) = loaded else {
+            if !args.json {
+                println!("{}: failed to compile", root.display());
+            }
             worst = EXIT_ERRORS;
             continue;
         };
@@ -95,12 +122,18 @@ pub fn lint(args: LintArgs) -> ExitCode {
                 warn_expiring_days: args.warn_expiring,
             },
         );
-        eprint!("{}", findings.render(&c.sources));
-        println!(
-            "{}: {}",
-            root.display(),
-            plural(findings.items.len(), "finding", "findings")
-        );
+        if args.json {
+            for d in &findings.items {
+                println!("{}", d.to_json(&c.sources));
+            }
+        } else {
+            eprint!("{}", findings.render(&c.sources));
+            println!(
+                "{}: {}",
+                root.display(),
+                plural(findings.items.len(), "finding", "findings")
+            );
+        }
         if !findings.is_empty() {
             worst = worst.max(EXIT_WARNINGS);
         }

@@ -130,7 +130,7 @@ fn render_failed(f: &Failed) -> String {
     f.diagnostics.render(&f.sources)
 }
 
-fn load(path: &Path, today: Option<Date>) -> Result<Compiled, Failed> {
+pub fn load(path: &Path, today: Option<Date>) -> Result<Compiled, Failed> {
     load_policy(
         path,
         &FsLoader,

@@ -119,6 +119,44 @@ impl Diagnostic {
     }
 }
 
+impl Diagnostic {
+    /// The diagnostic as tools read it: severity, code, message, where
+    /// (`file`, 1-based `line` and `column` of the primary span, or nulls),
+    /// its label, the other places, and the help.
+    pub fn to_json(&self, sources: &SourceMap) -> serde_json::Value {
+        let place = |l: &Label| {
+            let f = sources.file(l.span.file);
+            let lc = f.line_col(l.span.start);
+            serde_json::json!({
+                "file": f.path.display().to_string(),
+                "line": lc.line,
+                "column": lc.col,
+                "label": l.text,
+            })
+        };
+        let primary = self.primary.as_ref().map(place);
+        let at = |k: &str| {
+            primary
+                .as_ref()
+                .map_or(serde_json::Value::Null, |p| p[k].clone())
+        };
+        serde_json::json!({
+            "severity": match self.severity {
+                Severity::Error => "error",
+                Severity::Warning => "warning",
+            },
+            "code": self.code,
+            "message": self.message,
+            "file": at("file"),
+            "line": at("line"),
+            "column": at("column"),
+            "label": at("label"),
+            "also": self.secondary.iter().map(place).collect::<Vec<_>>(),
+            "help": self.help,
+        })
+    }
+}
+
 /// Longest run of source characters shown around a caret; longer lines are
 /// cut with an ellipsis so a megabyte line stays readable.
 const EXCERPT_WIDTH: usize = 100;
