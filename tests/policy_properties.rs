@@ -749,22 +749,9 @@ fn diff_by_rule_takes_an_edit_beside_an_identical_rule_as_one() {
     let new = compile_lenient(&text.replacen("web allow", "web deny", 1)).unwrap();
     let by_rule = diff_by_rule(&old, &new).expect("one rule edited").unwrap();
     assert_eq!((by_rule.removed, by_rule.added), (Some(0), Some(0)));
-    let lines: Vec<String> = by_rule
-        .changes
-        .iter()
-        .map(|c| {
-            format!(
-                "{} {} {} -> {} {}",
-                c.region,
-                c.old_verdict.as_str(),
-                c.old_rules,
-                c.new_verdict.as_str(),
-                c.new_rules
-            )
-        })
-        .collect();
+    let lines: Vec<String> = by_rule.changes.iter().map(|c| c.to_string()).collect();
     assert_eq!(
         lines,
-        ["tcp 10.0.0.0/16 -> 10.1.0.0/16 dport 80 where no earlier rule matches (too many regions to list one by one) allow `web` -> deny `web`"]
+        ["tcp 10.0.0.0/16 -> 10.1.0.0/16 dport 80 where no earlier rule matches (too many regions to list one by one)   now deny by `web`, was allow by `web`"]
     );
 }

@@ -90,21 +90,15 @@ pub fn lint(args: LintArgs) -> ExitCode {
         const SKIP: &[&str] = &["W0311"];
         let loaded = if args.json {
             // The compiler's own diagnostics as JSON too.
-            match super::policy::load(root, args.today) {
-                Ok(mut c) => {
-                    c.diagnostics.items.retain(|d| !SKIP.contains(&d.code));
-                    for d in &c.diagnostics.items {
-                        println!("{}", d.to_json(&c.sources));
-                    }
-                    Some(c)
-                }
-                Err(f) => {
-                    for d in &f.diagnostics.items {
-                        println!("{}", d.to_json(&f.sources));
-                    }
-                    None
-                }
+            let loaded = super::policy::load_except(root, args.today, SKIP);
+            let (said, sources) = match &loaded {
+                Ok(c) => (&c.diagnostics, &c.sources),
+                Err(f) => (&f.diagnostics, &f.sources),
+            };
+            for d in &said.items {
+                println!("{}", d.to_json(sources));
             }
+            loaded.ok()
         } else {
             super::policy::load_one_except(root, args.today, SKIP)
         };
@@ -183,14 +177,7 @@ pub fn diff(args: DiffArgs) -> ExitCode {
         );
         let sign = if want == Allow { '+' } else { '-' };
         for c in p {
-            println!(
-                "  {sign} {}   now {} by {}, was {} by {}",
-                c.region,
-                c.new_verdict.as_str(),
-                c.new_rules,
-                c.old_verdict.as_str(),
-                c.old_rules
-            );
+            println!("  {sign} {c}");
         }
         for c in h {
             let ports = if c.ports == "any" {

@@ -130,7 +130,7 @@ fn render_failed(f: &Failed) -> String {
     f.diagnostics.render(&f.sources)
 }
 
-pub fn load(path: &Path, today: Option<Date>) -> Result<Compiled, Failed> {
+fn load(path: &Path, today: Option<Date>) -> Result<Compiled, Failed> {
     load_policy(
         path,
         &FsLoader,
@@ -149,16 +149,9 @@ pub fn load_one(path: &Path, today: Option<Date>) -> Option<Compiled> {
 /// As [`load_one`], without printing the compile warnings whose codes are
 /// in `skip` (a command that reports the same thing its own way).
 pub fn load_one_except(path: &Path, today: Option<Date>, skip: &[&str]) -> Option<Compiled> {
-    match load(path, today) {
-        Ok(mut c) => {
-            let shown = Diagnostics {
-                items: std::mem::take(&mut c.diagnostics.items)
-                    .into_iter()
-                    .filter(|d| !skip.contains(&d.code))
-                    .collect(),
-            };
-            eprint!("{}", shown.render(&c.sources));
-            c.diagnostics = shown;
+    match load_except(path, today, skip) {
+        Ok(c) => {
+            eprint!("{}", c.diagnostics.render(&c.sources));
             Some(c)
         }
         Err(f) => {
@@ -166,6 +159,14 @@ pub fn load_one_except(path: &Path, today: Option<Date>, skip: &[&str]) -> Optio
             None
         }
     }
+}
+
+/// The policy at `path` with the compiler's diagnostics but those whose
+/// code `skip` names, or why it failed; nothing printed.
+pub fn load_except(path: &Path, today: Option<Date>, skip: &[&str]) -> Result<Compiled, Failed> {
+    let mut c = load(path, today)?;
+    c.diagnostics.items.retain(|d| !skip.contains(&d.code));
+    Ok(c)
 }
 
 pub fn plural(n: usize, one: &str, many: &str) -> String {

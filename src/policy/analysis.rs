@@ -517,28 +517,41 @@ pub fn coverage_in_bulk(
     overlapping.extend(overlapping_rules(v6, &e6, &b6));
     overlapping.sort_unstable();
     overlapping.dedup();
-    let mut named = Vec::new();
-    for id in by_shared_flows(v4, v6, rule, &overlapping)
-        .into_iter()
-        .take(BULK_TRIED)
-    {
-        let takes = (|| -> Result<bool, TooComplex> {
-            Ok(takes_part(v4, &b4, &e4, id, budget)? || takes_part(v6, &b6, &e6, id, budget)?)
-        })();
-        match takes {
-            Ok(true) => named.push(id),
-            Ok(false) => {}
-            Err(_) => break,
-        }
-        if named.len() == BULK_NAMED {
-            break;
-        }
-    }
-    named.sort_unstable();
+    let (named, _) = name_some(&by_shared_flows(v4, v6, rule, &overlapping), |id| {
+        Ok(takes_part(v4, &b4, &e4, id, budget)? || takes_part(v6, &b6, &e6, id, budget)?)
+    });
     Ok(Coverage::CoveredInBulk {
         named,
         other_verdict,
     })
+}
+
+/// Up to [`BULK_NAMED`] of `candidates`, tried in order (at most
+/// [`BULK_TRIED`] of them), that `takes` a part, in rule order; and
+/// whether some candidate was left untried (naming stopped at the limits
+/// or when `takes` ran out of budget), so that others may take a part too.
+fn name_some(
+    candidates: &[RuleId],
+    mut takes: impl FnMut(RuleId) -> Result<bool, TooComplex>,
+) -> (Vec<RuleId>, bool) {
+    let mut named = Vec::new();
+    let mut untried = false;
+    for (k, &id) in candidates.iter().enumerate() {
+        if named.len() == BULK_NAMED || k == BULK_TRIED {
+            untried = true;
+            break;
+        }
+        match takes(id) {
+            Ok(true) => named.push(id),
+            Ok(false) => {}
+            Err(_) => {
+                untried = true;
+                break;
+            }
+        }
+    }
+    named.sort_unstable();
+    (named, untried)
 }
 
 /// Whether `by` is the first match of the entries of `earlier` (indices,
@@ -761,6 +774,21 @@ pub struct Change {
     pub old_rules: Deciders,
     pub new_verdict: Verdict,
     pub new_rules: Deciders,
+}
+
+/// `` region   now deny by `a`, was allow by `b` ``: a line of `diff`.
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}   now {} by {}, was {} by {}",
+            self.region,
+            self.new_verdict.as_str(),
+            self.new_rules,
+            self.old_verdict.as_str(),
+            self.old_rules
+        )
+    }
 }
 
 /// The rules that decide a changed region on one side of a change: one
@@ -1490,35 +1518,29 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
         let Some(rest) = decided_otherwise(policy, entries, rule, &pieces, budget)? else {
             continue;
         };
-        let other_side = if removed { new } else { old };
+        let (other_side, version) = if removed { (new, "new") } else { (old, "old") };
         let names = rest
             .named
             .iter()
             .map(|&id| {
-                let there = match id {
-                    Some(id) if removed => in_new.get(id as usize).copied().flatten(),
-                    Some(id) => in_old(id as usize),
-                    None => None,
-                };
-                match (id, there) {
-                    (Some(_), Some(i)) => other_side.rule_name(Some(i as RuleId)),
-                    // Not paired (never for a later rule): its own name.
-                    (Some(_), None) => policy.rule_name(id),
-                    (None, _) => "default",
+                let there = id.and_then(|id| match removed {
+                    true => in_new.get(id as usize).copied().flatten(),
+                    false => in_old(id as usize),
+                });
+                match there {
+                    Some(i) => other_side.rule_name(Some(i as RuleId)),
+                    // The default, or (never for a later rule) a rule
+                    // without a pair: as its own policy names it.
+                    None => policy.rule_name(id),
                 }
                 .to_string()
             })
             .collect();
         let shown = match others {
-            Some((q, _)) if removed => cut(
-                own,
-                &pieces,
-                &format!("that the new `{}` does not match", q.name),
-            ),
             Some((q, _)) => cut(
                 own,
                 &pieces,
-                &format!("that the old `{}` does not match", q.name),
+                &format!("that the {version} `{}` does not match", q.name),
             ),
             None => listed(&pieces),
         };
@@ -1627,36 +1649,23 @@ fn decided_otherwise<A: Address + Scalar + Into<u128>>(
     }
     let overlapped = later.iter().any(|&id| id != default);
     let reaches_default = later.last() == Some(&default);
-    let mut candidates: Vec<(f64, RuleId)> = later
+    let mut shares: Vec<(f64, RuleId)> = later
         .into_iter()
         .filter(|&id| otherwise(id) && id != default)
         .map(|id| (shared_flows(own, &boxes_of(&all, id)), id))
         .collect();
-    candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    shares.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut candidates: Vec<RuleId> = shares.into_iter().map(|(_, id)| id).collect();
     if otherwise(default) && reaches_default {
-        candidates.push((0.0, default));
+        candidates.push(default);
     }
     // Naming gets half of what is left; the other family needs the rest.
     let mut naming = *budget / 2;
     *budget -= naming;
-    let mut named = Vec::new();
-    let mut more = false;
-    for (k, &(_, id)) in candidates.iter().enumerate() {
-        if named.len() == BULK_NAMED || k == BULK_TRIED {
-            more = true;
-            break;
-        }
-        match takes_part(&all, own, &rest, id, &mut naming) {
-            Ok(true) => named.push(id),
-            Ok(false) => {}
-            Err(_) => {
-                more = true;
-                break;
-            }
-        }
-    }
+    let (named, more) = name_some(&candidates, |id| {
+        takes_part(&all, own, &rest, id, &mut naming)
+    });
     *budget += naming;
-    named.sort_unstable();
     let named = named
         .into_iter()
         .map(|id| (id != default).then_some(id))

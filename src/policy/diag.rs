@@ -14,6 +14,15 @@ pub enum Severity {
     Error,
 }
 
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
 /// A span with a short text printed beside its carets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Label {
@@ -79,10 +88,7 @@ impl Diagnostic {
     /// The diagnostic as people read it, with source excerpts.
     pub fn render(&self, sources: &SourceMap) -> String {
         let mut out = String::new();
-        let kind = match self.severity {
-            Severity::Error => "error",
-            Severity::Warning => "warning",
-        };
+        let kind = self.severity.as_str();
         let _ = writeln!(out, "{kind}[{}]: {}", self.code, self.message);
         let labels: Vec<&Label> = self.primary.iter().chain(self.secondary.iter()).collect();
         let gutter = labels
@@ -141,10 +147,7 @@ impl Diagnostic {
                 .map_or(serde_json::Value::Null, |p| p[k].clone())
         };
         serde_json::json!({
-            "severity": match self.severity {
-                Severity::Error => "error",
-                Severity::Warning => "warning",
-            },
+            "severity": self.severity.as_str(),
             "code": self.code,
             "message": self.message,
             "file": at("file"),
