@@ -4,7 +4,7 @@
 
 use palisade::policy::load::{load_policy, FsLoader};
 use palisade::policy::{Date, Options, Verdict, Zone};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const TODAY: &str = "2026-11-25";
@@ -1416,19 +1416,12 @@ fn diff_names_a_catch_all_at_the_end_by_rule() {
 #[test]
 fn diff_names_a_rule_inserted_in_the_middle_by_rule() {
     let Some(dir) = classbench_dir() else { return };
-    let mut lines = mixed_classbench(&dir, "fw1_10k");
     let tmp = tempfile::tempdir().unwrap();
-    let (without, with) = (
-        tmp.path().join("without.policy"),
-        tmp.path().join("with.policy"),
+    let (without, with) = fw1_with_inserted(
+        &dir,
+        tmp.path(),
+        &[("cb4000", "rule no_ssh deny any4 -> any4 service tcp/22")],
     );
-    std::fs::write(&without, lines.join("\n") + "\n").unwrap();
-    let at = lines
-        .iter()
-        .position(|l| l.starts_with("rule cb4000 "))
-        .unwrap();
-    lines.insert(at, "rule no_ssh deny any4 -> any4 service tcp/22".into());
-    std::fs::write(&with, lines.join("\n") + "\n").unwrap();
     let region = "tcp any4 -> any4 dport 22 where no earlier rule matches and the later rules allow them (too many regions to list one by one)";
     let mut named: Vec<String> = Vec::new();
     for (old, new, inserted) in [(&without, &with, true), (&with, &without, false)] {
@@ -1460,14 +1453,7 @@ fn diff_names_a_rule_inserted_in_the_middle_by_rule() {
         );
         assert!(change.contains(ours), "{report}");
         // The later rules named on the other side, the same both ways.
-        let side = change.split("   ").nth(1).unwrap();
-        let others = side.split(", was ").nth(theirs).unwrap();
-        let names: Vec<String> = others
-            .split('`')
-            .skip(1)
-            .step_by(2)
-            .map(String::from)
-            .collect();
+        let names = named_on_side(change, theirs);
         assert!(!names.is_empty() && names.len() <= 6, "{report}");
         assert!(!names.contains(&"no_ssh".to_string()), "{report}");
         if inserted {
@@ -1662,4 +1648,145 @@ fn lint_analyses_every_rule_of_a_classbench_10k_policy() {
     let report = text(&out.stderr);
     assert!(!report.contains("L0199"), "{report}");
     assert!(report.contains("warning[L0102]"), "{report}");
+}
+
+/// fw1_10k with mixed verdicts, written as it is and with `rules` each
+/// inserted before the rule named with it: the two files.
+fn fw1_with_inserted(dir: &Path, tmp: &Path, rules: &[(&str, &str)]) -> (PathBuf, PathBuf) {
+    let mut lines = mixed_classbench(dir, "fw1_10k");
+    let (without, with) = (tmp.join("without.policy"), tmp.join("with.policy"));
+    std::fs::write(&without, lines.join("\n") + "\n").unwrap();
+    for (before, rule) in rules {
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("rule {before} ")))
+            .unwrap();
+        lines.insert(at, rule.to_string());
+    }
+    std::fs::write(&with, lines.join("\n") + "\n").unwrap();
+    (without, with)
+}
+
+/// The rules a line of `diff` names on one side (0: now, 1: was).
+fn named_on_side(line: &str, side: usize) -> Vec<String> {
+    let deciders = line.split("   ").nth(1).unwrap();
+    let others = deciders.split(", was ").nth(side).unwrap();
+    others
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(String::from)
+        .collect()
+}
+
+/// Two broad denies inserted in the middle of fw1_10k with mixed verdicts,
+/// too fragmented to list region by region: `diff` describes the change
+/// rule by rule, each inserted rule with the old rules that allowed what
+/// it now denies, and the same rules named the other way round; on
+/// sampled flows, a verdict changes exactly where an inserted rule decides
+/// a flow the old policy allowed.
+#[test]
+fn diff_names_several_inserted_rules_by_rule() {
+    let Some(dir) = classbench_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (without, with) = fw1_with_inserted(
+        &dir,
+        tmp.path(),
+        &[
+            ("cb4000", "rule no_ssh deny any4 -> any4 service tcp/22"),
+            ("cb6000", "rule no_telnet deny any4 -> any4 service tcp/23"),
+        ],
+    );
+    let mut names: Vec<Vec<String>> = Vec::new();
+    for (old, new, inserted) in [(&without, &with, true), (&with, &without, false)] {
+        let out = palisade(&["diff", old.to_str().unwrap(), new.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        let report = text(&out.stdout);
+        let lines: Vec<&str> = report.lines().collect();
+        assert_eq!(lines.len(), 4, "{report}");
+        for (k, (port, rule)) in [(22, "no_ssh"), (23, "no_telnet")].into_iter().enumerate() {
+            let (region, ours, theirs) = if inserted {
+                (
+                    format!("  - tcp any4 -> any4 dport {port} where no earlier rule matches and the old policy allows them (too many regions to list one by one)   "),
+                    format!("now deny by `{rule}`, was allow by "),
+                    1,
+                )
+            } else {
+                (
+                    format!("  + tcp any4 -> any4 dport {port} where no earlier rule matches and the new policy allows them by a rule it kept (too many regions to list one by one)   "),
+                    format!(", was deny by `{rule}`"),
+                    0,
+                )
+            };
+            let line = lines
+                .iter()
+                .find(|l| l.starts_with(&region))
+                .unwrap_or_else(|| panic!("{region}\n{report}"));
+            assert!(line.contains(&ours), "{report}");
+            let them = named_on_side(line, theirs);
+            assert!(!them.is_empty() && them.len() <= 6, "{report}");
+            if inserted {
+                names.push(them);
+            } else {
+                assert_eq!(them, names[k], "{report}");
+            }
+        }
+    }
+    let (old, new) = (load_dated(&without), load_dated(&with));
+    let id = |name: &str| new.rules().iter().find(|r| r.name == name).unwrap().id;
+    let inserted = [id("no_ssh"), id("no_telnet")];
+    let mut next = xorshift(0x5eed_f00d_0123_4567);
+    let (mut changed, mut unchanged) = ([0; 2], 0);
+    for _ in 0..4000 {
+        let key = random_flow(&mut next, [6, 6, 17], [22, 23, 22]);
+        let (was, now) = (old.decide(&key), new.decide(&key));
+        let by = inserted.iter().position(|&r| now.rule == Some(r));
+        let expected = by.is_some() && was.verdict == Verdict::Allow;
+        assert_eq!(was.verdict != now.verdict, expected, "{key:?}");
+        match by.filter(|_| expected) {
+            Some(k) => {
+                changed[k] += 1;
+                // Who allowed it before is an allow rule of the old policy.
+                assert!(was.rule.is_some(), "{key:?}");
+            }
+            None => unchanged += 1,
+        }
+    }
+    assert!(
+        changed.iter().all(|&c| c > 0) && unchanged > 0,
+        "{changed:?} {unchanged}"
+    );
+    for name in names.concat() {
+        let r = old.rules().iter().find(|r| r.name == name).unwrap();
+        assert_eq!(r.verdict, Verdict::Allow, "{name}");
+    }
+    // 65 such rules are more than a review by rule takes: refused, with
+    // what to do instead.
+    let mut lines: Vec<String> = std::fs::read_to_string(&without)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("rule cb4000 "))
+        .unwrap();
+    for port in (1000..1065).rev() {
+        lines.insert(
+            at,
+            format!("rule no_{port} deny any4 -> any4 service tcp/{port}"),
+        );
+    }
+    std::fs::write(&with, lines.join("\n") + "\n").unwrap();
+    let out = palisade(&["diff", without.to_str().unwrap(), with.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("error: packet rules: the policy is too fragmented"),
+        "{err}"
+    );
+    assert!(
+        err.contains("at most 64 rules; review it in smaller steps"),
+        "{err}"
+    );
 }

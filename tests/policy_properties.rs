@@ -637,7 +637,11 @@ fn check_diff_by_rule(spec: &Spec, edit: &Edit) -> Result<(), TestCaseError> {
     };
     let by_rule = by_rule.map_err(|e| TestCaseError::fail(e.to_string()))?;
     let why = || format!("{edit:?}\nold:\n{old_text}\nnew:\n{new_text}\n{by_rule:#?}");
-    let (gone, came) = (by_rule.removed, by_rule.added);
+    let (gone, came) = (
+        by_rule.removed.first().copied(),
+        by_rule.added.first().copied(),
+    );
+    prop_assert!(by_rule.removed.len() <= 1 && by_rule.added.len() <= 1);
     prop_assert!(
         gone.is_some() || came.is_some() || matches!(edit, Edit::FlipDefault),
         "{}",
@@ -696,13 +700,21 @@ fn check_diff_by_rule(spec: &Spec, edit: &Edit) -> Result<(), TestCaseError> {
     ] {
         want.extend(family.map_err(|e| TestCaseError::fail(format!("{e}\n{}", why())))?);
     }
-    let got = &by_rule.changes;
+    same_changes(&by_rule.changes, &want, &why)
+}
+
+/// The changes described by rule against those expected, in order: the
+/// same verdicts; on each side, the edited rule's name, or rules each of
+/// which decides some of it, all of them unless cut short.
+fn same_changes(
+    got: &[palisade::policy::analysis::Change],
+    want: &[Expected],
+    why: &dyn Fn() -> String,
+) -> Result<(), TestCaseError> {
     prop_assert_eq!(got.len(), want.len(), "{:#?}\n{}", want, why());
-    for (c, (vo, vn, was, now)) in got.iter().zip(&want) {
+    for (c, (vo, vn, was, now)) in got.iter().zip(want) {
         prop_assert_eq!((c.old_verdict, c.new_verdict), (*vo, *vn), "{}", why());
         for (d, exact) in [(&c.old_rules, was), (&c.new_rules, now)] {
-            // The edited rule's side, or every rule named decides some of
-            // it, all of them unless cut short.
             for n in &d.names {
                 prop_assert!(exact.contains(n), "{} not among {:?}\n{}", n, exact, why());
             }
@@ -748,10 +760,105 @@ fn diff_by_rule_takes_an_edit_beside_an_identical_rule_as_one() {
     let old = compile_lenient(text).unwrap();
     let new = compile_lenient(&text.replacen("web allow", "web deny", 1)).unwrap();
     let by_rule = diff_by_rule(&old, &new).expect("one rule edited").unwrap();
-    assert_eq!((by_rule.removed, by_rule.added), (Some(0), Some(0)));
+    assert_eq!(
+        (&by_rule.removed[..], &by_rule.added[..]),
+        (&[0][..], &[0][..])
+    );
     let lines: Vec<String> = by_rule.changes.iter().map(|c| c.to_string()).collect();
     assert_eq!(
         lines,
         ["tcp 10.0.0.0/16 -> 10.1.0.0/16 dport 80 where no earlier rule matches (too many regions to list one by one)   now deny by `web`, was allow by `web`"]
     );
+}
+
+/// What `diff` says by rule for a change of several rules (any edits,
+/// the default too) too fragmented to list, against the exact regions.
+/// Every changed flow is decided by a changed rule on one side: by an
+/// added or edited rule (or the changed default) of the new policy, else
+/// by a removed or edited rule (or the changed default) of the old one.
+/// Per family, in order: a line per old rule that so decides some changed
+/// flows (old rules first, then new ones), each with its verdicts; the
+/// other side's rules named each decide some of them, all of them named
+/// unless the list is cut short.
+fn check_diff_by_rules(spec: &Spec, edits: &[Edit]) -> Result<(), TestCaseError> {
+    use palisade::policy::analysis::{changed_regions, diff_by_rules};
+    let edited = apply(spec, edits);
+    let (old_text, new_text) = (render(spec), render(&edited));
+    let old = compile_lenient(&old_text)?;
+    let new = compile_lenient(&new_text)?;
+    let (p4, p6) = changed_regions(&old, &new).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let Some(by_rule) = diff_by_rules(&old, &new) else {
+        // Nothing changed that decides a flow.
+        prop_assert!(p4.is_empty() && p6.is_empty());
+        return Ok(());
+    };
+    let by_rule = by_rule.map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let why = || format!("{edits:?}\nold:\n{old_text}\nnew:\n{new_text}\n{by_rule:#?}");
+    let default = old.default_verdict() != new.default_verdict();
+    // A rule (`None`: the default) changed on a side.
+    let changed = |ids: &[u32], r: Option<u32>| r.map_or(default, |r| ids.contains(&r));
+    let mut lines: Vec<Expected> = Vec::new();
+    for pieces in [
+        p4.iter().map(|p| (p.1, p.2, p.3, p.4)).collect::<Vec<_>>(),
+        p6.iter().map(|p| (p.1, p.2, p.3, p.4)).collect::<Vec<_>>(),
+    ] {
+        // Which side's rule each piece goes to.
+        let mut by_old: Vec<(Option<u32>, Verdict, Verdict, String)> = Vec::new();
+        let mut by_new: Vec<(Option<u32>, Verdict, Verdict, String)> = Vec::new();
+        for &(o, n, vo, vn) in &pieces {
+            if changed(&by_rule.added, n) {
+                by_new.push((n, vo, vn, old.rule_name(o).to_string()));
+            } else {
+                prop_assert!(
+                    changed(&by_rule.removed, o),
+                    "a change by kept rules: {:?} {:?}\n{}",
+                    o,
+                    n,
+                    why()
+                );
+                by_old.push((o, vo, vn, new.rule_name(n).to_string()));
+            }
+        }
+        // Old rules in order, the default last; then the new ones.
+        let order = |r: Option<u32>| r.unwrap_or(u32::MAX);
+        for (side, is_old) in [(by_old, true), (by_new, false)] {
+            let mut rules: Vec<Option<u32>> = side.iter().map(|x| x.0).collect();
+            rules.sort_by_key(|&r| order(r));
+            rules.dedup();
+            for r in rules {
+                let mine: Vec<_> = side.iter().filter(|x| x.0 == r).collect();
+                let mut others: Vec<String> = mine.iter().map(|x| x.3.clone()).collect();
+                others.sort();
+                others.dedup();
+                let (vo, vn) = (mine[0].1, mine[0].2);
+                prop_assert!(mine.iter().all(|x| (x.1, x.2) == (vo, vn)), "{}", why());
+                let own = vec![if is_old { &old } else { &new }.rule_name(r).to_string()];
+                lines.push(match is_old {
+                    true => (vo, vn, own, others),
+                    false => (vo, vn, others, own),
+                });
+            }
+        }
+    }
+    same_changes(&by_rule.changes, &lines, &why)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn diff_by_rules_agrees_with_the_exact_regions(
+        spec in spec(),
+        edits in prop::collection::vec(edit(), 1..5),
+    ) {
+        check_diff_by_rules(&spec, &edits)?;
+    }
+
+    #[test]
+    fn diff_by_rules_agrees_with_the_exact_regions_on_larger_policies(
+        spec in network_spec_of(30..80),
+        edits in prop::collection::vec(edit(), 1..5),
+    ) {
+        check_diff_by_rules(&spec, &edits)?;
+    }
 }

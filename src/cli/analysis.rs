@@ -2,7 +2,7 @@
 
 use super::policy::{load_one, parse_date, plural, EXIT_ERRORS, EXIT_OK, EXIT_WARNINGS};
 use clap::{Args, Subcommand};
-use palisade::policy::analysis::{diff_http, diff_packets, diff_zones};
+use palisade::policy::analysis::{diff_http, diff_packets, diff_zones, EDITED_MAX};
 use palisade::policy::lint::{lint as run_lint, LintOptions};
 use palisade::policy::{export, Date};
 use std::path::PathBuf;
@@ -147,6 +147,10 @@ pub fn diff(args: DiffArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: packet rules: {e}");
+            eprintln!(
+                "help: a change this fragmented is described rule by rule when it touches at \
+                 most {EDITED_MAX} rules; review it in smaller steps"
+            );
             return ExitCode::from(EXIT_ERRORS);
         }
     };

@@ -776,6 +776,33 @@ pub struct Change {
     pub new_rules: Deciders,
 }
 
+impl Change {
+    /// A region described by rule: `rule` (its verdict and name) decides
+    /// it on one side (the old one when `old`), the rules `names` (and
+    /// others when `more`) decide it otherwise on the other.
+    fn by_rule(
+        region: String,
+        old: bool,
+        (verdict, rule): (Verdict, &str),
+        names: Vec<String>,
+        more: bool,
+    ) -> Self {
+        let by_rule = (verdict, Deciders::one(rule));
+        let by_rest = (verdict.opposite(), Deciders { names, more });
+        let ((old_verdict, old_rules), (new_verdict, new_rules)) = match old {
+            true => (by_rule, by_rest),
+            false => (by_rest, by_rule),
+        };
+        Change {
+            region: format!("{region} (too many regions to list one by one)"),
+            old_verdict,
+            old_rules,
+            new_verdict,
+            new_rules,
+        }
+    }
+}
+
 /// `` region   now deny by `a`, was allow by `b` ``: a line of `diff`.
 impl std::fmt::Display for Change {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1269,15 +1296,14 @@ const PAIRS_MAX: usize = 4 << 20;
 /// neither. So the comparison runs within those boxes only (identical
 /// policies cost one pass over their rules), and within them it follows
 /// where verdicts change (see `changed_pieces`). A changed default makes
-/// every flow a candidate. Where the regions are too many to list, a
-/// change of one rule is described by rule instead (see
-/// `one_rule_change`).
+/// every flow a candidate. Where the regions are too many to list, the
+/// change is described by rule instead (see [`diff_by_rule`]).
 pub fn diff_packets(old: &Policy, new: &Policy) -> Result<Vec<Change>, TooComplex> {
     let sides = Sides::of(old, new);
     let (p4, p6) = match regions_of(old, new, &sides) {
         Ok(p) => p,
         Err(e) => {
-            return one_rule_change(old, new, &sides)
+            return by_rule(old, new, &sides)
                 .map(|by_rule| by_rule.map(|b| b.changes))
                 .unwrap_or(Err(e))
         }
@@ -1288,19 +1314,36 @@ pub fn diff_packets(old: &Policy, new: &Policy) -> Result<Vec<Change>, TooComple
     Ok(out)
 }
 
-/// What [`diff_packets`] answers when [`changed_regions`] gives up: the
-/// change described by rule where its shape allows (see
-/// `one_rule_change`), `None` where it does not.
+/// What [`diff_packets`] answers when [`changed_regions`] gives up on a
+/// change of one rule, or of the default alone: the change described by
+/// rule (see `one_rule_change`), `None` for a change of any other shape
+/// (see [`diff_by_rules`]).
 pub fn diff_by_rule(old: &Policy, new: &Policy) -> Option<Result<ByRule, TooComplex>> {
     one_rule_change(old, new, &Sides::of(old, new))
 }
 
-/// A change described by rule: the rule it removed from the old policy
-/// and the one it added to the new (one or both), and the changes.
+/// A change of any shape described rule by rule, as [`diff_packets`]
+/// describes one that touches several rules and is too fragmented to list
+/// (see `several_rules_change`): `None` when it touches no rule or more
+/// than [`EDITED_MAX`].
+pub fn diff_by_rules(old: &Policy, new: &Policy) -> Option<Result<ByRule, TooComplex>> {
+    several_rules_change(old, new, &Sides::of(old, new))
+}
+
+/// A change described by rule: one rule's (or the default's) as
+/// `one_rule_change` gives it, else several rules' as
+/// `several_rules_change` does.
+fn by_rule(old: &Policy, new: &Policy, sides: &Sides) -> Option<Result<ByRule, TooComplex>> {
+    one_rule_change(old, new, sides).or_else(|| several_rules_change(old, new, sides))
+}
+
+/// A change described by rule: the rules it removed from the old policy
+/// and those it added to the new (an edited rule is both), none when only
+/// the default changed, and the changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ByRule {
-    pub removed: Option<RuleId>,
-    pub added: Option<RuleId>,
+    pub removed: Vec<RuleId>,
+    pub added: Vec<RuleId>,
     pub changes: Vec<Change>,
 }
 
@@ -1390,8 +1433,8 @@ fn one_rule_change(
         )
     });
     Some(done.map(|()| ByRule {
-        removed: gone.map(|(r, _)| r.id),
-        added: came.map(|(r, _)| r.id),
+        removed: gone.map(|(r, _)| r.id).into_iter().collect(),
+        added: came.map(|(r, _)| r.id).into_iter().collect(),
         changes: out,
     }))
 }
@@ -1422,8 +1465,8 @@ fn default_change(old: &Policy, new: &Policy, sides: &Sides) -> Result<ByRule, T
         families.push(region(any, !sides.o6.is_empty()));
     }
     Ok(ByRule {
-        removed: None,
-        added: None,
+        removed: Vec::new(),
+        added: Vec::new(),
         changes: families
             .into_iter()
             .map(|region| Change {
@@ -1551,28 +1594,254 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
             (true, true) => format!(" and the later rules or the default {other} them"),
             (true, false) => format!(" and the later rules {other} them"),
         };
-        let by_rule = (rule.verdict, Deciders::one(rule.name.clone()));
-        let by_rest = (
-            rule.verdict.opposite(),
-            Deciders {
-                names,
-                more: rest.more,
-            },
-        );
-        let ((old_verdict, old_rules), (new_verdict, new_rules)) = if removed {
-            (by_rule, by_rest)
-        } else {
-            (by_rest, by_rule)
-        };
-        out.push(Change {
-            region: format!(
-                "{shown} where no earlier rule matches{condition} (too many regions to list one by one)"
+        out.push(Change::by_rule(
+            format!("{shown} where no earlier rule matches{condition}"),
+            removed,
+            (rule.verdict, &rule.name),
+            names,
+            rest.more,
+        ));
+    }
+    Ok(())
+}
+
+/// Most rules (the default of each side counting as one) a change of
+/// several rules may touch and still be described by rule: each takes a
+/// line of its own, and a review of more is better served by smaller
+/// changes.
+pub const EDITED_MAX: usize = 64;
+
+/// A change [`changed_regions`] cannot list region by region and
+/// `one_rule_change` does not take, described by rule where it touches
+/// at most [`EDITED_MAX`] rules: rules removed from the old policy,
+/// inserted into the new one, or edited, in any number of places, with
+/// or without the default. The rules each policy kept are those of
+/// `unchanged_rules`. A flow whose first match is a kept rule on both
+/// sides is decided by the same rule on both (see [`diff_packets`]), so
+/// every changed flow is, exactly once, either
+///
+/// - decided in the new policy by an added (or edited) rule, or by the
+///   new default when it changed, where the old policy decides it
+///   otherwise: a line per such rule, naming the old rules that decided
+///   them; or
+/// - decided in the old policy by a removed (or edited) rule, or by the
+///   old default when it changed, where the new policy decides it
+///   otherwise by a rule it kept or its (unchanged) default: a line per
+///   such rule, naming those.
+///
+/// Each line is found exactly (`decided_by`) on one list that holds the
+/// rule's side before the rule, then the whole other policy: its first
+/// match for a flow of the rule's boxes is an earlier rule of the same
+/// side (the rule does not decide it) or the other side's decision.
+fn several_rules_change(
+    old: &Policy,
+    new: &Policy,
+    sides: &Sides,
+) -> Option<Result<ByRule, TooComplex>> {
+    let edited = |same: &[bool]| -> Vec<RuleId> {
+        (0..same.len())
+            .filter(|&i| !same[i])
+            .map(|i| i as RuleId)
+            .collect()
+    };
+    let (gone, came) = (edited(&sides.old_same), edited(&sides.new_same));
+    let default = old.default_verdict() != new.default_verdict();
+    let count = gone.len() + came.len() + 2 * usize::from(default);
+    if count == 0 || count > EDITED_MAX {
+        return None;
+    }
+    let (was, now) = (
+        Edited {
+            policy: old,
+            same: &sides.old_same,
+            fx: &sides.old_fx,
+            default,
+        },
+        Edited {
+            policy: new,
+            same: &sides.new_same,
+            fx: &sides.new_fx,
+            default,
+        },
+    );
+    let mut budget = PIECE_BUDGET * 15;
+    let mut out = Vec::new();
+    // Per family, the old side's lines, then the new side's.
+    fn family<A: Address + Scalar + Into<u128>>(
+        (was, o): (Edited<'_>, &[Entry<A>]),
+        (now, n): (Edited<'_>, &[Entry<A>]),
+        v6: bool,
+        budget: &mut usize,
+        out: &mut Vec<Change>,
+    ) -> Result<(), TooComplex> {
+        edited_changes((was, o), (now, n), true, v6, budget, out)?;
+        edited_changes((now, n), (was, o), false, v6, budget, out)
+    }
+    let done = family(
+        (was, &sides.o4),
+        (now, &sides.n4),
+        false,
+        &mut budget,
+        &mut out,
+    )
+    .and_then(|()| {
+        family(
+            (was, &sides.o6),
+            (now, &sides.n6),
+            true,
+            &mut budget,
+            &mut out,
+        )
+    });
+    Some(done.map(|()| ByRule {
+        removed: gone,
+        added: came,
+        changes: out,
+    }))
+}
+
+/// One side of a change of several rules: the policy, which of its rules
+/// it kept, their effects, and whether its default changed.
+#[derive(Clone, Copy)]
+struct Edited<'a> {
+    policy: &'a Policy,
+    same: &'a [bool],
+    fx: &'a [RuleEffect],
+    default: bool,
+}
+
+impl Edited<'_> {
+    /// For each rule, how many kept rules with flows come before it: the
+    /// kept rules with flows pair up in order between the two sides.
+    fn kept_before(&self) -> Vec<usize> {
+        let mut before = Vec::with_capacity(self.same.len() + 1);
+        let mut n = 0;
+        for (same, fx) in self.same.iter().zip(self.fx) {
+            before.push(n);
+            if *same && (!fx.1.is_empty() || !fx.2.is_empty()) {
+                n += 1;
+            }
+        }
+        before.push(n);
+        before
+    }
+}
+
+/// The lines of one family and one side (`this`, the old policy when
+/// `this_is_old`) that [`several_rules_change`] describes.
+fn edited_changes<A: Address + Scalar + Into<u128>>(
+    (this, mine): (Edited<'_>, &[Entry<A>]),
+    (other, theirs): (Edited<'_>, &[Entry<A>]),
+    this_is_old: bool,
+    v6: bool,
+    budget: &mut usize,
+    out: &mut Vec<Change>,
+) -> Result<(), TooComplex> {
+    // One list: this side's entries, then the other side's with their
+    // rules numbered from `base`, then the other side's default.
+    let base = this.policy.rules().len() as RuleId + 1;
+    let other_default = base + other.policy.rules().len() as RuleId;
+    let mut all = mine.to_vec();
+    all.extend(theirs.iter().map(|e| Entry {
+        fields: e.fields,
+        rule: e.rule + base,
+    }));
+    all.push(Entry {
+        fields: Fields::any(),
+        rule: other_default,
+    });
+    let theirs_from = mine.len() as u32;
+    let this_default = this.policy.rules().len() as RuleId;
+    let (this_kept, other_kept) = (this.kept_before(), other.kept_before());
+    // The other side's verdict for a rule, whether it is changed, and
+    // whether it is a kept rule that comes before the `k`-th kept rule
+    // (its pair, before the rule here, takes all its flows first).
+    let other_rule = |id: RuleId, k: usize| {
+        let j = (id - base) as usize;
+        match other.policy.rule(id - base) {
+            Some(r) => (
+                r.verdict,
+                !other.same[j],
+                other.same[j] && other_kept[j] < k,
             ),
-            old_verdict,
-            old_rules,
-            new_verdict,
-            new_rules,
-        });
+            None => (other.policy.default_verdict(), other.default, false),
+        }
+    };
+    let edited = (0..this.same.len() as RuleId)
+        .filter(|&i| !this.same[i as usize])
+        .chain(this.default.then_some(this_default));
+    for rule in edited {
+        let (verdict, own, name) = match this.policy.rule(rule) {
+            Some(r) => (r.verdict, boxes_of(mine, rule), r.name.as_str()),
+            None => (
+                this.policy.default_verdict(),
+                vec![Fields::any()],
+                "default",
+            ),
+        };
+        if own.is_empty() {
+            continue;
+        }
+        // This side's entries before the rule, then the other policy.
+        let before = mine.partition_point(|e| e.rule < rule) as u32;
+        let list: Vec<u32> = (0..before).chain(theirs_from..all.len() as u32).collect();
+        // The other side decides otherwise; from the old rule's side,
+        // by a rule the new policy kept (or its unchanged default): the
+        // new policy's own changes take the rest.
+        let k = this_kept[rule as usize];
+        let differs = |id: RuleId| {
+            id >= base && {
+                let (v, changed, blocked) = other_rule(id, k);
+                v != verdict && !blocked && !(this_is_old && changed)
+            }
+        };
+        let Some(rest) =
+            decided_later(&all, &list, &own, base - 1, other_default, &differs, budget)?
+        else {
+            continue;
+        };
+        let names = rest
+            .named
+            .iter()
+            .map(|&id| other.policy.rule_name(id.map(|id| id - base)).to_string())
+            .collect();
+        let (where_, and) = match this.policy.rule(rule) {
+            Some(_) => (
+                format!(
+                    "{} where no earlier rule matches",
+                    own.iter()
+                        .map(|b| describe_box(b, v6))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+                "and",
+            ),
+            // The whole family where it has no rules.
+            None if mine.is_empty() => (describe_box(&own[0], v6), "where"),
+            None => (
+                format!("{} where no rule matches", describe_box(&own[0], v6)),
+                "and",
+            ),
+        };
+        let verbs = match verdict.opposite() {
+            Verdict::Allow => "allows",
+            Verdict::Deny => "denies",
+        };
+        let condition = match (this_is_old, rest.rules_differ, rest.default_differs) {
+            (false, _, _) => format!("the old policy {verbs} them"),
+            (true, true, true) => {
+                format!("the new policy {verbs} them by a rule it kept or its default")
+            }
+            (true, true, false) => format!("the new policy {verbs} them by a rule it kept"),
+            (true, false, _) => format!("the new policy's default {verbs} them"),
+        };
+        out.push(Change::by_rule(
+            format!("{where_} {and} {condition}"),
+            this_is_old,
+            (verdict, name),
+            names,
+            rest.more,
+        ));
     }
     Ok(())
 }
@@ -1593,6 +1862,11 @@ struct Otherwise {
     /// Whether the default decides any of them without it (no later rule
     /// covers all of its boxes).
     reaches_default: bool,
+    /// Whether a later rule that `differs` accepts overlaps them (before
+    /// one that covers all of them).
+    rules_differ: bool,
+    /// Whether the default is reached and `differs` accepts it.
+    default_differs: bool,
 }
 
 /// The flows of one family that `rule` (with boxes `own`) decides in
@@ -1628,7 +1902,23 @@ fn decided_otherwise<A: Address + Scalar + Into<u128>>(
     let rest: Vec<u32> = (0..all.len() as u32)
         .filter(|&i| all[i as usize].rule != rule.id)
         .collect();
-    if !decided_by(&all, own.to_vec(), &rest, &otherwise, budget)? {
+    decided_later(&all, &rest, own, rule.id, default, &otherwise, budget)
+}
+
+/// The core of [`decided_otherwise`]: whether an entry of `rest`
+/// (indices into `all`, in order) whose rule `differs` accepts is the
+/// first match for a flow of `own`, and if so which of the rules after
+/// `after` (`default` stands for a default, matching all) decide a part.
+fn decided_later<A: Address + Scalar + Into<u128>>(
+    all: &[Entry<A>],
+    rest: &[u32],
+    own: &[Fields<A>],
+    after: RuleId,
+    default: RuleId,
+    differs: &dyn Fn(RuleId) -> bool,
+    budget: &mut usize,
+) -> Result<Option<Otherwise>, TooComplex> {
+    if !decided_by(all, own.to_vec(), rest, differs, budget)? {
         return Ok(None);
     }
     // The later rules that could decide a part otherwise, the most
@@ -1636,13 +1926,13 @@ fn decided_otherwise<A: Address + Scalar + Into<u128>>(
     // first later rule that covers all of it: none after that can.
     let mut later: Vec<RuleId> = all
         .iter()
-        .filter(|e| e.rule > rule.id && own.iter().any(|b| overlaps(b, &e.fields)))
+        .filter(|e| e.rule > after && own.iter().any(|b| overlaps(b, &e.fields)))
         .map(|e| e.rule)
         .collect();
     later.dedup();
     let covers_all = |id: RuleId| {
         own.iter()
-            .all(|b| boxes_of(&all, id).iter().any(|f| f.covers(b)))
+            .all(|b| boxes_of(all, id).iter().any(|f| f.covers(b)))
     };
     if let Some(last) = later.iter().position(|&id| covers_all(id)) {
         later.truncate(last + 1);
@@ -1651,19 +1941,21 @@ fn decided_otherwise<A: Address + Scalar + Into<u128>>(
     let reaches_default = later.last() == Some(&default);
     let mut shares: Vec<(f64, RuleId)> = later
         .into_iter()
-        .filter(|&id| otherwise(id) && id != default)
-        .map(|id| (shared_flows(own, &boxes_of(&all, id)), id))
+        .filter(|&id| differs(id) && id != default)
+        .map(|id| (shared_flows(own, &boxes_of(all, id)), id))
         .collect();
     shares.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut candidates: Vec<RuleId> = shares.into_iter().map(|(_, id)| id).collect();
-    if otherwise(default) && reaches_default {
+    let rules_differ = !candidates.is_empty();
+    let default_differs = differs(default) && reaches_default;
+    if default_differs {
         candidates.push(default);
     }
     // Naming gets half of what is left; the other family needs the rest.
     let mut naming = *budget / 2;
     *budget -= naming;
     let (named, more) = name_some(&candidates, |id| {
-        takes_part(&all, own, &rest, id, &mut naming)
+        takes_part(all, own, rest, id, &mut naming)
     });
     *budget += naming;
     let named = named
@@ -1675,6 +1967,8 @@ fn decided_otherwise<A: Address + Scalar + Into<u128>>(
         more,
         overlapped,
         reaches_default,
+        rules_differ,
+        default_differs,
     }))
 }
 
