@@ -1786,7 +1786,8 @@ fn diff_names_several_inserted_rules_by_rule() {
         "{err}"
     );
     assert!(
-        err.contains("at most 64 rules; review it in smaller steps"),
+        err.contains("help: split the change into smaller steps")
+            && err.contains("at most 64 rules"),
         "{err}"
     );
 }

@@ -862,3 +862,76 @@ proptest! {
         check_diff_by_rules(&spec, &edits)?;
     }
 }
+
+/// How a change of several rules reads, by rule: a rule edited right
+/// before an identical twin is the one named (not the twin); a rule
+/// edited in place counts once toward the limit of rules described; a
+/// rule of many boxes is named rather than listed box by box.
+#[test]
+fn diff_by_rules_reads_as_the_edit() {
+    use palisade::policy::analysis::{diff_by_rules, EDITED_MAX};
+    let lines = |old: &str, new: &str| -> Vec<String> {
+        let (old, new) = (compile_lenient(old).unwrap(), compile_lenient(new).unwrap());
+        let by_rule = diff_by_rules(&old, &new).expect("a change").unwrap();
+        by_rule.changes.iter().map(|c| c.to_string()).collect()
+    };
+    let text = "rule ssh allow 10.0.0.0/8 -> any4 service tcp/22\n\
+                rule web deny 10.0.0.0/8 -> any4 service tcp/80\n\
+                rule web2 allow 10.0.0.0/8 -> any4 service tcp/80\n\
+                default deny\n";
+    let edited = text
+        .replacen("ssh allow", "ssh deny", 1)
+        .replacen("web deny", "web allow", 1);
+    let (old, new) = (
+        compile_lenient(text).unwrap(),
+        compile_lenient(&edited).unwrap(),
+    );
+    let by_rule = diff_by_rules(&old, &new).unwrap().unwrap();
+    assert_eq!(
+        (&by_rule.removed[..], &by_rule.added[..]),
+        (&[0, 1][..], &[0, 1][..])
+    );
+    assert_eq!(
+        lines(text, &edited),
+        [
+            "tcp 10.0.0.0/8 -> any4 dport 22 where no earlier rule matches and the old policy allows them (too many regions to list one by one)   now deny by `ssh`, was allow by `ssh`",
+            "tcp 10.0.0.0/8 -> any4 dport 80 where no earlier rule matches and the old policy denies them (too many regions to list one by one)   now allow by `web`, was deny by `web`",
+        ]
+    );
+    // Every rule flipped in place: one rule each toward the limit.
+    let policy = |n: usize, flipped: usize| -> String {
+        let mut t: String = (0..n)
+            .map(|k| {
+                let verdict = if k < flipped { "deny" } else { "allow" };
+                format!(
+                    "rule r{k} {verdict} 10.0.0.0/8 -> any4 service tcp/{}\n",
+                    1000 + k
+                )
+            })
+            .collect();
+        t += "default deny\n";
+        t
+    };
+    let (old, new) = (
+        compile_lenient(&policy(EDITED_MAX + 1, 0)).unwrap(),
+        compile_lenient(&policy(EDITED_MAX + 1, EDITED_MAX)).unwrap(),
+    );
+    let by_rule = diff_by_rules(&old, &new).expect("at the limit").unwrap();
+    assert_eq!(by_rule.changes.len(), EDITED_MAX);
+    let new = compile_lenient(&policy(EDITED_MAX + 1, EDITED_MAX + 1)).unwrap();
+    assert!(diff_by_rules(&old, &new).is_none(), "past the limit");
+    // A rule of 3 x 4 = 12 boxes, inserted.
+    let sets = "net a = 192.0.2.0/28, 192.0.2.32/28, 192.0.2.64/28\n\
+                net b = 198.51.100.0/28, 198.51.100.32/28, 198.51.100.64/28, 198.51.100.96/28\n";
+    let old = format!("{sets}rule ssh allow any4 -> any4 service tcp/22\ndefault allow\n");
+    let new = format!(
+        "{sets}rule ssh deny any4 -> any4 service tcp/22\nrule big deny a -> b\ndefault allow\n"
+    );
+    assert_eq!(
+        lines(&old, &new),
+        [
+            "tcp any4 -> any4 dport 22 where no earlier rule matches and the old policy allows them (too many regions to list one by one)   now deny by `ssh`, was allow by `ssh`",
+            "the flows of the new `big` (12 boxes) where no earlier rule matches and the old policy allows them (too many regions to list one by one)   now deny by `big`, was allow by `default`",
+        ]
+    );
+}

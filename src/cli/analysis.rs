@@ -148,8 +148,9 @@ pub fn diff(args: DiffArgs) -> ExitCode {
         Err(e) => {
             eprintln!("error: packet rules: {e}");
             eprintln!(
-                "help: a change this fragmented is described rule by rule when it touches at \
-                 most {EDITED_MAX} rules; review it in smaller steps"
+                "help: split the change into smaller steps and diff each: a change too \
+                 fragmented to list is described rule by rule only when it touches at most \
+                 {EDITED_MAX} rules and that description stays within the same bounds"
             );
             return ExitCode::from(EXIT_ERRORS);
         }

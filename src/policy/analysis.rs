@@ -210,40 +210,42 @@ fn coverage_family<A: Address + Scalar>(
     contributors: &mut Vec<RuleId>,
 ) -> Result<bool, TooComplex> {
     let earlier = entries_before(entries, rule, covers);
-    let mut stack: Vec<(Fields<A>, Vec<u32>)> = boxes_of(entries, rule)
-        .into_iter()
-        .map(|b| (b, earlier.clone()))
-        .collect();
-    while let Some((b, list)) = stack.pop() {
-        *budget = budget.checked_sub(1).ok_or(TooComplex)?;
-        let list = within(entries, &list, &b);
-        let Some(&first) = list.first() else {
-            return Ok(false);
-        };
-        let e = &entries[first as usize];
-        // A point of the box that no candidate holds proves the rule
-        // decides some flow: the usual answer, found without cutting.
-        if list.len() > PEEL_MAX && uncovered_point(entries, &list, &b) {
-            return Ok(false);
-        }
-        if e.fields.covers(&b) {
-            if !contributors.contains(&e.rule) {
-                contributors.push(e.rule);
+    // One box at a time, last first (as one stack of them all would go),
+    // so that a rule of thousands of boxes does not hold a copy of the
+    // candidates for each.
+    for b in boxes_of(entries, rule).into_iter().rev() {
+        let mut stack: Vec<(Fields<A>, Vec<u32>)> = vec![(b, earlier.clone())];
+        while let Some((b, list)) = stack.pop() {
+            *budget = budget.checked_sub(1).ok_or(TooComplex)?;
+            let list = within(entries, &list, &b);
+            let Some(&first) = list.first() else {
+                return Ok(false);
+            };
+            let e = &entries[first as usize];
+            // A point of the box that no candidate holds proves the rule
+            // decides some flow: the usual answer, found without cutting.
+            if list.len() > PEEL_MAX && uncovered_point(entries, &list, &b) {
+                return Ok(false);
             }
-            continue;
-        }
-        if list.len() > PEEL_MAX {
-            if let Some(halves) = balanced_cut(&b, &[(entries, &list)]) {
-                stack.extend(halves.map(|h| (h, list.clone())));
+            if e.fields.covers(&b) {
+                if !contributors.contains(&e.rule) {
+                    contributors.push(e.rule);
+                }
                 continue;
             }
-        }
-        stack.extend(intersect(&b, &e.fields).map(|x| (x, list.clone())));
-        let mut outside = Vec::new();
-        subtract(&b, &e.fields, &mut outside);
-        stack.extend(outside.into_iter().map(|x| (x, list.clone())));
-        if stack.len() > PIECE_BUDGET {
-            return Err(TooComplex);
+            if list.len() > PEEL_MAX {
+                if let Some(halves) = balanced_cut(&b, &[(entries, &list)]) {
+                    stack.extend(halves.map(|h| (h, list.clone())));
+                    continue;
+                }
+            }
+            stack.extend(intersect(&b, &e.fields).map(|x| (x, list.clone())));
+            let mut outside = Vec::new();
+            subtract(&b, &e.fields, &mut outside);
+            stack.extend(outside.into_iter().map(|x| (x, list.clone())));
+            if stack.len() > PIECE_BUDGET {
+                return Err(TooComplex);
+            }
         }
     }
     Ok(true)
@@ -328,31 +330,35 @@ fn search<A: Address + Scalar>(
     done: bool,
     mut step: impl FnMut(&Fields<A>, &[u32]) -> Step,
 ) -> Result<bool, TooComplex> {
-    let mut stack: Vec<(Fields<A>, Vec<u32>)> =
-        boxes.into_iter().map(|b| (b, list.to_vec())).collect();
-    while let Some((b, list)) = stack.pop() {
-        *budget = budget.checked_sub(1).ok_or(TooComplex)?;
-        let list = within(entries, &list, &b);
-        match step(&b, &list) {
-            Step::Answer(a) => return Ok(a),
-            Step::Settled => continue,
-            Step::Cut => {}
-        }
-        let halves = if list.len() > PEEL_MAX {
-            balanced_cut(&b, &[(entries, &list)])
-        } else {
-            None
-        };
-        match halves {
-            Some(halves) => stack.extend(halves.map(|h| (h, list.clone()))),
-            None => {
-                let mut outside = Vec::new();
-                subtract(&b, &entries[list[0] as usize].fields, &mut outside);
-                stack.extend(outside.into_iter().map(|x| (x, list[1..].to_vec())));
+    // One box at a time, last first (as one stack of them all would go),
+    // so that a rule of thousands of boxes does not hold a copy of the
+    // candidates for each.
+    for b in boxes.into_iter().rev() {
+        let mut stack: Vec<(Fields<A>, Vec<u32>)> = vec![(b, list.to_vec())];
+        while let Some((b, list)) = stack.pop() {
+            *budget = budget.checked_sub(1).ok_or(TooComplex)?;
+            let list = within(entries, &list, &b);
+            match step(&b, &list) {
+                Step::Answer(a) => return Ok(a),
+                Step::Settled => continue,
+                Step::Cut => {}
             }
-        }
-        if stack.len() > PIECE_BUDGET {
-            return Err(TooComplex);
+            let halves = if list.len() > PEEL_MAX {
+                balanced_cut(&b, &[(entries, &list)])
+            } else {
+                None
+            };
+            match halves {
+                Some(halves) => stack.extend(halves.map(|h| (h, list.clone()))),
+                None => {
+                    let mut outside = Vec::new();
+                    subtract(&b, &entries[list[0] as usize].fields, &mut outside);
+                    stack.extend(outside.into_iter().map(|x| (x, list[1..].to_vec())));
+                }
+            }
+            if stack.len() > PIECE_BUDGET {
+                return Err(TooComplex);
+            }
         }
     }
     Ok(done)
@@ -1217,10 +1223,37 @@ fn rule_effects(p: &Policy, v4: &[Entry<u32>], v6: &[Entry<u128>]) -> Vec<RuleEf
 }
 
 /// Which rules of each policy are unchanged: present in both with the same
-/// effect, and in the same order relative to each other (a longest such
-/// sequence). Rules that match nothing count as unchanged wherever they
-/// are.
+/// effect, and in the same order relative to each other. Rules that match
+/// nothing count as unchanged wherever they are. The rules the two share
+/// from the start and from the end pair up first, as an edit reads (a rule
+/// edited right before an identical twin is the one changed, not the
+/// twin); between them, a longest such sequence.
 fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bool>) {
+    let empty = |e: &RuleEffect| e.1.is_empty() && e.2.is_empty();
+    let same = |(a, b): &(&RuleEffect, &RuleEffect)| a == b || (empty(a) && empty(b));
+    let prefix = old.iter().zip(new).take_while(same).count();
+    let suffix = old[prefix..]
+        .iter()
+        .rev()
+        .zip(new[prefix..].iter().rev())
+        .take_while(same)
+        .count();
+    let (o, n) = in_order(
+        &old[prefix..old.len() - suffix],
+        &new[prefix..new.len() - suffix],
+    );
+    let whole = |middle: Vec<bool>| {
+        let mut v = vec![true; prefix];
+        v.extend(middle);
+        v.extend(std::iter::repeat_n(true, suffix));
+        v
+    };
+    (whole(o), whole(n))
+}
+
+/// [`unchanged_rules`] between the shared start and end: a longest
+/// common subsequence of effects.
+fn in_order(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bool>) {
     use std::collections::HashMap;
     let empty = |e: &RuleEffect| e.1.is_empty() && e.2.is_empty();
     // Where each effect is in the new policy, in order.
@@ -1284,8 +1317,8 @@ fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bo
     (old_same, new_same)
 }
 
-/// Most (old rule, new rule) pairs of equal effect [`unchanged_rules`]
-/// matches exactly (about 32 bytes each, with the subsequence's links).
+/// Most (old rule, new rule) pairs of equal effect [`in_order`] matches
+/// exactly (about 32 bytes each, with the subsequence's links).
 const PAIRS_MAX: usize = 4 << 20;
 
 /// Flows whose verdict differs between two policies, as regions.
@@ -1297,7 +1330,8 @@ const PAIRS_MAX: usize = 4 << 20;
 /// policies cost one pass over their rules), and within them it follows
 /// where verdicts change (see `changed_pieces`). A changed default makes
 /// every flow a candidate. Where the regions are too many to list, the
-/// change is described by rule instead (see [`diff_by_rule`]).
+/// change is described by rule instead (see [`diff_by_rule`] for one
+/// rule or the default alone, [`diff_by_rules`] for more).
 pub fn diff_packets(old: &Policy, new: &Policy) -> Result<Vec<Change>, TooComplex> {
     let sides = Sides::of(old, new);
     let (p4, p6) = match regions_of(old, new, &sides) {
@@ -1513,17 +1547,15 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
         }
         Ok(left)
     };
-    let listed = |boxes: &[Fields<A>]| -> String {
-        let each: Vec<String> = boxes.iter().map(|b| describe_box(b, v6)).collect();
-        each.join("; ")
-    };
     // A region cut from a rule's boxes by the other version's is named
     // by the two rules once it takes more than a few boxes to list.
-    let cut = |own: &[Fields<A>], pieces: &[Fields<A>], how: &str| -> String {
-        if pieces.len() <= SHOWN_BOXES || pieces == own {
-            listed(pieces)
+    let cut = |(own, name): (&[Fields<A>], &str), pieces: &[Fields<A>], how: &str| -> String {
+        if pieces.len() <= SHOWN_BOXES {
+            rule_boxes(pieces, "", v6)
+        } else if pieces == own {
+            rule_boxes(own, &format!("`{name}`"), v6)
         } else {
-            format!("{} {how}", listed(own))
+            format!("{} {how}", rule_boxes(own, &format!("`{name}`"), v6))
         }
     };
     // Where the two rules both match and no earlier rule does, the
@@ -1541,7 +1573,11 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
             out.push(Change {
                 region: format!(
                     "{} where no earlier rule matches (too many regions to list one by one)",
-                    cut(rb, &both, &format!("that the new `{}` matches too", q.name))
+                    cut(
+                        (rb, &r.name),
+                        &both,
+                        &format!("that the new `{}` matches too", q.name)
+                    )
                 ),
                 old_verdict: r.verdict,
                 old_rules: Deciders::one(r.name.clone()),
@@ -1579,14 +1615,11 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
                 .to_string()
             })
             .collect();
-        let shown = match others {
-            Some((q, _)) => cut(
-                own,
-                &pieces,
-                &format!("that the {version} `{}` does not match", q.name),
-            ),
-            None => listed(&pieces),
+        let how = match others {
+            Some((q, _)) => format!("that the {version} `{}` does not match", q.name),
+            None => String::new(),
         };
+        let shown = cut((own, &rule.name), &pieces, &how);
         let other = rule.verdict.opposite().as_str();
         let condition = match (rest.overlapped, rest.reaches_default) {
             // The default decides all of them, otherwise.
@@ -1605,10 +1638,10 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
     Ok(())
 }
 
-/// Most rules (the default of each side counting as one) a change of
-/// several rules may touch and still be described by rule: each takes a
-/// line of its own, and a review of more is better served by smaller
-/// changes.
+/// Most rules a change of several rules may touch and still be described
+/// by rule (a rule edited in place, under the same name, counting once,
+/// and a changed default as one more): each takes a line or two of its
+/// own, and a review of more is better served by smaller changes.
 pub const EDITED_MAX: usize = 64;
 
 /// A change [`changed_regions`] cannot list region by region and
@@ -1646,7 +1679,14 @@ fn several_rules_change(
     };
     let (gone, came) = (edited(&sides.old_same), edited(&sides.new_same));
     let default = old.default_verdict() != new.default_verdict();
-    let count = gone.len() + came.len() + 2 * usize::from(default);
+    // A rule edited in place (the same name on both sides) counts once.
+    let names: std::collections::HashSet<&str> =
+        gone.iter().map(|&id| old.rule_name(Some(id))).collect();
+    let both = came
+        .iter()
+        .filter(|&&id| names.contains(new.rule_name(Some(id))))
+        .count();
+    let count = gone.len() + came.len() - both + usize::from(default);
     if count == 0 || count > EDITED_MAX {
         return None;
     }
@@ -1789,6 +1829,7 @@ fn edited_changes<A: Address + Scalar + Into<u128>>(
         // by a rule the new policy kept (or its unchanged default): the
         // new policy's own changes take the rest.
         let k = this_kept[rule as usize];
+        let side = if this_is_old { "old" } else { "new" };
         let differs = |id: RuleId| {
             id >= base && {
                 let (v, changed, blocked) = other_rule(id, k);
@@ -1809,10 +1850,7 @@ fn edited_changes<A: Address + Scalar + Into<u128>>(
             Some(_) => (
                 format!(
                     "{} where no earlier rule matches",
-                    own.iter()
-                        .map(|b| describe_box(b, v6))
-                        .collect::<Vec<_>>()
-                        .join("; ")
+                    rule_boxes(&own, &format!("the {side} `{name}`"), v6)
                 ),
                 "and",
             ),
@@ -1848,6 +1886,21 @@ fn edited_changes<A: Address + Scalar + Into<u128>>(
 
 /// Most boxes a region described by rule lists one by one.
 const SHOWN_BOXES: usize = 8;
+
+/// A rule's boxes in words, one by one when there are at most
+/// [`SHOWN_BOXES`], else as the flows of the rule `label` names.
+fn rule_boxes<A: Address + Scalar + Into<u128>>(
+    boxes: &[Fields<A>],
+    label: &str,
+    v6: bool,
+) -> String {
+    if boxes.len() <= SHOWN_BOXES {
+        let each: Vec<String> = boxes.iter().map(|b| describe_box(b, v6)).collect();
+        each.join("; ")
+    } else {
+        format!("the flows of {label} ({} boxes)", boxes.len())
+    }
+}
 
 /// What [`decided_otherwise`] finds for one family.
 struct Otherwise {
