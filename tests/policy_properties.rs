@@ -598,6 +598,41 @@ proptest! {
     }
 }
 
+/// The analyses' budgets bound the candidates they go through, not only
+/// the boxes they cut: one box with 2,000 earlier rules to look through
+/// costs 8 units (one, and one per 256 candidates), so that no pair of
+/// policies can make a bounded analysis scan without end.
+#[test]
+fn an_analysis_budget_pays_for_the_candidates_it_scans() {
+    use palisade::policy::analysis::{coverage, coverage_in_bulk, Coverage};
+    let mut text = String::from("rule broad allow 10.0.0.0/8 -> any4\n");
+    for k in 0..1999 {
+        text += &format!(
+            "rule r{k} allow 192.0.2.0/24 -> any4 service tcp/{}\n",
+            1000 + k
+        );
+    }
+    text += "rule narrow allow 10.1.0.0/16 -> any4 service tcp/22\ndefault deny\n";
+    let policy = compile_lenient(&text).unwrap();
+    let (v4, v6) = entries(&policy);
+    let narrow = policy.rules().last().unwrap().id;
+    let all = |_: u32| true;
+    for cost in [7, 8] {
+        let mut budget = cost;
+        let got = coverage(&v4, &v6, narrow, &all, &mut budget);
+        match cost {
+            7 => assert!(got.is_err(), "{got:?}"),
+            _ => assert_eq!(got, Ok(Coverage::Covered(vec![0])), "{budget}"),
+        }
+        let mut budget = cost;
+        let got = coverage_in_bulk(&v4, &v6, narrow, &all, &|_| false, &mut budget);
+        match cost {
+            7 => assert!(got.is_err(), "{got:?}"),
+            _ => assert!(matches!(got, Ok(Coverage::CoveredInBulk { .. })), "{got:?}"),
+        }
+    }
+}
+
 /// An edit of one rule (inserted, removed, its verdict flipped, or
 /// replaced in place) or of the default.
 fn one_rule_edit() -> impl Strategy<Value = Edit> {

@@ -25,6 +25,18 @@ pub const PIECE_BUDGET: usize = 200_000;
 /// cuts: bounds its time (a few seconds) on any pair of policies.
 const ANALYSIS_WORK: usize = 100_000_000;
 
+/// Candidates a box may scan for one unit of an analysis budget: a box
+/// costs one unit, and one more for each this many candidates its search
+/// goes through, so that a budget bounds the work (at most this many
+/// candidate tests per unit), not only the boxes, whatever the policies.
+/// Nearly every box has fewer candidates than this and costs one.
+const SCAN_PER_UNIT: usize = 256;
+
+/// What a box whose candidates are `list` costs of a budget.
+fn box_cost(list: &[u32]) -> usize {
+    1 + list.len() / SCAN_PER_UNIT
+}
+
 /// The analysis gave up: the policy fragments into too many boxes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the policy is too fragmented to analyse within {PIECE_BUDGET} regions and bounded work")]
@@ -201,7 +213,8 @@ fn uncovered_point<A: Address + Scalar>(entries: &[Entry<A>], list: &[u32], b: &
 /// of it. The boxes are cut as a decision tree is built (long candidate
 /// lists halved, short ones cut along their first entry), depth first, so
 /// an uncovered part ends the search as soon as it is found instead of
-/// after every earlier rule has been subtracted; `budget` counts boxes.
+/// after every earlier rule has been subtracted; `budget` counts boxes
+/// (see [`box_cost`]).
 fn coverage_family<A: Address + Scalar>(
     entries: &[Entry<A>],
     rule: RuleId,
@@ -216,7 +229,7 @@ fn coverage_family<A: Address + Scalar>(
     for b in boxes_of(entries, rule).into_iter().rev() {
         let mut stack: Vec<(Fields<A>, Vec<u32>)> = vec![(b, earlier.clone())];
         while let Some((b, list)) = stack.pop() {
-            *budget = budget.checked_sub(1).ok_or(TooComplex)?;
+            *budget = budget.checked_sub(box_cost(&list)).ok_or(TooComplex)?;
             let list = within(entries, &list, &b);
             let Some(&first) = list.first() else {
                 return Ok(false);
@@ -336,7 +349,7 @@ fn search<A: Address + Scalar>(
     for b in boxes.into_iter().rev() {
         let mut stack: Vec<(Fields<A>, Vec<u32>)> = vec![(b, list.to_vec())];
         while let Some((b, list)) = stack.pop() {
-            *budget = budget.checked_sub(1).ok_or(TooComplex)?;
+            *budget = budget.checked_sub(box_cost(&list)).ok_or(TooComplex)?;
             let list = within(entries, &list, &b);
             match step(&b, &list) {
                 Step::Answer(a) => return Ok(a),
