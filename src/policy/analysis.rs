@@ -37,6 +37,10 @@ fn box_cost(list: &[u32]) -> usize {
     1 + list.len() / SCAN_PER_UNIT
 }
 
+/// The budget of a change described by rule (see [`diff_by_rule`]): at
+/// most 1.5 billion candidate tests (see [`box_cost`]), a few seconds.
+const BY_RULE_BUDGET: usize = PIECE_BUDGET * 30;
+
 /// The analysis gave up: the policy fragments into too many boxes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the policy is too fragmented to analyse within {PIECE_BUDGET} regions and bounded work")]
@@ -1459,7 +1463,7 @@ fn one_rule_change(
         Some(&j) => Some((new.rule(j as RuleId)?, &sides.new_fx[j])),
         None => None,
     };
-    let mut budget = PIECE_BUDGET * 15;
+    let mut budget = BY_RULE_BUDGET;
     let mut out = Vec::new();
     let done = changes_by_rule(
         (old, &sides.o4, gone.map(|(r, fx)| (r, &fx.1[..]))),
@@ -1489,7 +1493,7 @@ fn one_rule_change(
 /// Only the default changed: exactly the flows no rule matches change, in
 /// each family where there are any.
 fn default_change(old: &Policy, new: &Policy, sides: &Sides) -> Result<ByRule, TooComplex> {
-    let mut budget = PIECE_BUDGET * 15;
+    let mut budget = BY_RULE_BUDGET;
     fn unmatched<A: Address + Scalar>(
         entries: &[Entry<A>],
         budget: &mut usize,
@@ -1717,7 +1721,7 @@ fn several_rules_change(
             default,
         },
     );
-    let mut budget = PIECE_BUDGET * 15;
+    let mut budget = BY_RULE_BUDGET;
     let mut out = Vec::new();
     // Per family, the old side's lines, then the new side's.
     fn family<A: Address + Scalar + Into<u128>>(
@@ -1987,6 +1991,12 @@ fn decided_later<A: Address + Scalar + Into<u128>>(
     if !decided_by(all, own.to_vec(), rest, differs, budget)? {
         return Ok(None);
     }
+    // Finding and ordering the later rules below tests each box against
+    // every entry (a few times over: paid as once).
+    let tests = all.len().saturating_mul(own.len());
+    *budget = budget
+        .checked_sub(tests / SCAN_PER_UNIT)
+        .ok_or(TooComplex)?;
     // The later rules that could decide a part otherwise, the most
     // shared flows first (the default, sharing all, last), up to the
     // first later rule that covers all of it: none after that can.
