@@ -17,6 +17,7 @@
 use super::{AddrSet, Date, HttpHost, HttpRequest, PacketRule, Policy, Verdict};
 use crate::classify::{Address, Entry, Fields, Interval, Key, RuleId};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::rc::Rc;
 
 /// Most boxes an analysis keeps at once.
 pub const PIECE_BUDGET: usize = 200_000;
@@ -950,9 +951,9 @@ fn changed_pieces<A: Address + Scalar + Into<u128>>(
     let mut raw: Vec<Piece<A>> = Vec::new();
     let mut stack = vec![Part {
         b: Fields::any(),
-        old: all(old_entries),
-        new: all(new_entries),
-        domain: domain.to_vec(),
+        old: Rc::new(all(old_entries)),
+        new: Rc::new(all(new_entries)),
+        domain: Rc::new(domain.to_vec()),
     }];
     while let Some(Part {
         b,
@@ -961,16 +962,25 @@ fn changed_pieces<A: Address + Scalar + Into<u128>>(
         domain: d,
     }) = stack.pop()
     {
-        let (o, n) = (within(old_entries, &o, &b), within(new_entries, &n, &b));
-        // No domain boxes left: the box lies inside the domain.
+        let (o, n) = (
+            Rc::new(within(old_entries, &o, &b)),
+            Rc::new(within(new_entries, &n, &b)),
+        );
+        // No domain boxes left: the box lies inside the domain. A part's
+        // children share its lists (a domain of many boxes would
+        // otherwise be copied into every one).
         let d = if d.is_empty() || d.iter().any(|x| x.covers(&b)) {
-            Vec::new()
+            Rc::new(Vec::new())
         } else {
-            let d: Vec<Fields<A>> = d.into_iter().filter(|x| overlaps(x, &b)).collect();
-            if d.is_empty() {
+            let kept: Vec<Fields<A>> = d.iter().filter(|x| overlaps(x, &b)).copied().collect();
+            if kept.is_empty() {
                 continue;
             }
-            d
+            if kept.len() == d.len() {
+                d
+            } else {
+                Rc::new(kept)
+            }
         };
         work = work
             .checked_sub(o.len() + n.len() + d.len() + 1)
@@ -1023,18 +1033,23 @@ fn changed_pieces<A: Address + Scalar + Into<u128>>(
 /// but does not lie inside (none: it lies inside one).
 struct Part<A> {
     b: Fields<A>,
-    old: Vec<u32>,
-    new: Vec<u32>,
-    domain: Vec<Fields<A>>,
+    old: Rc<Vec<u32>>,
+    new: Rc<Vec<u32>>,
+    domain: Rc<Vec<Fields<A>>>,
 }
 
 impl<A: Copy> Part<A> {
-    fn of(b: Fields<A>, old: &[u32], new: &[u32], domain: &[Fields<A>]) -> Self {
+    fn of(
+        b: Fields<A>,
+        old: &Rc<Vec<u32>>,
+        new: &Rc<Vec<u32>>,
+        domain: &Rc<Vec<Fields<A>>>,
+    ) -> Self {
         Part {
             b,
-            old: old.to_vec(),
-            new: new.to_vec(),
-            domain: domain.to_vec(),
+            old: old.clone(),
+            new: new.clone(),
+            domain: domain.clone(),
         }
     }
 }
