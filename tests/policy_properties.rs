@@ -899,7 +899,8 @@ proptest! {
 }
 
 /// How a change of several rules reads, by rule: a rule edited right
-/// before an identical twin is the one named (not the twin); a rule
+/// before an identical twin is the one named (not the twin), whatever
+/// rules that match nothing either side holds; a rule
 /// edited in place counts once toward the limit of rules described; a
 /// rule of many boxes is named rather than listed box by box.
 #[test]
@@ -933,6 +934,12 @@ fn diff_by_rules_reads_as_the_edit() {
             "tcp 10.0.0.0/8 -> any4 dport 80 where no earlier rule matches and the old policy denies them (too many regions to list one by one)   now allow by `web`, was deny by `web`",
         ]
     );
+    // The same with a rule that matches nothing (expired) on one side.
+    let expired = text.replace(
+        "default deny",
+        "rule tmp allow 192.0.2.1 -> any4 expires 2020-01-01\ndefault deny",
+    );
+    assert_eq!(lines(&expired, &edited), lines(text, &edited));
     // Every rule flipped in place: one rule each toward the limit.
     let policy = |n: usize, flipped: usize| -> String {
         let mut t: String = (0..n)

@@ -19,7 +19,9 @@ use crate::classify::{Address, Entry, Fields, Interval, Key, RuleId};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::rc::Rc;
 
-/// Most boxes an analysis keeps at once.
+/// Most boxes an analysis keeps waiting at once (besides the boxes it
+/// starts from, which it takes one at a time), and most regions `diff`
+/// lists.
 pub const PIECE_BUDGET: usize = 200_000;
 
 /// Most candidate entries `diff` may examine, summed over the boxes it
@@ -38,8 +40,9 @@ fn box_cost(list: &[u32]) -> usize {
     1 + list.len() / SCAN_PER_UNIT
 }
 
-/// The budget of a change described by rule (see [`diff_by_rule`]): at
-/// most 1.5 billion candidate tests (see [`box_cost`]), a few seconds.
+/// The budget of a change described by rule (see [`diff_by_rule`] and
+/// [`diff_by_rules`]): about 1.5 billion candidates scanned (see
+/// [`box_cost`]), a few seconds.
 const BY_RULE_BUDGET: usize = PIECE_BUDGET * 30;
 
 /// The analysis gave up: the policy fragments into too many boxes.
@@ -1261,26 +1264,38 @@ fn rule_effects(p: &Policy, v4: &[Entry<u32>], v6: &[Entry<u128>]) -> Vec<RuleEf
 /// edited right before an identical twin is the one changed, not the
 /// twin); between them, a longest such sequence.
 fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bool>) {
-    let empty = |e: &RuleEffect| e.1.is_empty() && e.2.is_empty();
-    let same = |(a, b): &(&RuleEffect, &RuleEffect)| a == b || (empty(a) && empty(b));
-    let prefix = old.iter().zip(new).take_while(same).count();
-    let suffix = old[prefix..]
+    // The shared start and end are taken over the rules with flows, so
+    // that a rule matching nothing (an expired one) on one side only does
+    // not end them.
+    let with_flows = |fx: &[RuleEffect]| -> Vec<usize> {
+        (0..fx.len())
+            .filter(|&i| !fx[i].1.is_empty() || !fx[i].2.is_empty())
+            .collect()
+    };
+    let (o, n) = (with_flows(old), with_flows(new));
+    let same = |(&i, &j): &(&usize, &usize)| old[i] == new[j];
+    let prefix = o.iter().zip(&n).take_while(same).count();
+    let suffix = o[prefix..]
         .iter()
         .rev()
-        .zip(new[prefix..].iter().rev())
+        .zip(n[prefix..].iter().rev())
         .take_while(same)
         .count();
-    let (o, n) = in_order(
-        &old[prefix..old.len() - suffix],
-        &new[prefix..new.len() - suffix],
-    );
-    let whole = |middle: Vec<bool>| {
-        let mut v = vec![true; prefix];
-        v.extend(middle);
-        v.extend(std::iter::repeat_n(true, suffix));
+    // The rules between the last shared one at the start and the first
+    // at the end, on each side.
+    let middle = |fx: &[RuleEffect], at: &[usize]| {
+        let lo = prefix.checked_sub(1).map_or(0, |k| at[k] + 1);
+        let hi = at.get(at.len() - suffix).map_or(fx.len(), |&i| i);
+        lo..hi
+    };
+    let (om, nm) = (middle(old, &o), middle(new, &n));
+    let (o_same, n_same) = in_order(&old[om.clone()], &new[nm.clone()]);
+    let whole = |len: usize, at: std::ops::Range<usize>, inside: Vec<bool>| {
+        let mut v = vec![true; len];
+        v[at].copy_from_slice(&inside);
         v
     };
-    (whole(o), whole(n))
+    (whole(old.len(), om, o_same), whole(new.len(), nm, n_same))
 }
 
 /// [`unchanged_rules`] between the shared start and end: a longest
@@ -1581,13 +1596,14 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
     };
     // A region cut from a rule's boxes by the other version's is named
     // by the two rules once it takes more than a few boxes to list.
-    let cut = |(own, name): (&[Fields<A>], &str), pieces: &[Fields<A>], how: &str| -> String {
+    // (`rule`: the rule whose boxes `own` are, as "the old `x`".)
+    let cut = |(own, rule): (&[Fields<A>], &str), pieces: &[Fields<A>], how: &str| -> String {
         if pieces.len() <= SHOWN_BOXES {
             rule_boxes(pieces, "", v6)
         } else if pieces == own {
-            rule_boxes(own, &format!("`{name}`"), v6)
+            rule_boxes(own, rule, v6)
         } else {
-            format!("{} {how}", rule_boxes(own, &format!("`{name}`"), v6))
+            format!("{} {how}", rule_boxes(own, rule, v6))
         }
     };
     // Where the two rules both match and no earlier rule does, the
@@ -1606,7 +1622,7 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
                 region: format!(
                     "{} where no earlier rule matches (too many regions to list one by one)",
                     cut(
-                        (rb, &r.name),
+                        (rb, &format!("the old `{}`", r.name)),
                         &both,
                         &format!("that the new `{}` matches too", q.name)
                     )
@@ -1651,7 +1667,12 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
             Some((q, _)) => format!("that the {version} `{}` does not match", q.name),
             None => String::new(),
         };
-        let shown = cut((own, &rule.name), &pieces, &how);
+        let which = if removed { "old" } else { "new" };
+        let shown = cut(
+            (own, &format!("the {which} `{}`", rule.name)),
+            &pieces,
+            &how,
+        );
         let other = rule.verdict.opposite().as_str();
         let condition = match (rest.overlapped, rest.reaches_default) {
             // The default decides all of them, otherwise.
