@@ -1257,38 +1257,75 @@ fn rule_effects(p: &Policy, v4: &[Entry<u32>], v6: &[Entry<u128>]) -> Vec<RuleEf
     out
 }
 
+/// Whether a rule matches any flow, in either family.
+fn has_flows(fx: &RuleEffect) -> bool {
+    !fx.1.is_empty() || !fx.2.is_empty()
+}
+
+/// The rules with flows of two policies (their indices, in order), and
+/// how many of them the two share from the start and, after those, from
+/// the end: old = P R S and new = P Q S with P (`prefix` rules) and S
+/// (`suffix` rules) as long as they go. Rules that match nothing are left
+/// out, so that one (an expired rule) on one side only does not end P or
+/// S.
+struct SharedEnds {
+    old: Vec<usize>,
+    new: Vec<usize>,
+    prefix: usize,
+    suffix: usize,
+}
+
+impl SharedEnds {
+    fn of(old: &[RuleEffect], new: &[RuleEffect]) -> Self {
+        let with_flows = |fx: &[RuleEffect]| -> Vec<usize> {
+            (0..fx.len()).filter(|&i| has_flows(&fx[i])).collect()
+        };
+        let (o, n) = (with_flows(old), with_flows(new));
+        let same = |(&i, &j): &(&usize, &usize)| old[i] == new[j];
+        let prefix = o.iter().zip(&n).take_while(same).count();
+        let suffix = o[prefix..]
+            .iter()
+            .rev()
+            .zip(n[prefix..].iter().rev())
+            .take_while(same)
+            .count();
+        SharedEnds {
+            old: o,
+            new: n,
+            prefix,
+            suffix,
+        }
+    }
+
+    /// The rules with flows between P and S (R and Q), in each policy.
+    fn changed(&self) -> (&[usize], &[usize]) {
+        let (o, n) = (&self.old, &self.new);
+        (
+            &o[self.prefix..o.len() - self.suffix],
+            &n[self.prefix..n.len() - self.suffix],
+        )
+    }
+}
+
 /// Which rules of each policy are unchanged: present in both with the same
 /// effect, and in the same order relative to each other. Rules that match
 /// nothing count as unchanged wherever they are. The rules the two share
 /// from the start and from the end pair up first, as an edit reads (a rule
 /// edited right before an identical twin is the one changed, not the
 /// twin); between them, a longest such sequence.
-fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bool>) {
-    // The shared start and end are taken over the rules with flows, so
-    // that a rule matching nothing (an expired one) on one side only does
-    // not end them.
-    let with_flows = |fx: &[RuleEffect]| -> Vec<usize> {
-        (0..fx.len())
-            .filter(|&i| !fx[i].1.is_empty() || !fx[i].2.is_empty())
-            .collect()
-    };
-    let (o, n) = (with_flows(old), with_flows(new));
-    let same = |(&i, &j): &(&usize, &usize)| old[i] == new[j];
-    let prefix = o.iter().zip(&n).take_while(same).count();
-    let suffix = o[prefix..]
-        .iter()
-        .rev()
-        .zip(n[prefix..].iter().rev())
-        .take_while(same)
-        .count();
+fn unchanged_rules(
+    old: &[RuleEffect],
+    new: &[RuleEffect],
+    ends: &SharedEnds,
+) -> (Vec<bool>, Vec<bool>) {
     // The rules between the last shared one at the start and the first
     // at the end, on each side.
     let middle = |fx: &[RuleEffect], at: &[usize]| {
-        let lo = prefix.checked_sub(1).map_or(0, |k| at[k] + 1);
-        let hi = at.get(at.len() - suffix).map_or(fx.len(), |&i| i);
+        let lo = ends.prefix.checked_sub(1).map_or(0, |k| at[k] + 1);
+        let hi = at.get(at.len() - ends.suffix).map_or(fx.len(), |&i| i);
         lo..hi
     };
-    let (om, nm) = (middle(old, &o), middle(new, &n));
+    let (om, nm) = (middle(old, &ends.old), middle(new, &ends.new));
     let (o_same, n_same) = in_order(&old[om.clone()], &new[nm.clone()]);
     let whole = |len: usize, at: std::ops::Range<usize>, inside: Vec<bool>| {
         let mut v = vec![true; len];
@@ -1302,7 +1339,7 @@ fn unchanged_rules(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bo
 /// common subsequence of effects.
 fn in_order(old: &[RuleEffect], new: &[RuleEffect]) -> (Vec<bool>, Vec<bool>) {
     use std::collections::HashMap;
-    let empty = |e: &RuleEffect| e.1.is_empty() && e.2.is_empty();
+    let empty = |e: &RuleEffect| !has_flows(e);
     // Where each effect is in the new policy, in order.
     let mut at: HashMap<&RuleEffect, Vec<usize>> = HashMap::new();
     for (j, e) in new.iter().enumerate().filter(|(_, e)| !empty(e)) {
@@ -1454,25 +1491,13 @@ fn one_rule_change(
     new: &Policy,
     sides: &Sides,
 ) -> Option<Result<ByRule, TooComplex>> {
-    // The rules with flows, old = P R S and new = P Q S with P and S as
-    // long as they go: R and Q are what changed (taken this way, not from
-    // the longest common subsequence, which may pair an edited rule's
-    // identical neighbour with it and the edit then looks like two).
-    let with_flows = |fx: &[RuleEffect]| -> Vec<usize> {
-        (0..fx.len())
-            .filter(|&i| !fx[i].1.is_empty() || !fx[i].2.is_empty())
-            .collect()
-    };
-    let (o, n) = (with_flows(&sides.old_fx), with_flows(&sides.new_fx));
-    let same = |i: usize, j: usize| sides.old_fx[i] == sides.new_fx[j];
-    let prefix = o.iter().zip(&n).take_while(|(&i, &j)| same(i, j)).count();
-    let suffix = o[prefix..]
-        .iter()
-        .rev()
-        .zip(n[prefix..].iter().rev())
-        .take_while(|(&i, &j)| same(i, j))
-        .count();
-    let (r, q) = (&o[prefix..o.len() - suffix], &n[prefix..n.len() - suffix]);
+    // R and Q of the shared ends are what changed (taken this way, not
+    // from the longest common subsequence of effects alone, which may
+    // pair an edited rule's identical neighbour with it and the edit then
+    // looks like two).
+    let ends = &sides.ends;
+    let (o, n, prefix, suffix) = (&ends.old, &ends.new, ends.prefix, ends.suffix);
+    let (r, q) = ends.changed();
     if old.default_verdict() != new.default_verdict() {
         return (r.is_empty() && q.is_empty()).then(|| default_change(old, new, sides));
     }
@@ -1811,7 +1836,7 @@ impl Edited<'_> {
         let mut n = 0;
         for (same, fx) in self.same.iter().zip(self.fx) {
             before.push(n);
-            if *same && (!fx.1.is_empty() || !fx.2.is_empty()) {
+            if *same && has_flows(fx) {
                 n += 1;
             }
         }
@@ -2099,6 +2124,7 @@ struct Sides {
     n6: Vec<Entry<u128>>,
     old_fx: Vec<RuleEffect>,
     new_fx: Vec<RuleEffect>,
+    ends: SharedEnds,
     old_same: Vec<bool>,
     new_same: Vec<bool>,
 }
@@ -2108,7 +2134,8 @@ impl Sides {
         let (o4, o6) = super::entries(old);
         let (n4, n6) = super::entries(new);
         let (old_fx, new_fx) = (rule_effects(old, &o4, &o6), rule_effects(new, &n4, &n6));
-        let (old_same, new_same) = unchanged_rules(&old_fx, &new_fx);
+        let ends = SharedEnds::of(&old_fx, &new_fx);
+        let (old_same, new_same) = unchanged_rules(&old_fx, &new_fx, &ends);
         Sides {
             o4,
             o6,
@@ -2116,6 +2143,7 @@ impl Sides {
             n6,
             old_fx,
             new_fx,
+            ends,
             old_same,
             new_same,
         }
