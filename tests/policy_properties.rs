@@ -86,11 +86,19 @@ fn svc() -> impl Strategy<Value = Svc> {
 }
 
 fn rule() -> impl Strategy<Value = Rule> {
+    rule_of(1..3, 0..3)
+}
+
+/// Rules of `addrs` sources and destinations each and `svcs` services.
+fn rule_of(
+    addrs: std::ops::Range<usize>,
+    svcs: std::ops::Range<usize>,
+) -> impl Strategy<Value = Rule> {
     (
         any::<bool>(),
-        prop::collection::vec(addr(), 1..3),
-        prop::collection::vec(addr(), 1..3),
-        prop::collection::vec(svc(), 0..3),
+        prop::collection::vec(addr(), addrs.clone()),
+        prop::collection::vec(addr(), addrs),
+        prop::collection::vec(svc(), svcs),
     )
         .prop_map(|(allow, src, dst, svcs)| Rule {
             allow,
@@ -127,10 +135,25 @@ fn network_spec_of(rules: std::ops::Range<usize>) -> impl Strategy<Value = Spec>
 
 /// Random policies of `rules` rules.
 fn spec_of(rules: std::ops::Range<usize>) -> impl Strategy<Value = Spec> {
+    spec_from(rules, rule())
+}
+
+/// Random policies whose rules have many boxes (up to 6 sources by 6
+/// destinations by 5 services, names expanded), which the analyses take
+/// in runs (see `Runs` in the analysis module) and whose changes `diff`
+/// halves before it looks inside one rule's box.
+fn many_box_spec() -> impl Strategy<Value = Spec> {
+    spec_from(1..8, rule_of(1..5, 1..4))
+}
+
+fn spec_from(
+    rules: std::ops::Range<usize>,
+    rule: impl Strategy<Value = Rule>,
+) -> impl Strategy<Value = Spec> {
     (
         prop::collection::vec(prop::collection::vec(addr(), 1..4), 0..4),
         prop::collection::vec(prop::collection::vec(svc(), 1..3), 0..3),
-        prop::collection::vec(rule(), rules),
+        prop::collection::vec(rule, rules),
         any::<bool>(),
     )
         .prop_map(|(nets, svcs, rules, default_allow)| Spec {
@@ -484,6 +507,15 @@ proptest! {
     ) {
         check_diff(&spec, &edits, &probes)?;
     }
+
+    #[test]
+    fn diff_regions_are_exact_on_rules_of_many_boxes(
+        spec in many_box_spec(),
+        edits in prop::collection::vec(edit(), 1..3),
+        probes in prop::collection::vec(probe(), 16),
+    ) {
+        check_diff(&spec, &edits, &probes)?;
+    }
 }
 
 /// Whether the earlier entries `covers` accepts cover `rule`, and the rules
@@ -596,6 +628,25 @@ proptest! {
     fn shadowing_analysis_agrees_with_subtraction_on_larger_policies(spec in network_spec_of(30..80)) {
         check_coverage(&spec)?;
     }
+
+    #[test]
+    fn shadowing_analysis_agrees_with_subtraction_on_rules_of_many_boxes(spec in many_box_spec()) {
+        check_coverage(&spec)?;
+    }
+}
+
+/// A policy of `rule broad allow BROAD -> any4`, 1,999 rules on other
+/// sources, then `rule narrow allow NARROW` and `default deny`.
+fn behind_2000_rules(broad: &str, narrow: &str) -> palisade::policy::Policy {
+    let mut text = format!("rule broad allow {broad} -> any4\n");
+    for k in 0..1999 {
+        text += &format!(
+            "rule r{k} allow 192.0.2.0/24 -> any4 service tcp/{}\n",
+            1000 + k
+        );
+    }
+    text += &format!("rule narrow allow {narrow}\ndefault deny\n");
+    compile_lenient(&text).unwrap()
 }
 
 /// The analyses' budgets bound the candidates they go through, not only
@@ -605,15 +656,7 @@ proptest! {
 #[test]
 fn an_analysis_budget_pays_for_the_candidates_it_scans() {
     use palisade::policy::analysis::{coverage, coverage_in_bulk, Coverage};
-    let mut text = String::from("rule broad allow 10.0.0.0/8 -> any4\n");
-    for k in 0..1999 {
-        text += &format!(
-            "rule r{k} allow 192.0.2.0/24 -> any4 service tcp/{}\n",
-            1000 + k
-        );
-    }
-    text += "rule narrow allow 10.1.0.0/16 -> any4 service tcp/22\ndefault deny\n";
-    let policy = compile_lenient(&text).unwrap();
+    let policy = behind_2000_rules("10.0.0.0/8", "10.1.0.0/16 -> any4 service tcp/22");
     let (v4, v6) = entries(&policy);
     let narrow = policy.rules().last().unwrap().id;
     let all = |_: u32| true;
@@ -631,6 +674,36 @@ fn an_analysis_budget_pays_for_the_candidates_it_scans() {
             _ => assert!(matches!(got, Ok(Coverage::CoveredInBulk { .. })), "{got:?}"),
         }
     }
+}
+
+/// A rule of many boxes scans the candidates they share once for them
+/// all, not once per box: 64 boxes inside one earlier broad rule, behind
+/// 2,000 others, cost about what one box against them does plus a unit
+/// per box (8 units each, 512 in all, when every box scanned them).
+#[test]
+fn a_rule_of_many_boxes_scans_its_candidates_once() {
+    use palisade::policy::analysis::{coverage, Coverage};
+    // Eight networks apart from one another, by eight services.
+    let nets: Vec<String> = (0..8)
+        .map(|k| format!("198.51.100.{}/28", 32 * k))
+        .collect();
+    let policy = behind_2000_rules(
+        "198.51.100.0/24",
+        &format!(
+            "{} -> any4 service tcp/22, tcp/23, tcp/25, tcp/80, \
+             tcp/443, tcp/3389, tcp/8080, tcp/8443",
+            nets.join(", ")
+        ),
+    );
+    let (v4, v6) = entries(&policy);
+    let narrow = policy.rules().last().unwrap().id;
+    assert_eq!(v4.iter().filter(|e| e.rule == narrow).count(), 64);
+    let all = |_: u32| true;
+    let mut budget = 1000;
+    let got = coverage(&v4, &v6, narrow, &all, &mut budget);
+    assert_eq!(got, Ok(Coverage::Covered(vec![0])));
+    let used = 1000 - budget;
+    assert!((64..=128).contains(&used), "{used} units");
 }
 
 /// An edit of one rule (inserted, removed, its verdict flipped, or
@@ -893,6 +966,14 @@ proptest! {
     fn diff_by_rules_agrees_with_the_exact_regions_on_larger_policies(
         spec in network_spec_of(30..80),
         edits in prop::collection::vec(edit(), 1..5),
+    ) {
+        check_diff_by_rules(&spec, &edits)?;
+    }
+
+    #[test]
+    fn diff_by_rules_agrees_with_the_exact_regions_on_rules_of_many_boxes(
+        spec in many_box_spec(),
+        edits in prop::collection::vec(edit(), 1..4),
     ) {
         check_diff_by_rules(&spec, &edits)?;
     }

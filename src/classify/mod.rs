@@ -125,6 +125,14 @@ impl<T: Copy + Ord> Interval<T> {
     pub fn overlaps(&self, other: &Self) -> bool {
         self.lo <= other.hi && other.lo <= self.hi
     }
+
+    /// The smallest interval holding both.
+    pub fn hull(&self, other: &Self) -> Self {
+        Interval {
+            lo: self.lo.min(other.lo),
+            hi: self.hi.max(other.hi),
+        }
+    }
 }
 
 /// The five fields of one classifier entry, each an inclusive interval.

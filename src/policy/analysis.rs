@@ -181,6 +181,71 @@ fn within<A: Address>(entries: &[Entry<A>], list: &[u32], b: &Fields<A>) -> Vec<
     out
 }
 
+/// Runs of at most this many of a rule's boxes are searched with one
+/// candidate list (see [`Runs`]).
+const RUN_MAX: usize = 4;
+
+/// A rule's boxes in runs, last first, each run with its candidates: the
+/// boxes are halved (in their order) until a run holds at most
+/// [`RUN_MAX`], and each half's candidates are those of its parent that
+/// overlap the half's hull, up to the first that covers it. Every box
+/// then finds the same candidates in its run's list as in the whole list
+/// (an entry that covers a hull covers the boxes inside), and a rule of
+/// 160,000 boxes does not scan every candidate for each of them. Each
+/// narrowing is paid for as a box is (see [`box_cost`]).
+struct Runs<'a, A> {
+    entries: &'a [Entry<A>],
+    boxes: &'a [Fields<A>],
+    list: &'a [u32],
+    /// Runs still to take, with their candidates.
+    pending: Vec<(std::ops::Range<usize>, Near)>,
+}
+
+/// A run's candidates: `None` for all of the list (not copied, since
+/// most rules are a run of their own).
+type Near = Option<Rc<Vec<u32>>>;
+
+/// A run of boxes and its candidates.
+type Run<'a, A> = (&'a [Fields<A>], Near);
+
+impl<'a, A: Address> Runs<'a, A> {
+    fn new(entries: &'a [Entry<A>], boxes: &'a [Fields<A>], list: &'a [u32]) -> Self {
+        Runs {
+            entries,
+            boxes,
+            list,
+            pending: vec![(0..boxes.len(), None)],
+        }
+    }
+
+    /// The next run (its boxes, and its candidates as `Some`, or `None`
+    /// for all of the list), or `None` when done.
+    fn next(&mut self, budget: &mut usize) -> Result<Option<Run<'a, A>>, TooComplex> {
+        while let Some((range, list)) = self.pending.pop() {
+            let run = &self.boxes[range.clone()];
+            if run.len() <= RUN_MAX {
+                return Ok(Some((run, list)));
+            }
+            let list = list.as_ref().map_or(self.list, |v| &v[..]);
+            *budget = budget.checked_sub(box_cost(list)).ok_or(TooComplex)?;
+            let mut hull = run[0];
+            for b in &run[1..] {
+                hull.src = hull.src.hull(&b.src);
+                hull.dst = hull.dst.hull(&b.dst);
+                hull.src_port = hull.src_port.hull(&b.src_port);
+                hull.dst_port = hull.dst_port.hull(&b.dst_port);
+                hull.proto = hull.proto.hull(&b.proto);
+            }
+            let near = Rc::new(within(self.entries, list, &hull));
+            let mid = range.start + run.len() / 2;
+            // The later half first: boxes go last first.
+            self.pending.push((range.start..mid, Some(near.clone())));
+            self.pending.push((mid..range.end, Some(near)));
+        }
+        Ok(None)
+    }
+}
+
 /// The boxes of `rule` (entries come in rule order, as
 /// [`entries`](super::entries) gives them).
 fn boxes_of<A: Address>(entries: &[Entry<A>], rule: RuleId) -> Vec<Fields<A>> {
@@ -234,38 +299,43 @@ fn coverage_family<A: Address + Scalar>(
     // One box at a time, last first (as one stack of them all would go),
     // so that a rule of thousands of boxes does not hold a copy of the
     // candidates for each.
-    for b in boxes_of(entries, rule).into_iter().rev() {
-        let mut stack: Vec<(Fields<A>, Vec<u32>)> = vec![(b, earlier.clone())];
-        while let Some((b, list)) = stack.pop() {
-            *budget = budget.checked_sub(box_cost(&list)).ok_or(TooComplex)?;
-            let list = within(entries, &list, &b);
-            let Some(&first) = list.first() else {
-                return Ok(false);
-            };
-            let e = &entries[first as usize];
-            // A point of the box that no candidate holds proves the rule
-            // decides some flow: the usual answer, found without cutting.
-            if list.len() > PEEL_MAX && uncovered_point(entries, &list, &b) {
-                return Ok(false);
-            }
-            if e.fields.covers(&b) {
-                if !contributors.contains(&e.rule) {
-                    contributors.push(e.rule);
+    let boxes = boxes_of(entries, rule);
+    let mut runs = Runs::new(entries, &boxes, &earlier);
+    while let Some((run, near)) = runs.next(budget)? {
+        let near = near.as_ref().map_or(&earlier[..], |v| &v[..]);
+        for &b in run.iter().rev() {
+            let mut stack: Vec<(Fields<A>, Vec<u32>)> = vec![(b, near.to_vec())];
+            while let Some((b, list)) = stack.pop() {
+                *budget = budget.checked_sub(box_cost(&list)).ok_or(TooComplex)?;
+                let list = within(entries, &list, &b);
+                let Some(&first) = list.first() else {
+                    return Ok(false);
+                };
+                let e = &entries[first as usize];
+                // A point of the box that no candidate holds proves the rule
+                // decides some flow: the usual answer, found without cutting.
+                if list.len() > PEEL_MAX && uncovered_point(entries, &list, &b) {
+                    return Ok(false);
                 }
-                continue;
-            }
-            if list.len() > PEEL_MAX {
-                if let Some(halves) = balanced_cut(&b, boxes_in(entries, &list)) {
-                    stack.extend(halves.map(|h| (h, list.clone())));
+                if e.fields.covers(&b) {
+                    if !contributors.contains(&e.rule) {
+                        contributors.push(e.rule);
+                    }
                     continue;
                 }
-            }
-            stack.extend(intersect(&b, &e.fields).map(|x| (x, list.clone())));
-            let mut outside = Vec::new();
-            subtract(&b, &e.fields, &mut outside);
-            stack.extend(outside.into_iter().map(|x| (x, list.clone())));
-            if stack.len() > PIECE_BUDGET {
-                return Err(TooComplex);
+                if list.len() > PEEL_MAX {
+                    if let Some(halves) = balanced_cut(&b, boxes_in(entries, &list)) {
+                        stack.extend(halves.map(|h| (h, list.clone())));
+                        continue;
+                    }
+                }
+                stack.extend(intersect(&b, &e.fields).map(|x| (x, list.clone())));
+                let mut outside = Vec::new();
+                subtract(&b, &e.fields, &mut outside);
+                stack.extend(outside.into_iter().map(|x| (x, list.clone())));
+                if stack.len() > PIECE_BUDGET {
+                    return Err(TooComplex);
+                }
             }
         }
     }
@@ -354,31 +424,35 @@ fn search<A: Address + Scalar>(
     // One box at a time, last first (as one stack of them all would go),
     // so that a rule of thousands of boxes does not hold a copy of the
     // candidates for each.
-    for b in boxes.into_iter().rev() {
-        let mut stack: Vec<(Fields<A>, Vec<u32>)> = vec![(b, list.to_vec())];
-        while let Some((b, list)) = stack.pop() {
-            *budget = budget.checked_sub(box_cost(&list)).ok_or(TooComplex)?;
-            let list = within(entries, &list, &b);
-            match step(&b, &list) {
-                Step::Answer(a) => return Ok(a),
-                Step::Settled => continue,
-                Step::Cut => {}
-            }
-            let halves = if list.len() > PEEL_MAX {
-                balanced_cut(&b, boxes_in(entries, &list))
-            } else {
-                None
-            };
-            match halves {
-                Some(halves) => stack.extend(halves.map(|h| (h, list.clone()))),
-                None => {
-                    let mut outside = Vec::new();
-                    subtract(&b, &entries[list[0] as usize].fields, &mut outside);
-                    stack.extend(outside.into_iter().map(|x| (x, list[1..].to_vec())));
+    let mut runs = Runs::new(entries, &boxes, list);
+    while let Some((run, near)) = runs.next(budget)? {
+        let near = near.as_ref().map_or(list, |v| &v[..]);
+        for &b in run.iter().rev() {
+            let mut stack: Vec<(Fields<A>, Vec<u32>)> = vec![(b, near.to_vec())];
+            while let Some((b, list)) = stack.pop() {
+                *budget = budget.checked_sub(box_cost(&list)).ok_or(TooComplex)?;
+                let list = within(entries, &list, &b);
+                match step(&b, &list) {
+                    Step::Answer(a) => return Ok(a),
+                    Step::Settled => continue,
+                    Step::Cut => {}
                 }
-            }
-            if stack.len() > PIECE_BUDGET {
-                return Err(TooComplex);
+                let halves = if list.len() > PEEL_MAX {
+                    balanced_cut(&b, boxes_in(entries, &list))
+                } else {
+                    None
+                };
+                match halves {
+                    Some(halves) => stack.extend(halves.map(|h| (h, list.clone()))),
+                    None => {
+                        let mut outside = Vec::new();
+                        subtract(&b, &entries[list[0] as usize].fields, &mut outside);
+                        stack.extend(outside.into_iter().map(|x| (x, list[1..].to_vec())));
+                    }
+                }
+                if stack.len() > PIECE_BUDGET {
+                    return Err(TooComplex);
+                }
             }
         }
     }
