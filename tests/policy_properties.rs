@@ -143,7 +143,7 @@ fn spec_of(rules: std::ops::Range<usize>) -> impl Strategy<Value = Spec> {
 /// in runs (see `Runs` in the analysis module) and whose changes `diff`
 /// halves before it looks inside one rule's box.
 fn many_box_spec() -> impl Strategy<Value = Spec> {
-    spec_from(1..8, rule_of(1..5, 1..4))
+    spec_from(4..24, rule_of(1..5, 1..4))
 }
 
 fn spec_from(
