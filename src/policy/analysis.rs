@@ -185,13 +185,13 @@ fn within<A: Address>(entries: &[Entry<A>], list: &[u32], b: &Fields<A>) -> Vec<
 /// candidate list (see [`Runs`]).
 const RUN_MAX: usize = 4;
 
-/// A rule's boxes in runs, last first, each run with its candidates: the
-/// boxes are halved (in their order) until a run holds at most
-/// [`RUN_MAX`], and each half's candidates are those of its parent that
-/// overlap the half's hull, up to the first that covers it. Every box
-/// then finds the same candidates in its run's list as in the whole list
-/// (an entry that covers a hull covers the boxes inside), and a rule of
-/// 160,000 boxes does not scan every candidate for each of them. Each
+/// A rule's boxes, last first, each with the candidates to start its
+/// search from: the boxes are halved (in their order) into runs of at
+/// most [`RUN_MAX`], and each half's candidates are those of its parent
+/// that overlap the half's hull, up to the first that covers it. Every
+/// box then finds the same candidates in its run's list as in the whole
+/// list (an entry that covers a hull covers the boxes inside), and a rule
+/// of 160,000 boxes does not scan every candidate for each of them. Each
 /// narrowing is paid for as a box is (see [`box_cost`]), and is tried
 /// only where it could pay for itself and repeated only where it did, so
 /// that it costs a rule whose boxes share their candidates at most one
@@ -200,16 +200,19 @@ struct Runs<'a, A> {
     entries: &'a [Entry<A>],
     boxes: &'a [Fields<A>],
     list: &'a [u32],
-    /// Runs still to take, with their candidates.
+    /// Runs still to narrow or take, with their candidates.
     pending: Vec<(std::ops::Range<usize>, Near)>,
+    /// The run being taken (the boxes left of it), with its candidates.
+    taking: (std::ops::Range<usize>, Near),
 }
 
 /// A run's candidates: `None` for all of the list (not copied, since
 /// most rules are a run of their own).
 type Near = Option<Rc<Vec<u32>>>;
 
-/// A run of boxes and its candidates.
-type Run<'a, A> = (&'a [Fields<A>], Near);
+/// A box to search, and the candidates (indices, in order) to search it
+/// with.
+type Start<A> = (Fields<A>, Vec<u32>);
 
 impl<'a, A: Address> Runs<'a, A> {
     fn new(entries: &'a [Entry<A>], boxes: &'a [Fields<A>], list: &'a [u32]) -> Self {
@@ -218,19 +221,27 @@ impl<'a, A: Address> Runs<'a, A> {
             boxes,
             list,
             pending: vec![(0..boxes.len(), None)],
+            taking: (0..0, None),
         }
     }
 
-    /// The next run (its boxes, and its candidates as `Some`, or `None`
-    /// for all of the list), or `None` when done.
-    fn next(&mut self, budget: &mut usize) -> Result<Option<Run<'a, A>>, TooComplex> {
-        while let Some((range, kept)) = self.pending.pop() {
+    /// The next box and its candidates, or `None` when done.
+    fn next(&mut self, budget: &mut usize) -> Result<Option<Start<A>>, TooComplex> {
+        loop {
+            if let Some(i) = self.taking.0.next_back() {
+                let list = self.taking.1.as_ref().map_or(self.list, |v| &v[..]);
+                return Ok(Some((self.boxes[i], list.to_vec())));
+            }
+            let Some((range, kept)) = self.pending.pop() else {
+                return Ok(None);
+            };
             let run = &self.boxes[range.clone()];
             let list = kept.as_ref().map_or(self.list, |v| &v[..]);
             // Narrowing costs a scan of the list: tried only where the
             // run's scans of it would cost more.
             if run.len() <= RUN_MAX || run.len() * list.len() < SCAN_PER_UNIT + list.len() {
-                return Ok(Some((run, kept)));
+                self.taking = (range, kept);
+                continue;
             }
             *budget = budget.checked_sub(box_cost(list)).ok_or(TooComplex)?;
             let mut hull = run[0];
@@ -247,14 +258,14 @@ impl<'a, A: Address> Runs<'a, A> {
             // hull leaves the candidates as they were, the boxes go on
             // with them, and no more is spent on narrowing.
             if (list.len() - near.len()) * run.len() < SCAN_PER_UNIT + list.len() {
-                return Ok(Some((run, Some(near))));
+                self.taking = (range, Some(near));
+                continue;
             }
             let mid = range.start + run.len() / 2;
             // The later half first: boxes go last first.
             self.pending.push((range.start..mid, Some(near.clone())));
             self.pending.push((mid..range.end, Some(near)));
         }
-        Ok(None)
     }
 }
 
@@ -312,42 +323,39 @@ fn coverage_family<A: Address + Scalar>(
     // so that a rule of thousands of boxes does not hold a copy of the
     // candidates for each.
     let boxes = boxes_of(entries, rule);
-    let mut runs = Runs::new(entries, &boxes, &earlier);
-    while let Some((run, near)) = runs.next(budget)? {
-        let near = near.as_ref().map_or(&earlier[..], |v| &v[..]);
-        for &b in run.iter().rev() {
-            let mut stack: Vec<(Fields<A>, Vec<u32>)> = vec![(b, near.to_vec())];
-            while let Some((b, list)) = stack.pop() {
-                *budget = budget.checked_sub(box_cost(&list)).ok_or(TooComplex)?;
-                let list = within(entries, &list, &b);
-                let Some(&first) = list.first() else {
-                    return Ok(false);
-                };
-                let e = &entries[first as usize];
-                // A point of the box that no candidate holds proves the rule
-                // decides some flow: the usual answer, found without cutting.
-                if list.len() > PEEL_MAX && uncovered_point(entries, &list, &b) {
-                    return Ok(false);
+    let mut starts = Runs::new(entries, &boxes, &earlier);
+    while let Some(start) = starts.next(budget)? {
+        let mut stack: Vec<Start<A>> = vec![start];
+        while let Some((b, list)) = stack.pop() {
+            *budget = budget.checked_sub(box_cost(&list)).ok_or(TooComplex)?;
+            let list = within(entries, &list, &b);
+            let Some(&first) = list.first() else {
+                return Ok(false);
+            };
+            let e = &entries[first as usize];
+            // A point of the box that no candidate holds proves the rule
+            // decides some flow: the usual answer, found without cutting.
+            if list.len() > PEEL_MAX && uncovered_point(entries, &list, &b) {
+                return Ok(false);
+            }
+            if e.fields.covers(&b) {
+                if !contributors.contains(&e.rule) {
+                    contributors.push(e.rule);
                 }
-                if e.fields.covers(&b) {
-                    if !contributors.contains(&e.rule) {
-                        contributors.push(e.rule);
-                    }
+                continue;
+            }
+            if list.len() > PEEL_MAX {
+                if let Some(halves) = balanced_cut(&b, boxes_in(entries, &list)) {
+                    stack.extend(halves.map(|h| (h, list.clone())));
                     continue;
                 }
-                if list.len() > PEEL_MAX {
-                    if let Some(halves) = balanced_cut(&b, boxes_in(entries, &list)) {
-                        stack.extend(halves.map(|h| (h, list.clone())));
-                        continue;
-                    }
-                }
-                stack.extend(intersect(&b, &e.fields).map(|x| (x, list.clone())));
-                let mut outside = Vec::new();
-                subtract(&b, &e.fields, &mut outside);
-                stack.extend(outside.into_iter().map(|x| (x, list.clone())));
-                if stack.len() > PIECE_BUDGET {
-                    return Err(TooComplex);
-                }
+            }
+            stack.extend(intersect(&b, &e.fields).map(|x| (x, list.clone())));
+            let mut outside = Vec::new();
+            subtract(&b, &e.fields, &mut outside);
+            stack.extend(outside.into_iter().map(|x| (x, list.clone())));
+            if stack.len() > PIECE_BUDGET {
+                return Err(TooComplex);
             }
         }
     }
@@ -436,35 +444,32 @@ fn search<A: Address + Scalar>(
     // One box at a time, last first (as one stack of them all would go),
     // so that a rule of thousands of boxes does not hold a copy of the
     // candidates for each.
-    let mut runs = Runs::new(entries, &boxes, list);
-    while let Some((run, near)) = runs.next(budget)? {
-        let near = near.as_ref().map_or(list, |v| &v[..]);
-        for &b in run.iter().rev() {
-            let mut stack: Vec<(Fields<A>, Vec<u32>)> = vec![(b, near.to_vec())];
-            while let Some((b, list)) = stack.pop() {
-                *budget = budget.checked_sub(box_cost(&list)).ok_or(TooComplex)?;
-                let list = within(entries, &list, &b);
-                match step(&b, &list) {
-                    Step::Answer(a) => return Ok(a),
-                    Step::Settled => continue,
-                    Step::Cut => {}
+    let mut starts = Runs::new(entries, &boxes, list);
+    while let Some(start) = starts.next(budget)? {
+        let mut stack: Vec<Start<A>> = vec![start];
+        while let Some((b, list)) = stack.pop() {
+            *budget = budget.checked_sub(box_cost(&list)).ok_or(TooComplex)?;
+            let list = within(entries, &list, &b);
+            match step(&b, &list) {
+                Step::Answer(a) => return Ok(a),
+                Step::Settled => continue,
+                Step::Cut => {}
+            }
+            let halves = if list.len() > PEEL_MAX {
+                balanced_cut(&b, boxes_in(entries, &list))
+            } else {
+                None
+            };
+            match halves {
+                Some(halves) => stack.extend(halves.map(|h| (h, list.clone()))),
+                None => {
+                    let mut outside = Vec::new();
+                    subtract(&b, &entries[list[0] as usize].fields, &mut outside);
+                    stack.extend(outside.into_iter().map(|x| (x, list[1..].to_vec())));
                 }
-                let halves = if list.len() > PEEL_MAX {
-                    balanced_cut(&b, boxes_in(entries, &list))
-                } else {
-                    None
-                };
-                match halves {
-                    Some(halves) => stack.extend(halves.map(|h| (h, list.clone()))),
-                    None => {
-                        let mut outside = Vec::new();
-                        subtract(&b, &entries[list[0] as usize].fields, &mut outside);
-                        stack.extend(outside.into_iter().map(|x| (x, list[1..].to_vec())));
-                    }
-                }
-                if stack.len() > PIECE_BUDGET {
-                    return Err(TooComplex);
-                }
+            }
+            if stack.len() > PIECE_BUDGET {
+                return Err(TooComplex);
             }
         }
     }
@@ -2873,8 +2878,8 @@ mod tests {
 
     proptest::proptest! {
         /// A rule's boxes come out of [`Runs`] in the order they would
-        /// go one by one (last first), and each box finds in its run's
-        /// candidates exactly what it finds in the whole list; where the
+        /// go one by one (last first), and each box finds in the
+        /// candidates it comes with exactly what it finds in the whole list; where the
         /// boxes lie near one another (sorted, as a rule's cross product
         /// is) and the candidates are many, runs narrow them.
         #[test]
@@ -2903,14 +2908,11 @@ mod tests {
             boxes.sort_by_key(boxes_order);
             let list: Vec<u32> = (0..entries.len() as u32).collect();
             let mut budget = usize::MAX;
-            let mut runs = Runs::new(&entries, &boxes, &list);
+            let mut starts = Runs::new(&entries, &boxes, &list);
             let mut order = Vec::new();
-            while let Some((run, near)) = runs.next(&mut budget).unwrap() {
-                let near = near.as_ref().map_or(&list[..], |v| &v[..]);
-                for b in run.iter().rev() {
-                    proptest::prop_assert_eq!(within(&entries, near, b), within(&entries, &list, b));
-                    order.push(*b);
-                }
+            while let Some((b, near)) = starts.next(&mut budget).unwrap() {
+                proptest::prop_assert_eq!(within(&entries, &near, &b), within(&entries, &list, &b));
+                order.push(b);
             }
             boxes.reverse();
             proptest::prop_assert_eq!(order, boxes);
@@ -2932,10 +2934,10 @@ mod tests {
             .collect();
         let list: Vec<u32> = (0..1000).collect();
         let mut budget = 10_000;
-        let mut runs = Runs::new(&entries, &boxes, &list);
+        let mut starts = Runs::new(&entries, &boxes, &list);
         let mut longest = 0;
-        while let Some((_, near)) = runs.next(&mut budget).unwrap() {
-            longest = longest.max(near.map_or(list.len(), |v| v.len()));
+        while let Some((_, near)) = starts.next(&mut budget).unwrap() {
+            longest = longest.max(near.len());
         }
         // Narrowed until a run's scans cost less than narrowing again.
         assert!(longest <= 8, "{longest}");
