@@ -2,9 +2,10 @@
 # Times palisade's policy analyses (`lint`, `diff`) on the ClassBench 10k
 # sets in ../shared/data/classbench/, imported into the policy language, and
 # on changes a review brings: a broad rule inserted or removed, two inserted
-# at once, a broad allow above every rule, a rule of many boxes. Prints, per
-# case, the exit code, wall time, peak resident memory and the answer's
-# counts (or the error).
+# at once, a broad allow above every rule, a rule of many boxes (in a small
+# policy, and beside a broad deny in each set). Prints, per case, the exit
+# code, wall time, peak resident memory and the answer's counts (or the
+# error).
 #
 #   benches/analysis.sh                     # every case, REPS=1
 #   SETS="fw1_10k" REPS=3 benches/analysis.sh
@@ -31,6 +32,15 @@ BIN="$ROOT/target/release/palisade"
 insert_after() { # file line text -> the file with `text` after line `line`
   awk -v n="$2" -v t="$3" '{print} NR == n {print t}' "$1"
 }
+# Two networks of 400 IPv4 /24s each, spread over the addresses: a rule
+# from one to the other is 160,000 boxes.
+awk 'BEGIN {
+  x = 9541; for (s = 1; s <= 2; s++) { line = "net wide" s " ="; sep = " "; n = 0
+    delete seen
+    while (n < 400) { x = (x * 1103515245 + 12345 + s) % 2147483648; v = int(x / 256) % 16777216
+      if (!(v in seen)) { seen[v] = 1; n++
+        line = line sep sprintf("%d.%d.%d.0/24", int(v / 65536), int(v / 256) % 256, v % 256); sep = ", " } }
+    print line } }' >"$WORK/wide.nets"
 for set in $SETS; do
   "$BIN" import classbench "$DATA/$set" >"$WORK/$set.policy"
   awk '/^rule cb[0-9]+ allow/ { n = substr($2, 3) + 0; if (n % 3 == 2) sub(/ allow /, " deny ") } {print}' \
@@ -44,6 +54,11 @@ for set in $SETS; do
   # The rule in the middle removed.
   at=$(grep -n '^rule ' "$WORK/$set.mixed.policy" | sed -n "${mid}p" | cut -d: -f1)
   sed "${at}d" "$WORK/$set.mixed.policy" >"$WORK/$set.rm.policy"
+  # The deny for ssh, and a deny from `wide1` to `wide2` further down.
+  { cat "$WORK/wide.nets" "$WORK/$set.mixed.policy"; } >"$WORK/$set.wide.policy"
+  { cat "$WORK/wide.nets"
+    insert_after "$WORK/$set.ins.policy" $((mid + 1000)) "rule big deny wide1 -> wide2 service tcp/80"
+  } >"$WORK/$set.big.policy"
   # A broad allow above every rule.
   first=$(awk '/^rule / {print NR; exit}' "$WORK/$set.mixed.policy")
   insert_after "$WORK/$set.mixed.policy" $((first - 1)) "rule web allow any4 -> any4 service tcp/80" \
@@ -86,6 +101,7 @@ for set in $SETS; do
   run "diff $set +two denies" "$BIN" diff "$WORK/$set.mixed.policy" "$WORK/$set.two.policy"
   run "diff $set -middle rule" "$BIN" diff "$WORK/$set.mixed.policy" "$WORK/$set.rm.policy"
   run "diff $set +web on top" "$BIN" diff "$WORK/$set.mixed.policy" "$WORK/$set.top.policy"
+  run "diff $set +ssh +160k" "$BIN" diff "$WORK/$set.wide.policy" "$WORK/$set.big.policy"
 done
 run "diff small +160000 boxes" "$BIN" diff "$WORK/small.old.policy" "$WORK/small.new.policy"
 run "lint small +160000 boxes" "$BIN" lint --today "$TODAY" "$WORK/small.new.policy"

@@ -855,6 +855,101 @@ proptest! {
     }
 }
 
+/// `count` distinct /64s of 2001:db8:`n`::/48 (their fourth groups), in
+/// a scrambled order.
+fn scrambled_nets(n: u16, count: usize) -> Vec<u16> {
+    let mut x = 0x2545u16;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    while out.len() < count {
+        x = x.wrapping_mul(25173).wrapping_add(13849 + n);
+        if seen.insert(x) {
+            out.push(x);
+        }
+    }
+    out
+}
+
+/// The /64s of [`scrambled_nets`] as a policy lists them.
+fn nets_text(nets: &[u16], n: u16) -> String {
+    nets.iter()
+        .map(|w| format!("2001:db8:{n:x}:{w:x}::/64"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A rule of 62,500 boxes (250 networks to 250 others) inserted into a
+/// small policy, described by rule: the flows it takes from the later
+/// allow it overlaps are named with that rule alone, not with the later
+/// deny (its own verdict), the later allow it misses, or the default.
+/// (Finding the later rules was paid as every box tested against every
+/// entry, 62,500 x 62,500 tests: refused as too complex.)
+#[test]
+fn diff_by_rule_names_the_later_rules_of_a_rule_of_many_boxes() {
+    use palisade::policy::analysis::diff_by_rule;
+    let (srcs, dsts) = (scrambled_nets(1, 250), scrambled_nets(2, 250));
+    let rules = |big: &str| {
+        format!(
+            "net many_src = {}\nnet many_dst = {}\n\
+             rule ssh allow 2001:db8::/32 -> 2001:db8:2::/48 service tcp/22\n{big}\
+             rule upper allow 2001:db8:1:8000::/49 -> any6 service tcp/80\n\
+             rule close deny 2001:db8:1::/48 -> 2001:db8:2::/48 service tcp/80\n\
+             rule elsewhere allow 2001:db8:3::/48 -> any6 service tcp/80\n\
+             default deny\n",
+            nets_text(&srcs, 1),
+            nets_text(&dsts, 2)
+        )
+    };
+    let old = compile_lenient(&rules("")).unwrap();
+    let new = compile_lenient(&rules(
+        "rule big deny many_src -> many_dst service tcp/80\n",
+    ))
+    .unwrap();
+    let by_rule = diff_by_rule(&old, &new)
+        .expect("one rule inserted")
+        .unwrap();
+    assert_eq!(
+        (&by_rule.removed[..], &by_rule.added[..]),
+        (&[][..], &[1][..])
+    );
+    let [change] = &by_rule.changes[..] else {
+        panic!("{by_rule:#?}")
+    };
+    assert!(
+        change.region.starts_with("the flows of the new `big` ("),
+        "{change}"
+    );
+    assert_eq!(
+        (change.old_verdict, change.new_verdict),
+        (Verdict::Allow, Verdict::Deny)
+    );
+    assert_eq!(change.old_rules.names, ["upper"], "{change}");
+    assert!(!change.old_rules.more, "{change}");
+    assert_eq!(change.new_rules.names, ["big"], "{change}");
+    // And so the policies decide: flows of `big` from the upper half
+    // changed, from `upper`; the others did not.
+    let addr = |n: u16, w: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, n, w, 0, 0, 0, 1));
+    let mut changed = 0;
+    for &s in srcs.iter().step_by(13) {
+        for &d in dsts.iter().step_by(17) {
+            let key = FlowKey {
+                src: addr(1, s),
+                dst: addr(2, d),
+                proto: 6,
+                src_port: 40000,
+                dst_port: 80,
+            };
+            let (was, now) = (old.decide(&key), new.decide(&key));
+            assert_eq!(now.verdict, Verdict::Deny, "{key:?}");
+            if was.verdict == Verdict::Allow {
+                assert_eq!(old.rule_name(was.rule), "upper", "{key:?}");
+                changed += 1;
+            }
+        }
+    }
+    assert!(changed > 10, "{changed}");
+}
+
 /// A rule edited in place right before an identical twin: the edit is
 /// taken as one rule replaced (not the twin paired with the edited rule
 /// and two rules changed), and described by rule.
@@ -1067,31 +1162,12 @@ fn diff_by_rules_reads_as_the_edit() {
 #[test]
 fn diff_lists_the_regions_of_a_rule_of_many_boxes() {
     use palisade::classify::{FamilyKey, FlowKey};
-    // 400 distinct /64s in 2001:db8:N::/48, in a scrambled order.
-    let nets = |n: u16| -> Vec<u16> {
-        let mut x = 0x2545u16;
-        let mut seen = std::collections::BTreeSet::new();
-        let mut out = Vec::new();
-        while out.len() < 400 {
-            x = x.wrapping_mul(25173).wrapping_add(13849 + n);
-            if seen.insert(x) {
-                out.push(x);
-            }
-        }
-        out
-    };
-    let (srcs, dsts) = (nets(1), nets(2));
-    let text = |v: &[u16], n: u16| -> String {
-        v.iter()
-            .map(|w| format!("2001:db8:{n:x}:{w:x}::/64"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let (srcs, dsts) = (scrambled_nets(1, 400), scrambled_nets(2, 400));
     let base = format!(
         "net many_src = {}\nnet many_dst = {}\n\
          rule web allow 2001:db8:1::/49 -> any6 service tcp/80\n",
-        text(&srcs, 1),
-        text(&dsts, 2)
+        nets_text(&srcs, 1),
+        nets_text(&dsts, 2)
     );
     let old = compile_lenient(&format!("{base}default allow\n")).unwrap();
     let new = compile_lenient(&format!(

@@ -185,6 +185,17 @@ impl<A: Address> Fields<A> {
             && self.dst_port.covers(&other.dst_port)
             && self.proto.covers(&other.proto)
     }
+
+    /// The smallest box holding both.
+    pub fn hull(&self, other: &Self) -> Self {
+        Fields {
+            src: self.src.hull(&other.src),
+            dst: self.dst.hull(&other.dst),
+            src_port: self.src_port.hull(&other.src_port),
+            dst_port: self.dst_port.hull(&other.dst_port),
+            proto: self.proto.hull(&other.proto),
+        }
+    }
 }
 
 /// One box of the classifier: its fields and the rule it belongs to. Entries
