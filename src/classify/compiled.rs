@@ -993,6 +993,8 @@ impl<A: Address> Classifier<A> {
             partition: Partition::Single,
             leaf: STRATEGIES[0].leaf,
         });
+        // The groups and leaf target of the strategy that last failed.
+        let mut failed: Option<(Vec<Vec<u32>>, usize)> = None;
         for strategy in single.into_iter().chain(STRATEGIES) {
             if strategy.leaf > limits.max_leaf.max(1) {
                 continue;
@@ -1001,6 +1003,12 @@ impl<A: Address> Classifier<A> {
             // Trees are looked up in order of their best priority; sorting
             // the groups first lets each tree's leaves know the later trees.
             groups.sort_by_key(|g| g.first().copied().unwrap_or(u32::MAX));
+            // A partition that groups the entries as the one that just
+            // failed would fail the same way (when all of a set's entries
+            // are wide in one field, say): not built twice.
+            if failed.as_ref() == Some(&(groups.clone(), strategy.leaf)) {
+                continue;
+            }
             let shared = rules.len() * std::mem::size_of::<RuleId>();
             let mut builder = Builder {
                 rects: &rects,
@@ -1039,6 +1047,7 @@ impl<A: Address> Classifier<A> {
             if work_left == 0 {
                 break;
             }
+            failed = Some((groups, strategy.leaf));
         }
         Err(BuildError::TooComplex {
             memory_limit: limits.max_memory_bytes,
@@ -1748,6 +1757,23 @@ impl<A: Address> Builder<'_, A> {
                 }
             }
         }
+        // The top 16 bits of each field's ends (a protocol's 8 bits
+        // shifted up), read once: every shape's slots are their top bits,
+        // and the entries' boxes (up to 160 bytes each) are read once
+        // instead of once per shape.
+        let tops: Vec<[u16; 2 * DIMS]> = ids
+            .iter()
+            .map(|&i| {
+                let r = &self.rects[i as usize];
+                std::array::from_fn(|k| {
+                    let (d, v) = (k / 2, if k % 2 == 0 { r.lo[k / 2] } else { r.hi[k / 2] });
+                    match dim_bits::<A>(d) {
+                        8 => (v.low_u32() as u16) << 8,
+                        w => (v >> (w - 16)).low_u32() as u16,
+                    }
+                })
+            })
+            .collect();
         let mut best: Option<((usize, u32, u64), RootShape)> = None;
         let enough = n / 64;
         for shape in shapes {
@@ -1765,10 +1791,18 @@ impl<A: Address> Builder<'_, A> {
             let stride = w1 + 1;
             let mut diff = vec![0i64; (w0 + 1) * stride];
             let mut copies = 0usize;
-            for &i in ids {
-                let r = &self.rects[i as usize];
-                let (a0, a1) = shape.span(0, r.lo[shape.dims[0]], r.hi[shape.dims[0]]);
-                let (b0, b1) = shape.span(1, r.lo[shape.dims[1]], r.hi[shape.dims[1]]);
+            let span = |f: usize, t: &[u16; 2 * DIMS]| -> (usize, usize) {
+                let (d, bits) = (shape.dims[f], shape.bits[f]);
+                match bits {
+                    0 => (0, 0),
+                    _ => (
+                        usize::from(t[2 * d] >> (16 - bits)),
+                        usize::from(t[2 * d + 1] >> (16 - bits)),
+                    ),
+                }
+            };
+            for t in &tops {
+                let ((a0, a1), (b0, b1)) = (span(0, t), span(1, t));
                 diff[a0 * stride + b0] += 1;
                 diff[a0 * stride + b1 + 1] -= 1;
                 diff[(a1 + 1) * stride + b0] -= 1;
