@@ -208,11 +208,30 @@ struct Runs<'a, A> {
 
 /// A run's candidates: `None` for all of the list (not copied, since
 /// most rules are a run of their own).
-type Near = Option<Rc<Vec<u32>>>;
+type Near = Option<Rc<[u32]>>;
 
-/// A box to search, and the candidates (indices, in order) to search it
-/// with.
-type Start<A> = (Fields<A>, Vec<u32>);
+/// Candidates (indices into the entries, in order): all of a search's
+/// list, or a part of it that the boxes cut from one box share, so that
+/// neither is copied for each box.
+#[derive(Clone)]
+enum Cands<'a> {
+    Whole(&'a [u32]),
+    Part(Rc<[u32]>),
+}
+
+impl std::ops::Deref for Cands<'_> {
+    type Target = [u32];
+
+    fn deref(&self) -> &[u32] {
+        match self {
+            Cands::Whole(list) => list,
+            Cands::Part(list) => list,
+        }
+    }
+}
+
+/// A box to search, and the candidates to search it with.
+type Start<'a, A> = (Fields<A>, Cands<'a>);
 
 impl<'a, A: Address> Runs<'a, A> {
     fn new(entries: &'a [Entry<A>], boxes: &'a [Fields<A>], list: &'a [u32]) -> Self {
@@ -226,11 +245,14 @@ impl<'a, A: Address> Runs<'a, A> {
     }
 
     /// The next box and its candidates, or `None` when done.
-    fn next(&mut self, budget: &mut usize) -> Result<Option<Start<A>>, TooComplex> {
+    fn next(&mut self, budget: &mut usize) -> Result<Option<Start<'a, A>>, TooComplex> {
         loop {
             if let Some(i) = self.taking.0.next_back() {
-                let list = self.taking.1.as_ref().map_or(self.list, |v| &v[..]);
-                return Ok(Some((self.boxes[i], list.to_vec())));
+                let list = match &self.taking.1 {
+                    Some(near) => Cands::Part(near.clone()),
+                    None => Cands::Whole(self.list),
+                };
+                return Ok(Some((self.boxes[i], list)));
             }
             let Some((range, kept)) = self.pending.pop() else {
                 return Ok(None);
@@ -245,7 +267,7 @@ impl<'a, A: Address> Runs<'a, A> {
             }
             *budget = budget.checked_sub(box_cost(list)).ok_or(TooComplex)?;
             let hull = run[1..].iter().fold(run[0], |h, b| h.hull(b));
-            let near = Rc::new(within(self.entries, list, &hull));
+            let near: Rc<[u32]> = within(self.entries, list, &hull).into();
             // Halved further only where this narrowing paid for itself
             // (the run's scans saved at least what it cost): where the
             // hull leaves the candidates as they were, the boxes go on
@@ -496,12 +518,21 @@ fn entries_before<A: Address>(
     rule: RuleId,
     counts: &dyn Fn(RuleId) -> bool,
 ) -> Vec<u32> {
-    (0..entries.len() as u32)
-        .filter(|&i| {
-            let e = &entries[i as usize];
-            e.rule < rule && counts(e.rule)
-        })
-        .collect()
+    // Entries come in rule order: each rule is asked about once.
+    let end = entries.partition_point(|e| e.rule < rule);
+    let mut out = Vec::with_capacity(end);
+    let mut last = None;
+    for (i, e) in entries[..end].iter().enumerate() {
+        let counted = match last {
+            Some((id, counted)) if id == e.rule => counted,
+            _ => counts(e.rule),
+        };
+        last = Some((e.rule, counted));
+        if counted {
+            out.push(i as u32);
+        }
+    }
+    out
 }
 
 /// Whether a point of `b` that no candidate of `list` holds is found
@@ -553,11 +584,14 @@ fn coverage_family<A: Address + Scalar>(
                 }
                 continue;
             }
-            if list.len() > PEEL_MAX {
-                if let Some(halves) = balanced_cut(&b, boxes_in(entries, &list)) {
-                    stack.extend(halves.map(|h| (h, list.clone())));
-                    continue;
-                }
+            let halves = match list.len() > PEEL_MAX {
+                true => balanced_cut(&b, boxes_in(entries, &list)),
+                false => None,
+            };
+            let list = Cands::Part(list.into());
+            if let Some(halves) = halves {
+                stack.extend(halves.map(|h| (h, list.clone())));
+                continue;
             }
             stack.extend(intersect(&b, &e.fields).map(|x| (x, list.clone())));
             let mut outside = Vec::new();
@@ -670,11 +704,15 @@ fn search<A: Address + Scalar>(
                 None
             };
             match halves {
-                Some(halves) => stack.extend(halves.map(|h| (h, list.clone()))),
+                Some(halves) => {
+                    let list = Cands::Part(list.into());
+                    stack.extend(halves.map(|h| (h, list.clone())));
+                }
                 None => {
                     let mut outside = Vec::new();
                     subtract(&b, &entries[list[0] as usize].fields, &mut outside);
-                    stack.extend(outside.into_iter().map(|x| (x, list[1..].to_vec())));
+                    let rest = Cands::Part(list[1..].into());
+                    stack.extend(outside.into_iter().map(|x| (x, rest.clone())));
                 }
             }
             if stack.len() > PIECE_BUDGET {
