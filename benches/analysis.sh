@@ -102,6 +102,7 @@ for set in $SETS; do
   run "diff $set -middle rule" "$BIN" diff "$WORK/$set.mixed.policy" "$WORK/$set.rm.policy"
   run "diff $set +web on top" "$BIN" diff "$WORK/$set.mixed.policy" "$WORK/$set.top.policy"
   run "diff $set +ssh +160k" "$BIN" diff "$WORK/$set.wide.policy" "$WORK/$set.big.policy"
+  run "lint $set +ssh +160k" "$BIN" lint --today "$TODAY" "$WORK/$set.big.policy"
 done
 run "diff small +160000 boxes" "$BIN" diff "$WORK/small.old.policy" "$WORK/small.new.policy"
 run "lint small +160000 boxes" "$BIN" lint --today "$TODAY" "$WORK/small.new.policy"
