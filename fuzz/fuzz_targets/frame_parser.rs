@@ -14,7 +14,12 @@ use palisade::packet::{parse, Payload};
 fuzz_target!(|data: &[u8]| {
     if let Ok(frame) = parse(data) {
         if let Payload::Ip(ip) = frame.payload {
-            assert!(ip.ip_len <= data.len(), "ip_len {} > frame {}", ip.ip_len, data.len());
+            assert!(
+                ip.ip_len <= data.len(),
+                "ip_len {} > frame {}",
+                ip.ip_len,
+                data.len()
+            );
         }
     }
     if data.len() >= 10 {

@@ -29,14 +29,20 @@ fuzz_target!(|data: &[u8]| {
     };
     let lines = text.lines().count().max(1);
     let mut tags = BTreeMap::new();
-    tags.insert("VirtualNetwork".to_string(), vec!["192.0.2.0/24".to_string()]);
+    tags.insert(
+        "VirtualNetwork".to_string(),
+        vec!["192.0.2.0/24".to_string()],
+    );
     tags.insert("Internet".to_string(), vec!["0.0.0.0/0".to_string()]);
     for direction in [None, Some(Direction::Inbound), Some(Direction::Outbound)] {
         match nsg(text, &tags, direction) {
             Ok(imported) => compiles("import nsg", &imported.text),
             Err(e) => {
                 if let Some((line, col)) = e.at() {
-                    assert!(line >= 1 && line <= lines + 1 && col >= 1, "{e:?} in {lines} lines");
+                    assert!(
+                        line >= 1 && line <= lines + 1 && col >= 1,
+                        "{e:?} in {lines} lines"
+                    );
                 }
             }
         }
@@ -45,7 +51,10 @@ fuzz_target!(|data: &[u8]| {
         Ok(policy) => compiles("import classbench", &policy),
         Err(e) => {
             if let Some((line, col)) = e.at() {
-                assert!(line >= 1 && line <= lines + 1 && col >= 1, "{e:?} in {lines} lines");
+                assert!(
+                    line >= 1 && line <= lines + 1 && col >= 1,
+                    "{e:?} in {lines} lines"
+                );
             }
         }
     }

@@ -29,14 +29,23 @@ fuzz_target!(|data: &[u8]| {
                 let c = canonical(ip);
                 assert_eq!(canonical(c), c);
                 if internal_range(c).is_some() {
-                    assert!(internal_range(ip).is_some(), "{raw:?}: {ip} carries internal {c}");
+                    assert!(
+                        internal_range(ip).is_some(),
+                        "{raw:?}: {ip} carries internal {c}"
+                    );
                 }
             }
             Ok(Host::Name(name)) => {
                 assert_eq!(parse_host(&name), Ok(Host::Name(name.clone())), "{raw:?}");
                 let bare = name.strip_suffix('.').unwrap_or(&name);
-                assert!(parse_ipv4_loose(bare).is_none(), "{raw:?} read as name {name:?}");
-                assert!(bare.parse::<IpAddr>().is_err(), "{raw:?} read as name {name:?}");
+                assert!(
+                    parse_ipv4_loose(bare).is_none(),
+                    "{raw:?} read as name {name:?}"
+                );
+                assert!(
+                    bare.parse::<IpAddr>().is_err(),
+                    "{raw:?} read as name {name:?}"
+                );
             }
             Err(_) => {}
         }
@@ -54,7 +63,11 @@ fuzz_target!(|data: &[u8]| {
             );
         }
         FirstBytes::Incomplete { need } => {
-            assert!(need > data.len() && need <= MAX_RECORD, "need {need} of {}", data.len());
+            assert!(
+                need > data.len() && need <= MAX_RECORD,
+                "need {need} of {}",
+                data.len()
+            );
         }
         _ => {}
     }
