@@ -635,13 +635,14 @@ proptest! {
     }
 }
 
-/// A policy of `rule broad allow BROAD -> any4`, 1,999 rules on other
-/// sources, then `rule narrow allow NARROW` and `default deny`.
+/// A policy of `rule broad allow BROAD -> any4`, 1,999 rules from BROAD
+/// to 203.0.113.0/24 on tcp ports 1000 to 2998, then `rule narrow allow
+/// NARROW` and `default deny`.
 fn behind_2000_rules(broad: &str, narrow: &str) -> palisade::policy::Policy {
     let mut text = format!("rule broad allow {broad} -> any4\n");
     for k in 0..1999 {
         text += &format!(
-            "rule r{k} allow 192.0.2.0/24 -> any4 service tcp/{}\n",
+            "rule r{k} allow {broad} -> 203.0.113.0/24 service tcp/{}\n",
             1000 + k
         );
     }
@@ -650,13 +651,13 @@ fn behind_2000_rules(broad: &str, narrow: &str) -> palisade::policy::Policy {
 }
 
 /// The analyses' budgets bound the candidates they go through, not only
-/// the boxes they cut: one box with 2,000 earlier rules to look through
-/// costs 8 units (one, and one per 256 candidates), so that no pair of
-/// policies can make a bounded analysis scan without end.
+/// the boxes they cut: one box that 2,000 earlier rules overlap costs 8
+/// units (one, and one per 256 candidates), so that no pair of policies
+/// can make a bounded analysis scan without end.
 #[test]
 fn an_analysis_budget_pays_for_the_candidates_it_scans() {
     use palisade::policy::analysis::{coverage, coverage_in_bulk, Coverage};
-    let policy = behind_2000_rules("10.0.0.0/8", "10.1.0.0/16 -> any4 service tcp/22");
+    let policy = behind_2000_rules("10.0.0.0/8", "10.1.0.0/16 -> any4 service tcp");
     let (v4, v6) = entries(&policy);
     let narrow = policy.rules().last().unwrap().id;
     let all = |_: u32| true;
@@ -678,8 +679,9 @@ fn an_analysis_budget_pays_for_the_candidates_it_scans() {
 
 /// A rule of many boxes scans the candidates they share once for them
 /// all, not once per box: 64 boxes inside one earlier broad rule, behind
-/// 2,000 others, cost about what one box against them does plus a unit
-/// per box (8 units each, 512 in all, when every box scanned them).
+/// 2,000 others that overlap their hull (but not one of them), cost about
+/// what one box against them does plus a unit per box (8 units each, 512
+/// in all, when every box scanned them).
 #[test]
 fn a_rule_of_many_boxes_scans_its_candidates_once() {
     use palisade::policy::analysis::{coverage, Coverage};

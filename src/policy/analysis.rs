@@ -512,15 +512,21 @@ fn boxes_of<A: Address>(entries: &[Entry<A>], rule: RuleId) -> Vec<Fields<A>> {
 }
 
 /// The entries (indices, in order) of the rules before `rule` that
-/// `counts` accepts: the candidates for the first match of its flows.
+/// `counts` accepts and that overlap the hull of its boxes: the
+/// candidates for the first match of its flows (an entry outside the hull
+/// overlaps none of them, nor any part of one).
 fn entries_before<A: Address>(
     entries: &[Entry<A>],
     rule: RuleId,
     counts: &dyn Fn(RuleId) -> bool,
 ) -> Vec<u32> {
-    // Entries come in rule order: each rule is asked about once.
     let end = entries.partition_point(|e| e.rule < rule);
-    let mut out = Vec::with_capacity(end);
+    let own = entries[end..].iter().take_while(|e| e.rule == rule);
+    let Some(hull) = own.map(|e| e.fields).reduce(|h, b| h.hull(&b)) else {
+        return Vec::new();
+    };
+    // Entries come in rule order: each rule is asked about once.
+    let mut out = Vec::new();
     let mut last = None;
     for (i, e) in entries[..end].iter().enumerate() {
         let counted = match last {
@@ -528,7 +534,7 @@ fn entries_before<A: Address>(
             _ => counts(e.rule),
         };
         last = Some((e.rule, counted));
-        if counted {
+        if counted && overlaps(&e.fields, &hull) {
             out.push(i as u32);
         }
     }
