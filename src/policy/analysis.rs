@@ -475,18 +475,29 @@ impl<A: Address + Scalar + Into<u128>> Hulls<A> {
         v
     }
 
-    /// What each box of `other`, in turn, shares with the boxes.
-    fn shared_boxes(&mut self, other: &[Fields<A>]) -> Vec<Fields<A>> {
-        if self.nodes.is_empty() {
-            self.tests += self.boxes.len() * other.len();
-            let each = |y| self.boxes.iter().filter_map(move |b| intersect(b, y));
-            return other.iter().flat_map(each).collect();
-        }
+    /// What each box of `other`, in turn, shares with the boxes: `None`
+    /// once that is more than `most` boxes (each box copied counted as a
+    /// test).
+    fn shared_boxes(&mut self, other: &[Fields<A>], most: usize) -> Option<Vec<Fields<A>>> {
         let mut out = Vec::new();
+        if self.nodes.is_empty() {
+            for y in other {
+                self.tests += self.boxes.len();
+                out.extend(self.boxes.iter().filter_map(|b| intersect(b, y)));
+                if out.len() > most {
+                    return None;
+                }
+            }
+            return Some(out);
+        }
         for y in other {
+            let mut copied = 0;
             self.walk(y, |node, boxes| {
-                if y.covers(&node.hull) {
+                if out.len() > most {
+                    Visit::Stop
+                } else if y.covers(&node.hull) {
                     out.extend_from_slice(boxes);
+                    copied += boxes.len();
                     Visit::Next
                 } else {
                     if node.halves.is_none() {
@@ -495,8 +506,12 @@ impl<A: Address + Scalar + Into<u128>> Hulls<A> {
                     Visit::Below
                 }
             });
+            self.tests += copied;
+            if out.len() > most {
+                return None;
+            }
         }
-        out
+        Some(out)
     }
 }
 
@@ -514,16 +529,23 @@ fn boxes_of<A: Address>(entries: &[Entry<A>], rule: RuleId) -> Vec<Fields<A>> {
 /// The entries (indices, in order) of the rules before `rule` that
 /// `counts` accepts and that overlap the hull of its boxes: the
 /// candidates for the first match of its flows (an entry outside the hull
-/// overlaps none of them, nor any part of one).
+/// overlaps none of them, nor any part of one). Scanning the entries it
+/// leaves out is paid as scanning candidates is (see [`box_cost`]); those
+/// it keeps are paid for by the search that scans them. A budget that
+/// could not pay for scanning them all is refused before the scan.
 fn entries_before<A: Address>(
     entries: &[Entry<A>],
     rule: RuleId,
     counts: &dyn Fn(RuleId) -> bool,
-) -> Vec<u32> {
+    budget: &mut usize,
+) -> Result<Vec<u32>, TooComplex> {
     let end = entries.partition_point(|e| e.rule < rule);
+    if *budget < end / SCAN_PER_UNIT {
+        return Err(TooComplex);
+    }
     let own = entries[end..].iter().take_while(|e| e.rule == rule);
     let Some(hull) = own.map(|e| e.fields).reduce(|h, b| h.hull(&b)) else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     // Entries come in rule order: each rule is asked about once.
     let mut out = Vec::new();
@@ -538,7 +560,11 @@ fn entries_before<A: Address>(
             out.push(i as u32);
         }
     }
-    out
+    let left_out = end - out.len();
+    *budget = budget
+        .checked_sub(left_out / SCAN_PER_UNIT)
+        .ok_or(TooComplex)?;
+    Ok(out)
 }
 
 /// Whether a point of `b` that no candidate of `list` holds is found
@@ -564,7 +590,7 @@ fn coverage_family<A: Address + Scalar>(
     budget: &mut usize,
     contributors: &mut Vec<RuleId>,
 ) -> Result<bool, TooComplex> {
-    let earlier = entries_before(entries, rule, covers);
+    let earlier = entries_before(entries, rule, covers, budget)?;
     // One box at a time, last first (as one stack of them all would go),
     // so that a rule of thousands of boxes does not hold a copy of the
     // candidates for each.
@@ -815,14 +841,15 @@ pub fn by_shared_flows(
     rule: RuleId,
     others: &[RuleId],
 ) -> Vec<RuleId> {
-    let of = |id: RuleId| (boxes_of(v4, id), boxes_of(v6, id));
-    let own = of(rule);
+    let (mut h4, mut h6) = (
+        Hulls::new(&boxes_of(v4, rule)),
+        Hulls::new(&boxes_of(v6, rule)),
+    );
     let shares = others
         .iter()
         .map(|&id| {
-            let theirs = of(id);
-            let f4 = shared_flows(&own.0, &theirs.0);
-            let f6 = shared_flows(&own.1, &theirs.1);
+            let f4 = h4.shared_flows(&boxes_of(v4, id));
+            let f6 = h6.shared_flows(&boxes_of(v6, id));
             (shared_share(f4, f6), id)
         })
         .collect();
@@ -860,8 +887,8 @@ pub fn coverage_in_bulk(
     budget: &mut usize,
 ) -> Result<Coverage, TooComplex> {
     let (e4, e6) = (
-        entries_before(v4, rule, covers),
-        entries_before(v6, rule, covers),
+        entries_before(v4, rule, covers, budget)?,
+        entries_before(v6, rule, covers, budget)?,
     );
     let (b4, b6) = (boxes_of(v4, rule), boxes_of(v6, rule));
     if !covered_by(v4, b4.clone(), &e4, budget)? || !covered_by(v6, b6.clone(), &e6, budget)? {
@@ -961,8 +988,11 @@ fn takes_part<A: Address + Scalar + Into<u128>>(
     by: RuleId,
     budget: &mut usize,
 ) -> Result<bool, TooComplex> {
-    let shared = rule.shared_boxes(&boxes_of(entries, by));
+    // Each shared box costs the search below at least a unit: no more
+    // are made than the budget could search.
+    let shared = rule.shared_boxes(&boxes_of(entries, by), *budget);
     rule.pay(budget)?;
+    let shared = shared.ok_or(TooComplex)?;
     let before: Vec<u32> = earlier
         .iter()
         .copied()
@@ -2025,7 +2055,7 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
             .iter()
             .flat_map(|x| qb.iter().filter_map(|y| intersect(x, y)))
             .collect();
-        let earlier = entries_before(o, r.id, &|_| true);
+        let earlier = entries_before(o, r.id, &|_| true, budget)?;
         if r.verdict != q.verdict
             && !both.is_empty()
             && !covered_by(o, both.clone(), &earlier, budget)?
@@ -3231,7 +3261,7 @@ mod tests {
                 proptest::prop_assert_eq!(hulls.each_inside_one_of(&other), inside);
                 let (got, want) = (hulls.shared_flows(&other), shared_flows(&boxes, &other));
                 proptest::prop_assert!((got - want).abs() <= want * 1e-12, "{got} {want}");
-                let mut got = hulls.shared_boxes(&other);
+                let mut got = hulls.shared_boxes(&other, usize::MAX).unwrap();
                 let mut want: Vec<Fields<u32>> = other
                     .iter()
                     .flat_map(|y| boxes.iter().filter_map(|b| intersect(b, y)))
@@ -3271,6 +3301,44 @@ mod tests {
             10_000.0 * 16.0 * flows(&Fields::<u32>::any()) / 65536.0 / 2f64.powi(32)
         );
         assert!(hulls.tests <= 200, "{} tests", hulls.tests);
+        // Copying what they share is paid box by box, and bounded.
+        hulls.tests = 0;
+        let shared = hulls.shared_boxes(&half, 10_000);
+        assert_eq!(shared.map(|v| v.len()), Some(10_000));
+        assert!(
+            (10_000..=10_200).contains(&hulls.tests),
+            "{} tests",
+            hulls.tests
+        );
+        assert_eq!(hulls.shared_boxes(&half, 9_999), None);
+    }
+
+    /// The candidates leave out the earlier entries that miss the rule's
+    /// hull, and scanning those is paid: 2,000 of them cost 7 units, and
+    /// a budget that could not pay for scanning them all is refused first.
+    #[test]
+    fn candidates_pay_for_the_entries_they_leave_out() {
+        let mut entries: Vec<Entry<u32>> = (0..2000u32)
+            .map(|k| Entry {
+                fields: f((k * 16, k * 16 + 15), (443, 443)),
+                rule: k,
+            })
+            .collect();
+        // Earlier rule 1999 overlaps the last rule; no other does.
+        entries.push(Entry {
+            fields: f((31_984, 31_999), (0, 65535)),
+            rule: 2000,
+        });
+        let all = |_: RuleId| true;
+        let mut budget = 7;
+        let got = entries_before(&entries, 2000, &all, &mut budget);
+        assert_eq!(got, Ok(vec![1999]));
+        assert_eq!(budget, 0);
+        let mut budget = 6;
+        assert_eq!(
+            entries_before(&entries, 2000, &all, &mut budget),
+            Err(TooComplex)
+        );
     }
 
     /// Runs narrow where it pays: 256 boxes side by side behind 1,000
