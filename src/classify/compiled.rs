@@ -868,6 +868,20 @@ impl RootShape {
         )
     }
 
+    /// [`span`](Self::span) from the top 16 bits of each field's ends, as
+    /// `top_bits` gives them: the same slots.
+    #[inline(always)]
+    fn top_span(&self, f: usize, tops: &[u16; 2 * DIMS]) -> (usize, usize) {
+        let (d, bits) = (self.dims[f], self.bits[f]);
+        if bits == 0 {
+            return (0, 0);
+        }
+        (
+            usize::from(tops[2 * d] >> (16 - bits)),
+            usize::from(tops[2 * d + 1] >> (16 - bits)),
+        )
+    }
+
     fn total_bits(&self) -> u32 {
         self.bits[0] + self.bits[1]
     }
@@ -885,6 +899,18 @@ impl RootShape {
             region.hi[d] = (A::from((last + 1) as u16) << shift) - A::from(1);
         }
     }
+}
+
+/// The top 16 bits of each field's ends (lowest, highest; a protocol's 8
+/// bits shifted up): every root shape's slots are their top bits.
+fn top_bits<A: Address>(r: &Rect<A>) -> [u16; 2 * DIMS] {
+    std::array::from_fn(|k| {
+        let (d, v) = (k / 2, if k % 2 == 0 { r.lo[k / 2] } else { r.hi[k / 2] });
+        match dim_bits::<A>(d) {
+            8 => (v.low_u32() as u16) << 8,
+            w => (v >> (w - 16)).low_u32() as u16,
+        }
+    })
 }
 
 /// Width in bits of each dimension.
@@ -1757,22 +1783,11 @@ impl<A: Address> Builder<'_, A> {
                 }
             }
         }
-        // The top 16 bits of each field's ends (a protocol's 8 bits
-        // shifted up), read once: every shape's slots are their top bits,
-        // and the entries' boxes (up to 160 bytes each) are read once
-        // instead of once per shape.
+        // The entries' top bits, read once: their boxes (up to 160 bytes
+        // each) are then read once instead of once per shape.
         let tops: Vec<[u16; 2 * DIMS]> = ids
             .iter()
-            .map(|&i| {
-                let r = &self.rects[i as usize];
-                std::array::from_fn(|k| {
-                    let (d, v) = (k / 2, if k % 2 == 0 { r.lo[k / 2] } else { r.hi[k / 2] });
-                    match dim_bits::<A>(d) {
-                        8 => (v.low_u32() as u16) << 8,
-                        w => (v >> (w - 16)).low_u32() as u16,
-                    }
-                })
-            })
+            .map(|&i| top_bits(&self.rects[i as usize]))
             .collect();
         let mut best: Option<((usize, u32, u64), RootShape)> = None;
         let enough = n / 64;
@@ -1791,18 +1806,8 @@ impl<A: Address> Builder<'_, A> {
             let stride = w1 + 1;
             let mut diff = vec![0i64; (w0 + 1) * stride];
             let mut copies = 0usize;
-            let span = |f: usize, t: &[u16; 2 * DIMS]| -> (usize, usize) {
-                let (d, bits) = (shape.dims[f], shape.bits[f]);
-                match bits {
-                    0 => (0, 0),
-                    _ => (
-                        usize::from(t[2 * d] >> (16 - bits)),
-                        usize::from(t[2 * d + 1] >> (16 - bits)),
-                    ),
-                }
-            };
             for t in &tops {
-                let ((a0, a1), (b0, b1)) = (span(0, t), span(1, t));
+                let ((a0, a1), (b0, b1)) = (shape.top_span(0, t), shape.top_span(1, t));
                 diff[a0 * stride + b0] += 1;
                 diff[a0 * stride + b1 + 1] -= 1;
                 diff[(a1 + 1) * stride + b0] -= 1;
@@ -1990,6 +1995,52 @@ impl<A: Address> Builder<'_, A> {
 mod tests {
     use super::super::{Fields, Interval, LinearMatcher};
     use super::*;
+
+    proptest::proptest! {
+        /// A root shape's slots from an entry's top bits are its slots
+        /// from the entry itself, in every field width (IPv4 and IPv6
+        /// addresses, ports, the protocol).
+        #[test]
+        fn top_bits_give_the_same_slots(
+            lo in proptest::array::uniform5(proptest::num::u128::ANY),
+            hi in proptest::array::uniform5(proptest::num::u128::ANY),
+            dims in (0usize..DIMS, 0usize..DIMS),
+            bits in (0u32..=16, 0u32..=16),
+        ) {
+            fn check<A: Address>(r: Rect<A>, shape: RootShape) -> Result<(), proptest::test_runner::TestCaseError> {
+                let tops = top_bits(&r);
+                for f in 0..2 {
+                    let d = shape.dims[f];
+                    proptest::prop_assert_eq!(shape.top_span(f, &tops), shape.span(f, r.lo[d], r.hi[d]));
+                }
+                Ok(())
+            }
+            // Each field's values within its width.
+            let width = |d: usize, bits: u32, v: u128| match d {
+                0 | 1 => v >> (128 - bits),
+                2 | 3 => v >> 112,
+                _ => v >> 120,
+            };
+            let shape_for = |abits: u32| {
+                let fit = |d: usize, b: u32| match d {
+                    0 | 1 => b.min(abits),
+                    2 | 3 => b,
+                    _ => b.min(8),
+                };
+                RootShape { dims: [dims.0, dims.1], bits: [fit(dims.0, bits.0), fit(dims.1, bits.1)] }
+            };
+            let r4 = Rect::<u32> {
+                lo: std::array::from_fn(|d| width(d, 32, lo[d]) as u32),
+                hi: std::array::from_fn(|d| width(d, 32, hi[d]) as u32),
+            };
+            check(r4, shape_for(32))?;
+            let r6 = Rect::<u128> {
+                lo: std::array::from_fn(|d| width(d, 128, lo[d])),
+                hi: std::array::from_fn(|d| width(d, 128, hi[d])),
+            };
+            check(r6, shape_for(128))?;
+        }
+    }
 
     fn entry(src: (u32, u32), dport: (u16, u16), proto: Option<u8>, rule: RuleId) -> Entry<u32> {
         let mut fields = Fields::any();

@@ -181,6 +181,13 @@ fn within<A: Address>(entries: &[Entry<A>], list: &[u32], b: &Fields<A>) -> Vec<
     out
 }
 
+/// The smallest box holding all of `boxes`, `None` for none.
+fn hull_of<'a, A: Address + 'a>(
+    boxes: impl IntoIterator<Item = &'a Fields<A>>,
+) -> Option<Fields<A>> {
+    boxes.into_iter().copied().reduce(|h, b| h.hull(&b))
+}
+
 /// Runs of at most this many of a rule's boxes are searched with one
 /// candidate list (see [`Runs`]).
 const RUN_MAX: usize = 4;
@@ -266,7 +273,7 @@ impl<'a, A: Address> Runs<'a, A> {
                 continue;
             }
             *budget = budget.checked_sub(box_cost(list)).ok_or(TooComplex)?;
-            let hull = run[1..].iter().fold(run[0], |h, b| h.hull(b));
+            let hull = hull_of(run).expect("a run of more than RUN_MAX boxes");
             let near: Rc<[u32]> = within(self.entries, list, &hull).into();
             // Halved further only where this narrowing paid for itself
             // (the run's scans saved at least what it cost): where the
@@ -358,7 +365,7 @@ impl<A: Address + Scalar + Into<u128>> Hulls<A> {
         let at = self.nodes.len();
         let boxes = &self.boxes[run.clone()];
         self.nodes.push(HullNode {
-            hull: boxes[1..].iter().fold(boxes[0], |h, b| h.hull(b)),
+            hull: hull_of(boxes).expect("a run holds boxes"),
             run: run.clone(),
             flows: boxes.iter().map(flows).sum(),
             halves: None,
@@ -417,6 +424,26 @@ impl<A: Address + Scalar + Into<u128>> Hulls<A> {
             }
         });
         found
+    }
+
+    /// The rules of `entries` (in rule order) with an entry that overlaps
+    /// some of the boxes, the tests paid as they go.
+    fn overlapping_rules<'e>(
+        &mut self,
+        entries: impl Iterator<Item = &'e Entry<A>>,
+        budget: &mut usize,
+    ) -> Result<Vec<RuleId>, TooComplex>
+    where
+        A: 'e,
+    {
+        let mut rules = Vec::new();
+        for e in entries {
+            if rules.last() != Some(&e.rule) && self.any_overlaps(&e.fields) {
+                rules.push(e.rule);
+            }
+            self.pay(budget)?;
+        }
+        Ok(rules)
     }
 
     /// Whether each of the boxes lies inside one of `other`.
@@ -544,7 +571,7 @@ fn entries_before<A: Address>(
         return Err(TooComplex);
     }
     let own = entries[end..].iter().take_while(|e| e.rule == rule);
-    let Some(hull) = own.map(|e| e.fields).reduce(|h, b| h.hull(&b)) else {
+    let Some(hull) = hull_of(own.map(|e| &e.fields)) else {
         return Ok(Vec::new());
     };
     // Entries come in rule order: each rule is asked about once.
@@ -847,19 +874,21 @@ pub fn by_shared_flows(
     );
     let shares = others
         .iter()
-        .map(|&id| {
-            let f4 = h4.shared_flows(&boxes_of(v4, id));
-            let f6 = h6.shared_flows(&boxes_of(v6, id));
-            (shared_share(f4, f6), id)
-        })
+        .map(|&id| (shared_share((&mut h4, v4), (&mut h6, v6), id), id))
         .collect();
     largest_first(shares)
 }
 
-/// The share of a rule's flows that flows shared in IPv4 and in IPv6
-/// make, each as a fraction of its family's space.
-fn shared_share(v4: f64, v6: f64) -> f64 {
-    v4 / 2f64.powi(2 * 32 + 40) + v6 / 2f64.powi(2 * 128 + 40)
+/// The share of its flows that a rule (its boxes in `h4` and `h6`)
+/// shares with rule `id` (of `v4` and `v6`): IPv4 and IPv6 each as a
+/// fraction of its family's space.
+fn shared_share(
+    (h4, v4): (&mut Hulls<u32>, &[Entry<u32>]),
+    (h6, v6): (&mut Hulls<u128>, &[Entry<u128>]),
+    id: RuleId,
+) -> f64 {
+    h4.shared_flows(&boxes_of(v4, id)) / 2f64.powi(2 * 32 + 40)
+        + h6.shared_flows(&boxes_of(v6, id)) / 2f64.powi(2 * 128 + 40)
 }
 
 /// The rules of `shares`, largest share first, ties in rule order.
@@ -905,35 +934,17 @@ pub fn coverage_in_bulk(
     *budget += half;
     // Earlier rules that overlap it; one takes a part where the rules
     // before it leave some of their shared boxes uncovered.
-    fn overlapping_rules<A: Address + Scalar + Into<u128>>(
-        entries: &[Entry<A>],
-        earlier: &[u32],
-        boxes: &mut Hulls<A>,
-        budget: &mut usize,
-    ) -> Result<Vec<RuleId>, TooComplex> {
-        let mut rules = Vec::new();
-        for e in earlier.iter().map(|&i| &entries[i as usize]) {
-            if rules.last() != Some(&e.rule) && boxes.any_overlaps(&e.fields) {
-                rules.push(e.rule);
-            }
-            boxes.pay(budget)?;
-        }
-        Ok(rules)
-    }
     // Naming is worked out as far as the budget goes: where it runs out
     // before the candidates are ordered, none are named.
     let (mut h4, mut h6) = (Hulls::new(&b4), Hulls::new(&b6));
     let mut ordered = || -> Result<Vec<RuleId>, TooComplex> {
-        let mut overlapping = overlapping_rules(v4, &e4, &mut h4, budget)?;
-        overlapping.extend(overlapping_rules(v6, &e6, &mut h6, budget)?);
+        let mut overlapping = h4.overlapping_rules(e4.iter().map(|&i| &v4[i as usize]), budget)?;
+        overlapping.extend(h6.overlapping_rules(e6.iter().map(|&i| &v6[i as usize]), budget)?);
         overlapping.sort_unstable();
         overlapping.dedup();
         let mut shares = Vec::new();
         for id in overlapping {
-            let share = shared_share(
-                h4.shared_flows(&boxes_of(v4, id)),
-                h6.shared_flows(&boxes_of(v6, id)),
-            );
+            let share = shared_share((&mut h4, v4), (&mut h6, v6), id);
             h4.pay(budget)?;
             h6.pay(budget)?;
             shares.push((share, id));
@@ -2475,13 +2486,7 @@ fn decided_later<A: Address + Scalar + Into<u128>>(
     // The later rules that could decide a part otherwise, the most
     // shared flows first (the default, sharing all, last), up to the
     // first later rule that covers all of it: none after that can.
-    let mut later: Vec<RuleId> = Vec::new();
-    for e in all.iter().filter(|e| e.rule > after) {
-        if later.last() != Some(&e.rule) && hulls.any_overlaps(&e.fields) {
-            later.push(e.rule);
-        }
-        hulls.pay(budget)?;
-    }
+    let mut later = hulls.overlapping_rules(all.iter().filter(|e| e.rule > after), budget)?;
     let mut last = None;
     for (k, &id) in later.iter().enumerate() {
         let covers_all = hulls.each_inside_one_of(&boxes_of(all, id));
