@@ -960,6 +960,18 @@ impl<A: Address> Tree<A> {
         self.leaf_match(at, k, bound)
     }
 
+    /// [`lookup`](Self::lookup) for a key that holds no match yet: no
+    /// priority checks.
+    #[inline(always)]
+    fn lookup_first(&self, k: &Key<A>, p: &[A; DIMS]) -> Option<&LeafEntry<A>> {
+        let mut at = self.start(p);
+        while at & LEAF == 0 {
+            at = self.node(at).step(Self::value(at, p));
+        }
+        let (start, end) = leaf_range(at);
+        self.leaves[start..end].iter().find(|e| e.contains(k))
+    }
+
     /// The first entry of the leaf `leaf` containing `k`, when its priority
     /// is below `bound`. (A branch-free scan of the whole leaf measured
     /// slower than stopping at the first match.)
@@ -1100,9 +1112,20 @@ impl<A: Address> Classifier<A> {
     }
 
     /// The rule of the first entry, in priority order, that contains `key`.
+    ///
+    /// The first tree is walked without priority checks, since nothing is
+    /// matched before it (measured on an Intel Xeon with a quiet host,
+    /// whole `--summary` runs: single lookups +3% on acl1_10k, +5% on
+    /// ipc1_10k, +6% to +7% on acl2_10k and fw1_10k, +18% on acl1_1k).
     #[inline(always)]
     pub fn lookup(&self, key: &Key<A>) -> Option<RuleId> {
-        let best = self.enter_trees(key, &point(key), u32::MAX, self.all_trees);
+        let p = point(key);
+        let first = self.trees.first()?;
+        let (best, todo) = match first.lookup_first(key, &p) {
+            Some(e) => (e.priority, e.later & self.all_trees & !1),
+            None => (u32::MAX, self.all_trees & !1),
+        };
+        let best = self.enter_trees(key, &p, best, todo);
         self.rules.get(best as usize).copied()
     }
 
