@@ -324,6 +324,46 @@
 //!   misses overlap across lanes: batched 0.85 (fw1_10k) to 0.96
 //!   (acl1_10k), ipc1_10k 0.89. Not kept.
 //!
+//! ## On an Intel Xeon VM with a quiet host (2026-12-05, evening)
+//!
+//! 2 vCPUs, 48 KiB L1d and 2 MiB L2 per core; a pointer chase takes 1.4
+//! ns within 32 KiB, 4.5-5.8 ns from 64 KiB to 1 MiB, 8 ns at 1.5 MiB, 16
+//! ns at 2 MiB and 33-38 ns from 3 to 8 MiB (huge pages change none of
+//! it). Whole `--summary` runs repeat to within 1%, so a change is
+//! measured as whole runs of each build, alternated. Before this round:
+//! single / batched acl1_10k 26.2-26.5M / 36.7M, acl2_10k 36.8-37.0M /
+//! 35.6-35.8M, fw1_10k 62.8-62.9M / 60.1-60.7M, ipc1_10k 28.3-28.4M /
+//! 31.4-31.5M.
+//!
+//! - Kept: the first tree walked and its leaf scanned without priority
+//!   checks (see [`Classifier::lookup`]): acl1_10k 27.3M, acl2_10k 39.2M,
+//!   fw1_10k 66.0M, ipc1_10k 29.7M single (batched unchanged), acl1_1k
+//!   42.8M to 50.6M. cachegrind counts 224 instructions per acl1_10k
+//!   lookup before it.
+//! - Where acl1_10k's single lookup goes, counted over its keys: the first
+//!   tree's root table takes 10 source and 6 destination bits (65,536
+//!   slots, 256 KiB), 84% of keys then walk two nodes (mostly on the
+//!   source), and the leaf scan finds the match at the first entry for 44%
+//!   of keys, the second for 28%, the third for 13%. Repeating n keys
+//!   spread over the stream: n = 1 64M/s, 64 51M/s, 1,000 41M/s, 10,000
+//!   29M/s, all 100,000 26M/s (before the kept change): the structure's
+//!   lines (root 256 KiB, leaves 487 KiB) leave the L1 and a lookup waits
+//!   on three or four dependent L2 loads.
+//! - A point padded to eight fields so that a reference's dimension
+//!   indexes it with a mask instead of a clamp: 0.97-0.99 on the 10k
+//!   sets. Testing the destination before the source in a leaf entry:
+//!   ipc1_10k 1.01, the others 0.99-1.00. The first tree's node array held
+//!   in a local slice: no change. Root tables of up to 18 bits (with 8x or
+//!   16x copies): acl2_10k 0.96, fw1_10k 0.87, the others 0.99.
+//! - Beside DPDK 22.11's `rte_acl` on this machine, which has AVX-512
+//!   (`benches/classify-peers.sh`, REPS=3, best of each), palisade's
+//!   better of single and batched against DPDK's best (its AVX-512 path,
+//!   16 lanes): acl1_10k 37.4M against 28.6M (1.31x), acl2_10k 39.9M
+//!   against 20.6M (1.94x), fw1_10k 67.2M against 13.6M (4.96x),
+//!   ipc1_10k 31.8M against 23.6M (1.35x); on the 1k sets DPDK leads
+//!   (acl1 0.79x, fw1 0.73x, ipc1 0.51x), where its tries fit the caches
+//!   and its 16 lanes run in lockstep.
+//!
 //! Measured and dropped (each against the code it would have changed, same
 //! session):
 //!
