@@ -552,9 +552,10 @@ fn coverage_by_subtraction<A: palisade::classify::Address + palisade::policy::an
 /// `lint`'s shadowing analysis (the rules that cover a rule, found by
 /// cutting boxes depth first) agrees with plain subtraction on every rule.
 fn check_coverage(spec: &Spec) -> Result<(), TestCaseError> {
-    use palisade::policy::analysis::{coverage, coverage_in_bulk, Coverage};
+    use palisade::policy::analysis::{coverage, coverage_in_bulk, Coverage, Indexed};
     let policy = compile_lenient(&render(spec))?;
     let (v4, v6) = entries(&policy);
+    let (i4, i6) = (Indexed::new(&v4), Indexed::new(&v6));
     for r in policy.rules() {
         let all = |_: u32| true;
         let mut by = Vec::new();
@@ -567,7 +568,7 @@ fn check_coverage(spec: &Spec) -> Result<(), TestCaseError> {
             Coverage::Effective
         };
         let mut budget = usize::MAX;
-        let got = coverage(&v4, &v6, r.id, &all, &mut budget)
+        let got = coverage(&i4, &i6, r.id, &all, &mut budget)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(got, expected, "rule {}\n{}", r.name, render(spec));
         // The analysis for rules in too many parts to attribute one by
@@ -575,7 +576,7 @@ fn check_coverage(spec: &Spec) -> Result<(), TestCaseError> {
         // a part, and only rules that take a part named.
         let differs = |id: u32| policy.rule(id).is_some_and(|e| e.verdict != r.verdict);
         let mut budget = usize::MAX;
-        let bulk = coverage_in_bulk(&v4, &v6, r.id, &all, &differs, &mut budget)
+        let bulk = coverage_in_bulk(&i4, &i6, r.id, &all, &differs, &mut budget)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         match bulk {
             Coverage::Effective => prop_assert!(!covered, "rule {}\n{}", r.name, render(spec)),
@@ -656,20 +657,21 @@ fn behind_2000_rules(broad: &str, narrow: &str) -> palisade::policy::Policy {
 /// can make a bounded analysis scan without end.
 #[test]
 fn an_analysis_budget_pays_for_the_candidates_it_scans() {
-    use palisade::policy::analysis::{coverage, coverage_in_bulk, Coverage};
+    use palisade::policy::analysis::{coverage, coverage_in_bulk, Coverage, Indexed};
     let policy = behind_2000_rules("10.0.0.0/8", "10.1.0.0/16 -> any4 service tcp");
     let (v4, v6) = entries(&policy);
+    let (i4, i6) = (Indexed::new(&v4), Indexed::new(&v6));
     let narrow = policy.rules().last().unwrap().id;
     let all = |_: u32| true;
     for cost in [7, 8] {
         let mut budget = cost;
-        let got = coverage(&v4, &v6, narrow, &all, &mut budget);
+        let got = coverage(&i4, &i6, narrow, &all, &mut budget);
         match cost {
             7 => assert!(got.is_err(), "{got:?}"),
             _ => assert_eq!(got, Ok(Coverage::Covered(vec![0])), "{budget}"),
         }
         let mut budget = cost;
-        let got = coverage_in_bulk(&v4, &v6, narrow, &all, &|_| false, &mut budget);
+        let got = coverage_in_bulk(&i4, &i6, narrow, &all, &|_| false, &mut budget);
         match cost {
             7 => assert!(got.is_err(), "{got:?}"),
             _ => assert!(matches!(got, Ok(Coverage::CoveredInBulk { .. })), "{got:?}"),
@@ -684,7 +686,7 @@ fn an_analysis_budget_pays_for_the_candidates_it_scans() {
 /// in all, when every box scanned them).
 #[test]
 fn a_rule_of_many_boxes_scans_its_candidates_once() {
-    use palisade::policy::analysis::{coverage, Coverage};
+    use palisade::policy::analysis::{coverage, Coverage, Indexed};
     // Eight networks apart from one another, by eight services.
     let nets: Vec<String> = (0..8)
         .map(|k| format!("198.51.100.{}/28", 32 * k))
@@ -698,11 +700,12 @@ fn a_rule_of_many_boxes_scans_its_candidates_once() {
         ),
     );
     let (v4, v6) = entries(&policy);
+    let (i4, i6) = (Indexed::new(&v4), Indexed::new(&v6));
     let narrow = policy.rules().last().unwrap().id;
     assert_eq!(v4.iter().filter(|e| e.rule == narrow).count(), 64);
     let all = |_: u32| true;
     let mut budget = 1000;
-    let got = coverage(&v4, &v6, narrow, &all, &mut budget);
+    let got = coverage(&i4, &i6, narrow, &all, &mut budget);
     assert_eq!(got, Ok(Coverage::Covered(vec![0])));
     let used = 1000 - budget;
     assert!((64..=128).contains(&used), "{used} units");

@@ -553,19 +553,139 @@ fn boxes_of<A: Address>(entries: &[Entry<A>], rule: RuleId) -> Vec<Fields<A>> {
         .collect()
 }
 
+/// A family's entries, in rule order as [`entries`](super::entries) gives
+/// them, indexed for [`entries_before`]: each rule's range and the hull
+/// of its boxes, and for a rule of more than [`HULLS_MIN`] boxes a tree of
+/// hulls over its boxes in their order (halved down to runs of at most
+/// [`HULL_RUN`]). An earlier rule that misses a rule's hull is then passed
+/// over in one test, and most of a rule of many boxes in a few, instead of
+/// every entry being tested (lint asks this of every rule in turn).
+pub struct Indexed<'a, A> {
+    pub entries: &'a [Entry<A>],
+    rules: Vec<RuleRange<A>>,
+}
+
+/// One rule's entries in an [`Indexed`] family.
+struct RuleRange<A> {
+    rule: RuleId,
+    range: std::ops::Range<usize>,
+    hull: Fields<A>,
+    /// For a rule of many boxes, its range halved, root first, each part
+    /// with its hull; empty for a rule of few.
+    parts: Vec<Span<A>>,
+}
+
+struct Span<A> {
+    hull: Fields<A>,
+    range: std::ops::Range<usize>,
+    halves: Option<[usize; 2]>,
+}
+
+impl<'a, A: Address> Indexed<'a, A> {
+    pub fn new(entries: &'a [Entry<A>]) -> Self {
+        let mut rules = Vec::new();
+        let mut start = 0;
+        while let Some(first) = entries.get(start) {
+            let rule = first.rule;
+            let end = start
+                + entries[start..]
+                    .iter()
+                    .take_while(|e| e.rule == rule)
+                    .count();
+            let mut parts = Vec::new();
+            let hull = if end - start > HULLS_MIN {
+                Self::halve(entries, start..end, &mut parts);
+                parts[0].hull
+            } else {
+                hull_with(first.fields, &entries[start + 1..end])
+            };
+            rules.push(RuleRange {
+                rule,
+                range: start..end,
+                hull,
+                parts,
+            });
+            start = end;
+        }
+        Indexed { entries, rules }
+    }
+
+    /// Adds the part of `range` and, below it, its halves; returns its
+    /// index.
+    fn halve(
+        entries: &[Entry<A>],
+        range: std::ops::Range<usize>,
+        parts: &mut Vec<Span<A>>,
+    ) -> usize {
+        let at = parts.len();
+        let (start, end) = (range.start, range.end);
+        parts.push(Span {
+            hull: entries[start].fields,
+            range,
+            halves: None,
+        });
+        if end - start > HULL_RUN {
+            let mid = start + (end - start) / 2;
+            let a = Self::halve(entries, start..mid, parts);
+            let b = Self::halve(entries, mid..end, parts);
+            parts[at].hull = parts[a].hull.hull(&parts[b].hull);
+            parts[at].halves = Some([a, b]);
+        } else {
+            parts[at].hull = hull_with(entries[start].fields, &entries[start + 1..end]);
+        }
+        at
+    }
+}
+
+/// The smallest box holding `first` and the boxes of `more`.
+fn hull_with<A: Address>(first: Fields<A>, more: &[Entry<A>]) -> Fields<A> {
+    more.iter().fold(first, |h, e| h.hull(&e.fields))
+}
+
+impl<A: Address> RuleRange<A> {
+    /// Adds to `out`, in order, the indices of this rule's entries that
+    /// overlap `hull`.
+    fn overlapping(&self, entries: &[Entry<A>], hull: &Fields<A>, out: &mut Vec<u32>) {
+        let scan = |range: std::ops::Range<usize>, out: &mut Vec<u32>| {
+            out.extend(
+                range
+                    .filter(|&i| overlaps(&entries[i].fields, hull))
+                    .map(|i| i as u32),
+            );
+        };
+        if self.parts.is_empty() {
+            return scan(self.range.clone(), out);
+        }
+        // Depth first, the first half before the second: indices ascend.
+        let mut stack = vec![0];
+        while let Some(p) = stack.pop() {
+            let part = &self.parts[p];
+            if !overlaps(&part.hull, hull) {
+                continue;
+            }
+            match part.halves {
+                Some([a, b]) => stack.extend([b, a]),
+                None => scan(part.range.clone(), out),
+            }
+        }
+    }
+}
+
 /// The entries (indices, in order) of the rules before `rule` that
 /// `counts` accepts and that overlap the hull of its boxes: the
 /// candidates for the first match of its flows (an entry outside the hull
-/// overlaps none of them, nor any part of one). Scanning the entries it
-/// leaves out is paid as scanning candidates is (see [`box_cost`]); those
-/// it keeps are paid for by the search that scans them. A budget that
-/// could not pay for scanning them all is refused before the scan.
+/// overlaps none of them, nor any part of one). Passing over the entries
+/// it leaves out is paid as scanning candidates is (see [`box_cost`]),
+/// whatever the index saved; those it keeps are paid for by the search
+/// that scans them. A budget that could not pay for passing over them all
+/// is refused first.
 fn entries_before<A: Address>(
-    entries: &[Entry<A>],
+    idx: &Indexed<'_, A>,
     rule: RuleId,
     counts: &dyn Fn(RuleId) -> bool,
     budget: &mut usize,
 ) -> Result<Vec<u32>, TooComplex> {
+    let entries = idx.entries;
     let end = entries.partition_point(|e| e.rule < rule);
     if *budget < end / SCAN_PER_UNIT {
         return Err(TooComplex);
@@ -574,17 +694,10 @@ fn entries_before<A: Address>(
     let Some(hull) = hull_of(own.map(|e| &e.fields)) else {
         return Ok(Vec::new());
     };
-    // Entries come in rule order: each rule is asked about once.
     let mut out = Vec::new();
-    let mut last = None;
-    for (i, e) in entries[..end].iter().enumerate() {
-        let counted = match last {
-            Some((id, counted)) if id == e.rule => counted,
-            _ => counts(e.rule),
-        };
-        last = Some((e.rule, counted));
-        if counted && overlaps(&e.fields, &hull) {
-            out.push(i as u32);
+    for r in idx.rules.iter().take_while(|r| r.range.end <= end) {
+        if counts(r.rule) && overlaps(&r.hull, &hull) {
+            r.overlapping(entries, &hull, &mut out);
         }
     }
     let left_out = end - out.len();
@@ -605,19 +718,20 @@ fn uncovered_point<A: Address + Scalar>(entries: &[Entry<A>], list: &[u32], b: &
 
 /// Whether the earlier entries `covers` accepts cover every box of `rule`,
 /// adding to `contributors` each rule that is the first match for a part
-/// of it. The boxes are cut as a decision tree is built (long candidate
+/// of it (a rule may be added more than once). The boxes are cut as a decision tree is built (long candidate
 /// lists halved, short ones cut along their first entry), depth first, so
 /// an uncovered part ends the search as soon as it is found instead of
 /// after every earlier rule has been subtracted; `budget` counts boxes
 /// (see [`box_cost`]).
 fn coverage_family<A: Address + Scalar>(
-    entries: &[Entry<A>],
+    idx: &Indexed<'_, A>,
     rule: RuleId,
     covers: &dyn Fn(RuleId) -> bool,
     budget: &mut usize,
     contributors: &mut Vec<RuleId>,
 ) -> Result<bool, TooComplex> {
-    let earlier = entries_before(entries, rule, covers, budget)?;
+    let earlier = entries_before(idx, rule, covers, budget)?;
+    let entries = idx.entries;
     // One box at a time, last first (as one stack of them all would go),
     // so that a rule of thousands of boxes does not hold a copy of the
     // candidates for each.
@@ -638,7 +752,10 @@ fn coverage_family<A: Address + Scalar>(
                 return Ok(false);
             }
             if e.fields.covers(&b) {
-                if !contributors.contains(&e.rule) {
+                // Repeats are dropped by the caller (a rule of many boxes
+                // may have thousands of contributors, each found many
+                // times: a search of the list for each was quadratic).
+                if contributors.last() != Some(&e.rule) {
                     contributors.push(e.rule);
                 }
                 continue;
@@ -908,17 +1025,18 @@ const BULK_TRIED: usize = 24;
 /// flows they share with the rule. Only earlier rules `covers` accepts
 /// count.
 pub fn coverage_in_bulk(
-    v4: &[Entry<u32>],
-    v6: &[Entry<u128>],
+    i4: &Indexed<'_, u32>,
+    i6: &Indexed<'_, u128>,
     rule: RuleId,
     covers: &dyn Fn(RuleId) -> bool,
     differs: &dyn Fn(RuleId) -> bool,
     budget: &mut usize,
 ) -> Result<Coverage, TooComplex> {
     let (e4, e6) = (
-        entries_before(v4, rule, covers, budget)?,
-        entries_before(v6, rule, covers, budget)?,
+        entries_before(i4, rule, covers, budget)?,
+        entries_before(i6, rule, covers, budget)?,
     );
+    let (v4, v6) = (i4.entries, i6.entries);
     let (b4, b6) = (boxes_of(v4, rule), boxes_of(v6, rule));
     if !covered_by(v4, b4.clone(), &e4, budget)? || !covered_by(v6, b6.clone(), &e6, budget)? {
         return Ok(Coverage::Effective);
@@ -1042,8 +1160,8 @@ fn witnesses<A: Address>(b: &Fields<A>) -> [Key<A>; 3] {
 /// Whether earlier rules cover `rule` completely, in both families. Only
 /// the earlier rules `covers` accepts are counted.
 pub fn coverage(
-    v4: &[Entry<u32>],
-    v6: &[Entry<u128>],
+    v4: &Indexed<'_, u32>,
+    v6: &Indexed<'_, u128>,
     rule: RuleId,
     covers: &dyn Fn(RuleId) -> bool,
     budget: &mut usize,
@@ -1053,6 +1171,7 @@ pub fn coverage(
         && coverage_family(v6, rule, covers, budget, &mut contributors)?
     {
         contributors.sort_unstable();
+        contributors.dedup();
         Ok(Coverage::Covered(contributors))
     } else {
         Ok(Coverage::Effective)
@@ -2066,7 +2185,7 @@ fn changes_by_rule<A: Address + Scalar + Into<u128>>(
             .iter()
             .flat_map(|x| qb.iter().filter_map(|y| intersect(x, y)))
             .collect();
-        let earlier = entries_before(o, r.id, &|_| true, budget)?;
+        let earlier = entries_before(&Indexed::new(o), r.id, &|_| true, budget)?;
         if r.verdict != q.verdict
             && !both.is_empty()
             && !covered_by(o, both.clone(), &earlier, budget)?
@@ -3234,6 +3353,47 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// [`entries_before`] through the index finds, in order, the
+        /// earlier entries a scan of every one finds (those of counted
+        /// rules that overlap the rule's hull), and pays the same. Rules
+        /// of up to 200 boxes, so that both a rule's tree of hulls and its
+        /// plain list are passed through.
+        #[test]
+        fn entries_before_finds_what_a_scan_finds(
+            rules in proptest::collection::vec(
+                (proptest::collection::vec((0u32..4096, 0u32..300, 0u16..64, 0u16..16), 1..200),
+                 proptest::bool::ANY),
+                1..12,
+            ),
+            own in proptest::collection::vec((0u32..4096, 0u32..600, 0u16..64, 0u16..64), 1..4),
+        ) {
+            let mut entries = Vec::new();
+            for (id, (boxes, _)) in rules.iter().enumerate() {
+                for &(src, w, port, pw) in boxes {
+                    entries.push(Entry { fields: f((src, src + w), (port, port + pw)), rule: id as RuleId });
+                }
+            }
+            let last = rules.len() as RuleId;
+            for &(src, w, port, pw) in &own {
+                entries.push(Entry { fields: f((src, src + w), (port, port + pw)), rule: last });
+            }
+            let counts = |id: RuleId| rules.get(id as usize).is_none_or(|r| r.1);
+            let hull = hull_of(own.iter().map(|&(src, w, port, pw)| f((src, src + w), (port, port + pw))).collect::<Vec<_>>().iter()).unwrap();
+            let want: Vec<u32> = entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.rule < last && counts(e.rule) && overlaps(&e.fields, &hull))
+                .map(|(i, _)| i as u32)
+                .collect();
+            let end = entries.iter().filter(|e| e.rule < last).count();
+            let mut budget = usize::MAX;
+            let got = entries_before(&Indexed::new(&entries), last, &counts, &mut budget).unwrap();
+            proptest::prop_assert_eq!(&got, &want);
+            proptest::prop_assert_eq!(usize::MAX - budget, (end - want.len()) / SCAN_PER_UNIT);
+        }
+    }
+
+    proptest::proptest! {
         /// A rule's [`Hulls`] answer as its boxes tested one by one do:
         /// which boxes overlap, whether each lies inside one of a rule's,
         /// the flows they share (up to rounding: sums taken in another
@@ -3336,12 +3496,12 @@ mod tests {
         });
         let all = |_: RuleId| true;
         let mut budget = 7;
-        let got = entries_before(&entries, 2000, &all, &mut budget);
+        let got = entries_before(&Indexed::new(&entries), 2000, &all, &mut budget);
         assert_eq!(got, Ok(vec![1999]));
         assert_eq!(budget, 0);
         let mut budget = 6;
         assert_eq!(
-            entries_before(&entries, 2000, &all, &mut budget),
+            entries_before(&Indexed::new(&entries), 2000, &all, &mut budget),
             Err(TooComplex)
         );
     }

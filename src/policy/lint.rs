@@ -15,7 +15,7 @@
 
 use super::analysis::{
     any_to_any_families, by_shared_flows, coverage, coverage_in_bulk, http_coverage,
-    http_covered_by, lives_as_long, Coverage, PIECE_BUDGET,
+    http_covered_by, lives_as_long, Coverage, Indexed, PIECE_BUDGET,
 };
 use super::ast::{HttpDest, NetItem, Stmt, SvcItem};
 use super::diag::{Diagnostic, Diagnostics};
@@ -195,6 +195,7 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
     let mut out = Diagnostics::default();
     let policy = &c.policy;
     let (v4, v6) = entries(policy);
+    let (i4, i6) = (Indexed::new(&v4), Indexed::new(&v6));
     let mut budget = POLICY_BOXES;
     let mut gave_up = false;
     for r in policy.rules() {
@@ -219,14 +220,14 @@ pub fn lint(c: &Compiled, opts: LintOptions) -> Diagnostics {
                 .is_some_and(|e| lives_as_long(e.expires, r.expires))
         };
         let mut checked = with_share(&mut budget, EXACT_BOXES, |share| {
-            coverage(&v4, &v6, r.id, &outlives, share)
+            coverage(&i4, &i6, r.id, &outlives, share)
         });
         if checked.is_err() {
             // Too many parts to attribute each: whether it is covered at
             // all is far cheaper to find out.
             let differs = |id| policy.rule(id).is_some_and(|e| e.verdict != r.verdict);
             checked = with_share(&mut budget, RULE_BOXES, |share| {
-                coverage_in_bulk(&v4, &v6, r.id, &outlives, &differs, share)
+                coverage_in_bulk(&i4, &i6, r.id, &outlives, &differs, share)
             });
         }
         let rules = |ids: &[RuleId]| -> Vec<&PacketRule> {
