@@ -354,7 +354,12 @@
 //!   sets. Testing the destination before the source in a leaf entry:
 //!   ipc1_10k 1.01, the others 0.99-1.00. The first tree's node array held
 //!   in a local slice: no change. Root tables of up to 18 bits (with 8x or
-//!   16x copies): acl2_10k 0.96, fw1_10k 0.87, the others 0.99.
+//!   16x copies): acl2_10k 0.96, fw1_10k 0.87, the others 0.99. Root
+//!   tables of at most 14 bits: acl1_10k 1.02, ipc1_10k 1.00-1.03,
+//!   acl2_10k 0.93, fw1_10k 0.88; of at most 12: acl1_10k 1.02-1.07,
+//!   acl2_10k 0.87-0.90, fw1_10k 0.75 (smaller tables suit the sets short
+//!   of the target and cost the others more: a cap for all trees does not
+//!   pay; choosing per tree would need a cost model of the table's size).
 //! - Beside DPDK 22.11's `rte_acl` on this machine, which has AVX-512
 //!   (`benches/classify-peers.sh`, REPS=3, best of each), palisade's
 //!   better of single and batched against DPDK's best (its AVX-512 path,
