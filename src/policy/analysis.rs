@@ -554,10 +554,10 @@ fn boxes_of<A: Address>(entries: &[Entry<A>], rule: RuleId) -> Vec<Fields<A>> {
 }
 
 /// A family's entries, in rule order as [`entries`](super::entries) gives
-/// them, indexed for [`entries_before`]: each rule's range and the hull
-/// of its boxes, and for a rule of more than [`HULLS_MIN`] boxes a tree of
-/// hulls over its boxes in their order (halved down to runs of at most
-/// [`HULL_RUN`]). An earlier rule that misses a rule's hull is then passed
+/// them, indexed for `entries_before`: each rule's range and the hull
+/// of its boxes, and for a rule of more than `HULLS_MIN` (64) boxes a tree
+/// of hulls over its boxes in their order (halved down to runs of at most
+/// `HULL_RUN`, 8). An earlier rule that misses a rule's hull is then passed
 /// over in one test, and most of a rule of many boxes in a few, instead of
 /// every entry being tested (lint asks this of every rule in turn).
 pub struct Indexed<'a, A> {
