@@ -597,7 +597,8 @@ impl<'a, A: Address> Indexed<'a, A> {
                 Self::halve(entries, start..end, &mut parts);
                 parts[0].hull
             } else {
-                hull_with(first.fields, &entries[start + 1..end])
+                hull_of(entries[start..end].iter().map(|e| &e.fields))
+                    .expect("a rule's range holds its entries")
             };
             rules.push(RuleRange {
                 rule,
@@ -631,15 +632,11 @@ impl<'a, A: Address> Indexed<'a, A> {
             parts[at].hull = parts[a].hull.hull(&parts[b].hull);
             parts[at].halves = Some([a, b]);
         } else {
-            parts[at].hull = hull_with(entries[start].fields, &entries[start + 1..end]);
+            parts[at].hull = hull_of(entries[start..end].iter().map(|e| &e.fields))
+                .expect("a part holds entries");
         }
         at
     }
-}
-
-/// The smallest box holding `first` and the boxes of `more`.
-fn hull_with<A: Address>(first: Fields<A>, more: &[Entry<A>]) -> Fields<A> {
-    more.iter().fold(first, |h, e| h.hull(&e.fields))
 }
 
 impl<A: Address> RuleRange<A> {
@@ -685,19 +682,21 @@ fn entries_before<A: Address>(
     counts: &dyn Fn(RuleId) -> bool,
     budget: &mut usize,
 ) -> Result<Vec<u32>, TooComplex> {
-    let entries = idx.entries;
-    let end = entries.partition_point(|e| e.rule < rule);
+    // The index's rules come in rule order, as the entries do.
+    let (earlier, own) = idx
+        .rules
+        .split_at(idx.rules.partition_point(|r| r.rule < rule));
+    let end = earlier.last().map_or(0, |r| r.range.end);
     if *budget < end / SCAN_PER_UNIT {
         return Err(TooComplex);
     }
-    let own = entries[end..].iter().take_while(|e| e.rule == rule);
-    let Some(hull) = hull_of(own.map(|e| &e.fields)) else {
+    let Some(hull) = own.first().filter(|r| r.rule == rule).map(|r| r.hull) else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
-    for r in idx.rules.iter().take_while(|r| r.range.end <= end) {
+    for r in earlier {
         if counts(r.rule) && overlaps(&r.hull, &hull) {
-            r.overlapping(entries, &hull, &mut out);
+            r.overlapping(idx.entries, &hull, &mut out);
         }
     }
     let left_out = end - out.len();
@@ -718,11 +717,11 @@ fn uncovered_point<A: Address + Scalar>(entries: &[Entry<A>], list: &[u32], b: &
 
 /// Whether the earlier entries `covers` accepts cover every box of `rule`,
 /// adding to `contributors` each rule that is the first match for a part
-/// of it (a rule may be added more than once). The boxes are cut as a decision tree is built (long candidate
-/// lists halved, short ones cut along their first entry), depth first, so
-/// an uncovered part ends the search as soon as it is found instead of
-/// after every earlier rule has been subtracted; `budget` counts boxes
-/// (see [`box_cost`]).
+/// of it (a rule may be added more than once). The boxes are cut as a
+/// decision tree is built (long candidate lists halved, short ones cut
+/// along their first entry), depth first, so an uncovered part ends the
+/// search as soon as it is found instead of after every earlier rule has
+/// been subtracted; `budget` counts boxes (see [`box_cost`]).
 fn coverage_family<A: Address + Scalar>(
     idx: &Indexed<'_, A>,
     rule: RuleId,
