@@ -360,6 +360,18 @@
 //!   acl2_10k 0.87-0.90, fw1_10k 0.75 (smaller tables suit the sets short
 //!   of the target and cost the others more: a cap for all trees does not
 //!   pay; choosing per tree would need a cost model of the table's size).
+//! - Kept (2026-12-05, later): a root table that still leaves a key more
+//!   than 32 entries on average (the squared slot sizes over the copies)
+//!   gives way to the best table of at most 12 bits, in trees of at least
+//!   1,024 entries. Only the first trees of acl1_10k (10 + 6 bits, a list
+//!   of 58, to 8 + 4) and ipc1_10k (12 + 4, a list of 56, to 8 + 4)
+//!   change: those tables save no level (nodes follow them anyway) and a
+//!   16 KiB one stays in the cache where a 256 KiB one does not. Two
+//!   whole runs of each build, alternated: acl1_10k 27.1-27.2M to
+//!   27.5-27.7M single, ipc1_10k 29.7M to 30.1-30.2M, acl2_10k and
+//!   fw1_10k unchanged (acl1_10k's memory 0.85 to 0.62 MB). Without the
+//!   floor of 1,024 entries fw1_1k's 405-entry tree took 6 + 6 bits
+//!   instead of 8 + 8 and lost 3%.
 //! - Beside DPDK 22.11's `rte_acl` on this machine, which has AVX-512
 //!   (`benches/classify-peers.sh`, REPS=3, best of each), palisade's
 //!   better of single and batched against DPDK's best (its AVX-512 path,
@@ -536,6 +548,16 @@ pub enum BuildError {
         max_leaf: usize,
     },
 }
+
+/// Root tables of at most this many bits stand in for larger ones that
+/// leave long lists (see `Builder::choose_root`).
+const SMALL_ROOT_BITS: u32 = 12;
+/// The longest average list a key may meet after a root table before a
+/// smaller table is chosen instead.
+const ROOT_LIST_MAX: u64 = 32;
+/// Trees of fewer entries keep their larger tables (fw1_1k's tree of 405
+/// entries measured 3% slower with the smaller one).
+const SMALL_ROOT_MIN_ENTRIES: usize = 1024;
 
 /// Most entries one family's classifier accepts.
 pub const MAX_ENTRIES: usize = 1 << 22;
@@ -1827,6 +1849,13 @@ impl<A: Address> Builder<'_, A> {
     /// two). Equal shapes are told apart by the sum of squared slot sizes,
     /// which picked smaller trees there (ipc1's small-destination tree:
     /// 141 nodes instead of 461).
+    ///
+    /// A table so chosen that still leaves a key a long list (more than
+    /// [`ROOT_LIST_MAX`] entries on average, so internal nodes follow it
+    /// anyway) gives way to the best of at most [`SMALL_ROOT_BITS`] bits,
+    /// in a tree of at least [`SMALL_ROOT_MIN_ENTRIES`]: the table saves
+    /// no level there, and a smaller one stays in the cache (see the module
+    /// docs, "On an Intel Xeon VM with a quiet host").
     fn choose_root(&mut self, ids: &[u32]) -> Option<RootShape> {
         let n = ids.len();
         if n <= 4 * self.leaf_target {
@@ -1857,7 +1886,8 @@ impl<A: Address> Builder<'_, A> {
             .iter()
             .map(|&i| top_bits(&self.rects[i as usize]))
             .collect();
-        let mut best: Option<((usize, u32, u64), RootShape)> = None;
+        let mut best: Option<((usize, u32, u64), RootShape, usize)> = None;
+        let mut small: Option<((usize, u32, u64), RootShape, usize)> = None;
         let enough = n / 64;
         for shape in shapes {
             if shape.bits[0] > dim_bits::<A>(shape.dims[0])
@@ -1903,11 +1933,24 @@ impl<A: Address> Builder<'_, A> {
             // list a key meets when keys follow the entries.
             let spread: u64 = diff.iter().map(|&c| (c.max(0) as u64).pow(2)).sum();
             let score = (fullest.max(enough), u32::MAX - shape.total_bits(), spread);
-            if best.is_none_or(|(s, _)| score < s) {
-                best = Some((score, shape));
+            if best.is_none_or(|(s, _, _)| score < s) {
+                best = Some((score, shape, copies));
+            }
+            if shape.total_bits() <= SMALL_ROOT_BITS && small.is_none_or(|(s, _, _)| score < s) {
+                small = Some((score, shape, copies));
             }
         }
-        best.map(|(_, shape)| shape)
+        // The list a key meets after the table: the squared slot sizes over
+        // the copies.
+        let pick = match (best, small) {
+            (Some((s, _, copies)), Some(small))
+                if n >= SMALL_ROOT_MIN_ENTRIES && s.2 > ROOT_LIST_MAX * copies.max(1) as u64 =>
+            {
+                Some(small)
+            }
+            (best, _) => best,
+        };
+        pick.map(|(_, shape, _)| shape)
     }
 
     /// Drops the entries that cannot be the first match anywhere in `region`:
