@@ -43,13 +43,15 @@ const MI_OPTION_PURGE_DELAY: libc::c_int = 15;
 /// at once (its defaults commit a whole arena up front, backed by huge
 /// pages). Takes effect only before the first allocation.
 ///
-/// Returning pages at once costs TLB shootdowns (about 1,000 a second
-/// under the proxy bench's keep-alive load, each an exit on both vCPUs of
-/// a VM). Measured on an Intel Xeon VM (2026-12-05, `benches/proxy.sh`
-/// with palisade alone, alternated): a purge delay of 10 ms or 100 ms
-/// instead of 0 gives 4-8% more kept-alive requests a second at 50
-/// connections, but a peak of 16.9-17.9 MiB at 500 connections against
-/// 15.7-15.8, past the proxy's 16 MiB target.
+/// Returning pages at once costs TLB shootdowns (each an exit on both
+/// vCPUs of a VM) when a page empties and fills again quickly. Measured on
+/// an Intel Xeon VM (2026-12-05, `benches/proxy.sh` with palisade alone,
+/// alternated): a purge delay of 10 ms or 100 ms instead of 0 gave 4-8%
+/// more kept-alive requests a second at 50 connections, but a peak of
+/// 16.9-17.9 MiB at 500 connections against 15.7-15.8, past the proxy's
+/// 16 MiB target. Nearly all of that churn was one 3.6 KiB box per
+/// request, which the proxy no longer makes (see `proxy::handle_request`):
+/// over 5 s of the keep-alive load, 30 shootdowns instead of 4,578.
 pub fn lean_allocator() {
     // SAFETY: plain setters of mimalloc's process-wide options, which it
     // reads without locks; called from `.init_array` while the process has
