@@ -1521,9 +1521,10 @@ const CUT_SHORT: &str = "allowed by rule; cut short when its connection ended (t
 /// request it emptied, returned and faulted back in a page of those boxes
 /// every 20 or so requests: 9% of the proxy's CPU under the keep-alive
 /// bench went to `madvise`, TLB shootdowns and page faults. Without the
-/// box (measured on an Intel Xeon VM, 50 kept-alive connections): 13% more
-/// requests a second, the same peak at 500 connections, and 2,000 idle
-/// kept-alive clients hold 38.8 MB against 38.0 MB.
+/// box (measured on an Intel Xeon VM): 6-9% more kept-alive requests a
+/// second at 50 connections in `benches/proxy.sh` (8-13% with the proxy
+/// alone under wrk), a peak at 500 connections of 15.6 MiB against 15.9,
+/// and 2,000 idle kept-alive clients hold 38.8 MB against 38.0 MB.
 // Not `async fn`: see the first comment inside.
 #[allow(clippy::manual_async_fn)]
 fn handle_request(
