@@ -1,9 +1,13 @@
 //! Writer throughput: records/s through the real queue, hash chain and
 //! group commit (fdatasync) into a file on disk. Target: >= 200,000/s.
+//! Also the cost of a record's JSON body on the producer's thread: the
+//! hand-written writer the producers use beside serde_json's derived one,
+//! which must print the same bytes.
 //!
 //! `cargo bench --bench audit_writer`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use palisade::audit::json::write_event;
 use palisade::audit::{Action, AuditConfig, AuditEvent, AuditLog, CheckpointSigner, Ticket};
 use std::time::{Duration, Instant};
 
@@ -80,5 +84,36 @@ fn writer(c: &mut Criterion) {
     log.close().expect("close");
 }
 
-criterion_group!(benches, writer);
+fn serialise(c: &mut Criterion) {
+    let events: Vec<AuditEvent> = (0..64)
+        .map(|i| request(i).with_reason("allowed by rule"))
+        .collect();
+    let mut group = c.benchmark_group("audit_body");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    group.bench_function("serialise_hand_written", |b| {
+        b.iter(|| {
+            let mut total = 0;
+            for e in &events {
+                let mut body = Vec::with_capacity(640);
+                write_event(&mut body, std::hint::black_box(e));
+                total += body.len();
+            }
+            total
+        })
+    });
+    group.bench_function("serialise_serde_derived", |b| {
+        b.iter(|| {
+            let mut total = 0;
+            for e in &events {
+                let mut body = Vec::with_capacity(640);
+                serde_json::to_writer(&mut body, std::hint::black_box(e)).expect("serialise");
+                total += body.len();
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, serialise, writer);
 criterion_main!(benches);

@@ -26,6 +26,7 @@
 
 pub mod community_id;
 pub mod config;
+pub mod json;
 pub mod keys;
 pub mod query;
 pub mod record;

@@ -178,10 +178,7 @@ pub fn table_row(r: &AuditRecord) -> String {
                 .and_then(|h| h.response.as_ref())
                 .map(|r| r.status_code)
         ),
-        serde_json::to_value(e.event.code)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
+        e.event.code.as_str(),
         dash(src),
         dash(dst.or_else(|| e.url.as_ref().map(|u| u.full.clone()))),
         dash(e.rule.as_ref().and_then(|r| r.name.clone())),

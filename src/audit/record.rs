@@ -78,6 +78,22 @@ pub enum RecordKind {
     Lifecycle,
 }
 
+impl RecordKind {
+    /// The name the record carries in `event.code`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::ProxyRequest => "proxy_request",
+            RecordKind::ConnectTunnel => "connect_tunnel",
+            RecordKind::TunnelOpen => "tunnel_open",
+            RecordKind::ResponseOpen => "response_open",
+            RecordKind::FlowStart => "flow_start",
+            RecordKind::FlowEnd => "flow_end",
+            RecordKind::DropSummary => "drop_summary",
+            RecordKind::Lifecycle => "lifecycle",
+        }
+    }
+}
+
 /// How long a plain-HTTP response may stream before its request gets a
 /// `response_open` record ahead of its `proxy_request` one.
 pub const RESPONSE_OPEN_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
