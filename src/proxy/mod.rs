@@ -1383,6 +1383,8 @@ fn decide(
 
 /// Resolves once and checks every address; returns the one to dial. A
 /// refusal names the rule that allowed the request (`default` if none).
+/// The checked address to dial for `host`, with the rule named in a
+/// refusal.
 async fn resolve_checked(
     state: &State,
     policy: &Policy,
@@ -1390,68 +1392,87 @@ async fn resolve_checked(
     host: &Host,
     port: u16,
 ) -> Result<SocketAddr, Refusal> {
-    resolve_addresses(state, policy, rule, host, port)
-        .await
-        .map_err(|r| Refusal {
-            rule: Some(policy.http_rule_name(rule).to_string()),
-            ..r
-        })
+    if let Some(known) = resolve_known(state, policy, rule, host, port) {
+        return known;
+    }
+    let looked_up = match host {
+        Host::Name(name) => look_up(state, name, port).await,
+        // An address is always known.
+        Host::Ip(ip) => Ok(Arc::from([*ip])),
+    };
+    looked_up
+        .and_then(|addrs| check_addresses(policy, rule, host, port, &addrs))
+        .map_err(|r| refused_by_rule(policy, rule, r))
 }
 
-async fn resolve_addresses(
+/// As [`resolve_checked`], without waiting: `None` when only a lookup
+/// can tell (a name neither in the config's `hosts` nor in the cache).
+/// An IP literal, a fixed name and a cached one are answered here, so the
+/// requests that need no lookup carry none of a lookup's state.
+fn resolve_known(
     state: &State,
     policy: &Policy,
     rule: Option<usize>,
     host: &Host,
     port: u16,
-) -> Result<SocketAddr, Refusal> {
-    // What this request needs of the settings, read without holding them
-    // (a reference count shared by every serving thread) across the lookup.
-    let (ttl, connect_timeout, fixed) = {
-        let c = state.config.load();
-        let fixed = match host {
-            Host::Name(name) => c.hosts.get(name).cloned(),
-            Host::Ip(_) => None,
-        };
-        (c.resolve_cache_ttl, c.connect_timeout, fixed)
-    };
-    let looked_up: Arc<[IpAddr]>;
-    let addrs: &[IpAddr] = match host {
-        Host::Ip(ip) => std::slice::from_ref(ip),
-        Host::Name(name) => match &fixed {
-            Some(fixed) => fixed,
-            None => match state.resolved.get(name, ttl) {
-                Some(cached) => {
-                    looked_up = cached;
-                    &looked_up
+) -> Option<Result<SocketAddr, Refusal>> {
+    let checked = match host {
+        Host::Ip(ip) => check_addresses(policy, rule, host, port, std::slice::from_ref(ip)),
+        Host::Name(name) => {
+            let c = state.config.load();
+            match c.hosts.get(name) {
+                Some(fixed) => check_addresses(policy, rule, host, port, fixed),
+                None => {
+                    let cached = state.resolved.get(name, c.resolve_cache_ttl)?;
+                    check_addresses(policy, rule, host, port, &cached)
                 }
-                None => match tokio::time::timeout(
-                    connect_timeout,
-                    tokio::net::lookup_host((name.as_str(), port)),
-                )
-                .await
-                {
-                    Ok(Ok(it)) => {
-                        looked_up = it.map(|a| a.ip()).collect();
-                        state.resolved.put(name, looked_up.clone(), ttl);
-                        &looked_up
-                    }
-                    Ok(Err(e)) => {
-                        return Err(Refusal::new(
-                            StatusCode::BAD_GATEWAY,
-                            format!("cannot resolve {name}: {e}"),
-                        ))
-                    }
-                    Err(_) => {
-                        return Err(Refusal::new(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            format!("resolving {name} timed out"),
-                        ))
-                    }
-                },
-            },
-        },
+            }
+        }
     };
+    Some(checked.map_err(|r| refused_by_rule(policy, rule, r)))
+}
+
+fn refused_by_rule(policy: &Policy, rule: Option<usize>, r: Refusal) -> Refusal {
+    Refusal {
+        rule: Some(policy.http_rule_name(rule).to_string()),
+        ..r
+    }
+}
+
+/// Resolves `name` (bounded by the connect timeout) and caches the answer.
+async fn look_up(state: &State, name: &str, port: u16) -> Result<Arc<[IpAddr]>, Refusal> {
+    // What this lookup needs of the settings, read without holding them (a
+    // reference count shared by every serving thread) across the lookup.
+    let (ttl, connect_timeout) = {
+        let c = state.config.load();
+        (c.resolve_cache_ttl, c.connect_timeout)
+    };
+    match tokio::time::timeout(connect_timeout, tokio::net::lookup_host((name, port))).await {
+        Ok(Ok(it)) => {
+            let looked_up: Arc<[IpAddr]> = it.map(|a| a.ip()).collect();
+            state.resolved.put(name, looked_up.clone(), ttl);
+            Ok(looked_up)
+        }
+        Ok(Err(e)) => Err(Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            format!("cannot resolve {name}: {e}"),
+        )),
+        Err(_) => Err(Refusal::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("resolving {name} timed out"),
+        )),
+    }
+}
+
+/// The address to dial among `addrs`, the first, once every one of them
+/// has passed the internal-range check.
+fn check_addresses(
+    policy: &Policy,
+    rule: Option<usize>,
+    host: &Host,
+    port: u16,
+    addrs: &[IpAddr],
+) -> Result<SocketAddr, Refusal> {
     if addrs.is_empty() {
         return Err(Refusal::new(
             StatusCode::BAD_GATEWAY,
@@ -1769,10 +1790,17 @@ fn forward<'a>(
                 .with_bytes(0, 0, start.elapsed());
             let _ = state.audit.try_submit(&ev);
         };
-        let resolving = IfCut::new(|| cut_short(None));
-        // Boxed: a lookup's state is large and most requests need none.
-        let dest = Box::pin(resolve_checked(state, policy, rule, &host, port)).await;
-        resolving.done();
+        let dest = match resolve_known(state, policy, rule, &host, port) {
+            Some(known) => known,
+            None => {
+                let resolving = IfCut::new(|| cut_short(None));
+                // Boxed: a lookup's state is large and most requests need
+                // none.
+                let dest = Box::pin(resolve_checked(state, policy, rule, &host, port)).await;
+                resolving.done();
+                dest
+            }
+        };
         let dest = dest.map_err(|r| (r, None))?;
         // The request goes out in origin form (path and query) on a connection
         // to exactly the checked address; the Host header keeps the name.
