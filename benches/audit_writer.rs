@@ -16,7 +16,7 @@ fn request(i: u64) -> AuditEvent {
         Action::Allowed,
         "192.0.2.10:40000".parse().unwrap(),
         "GET",
-        &format!("http://www.example.com/path/{i}?q=1"),
+        format!("http://www.example.com/path/{i}?q=1"),
     )
     .with_destination("203.0.113.5:80".parse().unwrap())
     .with_domain("www.example.com")

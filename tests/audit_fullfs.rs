@@ -69,7 +69,7 @@ fn event(i: u64) -> AuditEvent {
         Action::Allowed,
         "192.0.2.10:40000".parse().unwrap(),
         "GET",
-        &format!("http://example.com/{i}"),
+        format!("http://example.com/{i}"),
     )
 }
 

@@ -93,6 +93,12 @@ fn origins(dir: &Path) -> Origins {
                         .to_string()
                 };
                 let (host, via) = (header("host"), header("via"));
+                // Which of the headers a hop-by-hop test sends got through.
+                let passed: Vec<&str> = ["x-secret", "keep-alive", "close", "te", "x-kept"]
+                    .into_iter()
+                    .filter(|h| req.headers().contains_key(*h))
+                    .collect();
+                let passed = passed.join(",");
                 let (method, uri) = (req.method().clone(), req.uri().clone());
                 // `/big/N`: N bytes, for clients that do not read them.
                 if let Some(n) = uri
@@ -150,7 +156,7 @@ fn origins(dir: &Path) -> Origins {
                     .map(|b| b.to_bytes().len())
                     .unwrap_or(usize::MAX);
                 let body = format!(
-                    "origin saw {method} {uri} host={host} via={via} sent={sent}/{framing} from={from}\n",
+                    "origin saw {method} {uri} host={host} via={via} sent={sent}/{framing} from={from} passed={passed}\n",
                 );
                 Ok::<_, std::convert::Infallible>(hyper::Response::new(full(Bytes::from(body))))
             },
@@ -510,6 +516,32 @@ impl Proxy {
 
 fn n(v: &serde_json::Value, path: &str) -> u64 {
     v.pointer(path).and_then(|x| x.as_u64()).unwrap_or(u64::MAX)
+}
+
+/// Hop-by-hop headers stay on the hop they came on: the fixed ones, and
+/// whatever the client's Connection header names (in any case), including
+/// a header named `Close`.
+#[test]
+fn hop_by_hop_headers_are_not_forwarded() {
+    let p = start_proxy("");
+    let url = format!("http://origin.test:{}/hop", p.origins.http);
+    let (code, body) = p.curl(&[
+        "-H",
+        "Connection: X-Secret, close",
+        "-H",
+        "X-Secret: for the proxy only",
+        "-H",
+        "Close: 1",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "TE: trailers",
+        "-H",
+        "X-Kept: for the origin",
+        &url,
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(" passed=x-kept\n"), "{body}");
 }
 
 #[test]

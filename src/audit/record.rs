@@ -435,8 +435,8 @@ impl AuditEvent {
     pub fn proxy_request(
         action: Action,
         client: SocketAddr,
-        method: &str,
-        url: &str,
+        method: impl Into<String>,
+        url: impl Into<String>,
     ) -> AuditEvent {
         let mut e = AuditEvent::new("palisade.proxy", RecordKind::ProxyRequest, action);
         e.source = Some(Endpoint {
@@ -446,14 +446,12 @@ impl AuditEvent {
         });
         e.http = Some(HttpFields {
             request: Some(HttpRequest {
-                method: method.to_string(),
+                method: method.into(),
                 id: None,
             }),
             response: None,
         });
-        e.url = Some(UrlFields {
-            full: url.to_string(),
-        });
+        e.url = Some(UrlFields { full: url.into() });
         e.network = Some(NetworkFields {
             transport: Some("tcp".into()),
             iana_number: Some("6".into()),
@@ -579,9 +577,9 @@ impl AuditEvent {
     }
 
     /// The deciding rule and the policy it came from.
-    pub fn with_rule(mut self, name: &str, policy_sha256: &str) -> AuditEvent {
+    pub fn with_rule(mut self, name: impl Into<String>, policy_sha256: &str) -> AuditEvent {
         let rule = self.rule.get_or_insert_with(RuleFields::default);
-        rule.name = Some(name.to_string());
+        rule.name = Some(name.into());
         rule.ruleset = Some(policy_sha256.to_string());
         self
     }
@@ -608,17 +606,17 @@ impl AuditEvent {
     }
 
     /// The proxy's request id (`http.request.id`).
-    pub fn with_request_id(mut self, id: &str) -> AuditEvent {
+    pub fn with_request_id(mut self, id: impl Into<String>) -> AuditEvent {
         self.http
             .get_or_insert_with(HttpFields::default)
             .request
             .get_or_insert_with(HttpRequest::default)
-            .id = Some(id.to_string());
+            .id = Some(id.into());
         self
     }
 
-    pub fn with_reason(mut self, reason: &str) -> AuditEvent {
-        self.event.reason = Some(reason.to_string());
+    pub fn with_reason(mut self, reason: impl Into<String>) -> AuditEvent {
+        self.event.reason = Some(reason.into());
         self
     }
 
@@ -635,10 +633,10 @@ impl AuditEvent {
         self
     }
 
-    pub fn with_domain(mut self, domain: &str) -> AuditEvent {
+    pub fn with_domain(mut self, domain: impl Into<String>) -> AuditEvent {
         self.destination
             .get_or_insert_with(Endpoint::default)
-            .domain = Some(domain.to_string());
+            .domain = Some(domain.into());
         self
     }
 

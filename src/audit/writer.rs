@@ -173,7 +173,9 @@ enum Msg {
 
 struct Pending {
     body: Vec<u8>,
-    reply: oneshot::Sender<Result<Receipt, WriteError>>,
+    /// `None` for a record whose producer does not wait for it
+    /// ([`AuditLog::try_record`]).
+    reply: Option<oneshot::Sender<Result<Receipt, WriteError>>>,
 }
 
 /// The handle producers hold; cheap to clone, one per task or thread.
@@ -276,12 +278,20 @@ impl AuditLog {
     }
 
     fn prepare(&self, event: &AuditEvent) -> Result<(Msg, Ticket), SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        Ok((self.pending(event, Some(reply))?, Ticket { rx }))
+    }
+
+    fn pending(
+        &self,
+        event: &AuditEvent,
+        reply: Option<oneshot::Sender<Result<Receipt, WriteError>>>,
+    ) -> Result<Msg, SubmitError> {
         self.gate()?;
         // Serialising here spreads the JSON work over the producers; the
         // writer only prefixes the chain fields.
         let body = record_body(event);
-        let (reply, rx) = oneshot::channel();
-        Ok((Msg::Record(Pending { body, reply }), Ticket { rx }))
+        Ok(Msg::Record(Pending { body, reply }))
     }
 
     fn closed(&self) -> SubmitError {
@@ -329,8 +339,21 @@ impl AuditLog {
     /// under fail-closed the flow is then refused).
     pub fn try_submit(&self, event: &AuditEvent) -> Result<Ticket, SubmitError> {
         let (msg, ticket) = self.prepare(event)?;
+        self.try_queue(msg)?;
+        Ok(ticket)
+    }
+
+    /// As [`AuditLog::try_submit`], for a producer that will not wait for
+    /// the record to be durable: no ticket, so nothing to answer. (The
+    /// record is as complete and as counted; a failure to write it still
+    /// shows as a gap.)
+    pub fn try_record(&self, event: &AuditEvent) -> Result<(), SubmitError> {
+        self.try_queue(self.pending(event, None)?)
+    }
+
+    fn try_queue(&self, msg: Msg) -> Result<(), SubmitError> {
         match self.tx.try_send(msg) {
-            Ok(()) => Ok(ticket),
+            Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 let c = &self.shared.counters;
                 c.queue_full_rejections.fetch_add(1, Ordering::Relaxed);
@@ -1187,7 +1210,9 @@ impl Writer {
         };
         let mut rest: Vec<Pending> = batch.drain(durable..).collect();
         for (p, seq) in batch.drain(..).zip(seqs) {
-            let _ = p.reply.send(Ok(Receipt { seq }));
+            if let Some(reply) = p.reply {
+                let _ = reply.send(Ok(Receipt { seq }));
+            }
         }
         self.reject(&mut rest, &why);
     }
@@ -1198,7 +1223,9 @@ impl Writer {
         c.lost_records.fetch_add(n, Ordering::Relaxed);
         c.gap_lost.fetch_add(n, Ordering::Relaxed);
         for p in batch.drain(..) {
-            let _ = p.reply.send(Err(WriteError::Failed(why.to_string())));
+            if let Some(reply) = p.reply {
+                let _ = reply.send(Err(WriteError::Failed(why.to_string())));
+            }
         }
     }
 

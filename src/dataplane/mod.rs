@@ -1114,8 +1114,8 @@ impl Engine {
         };
         let ev = AuditEvent::flow_start(Action::Allowed, &tuple(&key))
             .with_rule(policy.rule_name(d.rule), policy.sha256())
-            .with_reason(&format!("arrived on {}", ingress.as_str()));
-        if let Err(e) = self.audit.try_submit(&ev) {
+            .with_reason(format!("arrived on {}", ingress.as_str()));
+        if let Err(e) = self.audit.try_record(&ev) {
             if e.refuses_flow() {
                 table.remove(&table_key, EndReason::Revoked);
                 drop(table);
@@ -1265,7 +1265,7 @@ impl Engine {
             },
             f.last_seen.saturating_sub(f.created),
         )
-        .with_rule(&f.rule_name, &f.policy)
+        .with_rule(&*f.rule_name, &f.policy)
         .with_start(wall_clock(f.created))
         .with_end(wall_clock(f.last_seen))
         .with_reason(match e.why {
@@ -1278,7 +1278,7 @@ impl Engine {
         if let (EndReason::Revoked, Some((rule, sha))) = (e.why, cut_by) {
             ev = ev.cut("the reloaded policy no longer allows it", Some(rule), sha);
         }
-        let _ = self.audit.try_submit(&ev);
+        let _ = self.audit.try_record(&ev);
     }
 
     /// Periodic work: expire flows and fragments, forget sources whose
@@ -1343,7 +1343,7 @@ impl Engine {
             if let Some((rule, sha)) = &a.rule {
                 ev = ev.with_rule(rule, sha);
             }
-            let _ = self.audit.try_submit(&ev);
+            let _ = self.audit.try_record(&ev);
         }
     }
 

@@ -139,7 +139,7 @@ impl Recorded {
                 opening.event.code = RecordKind::ResponseOpen;
                 // As the end record: never blocks; a refusal is counted by
                 // the writer and recorded in a gap record.
-                let _ = log.try_submit(&opening);
+                let _ = log.try_record(&opening);
             }
         });
         self.opening = Some(Opening { shared, task });
@@ -160,7 +160,7 @@ impl Recorded {
             }
             // Never blocks a runtime thread: a full queue is refused and
             // counted by the writer, which records the loss in a gap record.
-            let _ = log.try_submit(&ev);
+            let _ = log.try_record(&ev);
         }
     }
 }

@@ -35,6 +35,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -285,12 +286,20 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
     // Headers named in Connection are hop-by-hop too.
     if h.contains_key(hyper::header::CONNECTION) {
+        // `keep-alive` and the other fixed names are removed below: no
+        // entry of their own (and usually no allocation at all).
         let named: Vec<HeaderName> = h
             .get_all(hyper::header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|n| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| n.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
         for n in named {
             h.remove(n);
@@ -669,7 +678,7 @@ fn refuse_connection(state: &State, stream: TcpStream, peer: SocketAddr, why: &s
         .with_request_id(&id)
         .with_reason(why)
         .with_status(503);
-    let _ = state.audit.try_submit(&ev);
+    let _ = state.audit.try_record(&ev);
 }
 
 /// Rules that expire while the proxy runs stop matching the day after
@@ -1002,7 +1011,7 @@ async fn serve_connection(
         state.counters.requests.fetch_add(1, Ordering::Relaxed);
         state.counters.denied.fetch_add(1, Ordering::Relaxed);
         let mut ev = AuditEvent::proxy_refusal(peer)
-            .with_request_id(&state.request_id())
+            .with_request_id(state.request_id())
             .with_reason(reason)
             .with_bytes(0, 0, activity.epoch.elapsed());
         if let Some(status) = status {
@@ -1253,11 +1262,15 @@ impl State {
     }
 
     fn request_id(&self) -> String {
-        format!(
+        // Sized once: the prefix, a dash and up to 20 digits.
+        let mut id = String::with_capacity(self.id_prefix.len() + 21);
+        let _ = write!(
+            id,
             "{}-{}",
             self.id_prefix,
             self.next_id.fetch_add(1, Ordering::Relaxed)
-        )
+        );
+        id
     }
 }
 
@@ -1290,9 +1303,11 @@ fn refusal_response(r: &Refusal, id: &str) -> Response<ProxyBody> {
 
 /// A Host header, if there is one, must name the request's target: the
 /// same host, and the same port (a Host without a port means
-/// `default_port`; with `None`, a port-less Host matches any).
+/// `default_port`; with `None`, a port-less Host matches any). `target` is
+/// the authority `host` and `port` were read from.
 fn check_host_header(
     headers: &HeaderMap,
+    target: &hyper::http::uri::Authority,
     host: &Host,
     port: u16,
     default_port: Option<u16>,
@@ -1300,6 +1315,11 @@ fn check_host_header(
     let Some(h) = headers.get(HOST) else {
         return Ok(());
     };
+    // What clients send: the target's very bytes, which read as the same
+    // host and port without parsing them again.
+    if h.as_bytes() == target.as_str().as_bytes() && !target.as_str().contains('@') {
+        return Ok(());
+    }
     // A Host is a host and a port (RFC 9110 section 7.2): userinfo there
     // (`evil.test@allowed.test`) is not read past, since an origin might
     // route on either part.
@@ -1344,9 +1364,26 @@ fn authority_port(a: &hyper::http::uri::Authority) -> Result<Option<u16>, String
 fn host_text(h: &Host) -> String {
     match h {
         Host::Name(n) => n.clone(),
-        Host::Ip(IpAddr::V6(a)) => format!("[{a}]"),
-        Host::Ip(a) => a.to_string(),
+        Host::Ip(a) => {
+            // Sized once for the longest form, `[` 45 characters `]`.
+            let mut text = String::with_capacity(47);
+            let _ = match a {
+                IpAddr::V6(a) => write!(text, "[{a}]"),
+                IpAddr::V4(a) => write!(text, "{a}"),
+            };
+            text
+        }
     }
+}
+
+/// A request's URI as the audit trail records it, written into a string
+/// sized once.
+fn uri_text(uri: &Uri) -> String {
+    let parts = uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let mut text = String::with_capacity(parts + 8);
+    let _ = write!(text, "{uri}");
+    text
 }
 
 /// The policy's decision, as a refusal when it denies.
@@ -1582,7 +1619,7 @@ fn handle_request(
                     let mut ev = AuditEvent::proxy_request(action, peer, method.as_str(), &target);
                     if let Some(a) = uri.authority() {
                         if let Ok(h) = parse_host(a.host()) {
-                            ev = ev.with_domain(&host_text(&h));
+                            ev = ev.with_domain(host_text(&h));
                         }
                         if let Ok(p) = authority_port(a) {
                             ev = ev.with_destination_port(p.unwrap_or(80));
@@ -1769,7 +1806,8 @@ fn forward<'a>(
                 None,
             ));
         }
-        check_host_header(req.headers(), &host, port, Some(80)).map_err(|r| (r, None))?;
+        check_host_header(req.headers(), &authority, &host, port, Some(80))
+            .map_err(|r| (r, None))?;
         let (rule_name, _, rule) =
             decide(policy, peer.ip(), &host, port, req.method().as_str()).map_err(|r| (r, None))?;
         admit(state).await?;
@@ -1777,18 +1815,17 @@ fn forward<'a>(
         // The record of a request a stop cuts while it waits: for its name's
         // lookup, then (with the address checked) for its origin.
         let cut_short = |dest: Option<SocketAddr>| {
-            let mut ev =
-                AuditEvent::proxy_request(Action::Allowed, peer, &method, &uri.to_string())
-                    .with_request_id(id)
-                    .with_rule(&rule_name, policy.sha256())
-                    .with_reason(CUT_SHORT);
+            let mut ev = AuditEvent::proxy_request(Action::Allowed, peer, &method, uri_text(&uri))
+                .with_request_id(id)
+                .with_rule(&rule_name, policy.sha256())
+                .with_reason(CUT_SHORT);
             if let Some(dest) = dest {
                 ev = ev.with_destination(dest);
             }
             let ev = ev
-                .with_domain(&host_text(&host))
+                .with_domain(host_text(&host))
                 .with_bytes(0, 0, start.elapsed());
-            let _ = state.audit.try_submit(&ev);
+            let _ = state.audit.try_record(&ev);
         };
         let dest = match resolve_known(state, policy, rule, &host, port) {
             Some(known) => known,
@@ -1886,12 +1923,12 @@ fn forward<'a>(
         // The client is answered in palisade's own HTTP version, whatever the
         // origin spoke (the body's framing was already read from its head).
         parts.version = hyper::Version::HTTP_11;
-        let ev = AuditEvent::proxy_request(Action::Allowed, peer, &method, &uri.to_string())
+        let ev = AuditEvent::proxy_request(Action::Allowed, peer, method, uri_text(&uri))
             .with_request_id(id)
-            .with_rule(&rule_name, policy.sha256())
+            .with_rule(rule_name, policy.sha256())
             .with_reason("allowed by rule")
             .with_destination(dest)
-            .with_domain(&host_text(&host))
+            .with_domain(host_text(&host))
             .with_status(parts.status.as_u16());
         let body = body::Recorded::new(body, ev, state.audit.clone(), start, uploaded);
         Ok(Response::from_parts(
@@ -1939,7 +1976,7 @@ async fn connect(
         .map_err(|e| (Refusal::new(StatusCode::BAD_REQUEST, e.to_string()), None))?;
     // A CONNECT's Host names the target too; one that names another host
     // (or port) is refused as for plain requests.
-    check_host_header(req.headers(), &host, port, None).map_err(|r| (r, None))?;
+    check_host_header(req.headers(), &authority, &host, port, None).map_err(|r| (r, None))?;
     let (rule_name, plain_tunnel, rule) =
         decide(policy, peer.ip(), &host, port, "CONNECT").map_err(|r| (r, None))?;
     admit(state).await?;
@@ -1949,7 +1986,7 @@ async fn connect(
             .with_rule(&rule_name, policy.sha256())
             .with_reason(CUT_SHORT)
             .with_bytes(0, 0, start.elapsed());
-        let _ = state.audit.try_submit(&ev);
+        let _ = state.audit.try_record(&ev);
     });
     // Resolving and connecting, the two waits the cut-short record covers.
     let opened: Result<(SocketAddr, TcpStream), _> = async {
@@ -2022,7 +2059,7 @@ async fn connect(
             let ev = ended_from_outside()
                 .with_reason(CUT_SHORT)
                 .with_end(Timestamp::now());
-            let _ = st.audit.try_submit(&ev);
+            let _ = st.audit.try_record(&ev);
         });
         let opened = async {
             match on_upgrade.await.map(|u| u.downcast::<TokioIo<ClientIo>>()) {
@@ -2052,7 +2089,7 @@ async fn connect(
                     .with_reason("internal error: the upgraded connection is not a TCP socket")
                     .with_bytes(0, 0, start.elapsed()),
                 Err(e) => ev
-                    .with_reason(&format!("the client left before the tunnel opened: {e}"))
+                    .with_reason(format!("the client left before the tunnel opened: {e}"))
                     .with_bytes(0, 0, start.elapsed()),
             }
         };

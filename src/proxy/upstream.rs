@@ -684,22 +684,33 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Strin
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    // Header values are slices of the head's own bytes.
+    // Header values are slices of the head's own bytes; the fields are
+    // found again by their offsets once the head is taken out of `buf`.
     let count = resp.headers.len();
-    let mut offsets = [(0usize, 0usize); MAX_RESPONSE_HEADERS];
-    let mut names = Vec::with_capacity(count);
+    let mut fields_at = [[0u32; 4]; MAX_RESPONSE_HEADERS];
     let base = buf.as_ptr() as usize;
-    for (i, f) in resp.headers.iter().enumerate() {
-        let name = HeaderName::from_bytes(f.name.as_bytes())
-            .map_err(|_| format!("invalid header name {:?}", f.name))?;
-        names.push(name);
-        let start = f.value.as_ptr() as usize - base;
-        offsets[i] = (start, start + f.value.len());
+    let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u32;
+    for (at, f) in fields_at.iter_mut().zip(resp.headers.iter()) {
+        let (name, value) = (offset(f.name.as_bytes()), offset(f.value));
+        *at = [
+            name,
+            name + f.name.len() as u32,
+            value,
+            value + f.value.len() as u32,
+        ];
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    for (name, &(start, end)) in names.into_iter().zip(&offsets[..count]) {
-        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+    for at in &fields_at[..count] {
+        let [name_start, name_end, value_start, value_end] = at.map(|o| o as usize);
+        let raw_name = &head[name_start..name_end];
+        let name = HeaderName::from_bytes(raw_name).map_err(|_| {
+            format!(
+                "invalid header name {:?}",
+                String::from_utf8_lossy(raw_name)
+            )
+        })?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
             .map_err(|_| format!("invalid value for header {name}"))?;
         headers.append(name, value);
     }
