@@ -95,10 +95,10 @@ fn event_fields() -> impl Strategy<Value = EventFields> {
     )
         .prop_map(
             |(dataset, code, action, reason, duration, start, end)| EventFields {
-                dataset,
+                dataset: dataset.into(),
                 code,
                 action,
-                reason,
+                reason: reason.map(Into::into),
                 duration,
                 start,
                 end,
@@ -175,8 +175,8 @@ fn audit_event() -> impl Strategy<Value = AuditEvent> {
         proptest::option::of(endpoint()),
         proptest::option::of((opt_text(), opt_text(), opt_text()).prop_map(
             |(transport, iana_number, community_id)| NetworkFields {
-                transport,
-                iana_number,
+                transport: transport.map(Into::into),
+                iana_number: iana_number.map(Into::into),
                 community_id,
             },
         )),

@@ -129,7 +129,7 @@ impl<'a> Members<'a> {
     }
 
     #[inline(always)]
-    fn opt_str(&mut self, name: &'static str, value: &Option<String>) {
+    fn opt_str<S: std::ops::Deref<Target = str>>(&mut self, name: &'static str, value: &Option<S>) {
         if let Some(v) = value {
             self.str(name, v);
         }

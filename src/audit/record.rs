@@ -7,6 +7,7 @@
 use super::community_id::community_id_v1;
 use super::time::Timestamp;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -144,12 +145,13 @@ impl Action {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct EventFields {
     /// `palisade.proxy`, `palisade.filter` or `palisade.audit`.
-    pub dataset: String,
+    pub dataset: Cow<'static, str>,
     /// The record kind.
     pub code: RecordKind,
     pub action: Action,
+    /// Most reasons are fixed text, held without a copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Cow<'static, str>>,
     /// Nanoseconds, as ECS defines `event.duration`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration: Option<u64>,
@@ -190,9 +192,9 @@ pub struct Endpoint {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct NetworkFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub transport: Option<String>,
+    pub transport: Option<Cow<'static, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iana_number: Option<String>,
+    pub iana_number: Option<Cow<'static, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub community_id: Option<String>,
 }
@@ -376,14 +378,14 @@ pub struct FlowTuple {
     pub dst_port: u16,
 }
 
-fn transport_name(proto: u8) -> String {
+fn transport_name(proto: u8) -> Cow<'static, str> {
     match proto {
         1 => "icmp".into(),
         6 => "tcp".into(),
         17 => "udp".into(),
         58 => "ipv6-icmp".into(),
         132 => "sctp".into(),
-        n => n.to_string(),
+        n => n.to_string().into(),
     }
 }
 
@@ -392,10 +394,10 @@ fn duration_ns(d: Duration) -> u64 {
 }
 
 impl AuditEvent {
-    fn new(dataset: &str, code: RecordKind, action: Action) -> AuditEvent {
+    fn new(dataset: &'static str, code: RecordKind, action: Action) -> AuditEvent {
         AuditEvent {
             event: EventFields {
-                dataset: dataset.to_string(),
+                dataset: Cow::Borrowed(dataset),
                 code,
                 action,
                 ..EventFields::default()
@@ -412,7 +414,7 @@ impl AuditEvent {
     /// A new policy is in force.
     pub fn policy_loaded(policy_sha256: &str, source: &str) -> AuditEvent {
         let mut e = AuditEvent::lifecycle(Action::PolicyLoaded);
-        e.event.reason = Some(format!("loaded {source}"));
+        e.event.reason = Some(format!("loaded {source}").into());
         e.rule = Some(RuleFields {
             ruleset: Some(policy_sha256.to_string()),
             ..RuleFields::default()
@@ -423,7 +425,7 @@ impl AuditEvent {
     /// A reload was refused; `in_force_sha256` is the policy that stays.
     pub fn reload_failed(error: &str, in_force_sha256: Option<&str>) -> AuditEvent {
         let mut e = AuditEvent::lifecycle(Action::ReloadFailed);
-        e.event.reason = Some(error.to_string());
+        e.event.reason = Some(error.to_string().into());
         e.rule = in_force_sha256.map(|s| RuleFields {
             ruleset: Some(s.to_string()),
             ..RuleFields::default()
@@ -520,7 +522,7 @@ impl AuditEvent {
         });
         e.network = Some(NetworkFields {
             transport: Some(transport_name(flow.proto)),
-            iana_number: Some(flow.proto.to_string()),
+            iana_number: Some(flow.proto.to_string().into()),
             community_id: community_id_v1(
                 0,
                 flow.src_ip,
@@ -591,11 +593,14 @@ impl AuditEvent {
     pub fn cut(mut self, why: &str, rule: Option<&str>, policy_sha256: &str) -> AuditEvent {
         let admitted = self.rule.take().unwrap_or_default();
         let ruleset = admitted.ruleset.unwrap_or_default();
-        self.event.reason = Some(format!(
-            "cut: {why}; admitted by rule {} of ruleset {}",
-            admitted.name.as_deref().unwrap_or("-"),
-            &ruleset[..ruleset.len().min(16)]
-        ));
+        self.event.reason = Some(
+            format!(
+                "cut: {why}; admitted by rule {} of ruleset {}",
+                admitted.name.as_deref().unwrap_or("-"),
+                &ruleset[..ruleset.len().min(16)]
+            )
+            .into(),
+        );
         self.event.action = Action::Denied;
         self.rule = Some(RuleFields {
             name: rule.map(str::to_string),
@@ -615,7 +620,7 @@ impl AuditEvent {
         self
     }
 
-    pub fn with_reason(mut self, reason: impl Into<String>) -> AuditEvent {
+    pub fn with_reason(mut self, reason: impl Into<Cow<'static, str>>) -> AuditEvent {
         self.event.reason = Some(reason.into());
         self
     }

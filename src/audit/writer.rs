@@ -765,7 +765,7 @@ impl Writer {
         let mut ev = AuditEvent::lifecycle(Action::Gap);
         ev.event.reason = Some(format!(
             "{lost} records not written and {refused} flows refused while the audit log could not be written"
-        ));
+        ).into());
         ev.palisade = Some(PalisadeFields {
             gap: Some(Gap {
                 lost_records: lost,
@@ -1270,9 +1270,8 @@ impl Writer {
         let mode = self.cfg.on_log_failure.as_str().to_string();
         let mut failed = AuditEvent::lifecycle(Action::LogFailed);
         failed.event.start = Some(since);
-        failed.event.reason = Some(format!(
-            "audit writes failed; {mode} applied until recovery"
-        ));
+        failed.event.reason =
+            Some(format!("audit writes failed; {mode} applied until recovery").into());
         failed.palisade = Some(PalisadeFields {
             error: Some(error),
             on_log_failure: Some(mode.clone()),

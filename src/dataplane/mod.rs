@@ -1338,7 +1338,7 @@ impl Engine {
                 ),
             };
             let mut ev = AuditEvent::drop_summary(&tuple(&k), a.packets, a.bytes, first, last)
-                .with_reason(&reason)
+                .with_reason(reason.clone())
                 .with_ingress(port.as_str());
             if let Some((rule, sha)) = &a.rule {
                 ev = ev.with_rule(rule, sha);

@@ -657,7 +657,7 @@ impl Worker {
 /// flood of connections hold the accepting thread or the limits' places.
 /// (Under such a flood the records the log cannot take at once are counted
 /// as lost, and the trail says so in a gap record.)
-fn refuse_connection(state: &State, stream: TcpStream, peer: SocketAddr, why: &str) {
+fn refuse_connection(state: &State, stream: TcpStream, peer: SocketAddr, why: &'static str) {
     let id = state.request_id();
     let body = format!("palisade: Service Unavailable ({why})\nrequest id: {id}\n");
     let answer = format!(
@@ -789,7 +789,7 @@ async fn reload(state: Arc<State>) -> Result<String, String> {
             if !changed.is_empty() {
                 let said = format!("settings changed: {}", changed.join(", "));
                 crate::say!("palisade proxy: {said}");
-                event.event.reason = Some(format!("loaded reload; {said}"));
+                event.event.reason = Some(format!("loaded reload; {said}").into());
             }
             (event, Ok(sha))
         }
@@ -1636,7 +1636,7 @@ fn handle_request(
                     "request rate limit for this client exceeded",
                 );
                 let ev = record(Action::Denied)
-                    .with_reason(&r.reason)
+                    .with_reason(r.reason.clone())
                     .with_status(429);
                 submit(&state.audit, ev, false).await;
                 break 'handled refusal_response(&r, &id);
@@ -1666,7 +1666,7 @@ fn handle_request(
                         Action::Denied
                     };
                     let mut ev = record(action)
-                        .with_reason(&r.reason)
+                        .with_reason(r.reason.clone())
                         .with_status(r.status.as_u16());
                     if let Some(rule) = &r.rule {
                         ev = ev.with_rule(rule, policy.sha256());
@@ -2188,7 +2188,7 @@ async fn tunnel(
         }
     };
     let deny = |ev: AuditEvent, reason: String| {
-        let mut ev = ev.with_reason(&reason);
+        let mut ev = ev.with_reason(reason.clone());
         ev.event.action = Action::Denied;
         ev
     };
