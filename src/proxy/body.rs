@@ -99,14 +99,16 @@ impl Recorded {
         log: AuditLog,
         start: Instant,
         uploaded: u64,
-    ) -> Recorded {
-        Recorded {
+    ) -> Box<Recorded> {
+        // Built in its box: the record is most of it (900-odd bytes), and a
+        // value built first and boxed after is copied once more.
+        Box::new(Recorded {
             inner,
             bytes: 0,
             uploaded,
             record: Some((event, log, start)),
             opening: None,
-        }
+        })
     }
 
     /// Arms the `response_open` timer: a response not yet ended

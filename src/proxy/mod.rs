@@ -1931,10 +1931,7 @@ fn forward<'a>(
             .with_domain(host_text(&host))
             .with_status(parts.status.as_u16());
         let body = body::Recorded::new(body, ev, state.audit.clone(), start, uploaded);
-        Ok(Response::from_parts(
-            parts,
-            ProxyBody::Origin(Box::new(body)),
-        ))
+        Ok(Response::from_parts(parts, ProxyBody::Origin(body)))
     }
 }
 
