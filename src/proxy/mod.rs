@@ -1420,8 +1420,6 @@ fn decide(
 
 /// Resolves once and checks every address; returns the one to dial. A
 /// refusal names the rule that allowed the request (`default` if none).
-/// The checked address to dial for `host`, with the rule named in a
-/// refusal.
 async fn resolve_checked(
     state: &State,
     policy: &Policy,
