@@ -1427,44 +1427,53 @@ async fn resolve_checked(
     host: &Host,
     port: u16,
 ) -> Result<SocketAddr, Refusal> {
-    if let Some(known) = resolve_known(state, policy, rule, host, port) {
-        return known;
+    match resolve_known(state, policy, rule, host, port) {
+        Ok(known) => known,
+        Err(name) => look_up_checked(state, policy, rule, host, name, port).await,
     }
-    let looked_up = match host {
-        Host::Name(name) => look_up(state, name, port).await,
-        // An address is always known.
-        Host::Ip(ip) => Ok(Arc::from([*ip])),
-    };
-    looked_up
-        .and_then(|addrs| check_addresses(policy, rule, host, port, &addrs))
-        .map_err(|r| refused_by_rule(policy, rule, r))
 }
 
-/// As [`resolve_checked`], without waiting: `None` when only a lookup
-/// can tell (a name neither in the config's `hosts` nor in the cache).
-/// An IP literal, a fixed name and a cached one are answered here, so the
-/// requests that need no lookup carry none of a lookup's state.
-fn resolve_known(
+/// As [`resolve_checked`], without waiting: `Err(name)` when only a lookup
+/// of `name` can tell (a name neither in the config's `hosts` nor in the
+/// cache). An IP literal, a fixed name and a cached one are answered here,
+/// so the requests that need no lookup carry none of a lookup's state.
+fn resolve_known<'h>(
     state: &State,
     policy: &Policy,
     rule: Option<usize>,
-    host: &Host,
+    host: &'h Host,
     port: u16,
-) -> Option<Result<SocketAddr, Refusal>> {
+) -> Result<Result<SocketAddr, Refusal>, &'h str> {
     let checked = match host {
         Host::Ip(ip) => check_addresses(policy, rule, host, port, std::slice::from_ref(ip)),
         Host::Name(name) => {
             let c = state.config.load();
             match c.hosts.get(name) {
                 Some(fixed) => check_addresses(policy, rule, host, port, fixed),
-                None => {
-                    let cached = state.resolved.get(name, c.resolve_cache_ttl)?;
-                    check_addresses(policy, rule, host, port, &cached)
-                }
+                None => match state.resolved.get(name, c.resolve_cache_ttl) {
+                    Some(cached) => check_addresses(policy, rule, host, port, &cached),
+                    None => return Err(name),
+                },
             }
         }
     };
-    Some(checked.map_err(|r| refused_by_rule(policy, rule, r)))
+    Ok(checked.map_err(|r| refused_by_rule(policy, rule, r)))
+}
+
+/// The lookup [`resolve_known`] could not spare: `name` (the name of
+/// `host`) resolved, then checked as a known one is.
+async fn look_up_checked(
+    state: &State,
+    policy: &Policy,
+    rule: Option<usize>,
+    host: &Host,
+    name: &str,
+    port: u16,
+) -> Result<SocketAddr, Refusal> {
+    look_up(state, name, port)
+        .await
+        .and_then(|addrs| check_addresses(policy, rule, host, port, &addrs))
+        .map_err(|r| refused_by_rule(policy, rule, r))
 }
 
 fn refused_by_rule(policy: &Policy, rule: Option<usize>, r: Refusal) -> Refusal {
@@ -1826,12 +1835,12 @@ fn forward<'a>(
             let _ = state.audit.try_record(&ev);
         };
         let dest = match resolve_known(state, policy, rule, &host, port) {
-            Some(known) => known,
-            None => {
+            Ok(known) => known,
+            Err(name) => {
                 let resolving = IfCut::new(|| cut_short(None));
                 // Boxed: a lookup's state is large and most requests need
                 // none.
-                let dest = Box::pin(resolve_checked(state, policy, rule, &host, port)).await;
+                let dest = Box::pin(look_up_checked(state, policy, rule, &host, name, port)).await;
                 resolving.done();
                 dest
             }
