@@ -275,4 +275,23 @@ fn every_kind_and_action_name_is_serdes() {
             serde_json::Value::from(k.as_str())
         );
     }
+    let actions = [
+        Action::Allowed,
+        Action::Denied,
+        Action::Start,
+        Action::Stop,
+        Action::PolicyLoaded,
+        Action::ReloadFailed,
+        Action::Rotation,
+        Action::Gap,
+        Action::Checkpoint,
+        Action::LogFailed,
+        Action::LogRecovered,
+    ];
+    for a in actions {
+        assert_eq!(
+            serde_json::to_value(a).unwrap(),
+            serde_json::Value::from(a.as_str())
+        );
+    }
 }

@@ -323,21 +323,11 @@ fn records_queued_without_a_ticket_are_all_written() {
     log.close().unwrap();
     let (code, report) = verify(&dir, &keys);
     assert_eq!(code, 0, "{report}");
-    let o = run(&[
-        "audit",
-        "query",
-        dir.to_str().unwrap(),
-        "--action",
-        "policy-loaded",
-    ]);
-    let reasons: Vec<String> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["event"]["reason"]
-                .as_str()
-                .filter(|r| r.starts_with("untracked "))
-                .map(str::to_string)
-        })
+    let written = records(&dir);
+    let reasons: Vec<&str> = written
+        .iter()
+        .map(|r| s(r, "/event/reason"))
+        .filter(|r| r.starts_with("untracked "))
         .collect();
     let expected: Vec<String> = (0..n).map(|i| format!("untracked {i}")).collect();
     assert_eq!(reasons, expected, "every record, in the order queued");
